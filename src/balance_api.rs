@@ -1,0 +1,506 @@
+//! The wire contract with the balance service (docs/balance-service.md):
+//! request bodies we send and the answers we accept.
+
+use std::fmt;
+
+use serde_json::{json, Value};
+
+use crate::config::MAX_AMOUNT;
+use crate::decision::{Decision, Denial};
+
+/// Larger answers are not read: no sane decision needs more, and a lying
+/// service must not make us copy megabytes into the VM.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+const MAX_DETAIL_CHARS: usize = 512;
+const MAX_ACCOUNT_ID_LEN: usize = 256;
+
+/// An answer to a callout as the host delivered it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CalloutResponse {
+    /// `None` when the host gave no `:status` (or an unreadable one).
+    pub status: Option<u16>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    /// The host reported a body larger than [`MAX_ANSWER_BYTES`]; `body` is empty then.
+    pub body_too_large: bool,
+}
+
+impl CalloutResponse {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// A decision and how long it may be reused (`None`: ask every time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub max_age_s: Option<u32>,
+}
+
+/// Why an answer could not be used. Every one of these is handled by `failure_mode`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceFailure {
+    /// No status at all: the call never completed.
+    NoAnswer,
+    /// Envoy's own answer for a failed call (503 unreachable, 504 timeout) or the service's 5xx.
+    Unavailable(u16),
+    /// A status the contract does not define.
+    UnexpectedStatus(u16),
+    /// The body is not what the contract says.
+    BadAnswer(&'static str),
+    TooLarge,
+}
+
+impl fmt::Display for ServiceFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServiceFailure::NoAnswer => f.write_str("no answer from the balance service"),
+            ServiceFailure::Unavailable(s) => write!(f, "balance service unavailable (status {s})"),
+            ServiceFailure::UnexpectedStatus(s) => write!(
+                f,
+                "balance service answered status {s}, which the contract does not define"
+            ),
+            ServiceFailure::BadAnswer(why) => write!(f, "balance service answer rejected: {why}"),
+            ServiceFailure::TooLarge => write!(
+                f,
+                "balance service answer larger than {MAX_ANSWER_BYTES} bytes"
+            ),
+        }
+    }
+}
+
+pub struct AuthorizeRequest<'a> {
+    pub account: &'a str,
+    pub cost: u64,
+    pub route: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub request_id: &'a str,
+}
+
+pub fn authorize_body(r: &AuthorizeRequest<'_>) -> Vec<u8> {
+    json!({
+        "account": r.account,
+        "cost": r.cost,
+        "route": r.route,
+        "method": r.method,
+        "path": r.path,
+        "request_id": r.request_id,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+pub fn refund_body(request_id: &str, account: &str, cost: u64, status: u16) -> Vec<u8> {
+    json!({"request_id": request_id, "account": account, "cost": cost, "status": status})
+        .to_string()
+        .into_bytes()
+}
+
+/// Reads an authorize answer. `cost` fills in the price of a 402 that gives none;
+/// `max_ttl_s` caps how long any answer may be cached.
+pub fn parse_authorize(
+    resp: &CalloutResponse,
+    cost: u64,
+    max_ttl_s: u32,
+) -> Result<Verdict, ServiceFailure> {
+    let status = resp.status.ok_or(ServiceFailure::NoAnswer)?;
+    if resp.body_too_large {
+        return Err(ServiceFailure::TooLarge);
+    }
+    let decision = match status {
+        200 => {
+            let body = json_object(&resp.body)?;
+            if body.get("allow") != Some(&Value::Bool(true)) {
+                return Err(ServiceFailure::BadAnswer(
+                    "a 200 answer must carry \"allow\": true",
+                ));
+            }
+            let account_id = match body.get("account_id").and_then(Value::as_str) {
+                Some(a) if valid_account_id(a) => a.to_string(),
+                Some(_) => {
+                    return Err(ServiceFailure::BadAnswer(
+                        "account_id is empty, too long or not a valid header value",
+                    ))
+                }
+                None => {
+                    return Err(ServiceFailure::BadAnswer(
+                        "a 200 answer must carry a string account_id",
+                    ))
+                }
+            };
+            let balance = optional_i64(body.get("balance"))?;
+            Decision::Allow {
+                account_id,
+                balance,
+            }
+        }
+        // A 402 is a refusal whatever its body says, so a poor body only loses detail.
+        402 => {
+            let body = serde_json::from_slice::<Value>(&resp.body).unwrap_or(Value::Null);
+            let price = body
+                .get("price")
+                .and_then(Value::as_u64)
+                .filter(|p| *p <= MAX_AMOUNT)
+                .unwrap_or(cost);
+            let detail = body
+                .get("detail")
+                .and_then(Value::as_str)
+                .map(|d| d.chars().take(MAX_DETAIL_CHARS).collect())
+                .unwrap_or_else(|| "the account cannot pay for this request".to_string());
+            Decision::Deny(Denial {
+                balance: body.get("balance").and_then(Value::as_i64),
+                price,
+                detail,
+                retry_after_s: resp.header("retry-after").and_then(parse_retry_after),
+            })
+        }
+        401 => Decision::Unauthenticated,
+        403 => Decision::Forbidden,
+        429 => Decision::RateLimited {
+            retry_after_s: resp.header("retry-after").and_then(parse_retry_after),
+        },
+        500..=599 => return Err(ServiceFailure::Unavailable(status)),
+        other => return Err(ServiceFailure::UnexpectedStatus(other)),
+    };
+    let max_age_s = resp
+        .header("cache-control")
+        .and_then(|v| parse_max_age(v, max_ttl_s));
+    Ok(Verdict {
+        decision,
+        max_age_s,
+    })
+}
+
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ServiceFailure> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ServiceFailure::BadAnswer("the body is not a JSON object")),
+        Err(_) => Err(ServiceFailure::BadAnswer("the body is not valid JSON")),
+    }
+}
+
+fn optional_i64(v: Option<&Value>) -> Result<Option<i64>, ServiceFailure> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .map(Some)
+            .ok_or(ServiceFailure::BadAnswer("balance is not a whole number")),
+    }
+}
+
+/// The account id goes into a request header for the upstream, so it must be one.
+fn valid_account_id(a: &str) -> bool {
+    !a.is_empty() && a.len() <= MAX_ACCOUNT_ID_LEN && a.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// `Cache-Control` → seconds the answer may be reused, or `None` (ask every time).
+/// `no-store`/`no-cache` win over `max-age`; a malformed directive makes the whole
+/// header count as "do not cache", since guessing wrong would serve stale money.
+pub fn parse_max_age(value: &[u8], cap_s: u32) -> Option<u32> {
+    let text = std::str::from_utf8(value).ok()?;
+    let mut max_age = None;
+    for directive in text.split(',') {
+        let directive = directive.trim();
+        let (name, arg) = match directive.split_once('=') {
+            Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+            None => (directive, None),
+        };
+        if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
+            return None;
+        }
+        if name.eq_ignore_ascii_case("max-age") {
+            let digits = arg?;
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            // Any number too long for u32 is "very long": the cap applies.
+            max_age = Some(digits.parse::<u32>().unwrap_or(u32::MAX));
+        }
+    }
+    max_age.map(|s| s.min(cap_s)).filter(|s| *s > 0)
+}
+
+/// `Retry-After` in delta-seconds. HTTP dates and garbage are dropped rather than passed on.
+pub fn parse_retry_after(value: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() || text.len() > 9 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// What to do with a refund after the service answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    Done,
+    /// The service will never accept it (unknown request, other account): do not retry.
+    Rejected(u16),
+    /// Try again later.
+    Retry(Option<u16>),
+}
+
+pub fn classify_refund(status: Option<u16>) -> RefundOutcome {
+    match status {
+        Some(200..=299) => RefundOutcome::Done,
+        Some(s @ 400..=499) if s != 408 && s != 429 => RefundOutcome::Rejected(s),
+        other => RefundOutcome::Retry(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: Option<u16>, headers: &[(&str, &str)], body: &str) -> CalloutResponse {
+        CalloutResponse {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            body: body.as_bytes().to_vec(),
+            body_too_large: false,
+        }
+    }
+
+    fn parse(r: &CalloutResponse) -> Result<Verdict, ServiceFailure> {
+        parse_authorize(r, 7, 300)
+    }
+
+    #[test]
+    fn allow() {
+        let v = parse(&resp(
+            Some(200),
+            &[],
+            r#"{"allow": true, "account_id": "acct_a", "balance": 93}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            v.decision,
+            Decision::Allow {
+                account_id: "acct_a".into(),
+                balance: Some(93)
+            }
+        );
+        assert_eq!(v.max_age_s, None);
+        let v = parse(&resp(
+            Some(200),
+            &[("Cache-Control", "private, max-age=10")],
+            r#"{"allow": true, "account_id": "a"}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            v.decision,
+            Decision::Allow {
+                account_id: "a".into(),
+                balance: None
+            }
+        );
+        assert_eq!(v.max_age_s, Some(10));
+        let v = parse(&resp(
+            Some(200),
+            &[],
+            r#"{"allow": true, "account_id": "a", "balance": -5}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            v.decision,
+            Decision::Allow {
+                account_id: "a".into(),
+                balance: Some(-5)
+            }
+        );
+    }
+
+    #[test]
+    fn deny() {
+        let v = parse(&resp(
+            Some(402),
+            &[("cache-control", "max-age=30"), ("retry-after", "60")],
+            r#"{"allow": false, "balance": 2, "price": 5, "detail": "top up"}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            v.decision,
+            Decision::Deny(Denial {
+                balance: Some(2),
+                price: 5,
+                detail: "top up".into(),
+                retry_after_s: Some(60)
+            })
+        );
+        assert_eq!(v.max_age_s, Some(30));
+        // A bare 402 still denies, priced at the request's cost.
+        let v = parse(&resp(Some(402), &[("retry-after", "soon")], "")).unwrap();
+        match v.decision {
+            Decision::Deny(d) => {
+                assert_eq!((d.balance, d.price, d.retry_after_s), (None, 7, None));
+                assert!(!d.detail.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        let long = format!(
+            r#"{{"detail": "{}", "price": -1, "balance": "x"}}"#,
+            "d".repeat(5000)
+        );
+        match parse(&resp(Some(402), &[], &long)).unwrap().decision {
+            Decision::Deny(d) => {
+                assert_eq!(d.detail.len(), MAX_DETAIL_CHARS);
+                assert_eq!((d.price, d.balance), (7, None));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_defined_answers() {
+        assert_eq!(
+            parse(&resp(Some(401), &[], "")).unwrap().decision,
+            Decision::Unauthenticated
+        );
+        assert_eq!(
+            parse(&resp(Some(403), &[], "{}")).unwrap().decision,
+            Decision::Forbidden
+        );
+        let v = parse(&resp(Some(429), &[("retry-after", "3")], "")).unwrap();
+        assert_eq!(
+            v.decision,
+            Decision::RateLimited {
+                retry_after_s: Some(3)
+            }
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_failure() {
+        let bad = |status: Option<u16>, body: &str| parse(&resp(status, &[], body)).unwrap_err();
+        assert_eq!(bad(None, ""), ServiceFailure::NoAnswer);
+        assert_eq!(bad(Some(503), ""), ServiceFailure::Unavailable(503));
+        assert_eq!(bad(Some(504), ""), ServiceFailure::Unavailable(504));
+        assert_eq!(
+            bad(Some(500), r#"{"allow": true}"#),
+            ServiceFailure::Unavailable(500)
+        );
+        assert_eq!(bad(Some(302), ""), ServiceFailure::UnexpectedStatus(302));
+        assert_eq!(bad(Some(404), ""), ServiceFailure::UnexpectedStatus(404));
+        assert!(matches!(bad(Some(200), ""), ServiceFailure::BadAnswer(_)));
+        assert!(matches!(
+            bad(Some(200), "{\"allow\": tr"),
+            ServiceFailure::BadAnswer(_)
+        ));
+        assert!(matches!(bad(Some(200), "[]"), ServiceFailure::BadAnswer(_)));
+        assert!(matches!(
+            bad(Some(200), r#"{"allow": "yes", "account_id": "a"}"#),
+            ServiceFailure::BadAnswer(_)
+        ));
+        assert!(matches!(
+            bad(Some(200), r#"{"allow": false, "account_id": "a"}"#),
+            ServiceFailure::BadAnswer(_)
+        ));
+        assert!(matches!(
+            bad(Some(200), r#"{"allow": true}"#),
+            ServiceFailure::BadAnswer(_)
+        ));
+        assert!(matches!(
+            bad(Some(200), r#"{"allow": true, "account_id": 5}"#),
+            ServiceFailure::BadAnswer(_)
+        ));
+        assert!(matches!(
+            bad(Some(200), r#"{"allow": true, "account_id": ""}"#),
+            ServiceFailure::BadAnswer(_)
+        ));
+        assert!(matches!(
+            bad(
+                Some(200),
+                r#"{"allow": true, "account_id": "a\r\nx-evil: 1"}"#
+            ),
+            ServiceFailure::BadAnswer(_)
+        ));
+        assert!(matches!(
+            bad(
+                Some(200),
+                r#"{"allow": true, "account_id": "a", "balance": 1.5}"#
+            ),
+            ServiceFailure::BadAnswer(_)
+        ));
+        assert!(matches!(
+            bad(
+                Some(200),
+                r#"{"allow": true, "account_id": "a", "balance": 1e40}"#
+            ),
+            ServiceFailure::BadAnswer(_)
+        ));
+        let mut big = resp(Some(200), &[], "");
+        big.body_too_large = true;
+        assert_eq!(parse(&big).unwrap_err(), ServiceFailure::TooLarge);
+    }
+
+    #[test]
+    fn cache_control() {
+        assert_eq!(parse_max_age(b"max-age=30", 300), Some(30));
+        assert_eq!(parse_max_age(b"private, max-age=\"12\"", 300), Some(12));
+        assert_eq!(parse_max_age(b"MAX-AGE=5", 300), Some(5));
+        assert_eq!(parse_max_age(b"max-age=31536000", 300), Some(300));
+        assert_eq!(
+            parse_max_age(b"max-age=99999999999999999999", 300),
+            Some(300)
+        );
+        assert_eq!(parse_max_age(b"max-age=0", 300), None);
+        assert_eq!(parse_max_age(b"no-store", 300), None);
+        assert_eq!(parse_max_age(b"max-age=30, no-cache", 300), None);
+        assert_eq!(parse_max_age(b"max-age=-1", 300), None);
+        assert_eq!(parse_max_age(b"max-age=abc", 300), None);
+        assert_eq!(parse_max_age(b"max-age", 300), None);
+        assert_eq!(parse_max_age(b"public", 300), None);
+        assert_eq!(parse_max_age(b"\xff", 300), None);
+        assert_eq!(parse_max_age(b"max-age=30", 0), None);
+    }
+
+    #[test]
+    fn retry_after() {
+        assert_eq!(parse_retry_after(b"120"), Some(120));
+        assert_eq!(parse_retry_after(b" 5 "), Some(5));
+        assert_eq!(parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after(b"-1"), None);
+        assert_eq!(parse_retry_after(b"99999999999"), None);
+        assert_eq!(parse_retry_after(b""), None);
+    }
+
+    #[test]
+    fn request_bodies_are_the_contract() {
+        let body = authorize_body(&AuthorizeRequest {
+            account: "k\"ey",
+            cost: 5,
+            route: "infer",
+            method: "POST",
+            path: "/v1/x",
+            request_id: "r1",
+        });
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            json!({"account": "k\"ey", "cost": 5, "route": "infer", "method": "POST", "path": "/v1/x", "request_id": "r1"})
+        );
+        let v: Value = serde_json::from_slice(&refund_body("r1", "k", 5, 503)).unwrap();
+        assert_eq!(
+            v,
+            json!({"request_id": "r1", "account": "k", "cost": 5, "status": 503})
+        );
+    }
+
+    #[test]
+    fn refund_outcomes() {
+        assert_eq!(classify_refund(Some(200)), RefundOutcome::Done);
+        assert_eq!(classify_refund(Some(404)), RefundOutcome::Rejected(404));
+        assert_eq!(classify_refund(Some(409)), RefundOutcome::Rejected(409));
+        assert_eq!(classify_refund(Some(429)), RefundOutcome::Retry(Some(429)));
+        assert_eq!(classify_refund(Some(503)), RefundOutcome::Retry(Some(503)));
+        assert_eq!(classify_refund(None), RefundOutcome::Retry(None));
+    }
+}

@@ -1,0 +1,754 @@
+//! Plugin configuration: parsed from the JSON Envoy hands to `on_configure`,
+//! validated field by field so that a refusal names the field and the reason.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::identity::CredentialSource;
+use crate::pricing::{PathPattern, Pricing, Route};
+use crate::sha256;
+
+/// Largest integer every JSON implementation reads exactly (2^53 - 1).
+pub const MAX_AMOUNT: u64 = 9_007_199_254_740_991;
+const MAX_TIMEOUT_MS: u64 = 60_000;
+const MAX_CACHE_ENTRIES: u64 = 10_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Refuse with 503 when the balance service cannot answer.
+    Closed,
+    /// Let the request through unpaid (and count it).
+    Open,
+}
+
+/// HTTP statuses (100..=599) as a bit set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    pub fn insert(&mut self, status: u16) {
+        if let Some(word) = self.0.get_mut(usize::from(status / 64)) {
+            *word |= 1 << (status % 64);
+        }
+    }
+    pub fn contains(&self, status: u16) -> bool {
+        self.0
+            .get(usize::from(status / 64))
+            .is_some_and(|w| w & (1 << (status % 64)) != 0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub cluster: String,
+    pub authority: String,
+    pub authorize_path: String,
+    pub refund_path: String,
+    pub timeout: Duration,
+    pub service_token: Option<String>,
+    pub credential: CredentialSource,
+    pub failure_mode: FailureMode,
+    pub failure_retry_after_s: u32,
+    pub pricing: Pricing,
+    pub no_charge_statuses: StatusSet,
+    pub account_header: String,
+    pub balance_header: Option<String>,
+    pub cache_max_entries: u32,
+    pub cache_max_ttl_s: u32,
+    pub problem_type_base: String,
+    /// Digest of the raw configuration. Part of every cache key, so a decision
+    /// made under one configuration is never served under another.
+    pub fingerprint: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where the problem is, as a JSON path (`routes[2].glob`); `(root)` for the document.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid plugin config: {}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    })
+}
+
+const TOP_FIELDS: &[&str] = &[
+    "cluster",
+    "authority",
+    "authorize_path",
+    "refund_path",
+    "timeout_ms",
+    "service_token",
+    "credential",
+    "failure_mode",
+    "failure_retry_after_s",
+    "default_cost",
+    "default_route",
+    "routes",
+    "no_charge_statuses",
+    "account_header",
+    "balance_header",
+    "cache_max_entries",
+    "cache_max_ttl_s",
+    "problem_type_base",
+];
+
+/// A JSON object whose fields are read by name; any field not in `allowed` is an error.
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    path: String,
+}
+
+impl<'a> Obj<'a> {
+    fn new(value: &'a Value, path: &str, allowed: &[&str]) -> Result<Obj<'a>, ConfigError> {
+        let Some(map) = value.as_object() else {
+            return err(path, format!("must be an object, not {}", kind(value)));
+        };
+        if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return err(
+                join(path, unknown),
+                format!("unknown field (known fields: {})", allowed.join(", ")),
+            );
+        }
+        Ok(Obj {
+            map,
+            path: path.to_string(),
+        })
+    }
+
+    fn field(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&'a str>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(v) => err(
+                self.field(key),
+                format!("must be a string, not {}", kind(v)),
+            ),
+        }
+    }
+
+    fn u64(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                Some(n) => err(
+                    self.field(key),
+                    format!("{n} is out of range {min}..={max}"),
+                ),
+                None => err(
+                    self.field(key),
+                    format!(
+                        "must be a whole number from {min} to {max}, not {}",
+                        show(v)
+                    ),
+                ),
+            },
+        }
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        other => kind(other).to_string(),
+    }
+}
+
+fn header_name(field: String, name: &str) -> Result<String, ConfigError> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        err(
+            field,
+            format!("{name:?} is not a lower-case HTTP header name"),
+        )
+    }
+}
+
+fn http_path(field: String, path: &str) -> Result<String, ConfigError> {
+    if !path.starts_with('/') {
+        return err(field, format!("{path:?} must start with '/'"));
+    }
+    if path.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        return err(field, "must not contain spaces or control characters");
+    }
+    Ok(path.to_string())
+}
+
+fn visible(field: String, value: &str, what: &str) -> Result<String, ConfigError> {
+    if value.is_empty() {
+        return err(field, format!("{what} must not be empty"));
+    }
+    if value.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        return err(
+            field,
+            format!("{what} must be visible ASCII without spaces"),
+        );
+    }
+    Ok(value.to_string())
+}
+
+impl Config {
+    pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
+        let value: Value = match serde_json::from_slice(raw) {
+            Ok(v) => v,
+            Err(e) => return err("(root)", format!("not valid JSON: {e}")),
+        };
+        let top = Obj::new(&value, "", TOP_FIELDS).map_err(|mut e| {
+            if e.field.is_empty() {
+                e.field = "(root)".into();
+            }
+            e
+        })?;
+
+        let cluster = match top.str("cluster")? {
+            None => {
+                return err(
+                    "cluster",
+                    "is required (the Envoy cluster of the balance service)",
+                )
+            }
+            Some(c) if c.trim().is_empty() => return err("cluster", "must not be empty"),
+            Some(c) => visible("cluster".into(), c, "cluster")?,
+        };
+        let authority = match top.str("authority")? {
+            Some(a) => visible("authority".into(), a, "authority")?,
+            None => cluster.clone(),
+        };
+        let authorize_path = http_path(
+            "authorize_path".into(),
+            top.str("authorize_path")?.unwrap_or("/v1/authorize"),
+        )?;
+        let refund_path = http_path(
+            "refund_path".into(),
+            top.str("refund_path")?.unwrap_or("/v1/refund"),
+        )?;
+        let timeout_ms = top.u64("timeout_ms", 1, MAX_TIMEOUT_MS)?.unwrap_or(500);
+        let service_token = match top.str("service_token")? {
+            Some(t) => Some(visible("service_token".into(), t, "service_token")?),
+            None => None,
+        };
+        let credential = match top.get("credential") {
+            None => CredentialSource::Header("x-api-key".into()),
+            Some(v) => parse_credential(v)?,
+        };
+        let failure_mode = match top.str("failure_mode")? {
+            None | Some("closed") => FailureMode::Closed,
+            Some("open") => FailureMode::Open,
+            Some(other) => {
+                return err(
+                    "failure_mode",
+                    format!("{other:?} is not \"closed\" or \"open\""),
+                )
+            }
+        };
+        let failure_retry_after_s =
+            top.u64("failure_retry_after_s", 0, 86_400)?.unwrap_or(5) as u32;
+        let default_cost = top.u64("default_cost", 0, MAX_AMOUNT)?.unwrap_or(1);
+        let default_route = match top.str("default_route")? {
+            Some(n) => route_name("default_route".into(), n)?,
+            None => "default".to_string(),
+        };
+        let routes = match top.get("routes") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => {
+                let mut routes: Vec<Route> = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    let route = parse_route(item, &format!("routes[{i}]"))?;
+                    if routes.iter().any(|r| r.name == route.name) || route.name == default_route {
+                        return err(
+                            format!("routes[{i}].name"),
+                            format!("{:?} is used twice", route.name),
+                        );
+                    }
+                    routes.push(route);
+                }
+                routes
+            }
+            Some(v) => return err("routes", format!("must be an array, not {}", kind(v))),
+        };
+        let no_charge_statuses = match top.get("no_charge_statuses") {
+            None => parse_statuses(
+                &Value::Array(vec![Value::String("5xx".into())]),
+                "no_charge_statuses",
+            )?,
+            Some(v) => parse_statuses(v, "no_charge_statuses")?,
+        };
+        let account_header = header_name(
+            "account_header".into(),
+            top.str("account_header")?.unwrap_or("x-farebox-account"),
+        )?;
+        let balance_header = match top.str("balance_header")? {
+            Some(h) => Some(header_name("balance_header".into(), h)?),
+            None => None,
+        };
+        let cache_max_entries = top
+            .u64("cache_max_entries", 0, MAX_CACHE_ENTRIES)?
+            .unwrap_or(10_000) as u32;
+        let cache_max_ttl_s = top.u64("cache_max_ttl_s", 0, 86_400)?.unwrap_or(300) as u32;
+        let problem_type_base = match top.str("problem_type_base")? {
+            Some(b) => visible("problem_type_base".into(), b, "problem_type_base")?,
+            None => "https://farebox.dev/problems/".to_string(),
+        };
+
+        Ok(Config {
+            cluster,
+            authority,
+            authorize_path,
+            refund_path,
+            timeout: Duration::from_millis(timeout_ms),
+            service_token,
+            credential,
+            failure_mode,
+            failure_retry_after_s,
+            pricing: Pricing {
+                routes,
+                default_cost,
+                default_route,
+            },
+            no_charge_statuses,
+            account_header,
+            balance_header,
+            cache_max_entries,
+            cache_max_ttl_s,
+            problem_type_base,
+            fingerprint: sha256::digest(raw),
+        })
+    }
+}
+
+fn parse_credential(v: &Value) -> Result<CredentialSource, ConfigError> {
+    let source = v.get("source").and_then(Value::as_str);
+    let allowed: &[&str] = match source {
+        Some("bearer") => &["source"],
+        _ => &["source", "name"],
+    };
+    let obj = Obj::new(v, "credential", allowed)?;
+    match obj.str("source")? {
+        Some("header") => {
+            let name = obj.str("name")?.unwrap_or("x-api-key");
+            Ok(CredentialSource::Header(header_name(
+                "credential.name".into(),
+                name,
+            )?))
+        }
+        Some("bearer") => Ok(CredentialSource::Bearer),
+        Some("query") => match obj.str("name")? {
+            Some(n) if !n.is_empty() => Ok(CredentialSource::Query(n.to_string())),
+            _ => err(
+                "credential.name",
+                "is required for source \"query\" (the query parameter)",
+            ),
+        },
+        Some(other) => err(
+            "credential.source",
+            format!("{other:?} is not one of \"header\", \"bearer\", \"query\""),
+        ),
+        None => err(
+            "credential.source",
+            "is required: \"header\", \"bearer\" or \"query\"",
+        ),
+    }
+}
+
+fn route_name(field: String, name: &str) -> Result<String, ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        err(
+            field,
+            format!("{name:?} must be 1-64 characters of letters, digits and - _ . : /"),
+        )
+    }
+}
+
+fn parse_route(v: &Value, path: &str) -> Result<Route, ConfigError> {
+    let obj = Obj::new(
+        v,
+        path,
+        &["name", "methods", "exact", "prefix", "glob", "cost"],
+    )?;
+    let name = match obj.str("name")? {
+        Some(n) => route_name(obj.field("name"), n)?,
+        None => return err(obj.field("name"), "is required"),
+    };
+    let methods = match obj.get("methods") {
+        None => None,
+        Some(Value::Array(items)) if !items.is_empty() => {
+            let mut methods = Vec::with_capacity(items.len());
+            for (i, m) in items.iter().enumerate() {
+                let field = format!("{}.methods[{i}]", obj.path);
+                match m.as_str() {
+                    Some(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                        methods.push(s.to_ascii_uppercase())
+                    }
+                    _ => return err(field, format!("{} is not an HTTP method name", show_str(m))),
+                }
+            }
+            Some(methods)
+        }
+        Some(Value::Array(_)) => {
+            return err(
+                obj.field("methods"),
+                "must not be empty (leave it out to match every method)",
+            )
+        }
+        Some(v) => {
+            return err(
+                obj.field("methods"),
+                format!("must be an array of strings, not {}", kind(v)),
+            )
+        }
+    };
+    let patterns = [
+        ("exact", obj.str("exact")?),
+        ("prefix", obj.str("prefix")?),
+        ("glob", obj.str("glob")?),
+    ];
+    let mut given = patterns.iter().filter_map(|(k, v)| v.map(|v| (*k, v)));
+    let pattern = match (given.next(), given.next()) {
+        (Some(_), Some((second, _))) => {
+            return err(obj.field(second), "give only one of exact, prefix, glob")
+        }
+        (None, _) => return err(obj.path.clone(), "needs one of exact, prefix, glob"),
+        (Some(("glob", g)), None) => PathPattern::glob(g).map_err(|e| ConfigError {
+            field: obj.field("glob"),
+            reason: format!("{g:?}: {e}"),
+        })?,
+        (Some((key, p)), None) => {
+            let p = http_path(obj.field(key), p)?;
+            if key == "exact" {
+                PathPattern::Exact(p)
+            } else {
+                PathPattern::Prefix(p)
+            }
+        }
+    };
+    let cost = match obj.u64("cost", 0, MAX_AMOUNT)? {
+        Some(c) => c,
+        None => return err(obj.field("cost"), "is required (0 makes the route free)"),
+    };
+    Ok(Route {
+        name,
+        methods,
+        pattern,
+        cost,
+    })
+}
+
+fn show_str(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        other => show(other),
+    }
+}
+
+fn parse_statuses(v: &Value, path: &str) -> Result<StatusSet, ConfigError> {
+    let Some(items) = v.as_array() else {
+        return err(
+            path,
+            format!(
+                "must be an array of statuses or classes like \"5xx\", not {}",
+                kind(v)
+            ),
+        );
+    };
+    let mut set = StatusSet::default();
+    for (i, item) in items.iter().enumerate() {
+        let field = format!("{path}[{i}]");
+        match item {
+            Value::Number(n) => match n.as_u64() {
+                Some(s @ 100..=599) => set.insert(s as u16),
+                _ => return err(field, format!("{n} is not an HTTP status (100-599)")),
+            },
+            Value::String(s) => match s.as_bytes() {
+                [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                    let base = u16::from(c - b'0') * 100;
+                    for status in base..base + 100 {
+                        set.insert(status);
+                    }
+                }
+                _ => return err(field, format!("{s:?} is not a status class like \"5xx\"")),
+            },
+            other => {
+                return err(
+                    field,
+                    format!(
+                        "must be a status or a class like \"5xx\", not {}",
+                        kind(other)
+                    ),
+                )
+            }
+        }
+    }
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s.as_bytes())
+    }
+
+    fn field_of(s: &str) -> String {
+        parse(s).unwrap_err().field
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = parse(r#"{"cluster": "balance"}"#).unwrap();
+        assert_eq!(c.authority, "balance");
+        assert_eq!(c.authorize_path, "/v1/authorize");
+        assert_eq!(c.refund_path, "/v1/refund");
+        assert_eq!(c.timeout, Duration::from_millis(500));
+        assert_eq!(c.credential, CredentialSource::Header("x-api-key".into()));
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert_eq!(c.failure_retry_after_s, 5);
+        assert_eq!(c.pricing.default_cost, 1);
+        assert_eq!(c.pricing.default_route, "default");
+        assert!(c.pricing.routes.is_empty());
+        assert!(c.no_charge_statuses.contains(500) && c.no_charge_statuses.contains(599));
+        assert!(!c.no_charge_statuses.contains(499) && !c.no_charge_statuses.contains(200));
+        assert_eq!(c.account_header, "x-farebox-account");
+        assert_eq!(c.balance_header, None);
+        assert_eq!(c.cache_max_entries, 10_000);
+        assert_eq!(c.service_token, None);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"{"cluster": "balance", "authority": "billing.internal", "timeout_ms": 250,
+                "service_token": "s3cret", "credential": {"source": "query", "name": "api_key"},
+                "failure_mode": "open", "default_cost": 2, "default_route": "other",
+                "routes": [{"name": "health", "methods": ["get", "HEAD"], "exact": "/health", "cost": 0},
+                           {"name": "infer", "glob": "/v1/*/infer", "cost": 5},
+                           {"name": "docs", "prefix": "/docs/", "cost": 0}],
+                "no_charge_statuses": [429, "5xx"], "balance_header": "x-farebox-balance",
+                "cache_max_entries": 0, "account_header": "x-account"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.authority, "billing.internal");
+        assert_eq!(c.failure_mode, FailureMode::Open);
+        assert_eq!(c.credential, CredentialSource::Query("api_key".into()));
+        assert_eq!(c.pricing.routes.len(), 3);
+        assert_eq!(
+            c.pricing.routes[0].methods,
+            Some(vec!["GET".to_string(), "HEAD".to_string()])
+        );
+        assert!(c.no_charge_statuses.contains(429) && !c.no_charge_statuses.contains(404));
+        assert_eq!(c.cache_max_entries, 0);
+        assert_eq!(c.pricing.price("POST", "/v1/m/infer").cost, 5);
+        assert_eq!(c.pricing.price("GET", "/x").route, "other");
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        assert_eq!(field_of("not json"), "(root)");
+        assert_eq!(field_of("[1]"), "(root)");
+        assert_eq!(field_of("{}"), "cluster");
+        assert_eq!(field_of(r#"{"cluster": ""}"#), "cluster");
+        assert_eq!(field_of(r#"{"cluster": 5}"#), "cluster");
+        assert_eq!(field_of(r#"{"cluster": "b", "cluser": "x"}"#), "cluser");
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "timeout_ms": 0}"#),
+            "timeout_ms"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "timeout_ms": "5"}"#),
+            "timeout_ms"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "timeout_ms": 1.5}"#),
+            "timeout_ms"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "default_cost": -1}"#),
+            "default_cost"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "failure_mode": "maybe"}"#),
+            "failure_mode"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "credential": {"source": "cookie"}}"#),
+            "credential.source"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "credential": {"source": "bearer", "name": "x"}}"#),
+            "credential.name"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "credential": {"source": "query"}}"#),
+            "credential.name"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "credential": {"source": "header", "name": "X Key"}}"#),
+            "credential.name"
+        );
+        assert_eq!(field_of(r#"{"cluster": "b", "routes": {}}"#), "routes");
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "routes": [{"name": "a", "glob": "/a/**", "cost": 1}]}"#),
+            "routes[0].glob"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "routes": [{"name": "a", "glob": "/a*b", "cost": 1}]}"#),
+            "routes[0].glob"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "routes": [{"name": "a", "glob": "a/b", "cost": 1}]}"#),
+            "routes[0].glob"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"cluster": "b", "routes": [{"name": "a", "exact": "/a", "prefix": "/b", "cost": 1}]}"#
+            ),
+            "routes[0].prefix"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "routes": [{"name": "a", "cost": 1}]}"#),
+            "routes[0]"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "routes": [{"name": "a", "exact": "/a"}]}"#),
+            "routes[0].cost"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "routes": [{"exact": "/a", "cost": 1}]}"#),
+            "routes[0].name"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"cluster": "b", "routes": [{"name": "a", "exact": "/a", "cost": 1, "x": 1}]}"#
+            ),
+            "routes[0].x"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"cluster": "b", "routes": [{"name": "a", "exact": "/a", "cost": 1}, {"name": "a", "exact": "/b", "cost": 1}]}"#
+            ),
+            "routes[1].name"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"cluster": "b", "routes": [{"name": "a", "methods": [], "exact": "/a", "cost": 1}]}"#
+            ),
+            "routes[0].methods"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"cluster": "b", "routes": [{"name": "a", "methods": ["G T"], "exact": "/a", "cost": 1}]}"#
+            ),
+            "routes[0].methods[0]"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "no_charge_statuses": [600]}"#),
+            "no_charge_statuses[0]"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "no_charge_statuses": ["6xx"]}"#),
+            "no_charge_statuses[0]"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "account_header": "X-Upper"}"#),
+            "account_header"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "authorize_path": "v1"}"#),
+            "authorize_path"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "service_token": "a b"}"#),
+            "service_token"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "default_cost": 9007199254740992}"#),
+            "default_cost"
+        );
+    }
+
+    #[test]
+    fn error_message_is_actionable() {
+        let e = parse(r#"{"cluster": "b", "routes": [{"name": "a", "glob": "/a/**", "cost": 1}]}"#)
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("invalid plugin config: routes[0].glob: "),
+            "{text}"
+        );
+        assert!(text.contains("prefix"), "{text}");
+        let e = parse(r#"{"cluster": "b", "cluser": 1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluser") && e.contains("known fields"), "{e}");
+    }
+
+    #[test]
+    fn fingerprint_follows_the_config() {
+        let a = parse(r#"{"cluster": "b", "default_cost": 1}"#).unwrap();
+        let b = parse(r#"{"cluster": "b", "default_cost": 2}"#).unwrap();
+        assert_ne!(a.fingerprint, b.fingerprint);
+    }
+
+    #[test]
+    fn status_set() {
+        let mut s = StatusSet::default();
+        s.insert(503);
+        s.insert(100);
+        s.insert(599);
+        assert!(s.contains(503) && s.contains(100) && s.contains(599));
+        assert!(!s.contains(502) && !s.contains(0) && !s.contains(700));
+    }
+}

@@ -1,0 +1,211 @@
+//! An in-memory host for native tests: records what the filter asked of it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::host::{Host, HttpHost};
+use crate::metrics::Metric;
+use crate::response::Reply;
+
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub token: u32,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+    pub timeout: Duration,
+}
+
+impl Call {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Shared data as Envoy keeps it: one map per process, with CAS tokens.
+pub type SharedData = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
+
+#[derive(Default)]
+pub struct FakeHost {
+    pub request_headers: RefCell<Vec<(String, Vec<u8>)>>,
+    pub response_headers: RefCell<Vec<(String, Vec<u8>)>>,
+    pub shared: SharedData,
+    pub calls: RefCell<Vec<Call>>,
+    pub replies: RefCell<Vec<Reply>>,
+    pub resumed: Cell<u32>,
+    pub now: Cell<u64>,
+    pub metrics: RefCell<HashMap<Metric, u64>>,
+    pub refuse_dispatch: Cell<bool>,
+    next_token: Cell<u32>,
+}
+
+impl FakeHost {
+    pub fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> FakeHost {
+        let host = FakeHost {
+            now: Cell::new(1_700_000_000_000),
+            ..Default::default()
+        };
+        host.add_request_header(":method", method.as_bytes());
+        host.add_request_header(":path", path.as_bytes());
+        for (k, v) in headers {
+            host.add_request_header(k, v.as_bytes());
+        }
+        host
+    }
+
+    /// Another worker of the same process: shares the shared data, nothing else.
+    pub fn sibling(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> FakeHost {
+        let host = FakeHost::request(method, path, headers);
+        FakeHost {
+            shared: self.shared.clone(),
+            now: Cell::new(self.now.get()),
+            ..host
+        }
+    }
+
+    pub fn add_request_header(&self, name: &str, value: &[u8]) {
+        self.request_headers
+            .borrow_mut()
+            .push((name.to_string(), value.to_vec()));
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.response_headers
+            .borrow_mut()
+            .push((":status".into(), status.to_string().into_bytes()));
+    }
+
+    pub fn count_of(&self, m: Metric) -> u64 {
+        self.metrics.borrow().get(&m).copied().unwrap_or(0)
+    }
+
+    pub fn last_call(&self) -> Call {
+        self.calls
+            .borrow()
+            .last()
+            .cloned()
+            .expect("no call was dispatched")
+    }
+
+    pub fn reply(&self) -> Option<Reply> {
+        self.replies.borrow().last().cloned()
+    }
+
+    pub fn upstream_header(&self, name: &str) -> Option<String> {
+        header(&self.request_headers.borrow(), name)
+    }
+
+    pub fn client_header(&self, name: &str) -> Option<String> {
+        header(&self.response_headers.borrow(), name)
+    }
+
+    pub fn advance(&self, ms: u64) {
+        self.now.set(self.now.get() + ms);
+    }
+}
+
+fn header(list: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    list.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+impl Host for FakeHost {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, Option<u32>)> {
+        self.shared
+            .borrow()
+            .get(key)
+            .map(|(v, cas)| (v.clone(), Some(*cas)))
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        let mut map = self.shared.borrow_mut();
+        if let (Some(cas), Some((_, current))) = (cas, map.get(key)) {
+            if cas != *current {
+                return false;
+            }
+        }
+        // Like Envoy: every write gives the key a new CAS token.
+        let next = map.get(key).map_or(1, |(_, c)| c + 1);
+        map.insert(key.to_string(), (value.to_vec(), next));
+        true
+    }
+
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<u32, String> {
+        if self.refuse_dispatch.get() {
+            return Err("BadArgument".into());
+        }
+        let token = self.next_token.get() + 1;
+        self.next_token.set(token);
+        self.calls.borrow_mut().push(Call {
+            token,
+            cluster: cluster.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: serde_json::from_slice(body).expect("callout body is JSON"),
+            timeout,
+        });
+        Ok(token)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now.get()
+    }
+
+    fn count(&self, metric: Metric) {
+        *self.metrics.borrow_mut().entry(metric).or_default() += 1;
+    }
+}
+
+impl HttpHost for FakeHost {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.request_headers
+            .borrow()
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn set_request_header(&self, name: &str, value: Option<&str>) {
+        let mut headers = self.request_headers.borrow_mut();
+        headers.retain(|(k, _)| k != name);
+        if let Some(v) = value {
+            headers.push((name.to_string(), v.as_bytes().to_vec()));
+        }
+    }
+
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.response_headers
+            .borrow()
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) {
+        let mut headers = self.response_headers.borrow_mut();
+        headers.retain(|(k, _)| k != name);
+        headers.push((name.to_string(), value.as_bytes().to_vec()));
+    }
+
+    fn send_reply(&self, reply: &Reply) {
+        self.replies.borrow_mut().push(reply.clone());
+    }
+
+    fn resume_request(&self) {
+        self.resumed.set(self.resumed.get() + 1);
+    }
+}

@@ -1,0 +1,534 @@
+use std::rc::Rc;
+
+use serde_json::{json, Value};
+
+use super::*;
+use crate::balance_api::CalloutResponse;
+use crate::fake::FakeHost;
+use crate::refunds::MAX_ATTEMPTS;
+
+const CONFIG: &str = r#"{
+    "cluster": "balance", "authority": "billing", "timeout_ms": 300, "service_token": "svc-tok",
+    "routes": [{"name": "health", "exact": "/health", "cost": 0},
+               {"name": "infer", "methods": ["POST"], "glob": "/v1/models/*/infer", "cost": 5}],
+    "balance_header": "x-farebox-balance"
+}"#;
+
+struct Fixture {
+    cfg: Rc<Config>,
+    worker: Rc<Worker>,
+}
+
+impl Fixture {
+    fn new(config: &str) -> Fixture {
+        Fixture {
+            cfg: Rc::new(Config::parse(config.as_bytes()).unwrap()),
+            worker: Rc::new(Worker::default()),
+        }
+    }
+    fn gate(&self) -> Gate {
+        Gate::new(Some(self.cfg.clone()), self.worker.clone())
+    }
+    fn queued_refunds(&self) -> usize {
+        self.worker.refunds.borrow().len()
+    }
+}
+
+fn answer(status: u16, headers: &[(&str, &str)], body: Value) -> CalloutResponse {
+    CalloutResponse {
+        status: Some(status),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        body: if body.is_null() {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        },
+        body_too_large: false,
+    }
+}
+
+fn allow(account: &str, balance: i64) -> CalloutResponse {
+    answer(
+        200,
+        &[],
+        json!({"allow": true, "account_id": account, "balance": balance}),
+    )
+}
+
+fn reply_body(host: &FakeHost) -> Value {
+    serde_json::from_slice(&host.reply().expect("a reply").body).unwrap()
+}
+
+fn reply_header(host: &FakeHost, name: &str) -> Option<String> {
+    host.reply()?
+        .headers
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.clone())
+}
+
+/// Runs a request whose callout gets `resp`; returns the host and gate for more checks.
+fn with_answer(fx: &Fixture, host: FakeHost, resp: CalloutResponse) -> (FakeHost, Gate) {
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+    let token = host.last_call().token;
+    gate.on_callout_response(&host, token, &resp);
+    (host, gate)
+}
+
+fn keyed(path: &str, key: &str) -> FakeHost {
+    FakeHost::request(
+        "GET",
+        path,
+        &[("x-api-key", key), ("x-request-id", "req-1")],
+    )
+}
+
+#[test]
+fn free_route_skips_everything_and_strips_forged_account() {
+    let fx = Fixture::new(CONFIG);
+    let host = FakeHost::request(
+        "GET",
+        "/health?probe=1",
+        &[("x-farebox-account", "acct_forged")],
+    );
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&host), Flow::Continue);
+    assert!(host.calls.borrow().is_empty());
+    assert!(host.reply().is_none());
+    assert_eq!(host.upstream_header("x-farebox-account"), None);
+    assert_eq!(host.count_of(Metric::Free), 1);
+}
+
+#[test]
+fn missing_or_malformed_credential_is_401_without_a_call() {
+    let fx = Fixture::new(CONFIG);
+    for headers in [
+        vec![],
+        vec![("x-api-key", "  ")],
+        vec![("x-api-key", "a b")],
+    ] {
+        let host = FakeHost::request("GET", "/v1/data", &headers);
+        assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause);
+        let reply = host.reply().unwrap();
+        assert_eq!(reply.status, 401);
+        assert!(reply_header(&host, "www-authenticate")
+            .unwrap()
+            .contains("x-api-key"));
+        assert_eq!(reply_body(&host)["status"], 401);
+        assert!(host.calls.borrow().is_empty());
+    }
+    let host = FakeHost::request("GET", "/v1/data", &[]);
+    host.add_request_header("x-api-key", b"\xff\xfe");
+    assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause);
+    assert_eq!(host.reply().unwrap().status, 401);
+}
+
+#[test]
+fn allowed_request_carries_the_account_and_the_contract_call() {
+    let fx = Fixture::new(CONFIG);
+    let host = FakeHost::request(
+        "POST",
+        "/v1/models/m1/infer?x=1",
+        &[
+            ("x-api-key", "key-1"),
+            ("x-request-id", "req-42"),
+            ("x-farebox-account", "forged"),
+        ],
+    );
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+    assert_eq!(
+        host.upstream_header("x-farebox-account"),
+        None,
+        "forged copy removed before the decision"
+    );
+    assert_eq!(
+        gate.on_request_body(),
+        Flow::Pause,
+        "the body must wait for the decision"
+    );
+    let call = host.last_call();
+    assert_eq!(call.cluster, "balance");
+    assert_eq!(call.timeout, std::time::Duration::from_millis(300));
+    assert_eq!(call.header(":method"), Some("POST"));
+    assert_eq!(call.header(":path"), Some("/v1/authorize"));
+    assert_eq!(call.header(":authority"), Some("billing"));
+    assert_eq!(call.header("x-request-id"), Some("req-42"));
+    assert_eq!(call.header("authorization"), Some("Bearer svc-tok"));
+    assert_eq!(
+        call.body,
+        json!({"account": "key-1", "cost": 5, "route": "infer", "method": "POST", "path": "/v1/models/m1/infer", "request_id": "req-42"})
+    );
+    gate.on_callout_response(&host, call.token, &allow("acct_1", 95));
+    assert_eq!(host.resumed.get(), 1);
+    assert!(host.reply().is_none());
+    assert_eq!(
+        host.upstream_header("x-farebox-account").as_deref(),
+        Some("acct_1")
+    );
+    assert_eq!(gate.on_request_body(), Flow::Continue);
+    host.set_status(200);
+    gate.on_response_headers(&host);
+    assert_eq!(
+        host.client_header("x-farebox-balance").as_deref(),
+        Some("95")
+    );
+    assert_eq!(fx.queued_refunds(), 0);
+    assert_eq!(host.count_of(Metric::Allowed), 1);
+    assert_eq!(host.count_of(Metric::Callouts), 1);
+}
+
+#[test]
+fn payment_required_with_cache_hint_then_served_from_cache() {
+    let fx = Fixture::new(CONFIG);
+    let deny = answer(
+        402,
+        &[("cache-control", "max-age=30"), ("retry-after", "60")],
+        json!({"allow": false, "balance": 2, "price": 5, "detail": "top up"}),
+    );
+    let (host, _) = with_answer(&fx, keyed("/v1/data", "poor-key"), deny);
+    let reply = host.reply().unwrap();
+    assert_eq!(reply.status, 402);
+    assert_eq!(
+        reply_header(&host, "cache-control").as_deref(),
+        Some("private, max-age=30")
+    );
+    assert_eq!(reply_header(&host, "retry-after").as_deref(), Some("60"));
+    assert_eq!(
+        reply_header(&host, "content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    let body = reply_body(&host);
+    assert_eq!(
+        (
+            body["balance"].clone(),
+            body["price"].clone(),
+            body["route"].clone()
+        ),
+        (json!(2), json!(5), json!("default"))
+    );
+    assert_eq!(host.resumed.get(), 0);
+    assert!(!String::from_utf8_lossy(&reply.body).contains("poor-key"));
+
+    // Another worker of the same process, 10 s later: no callout, the remaining life.
+    let again = host.sibling("GET", "/v1/data", &[("x-api-key", "poor-key")]);
+    again.advance(10_000);
+    assert_eq!(fx.gate().on_request_headers(&again), Flow::Pause);
+    assert!(again.calls.borrow().is_empty());
+    assert_eq!(again.reply().unwrap().status, 402);
+    assert_eq!(
+        reply_header(&again, "cache-control").as_deref(),
+        Some("private, max-age=20")
+    );
+    assert_eq!(again.count_of(Metric::CacheHits), 1);
+
+    // After expiry the service is asked again and the stale entry is cleared.
+    let later = host.sibling("GET", "/v1/data", &[("x-api-key", "poor-key")]);
+    later.advance(30_001);
+    assert_eq!(fx.gate().on_request_headers(&later), Flow::Pause);
+    assert_eq!(later.calls.borrow().len(), 1);
+    assert!(later.shared.borrow().values().all(|(v, _)| v.is_empty()));
+}
+
+#[test]
+fn a_cached_decision_is_never_served_to_another_account() {
+    // One slot: every key collides, so only the digest check keeps accounts apart.
+    let fx = Fixture::new(r#"{"cluster": "balance", "cache_max_entries": 1}"#);
+    let (alice, _) = with_answer(
+        &fx,
+        keyed("/x", "alice"),
+        answer(
+            200,
+            &[("cache-control", "max-age=60")],
+            json!({"allow": true, "account_id": "acct_alice"}),
+        ),
+    );
+    assert_eq!(
+        alice.upstream_header("x-farebox-account").as_deref(),
+        Some("acct_alice")
+    );
+    let mallory = alice.sibling("GET", "/x", &[("x-api-key", "mallory")]);
+    assert_eq!(fx.gate().on_request_headers(&mallory), Flow::Pause);
+    assert_eq!(
+        mallory.calls.borrow().len(),
+        1,
+        "mallory must be asked about, not served alice's allow"
+    );
+    assert_eq!(mallory.upstream_header("x-farebox-account"), None);
+    // Alice herself hits the cache.
+    let alice2 = alice.sibling("GET", "/x", &[("x-api-key", "alice")]);
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&alice2), Flow::Continue);
+    assert_eq!(
+        alice2.upstream_header("x-farebox-account").as_deref(),
+        Some("acct_alice")
+    );
+    // A cached allow was not charged for this request: nothing to refund.
+    alice2.set_status(503);
+    gate.on_response_headers(&alice2);
+    assert_eq!(fx.queued_refunds(), 0);
+}
+
+#[test]
+fn a_new_configuration_does_not_reuse_old_decisions() {
+    let old = Fixture::new(r#"{"cluster": "balance", "default_cost": 1}"#);
+    let (host, _) = with_answer(
+        &old,
+        keyed("/x", "k"),
+        answer(402, &[("cache-control", "max-age=60")], Value::Null),
+    );
+    let new = Fixture::new(r#"{"cluster": "balance", "default_cost": 1, "timeout_ms": 400}"#);
+    let again = host.sibling("GET", "/x", &[("x-api-key", "k")]);
+    assert_eq!(new.gate().on_request_headers(&again), Flow::Pause);
+    assert_eq!(again.calls.borrow().len(), 1);
+}
+
+#[test]
+fn uncacheable_answers_ask_every_time() {
+    let fx = Fixture::new(CONFIG);
+    for hint in [
+        None,
+        Some("no-store"),
+        Some("max-age=30, no-cache"),
+        Some("max-age=abc"),
+    ] {
+        let headers: Vec<(&str, &str)> = hint.map(|h| ("cache-control", h)).into_iter().collect();
+        let (host, _) = with_answer(
+            &fx,
+            keyed("/y", "k2"),
+            answer(402, &headers, json!({"price": 1})),
+        );
+        assert_eq!(
+            reply_header(&host, "cache-control").as_deref(),
+            Some("no-store")
+        );
+        let again = host.sibling("GET", "/y", &[("x-api-key", "k2")]);
+        fx.gate().on_request_headers(&again);
+        assert_eq!(
+            again.calls.borrow().len(),
+            1,
+            "hint {hint:?} must not be cached"
+        );
+    }
+}
+
+#[test]
+fn service_401_403_429_map_to_the_client() {
+    let fx = Fixture::new(CONFIG);
+    let (h, _) = with_answer(
+        &fx,
+        keyed("/a", "k"),
+        answer(401, &[], json!({"error": "unknown_credential"})),
+    );
+    assert_eq!(h.reply().unwrap().status, 401);
+    assert_eq!(h.count_of(Metric::Unauthenticated), 1);
+    let (h, _) = with_answer(&fx, keyed("/a", "k"), answer(403, &[], Value::Null));
+    assert_eq!(h.reply().unwrap().status, 403);
+    let (h, _) = with_answer(
+        &fx,
+        keyed("/a", "k"),
+        answer(429, &[("retry-after", "7")], Value::Null),
+    );
+    assert_eq!(h.reply().unwrap().status, 429);
+    assert_eq!(reply_header(&h, "retry-after").as_deref(), Some("7"));
+    assert_eq!(fx.queued_refunds(), 0);
+}
+
+#[test]
+fn failure_closed_is_503_and_refunds_a_possible_charge() {
+    let fx = Fixture::new(CONFIG);
+    for resp in [
+        answer(503, &[], Value::Null),
+        answer(504, &[], Value::Null),
+        answer(200, &[], json!("garbage")),
+        answer(200, &[], json!({"allow": "yes", "account_id": "a"})),
+        CalloutResponse::default(),
+    ] {
+        let before = fx.queued_refunds();
+        let (host, _) = with_answer(&fx, keyed("/a", "k"), resp.clone());
+        let reply = host.reply().unwrap();
+        assert_eq!(reply.status, 503, "{resp:?}");
+        assert_eq!(reply_header(&host, "retry-after").as_deref(), Some("5"));
+        assert_eq!(host.count_of(Metric::FailClosed), 1);
+        assert_eq!(host.count_of(Metric::CalloutFailures), 1);
+        assert_eq!(host.resumed.get(), 0);
+        assert_eq!(fx.queued_refunds(), before + 1);
+    }
+}
+
+#[test]
+fn failure_open_lets_the_request_through_and_counts_it() {
+    let fx = Fixture::new(r#"{"cluster": "balance", "failure_mode": "open"}"#);
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), answer(500, &[], Value::Null));
+    assert!(host.reply().is_none());
+    assert_eq!(host.resumed.get(), 1);
+    assert_eq!(host.count_of(Metric::FailOpen), 1);
+    assert_eq!(host.upstream_header("x-farebox-account"), None);
+}
+
+#[test]
+fn undispatchable_call_fails_at_once() {
+    let fx = Fixture::new(CONFIG);
+    let host = keyed("/a", "k");
+    host.refuse_dispatch.set(true);
+    assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause);
+    assert_eq!(host.reply().unwrap().status, 503);
+    assert_eq!(fx.queued_refunds(), 0, "nothing reached the service");
+    let open = Fixture::new(r#"{"cluster": "balance", "failure_mode": "open"}"#);
+    let host = keyed("/a", "k");
+    host.refuse_dispatch.set(true);
+    assert_eq!(open.gate().on_request_headers(&host), Flow::Continue);
+}
+
+#[test]
+fn unserved_requests_are_refunded_served_ones_are_not() {
+    let fx = Fixture::new(CONFIG);
+    for (status, refunded) in [
+        (200, false),
+        (404, false),
+        (499, false),
+        (500, true),
+        (503, true),
+    ] {
+        let before = fx.queued_refunds();
+        let (host, mut gate) = with_answer(&fx, keyed("/a", "k"), allow("acct", 1));
+        host.set_status(status);
+        gate.on_response_headers(&host);
+        gate.on_log(&host);
+        assert_eq!(
+            fx.queued_refunds(),
+            before + usize::from(refunded),
+            "status {status}"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_leaves_before_the_decision_is_refunded() {
+    let fx = Fixture::new(CONFIG);
+    let host = keyed("/a", "k");
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    gate.on_log(&host);
+    assert_eq!(fx.queued_refunds(), 1);
+    // A late answer for the abandoned call changes nothing.
+    gate.on_callout_response(&host, host.last_call().token, &allow("a", 1));
+    assert_eq!(host.resumed.get(), 0);
+}
+
+#[test]
+fn an_answer_for_another_call_is_ignored() {
+    let fx = Fixture::new(CONFIG);
+    let host = keyed("/a", "k");
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    gate.on_callout_response(&host, 9999, &allow("a", 1));
+    assert_eq!(host.resumed.get(), 0);
+    assert_eq!(gate.on_request_body(), Flow::Pause);
+}
+
+#[test]
+fn request_id_is_envoys_or_made_up() {
+    let fx = Fixture::new(CONFIG);
+    let host = FakeHost::request(
+        "GET",
+        "/a",
+        &[("x-api-key", "k"), ("x-request-id", "bad id")],
+    );
+    fx.gate().on_request_headers(&host);
+    let host2 = FakeHost::request("GET", "/a", &[("x-api-key", "k")]);
+    fx.gate().on_request_headers(&host2);
+    let id1 = host.last_call().body["request_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id2 = host2.last_call().body["request_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(id1.starts_with("fbx-") && id2.starts_with("fbx-"));
+    assert_ne!(id1, id2);
+}
+
+#[test]
+fn refunds_are_sent_retried_and_given_up() {
+    let fx = Fixture::new(CONFIG);
+    let (host, mut gate) = with_answer(&fx, keyed("/a", "k"), allow("acct", 1));
+    host.set_status(502);
+    gate.on_response_headers(&host);
+    let root = FakeHost::request("GET", "/", &[]);
+    let calls_before = root.calls.borrow().len();
+    fx.worker.refunds.borrow_mut().flush(&root, &fx.cfg);
+    let call = root.last_call();
+    assert_eq!(root.calls.borrow().len(), calls_before + 1);
+    assert_eq!(call.header(":path"), Some("/v1/refund"));
+    assert_eq!(call.header("authorization"), Some("Bearer svc-tok"));
+    assert_eq!(
+        call.body,
+        json!({"request_id": "req-1", "account": "k", "cost": 1, "status": 502})
+    );
+
+    // The service is down: retried with backoff, never more than MAX_ATTEMPTS times.
+    let mut sent = 1;
+    fx.worker
+        .refunds
+        .borrow_mut()
+        .on_response(&root, call.token, Some(503));
+    for _ in 0..20 {
+        root.advance(120_000);
+        fx.worker.refunds.borrow_mut().flush(&root, &fx.cfg);
+        if let Some(c) = root.calls.borrow().last().filter(|c| c.token != call.token) {
+            let token = c.token;
+            if root.calls.borrow().len() > sent {
+                sent = root.calls.borrow().len();
+                fx.worker
+                    .refunds
+                    .borrow_mut()
+                    .on_response(&root, token, None);
+            }
+        }
+    }
+    assert_eq!(sent as u32, MAX_ATTEMPTS);
+    assert!(fx.worker.refunds.borrow().is_empty());
+    assert_eq!(
+        root.count_of(Metric::RefundFailures),
+        u64::from(MAX_ATTEMPTS)
+    );
+}
+
+#[test]
+fn refund_confirmed_or_unknown() {
+    let fx = Fixture::new(CONFIG);
+    let root = FakeHost::request("GET", "/", &[]);
+    for (status, refunds, failures) in [(Some(200), 1, 0), (Some(404), 0, 0), (Some(409), 0, 1)] {
+        let root = root.sibling("GET", "/", &[]);
+        fx.worker
+            .refunds
+            .borrow_mut()
+            .push(&root, Refund::new("r".into(), "k".into(), 1, 503));
+        fx.worker.refunds.borrow_mut().flush(&root, &fx.cfg);
+        fx.worker
+            .refunds
+            .borrow_mut()
+            .on_response(&root, root.last_call().token, status);
+        assert_eq!(root.count_of(Metric::Refunds), refunds, "{status:?}");
+        assert_eq!(
+            root.count_of(Metric::RefundFailures),
+            failures,
+            "{status:?}"
+        );
+        assert!(fx.worker.refunds.borrow().is_empty());
+    }
+}
+
+#[test]
+fn unconfigured_gate_refuses_with_503() {
+    let host = keyed("/a", "k");
+    let mut gate = Gate::new(None, Rc::new(Worker::default()));
+    assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+    assert_eq!(host.reply().unwrap().status, 503);
+}

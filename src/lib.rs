@@ -1,0 +1,32 @@
+//! farebox: an HTTP 402 Payment Required gate as a proxy-wasm filter.
+//!
+//! Everything but `glue` is host-independent and tested natively; `glue` is
+//! the thin layer over the proxy-wasm SDK.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod balance_api;
+pub mod cache;
+pub mod config;
+pub mod decision;
+pub mod gate;
+pub mod host;
+pub mod identity;
+pub mod metrics;
+pub mod pricing;
+pub mod refunds;
+pub mod response;
+pub mod sha256;
+
+#[cfg(test)]
+mod fake;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;

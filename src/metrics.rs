@@ -1,0 +1,87 @@
+//! Counters, visible in Envoy's admin `/stats` as `wasmcustom.farebox_<name>`.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Metric {
+    /// Requests let through after an allow (fresh or cached).
+    Allowed,
+    /// 402 answers.
+    Denied,
+    /// 401 answers (no, malformed or unknown credential).
+    Unauthenticated,
+    /// 403 answers.
+    Forbidden,
+    /// 429 answers.
+    RateLimited,
+    /// Requests on free routes (cost 0).
+    Free,
+    /// Decisions served from the cache, with no callout.
+    CacheHits,
+    /// Authorize callouts started.
+    Callouts,
+    /// Callouts that failed: not dispatched, unreachable, timed out, 5xx, unreadable answer.
+    CalloutFailures,
+    /// Requests let through unpaid because the service failed (`failure_mode: open`).
+    FailOpen,
+    /// 503 answers because the service failed (`failure_mode: closed`).
+    FailClosed,
+    /// Refunds the service confirmed.
+    Refunds,
+    /// Refund attempts that failed (each attempt counts).
+    RefundFailures,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 13] = [
+        Metric::Allowed,
+        Metric::Denied,
+        Metric::Unauthenticated,
+        Metric::Forbidden,
+        Metric::RateLimited,
+        Metric::Free,
+        Metric::CacheHits,
+        Metric::Callouts,
+        Metric::CalloutFailures,
+        Metric::FailOpen,
+        Metric::FailClosed,
+        Metric::Refunds,
+        Metric::RefundFailures,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Allowed => "farebox_allowed",
+            Metric::Denied => "farebox_denied",
+            Metric::Unauthenticated => "farebox_unauthenticated",
+            Metric::Forbidden => "farebox_forbidden",
+            Metric::RateLimited => "farebox_rate_limited",
+            Metric::Free => "farebox_free",
+            Metric::CacheHits => "farebox_cache_hits",
+            Metric::Callouts => "farebox_callouts",
+            Metric::CalloutFailures => "farebox_callout_failures",
+            Metric::FailOpen => "farebox_fail_open",
+            Metric::FailClosed => "farebox_fail_closed",
+            Metric::Refunds => "farebox_refunds",
+            Metric::RefundFailures => "farebox_refund_failures",
+        }
+    }
+
+    /// Position in [`Metric::ALL`], for a table of host metric ids.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_complete_and_in_index_order() {
+        for (i, m) in Metric::ALL.iter().enumerate() {
+            assert_eq!(m.index(), i);
+            assert!(m.name().starts_with("farebox_"));
+        }
+        let names: std::collections::HashSet<_> = Metric::ALL.iter().map(|m| m.name()).collect();
+        assert_eq!(names.len(), Metric::ALL.len());
+    }
+}

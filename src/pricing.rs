@@ -1,0 +1,335 @@
+//! Route rules: which price a request pays. Rules are tried in order and the
+//! first match wins; a request no rule matches pays the default cost.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(String),
+    Prefix(String),
+    /// Segment-wise glob: `*` stands for exactly one non-empty segment.
+    Glob(Vec<GlobSegment>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlobSegment {
+    Literal(String),
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatternError {
+    NoLeadingSlash,
+    DoubleStar,
+    PartialStar,
+    EmptySegment,
+}
+
+impl fmt::Display for PatternError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PatternError::NoLeadingSlash => "must start with '/'",
+            PatternError::DoubleStar => "'**' is not supported; use a prefix rule",
+            PatternError::PartialStar => "'*' must stand for a whole segment, as in /v1/*/infer",
+            PatternError::EmptySegment => "empty segment ('//')",
+        })
+    }
+}
+
+impl PathPattern {
+    pub fn glob(pattern: &str) -> Result<PathPattern, PatternError> {
+        let rest = pattern
+            .strip_prefix('/')
+            .ok_or(PatternError::NoLeadingSlash)?;
+        let mut segments = Vec::new();
+        let parts: Vec<&str> = rest.split('/').collect();
+        let last = parts.len().saturating_sub(1);
+        for (i, part) in parts.into_iter().enumerate() {
+            if part.contains("**") {
+                return Err(PatternError::DoubleStar);
+            }
+            if part == "*" {
+                segments.push(GlobSegment::Any);
+            } else if part.contains('*') {
+                return Err(PatternError::PartialStar);
+            } else if part.is_empty() && i != last {
+                return Err(PatternError::EmptySegment);
+            } else {
+                segments.push(GlobSegment::Literal(part.to_string()));
+            }
+        }
+        Ok(PathPattern::Glob(segments))
+    }
+
+    /// `path` must already be normalized (see [`normalize_path`]).
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(p) => path == p,
+            PathPattern::Prefix(p) => path.starts_with(p.as_str()),
+            PathPattern::Glob(segments) => {
+                let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
+                for seg in segments {
+                    match (seg, parts.next()) {
+                        (GlobSegment::Any, Some(part)) if !part.is_empty() => {}
+                        (GlobSegment::Literal(lit), Some(part)) if lit == part => {}
+                        _ => return false,
+                    }
+                }
+                parts.next().is_none()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    /// Upper-case method names; `None` matches every method.
+    pub methods: Option<Vec<String>>,
+    pub pattern: PathPattern,
+    pub cost: u64,
+}
+
+impl Route {
+    fn matches(&self, method: &str, path: &str) -> bool {
+        let method_ok = match &self.methods {
+            None => true,
+            Some(ms) => ms.iter().any(|m| m.eq_ignore_ascii_case(method)),
+        };
+        method_ok && self.pattern.matches(path)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pricing {
+    pub routes: Vec<Route>,
+    pub default_cost: u64,
+    pub default_route: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price<'a> {
+    pub route: &'a str,
+    pub cost: u64,
+}
+
+impl Pricing {
+    /// `path` must already be normalized (see [`normalize_path`]).
+    pub fn price(&self, method: &str, path: &str) -> Price<'_> {
+        match self.routes.iter().find(|r| r.matches(method, path)) {
+            Some(r) => Price {
+                route: &r.name,
+                cost: r.cost,
+            },
+            None => Price {
+                route: &self.default_route,
+                cost: self.default_cost,
+            },
+        }
+    }
+}
+
+/// The path the rules are matched against: query and fragment cut off,
+/// percent-escapes decoded, repeated slashes merged and dot segments resolved.
+/// Envoy normalizes paths too when configured to; doing it again here means no
+/// escaping trick (`%2e%2e`, `%2F`, `//`) can make a priced path look like a
+/// free one even where the operator left Envoy's normalization off.
+pub fn normalize_path(raw: &str) -> String {
+    let end = raw.find(['?', '#']).unwrap_or(raw.len());
+    let decoded = percent_decode(raw.get(..end).unwrap_or(raw));
+    let text = String::from_utf8_lossy(&decoded);
+    let mut out: Vec<&str> = Vec::new();
+    for seg in text.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = String::with_capacity(text.len() + 1);
+    for seg in &out {
+        path.push('/');
+        path.push_str(seg);
+    }
+    let trailing = text.ends_with('/') || text.ends_with("/.") || text.ends_with("/..");
+    if path.is_empty() || trailing {
+        path.push('/');
+    }
+    path
+}
+
+pub fn percent_decode(input: &str) -> Vec<u8> {
+    let bytes = input.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hi = bytes.get(i + 1).and_then(|c| hex_value(*c));
+            let lo = bytes.get(i + 2).and_then(|c| hex_value(*c));
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b);
+        i += 1;
+    }
+    out
+}
+
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, methods: Option<&[&str]>, pattern: PathPattern, cost: u64) -> Route {
+        Route {
+            name: name.into(),
+            methods: methods.map(|ms| ms.iter().map(|m| m.to_string()).collect()),
+            pattern,
+            cost,
+        }
+    }
+
+    fn pricing() -> Pricing {
+        Pricing {
+            routes: vec![
+                route(
+                    "health",
+                    Some(&["GET"]),
+                    PathPattern::Exact("/health".into()),
+                    0,
+                ),
+                route("docs", None, PathPattern::Prefix("/docs/".into()), 0),
+                route(
+                    "infer",
+                    Some(&["POST"]),
+                    PathPattern::glob("/v1/models/*/infer").unwrap(),
+                    5,
+                ),
+                route("models", None, PathPattern::Prefix("/v1/models".into()), 2),
+            ],
+            default_cost: 1,
+            default_route: "default".into(),
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_default_applies() {
+        let p = pricing();
+        assert_eq!(
+            p.price("GET", "/health"),
+            Price {
+                route: "health",
+                cost: 0
+            }
+        );
+        assert_eq!(
+            p.price("POST", "/health"),
+            Price {
+                route: "default",
+                cost: 1
+            }
+        );
+        assert_eq!(
+            p.price("GET", "/docs/a/b"),
+            Price {
+                route: "docs",
+                cost: 0
+            }
+        );
+        assert_eq!(
+            p.price("POST", "/v1/models/gpt/infer"),
+            Price {
+                route: "infer",
+                cost: 5
+            }
+        );
+        // The glob needs POST; GET falls through to the prefix rule.
+        assert_eq!(
+            p.price("GET", "/v1/models/gpt/infer"),
+            Price {
+                route: "models",
+                cost: 2
+            }
+        );
+        assert_eq!(
+            p.price("GET", "/other"),
+            Price {
+                route: "default",
+                cost: 1
+            }
+        );
+    }
+
+    #[test]
+    fn methods_match_in_any_case() {
+        let p = pricing();
+        assert_eq!(p.price("post", "/v1/models/x/infer").cost, 5);
+        assert_eq!(p.price("gEt", "/health").cost, 0);
+    }
+
+    #[test]
+    fn glob_star_is_one_non_empty_segment() {
+        let g = PathPattern::glob("/v1/models/*/infer").unwrap();
+        assert!(g.matches("/v1/models/abc/infer"));
+        assert!(!g.matches("/v1/models/infer"));
+        assert!(!g.matches("/v1/models/a/b/infer"));
+        assert!(!g.matches("/v1/models/abc/infer/more"));
+        assert!(!g.matches("/v1/models//infer"));
+        let tail = PathPattern::glob("/a/*").unwrap();
+        assert!(tail.matches("/a/b"));
+        assert!(!tail.matches("/a/"));
+        assert!(!tail.matches("/a"));
+    }
+
+    #[test]
+    fn bad_globs_are_refused() {
+        assert_eq!(PathPattern::glob("a/b"), Err(PatternError::NoLeadingSlash));
+        assert_eq!(PathPattern::glob("/a/**"), Err(PatternError::DoubleStar));
+        assert_eq!(PathPattern::glob("/a*b"), Err(PatternError::PartialStar));
+        assert_eq!(PathPattern::glob("/a//b"), Err(PatternError::EmptySegment));
+        assert!(PathPattern::glob("/a/b/").is_ok());
+    }
+
+    #[test]
+    fn normalization_defeats_encoding_tricks() {
+        assert_eq!(normalize_path("/health?x=1"), "/health");
+        assert_eq!(normalize_path("/health#frag"), "/health");
+        assert_eq!(normalize_path("//v1//models/a/infer"), "/v1/models/a/infer");
+        assert_eq!(
+            normalize_path("/health/../v1/models/a/infer"),
+            "/v1/models/a/infer"
+        );
+        assert_eq!(normalize_path("/health/%2e%2e/v1/x"), "/v1/x");
+        assert_eq!(normalize_path("/health%2F..%2Fv1%2Fx"), "/v1/x");
+        assert_eq!(normalize_path("/docs/./a"), "/docs/a");
+        assert_eq!(normalize_path("/../../etc"), "/etc");
+        assert_eq!(normalize_path(""), "/");
+        assert_eq!(normalize_path("/docs/"), "/docs/");
+        assert_eq!(normalize_path("/a/b/.."), "/a/");
+        assert_eq!(normalize_path("/%zz%4"), "/%zz%4");
+        assert_eq!(normalize_path("/%ff"), "/\u{fffd}");
+        let p = pricing();
+        // A priced path dressed up as a free one still pays.
+        let tricky = normalize_path("/docs/..%2fv1/models/m/infer");
+        assert_eq!(
+            p.price("POST", &tricky),
+            Price {
+                route: "infer",
+                cost: 5
+            }
+        );
+    }
+}

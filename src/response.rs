@@ -1,0 +1,263 @@
+//! Answers the filter gives itself: RFC 9457 problem details with caching hints.
+//! Nothing here ever sees the credential, so no reply can echo it.
+
+use serde_json::{Map, Value};
+
+use crate::config::Config;
+use crate::decision::Denial;
+use crate::identity::CredentialSource;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+/// How long a client or shared cache may keep a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    NoStore,
+    /// Only the caller's own cache (the answer is about one account).
+    Private(u32),
+}
+
+impl Freshness {
+    pub fn from_max_age(max_age_s: Option<u32>) -> Freshness {
+        max_age_s.map_or(Freshness::NoStore, Freshness::Private)
+    }
+    fn header(self) -> String {
+        match self {
+            Freshness::NoStore => "no-store".to_string(),
+            Freshness::Private(s) => format!("private, max-age={s}"),
+        }
+    }
+}
+
+fn problem(
+    cfg: &Config,
+    status: u32,
+    slug: &str,
+    title: &str,
+    detail: &str,
+    extra: Map<String, Value>,
+    freshness: Freshness,
+) -> Reply {
+    let mut body = Map::new();
+    body.insert(
+        "type".into(),
+        Value::String(format!("{}{slug}", cfg.problem_type_base)),
+    );
+    body.insert("title".into(), title.into());
+    body.insert("status".into(), status.into());
+    body.insert("detail".into(), detail.into());
+    body.extend(extra);
+    Reply {
+        status,
+        headers: vec![
+            ("content-type", "application/problem+json".to_string()),
+            ("cache-control", freshness.header()),
+        ],
+        body: Value::Object(body).to_string().into_bytes(),
+    }
+}
+
+impl Reply {
+    fn with(mut self, name: &'static str, value: Option<String>) -> Reply {
+        if let Some(v) = value {
+            self.headers.push((name, v));
+        }
+        self
+    }
+}
+
+pub fn payment_required(cfg: &Config, route: &str, denial: &Denial, freshness: Freshness) -> Reply {
+    let mut extra = Map::new();
+    if let Some(b) = denial.balance {
+        extra.insert("balance".into(), b.into());
+    }
+    extra.insert("price".into(), denial.price.into());
+    extra.insert("route".into(), route.into());
+    problem(
+        cfg,
+        402,
+        "payment-required",
+        "Payment Required",
+        &denial.detail,
+        extra,
+        freshness,
+    )
+    .with("retry-after", denial.retry_after_s.map(|s| s.to_string()))
+}
+
+/// Why the caller is not authenticated; decides the `WWW-Authenticate` error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthProblem {
+    Missing,
+    Invalid,
+}
+
+pub fn unauthorized(cfg: &Config, why: AuthProblem, detail: &str, freshness: Freshness) -> Reply {
+    let challenge = match (&cfg.credential, why) {
+        (CredentialSource::Bearer, AuthProblem::Missing) => "Bearer realm=\"farebox\"".to_string(),
+        (CredentialSource::Bearer, AuthProblem::Invalid) => {
+            "Bearer realm=\"farebox\", error=\"invalid_token\"".to_string()
+        }
+        (CredentialSource::Header(name), _) => {
+            format!("ApiKey realm=\"farebox\", header=\"{name}\"")
+        }
+        (CredentialSource::Query(name), _) => format!("ApiKey realm=\"farebox\", query=\"{name}\""),
+    };
+    problem(
+        cfg,
+        401,
+        "unauthorized",
+        "Unauthorized",
+        detail,
+        Map::new(),
+        freshness,
+    )
+    .with("www-authenticate", Some(challenge))
+}
+
+pub fn forbidden(cfg: &Config, freshness: Freshness) -> Reply {
+    let detail = "this credential may not be used for this API";
+    problem(
+        cfg,
+        403,
+        "forbidden",
+        "Forbidden",
+        detail,
+        Map::new(),
+        freshness,
+    )
+}
+
+pub fn rate_limited(cfg: &Config, retry_after_s: Option<u32>, freshness: Freshness) -> Reply {
+    let detail = "the balance service asks this account to slow down";
+    problem(
+        cfg,
+        429,
+        "rate-limited",
+        "Too Many Requests",
+        detail,
+        Map::new(),
+        freshness,
+    )
+    .with("retry-after", retry_after_s.map(|s| s.to_string()))
+}
+
+pub fn unavailable(cfg: &Config) -> Reply {
+    let detail = "the payment check could not be completed; try again later";
+    problem(
+        cfg,
+        503,
+        "service-unavailable",
+        "Service Unavailable",
+        detail,
+        Map::new(),
+        Freshness::NoStore,
+    )
+    .with("retry-after", Some(cfg.failure_retry_after_s.to_string()))
+}
+
+/// Marker for tests and logs: the body is JSON we built, not an upstream's.
+pub fn is_problem(reply: &Reply) -> bool {
+    reply
+        .headers
+        .iter()
+        .any(|(k, v)| *k == "content-type" && v == "application/problem+json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg(extra: &str) -> Config {
+        Config::parse(format!(r#"{{"cluster": "b"{extra}}}"#).as_bytes()).unwrap()
+    }
+
+    fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn body(r: &Reply) -> Value {
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    #[test]
+    fn payment_required_is_rfc9457_with_money_fields() {
+        let d = Denial {
+            balance: Some(2),
+            price: 5,
+            detail: "top up".into(),
+            retry_after_s: Some(30),
+        };
+        let r = payment_required(&cfg(""), "infer", &d, Freshness::Private(12));
+        assert_eq!(r.status, 402);
+        assert!(is_problem(&r));
+        assert_eq!(header(&r, "cache-control"), Some("private, max-age=12"));
+        assert_eq!(header(&r, "retry-after"), Some("30"));
+        assert_eq!(
+            body(&r),
+            json!({"type": "https://farebox.dev/problems/payment-required", "title": "Payment Required",
+                   "status": 402, "detail": "top up", "balance": 2, "price": 5, "route": "infer"})
+        );
+        let d = Denial {
+            balance: None,
+            price: 1,
+            detail: "x".into(),
+            retry_after_s: None,
+        };
+        let r = payment_required(&cfg(""), "r", &d, Freshness::NoStore);
+        assert_eq!(header(&r, "cache-control"), Some("no-store"));
+        assert_eq!(header(&r, "retry-after"), None);
+        assert!(body(&r).get("balance").is_none());
+    }
+
+    #[test]
+    fn unauthorized_challenges_fit_the_credential_source() {
+        let r = unauthorized(
+            &cfg(""),
+            AuthProblem::Missing,
+            "no credential",
+            Freshness::NoStore,
+        );
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            header(&r, "www-authenticate"),
+            Some("ApiKey realm=\"farebox\", header=\"x-api-key\"")
+        );
+        assert_eq!(body(&r)["status"], 401);
+        let bearer = cfg(r#", "credential": {"source": "bearer"}"#);
+        let r = unauthorized(&bearer, AuthProblem::Invalid, "unknown", Freshness::NoStore);
+        assert_eq!(
+            header(&r, "www-authenticate"),
+            Some("Bearer realm=\"farebox\", error=\"invalid_token\"")
+        );
+    }
+
+    #[test]
+    fn unavailable_and_others() {
+        let r = unavailable(&cfg(r#", "failure_retry_after_s": 7"#));
+        assert_eq!(
+            (
+                r.status,
+                header(&r, "retry-after"),
+                header(&r, "cache-control")
+            ),
+            (503, Some("7"), Some("no-store"))
+        );
+        assert_eq!(
+            body(&r)["type"],
+            "https://farebox.dev/problems/service-unavailable"
+        );
+        assert_eq!(forbidden(&cfg(""), Freshness::NoStore).status, 403);
+        let r = rate_limited(&cfg(""), Some(3), Freshness::NoStore);
+        assert_eq!((r.status, header(&r, "retry-after")), (429, Some("3")));
+    }
+}
