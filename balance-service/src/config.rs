@@ -1,0 +1,304 @@
+//! Command-line flags (`--flag value` or `--flag=value`) with environment
+//! fallbacks `FAREBOX_BALANCE_<FLAG>` (upper case, `-` becomes `_`).
+//! Precedence: flag, then environment variable, then default.
+
+use std::collections::HashMap;
+
+/// SQLite `synchronous` setting (the database always runs in WAL mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Survives a crash of the process; a power loss or OS crash may roll
+    /// back the last few committed transactions (never corrupts).
+    Normal,
+    /// Every commit is fsynced: also survives power loss / OS crash.
+    Full,
+}
+
+impl SyncMode {
+    pub fn as_pragma(self) -> &'static str {
+        match self {
+            SyncMode::Normal => "NORMAL",
+            SyncMode::Full => "FULL",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub listen: String,
+    pub db: String,
+    pub sync: SyncMode,
+    pub admin_token: Option<String>,
+    pub service_token: Option<String>,
+    pub allow_max_age: u64,
+    pub deny_max_age: u64,
+    pub auth_max_age: u64,
+    pub deny_retry_after: Option<u64>,
+    pub seed_demo: bool,
+    pub quiet: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8081".to_owned(),
+            db: "farebox-balance.sqlite".to_owned(),
+            sync: SyncMode::Normal,
+            admin_token: None,
+            service_token: None,
+            allow_max_age: 0,
+            deny_max_age: 5,
+            auth_max_age: 0,
+            deny_retry_after: None,
+            seed_demo: false,
+            quiet: false,
+        }
+    }
+}
+
+pub const USAGE: &str = "\
+usage: farebox-balance [flags]
+
+  --listen ADDR            listen address (default 127.0.0.1:8081; port 0 picks one)
+  --db PATH                SQLite database file (default farebox-balance.sqlite)
+  --sync normal|full       SQLite synchronous mode in WAL (default normal)
+  --admin-token TOKEN      bearer token for /admin/*; without it the admin API answers 503
+  --service-token TOKEN    if set, /v1/* requests must carry 'authorization: Bearer TOKEN'
+  --allow-max-age N        Cache-Control max-age on 200 allow answers (default 0 = no-store)
+  --deny-max-age N         Cache-Control max-age on 402 answers (default 5; 0 = no-store)
+  --auth-max-age N         Cache-Control max-age on 401/403 answers (default 0 = no-store)
+  --deny-retry-after N     if set, 402 answers carry 'Retry-After: N'
+  --seed-demo              create the demo accounts (idempotent)
+  --quiet                  do not log one line per request to stderr
+  --help                   print this help
+
+Every flag falls back to the environment variable FAREBOX_BALANCE_<FLAG>
+(e.g. FAREBOX_BALANCE_ADMIN_TOKEN); an empty variable counts as unset.
+Boolean variables accept 1/true/yes/on and 0/false/no/off.
+";
+
+const VALUE_FLAGS: &[&str] = &[
+    "listen",
+    "db",
+    "sync",
+    "admin-token",
+    "service-token",
+    "allow-max-age",
+    "deny-max-age",
+    "auth-max-age",
+    "deny-retry-after",
+];
+const BOOL_FLAGS: &[&str] = &["seed-demo", "quiet"];
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Run(Config),
+    Help,
+}
+
+fn env_name(flag: &str) -> String {
+    format!(
+        "FAREBOX_BALANCE_{}",
+        flag.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+fn parse_u64(flag: &str, v: &str) -> Result<u64, String> {
+    v.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("--{flag}: expected a non-negative integer, got {v:?}"))
+}
+
+fn parse_bool(flag: &str, v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("{}: expected a boolean, got {v:?}", env_name(flag))),
+    }
+}
+
+/// Parses the arguments (without the program name). `env` looks up an
+/// environment variable.
+pub fn parse<I, E>(args: I, env: E) -> Result<Parsed, String>
+where
+    I: IntoIterator<Item = String>,
+    E: Fn(&str) -> Option<String>,
+{
+    let mut values: HashMap<&'static str, String> = HashMap::new();
+    let mut bools: HashMap<&'static str, bool> = HashMap::new();
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        if arg == "--help" || arg == "-h" {
+            return Ok(Parsed::Help);
+        }
+        let Some(body) = arg.strip_prefix("--") else {
+            return Err(format!("unexpected argument {arg:?}"));
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_owned())),
+            None => (body, None),
+        };
+        if let Some(flag) = VALUE_FLAGS.iter().copied().find(|f| *f == name) {
+            let value = match inline {
+                Some(v) => v,
+                None => it.next().ok_or_else(|| format!("--{flag} needs a value"))?,
+            };
+            values.insert(flag, value);
+        } else if let Some(flag) = BOOL_FLAGS.iter().copied().find(|f| *f == name) {
+            let value = match inline {
+                Some(v) => parse_bool(flag, &v)?,
+                None => true,
+            };
+            bools.insert(flag, value);
+        } else {
+            return Err(format!("unknown flag --{name}"));
+        }
+    }
+
+    // Fill in environment fallbacks (empty counts as unset).
+    for flag in VALUE_FLAGS {
+        if !values.contains_key(flag) {
+            if let Some(v) = env(&env_name(flag)).filter(|v| !v.is_empty()) {
+                values.insert(flag, v);
+            }
+        }
+    }
+    for flag in BOOL_FLAGS {
+        if !bools.contains_key(flag) {
+            if let Some(v) = env(&env_name(flag)).filter(|v| !v.is_empty()) {
+                bools.insert(flag, parse_bool(flag, &v)?);
+            }
+        }
+    }
+
+    let mut cfg = Config::default();
+    if let Some(v) = values.remove("listen") {
+        cfg.listen = v;
+    }
+    if let Some(v) = values.remove("db") {
+        if v.is_empty() {
+            return Err("--db must not be empty".to_owned());
+        }
+        cfg.db = v;
+    }
+    if let Some(v) = values.remove("sync") {
+        cfg.sync = match v.trim().to_ascii_lowercase().as_str() {
+            "normal" => SyncMode::Normal,
+            "full" => SyncMode::Full,
+            _ => return Err(format!("--sync: expected normal or full, got {v:?}")),
+        };
+    }
+    for (flag, slot) in [
+        ("admin-token", &mut cfg.admin_token),
+        ("service-token", &mut cfg.service_token),
+    ] {
+        if let Some(v) = values.remove(flag) {
+            if v.is_empty() {
+                return Err(format!("--{flag} must not be empty"));
+            }
+            *slot = Some(v);
+        }
+    }
+    for (flag, slot) in [
+        ("allow-max-age", &mut cfg.allow_max_age),
+        ("deny-max-age", &mut cfg.deny_max_age),
+        ("auth-max-age", &mut cfg.auth_max_age),
+    ] {
+        if let Some(v) = values.remove(flag) {
+            *slot = parse_u64(flag, &v)?;
+        }
+    }
+    if let Some(v) = values.remove("deny-retry-after") {
+        cfg.deny_retry_after = Some(parse_u64("deny-retry-after", &v)?);
+    }
+    cfg.seed_demo = bools.get("seed-demo").copied().unwrap_or(false);
+    cfg.quiet = bools.get("quiet").copied().unwrap_or(false);
+    Ok(Parsed::Run(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults() {
+        assert_eq!(parse(args(&[]), no_env), Ok(Parsed::Run(Config::default())));
+    }
+
+    #[test]
+    fn flags_and_inline_values() {
+        let p = parse(
+            args(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--db=/tmp/x.sqlite",
+                "--sync",
+                "FULL",
+                "--admin-token",
+                "adm",
+                "--service-token=svc",
+                "--allow-max-age",
+                "3",
+                "--deny-max-age=0",
+                "--auth-max-age",
+                "9",
+                "--deny-retry-after",
+                "2",
+                "--seed-demo",
+                "--quiet=false",
+            ]),
+            no_env,
+        );
+        let want = Config {
+            listen: "127.0.0.1:0".into(),
+            db: "/tmp/x.sqlite".into(),
+            sync: SyncMode::Full,
+            admin_token: Some("adm".into()),
+            service_token: Some("svc".into()),
+            allow_max_age: 3,
+            deny_max_age: 0,
+            auth_max_age: 9,
+            deny_retry_after: Some(2),
+            seed_demo: true,
+            quiet: false,
+        };
+        assert_eq!(p, Ok(Parsed::Run(want)));
+    }
+
+    #[test]
+    fn env_fallback_and_precedence() {
+        let env = |k: &str| match k {
+            "FAREBOX_BALANCE_ADMIN_TOKEN" => Some("from-env".to_owned()),
+            "FAREBOX_BALANCE_LISTEN" => Some("127.0.0.1:9999".to_owned()),
+            "FAREBOX_BALANCE_SERVICE_TOKEN" => Some(String::new()),
+            "FAREBOX_BALANCE_SEED_DEMO" => Some("yes".to_owned()),
+            _ => None,
+        };
+        let Ok(Parsed::Run(cfg)) = parse(args(&["--listen", "127.0.0.1:1"]), env) else {
+            unreachable!()
+        };
+        assert_eq!(cfg.listen, "127.0.0.1:1");
+        assert_eq!(cfg.admin_token.as_deref(), Some("from-env"));
+        assert_eq!(cfg.service_token, None);
+        assert!(cfg.seed_demo);
+    }
+
+    #[test]
+    fn errors() {
+        assert!(parse(args(&["--bogus"]), no_env).is_err());
+        assert!(parse(args(&["--listen"]), no_env).is_err());
+        assert!(parse(args(&["--sync", "sometimes"]), no_env).is_err());
+        assert!(parse(args(&["--deny-max-age", "-1"]), no_env).is_err());
+        assert!(parse(args(&["--admin-token", ""]), no_env).is_err());
+        assert!(parse(args(&["positional"]), no_env).is_err());
+        assert_eq!(parse(args(&["--help"]), no_env), Ok(Parsed::Help));
+    }
+}

@@ -1,0 +1,36 @@
+//! `farebox-balance`: the reference balance service. See `--help` and
+//! `docs/balance-service.md`.
+
+use farebox_balance::config::{self, Parsed, USAGE};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cfg = match config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
+        Ok(Parsed::Run(cfg)) => cfg,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("farebox-balance: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("farebox-balance: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(farebox_balance::service::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("farebox-balance: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

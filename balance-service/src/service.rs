@@ -1,0 +1,681 @@
+//! HTTP layer: the `/v1/*` contract used by the filter, `/healthz`, and the
+//! admin API.
+
+use crate::config::Config;
+use crate::store::{
+    AuthorizeInput, AuthorizeOutcome, CreateOutcome, RefundOutcome, Store, StoreError, TopupOutcome,
+};
+use crate::util::{bearer_token, ct_eq, shutdown_signal};
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Stats key for calls whose credential did not resolve to an account.
+pub const UNKNOWN: &str = "unknown";
+
+#[derive(Default)]
+pub struct Stats {
+    authorize_calls: AtomicU64,
+    refund_calls: AtomicU64,
+    authorize_by_account: Mutex<HashMap<String, u64>>,
+}
+
+impl Stats {
+    fn count_account(&self, account: &str) {
+        let mut map = self
+            .authorize_by_account
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(account) {
+            Some(n) => *n += 1,
+            None => {
+                map.insert(account.to_owned(), 1);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Value {
+        let map = self
+            .authorize_by_account
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let by: BTreeMap<&String, &u64> = map.iter().collect();
+        json!({
+            "authorize_calls": self.authorize_calls.load(Ordering::Relaxed),
+            "refund_calls": self.refund_calls.load(Ordering::Relaxed),
+            "authorize_by_account": by,
+        })
+    }
+
+    fn reset(&self) {
+        self.authorize_calls.store(0, Ordering::Relaxed);
+        self.refund_calls.store(0, Ordering::Relaxed);
+        self.authorize_by_account
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+pub struct AppState {
+    store: Arc<Store>,
+    cfg: Config,
+    stats: Stats,
+}
+
+type Shared = Arc<AppState>;
+
+/// Attached to responses so the access log can name the account (never the
+/// credential).
+#[derive(Clone)]
+struct LogInfo {
+    account: String,
+    request_id: Option<String>,
+}
+
+fn cache_value(max_age: u64) -> HeaderValue {
+    if max_age == 0 {
+        return HeaderValue::from_static("no-store");
+    }
+    HeaderValue::try_from(format!("max-age={max_age}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("no-store"))
+}
+
+/// A JSON answer with `Cache-Control` (`max-age=N`, or `no-store` for 0).
+fn reply(status: StatusCode, body: Value, max_age: u64) -> Response {
+    let mut resp = (status, Json(body)).into_response();
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, cache_value(max_age));
+    resp
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    reply(status, json!({ "error": msg.into() }), 0)
+}
+
+fn with_log(mut resp: Response, account: &str, request_id: Option<&str>) -> Response {
+    resp.extensions_mut().insert(LogInfo {
+        account: account.to_owned(),
+        request_id: request_id.map(str::to_owned),
+    });
+    resp
+}
+
+fn storage_error(e: &StoreError) -> Response {
+    eprintln!("farebox-balance: storage error: {e}");
+    error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+}
+
+/// Runs a blocking store operation off the async workers.
+async fn blocking<T, F>(f: F) -> Result<T, Response>
+where
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(storage_error(&e)),
+        Err(e) => {
+            eprintln!("farebox-balance: worker failed: {e}");
+            Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+        }
+    }
+}
+
+fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| bearer_token(v.as_bytes()))
+        .is_some_and(|t| ct_eq(t, expected.as_bytes()))
+}
+
+impl AppState {
+    /// `None` if the request may proceed, else the 500 answer.
+    fn check_service_token(&self, headers: &HeaderMap) -> Option<Response> {
+        let expected = self.cfg.service_token.as_deref()?;
+        if bearer_matches(headers, expected) {
+            None
+        } else {
+            Some(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "service token rejected",
+            ))
+        }
+    }
+}
+
+// ---------------------------------------------------------------- /v1/authorize
+
+#[derive(Deserialize)]
+struct AuthorizeReq {
+    account: String,
+    cost: u64,
+    route: String,
+    method: String,
+    path: String,
+    request_id: String,
+}
+
+async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    st.stats.authorize_calls.fetch_add(1, Ordering::Relaxed);
+    if let Some(resp) = st.check_service_token(&headers) {
+        st.stats.count_account(UNKNOWN);
+        return with_log(resp, UNKNOWN, None);
+    }
+    let req: AuthorizeReq = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            st.stats.count_account(UNKNOWN);
+            let resp = error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid authorize body: {e}"),
+            );
+            return with_log(resp, UNKNOWN, None);
+        }
+    };
+    let rid = req.request_id.clone();
+    let bad = |msg: &str| {
+        st.stats.count_account(UNKNOWN);
+        with_log(error(StatusCode::BAD_REQUEST, msg), UNKNOWN, Some(&rid))
+    };
+    if req.request_id.is_empty() {
+        return bad("request_id must not be empty");
+    }
+    let Ok(cost) = i64::try_from(req.cost) else {
+        return bad("cost out of range (max 9223372036854775807)");
+    };
+    let price = req.cost;
+    let store = st.store.clone();
+    let outcome = blocking(move || {
+        store
+            .authorize(&AuthorizeInput {
+                credential: &req.account,
+                cost,
+                route: &req.route,
+                method: &req.method,
+                path: &req.path,
+                request_id: &req.request_id,
+            })
+            .map(|o| (o, req.route))
+    })
+    .await;
+    let (outcome, route) = match outcome {
+        Ok(v) => v,
+        Err(resp) => {
+            st.stats.count_account(UNKNOWN);
+            return with_log(resp, UNKNOWN, Some(&rid));
+        }
+    };
+    let cfg = &st.cfg;
+    let (resp, account) = match outcome {
+        AuthorizeOutcome::Allowed {
+            account_id,
+            balance,
+            replay,
+        } => {
+            let mut body = json!({ "allow": true, "account_id": account_id, "balance": balance });
+            if replay {
+                body["replay"] = Value::Bool(true);
+            }
+            (reply(StatusCode::OK, body, cfg.allow_max_age), account_id)
+        }
+        AuthorizeOutcome::Denied {
+            account_id,
+            balance,
+        } => {
+            let detail = format!(
+                "balance {balance} is below the price {price} of route {route:?}; top up the account"
+            );
+            let body = json!({
+                "allow": false,
+                "account_id": account_id,
+                "balance": balance,
+                "price": price,
+                "detail": detail,
+            });
+            let mut resp = reply(StatusCode::PAYMENT_REQUIRED, body, cfg.deny_max_age);
+            if let Some(n) = cfg.deny_retry_after {
+                resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(n));
+            }
+            (resp, account_id)
+        }
+        AuthorizeOutcome::UnknownCredential => (
+            reply(
+                StatusCode::UNAUTHORIZED,
+                json!({ "allow": false, "error": "unknown_credential" }),
+                cfg.auth_max_age,
+            ),
+            UNKNOWN.to_owned(),
+        ),
+        AuthorizeOutcome::Disabled { account_id } => (
+            reply(
+                StatusCode::FORBIDDEN,
+                json!({ "allow": false, "error": "account_disabled" }),
+                cfg.auth_max_age,
+            ),
+            account_id,
+        ),
+        AuthorizeOutcome::Conflict { account_id } => (
+            error(
+                StatusCode::CONFLICT,
+                "request_id belongs to another account",
+            ),
+            account_id,
+        ),
+    };
+    st.stats.count_account(&account);
+    with_log(resp, &account, Some(&rid))
+}
+
+// ---------------------------------------------------------------- /v1/refund
+
+#[derive(Deserialize)]
+struct RefundReq {
+    request_id: String,
+    account: String,
+    /// Claimed cost: type-checked, otherwise ignored (the recorded cost is
+    /// what gets credited back).
+    #[serde(default)]
+    #[allow(dead_code)]
+    cost: Option<u64>,
+    /// Upstream status that caused the refund; recorded.
+    #[serde(default)]
+    status: Option<u16>,
+}
+
+async fn refund(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    st.stats.refund_calls.fetch_add(1, Ordering::Relaxed);
+    if let Some(resp) = st.check_service_token(&headers) {
+        return with_log(resp, UNKNOWN, None);
+    }
+    let req: RefundReq = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = error(StatusCode::BAD_REQUEST, format!("invalid refund body: {e}"));
+            return with_log(resp, UNKNOWN, None);
+        }
+    };
+    let rid = req.request_id.clone();
+    if rid.is_empty() {
+        let resp = error(StatusCode::BAD_REQUEST, "request_id must not be empty");
+        return with_log(resp, UNKNOWN, None);
+    }
+    let store = st.store.clone();
+    let outcome =
+        match blocking(move || store.refund(&req.request_id, &req.account, req.status)).await {
+            Ok(o) => o,
+            Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
+        };
+    let (resp, account) = match outcome {
+        RefundOutcome::Refunded {
+            account_id,
+            balance,
+        } => (
+            reply(
+                StatusCode::OK,
+                json!({ "refunded": true, "account_id": account_id, "balance": balance }),
+                0,
+            ),
+            account_id,
+        ),
+        RefundOutcome::AlreadyRefunded {
+            account_id,
+            balance,
+        } => (
+            reply(
+                StatusCode::OK,
+                json!({
+                    "refunded": false,
+                    "reason": "already_refunded",
+                    "account_id": account_id,
+                    "balance": balance,
+                }),
+                0,
+            ),
+            account_id,
+        ),
+        RefundOutcome::UnknownRequest => (
+            error(StatusCode::NOT_FOUND, "unknown_request"),
+            UNKNOWN.to_owned(),
+        ),
+        RefundOutcome::Conflict { account_id } => (
+            error(
+                StatusCode::CONFLICT,
+                "request_id belongs to another account",
+            ),
+            account_id.unwrap_or_else(|| UNKNOWN.to_owned()),
+        ),
+        RefundOutcome::Overflow { account_id } => {
+            (error(StatusCode::CONFLICT, "balance_overflow"), account_id)
+        }
+    };
+    with_log(resp, &account, Some(&rid))
+}
+
+// ---------------------------------------------------------------- admin
+
+async fn admin_auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    let Some(expected) = st.cfg.admin_token.as_deref() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "admin API disabled");
+    };
+    if !bearer_matches(req.headers(), expected) {
+        return error(StatusCode::UNAUTHORIZED, "admin token required");
+    }
+    next.run(req).await
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("invalid body: {e}"))))
+}
+
+/// Account ids appear in URL paths and logs: 1-128 characters from
+/// `A-Z a-z 0-9 _ - . : @`, and not the reserved stats key "unknown".
+pub fn valid_account_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != UNKNOWN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
+}
+
+#[derive(Deserialize)]
+struct CreateReq {
+    account_id: String,
+    key: String,
+    #[serde(default)]
+    balance: i64,
+    #[serde(default)]
+    disabled: bool,
+}
+
+async fn create_account(State(st): State<Shared>, body: Bytes) -> Response {
+    let req: CreateReq = match parse_body(&body) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    if !valid_account_id(&req.account_id) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "account_id must be 1-128 characters of A-Z a-z 0-9 _ - . : @ (and not \"unknown\")",
+        );
+    }
+    if req.key.is_empty() || req.key.len() > 4096 {
+        return error(StatusCode::BAD_REQUEST, "key must be 1-4096 bytes");
+    }
+    if req.balance < 0 {
+        return error(StatusCode::BAD_REQUEST, "balance must not be negative");
+    }
+    let store = st.store.clone();
+    let (id, balance, disabled) = (req.account_id.clone(), req.balance, req.disabled);
+    let outcome =
+        match blocking(move || store.create_account(&req.account_id, &req.key, balance, disabled))
+            .await
+        {
+            Ok(o) => o,
+            Err(resp) => return resp,
+        };
+    let resp = match outcome {
+        CreateOutcome::Created => reply(
+            StatusCode::CREATED,
+            json!({ "account_id": id, "balance": balance, "disabled": disabled }),
+            0,
+        ),
+        CreateOutcome::AccountExists => error(StatusCode::CONFLICT, "account already exists"),
+        CreateOutcome::KeyExists => error(StatusCode::CONFLICT, "key already in use"),
+    };
+    with_log(resp, &id, None)
+}
+
+#[derive(Deserialize)]
+struct TopupReq {
+    amount: u64,
+    #[serde(default)]
+    topup_id: Option<String>,
+}
+
+async fn topup(State(st): State<Shared>, Path(id): Path<String>, body: Bytes) -> Response {
+    let req: TopupReq = match parse_body(&body) {
+        Ok(r) => r,
+        Err(resp) => return with_log(*resp, &id, None),
+    };
+    let amount = match i64::try_from(req.amount) {
+        Ok(a) if a > 0 => a,
+        _ => {
+            let resp = error(
+                StatusCode::BAD_REQUEST,
+                "amount must be between 1 and 9223372036854775807",
+            );
+            return with_log(resp, &id, None);
+        }
+    };
+    if req.topup_id.as_deref() == Some("") {
+        return with_log(
+            error(StatusCode::BAD_REQUEST, "topup_id must not be empty"),
+            &id,
+            None,
+        );
+    }
+    let store = st.store.clone();
+    let account = id.clone();
+    let outcome =
+        match blocking(move || store.topup(&account, amount, req.topup_id.as_deref())).await {
+            Ok(o) => o,
+            Err(resp) => return with_log(resp, &id, None),
+        };
+    let resp = match outcome {
+        TopupOutcome::Done { balance, replay } => {
+            let mut body = json!({ "account_id": id, "balance": balance });
+            if replay {
+                body["replay"] = Value::Bool(true);
+            }
+            reply(StatusCode::OK, body, 0)
+        }
+        TopupOutcome::UnknownAccount => error(StatusCode::NOT_FOUND, "unknown_account"),
+        TopupOutcome::Conflict => {
+            error(StatusCode::CONFLICT, "topup_id belongs to another account")
+        }
+        TopupOutcome::Overflow => error(StatusCode::BAD_REQUEST, "balance would overflow"),
+    };
+    with_log(resp, &id, None)
+}
+
+async fn set_disabled(st: Shared, id: String, disabled: bool) -> Response {
+    let store = st.store.clone();
+    let account = id.clone();
+    let resp = match blocking(move || store.set_disabled(&account, disabled)).await {
+        Ok(true) => reply(
+            StatusCode::OK,
+            json!({ "account_id": id, "disabled": disabled }),
+            0,
+        ),
+        Ok(false) => error(StatusCode::NOT_FOUND, "unknown_account"),
+        Err(resp) => resp,
+    };
+    with_log(resp, &id, None)
+}
+
+async fn disable(State(st): State<Shared>, Path(id): Path<String>) -> Response {
+    set_disabled(st, id, true).await
+}
+
+async fn enable(State(st): State<Shared>, Path(id): Path<String>) -> Response {
+    set_disabled(st, id, false).await
+}
+
+async fn get_account(State(st): State<Shared>, Path(id): Path<String>) -> Response {
+    let store = st.store.clone();
+    let account = id.clone();
+    let resp = match blocking(move || store.account(&account)).await {
+        Ok(Some(a)) => reply(
+            StatusCode::OK,
+            json!({
+                "account_id": a.account_id,
+                "balance": a.balance,
+                "disabled": a.disabled,
+                "charged": a.charged,
+                "refunded": a.refunded,
+                "charges": a.charges,
+                "initial_balance": a.initial_balance,
+                "topups": a.topups,
+            }),
+            0,
+        ),
+        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_account"),
+        Err(resp) => resp,
+    };
+    with_log(resp, &id, None)
+}
+
+async fn get_charges(State(st): State<Shared>, Path(id): Path<String>) -> Response {
+    let store = st.store.clone();
+    let account = id.clone();
+    let resp = match blocking(move || store.charges(&account)).await {
+        Ok(Some(rows)) => {
+            let list: Vec<Value> = rows
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "request_id": c.request_id,
+                        "cost": c.cost,
+                        "route": c.route,
+                        "method": c.method,
+                        "path": c.path,
+                        "status": c.status,
+                        "refund_status": c.refund_status,
+                        "at": c.at,
+                    })
+                })
+                .collect();
+            reply(StatusCode::OK, Value::Array(list), 0)
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_account"),
+        Err(resp) => resp,
+    };
+    with_log(resp, &id, None)
+}
+
+async fn stats(State(st): State<Shared>) -> Response {
+    reply(StatusCode::OK, st.stats.snapshot(), 0)
+}
+
+async fn stats_reset(State(st): State<Shared>) -> Response {
+    st.stats.reset();
+    reply(StatusCode::OK, st.stats.snapshot(), 0)
+}
+
+// ---------------------------------------------------------------- plumbing
+
+async fn healthz() -> Response {
+    let mut resp = (StatusCode::OK, "ok").into_response();
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found")
+}
+
+async fn access_log(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    if st.cfg.quiet {
+        return next.run(req).await;
+    }
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let info = resp.extensions().get::<LogInfo>();
+    let account = info.map_or("-", |i| i.account.as_str());
+    let rid = info.and_then(|i| i.request_id.as_deref()).unwrap_or("-");
+    let line = format!(
+        "farebox-balance: {method} {path} {} account={account} request_id={rid:?} {}us\n",
+        resp.status().as_u16(),
+        start.elapsed().as_micros()
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    resp
+}
+
+pub fn router(store: Arc<Store>, cfg: Config) -> Router {
+    let state: Shared = Arc::new(AppState {
+        store,
+        cfg,
+        stats: Stats::default(),
+    });
+    let admin = Router::new()
+        .route("/admin/accounts", post(create_account))
+        .route("/admin/accounts/{id}", get(get_account))
+        .route("/admin/accounts/{id}/topup", post(topup))
+        .route("/admin/accounts/{id}/disable", post(disable))
+        .route("/admin/accounts/{id}/enable", post(enable))
+        .route("/admin/accounts/{id}/charges", get(get_charges))
+        .route("/admin/stats", get(stats))
+        .route("/admin/stats/reset", post(stats_reset))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
+    Router::new()
+        .route("/v1/authorize", post(authorize))
+        .route("/v1/refund", post(refund))
+        .route("/healthz", get(healthz))
+        .merge(admin)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), access_log))
+        .with_state(state)
+}
+
+/// Opens the store, binds, prints the listening line, serves until SIGINT
+/// or SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), String> {
+    let (store, mode) =
+        Store::open(&cfg.db, cfg.sync).map_err(|e| format!("cannot open {}: {e}", cfg.db))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        eprintln!(
+            "farebox-balance: warning: journal mode is {mode:?}, not WAL (in-memory database?)"
+        );
+    }
+    if cfg.seed_demo {
+        let n = store
+            .seed_demo()
+            .map_err(|e| format!("cannot seed demo accounts: {e}"))?;
+        eprintln!("farebox-balance: demo accounts created: {n}");
+    }
+    if cfg.admin_token.is_none() {
+        eprintln!("farebox-balance: no admin token: the admin API answers 503");
+    }
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "farebox-balance listening on {addr}")
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+    }
+    let app = router(Arc::new(store), cfg);
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    eprintln!("farebox-balance: shut down");
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! Test harness: starts the real binaries on 127.0.0.1:0 and talks to them
+//! with a tiny blocking HTTP/1.1 client.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+pub const ADMIN: &str = "test-admin-token";
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "farebox-balance-test-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running child process; killed (SIGKILL) and reaped on drop, so it dies
+/// even when a test fails.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `bin` with `args`, stderr to `log`, and waits for the
+    /// `<name> listening on ADDR` line on stdout.
+    pub fn spawn(bin: &str, name: &str, args: &[&str], log: &Path) -> Proc {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(File::create(log).expect("create log")));
+        // Keep the environment fallbacks of the developer's shell out of tests.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("FAREBOX_BALANCE_") || k.starts_with("FAREBOX_ECHO_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let prefix = format!("{name} listening on ");
+        let Some(addr) = line.trim_end().strip_prefix(&prefix) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{name} did not start: stdout {line:?}, stderr:\n{log}");
+        };
+        let addr: SocketAddr = addr.parse().expect("address in the listening line");
+        assert!(addr.ip().is_loopback());
+        assert_ne!(addr.port(), 0);
+        Proc {
+            child,
+            addr,
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it exited 0.
+    pub fn terminate(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(sent, "kill -TERM failed");
+        for _ in 0..200 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        false // Drop kills it.
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A farebox-balance child with its own temporary database.
+pub struct Balance {
+    pub proc: Proc,
+    pub dir: TempDir,
+}
+
+impl Balance {
+    pub fn start(extra: &[&str]) -> Balance {
+        let dir = TempDir::new("bal");
+        let proc = Self::start_on(&dir, extra);
+        Balance { proc, dir }
+    }
+
+    /// Starts a service on the database in `dir` (reused across restarts).
+    pub fn start_on(dir: &TempDir, extra: &[&str]) -> Proc {
+        let db = dir.path("ledger.sqlite");
+        let db = db.to_str().expect("utf-8 temp path");
+        let mut args = vec!["--listen", "127.0.0.1:0", "--db", db];
+        args.extend_from_slice(extra);
+        Proc::spawn(
+            env!("CARGO_BIN_EXE_farebox-balance"),
+            "farebox-balance",
+            &args,
+            &dir.path("stderr.log"),
+        )
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.proc.addr
+    }
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
+    }
+}
+
+impl std::fmt::Debug for Resp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?} {}", self.status, self.headers, self.text())
+    }
+}
+
+fn write_request(
+    w: &mut impl Write,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    close: bool,
+) {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("content-length: {}\r\n", b.len()));
+    }
+    if close {
+        req.push_str("connection: close\r\n");
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    w.write_all(req.as_bytes()).expect("write request");
+    w.flush().expect("flush");
+}
+
+/// Reads one response (content-length, chunked, or until EOF).
+pub fn read_response(r: &mut impl BufRead, head_only: bool) -> Resp {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("status line");
+    let mut parts = line.split_whitespace();
+    let _version = parts.next();
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).expect("header line");
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').expect("header colon");
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+    }
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if head_only || status == 204 || status == 304 {
+        // No body.
+    } else if let Some(len) = get("content-length") {
+        let len: usize = len.parse().expect("content-length");
+        body.resize(len, 0);
+        r.read_exact(&mut body).expect("body");
+    } else if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).expect("chunk size");
+            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                .expect("chunk size hex");
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk).expect("chunk");
+            if size == 0 {
+                break;
+            }
+            chunk.truncate(size);
+            body.extend_from_slice(&chunk);
+        }
+    } else {
+        r.read_to_end(&mut body).expect("body to EOF");
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    s.set_write_timeout(Some(Duration::from_secs(20))).ok();
+    s
+}
+
+/// One request on a fresh connection (`connection: close`).
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Resp {
+    let mut s = connect(addr);
+    write_request(&mut s, method, path, headers, body, true);
+    let mut r = BufReader::new(s);
+    read_response(&mut r, method == "HEAD")
+}
+
+/// A keep-alive connection.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr) -> Conn {
+        Conn {
+            reader: BufReader::new(connect(addr)),
+        }
+    }
+
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Resp {
+        write_request(self.reader.get_mut(), method, path, headers, body, false);
+        read_response(&mut self.reader, method == "HEAD")
+    }
+}
+
+pub fn post_json(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &Value) -> Resp {
+    let mut h = vec![("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    request(addr, "POST", path, &h, Some(&body.to_string()))
+}
+
+// ------------------------------------------------------------ contract helpers
+
+pub fn authorize(addr: SocketAddr, key: &str, cost: u64, request_id: &str) -> Resp {
+    post_json(
+        addr,
+        "/v1/authorize",
+        &[("x-request-id", request_id)],
+        &serde_json::json!({
+            "account": key,
+            "cost": cost,
+            "route": "test-route",
+            "method": "GET",
+            "path": "/things?x=1",
+            "request_id": request_id,
+        }),
+    )
+}
+
+pub fn refund(addr: SocketAddr, key: &str, cost: u64, request_id: &str, status: u16) -> Resp {
+    post_json(
+        addr,
+        "/v1/refund",
+        &[("x-request-id", request_id)],
+        &serde_json::json!({
+            "request_id": request_id,
+            "account": key,
+            "cost": cost,
+            "status": status,
+        }),
+    )
+}
+
+pub fn admin_auth() -> String {
+    format!("Bearer {ADMIN}")
+}
+
+pub fn admin_get(addr: SocketAddr, path: &str) -> Resp {
+    let auth = admin_auth();
+    request(addr, "GET", path, &[("authorization", &auth)], None)
+}
+
+pub fn admin_post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
+    let auth = admin_auth();
+    post_json(addr, path, &[("authorization", &auth)], body)
+}
+
+pub fn create_account(addr: SocketAddr, id: &str, key: &str, balance: i64) -> Resp {
+    admin_post(
+        addr,
+        "/admin/accounts",
+        &serde_json::json!({"account_id": id, "key": key, "balance": balance, "disabled": false}),
+    )
+}
+
+pub fn account(addr: SocketAddr, id: &str) -> Value {
+    let r = admin_get(addr, &format!("/admin/accounts/{id}"));
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()
+}
