@@ -19,6 +19,7 @@ pub mod decision;
 pub mod gate;
 pub mod host;
 pub mod identity;
+pub mod lease;
 pub mod metrics;
 pub mod pricing;
 pub mod refunds;
