@@ -7,12 +7,15 @@ use serde_json::{json, Value};
 
 use crate::config::MAX_AMOUNT;
 use crate::decision::{Decision, Denial};
+use crate::lease::Grant;
 
 /// Larger answers are not read: no sane decision needs more, and a lying
 /// service must not make us copy megabytes into the VM.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 const MAX_DETAIL_CHARS: usize = 512;
 const MAX_ACCOUNT_ID_LEN: usize = 256;
+/// A day: a longer lease is taken as a day (the filter settles long before).
+const MAX_LEASE_MS: u64 = 86_400_000;
 
 /// An answer to a callout as the host delivered it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -235,21 +238,118 @@ pub fn parse_retry_after(value: &[u8]) -> Option<u32> {
     text.parse().ok()
 }
 
-/// What to do with a refund after the service answered.
+pub fn settle_body(used: u64, last: bool) -> Vec<u8> {
+    json!({"used": used, "final": last})
+        .to_string()
+        .into_bytes()
+}
+
+pub fn cancel_body(request_id: &str) -> Vec<u8> {
+    json!({"request_id": request_id}).to_string().into_bytes()
+}
+
+pub struct LeaseRequest<'a> {
+    pub account: &'a str,
+    pub want: u64,
+    pub min: u64,
+    pub request_id: &'a str,
+    pub holder: &'a str,
+}
+
+pub fn lease_body(r: &LeaseRequest<'_>) -> Vec<u8> {
+    json!({"account": r.account, "want": r.want, "min": r.min, "request_id": r.request_id, "holder": r.holder})
+        .to_string()
+        .into_bytes()
+}
+
+/// The answer to a lease call: a grant, or a decision like authorize's (402, 401, …).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RefundOutcome {
+pub enum LeaseAnswer {
+    Granted(Grant),
+    Decided(Verdict),
+}
+
+/// `min` is what the request needs: a grant below it is a broken answer.
+pub fn parse_lease(
+    resp: &CalloutResponse,
+    min: u64,
+    max_ttl_s: u32,
+) -> Result<LeaseAnswer, ServiceFailure> {
+    if resp.status != Some(200) {
+        let verdict = parse_authorize(resp, min, max_ttl_s)?;
+        return Ok(LeaseAnswer::Decided(verdict));
+    }
+    if resp.body_too_large {
+        return Err(ServiceFailure::TooLarge);
+    }
+    let body = json_object(&resp.body)?;
+    let lease_id = match body.get("lease_id").and_then(Value::as_str) {
+        Some(id) if valid_lease_id(id) => id.to_string(),
+        _ => {
+            return Err(ServiceFailure::BadAnswer(
+                "lease_id must be 1-128 characters of A-Z a-z 0-9 _ - . :",
+            ))
+        }
+    };
+    let granted = match body.get("granted").and_then(Value::as_u64) {
+        Some(g) if g >= min && g <= MAX_AMOUNT => g,
+        Some(_) => {
+            return Err(ServiceFailure::BadAnswer(
+                "granted is below the request's cost or too large",
+            ))
+        }
+        None => return Err(ServiceFailure::BadAnswer("granted must be a whole number")),
+    };
+    let expires_in_ms = match body.get("expires_in_ms").and_then(Value::as_u64) {
+        Some(ms) if ms >= 1 => ms.min(MAX_LEASE_MS),
+        _ => {
+            return Err(ServiceFailure::BadAnswer(
+                "expires_in_ms must be a positive whole number",
+            ))
+        }
+    };
+    let account_id = match body.get("account_id").and_then(Value::as_str) {
+        Some(a) if valid_account_id(a) => a.to_string(),
+        _ => {
+            return Err(ServiceFailure::BadAnswer(
+                "account_id is missing or not a valid header value",
+            ))
+        }
+    };
+    let balance = optional_i64(body.get("balance"))?;
+    Ok(LeaseAnswer::Granted(Grant {
+        lease_id,
+        account_id,
+        granted,
+        expires_in_ms,
+        balance,
+    }))
+}
+
+/// A lease id goes into the settle URL, so it is kept to URL-safe characters.
+fn valid_lease_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+}
+
+/// What to do with an outbox call after the service answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallOutcome {
     Done,
-    /// The service will never accept it (unknown request, other account): do not retry.
+    /// The service will never accept it (unknown, settled, other account): do not retry.
     Rejected(u16),
     /// Try again later.
     Retry(Option<u16>),
 }
 
-pub fn classify_refund(status: Option<u16>) -> RefundOutcome {
+pub fn classify_outcome(status: Option<u16>) -> CallOutcome {
     match status {
-        Some(200..=299) => RefundOutcome::Done,
-        Some(s @ 400..=499) if s != 408 && s != 429 => RefundOutcome::Rejected(s),
-        other => RefundOutcome::Retry(other),
+        Some(200..=299) => CallOutcome::Done,
+        Some(s @ 400..=499) if s != 408 && s != 429 => CallOutcome::Rejected(s),
+        other => CallOutcome::Retry(other),
     }
 }
 
@@ -495,12 +595,87 @@ mod tests {
     }
 
     #[test]
-    fn refund_outcomes() {
-        assert_eq!(classify_refund(Some(200)), RefundOutcome::Done);
-        assert_eq!(classify_refund(Some(404)), RefundOutcome::Rejected(404));
-        assert_eq!(classify_refund(Some(409)), RefundOutcome::Rejected(409));
-        assert_eq!(classify_refund(Some(429)), RefundOutcome::Retry(Some(429)));
-        assert_eq!(classify_refund(Some(503)), RefundOutcome::Retry(Some(503)));
-        assert_eq!(classify_refund(None), RefundOutcome::Retry(None));
+    fn call_outcomes() {
+        assert_eq!(classify_outcome(Some(200)), CallOutcome::Done);
+        assert_eq!(classify_outcome(Some(404)), CallOutcome::Rejected(404));
+        assert_eq!(classify_outcome(Some(409)), CallOutcome::Rejected(409));
+        assert_eq!(classify_outcome(Some(429)), CallOutcome::Retry(Some(429)));
+        assert_eq!(classify_outcome(Some(503)), CallOutcome::Retry(Some(503)));
+        assert_eq!(classify_outcome(None), CallOutcome::Retry(None));
+    }
+
+    #[test]
+    fn lease_answers() {
+        let ok = resp(
+            Some(200),
+            &[],
+            r#"{"lease_id": "ls_1", "granted": 100, "expires_in_ms": 30000, "account_id": "a", "balance": 400}"#,
+        );
+        assert_eq!(
+            parse_lease(&ok, 5, 300).unwrap(),
+            LeaseAnswer::Granted(Grant {
+                lease_id: "ls_1".into(),
+                account_id: "a".into(),
+                granted: 100,
+                expires_in_ms: 30_000,
+                balance: Some(400)
+            })
+        );
+        let deny = resp(
+            Some(402),
+            &[("cache-control", "max-age=3")],
+            r#"{"balance": 0, "price": 5}"#,
+        );
+        match parse_lease(&deny, 5, 300).unwrap() {
+            LeaseAnswer::Decided(v) => {
+                assert!(matches!(v.decision, Decision::Deny(_)));
+                assert_eq!(v.max_age_s, Some(3));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_lease(&resp(Some(503), &[], ""), 1, 300).unwrap_err(),
+            ServiceFailure::Unavailable(503)
+        );
+        for body in [
+            r#"{"lease_id": "ls/../x", "granted": 100, "expires_in_ms": 1, "account_id": "a"}"#,
+            r#"{"lease_id": "ls_1", "granted": 4, "expires_in_ms": 1, "account_id": "a"}"#,
+            r#"{"lease_id": "ls_1", "granted": -1, "expires_in_ms": 1, "account_id": "a"}"#,
+            r#"{"lease_id": "ls_1", "granted": 100, "expires_in_ms": 0, "account_id": "a"}"#,
+            r#"{"lease_id": "ls_1", "granted": 100, "expires_in_ms": 1}"#,
+            r#"{"lease_id": "ls_1", "granted": "100", "expires_in_ms": 1, "account_id": "a"}"#,
+            "nope",
+        ] {
+            assert!(
+                matches!(
+                    parse_lease(&resp(Some(200), &[], body), 5, 300),
+                    Err(ServiceFailure::BadAnswer(_))
+                ),
+                "{body}"
+            );
+        }
+        let long = resp(
+            Some(200),
+            &[],
+            r#"{"lease_id": "l", "granted": 5, "expires_in_ms": 99999999999, "account_id": "a"}"#,
+        );
+        match parse_lease(&long, 5, 300).unwrap() {
+            LeaseAnswer::Granted(g) => assert_eq!(g.expires_in_ms, MAX_LEASE_MS),
+            other => panic!("{other:?}"),
+        }
+        let v: Value = serde_json::from_slice(&lease_body(&LeaseRequest {
+            account: "k",
+            want: 100,
+            min: 5,
+            request_id: "r",
+            holder: "h",
+        }))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"account": "k", "want": 100, "min": 5, "request_id": "r", "holder": "h"})
+        );
+        let v: Value = serde_json::from_slice(&settle_body(7, true)).unwrap();
+        assert_eq!(v, json!({"used": 7, "final": true}));
     }
 }

@@ -15,6 +15,25 @@ pub const MAX_AMOUNT: u64 = 9_007_199_254_740_991;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_CACHE_ENTRIES: u64 = 10_000_000;
 
+/// How requests are paid for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One authorize call per request (unless a decision is cached).
+    Authorize,
+    /// Spend from a lease reserved per Envoy process; call the service only to renew and settle.
+    Lease,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    pub path: String,
+    /// Units asked for per lease.
+    pub want: u64,
+    pub settle_interval_ms: u64,
+    /// Stop spending this long before the service expires a lease.
+    pub expiry_margin_ms: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureMode {
     /// Refuse with 503 when the balance service cannot answer.
@@ -42,6 +61,8 @@ impl StatusSet {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    pub mode: Mode,
+    pub lease: LeaseConfig,
     pub cluster: String,
     pub authority: String,
     pub authorize_path: String,
@@ -86,6 +107,11 @@ fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Conf
 }
 
 const TOP_FIELDS: &[&str] = &[
+    "mode",
+    "lease_path",
+    "lease_want",
+    "settle_interval_ms",
+    "lease_expiry_margin_ms",
     "cluster",
     "authority",
     "authorize_path",
@@ -336,7 +362,33 @@ impl Config {
             None => "https://farebox.dev/problems/".to_string(),
         };
 
+        let mode = match top.str("mode")? {
+            None | Some("authorize") => Mode::Authorize,
+            Some("lease") => Mode::Lease,
+            Some(other) => {
+                return err(
+                    "mode",
+                    format!("{other:?} is not \"authorize\" or \"lease\""),
+                )
+            }
+        };
+        let lease = LeaseConfig {
+            path: http_path(
+                "lease_path".into(),
+                top.str("lease_path")?.unwrap_or("/v1/leases"),
+            )?,
+            want: top.u64("lease_want", 1, MAX_AMOUNT)?.unwrap_or(100),
+            settle_interval_ms: top
+                .u64("settle_interval_ms", 10, 3_600_000)?
+                .unwrap_or(1_000),
+            expiry_margin_ms: top
+                .u64("lease_expiry_margin_ms", 0, 3_600_000)?
+                .unwrap_or(2_000),
+        };
+
         Ok(Config {
+            mode,
+            lease,
             cluster,
             authority,
             authorize_path,
@@ -565,6 +617,41 @@ mod tests {
         assert_eq!(c.balance_header, None);
         assert_eq!(c.cache_max_entries, 10_000);
         assert_eq!(c.service_token, None);
+        assert_eq!(c.mode, Mode::Authorize);
+        assert_eq!(c.lease.path, "/v1/leases");
+        assert_eq!(
+            (
+                c.lease.want,
+                c.lease.settle_interval_ms,
+                c.lease.expiry_margin_ms
+            ),
+            (100, 1_000, 2_000)
+        );
+    }
+
+    #[test]
+    fn lease_mode() {
+        let c = parse(
+            r#"{"cluster": "b", "mode": "lease", "lease_want": 50, "settle_interval_ms": 200}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.mode, c.lease.want, c.lease.settle_interval_ms),
+            (Mode::Lease, 50, 200)
+        );
+        assert_eq!(field_of(r#"{"cluster": "b", "mode": "prepaid"}"#), "mode");
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "lease_want": 0}"#),
+            "lease_want"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "settle_interval_ms": 5}"#),
+            "settle_interval_ms"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "lease_path": "x"}"#),
+            "lease_path"
+        );
     }
 
     #[test]

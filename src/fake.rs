@@ -165,8 +165,8 @@ impl Host for FakeHost {
         self.now.get()
     }
 
-    fn count(&self, metric: Metric) {
-        *self.metrics.borrow_mut().entry(metric).or_default() += 1;
+    fn add(&self, metric: Metric, n: u64) {
+        *self.metrics.borrow_mut().entry(metric).or_default() += n;
     }
 }
 

@@ -1,21 +1,23 @@
 //! One request's way through the gate: price it, identify the caller, find a
-//! decision (cache or balance service), act on it, and refund it if the
-//! upstream does not serve it.
+//! decision (cache, lease or balance service), act on it, and give the money
+//! back if the upstream does not serve it.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::balance_api::{
-    authorize_body, parse_authorize, AuthorizeRequest, CalloutResponse, Verdict,
+    authorize_body, lease_body, parse_authorize, parse_lease, AuthorizeRequest, CalloutResponse,
+    LeaseAnswer, LeaseRequest, Verdict,
 };
 use crate::cache::{self, CacheKey, Entry, Lookup};
-use crate::config::{Config, FailureMode};
+use crate::config::{Config, FailureMode, Mode};
 use crate::decision::Decision;
-use crate::host::HttpHost;
+use crate::host::{Host, HttpHost};
 use crate::identity::IdentityError;
+use crate::lease::{self, Grant, LeaseRecord, Step};
 use crate::metrics::Metric;
+use crate::outbox::{Finished, Job, Outbox};
 use crate::pricing::normalize_path;
-use crate::refunds::{Refund, RefundQueue};
 use crate::response::{self, AuthProblem, Freshness, Reply};
 
 /// What the host should do with the request after a callback.
@@ -23,13 +25,28 @@ use crate::response::{self, AuthProblem, Freshness, Reply};
 pub enum Flow {
     Continue,
     Pause,
+    /// Paused until another request's lease call is over: call [`Gate::on_wake`] from a timer.
+    Park,
 }
 
 /// State shared by every stream of one VM (one Envoy worker).
 #[derive(Debug, Default)]
 pub struct Worker {
-    pub refunds: RefCell<RefundQueue>,
+    pub outbox: RefCell<Outbox>,
+    /// Leases this worker took and must settle.
+    owned: RefCell<Vec<Owned>>,
     request_seq: Cell<u64>,
+    /// Names this Envoy process to the balance service when taking leases.
+    pub holder: RefCell<String>,
+}
+
+#[derive(Debug)]
+struct Owned {
+    key: String,
+    lease_id: String,
+    spend_until_ms: u64,
+    next_settle_ms: u64,
+    settling: bool,
 }
 
 /// Status recorded on a refund for a request whose outcome the client never saw.
@@ -42,32 +59,62 @@ enum Stage {
     /// Nothing to bill: free route, or a request we answered ourselves.
     Done,
     /// Authorize call in flight; the request is paused.
-    Waiting(Box<Pending>),
-    /// Forwarded upstream; `charge` is set while a refund is still possible.
+    Authorizing(Box<Pending>),
+    /// Lease call in flight (we hold the account's renewal lock).
+    Leasing(Box<Pending>),
+    /// Waiting for another request's lease call.
+    Parked(Box<Pending>),
+    /// Forwarded upstream; `charge` is set while the money can still be given back.
     Forwarded {
         charge: Option<Charge>,
         balance: Option<i64>,
     },
 }
 
+/// A priced, identified request on its way to a decision.
 #[derive(Debug)]
 struct Pending {
     token: u32,
-    charge: Charge,
+    request_id: String,
+    credential: String,
     route: String,
-    key: Option<CacheKey>,
+    cost: u64,
+    cache_key: Option<CacheKey>,
+    parked_since_ms: u64,
 }
 
 #[derive(Debug)]
-struct Charge {
-    request_id: String,
-    credential: String,
-    cost: u64,
+enum Charge {
+    /// Debited by the service for this request.
+    Authorized {
+        request_id: String,
+        credential: String,
+        cost: u64,
+    },
+    /// Spent from a lease in shared data.
+    Leased {
+        key: String,
+        lease_id: String,
+        cost: u64,
+    },
 }
 
-impl Charge {
-    fn refund(self, status: u16) -> Refund {
-        Refund::new(self.request_id, self.credential, self.cost, status)
+impl Pending {
+    fn authorized(self) -> Charge {
+        Charge::Authorized {
+            request_id: self.request_id,
+            credential: self.credential,
+            cost: self.cost,
+        }
+    }
+    /// For a call that may have reached the service: undo whatever it did.
+    fn undo(self, status: u16) -> Job {
+        Job::Refund {
+            request_id: self.request_id,
+            account: self.credential,
+            cost: self.cost,
+            status,
+        }
     }
 }
 
@@ -132,9 +179,9 @@ impl Gate {
             }
         };
 
-        let key = (cfg.cache_max_entries > 0)
+        let cache_key = (cfg.cache_max_entries > 0)
             .then(|| CacheKey::new(&cfg.fingerprint, &route, cost, &credential));
-        if let Some(key) = &key {
+        if let Some(key) = &cache_key {
             let slot = key.slot_key(cfg.cache_max_entries);
             if let Some((bytes, cas)) = host.shared_get(&slot) {
                 match cache::lookup(key, &bytes, host.now_ms()) {
@@ -152,40 +199,42 @@ impl Gate {
             }
         }
 
-        let request_id = self.request_id(host);
-        let body = authorize_body(&AuthorizeRequest {
-            account: &credential,
+        let pending = Pending {
+            token: 0,
+            request_id: self.request_id(host),
+            credential,
+            route,
             cost,
-            route: &route,
-            method: &method,
-            path: &path,
-            request_id: &request_id,
-        });
-        let auth = cfg.service_token.as_ref().map(|t| format!("Bearer {t}"));
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", cfg.authorize_path.as_str()),
-            (":authority", cfg.authority.as_str()),
-            ("content-type", "application/json"),
-            ("x-request-id", request_id.as_str()),
-        ];
-        if let Some(a) = &auth {
-            headers.push(("authorization", a.as_str()));
+            cache_key,
+            parked_since_ms: 0,
+        };
+        match cfg.mode {
+            Mode::Authorize => self.authorize(host, &cfg, &method, &path, pending),
+            Mode::Lease => self.spend_from_lease(host, &cfg, pending),
         }
-        match host.dispatch(&cfg.cluster, &headers, &body, cfg.timeout) {
+    }
+
+    fn authorize(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        method: &str,
+        path: &str,
+        mut p: Pending,
+    ) -> Flow {
+        let body = authorize_body(&AuthorizeRequest {
+            account: &p.credential,
+            cost: p.cost,
+            route: &p.route,
+            method,
+            path,
+            request_id: &p.request_id,
+        });
+        match call(host, cfg, &cfg.authorize_path, &p.request_id, &body) {
             Ok(token) => {
                 host.count(Metric::Callouts);
-                let charge = Charge {
-                    request_id,
-                    credential,
-                    cost,
-                };
-                self.stage = Stage::Waiting(Box::new(Pending {
-                    token,
-                    charge,
-                    route,
-                    key,
-                }));
+                p.token = token;
+                self.stage = Stage::Authorizing(Box::new(p));
                 Flow::Pause
             }
             Err(e) => {
@@ -194,79 +243,308 @@ impl Gate {
                     "authorize call to cluster {:?} not dispatched: {e}",
                     cfg.cluster
                 );
-                // Nothing reached the service, so there is nothing to refund.
-                self.fail(host, &cfg, None)
+                // Nothing reached the service, so there is nothing to undo.
+                self.fail(host, cfg, None)
             }
         }
+    }
+
+    /// Lease mode: pay from the account's lease, or take the renewal lock and ask
+    /// for a new one, or wait for whoever holds the lock.
+    fn spend_from_lease(&mut self, host: &impl HttpHost, cfg: &Config, mut p: Pending) -> Flow {
+        let key = lease::lease_key(&cfg.cluster, &p.credential);
+        let lock_ms = u64::try_from(cfg.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1_000);
+        for _ in 0..lease::MAX_CAS_RETRIES {
+            let (current, cas) = read_lease(host, &key);
+            match lease::step(current.as_ref(), p.cost, host.now_ms(), lock_ms) {
+                Step::Spend { record } => {
+                    if host.shared_set(&key, &record.encode(), cas) {
+                        host.add(Metric::LeaseUnitsSpent, p.cost);
+                        let charge = Charge::Leased {
+                            key,
+                            lease_id: record.lease_id.clone(),
+                            cost: p.cost,
+                        };
+                        let allow = Decision::Allow {
+                            account_id: record.account_id,
+                            balance: None,
+                        };
+                        return self.act(
+                            host,
+                            cfg,
+                            &p.route,
+                            allow,
+                            Freshness::NoStore,
+                            Some(charge),
+                        );
+                    }
+                }
+                Step::Lock { record } => {
+                    if host.shared_set(&key, &record.encode(), cas) {
+                        return self.take_lease(host, cfg, key, p);
+                    }
+                }
+                Step::Wait => break,
+            }
+        }
+        if p.parked_since_ms == 0 {
+            host.count(Metric::LeaseWaits);
+            p.parked_since_ms = host.now_ms();
+        }
+        self.stage = Stage::Parked(Box::new(p));
+        Flow::Park
+    }
+
+    fn take_lease(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        key: String,
+        mut p: Pending,
+    ) -> Flow {
+        let holder = self.worker.holder.borrow().clone();
+        let body = lease_body(&LeaseRequest {
+            account: &p.credential,
+            want: lease::want(cfg.lease.want, p.cost),
+            min: p.cost,
+            request_id: &p.request_id,
+            holder: &holder,
+        });
+        match call(host, cfg, &cfg.lease.path, &p.request_id, &body) {
+            Ok(token) => {
+                host.count(Metric::Callouts);
+                p.token = token;
+                self.stage = Stage::Leasing(Box::new(p));
+                Flow::Pause
+            }
+            Err(e) => {
+                host.count(Metric::CalloutFailures);
+                log::warn!(
+                    "lease call to cluster {:?} not dispatched: {e}",
+                    cfg.cluster
+                );
+                unlock(host, &key);
+                self.fail(host, cfg, None)
+            }
+        }
+    }
+
+    /// A parked request's timer tick: try again. Returns how it went, like
+    /// [`Gate::on_request_headers`]; `Park` means still waiting.
+    pub fn on_wake(&mut self, host: &impl HttpHost) -> Flow {
+        let Some(cfg) = self.cfg.clone() else {
+            return Flow::Pause;
+        };
+        let Stage::Parked(p) = std::mem::replace(&mut self.stage, Stage::Done) else {
+            return Flow::Pause;
+        };
+        // The lock holder has the call timeout to finish; past that (plus slack) something
+        // is wrong, and this request is answered as a service failure rather than hang.
+        let limit = u64::try_from(cfg.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(2)
+            .saturating_add(1_000);
+        if host.now_ms().saturating_sub(p.parked_since_ms) > limit {
+            host.count(Metric::CalloutFailures);
+            log::warn!("request {} waited too long for a lease", p.request_id);
+            return self.fail(host, &cfg, None);
+        }
+        self.spend_from_lease(host, &cfg, *p)
     }
 
     /// Body and trailers wait while the decision is pending: letting them continue
     /// would make Envoy forward the paused headers before the request is paid for.
     pub fn on_request_body(&self) -> Flow {
         match self.stage {
-            Stage::Waiting(_) => Flow::Pause,
+            Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => Flow::Pause,
             _ => Flow::Continue,
         }
     }
 
+    /// The answer to our authorize or lease call. Returns `Continue` when the
+    /// request may now go upstream (the caller resumes it).
     pub fn on_callout_response(
         &mut self,
         host: &impl HttpHost,
         token: u32,
         resp: &CalloutResponse,
-    ) {
-        let Some(cfg) = self.cfg.clone() else { return };
-        let pending = match std::mem::replace(&mut self.stage, Stage::Done) {
-            Stage::Waiting(p) if p.token == token => p,
+    ) -> Flow {
+        let Some(cfg) = self.cfg.clone() else {
+            return Flow::Pause;
+        };
+        match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Authorizing(p) if p.token == token => self.authorized(host, &cfg, *p, resp),
+            Stage::Leasing(p) if p.token == token => self.leased(host, &cfg, *p, resp),
             other => {
                 self.stage = other;
                 log::warn!("answer for unknown call {token} ignored");
-                return;
+                Flow::Pause
             }
-        };
-        let Pending {
-            charge, route, key, ..
-        } = *pending;
-        match parse_authorize(resp, charge.cost, cfg.cache_max_ttl_s) {
-            Ok(Verdict {
-                decision,
-                max_age_s,
-            }) => {
-                if let (Some(key), Some(max_age)) = (key, max_age_s) {
-                    let entry = Entry {
-                        decision: decision.clone(),
-                        expires_at_ms: host.now_ms() + u64::from(max_age) * 1000,
-                    };
-                    // Last writer wins: both writers hold a decision the service just made.
-                    host.shared_set(
-                        &key.slot_key(cfg.cache_max_entries),
-                        &cache::encode(&key, &entry),
-                        None,
-                    );
-                }
-                if self.act(
+        }
+    }
+
+    fn authorized(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        p: Pending,
+        resp: &CalloutResponse,
+    ) -> Flow {
+        match parse_authorize(resp, p.cost, cfg.cache_max_ttl_s) {
+            Ok(verdict) => {
+                let (route, freshness) = (
+                    p.route.clone(),
+                    self.remember(host, cfg, p.cache_key.as_ref(), &verdict),
+                );
+                self.act(
                     host,
-                    &cfg,
+                    cfg,
                     &route,
-                    decision,
-                    Freshness::from_max_age(max_age_s),
-                    Some(charge),
-                ) == Flow::Continue
-                {
-                    host.resume_request();
-                }
+                    verdict.decision,
+                    freshness,
+                    Some(p.authorized()),
+                )
             }
             Err(failure) => {
                 host.count(Metric::CalloutFailures);
-                log::warn!(
-                    "authorize for request {} failed: {failure}",
-                    charge.request_id
-                );
-                if self.fail(host, &cfg, Some(charge)) == Flow::Continue {
-                    host.resume_request();
-                }
+                log::warn!("authorize for request {} failed: {failure}", p.request_id);
+                // The client will not be served as paid: the service may have charged
+                // before its answer was lost. Undoing an uncharged id is a no-op.
+                let charge = match cfg.failure_mode {
+                    FailureMode::Closed => {
+                        self.worker.outbox.borrow_mut().push(host, p.undo(503));
+                        None
+                    }
+                    FailureMode::Open => Some(p.authorized()),
+                };
+                self.fail(host, cfg, charge)
             }
         }
+    }
+
+    fn leased(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        p: Pending,
+        resp: &CalloutResponse,
+    ) -> Flow {
+        let key = lease::lease_key(&cfg.cluster, &p.credential);
+        match parse_lease(resp, p.cost, cfg.cache_max_ttl_s) {
+            Ok(LeaseAnswer::Granted(grant)) => self.install(host, cfg, key, p, &grant),
+            Ok(LeaseAnswer::Decided(verdict)) => {
+                unlock(host, &key);
+                let freshness = self.remember(host, cfg, p.cache_key.as_ref(), &verdict);
+                // A lease call never debits without a grant, so there is no charge to keep.
+                self.act(host, cfg, &p.route, verdict.decision, freshness, None)
+            }
+            Err(failure) => {
+                host.count(Metric::CalloutFailures);
+                log::warn!("lease for request {} failed: {failure}", p.request_id);
+                unlock(host, &key);
+                // The service may have granted a lease we will never use: release it.
+                self.worker.outbox.borrow_mut().push(
+                    host,
+                    Job::Cancel {
+                        request_id: p.request_id,
+                    },
+                );
+                self.fail(host, cfg, None)
+            }
+        }
+    }
+
+    fn install(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        key: String,
+        p: Pending,
+        grant: &Grant,
+    ) -> Flow {
+        for _ in 0..lease::MAX_CAS_RETRIES {
+            let (current, cas) = read_lease(host, &key);
+            let now = host.now_ms();
+            let (record, replaced) = lease::install(
+                current.as_ref(),
+                grant,
+                p.cost,
+                now,
+                cfg.lease.expiry_margin_ms,
+            );
+            if !host.shared_set(&key, &record.encode(), cas) {
+                continue;
+            }
+            host.count(Metric::LeasesTaken);
+            host.add(Metric::LeaseUnitsSpent, p.cost);
+            let mut outbox = self.worker.outbox.borrow_mut();
+            if let Some(old) = replaced {
+                host.count(Metric::LeaseRenewals);
+                outbox.push(
+                    host,
+                    Job::Settle {
+                        lease_key: key.clone(),
+                        lease_id: old.lease_id,
+                        used: old.used,
+                        last: true,
+                    },
+                );
+            }
+            drop(outbox);
+            self.worker.owned.borrow_mut().push(Owned {
+                key: key.clone(),
+                lease_id: grant.lease_id.clone(),
+                spend_until_ms: record.spend_until_ms,
+                next_settle_ms: now + cfg.lease.settle_interval_ms,
+                settling: false,
+            });
+            let charge = Charge::Leased {
+                key,
+                lease_id: grant.lease_id.clone(),
+                cost: p.cost,
+            };
+            let allow = Decision::Allow {
+                account_id: grant.account_id.clone(),
+                balance: grant.balance,
+            };
+            return self.act(host, cfg, &p.route, allow, Freshness::NoStore, Some(charge));
+        }
+        // Never installed: give the whole lease back, and treat the request as a failure.
+        log::error!("lease {} could not be stored; releasing it", grant.lease_id);
+        let release = Job::Settle {
+            lease_key: key,
+            lease_id: grant.lease_id.clone(),
+            used: 0,
+            last: true,
+        };
+        self.worker.outbox.borrow_mut().push(host, release);
+        self.fail(host, cfg, None)
+    }
+
+    /// Caches a decision the service allowed us to keep; returns what to tell the client.
+    fn remember(
+        &self,
+        host: &impl Host,
+        cfg: &Config,
+        key: Option<&CacheKey>,
+        v: &Verdict,
+    ) -> Freshness {
+        if let (Some(key), Some(max_age)) = (key, v.max_age_s) {
+            let expires_at_ms = host.now_ms().saturating_add(u64::from(max_age) * 1000);
+            let entry = Entry {
+                decision: v.decision.clone(),
+                expires_at_ms,
+            };
+            // Last writer wins: both writers hold a decision the service just made.
+            host.shared_set(
+                &key.slot_key(cfg.cache_max_entries),
+                &cache::encode(key, &entry),
+                None,
+            );
+        }
+        Freshness::from_max_age(v.max_age_s)
     }
 
     pub fn on_response_headers(&mut self, host: &impl HttpHost) {
@@ -280,11 +558,26 @@ impl Gate {
                 .and_then(|s| s.parse::<u16>().ok())
         });
         if let Some(status) = status.filter(|s| cfg.no_charge_statuses.contains(*s)) {
-            if let Some(charge) = charge.take() {
-                self.worker
-                    .refunds
-                    .borrow_mut()
-                    .push(host, charge.refund(status));
+            match charge.take() {
+                Some(Charge::Authorized {
+                    request_id,
+                    credential,
+                    cost,
+                }) => {
+                    let job = Job::Refund {
+                        request_id,
+                        account: credential,
+                        cost,
+                        status,
+                    };
+                    self.worker.outbox.borrow_mut().push(host, job);
+                }
+                Some(Charge::Leased {
+                    key,
+                    lease_id,
+                    cost,
+                }) => refund_lease(host, &key, &lease_id, cost),
+                None => {}
             }
         }
         if let (Some(name), Some(balance)) = (&cfg.balance_header, balance) {
@@ -292,14 +585,26 @@ impl Gate {
         }
     }
 
-    /// The stream is over. A request still waiting for its decision never reached
-    /// the upstream; if the service charged it before the client left, give it back.
+    /// The stream is over. A call still in flight is cancelled by Envoy with the
+    /// stream, so whatever the service did for it must be undone.
     pub fn on_log(&mut self, host: &impl HttpHost) {
-        if let Stage::Waiting(p) = std::mem::replace(&mut self.stage, Stage::Done) {
-            self.worker
-                .refunds
+        let Some(cfg) = self.cfg.clone() else { return };
+        match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Authorizing(p) => self
+                .worker
+                .outbox
                 .borrow_mut()
-                .push(host, p.charge.refund(CLIENT_GONE));
+                .push(host, p.undo(CLIENT_GONE)),
+            Stage::Leasing(p) => {
+                unlock(host, &lease::lease_key(&cfg.cluster, &p.credential));
+                self.worker.outbox.borrow_mut().push(
+                    host,
+                    Job::Cancel {
+                        request_id: p.request_id,
+                    },
+                );
+            }
+            _ => {}
         }
     }
 
@@ -348,12 +653,12 @@ impl Gate {
         }
     }
 
-    /// The service could not decide. `charge` is the call that may have reached it.
+    /// The service could not decide. `charge` is what may have been charged, kept
+    /// if the request goes through (it is then served).
     fn fail(&mut self, host: &impl HttpHost, cfg: &Config, charge: Option<Charge>) -> Flow {
         match cfg.failure_mode {
             FailureMode::Open => {
                 host.count(Metric::FailOpen);
-                // If the service did charge, the request is served: keep the charge.
                 self.stage = Stage::Forwarded {
                     charge,
                     balance: None,
@@ -362,14 +667,6 @@ impl Gate {
             }
             FailureMode::Closed => {
                 host.count(Metric::FailClosed);
-                // The client sees a failure, so it must not pay: the service may have
-                // charged before its answer was lost. A refund of an uncharged id is a no-op.
-                if let Some(charge) = charge {
-                    self.worker
-                        .refunds
-                        .borrow_mut()
-                        .push(host, charge.refund(503));
-                }
                 self.reply(host, &response::unavailable(cfg))
             }
         }
@@ -382,7 +679,7 @@ impl Gate {
     }
 
     /// Envoy's `x-request-id` when it is usable, so the service's ledger lines up
-    /// with Envoy's access log; otherwise one made up here, unique within this process.
+    /// with Envoy's access log; otherwise one made up here, unique within this worker.
     fn request_id(&self, host: &impl HttpHost) -> String {
         if let Some(id) = host.request_header("x-request-id") {
             if !id.is_empty()
@@ -399,6 +696,153 @@ impl Gate {
         let addr = Rc::as_ptr(&self.worker) as usize;
         format!("fbx-{:x}-{addr:x}-{seq:x}", host.now_ms())
     }
+}
+
+impl Worker {
+    /// The root context's timer: settle owned leases that are due, close expired
+    /// ones, and send what the outbox holds.
+    pub fn tick(&self, host: &impl Host, cfg: &Config) {
+        let now = host.now_ms();
+        let mut outbox = self.outbox.borrow_mut();
+        self.owned.borrow_mut().retain_mut(|o| {
+            if now < o.next_settle_ms.min(o.spend_until_ms) {
+                return true;
+            }
+            let (current, cas) = read_lease(host, &o.key);
+            let Some(record) = current.filter(|r| r.lease_id == o.lease_id) else {
+                // Replaced: whoever replaced it settles it.
+                return false;
+            };
+            if let Some((emptied, closed)) = lease::close_if_expired(&record, &o.lease_id, now) {
+                if !host.shared_set(&o.key, &emptied.encode(), cas) {
+                    return true; // raced with a spend; next tick
+                }
+                let job = Job::Settle {
+                    lease_key: o.key.clone(),
+                    lease_id: closed.lease_id,
+                    used: closed.used,
+                    last: true,
+                };
+                outbox.push(host, job);
+                return false;
+            }
+            o.next_settle_ms = now + cfg.lease.settle_interval_ms;
+            if !o.settling && record.used != record.reported {
+                o.settling = true;
+                let job = Job::Settle {
+                    lease_key: o.key.clone(),
+                    lease_id: o.lease_id.clone(),
+                    used: record.used,
+                    last: false,
+                };
+                outbox.push(host, job);
+            }
+            true
+        });
+        if !outbox.is_empty() {
+            let finished = outbox.flush(host, cfg);
+            drop(outbox);
+            for f in finished {
+                self.finished(host, f);
+            }
+        }
+    }
+
+    /// An answer to an outbox call made from the root context.
+    pub fn on_outbox_response(&self, host: &impl Host, token: u32, status: Option<u16>) {
+        let finished = self.outbox.borrow_mut().on_response(host, token, status);
+        if let Some(f) = finished {
+            self.finished(host, f);
+        }
+    }
+
+    fn finished(&self, host: &impl Host, f: Finished) {
+        if let Job::Settle {
+            lease_key,
+            lease_id,
+            used,
+            last: false,
+        } = f.job
+        {
+            if let Some(o) = self
+                .owned
+                .borrow_mut()
+                .iter_mut()
+                .find(|o| o.lease_id == lease_id)
+            {
+                o.settling = false;
+            }
+            if f.ok {
+                for _ in 0..lease::MAX_CAS_RETRIES {
+                    let (current, cas) = read_lease(host, &lease_key);
+                    match current.and_then(|r| lease::acknowledge(&r, &lease_id, used)) {
+                        Some(record) if !host.shared_set(&lease_key, &record.encode(), cas) => {
+                            continue
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts a call to the balance service with the contract's headers.
+fn call(
+    host: &impl Host,
+    cfg: &Config,
+    path: &str,
+    request_id: &str,
+    body: &[u8],
+) -> Result<u32, String> {
+    let auth = cfg.service_token.as_ref().map(|t| format!("Bearer {t}"));
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", cfg.authority.as_str()),
+        ("content-type", "application/json"),
+        ("x-request-id", request_id),
+    ];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    host.dispatch(&cfg.cluster, &headers, body, cfg.timeout)
+}
+
+fn read_lease(host: &impl Host, key: &str) -> (Option<LeaseRecord>, Option<u32>) {
+    match host.shared_get(key) {
+        Some((bytes, cas)) => (LeaseRecord::decode(&bytes), cas),
+        None => (None, None),
+    }
+}
+
+/// Drops the renewal lock (keeping the lease) so the next request can try.
+fn unlock(host: &impl Host, key: &str) {
+    for _ in 0..lease::MAX_CAS_RETRIES {
+        let (current, cas) = read_lease(host, key);
+        if host.shared_set(key, &lease::unlock(current.as_ref()).encode(), cas) {
+            return;
+        }
+    }
+    log::warn!("lease lock not released; it expires by itself");
+}
+
+/// Gives `cost` back to the lease it was spent from, if that lease is still current.
+fn refund_lease(host: &impl Host, key: &str, lease_id: &str, cost: u64) {
+    for _ in 0..lease::MAX_CAS_RETRIES {
+        let (current, cas) = read_lease(host, key);
+        match current.and_then(|r| lease::refund(&r, lease_id, cost)) {
+            Some(record) => {
+                if host.shared_set(key, &record.encode(), cas) {
+                    host.count(Metric::Refunds);
+                    return;
+                }
+            }
+            None => break,
+        }
+    }
+    host.count(Metric::RefundFailures);
+    log::warn!("{cost} units not refunded: lease {lease_id} was already settled");
 }
 
 fn text(v: Option<Vec<u8>>) -> String {

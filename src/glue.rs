@@ -2,7 +2,9 @@
 //! the host trait over Envoy's hostcalls. Hostcalls are used directly (not the
 //! SDK's trait defaults, which unwrap) so every host error is handled here.
 
-use std::rc::Rc;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
@@ -10,7 +12,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::balance_api::{CalloutResponse, MAX_ANSWER_BYTES};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::gate::{Flow, Gate, Worker};
 use crate::host::{Host, HttpHost};
 use crate::metrics::Metric;
@@ -18,11 +20,19 @@ use crate::response::Reply;
 
 /// How often the root context sends due refunds.
 const TICK: Duration = Duration::from_millis(100);
+/// In lease mode the timer also wakes requests waiting for a lease, so it runs often.
+const LEASE_TICK: Duration = Duration::from_millis(10);
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { cfg: None, worker: Rc::new(Worker::default()), host: WasmHost::default() })
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root {
+            id: context_id,
+            cfg: None,
+            worker: Rc::new(Worker::default()),
+            host: WasmHost::default(),
+            waiting: Rc::default(),
+        })
     });
 }}
 
@@ -32,6 +42,10 @@ type MetricIds = Rc<[Option<u32>; Metric::ALL.len()]>;
 #[derive(Clone, Default)]
 struct WasmHost {
     metrics: MetricIds,
+    /// Calls started through this host, and the last token: lets the root tell
+    /// whether a woken stream started a call (whose answer the root receives).
+    calls_started: Rc<Cell<u64>>,
+    last_call: Rc<Cell<u32>>,
 }
 
 impl Host for WasmHost {
@@ -70,9 +84,9 @@ impl Host for WasmHost {
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
-    fn count(&self, metric: Metric) {
+    fn add(&self, metric: Metric, n: u64) {
         if let Some(Some(id)) = self.metrics.get(metric.index()) {
-            let _ = hostcalls::increment_metric(*id, 1);
+            let _ = hostcalls::increment_metric(*id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 }
@@ -143,10 +157,61 @@ fn callout_response(body_size: usize) -> CalloutResponse {
     }
 }
 
+/// Streams parked until another request's lease call is over, and calls
+/// made for them from the root context (whose answers the root receives).
+#[derive(Default)]
+struct Waiting {
+    parked: Vec<(u32, Weak<RefCell<Gate>>)>,
+    calls: HashMap<u32, (u32, Weak<RefCell<Gate>>)>,
+}
+
 struct Root {
+    id: u32,
     cfg: Option<Rc<Config>>,
     worker: Rc<Worker>,
     host: WasmHost,
+    waiting: Rc<RefCell<Waiting>>,
+}
+
+impl Root {
+    /// Runs `f` on a stream's gate with that stream as the effective context,
+    /// so what the gate asks of the host (headers, replies, resume) lands on it.
+    fn on_stream(
+        &self,
+        context_id: u32,
+        gate: &Weak<RefCell<Gate>>,
+        f: impl FnOnce(&mut Gate) -> Flow,
+    ) -> Option<Flow> {
+        let gate = gate.upgrade()?;
+        hostcalls::set_effective_context(context_id).ok()?;
+        let mut gate = gate.try_borrow_mut().ok()?;
+        let flow = f(&mut gate);
+        if flow == Flow::Continue {
+            self.host.resume_request();
+        }
+        Some(flow)
+    }
+
+    fn wake_parked(&self) {
+        let parked = std::mem::take(&mut self.waiting.borrow_mut().parked);
+        for (id, gate) in parked {
+            let calls_before = self.host.calls_started.get();
+            match self.on_stream(id, &gate, |g| g.on_wake(&self.host)) {
+                Some(Flow::Park) => self.waiting.borrow_mut().parked.push((id, gate)),
+                // A call made while the root is the active context answers to the root.
+                Some(Flow::Pause) if self.host.calls_started.get() != calls_before => {
+                    let token = self.host.last_call.get();
+                    self.waiting.borrow_mut().calls.insert(token, (id, gate));
+                }
+                _ => {}
+            }
+        }
+        // Back to the root, so that calls made next (settlements) belong to it and
+        // are not cancelled with some stream.
+        if let Err(e) = hostcalls::set_effective_context(self.id) {
+            log::warn!("could not return to the root context: {e:?}");
+        }
+    }
 }
 
 impl Context for Root {
@@ -154,14 +219,22 @@ impl Context for Root {
         &mut self,
         token: u32,
         _headers: usize,
-        _body_size: usize,
+        body_size: usize,
         _trailers: usize,
     ) {
-        let status = callout_response(0).status;
-        self.worker
-            .refunds
-            .borrow_mut()
-            .on_response(&self.host, token, status);
+        let routed = self.waiting.borrow_mut().calls.remove(&token);
+        match routed {
+            Some((id, gate)) => {
+                // The answer belongs to the stream that made the call: read it as that stream.
+                self.on_stream(id, &gate, |g| {
+                    g.on_callout_response(&self.host, token, &callout_response(body_size))
+                });
+            }
+            None => {
+                let status = callout_response(0).status;
+                self.worker.on_outbox_response(&self.host, token, status);
+            }
+        }
     }
 }
 
@@ -189,11 +262,17 @@ impl RootContext for Root {
             }
             self.host.metrics = Rc::new(ids);
         }
-        if let Err(e) = hostcalls::set_tick_period(TICK) {
-            log::warn!("no timer ({e:?}): refunds will not be sent");
+        let tick = match cfg.mode {
+            Mode::Authorize => TICK,
+            Mode::Lease => LEASE_TICK,
+        };
+        if let Err(e) = hostcalls::set_tick_period(tick) {
+            log::warn!("no timer ({e:?}): refunds and settlements will not be sent");
         }
+        *self.worker.holder.borrow_mut() = holder_id(&self.host);
         log::info!(
-            "farebox configured: cluster {:?}, {} route rules, failure_mode {:?}, cache {} entries",
+            "farebox configured: {:?} mode, cluster {:?}, {} route rules, failure_mode {:?}, cache {} entries",
+            cfg.mode,
             cfg.cluster,
             cfg.pricing.routes.len(),
             cfg.failure_mode,
@@ -204,18 +283,23 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if !self.waiting.borrow().parked.is_empty() {
+            self.wake_parked();
+        }
         if let Some(cfg) = &self.cfg {
-            let mut refunds = self.worker.refunds.borrow_mut();
-            if !refunds.is_empty() {
-                refunds.flush(&self.host, cfg);
-            }
+            self.worker.tick(&self.host, cfg);
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Stream {
-            gate: Gate::new(self.cfg.clone(), self.worker.clone()),
+            id: context_id,
+            gate: Rc::new(RefCell::new(Gate::new(
+                self.cfg.clone(),
+                self.worker.clone(),
+            ))),
             host: self.host.clone(),
+            waiting: self.waiting.clone(),
         }))
     }
 
@@ -224,15 +308,62 @@ impl RootContext for Root {
     }
 }
 
-struct Stream {
-    gate: Gate,
-    host: WasmHost,
+/// One id per Envoy process (all workers share it through shared data), so the
+/// balance service can tell which process holds a lease. The first VM to
+/// configure (Envoy's main thread) makes it up.
+fn holder_id(host: &WasmHost) -> String {
+    const KEY: &str = "farebox:holder";
+    if let Some((id, _)) = host.shared_get(KEY) {
+        if let Ok(id) = String::from_utf8(id) {
+            if !id.is_empty() {
+                return id;
+            }
+        }
+    }
+    let node = hostcalls::get_property(vec!["node", "id"])
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let node = String::from_utf8_lossy(&node).into_owned();
+    let nanos = hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let id = format!(
+        "{}envoy-{nanos:x}",
+        if node.is_empty() {
+            String::new()
+        } else {
+            format!("{node}/")
+        }
+    );
+    host.shared_set(KEY, id.as_bytes(), None);
+    id
 }
 
-fn action(flow: Flow) -> Action {
-    match flow {
-        Flow::Continue => Action::Continue,
-        Flow::Pause => Action::Pause,
+struct Stream {
+    id: u32,
+    gate: Rc<RefCell<Gate>>,
+    host: WasmHost,
+    waiting: Rc<RefCell<Waiting>>,
+}
+
+impl Stream {
+    fn run(&self, f: impl FnOnce(&mut Gate) -> Flow) -> Action {
+        let Ok(mut gate) = self.gate.try_borrow_mut() else {
+            return Action::Pause;
+        };
+        match f(&mut gate) {
+            Flow::Continue => Action::Continue,
+            Flow::Pause => Action::Pause,
+            Flow::Park => {
+                self.waiting
+                    .borrow_mut()
+                    .parked
+                    .push((self.id, Rc::downgrade(&self.gate)));
+                Action::Pause
+            }
+        }
     }
 }
 
@@ -244,30 +375,36 @@ impl Context for Stream {
         body_size: usize,
         _trailers: usize,
     ) {
-        self.gate
-            .on_callout_response(&self.host, token, &callout_response(body_size));
+        let resp = callout_response(body_size);
+        if self.run(|g| g.on_callout_response(&self.host, token, &resp)) == Action::Continue {
+            self.host.resume_request();
+        }
     }
 }
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        action(self.gate.on_request_headers(&self.host))
+        self.run(|g| g.on_request_headers(&self.host))
     }
 
     fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
-        action(self.gate.on_request_body())
+        self.run(|g| g.on_request_body())
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        action(self.gate.on_request_body())
+        self.run(|g| g.on_request_body())
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.gate.on_response_headers(&self.host);
+        if let Ok(mut gate) = self.gate.try_borrow_mut() {
+            gate.on_response_headers(&self.host);
+        }
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        self.gate.on_log(&self.host);
+        if let Ok(mut gate) = self.gate.try_borrow_mut() {
+            gate.on_log(&self.host);
+        }
     }
 }

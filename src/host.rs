@@ -22,7 +22,10 @@ pub trait Host {
     ) -> Result<u32, String>;
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
-    fn count(&self, metric: Metric);
+    fn add(&self, metric: Metric, n: u64);
+    fn count(&self, metric: Metric) {
+        self.add(metric, 1);
+    }
 }
 
 /// What an HTTP stream's context can do besides.

@@ -17,7 +17,9 @@ pub const MAX_CAS_RETRIES: u32 = 64;
 /// balance services never share a lease) and the credential.
 pub fn lease_key(cluster: &str, credential: &str) -> String {
     let mut h = Sha256::new();
-    h.update(&(cluster.len() as u64).to_le_bytes()).update(cluster.as_bytes()).update(credential.as_bytes());
+    h.update(&(cluster.len() as u64).to_le_bytes())
+        .update(cluster.as_bytes())
+        .update(credential.as_bytes());
     let digest = h.finish();
     format!("{KEY_PREFIX}{}", hex(digest.get(..16).unwrap_or(&digest)))
 }
@@ -58,7 +60,13 @@ impl LeaseRecord {
         out.push(FORMAT_VERSION);
         put_str(&mut out, &self.lease_id);
         put_str(&mut out, &self.account_id);
-        for n in [self.granted, self.used, self.reported, self.spend_until_ms, self.renewing_until_ms] {
+        for n in [
+            self.granted,
+            self.used,
+            self.reported,
+            self.spend_until_ms,
+            self.renewing_until_ms,
+        ] {
             out.extend_from_slice(&n.to_le_bytes());
         }
         match self.balance {
@@ -92,7 +100,16 @@ impl LeaseRecord {
             return None;
         }
         let [granted, used, reported, spend_until_ms, renewing_until_ms] = nums;
-        Some(LeaseRecord { lease_id, account_id, granted, used, reported, spend_until_ms, renewing_until_ms, balance })
+        Some(LeaseRecord {
+            lease_id,
+            account_id,
+            granted,
+            used,
+            reported,
+            spend_until_ms,
+            renewing_until_ms,
+            balance,
+        })
     }
 }
 
@@ -154,7 +171,13 @@ pub struct Grant {
 
 /// The new record (with the taker's own `cost` already spent) and, if a lease
 /// was replaced, that lease with its final `used`, to be settled.
-pub fn install(current: Option<&LeaseRecord>, grant: &Grant, cost: u64, now_ms: u64, margin_ms: u64) -> (LeaseRecord, Option<LeaseRecord>) {
+pub fn install(
+    current: Option<&LeaseRecord>,
+    grant: &Grant,
+    cost: u64,
+    now_ms: u64,
+    margin_ms: u64,
+) -> (LeaseRecord, Option<LeaseRecord>) {
     // Stop spending a margin before the service expires the lease, so the final
     // settle reaches it in time; for short leases, halfway.
     let margin = margin_ms.min(grant.expires_in_ms / 2);
@@ -168,7 +191,9 @@ pub fn install(current: Option<&LeaseRecord>, grant: &Grant, cost: u64, now_ms: 
         renewing_until_ms: 0,
         balance: grant.balance,
     };
-    let replaced = current.filter(|r| r.has_lease() && r.lease_id != grant.lease_id).cloned();
+    let replaced = current
+        .filter(|r| r.has_lease() && r.lease_id != grant.lease_id)
+        .cloned();
     (record, replaced)
 }
 
@@ -181,11 +206,18 @@ pub fn unlock(current: Option<&LeaseRecord>) -> LeaseRecord {
 
 /// Closes the lease for its final settle (when it is past its spend deadline).
 /// Returns the record to write (no lease, lock kept) and the closed lease.
-pub fn close_if_expired(current: &LeaseRecord, lease_id: &str, now_ms: u64) -> Option<(LeaseRecord, LeaseRecord)> {
+pub fn close_if_expired(
+    current: &LeaseRecord,
+    lease_id: &str,
+    now_ms: u64,
+) -> Option<(LeaseRecord, LeaseRecord)> {
     if current.lease_id != lease_id || now_ms < current.spend_until_ms {
         return None;
     }
-    let emptied = LeaseRecord { renewing_until_ms: current.renewing_until_ms, ..LeaseRecord::default() };
+    let emptied = LeaseRecord {
+        renewing_until_ms: current.renewing_until_ms,
+        ..LeaseRecord::default()
+    };
     Some((emptied, current.clone()))
 }
 
@@ -220,7 +252,13 @@ mod tests {
     use super::*;
 
     fn grant(id: &str, granted: u64) -> Grant {
-        Grant { lease_id: id.into(), account_id: "acct".into(), granted, expires_in_ms: 30_000, balance: Some(400) }
+        Grant {
+            lease_id: id.into(),
+            account_id: "acct".into(),
+            granted,
+            expires_in_ms: 30_000,
+            balance: Some(400),
+        }
     }
 
     #[test]
@@ -235,30 +273,50 @@ mod tests {
         longer.push(0);
         assert_eq!(LeaseRecord::decode(&longer), None);
         assert_eq!(LeaseRecord::decode(b""), None);
-        assert_eq!(LeaseRecord::decode(&LeaseRecord::default().encode()), Some(LeaseRecord::default()));
+        assert_eq!(
+            LeaseRecord::decode(&LeaseRecord::default().encode()),
+            Some(LeaseRecord::default())
+        );
     }
 
     #[test]
     fn take_spend_exhaust_renew() {
         let now = 10_000;
         // Nothing yet: lock and call.
-        let Step::Lock { record: locked } = step(None, 1, now, 1_500) else { panic!() };
+        let Step::Lock { record: locked } = step(None, 1, now, 1_500) else {
+            panic!()
+        };
         assert_eq!(locked.renewing_until_ms, now + 1_500);
         // A second request meanwhile waits.
         assert_eq!(step(Some(&locked), 1, now + 10, 1_500), Step::Wait);
         // The grant arrives: the taker's own unit is spent.
         let (rec, replaced) = install(Some(&locked), &grant("ls_1", 3), 1, now, 2_000);
-        assert_eq!((rec.used, rec.remaining(), rec.renewing_until_ms, replaced), (1, 2, 0, None));
+        assert_eq!(
+            (rec.used, rec.remaining(), rec.renewing_until_ms, replaced),
+            (1, 2, 0, None)
+        );
         assert_eq!(rec.spend_until_ms, now + 28_000);
-        let Step::Spend { record: rec } = step(Some(&rec), 1, now, 1_500) else { panic!() };
-        let Step::Spend { record: rec } = step(Some(&rec), 1, now, 1_500) else { panic!() };
+        let Step::Spend { record: rec } = step(Some(&rec), 1, now, 1_500) else {
+            panic!()
+        };
+        let Step::Spend { record: rec } = step(Some(&rec), 1, now, 1_500) else {
+            panic!()
+        };
         assert_eq!(rec.remaining(), 0);
         // Exhausted: the next request renews, and the old lease comes back for its final settle.
-        let Step::Lock { record: locked } = step(Some(&rec), 1, now, 1_500) else { panic!() };
-        assert_eq!(locked.lease_id, "ls_1", "the old lease stays while the new one is taken");
+        let Step::Lock { record: locked } = step(Some(&rec), 1, now, 1_500) else {
+            panic!()
+        };
+        assert_eq!(
+            locked.lease_id, "ls_1",
+            "the old lease stays while the new one is taken"
+        );
         let (new, replaced) = install(Some(&locked), &grant("ls_2", 100), 1, now, 2_000);
         assert_eq!(new.lease_id, "ls_2");
-        assert_eq!(replaced.map(|r| (r.lease_id, r.used)), Some(("ls_1".to_string(), 3)));
+        assert_eq!(
+            replaced.map(|r| (r.lease_id, r.used)),
+            Some(("ls_1".to_string(), 3))
+        );
     }
 
     #[test]
@@ -271,24 +329,38 @@ mod tests {
     #[test]
     fn expiry_stops_spending_and_closes() {
         let (rec, _) = install(None, &grant("ls_1", 100), 1, 0, 2_000);
-        assert!(matches!(step(Some(&rec), 1, 27_999, 100), Step::Spend { .. }));
-        assert!(matches!(step(Some(&rec), 1, 28_000, 100), Step::Lock { .. }));
+        assert!(matches!(
+            step(Some(&rec), 1, 27_999, 100),
+            Step::Spend { .. }
+        ));
+        assert!(matches!(
+            step(Some(&rec), 1, 28_000, 100),
+            Step::Lock { .. }
+        ));
         assert_eq!(close_if_expired(&rec, "ls_1", 27_999), None);
         assert_eq!(close_if_expired(&rec, "other", 28_000), None);
         let (emptied, closed) = close_if_expired(&rec, "ls_1", 28_000).unwrap();
         assert!(!emptied.has_lease());
         assert_eq!((closed.lease_id.as_str(), closed.used), ("ls_1", 1));
         // Short leases stop halfway rather than at once.
-        let short = Grant { expires_in_ms: 1_000, ..grant("s", 10) };
+        let short = Grant {
+            expires_in_ms: 1_000,
+            ..grant("s", 10)
+        };
         let (rec, _) = install(None, &short, 1, 0, 2_000);
         assert_eq!(rec.spend_until_ms, 500);
     }
 
     #[test]
     fn a_stale_lock_is_taken_over() {
-        let Step::Lock { record: locked } = step(None, 1, 0, 1_000) else { panic!() };
+        let Step::Lock { record: locked } = step(None, 1, 0, 1_000) else {
+            panic!()
+        };
         assert_eq!(step(Some(&locked), 1, 999, 1_000), Step::Wait);
-        assert!(matches!(step(Some(&locked), 1, 1_000, 1_000), Step::Lock { .. }));
+        assert!(matches!(
+            step(Some(&locked), 1, 1_000, 1_000),
+            Step::Lock { .. }
+        ));
         assert_eq!(unlock(Some(&locked)).renewing_until_ms, 0);
     }
 

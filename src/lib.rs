@@ -21,8 +21,8 @@ pub mod host;
 pub mod identity;
 pub mod lease;
 pub mod metrics;
+pub mod outbox;
 pub mod pricing;
-pub mod refunds;
 pub mod response;
 pub mod sha256;
 

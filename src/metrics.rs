@@ -28,10 +28,22 @@ pub enum Metric {
     Refunds,
     /// Refund attempts that failed (each attempt counts).
     RefundFailures,
+    /// Leases granted (lease mode).
+    LeasesTaken,
+    /// Leases granted that replaced a lease still held (exhausted or expiring).
+    LeaseRenewals,
+    /// Requests that waited for another request's lease call.
+    LeaseWaits,
+    /// Settle and cancel calls the service accepted.
+    Settles,
+    /// Settle and cancel attempts that failed (each attempt counts).
+    SettleFailures,
+    /// Units spent locally from leases.
+    LeaseUnitsSpent,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 13] = [
+    pub const ALL: [Metric; 19] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Unauthenticated,
@@ -45,6 +57,12 @@ impl Metric {
         Metric::FailClosed,
         Metric::Refunds,
         Metric::RefundFailures,
+        Metric::LeasesTaken,
+        Metric::LeaseRenewals,
+        Metric::LeaseWaits,
+        Metric::Settles,
+        Metric::SettleFailures,
+        Metric::LeaseUnitsSpent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +80,12 @@ impl Metric {
             Metric::FailClosed => "farebox_fail_closed",
             Metric::Refunds => "farebox_refunds",
             Metric::RefundFailures => "farebox_refund_failures",
+            Metric::LeasesTaken => "farebox_leases_taken",
+            Metric::LeaseRenewals => "farebox_lease_renewals",
+            Metric::LeaseWaits => "farebox_lease_waits",
+            Metric::Settles => "farebox_settles",
+            Metric::SettleFailures => "farebox_settle_failures",
+            Metric::LeaseUnitsSpent => "farebox_lease_units_spent",
         }
     }
 

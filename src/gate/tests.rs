@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use super::*;
 use crate::balance_api::CalloutResponse;
 use crate::fake::FakeHost;
-use crate::refunds::MAX_ATTEMPTS;
+use crate::outbox::{Job, MAX_ATTEMPTS};
 
 const CONFIG: &str = r#"{
     "cluster": "balance", "authority": "billing", "timeout_ms": 300, "service_token": "svc-tok",
@@ -30,7 +30,7 @@ impl Fixture {
         Gate::new(Some(self.cfg.clone()), self.worker.clone())
     }
     fn queued_refunds(&self) -> usize {
-        self.worker.refunds.borrow().len()
+        self.worker.outbox.borrow().len()
     }
 }
 
@@ -71,11 +71,18 @@ fn reply_header(host: &FakeHost, name: &str) -> Option<String> {
 }
 
 /// Runs a request whose callout gets `resp`; returns the host and gate for more checks.
+/// Delivers a callout answer as the glue does: resume when the gate says so.
+fn respond(gate: &mut Gate, host: &FakeHost, token: u32, resp: &CalloutResponse) {
+    if gate.on_callout_response(host, token, resp) == Flow::Continue {
+        host.resume_request();
+    }
+}
+
 fn with_answer(fx: &Fixture, host: FakeHost, resp: CalloutResponse) -> (FakeHost, Gate) {
     let mut gate = fx.gate();
     assert_eq!(gate.on_request_headers(&host), Flow::Pause);
     let token = host.last_call().token;
-    gate.on_callout_response(&host, token, &resp);
+    respond(&mut gate, &host, token, &resp);
     (host, gate)
 }
 
@@ -163,7 +170,7 @@ fn allowed_request_carries_the_account_and_the_contract_call() {
         call.body,
         json!({"account": "key-1", "cost": 5, "route": "infer", "method": "POST", "path": "/v1/models/m1/infer", "request_id": "req-42"})
     );
-    gate.on_callout_response(&host, call.token, &allow("acct_1", 95));
+    respond(&mut gate, &host, call.token, &allow("acct_1", 95));
     assert_eq!(host.resumed.get(), 1);
     assert!(host.reply().is_none());
     assert_eq!(
@@ -416,7 +423,7 @@ fn a_client_that_leaves_before_the_decision_is_refunded() {
     gate.on_log(&host);
     assert_eq!(fx.queued_refunds(), 1);
     // A late answer for the abandoned call changes nothing.
-    gate.on_callout_response(&host, host.last_call().token, &allow("a", 1));
+    respond(&mut gate, &host, host.last_call().token, &allow("a", 1));
     assert_eq!(host.resumed.get(), 0);
 }
 
@@ -426,7 +433,7 @@ fn an_answer_for_another_call_is_ignored() {
     let host = keyed("/a", "k");
     let mut gate = fx.gate();
     gate.on_request_headers(&host);
-    gate.on_callout_response(&host, 9999, &allow("a", 1));
+    respond(&mut gate, &host, 9999, &allow("a", 1));
     assert_eq!(host.resumed.get(), 0);
     assert_eq!(gate.on_request_body(), Flow::Pause);
 }
@@ -461,10 +468,9 @@ fn refunds_are_sent_retried_and_given_up() {
     host.set_status(502);
     gate.on_response_headers(&host);
     let root = FakeHost::request("GET", "/", &[]);
-    let calls_before = root.calls.borrow().len();
-    fx.worker.refunds.borrow_mut().flush(&root, &fx.cfg);
+    fx.worker.tick(&root, &fx.cfg);
     let call = root.last_call();
-    assert_eq!(root.calls.borrow().len(), calls_before + 1);
+    assert_eq!(root.calls.borrow().len(), 1);
     assert_eq!(call.header(":path"), Some("/v1/refund"));
     assert_eq!(call.header("authorization"), Some("Bearer svc-tok"));
     assert_eq!(
@@ -473,27 +479,20 @@ fn refunds_are_sent_retried_and_given_up() {
     );
 
     // The service is down: retried with backoff, never more than MAX_ATTEMPTS times.
-    let mut sent = 1;
-    fx.worker
-        .refunds
-        .borrow_mut()
-        .on_response(&root, call.token, Some(503));
+    fx.worker.on_outbox_response(&root, call.token, Some(503));
+    fx.worker.tick(&root, &fx.cfg);
+    assert_eq!(root.calls.borrow().len(), 1, "not before the backoff");
     for _ in 0..20 {
         root.advance(120_000);
-        fx.worker.refunds.borrow_mut().flush(&root, &fx.cfg);
-        if let Some(c) = root.calls.borrow().last().filter(|c| c.token != call.token) {
-            let token = c.token;
-            if root.calls.borrow().len() > sent {
-                sent = root.calls.borrow().len();
-                fx.worker
-                    .refunds
-                    .borrow_mut()
-                    .on_response(&root, token, None);
-            }
+        let before = root.calls.borrow().len();
+        fx.worker.tick(&root, &fx.cfg);
+        if root.calls.borrow().len() > before {
+            fx.worker
+                .on_outbox_response(&root, root.last_call().token, None);
         }
     }
-    assert_eq!(sent as u32, MAX_ATTEMPTS);
-    assert!(fx.worker.refunds.borrow().is_empty());
+    assert_eq!(root.calls.borrow().len() as u32, MAX_ATTEMPTS);
+    assert!(fx.worker.outbox.borrow().is_empty());
     assert_eq!(
         root.count_of(Metric::RefundFailures),
         u64::from(MAX_ATTEMPTS)
@@ -503,25 +502,25 @@ fn refunds_are_sent_retried_and_given_up() {
 #[test]
 fn refund_confirmed_or_unknown() {
     let fx = Fixture::new(CONFIG);
-    let root = FakeHost::request("GET", "/", &[]);
     for (status, refunds, failures) in [(Some(200), 1, 0), (Some(404), 0, 0), (Some(409), 0, 1)] {
-        let root = root.sibling("GET", "/", &[]);
+        let root = FakeHost::request("GET", "/", &[]);
+        let job = Job::Refund {
+            request_id: "r".into(),
+            account: "k".into(),
+            cost: 1,
+            status: 503,
+        };
+        fx.worker.outbox.borrow_mut().push(&root, job);
+        fx.worker.tick(&root, &fx.cfg);
         fx.worker
-            .refunds
-            .borrow_mut()
-            .push(&root, Refund::new("r".into(), "k".into(), 1, 503));
-        fx.worker.refunds.borrow_mut().flush(&root, &fx.cfg);
-        fx.worker
-            .refunds
-            .borrow_mut()
-            .on_response(&root, root.last_call().token, status);
+            .on_outbox_response(&root, root.last_call().token, status);
         assert_eq!(root.count_of(Metric::Refunds), refunds, "{status:?}");
         assert_eq!(
             root.count_of(Metric::RefundFailures),
             failures,
             "{status:?}"
         );
-        assert!(fx.worker.refunds.borrow().is_empty());
+        assert!(fx.worker.outbox.borrow().is_empty());
     }
 }
 
@@ -531,4 +530,235 @@ fn unconfigured_gate_refuses_with_503() {
     let mut gate = Gate::new(None, Rc::new(Worker::default()));
     assert_eq!(gate.on_request_headers(&host), Flow::Pause);
     assert_eq!(host.reply().unwrap().status, 503);
+}
+
+mod lease_mode {
+    use super::*;
+    use crate::lease::{lease_key, LeaseRecord};
+
+    const LEASE: &str = r#"{"cluster": "balance", "mode": "lease", "lease_want": 3, "settle_interval_ms": 1000,
+                            "lease_expiry_margin_ms": 2000, "timeout_ms": 300}"#;
+
+    fn grant(id: &str, granted: u64) -> CalloutResponse {
+        answer(
+            200,
+            &[],
+            json!({"lease_id": id, "granted": granted, "expires_in_ms": 30000, "account_id": "acct_l", "balance": 10}),
+        )
+    }
+
+    fn record(host: &FakeHost) -> LeaseRecord {
+        let key = lease_key("balance", "k");
+        let (bytes, _) = host
+            .shared
+            .borrow()
+            .get(&key)
+            .cloned()
+            .expect("a lease record");
+        LeaseRecord::decode(&bytes).expect("a readable lease record")
+    }
+
+    fn fixture() -> Fixture {
+        let fx = Fixture::new(LEASE);
+        *fx.worker.holder.borrow_mut() = "envoy-test".into();
+        fx
+    }
+
+    #[test]
+    fn take_spend_locally_and_renew() {
+        let fx = fixture();
+        let first = keyed("/a", "k");
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&first), Flow::Pause);
+        let call = first.last_call();
+        assert_eq!(call.header(":path"), Some("/v1/leases"));
+        assert_eq!(
+            call.body,
+            json!({"account": "k", "want": 3, "min": 1, "request_id": "req-1", "holder": "envoy-test"})
+        );
+        assert_eq!(
+            gate.on_callout_response(&first, call.token, &grant("ls_1", 3)),
+            Flow::Continue
+        );
+        assert_eq!(
+            first.upstream_header("x-farebox-account").as_deref(),
+            Some("acct_l")
+        );
+        assert_eq!((record(&first).used, record(&first).granted), (1, 3));
+
+        // Two more requests, from another worker: spent locally, no call.
+        for _ in 0..2 {
+            let other = first.sibling("GET", "/a", &[("x-api-key", "k")]);
+            assert_eq!(fx.gate().on_request_headers(&other), Flow::Continue);
+            assert!(other.calls.borrow().is_empty());
+            assert_eq!(
+                other.upstream_header("x-farebox-account").as_deref(),
+                Some("acct_l")
+            );
+        }
+        assert_eq!(record(&first).used, 3);
+
+        // Exhausted: the next one renews; the old lease is settled with its exact total.
+        let next = first.sibling("GET", "/a", &[("x-api-key", "k")]);
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&next), Flow::Pause);
+        assert_eq!(
+            gate.on_callout_response(&next, next.last_call().token, &grant("ls_2", 3)),
+            Flow::Continue
+        );
+        assert_eq!(next.count_of(Metric::LeaseRenewals), 1);
+        let root = first.sibling("GET", "/", &[]);
+        fx.worker.tick(&root, &fx.cfg);
+        let settle = root.last_call();
+        assert_eq!(settle.header(":path"), Some("/v1/leases/ls_1/settle"));
+        assert_eq!(settle.body, json!({"used": 3, "final": true}));
+        assert_eq!(record(&first).lease_id, "ls_2");
+    }
+
+    #[test]
+    fn requests_wait_for_the_one_lease_call() {
+        let fx = fixture();
+        let first = keyed("/a", "k");
+        let mut taker = fx.gate();
+        assert_eq!(taker.on_request_headers(&first), Flow::Pause);
+        let mut waiters: Vec<(FakeHost, Gate)> = Vec::new();
+        for _ in 0..5 {
+            let host = first.sibling("GET", "/a", &[("x-api-key", "k")]);
+            let mut gate = fx.gate();
+            assert_eq!(gate.on_request_headers(&host), Flow::Park);
+            assert_eq!(gate.on_request_body(), Flow::Pause);
+            assert!(
+                host.calls.borrow().is_empty(),
+                "one lease call per account at a time"
+            );
+            waiters.push((host, gate));
+        }
+        // Still renewing: a wake changes nothing.
+        let (h0, g0) = &mut waiters[0];
+        assert_eq!(g0.on_wake(h0), Flow::Park);
+        assert_eq!(
+            taker.on_callout_response(&first, first.last_call().token, &grant("ls_1", 4)),
+            Flow::Continue
+        );
+        let flows: Vec<Flow> = waiters.iter_mut().map(|(h, g)| g.on_wake(h)).collect();
+        // 4 units: the taker's and three waiters'; the fourth waiter takes the next lease.
+        assert_eq!(flows[..3], [Flow::Continue; 3]);
+        assert_eq!(flows[3], Flow::Pause);
+        assert_eq!(waiters[3].0.calls.borrow().len(), 1);
+        assert_eq!(flows[4], Flow::Park);
+    }
+
+    #[test]
+    fn a_waiter_is_not_left_hanging() {
+        let fx = fixture();
+        let first = keyed("/a", "k");
+        fx.gate().on_request_headers(&first);
+        let host = first.sibling("GET", "/a", &[("x-api-key", "k")]);
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&host), Flow::Park);
+        host.advance(1_000);
+        assert_eq!(gate.on_wake(&host), Flow::Park);
+        host.advance(10_000);
+        assert_eq!(gate.on_wake(&host), Flow::Pause);
+        assert_eq!(host.reply().unwrap().status, 503);
+    }
+
+    #[test]
+    fn lease_denied_is_402_and_frees_the_lock() {
+        let fx = fixture();
+        let deny = answer(
+            402,
+            &[("cache-control", "max-age=5")],
+            json!({"balance": 0, "price": 1}),
+        );
+        let (host, _) = with_answer(&fx, keyed("/a", "k"), deny);
+        assert_eq!(host.reply().unwrap().status, 402);
+        assert_eq!(record(&host).renewing_until_ms, 0);
+        // Cached: the next request is refused with no call.
+        let again = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        fx.gate().on_request_headers(&again);
+        assert!(again.calls.borrow().is_empty());
+        assert_eq!(again.reply().unwrap().status, 402);
+    }
+
+    #[test]
+    fn lost_lease_answer_is_cancelled() {
+        let fx = fixture();
+        let (host, _) = with_answer(&fx, keyed("/a", "k"), answer(504, &[], Value::Null));
+        assert_eq!(host.reply().unwrap().status, 503);
+        assert_eq!(record(&host).renewing_until_ms, 0);
+        let root = host.sibling("GET", "/", &[]);
+        fx.worker.tick(&root, &fx.cfg);
+        let cancel = root.last_call();
+        assert_eq!(cancel.header(":path"), Some("/v1/leases/cancel"));
+        assert_eq!(cancel.body, json!({"request_id": "req-1"}));
+        // A client that leaves while the lease call is in flight: the same.
+        let host = keyed("/a", "k");
+        let mut gate = fx.gate();
+        gate.on_request_headers(&host);
+        gate.on_log(&host);
+        assert_eq!(record(&host).renewing_until_ms, 0);
+        // The first cancel is in flight, this one waits for the next tick.
+        assert_eq!(fx.queued_refunds(), 2);
+    }
+
+    #[test]
+    fn periodic_settle_then_final_at_expiry() {
+        let fx = fixture();
+        let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+        let root = host.sibling("GET", "/", &[]);
+        fx.worker.tick(&root, &fx.cfg);
+        assert!(root.calls.borrow().is_empty(), "not due yet");
+        root.advance(1_000);
+        fx.worker.tick(&root, &fx.cfg);
+        let settle = root.last_call();
+        assert_eq!(settle.body, json!({"used": 1, "final": false}));
+        fx.worker.on_outbox_response(&root, settle.token, Some(200));
+        assert_eq!(record(&host).reported, 1);
+        // Nothing new spent: no call at the next interval.
+        root.advance(1_000);
+        fx.worker.tick(&root, &fx.cfg);
+        assert_eq!(root.calls.borrow().len(), 1);
+        // Past the spend deadline (30 s - 2 s margin): closed and settled for good.
+        root.advance(27_000);
+        fx.worker.tick(&root, &fx.cfg);
+        let last = root.last_call();
+        assert_eq!(last.body, json!({"used": 1, "final": true}));
+        assert!(!record(&host).has_lease());
+        // And a request now needs a new lease.
+        let later = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        later.advance(29_000);
+        assert_eq!(fx.gate().on_request_headers(&later), Flow::Pause);
+        assert_eq!(later.last_call().header(":path"), Some("/v1/leases"));
+    }
+
+    #[test]
+    fn unserved_requests_give_their_units_back() {
+        let fx = fixture();
+        let (host, mut gate) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+        assert_eq!(record(&host).used, 1);
+        host.set_status(503);
+        gate.on_response_headers(&host);
+        assert_eq!(record(&host).used, 0);
+        assert_eq!(host.count_of(Metric::Refunds), 1);
+        assert_eq!(fx.queued_refunds(), 0, "a lease refund is local");
+    }
+
+    #[test]
+    fn many_workers_never_overspend_a_lease() {
+        let fx = fixture();
+        let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+        let mut allowed = 1;
+        let mut calls = 0;
+        for _ in 0..20 {
+            let other = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+            match fx.gate().on_request_headers(&other) {
+                Flow::Continue => allowed += 1,
+                Flow::Pause => calls += other.calls.borrow().len(),
+                Flow::Park => {}
+            }
+        }
+        assert_eq!(allowed, 3, "exactly the granted units");
+        assert_eq!(calls, 1, "then one renewal, the rest wait");
+    }
 }

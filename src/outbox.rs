@@ -1,0 +1,273 @@
+//! Calls to the balance service that must outlive the request that caused
+//! them: refunds, lease settlements and lease cancellations.
+//!
+//! They are sent from the root context's timer, not from the request's own
+//! context: Envoy cancels a context's pending calls when its stream ends. Each
+//! of them is idempotent on the service side, so retrying is always safe.
+
+use std::collections::VecDeque;
+
+use crate::balance_api::{cancel_body, classify_outcome, refund_body, settle_body, CallOutcome};
+use crate::config::Config;
+use crate::host::Host;
+use crate::metrics::Metric;
+
+/// Attempts before a job is given up (and logged as lost): about a minute of backoff.
+pub const MAX_ATTEMPTS: u32 = 7;
+const FIRST_BACKOFF_MS: u64 = 1_000;
+/// Jobs waiting beyond this are dropped oldest first (and logged), so a dead
+/// service cannot make the queue grow without bound.
+pub const MAX_QUEUED: usize = 10_000;
+const MAX_IN_FLIGHT: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// Give back a charged request the upstream did not serve.
+    Refund {
+        request_id: String,
+        /// The credential, as the contract identifies the payer by it. Never logged.
+        account: String,
+        cost: u64,
+        status: u16,
+    },
+    /// Report a lease's total use; `last` closes it and returns the rest.
+    Settle {
+        lease_key: String,
+        lease_id: String,
+        used: u64,
+        last: bool,
+    },
+    /// Release a lease whose grant we never saw (the answer was lost).
+    Cancel { request_id: String },
+}
+
+impl Job {
+    fn failure_metric(&self) -> Metric {
+        match self {
+            Job::Refund { .. } => Metric::RefundFailures,
+            Job::Settle { .. } | Job::Cancel { .. } => Metric::SettleFailures,
+        }
+    }
+
+    fn success_metric(&self) -> Metric {
+        match self {
+            Job::Refund { .. } => Metric::Refunds,
+            Job::Settle { .. } | Job::Cancel { .. } => Metric::Settles,
+        }
+    }
+
+    /// A periodic settle is superseded by the next one, so it is never retried.
+    fn retried(&self) -> bool {
+        !matches!(self, Job::Settle { last: false, .. })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Job::Refund {
+                request_id,
+                cost,
+                status,
+                ..
+            } => {
+                format!("refund of request {request_id} ({cost} units, upstream status {status})")
+            }
+            Job::Settle {
+                lease_id,
+                used,
+                last,
+                ..
+            } => {
+                format!(
+                    "{} settle of lease {lease_id} ({used} units used)",
+                    if *last { "final" } else { "periodic" }
+                )
+            }
+            Job::Cancel { request_id } => {
+                format!("cancel of the lease taken by request {request_id}")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Task {
+    job: Job,
+    attempts: u32,
+    due_ms: u64,
+}
+
+/// A job the service has answered for good (or that was given up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub job: Job,
+    pub ok: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Outbox {
+    waiting: VecDeque<Task>,
+    in_flight: Vec<(u32, Task)>,
+}
+
+impl Outbox {
+    pub fn push(&mut self, host: &impl Host, job: Job) {
+        if self.waiting.len() >= MAX_QUEUED {
+            if let Some(dropped) = self.waiting.pop_front() {
+                host.count(dropped.job.failure_metric());
+                log::error!("outbox full: {} dropped", dropped.job.describe());
+            }
+        }
+        self.waiting.push_back(Task {
+            job,
+            attempts: 0,
+            due_ms: 0,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len() + self.in_flight.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sends the jobs that are due. Returns the ones given up for good.
+    pub fn flush(&mut self, host: &impl Host, cfg: &Config) -> Vec<Finished> {
+        let now = host.now_ms();
+        let mut later = VecDeque::new();
+        let mut finished = Vec::new();
+        while let Some(task) = self.waiting.pop_front() {
+            if task.due_ms > now || self.in_flight.len() >= MAX_IN_FLIGHT {
+                later.push_back(task);
+                continue;
+            }
+            let (path, body, request_id) = match &task.job {
+                Job::Refund {
+                    request_id,
+                    account,
+                    cost,
+                    status,
+                } => (
+                    cfg.refund_path.clone(),
+                    refund_body(request_id, account, *cost, *status),
+                    request_id.clone(),
+                ),
+                Job::Settle {
+                    lease_id,
+                    used,
+                    last,
+                    ..
+                } => (
+                    format!("{}/{lease_id}/settle", cfg.lease.path),
+                    settle_body(*used, *last),
+                    format!("{lease_id}-settle-{used}"),
+                ),
+                Job::Cancel { request_id } => (
+                    format!("{}/cancel", cfg.lease.path),
+                    cancel_body(request_id),
+                    format!("{request_id}-cancel"),
+                ),
+            };
+            let auth = cfg.service_token.as_ref().map(|t| format!("Bearer {t}"));
+            let mut headers = vec![
+                (":method", "POST"),
+                (":path", path.as_str()),
+                (":authority", cfg.authority.as_str()),
+                ("content-type", "application/json"),
+                ("x-request-id", request_id.as_str()),
+            ];
+            if let Some(a) = &auth {
+                headers.push(("authorization", a.as_str()));
+            }
+            match host.dispatch(&cfg.cluster, &headers, &body, cfg.timeout) {
+                Ok(token) => self.in_flight.push((token, task)),
+                Err(e) => {
+                    log::warn!("{} not sent: {e}", task.job.describe());
+                    finished.extend(self.retry_later(host, task, now, &mut later));
+                }
+            }
+        }
+        self.waiting = later;
+        finished
+    }
+
+    /// The service answered (or the call failed) for the job sent with `token`.
+    /// `None` when the token is not ours or the job will be retried.
+    pub fn on_response(
+        &mut self,
+        host: &impl Host,
+        token: u32,
+        status: Option<u16>,
+    ) -> Option<Finished> {
+        let pos = self.in_flight.iter().position(|(t, _)| *t == token)?;
+        let (_, task) = self.in_flight.swap_remove(pos);
+        match classify_outcome(status) {
+            CallOutcome::Done => {
+                host.count(task.job.success_metric());
+                log::info!("{} done", task.job.describe());
+                Some(Finished {
+                    job: task.job,
+                    ok: true,
+                })
+            }
+            // 404 on a refund or cancel: nothing was charged or granted; nothing is lost.
+            CallOutcome::Rejected(404) if !matches!(task.job, Job::Settle { .. }) => {
+                log::debug!("{}: nothing to undo", task.job.describe());
+                Some(Finished {
+                    job: task.job,
+                    ok: true,
+                })
+            }
+            CallOutcome::Rejected(s) => {
+                host.count(task.job.failure_metric());
+                log::error!(
+                    "{} rejected by the balance service (status {s})",
+                    task.job.describe()
+                );
+                Some(Finished {
+                    job: task.job,
+                    ok: false,
+                })
+            }
+            CallOutcome::Retry(s) => {
+                log::warn!("{} failed (status {s:?})", task.job.describe());
+                let mut later = VecDeque::new();
+                let given_up = self.retry_later(host, task, host.now_ms(), &mut later);
+                self.waiting.extend(later);
+                given_up
+            }
+        }
+    }
+
+    fn retry_later(
+        &mut self,
+        host: &impl Host,
+        mut task: Task,
+        now: u64,
+        into: &mut VecDeque<Task>,
+    ) -> Option<Finished> {
+        host.count(task.job.failure_metric());
+        task.attempts += 1;
+        if !task.job.retried() {
+            return Some(Finished {
+                job: task.job,
+                ok: false,
+            });
+        }
+        if task.attempts >= MAX_ATTEMPTS {
+            log::error!(
+                "{} given up after {} attempts",
+                task.job.describe(),
+                task.attempts
+            );
+            return Some(Finished {
+                job: task.job,
+                ok: false,
+            });
+        }
+        task.due_ms = now + (FIRST_BACKOFF_MS << (task.attempts - 1).min(16));
+        into.push_back(task);
+        None
+    }
+}
