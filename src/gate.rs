@@ -181,22 +181,8 @@ impl Gate {
 
         let cache_key = (cfg.cache_max_entries > 0)
             .then(|| CacheKey::new(&cfg.fingerprint, &route, cost, &credential));
-        if let Some(key) = &cache_key {
-            let slot = key.slot_key(cfg.cache_max_entries);
-            if let Some((bytes, cas)) = host.shared_get(&slot) {
-                match cache::lookup(key, &bytes, host.now_ms()) {
-                    Lookup::Fresh(entry) => {
-                        host.count(Metric::CacheHits);
-                        let freshness = Freshness::Private(entry.remaining_s(host.now_ms()));
-                        return self.act(host, &cfg, &route, entry.decision, freshness, None);
-                    }
-                    // Clearing frees the value's memory; losing a CAS race to a fresh write is fine.
-                    Lookup::Expired => {
-                        host.shared_set(&slot, &[], cas);
-                    }
-                    Lookup::Miss => {}
-                }
-            }
+        if let Some(flow) = self.serve_cached(host, &cfg, cache_key.as_ref(), &route) {
+            return flow;
         }
 
         let pending = Pending {
@@ -211,6 +197,32 @@ impl Gate {
         match cfg.mode {
             Mode::Authorize => self.authorize(host, &cfg, &method, &path, pending),
             Mode::Lease => self.spend_from_lease(host, &cfg, pending),
+        }
+    }
+
+    /// Acts on a fresh cached decision, if there is one.
+    fn serve_cached(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        key: Option<&CacheKey>,
+        route: &str,
+    ) -> Option<Flow> {
+        let key = key?;
+        let slot = key.slot_key(cfg.cache_max_entries);
+        let (bytes, cas) = host.shared_get(&slot)?;
+        match cache::lookup(key, &bytes, host.now_ms()) {
+            Lookup::Fresh(entry) => {
+                host.count(Metric::CacheHits);
+                let freshness = Freshness::Private(entry.remaining_s(host.now_ms()));
+                Some(self.act(host, cfg, route, entry.decision, freshness, None))
+            }
+            // Clearing frees the value's memory; losing a CAS race to a fresh write is fine.
+            Lookup::Expired => {
+                host.shared_set(&slot, &[], cas);
+                None
+            }
+            Lookup::Miss => None,
         }
     }
 
@@ -315,6 +327,7 @@ impl Gate {
         match call(host, cfg, &cfg.lease.path, &p.request_id, &body) {
             Ok(token) => {
                 host.count(Metric::Callouts);
+                log::debug!("request {}: lease call {token} started", p.request_id);
                 p.token = token;
                 self.stage = Stage::Leasing(Box::new(p));
                 Flow::Pause
@@ -350,6 +363,11 @@ impl Gate {
             host.count(Metric::CalloutFailures);
             log::warn!("request {} waited too long for a lease", p.request_id);
             return self.fail(host, &cfg, None);
+        }
+        // The lease call we waited for may have ended in a cacheable refusal (a 402
+        // when the account ran dry): serve it rather than ask again.
+        if let Some(flow) = self.serve_cached(host, &cfg, p.cache_key.as_ref(), &p.route) {
+            return flow;
         }
         self.spend_from_lease(host, &cfg, *p)
     }
@@ -552,6 +570,9 @@ impl Gate {
         let Stage::Forwarded { charge, balance } = &mut self.stage else {
             return;
         };
+        if charge.is_none() && (balance.is_none() || cfg.balance_header.is_none()) {
+            return; // nothing to give back and nothing to tell: skip the header reads
+        }
         let status = host.response_header(":status").and_then(|s| {
             std::str::from_utf8(&s)
                 .ok()

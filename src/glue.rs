@@ -71,10 +71,15 @@ impl Host for WasmHost {
         body: &[u8],
         timeout: Duration,
     ) -> Result<u32, String> {
-        hostcalls::dispatch_http_call(cluster, headers.to_vec(), Some(body), vec![], timeout)
-            .map_err(|status| {
+        let token =
+            hostcalls::dispatch_http_call(cluster, headers.to_vec(), Some(body), vec![], timeout)
+                .map_err(|status| {
                 format!("host refused the call ({status:?}); is the cluster defined?")
-            })
+            })?;
+        self.calls_started
+            .set(self.calls_started.get().wrapping_add(1));
+        self.last_call.set(token);
+        Ok(token)
     }
 
     fn now_ms(&self) -> u64 {
@@ -201,6 +206,9 @@ impl Root {
                 // A call made while the root is the active context answers to the root.
                 Some(Flow::Pause) if self.host.calls_started.get() != calls_before => {
                     let token = self.host.last_call.get();
+                    log::debug!(
+                        "woken stream {id} made call {token}; its answer comes to the root"
+                    );
                     self.waiting.borrow_mut().calls.insert(token, (id, gate));
                 }
                 _ => {}
@@ -223,6 +231,10 @@ impl Context for Root {
         _trailers: usize,
     ) {
         let routed = self.waiting.borrow_mut().calls.remove(&token);
+        log::debug!(
+            "root got the answer to call {token} (routed to a stream: {})",
+            routed.is_some()
+        );
         match routed {
             Some((id, gate)) => {
                 // The answer belongs to the stream that made the call: read it as that stream.

@@ -762,3 +762,23 @@ mod lease_mode {
         assert_eq!(calls, 1, "then one renewal, the rest wait");
     }
 }
+
+#[test]
+fn waiters_take_a_cached_refusal_instead_of_asking_again() {
+    let fx = Fixture::new(r#"{"cluster": "balance", "mode": "lease", "lease_want": 3}"#);
+    let first = keyed("/a", "k");
+    let mut taker = fx.gate();
+    taker.on_request_headers(&first);
+    let waiter = first.sibling("GET", "/a", &[("x-api-key", "k")]);
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&waiter), Flow::Park);
+    let deny = answer(
+        402,
+        &[("cache-control", "max-age=5")],
+        json!({"balance": 0, "price": 1}),
+    );
+    taker.on_callout_response(&first, first.last_call().token, &deny);
+    assert_eq!(gate.on_wake(&waiter), Flow::Pause);
+    assert!(waiter.calls.borrow().is_empty(), "no second lease call");
+    assert_eq!(waiter.reply().unwrap().status, 402);
+}

@@ -383,6 +383,8 @@ pub struct BalanceOpts {
     pub auth_max_age: Option<u64>,
     pub deny_retry_after: Option<u64>,
     pub extra_args: Vec<String>,
+    /// Where to listen (default: a free loopback port), e.g. to restart on the same port.
+    pub listen: Option<SocketAddr>,
 }
 
 /// The reference balance service (`farebox-balance`).
@@ -396,7 +398,8 @@ impl BalanceService {
         let db = dir.join("balance.sqlite");
         let mut args = vec![
             "--listen".to_string(),
-            "127.0.0.1:0".to_string(),
+            opts.listen
+                .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string()),
             "--db".to_string(),
             db.display().to_string(),
             "--admin-token".to_string(),
@@ -696,6 +699,11 @@ pub struct Envoy {
 }
 
 impl Envoy {
+    /// Kills Envoy at once (SIGKILL): no drain, no goodbye to the balance service.
+    pub fn stop_now(&mut self) {
+        self.proc.stop();
+    }
+
     fn command(dir: &Path, opts: &EnvoyOpts) -> (Command, PathBuf, PathBuf) {
         let wasm = opts.wasm.clone().unwrap_or_else(wasm_path);
         let yaml = render_envoy_yaml(
@@ -1246,6 +1254,40 @@ pub fn decode_chunked(data: &[u8]) -> Option<(Vec<u8>, usize)> {
 }
 
 /// Sends many requests in parallel (one thread each) and returns the answers in order.
+/// `total` requests over `connections` threads, each sending its share one after another.
+pub fn load(
+    addr: SocketAddr,
+    total: usize,
+    connections: usize,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Vec<Response> {
+    let owned: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let handles: Vec<_> = (0..connections)
+        .map(|i| {
+            let share = total / connections + usize::from(i < total % connections);
+            let (owned, method, path) = (owned.clone(), method.to_string(), path.to_string());
+            thread::spawn(move || {
+                let hs: Vec<(&str, &str)> = owned
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                (0..share)
+                    .map(|_| http(addr, &method, &path, &hs, b""))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("load thread panicked"))
+        .collect()
+}
+
 pub fn parallel_requests(
     addr: SocketAddr,
     n: usize,
