@@ -5,9 +5,11 @@ use std::fmt;
 
 use serde_json::{json, Value};
 
-use crate::config::MAX_AMOUNT;
+use crate::config::{Config, MAX_AMOUNT};
 use crate::decision::{Decision, Denial};
+use crate::host::Host;
 use crate::lease::Grant;
+use crate::payments::{Offer, Payment};
 
 /// Larger answers are not read: no sane decision needs more, and a lying
 /// service must not make us copy megabytes into the VM.
@@ -77,25 +79,58 @@ impl fmt::Display for ServiceFailure {
 }
 
 pub struct AuthorizeRequest<'a> {
-    pub account: &'a str,
+    /// `None` for an anonymous request (no credential; it may carry a payment).
+    pub account: Option<&'a str>,
     pub cost: u64,
     pub route: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub request_id: &'a str,
+    pub payment: Option<&'a Payment>,
 }
 
 pub fn authorize_body(r: &AuthorizeRequest<'_>) -> Vec<u8> {
-    json!({
+    let mut body = json!({
         "account": r.account,
         "cost": r.cost,
         "route": r.route,
         "method": r.method,
         "path": r.path,
         "request_id": r.request_id,
-    })
-    .to_string()
-    .into_bytes()
+    });
+    if let (Some(p), Some(obj)) = (r.payment, body.as_object_mut()) {
+        obj.insert("payment".into(), Value::String(p.value.clone()));
+        obj.insert("payment_scheme".into(), Value::String(p.scheme.into()));
+    }
+    body.to_string().into_bytes()
+}
+
+/// Starts a call to the balance service with the contract's headers.
+pub fn call(
+    host: &impl Host,
+    cfg: &Config,
+    path: &str,
+    request_id: &str,
+    body: &[u8],
+) -> Result<u32, String> {
+    let auth = cfg.service_token.as_ref().map(|t| format!("Bearer {t}"));
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", cfg.authority.as_str()),
+        ("content-type", "application/json"),
+        ("x-request-id", request_id),
+    ];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    host.dispatch(&cfg.cluster, &headers, body, cfg.timeout)
+}
+
+pub fn usage_body(request_id: &str, account: &str, actual: u64) -> Vec<u8> {
+    json!({"request_id": request_id, "account": account, "actual": actual})
+        .to_string()
+        .into_bytes()
 }
 
 pub fn refund_body(request_id: &str, account: &str, cost: u64, status: u16) -> Vec<u8> {
@@ -137,9 +172,14 @@ pub fn parse_authorize(
                 }
             };
             let balance = optional_i64(body.get("balance"))?;
+            let payment_response = body
+                .get("payment_response")
+                .filter(|v| v.is_object())
+                .cloned();
             Decision::Allow {
                 account_id,
                 balance,
+                payment_response,
             }
         }
         // A 402 is a refusal whatever its body says, so a poor body only loses detail.
@@ -160,6 +200,7 @@ pub fn parse_authorize(
                 price,
                 detail,
                 retry_after_s: resp.header("retry-after").and_then(parse_retry_after),
+                offer: Offer::from_answer(&body),
             })
         }
         401 => Decision::Unauthenticated,
@@ -385,7 +426,8 @@ mod tests {
             v.decision,
             Decision::Allow {
                 account_id: "acct_a".into(),
-                balance: Some(93)
+                balance: Some(93),
+                payment_response: None,
             }
         );
         assert_eq!(v.max_age_s, None);
@@ -399,7 +441,8 @@ mod tests {
             v.decision,
             Decision::Allow {
                 account_id: "a".into(),
-                balance: None
+                balance: None,
+                payment_response: None,
             }
         );
         assert_eq!(v.max_age_s, Some(10));
@@ -413,7 +456,8 @@ mod tests {
             v.decision,
             Decision::Allow {
                 account_id: "a".into(),
-                balance: Some(-5)
+                balance: Some(-5),
+                payment_response: None,
             }
         );
     }
@@ -432,7 +476,8 @@ mod tests {
                 balance: Some(2),
                 price: 5,
                 detail: "top up".into(),
-                retry_after_s: Some(60)
+                retry_after_s: Some(60),
+                offer: Default::default(),
             })
         );
         assert_eq!(v.max_age_s, Some(30));
@@ -575,18 +620,41 @@ mod tests {
     #[test]
     fn request_bodies_are_the_contract() {
         let body = authorize_body(&AuthorizeRequest {
-            account: "k\"ey",
+            account: Some("k\"ey"),
             cost: 5,
             route: "infer",
             method: "POST",
             path: "/v1/x",
             request_id: "r1",
+            payment: None,
         });
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(
             v,
             json!({"account": "k\"ey", "cost": 5, "route": "infer", "method": "POST", "path": "/v1/x", "request_id": "r1"})
         );
+        // Anonymous, paying: no account, the payment as sent.
+        let payment = Payment {
+            scheme: "x402",
+            value: "eyJwYXkiOjF9".into(),
+        };
+        let body = authorize_body(&AuthorizeRequest {
+            account: None,
+            cost: 5,
+            route: "infer",
+            method: "POST",
+            path: "/v1/x",
+            request_id: "r2",
+            payment: Some(&payment),
+        });
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["account"], Value::Null);
+        assert_eq!(
+            (v["payment"].as_str(), v["payment_scheme"].as_str()),
+            (Some("eyJwYXkiOjF9"), Some("x402"))
+        );
+        let v: Value = serde_json::from_slice(&usage_body("r1", "k", 42)).unwrap();
+        assert_eq!(v, json!({"request_id": "r1", "account": "k", "actual": 42}));
         let v: Value = serde_json::from_slice(&refund_body("r1", "k", 5, 503)).unwrap();
         assert_eq!(
             v,

@@ -92,6 +92,7 @@ pub fn encode(key: &CacheKey, entry: &Entry) -> Vec<u8> {
         Decision::Allow {
             account_id,
             balance,
+            ..
         } => {
             out.push(ALLOW);
             put_opt_i64(&mut out, *balance);
@@ -128,6 +129,7 @@ pub fn decode(key: &CacheKey, bytes: &[u8]) -> Option<Entry> {
             Decision::Allow {
                 account_id: r.string()?,
                 balance,
+                payment_response: None,
             }
         }
         DENY => {
@@ -139,6 +141,7 @@ pub fn decode(key: &CacheKey, bytes: &[u8]) -> Option<Entry> {
                 price,
                 retry_after_s,
                 detail: r.string()?,
+                offer: Default::default(),
             })
         }
         UNAUTHENTICATED => Decision::Unauthenticated,
@@ -235,22 +238,26 @@ mod tests {
             Decision::Allow {
                 account_id: "acct_a".into(),
                 balance: Some(-3),
+                payment_response: None,
             },
             Decision::Allow {
                 account_id: "a".into(),
                 balance: None,
+                payment_response: None,
             },
             Decision::Deny(Denial {
                 balance: Some(2),
                 price: 5,
                 detail: "top up".into(),
                 retry_after_s: Some(9),
+                offer: Default::default(),
             }),
             Decision::Deny(Denial {
                 balance: None,
                 price: u64::MAX,
                 detail: String::new(),
                 retry_after_s: None,
+                offer: Default::default(),
             }),
             Decision::Unauthenticated,
             Decision::Forbidden,

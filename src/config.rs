@@ -4,11 +4,15 @@
 use std::fmt;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use serde_json::{Map, Value};
 
 use crate::identity::CredentialSource;
+use crate::mcp::McpPricing;
 use crate::pricing::{PathPattern, Pricing, Route};
 use crate::sha256;
+use crate::usage::UsageSpec;
 
 /// Largest integer every JSON implementation reads exactly (2^53 - 1).
 pub const MAX_AMOUNT: u64 = 9_007_199_254_740_991;
@@ -32,6 +36,14 @@ pub struct LeaseConfig {
     pub settle_interval_ms: u64,
     /// Stop spending this long before the service expires a lease.
     pub expiry_margin_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Challenges {
+    /// x402 v2: a `PAYMENT-REQUIRED` header.
+    pub x402: bool,
+    /// The HTTP Payment authentication scheme: `WWW-Authenticate: Payment …`.
+    pub payment: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +79,7 @@ pub struct Config {
     pub authority: String,
     pub authorize_path: String,
     pub refund_path: String,
+    pub usage_path: String,
     pub timeout: Duration,
     pub service_token: Option<String>,
     pub credential: CredentialSource,
@@ -79,6 +92,19 @@ pub struct Config {
     pub cache_max_entries: u32,
     pub cache_max_ttl_s: u32,
     pub problem_type_base: String,
+    /// Which machine-payable challenges a 402 carries when the service supplies them.
+    pub challenges: Challenges,
+    /// Forward `PAYMENT-SIGNATURE` / `Authorization: Payment` to the service.
+    pub accept_payments: bool,
+    /// Ask the service about requests with no credential (so it can offer a payment)
+    /// instead of answering 401 here.
+    pub anonymous: bool,
+    /// Browsers (`Accept: text/html`) get a small HTML page with the 402.
+    pub html_402: bool,
+    /// Largest request body read to price an MCP call; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Bytes of a JSON response kept to find its usage.
+    pub usage_tail_bytes: usize,
     /// Digest of the raw configuration. Part of every cache key, so a decision
     /// made under one configuration is never served under another.
     pub fingerprint: [u8; 32],
@@ -116,6 +142,7 @@ const TOP_FIELDS: &[&str] = &[
     "authority",
     "authorize_path",
     "refund_path",
+    "usage_path",
     "timeout_ms",
     "service_token",
     "credential",
@@ -130,6 +157,12 @@ const TOP_FIELDS: &[&str] = &[
     "cache_max_entries",
     "cache_max_ttl_s",
     "problem_type_base",
+    "challenges",
+    "accept_payments",
+    "anonymous",
+    "html_402",
+    "max_body_bytes",
+    "usage_tail_bytes",
 ];
 
 /// A JSON object whose fields are read by name; any field not in `allowed` is an error.
@@ -170,6 +203,17 @@ impl<'a> Obj<'a> {
             Some(v) => err(
                 self.field(key),
                 format!("must be a string, not {}", kind(v)),
+            ),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => err(
+                self.field(key),
+                format!("must be true or false, not {}", kind(v)),
             ),
         }
     }
@@ -294,6 +338,10 @@ impl Config {
             "refund_path".into(),
             top.str("refund_path")?.unwrap_or("/v1/refund"),
         )?;
+        let usage_path = http_path(
+            "usage_path".into(),
+            top.str("usage_path")?.unwrap_or("/v1/usage"),
+        )?;
         let timeout_ms = top.u64("timeout_ms", 1, MAX_TIMEOUT_MS)?.unwrap_or(500);
         let service_token = match top.str("service_token")? {
             Some(t) => Some(visible("service_token".into(), t, "service_token")?),
@@ -386,13 +434,53 @@ impl Config {
                 .unwrap_or(2_000),
         };
 
+        let challenges = match top.get("challenges") {
+            None => Challenges {
+                x402: true,
+                payment: true,
+            },
+            Some(Value::Array(items)) => {
+                let mut c = Challenges {
+                    x402: false,
+                    payment: false,
+                };
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_str() {
+                        Some("x402") => c.x402 = true,
+                        Some("payment") => c.payment = true,
+                        _ => {
+                            return err(
+                                format!("challenges[{i}]"),
+                                format!("{} is not \"x402\" or \"payment\"", show_str(item)),
+                            )
+                        }
+                    }
+                }
+                c
+            }
+            Some(v) => return err("challenges", format!("must be an array, not {}", kind(v))),
+        };
+        let accept_payments = top.bool("accept_payments")?.unwrap_or(true);
+        let anonymous = top.bool("anonymous")?.unwrap_or(false);
+        let html_402 = top.bool("html_402")?.unwrap_or(false);
+        let max_body_bytes = top.u64("max_body_bytes", 1, 16 << 20)?.unwrap_or(65_536) as usize;
+        let usage_tail_bytes =
+            top.u64("usage_tail_bytes", 64, 16 << 20)?.unwrap_or(65_536) as usize;
+
         Ok(Config {
+            challenges,
+            accept_payments,
+            anonymous,
+            html_402,
+            max_body_bytes,
+            usage_tail_bytes,
             mode,
             lease,
             cluster,
             authority,
             authorize_path,
             refund_path,
+            usage_path,
             timeout: Duration::from_millis(timeout_ms),
             service_token,
             credential,
@@ -468,7 +556,9 @@ fn parse_route(v: &Value, path: &str) -> Result<Route, ConfigError> {
     let obj = Obj::new(
         v,
         path,
-        &["name", "methods", "exact", "prefix", "glob", "cost"],
+        &[
+            "name", "methods", "exact", "prefix", "glob", "cost", "usage", "mcp",
+        ],
     )?;
     let name = match obj.str("name")? {
         Some(n) => route_name(obj.field("name"), n)?,
@@ -526,15 +616,148 @@ fn parse_route(v: &Value, path: &str) -> Result<Route, ConfigError> {
             }
         }
     };
-    let cost = match obj.u64("cost", 0, MAX_AMOUNT)? {
-        Some(c) => c,
-        None => return err(obj.field("cost"), "is required (0 makes the route free)"),
+    let usage = match obj.get("usage") {
+        Some(v) => Some(parse_usage(v, &obj.field("usage"))?),
+        None => None,
+    };
+    let mcp = match obj.get("mcp") {
+        Some(v) => Some(parse_mcp(v, &obj.field("mcp"))?),
+        None => None,
+    };
+    let cost = match (obj.u64("cost", 0, MAX_AMOUNT)?, &usage) {
+        (Some(_), Some(_)) => {
+            return err(
+                obj.field("cost"),
+                "leave it out with usage: usage.estimate is the price held",
+            )
+        }
+        (None, Some(u)) => u.estimate,
+        (Some(c), None) => c,
+        (None, None) => return err(obj.field("cost"), "is required (0 makes the route free)"),
     };
     Ok(Route {
         name,
         methods,
         pattern,
         cost,
+        usage,
+        mcp,
+    })
+}
+
+fn json_pointer(field: String, v: Option<&str>) -> Result<String, ConfigError> {
+    match v {
+        Some(p) if p.starts_with('/') && p.len() > 1 => Ok(p.to_string()),
+        Some(p) => err(
+            field,
+            format!("{p:?} is not a JSON pointer like \"/usage/total_tokens\""),
+        ),
+        None => err(field, "is required"),
+    }
+}
+
+fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
+    let obj = Obj::new(
+        v,
+        path,
+        &[
+            "json_pointer",
+            "unit_cost",
+            "input_pointer",
+            "input_unit_cost",
+            "output_pointer",
+            "output_unit_cost",
+            "estimate",
+        ],
+    )?;
+    let unit = |key: &str| -> Result<u64, ConfigError> {
+        match obj.u64(key, 0, MAX_AMOUNT)? {
+            Some(n) => Ok(n),
+            None => err(obj.field(key), "is required"),
+        }
+    };
+    let parts = if obj.get("json_pointer").is_some() {
+        vec![(
+            json_pointer(obj.field("json_pointer"), obj.str("json_pointer")?)?,
+            unit("unit_cost")?,
+        )]
+    } else if obj.get("input_pointer").is_some() || obj.get("output_pointer").is_some() {
+        vec![
+            (
+                json_pointer(obj.field("input_pointer"), obj.str("input_pointer")?)?,
+                unit("input_unit_cost")?,
+            ),
+            (
+                json_pointer(obj.field("output_pointer"), obj.str("output_pointer")?)?,
+                unit("output_unit_cost")?,
+            ),
+        ]
+    } else {
+        return err(
+            path,
+            "needs json_pointer and unit_cost, or input_/output_pointer and their unit costs",
+        );
+    };
+    let first = |p: &str| {
+        p.trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    if let [(a, _), (b, _)] = parts.as_slice() {
+        if first(a) != first(b) {
+            return err(
+                format!("{path}.output_pointer"),
+                "must start with the same member as input_pointer",
+            );
+        }
+    }
+    let estimate = match obj.u64("estimate", 1, MAX_AMOUNT)? {
+        Some(e) => e,
+        None => {
+            return err(
+                obj.field("estimate"),
+                "is required (the units held until the response is in)",
+            )
+        }
+    };
+    Ok(UsageSpec { parts, estimate })
+}
+
+fn parse_mcp(v: &Value, path: &str) -> Result<McpPricing, ConfigError> {
+    let obj = Obj::new(v, path, &["methods", "tools"])?;
+    let table = |key: &str| -> Result<BTreeMap<String, u64>, ConfigError> {
+        let mut out = BTreeMap::new();
+        match obj.get(key) {
+            None => {}
+            Some(Value::Object(m)) => {
+                for (name, cost) in m {
+                    match cost.as_u64().filter(|c| *c <= MAX_AMOUNT) {
+                        Some(c) if !name.is_empty() => {
+                            out.insert(name.clone(), c);
+                        }
+                        _ => {
+                            return err(
+                                format!("{}.{name}", obj.field(key)),
+                                format!("must be a whole-number cost, not {}", show(cost)),
+                            )
+                        }
+                    }
+                }
+            }
+            Some(v) => {
+                return err(
+                    obj.field(key),
+                    format!("must be an object of name: cost, not {}", kind(v)),
+                )
+            }
+        }
+        Ok(out)
+    };
+    Ok(McpPricing {
+        methods: table("methods")?,
+        tools: table("tools")?,
     })
 }
 
@@ -626,6 +849,111 @@ mod tests {
                 c.lease.expiry_margin_ms
             ),
             (100, 1_000, 2_000)
+        );
+    }
+
+    #[test]
+    fn usage_and_mcp_routes() {
+        let c = parse(
+            r#"{"cluster": "b", "routes": [
+                {"name": "chat", "prefix": "/v1/chat/", "usage": {"json_pointer": "/usage/total_tokens", "unit_cost": 2, "estimate": 500}},
+                {"name": "split", "prefix": "/v2/", "usage": {"input_pointer": "/usage/prompt_tokens", "input_unit_cost": 1,
+                                                            "output_pointer": "/usage/completion_tokens", "output_unit_cost": 3, "estimate": 10}},
+                {"name": "mcp", "exact": "/mcp", "cost": 1, "mcp": {"methods": {"tools/list": 0}, "tools": {"search": 5}}}
+            ], "challenges": ["x402"], "anonymous": true, "html_402": true, "max_body_bytes": 1024}"#,
+        )
+        .unwrap();
+        let chat = &c.pricing.routes[0];
+        assert_eq!(chat.cost, 500);
+        assert_eq!(
+            chat.usage.as_ref().unwrap().parts,
+            vec![("/usage/total_tokens".to_string(), 2)]
+        );
+        assert_eq!(c.pricing.routes[1].usage.as_ref().unwrap().parts.len(), 2);
+        assert_eq!(
+            c.pricing.routes[2]
+                .mcp
+                .as_ref()
+                .unwrap()
+                .tools
+                .get("search"),
+            Some(&5)
+        );
+        assert_eq!(
+            c.challenges,
+            Challenges {
+                x402: true,
+                payment: false
+            }
+        );
+        assert!(c.anonymous && c.html_402 && c.accept_payments);
+        assert_eq!(c.max_body_bytes, 1024);
+        let d = parse(r#"{"cluster": "b"}"#).unwrap();
+        assert_eq!(
+            d.challenges,
+            Challenges {
+                x402: true,
+                payment: true
+            }
+        );
+        assert!(!d.anonymous && !d.html_402);
+
+        let r = |route: &str| format!(r#"{{"cluster": "b", "routes": [{route}]}}"#);
+        assert_eq!(
+            field_of(&r(
+                r#"{"name": "a", "prefix": "/", "cost": 1, "usage": {"json_pointer": "/u", "unit_cost": 1, "estimate": 1}}"#
+            )),
+            "routes[0].cost"
+        );
+        assert_eq!(
+            field_of(&r(
+                r#"{"name": "a", "prefix": "/", "usage": {"json_pointer": "u", "unit_cost": 1, "estimate": 1}}"#
+            )),
+            "routes[0].usage.json_pointer"
+        );
+        assert_eq!(
+            field_of(&r(
+                r#"{"name": "a", "prefix": "/", "usage": {"json_pointer": "/u", "estimate": 1}}"#
+            )),
+            "routes[0].usage.unit_cost"
+        );
+        assert_eq!(
+            field_of(&r(
+                r#"{"name": "a", "prefix": "/", "usage": {"json_pointer": "/u", "unit_cost": 1}}"#
+            )),
+            "routes[0].usage.estimate"
+        );
+        assert_eq!(
+            field_of(&r(
+                r#"{"name": "a", "prefix": "/", "usage": {"estimate": 1}}"#
+            )),
+            "routes[0].usage"
+        );
+        assert_eq!(
+            field_of(&r(
+                r#"{"name": "a", "prefix": "/", "usage": {"input_pointer": "/a/x", "input_unit_cost": 1, "output_pointer": "/b/y", "output_unit_cost": 1, "estimate": 1}}"#
+            )),
+            "routes[0].usage.output_pointer"
+        );
+        assert_eq!(
+            field_of(&r(
+                r#"{"name": "a", "prefix": "/", "cost": 1, "mcp": {"tools": {"s": -1}}}"#
+            )),
+            "routes[0].mcp.tools.s"
+        );
+        assert_eq!(
+            field_of(&r(
+                r#"{"name": "a", "prefix": "/", "cost": 1, "mcp": {"prompts": {}}}"#
+            )),
+            "routes[0].mcp.prompts"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "challenges": ["l402"]}"#),
+            "challenges[0]"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "anonymous": "yes"}"#),
+            "anonymous"
         );
     }
 

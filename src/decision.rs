@@ -1,5 +1,9 @@
 //! What the balance service decided for one account and route.
 
+use serde_json::Value;
+
+use crate::payments::Offer;
+
 /// The outcome of an authorization, as the filter acts on it. Cached as is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -7,6 +11,8 @@ pub enum Decision {
     Allow {
         account_id: String,
         balance: Option<i64>,
+        /// x402 settlement of a payment the request carried, for `PAYMENT-RESPONSE`.
+        payment_response: Option<Value>,
     },
     /// 402: the account cannot pay.
     Deny(Denial),
@@ -18,10 +24,33 @@ pub enum Decision {
     RateLimited { retry_after_s: Option<u32> },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Denial {
     pub balance: Option<i64>,
     pub price: u64,
     pub detail: String,
     pub retry_after_s: Option<u32>,
+    /// Ways to pay right now (x402, Payment scheme), if the service offers any.
+    pub offer: Offer,
+}
+
+impl Decision {
+    /// Decisions about one payment, or carrying one-time challenges, are never reused.
+    pub fn cacheable(&self) -> bool {
+        match self {
+            Decision::Allow {
+                payment_response, ..
+            } => payment_response.is_none(),
+            Decision::Deny(d) => d.offer.is_empty(),
+            _ => true,
+        }
+    }
+
+    pub fn allow(account_id: impl Into<String>, balance: Option<i64>) -> Decision {
+        Decision::Allow {
+            account_id: account_id.into(),
+            balance,
+            payment_response: None,
+        }
+    }
 }

@@ -41,6 +41,8 @@ pub struct FakeHost {
     pub now: Cell<u64>,
     pub metrics: RefCell<HashMap<Metric, u64>>,
     pub refuse_dispatch: Cell<bool>,
+    pub request_body: RefCell<Vec<u8>>,
+    pub response_chunk: RefCell<Vec<u8>>,
     next_token: Cell<u32>,
 }
 
@@ -199,6 +201,16 @@ impl HttpHost for FakeHost {
         let mut headers = self.response_headers.borrow_mut();
         headers.retain(|(k, _)| k != name);
         headers.push((name.to_string(), value.as_bytes().to_vec()));
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        let body = self.request_body.borrow();
+        Some(body.get(..size.min(body.len()))?.to_vec())
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        let chunk = self.response_chunk.borrow();
+        Some(chunk.get(..size.min(chunk.len()))?.to_vec())
     }
 
     fn send_reply(&self, reply: &Reply) {

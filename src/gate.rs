@@ -1,24 +1,30 @@
 //! One request's way through the gate: price it, identify the caller, find a
-//! decision (cache, lease or balance service), act on it, and give the money
-//! back if the upstream does not serve it.
+//! decision (cache, lease or balance service), act on it, and settle what the
+//! request really cost: nothing if the upstream did not serve it, its usage
+//! if the route is priced by usage.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use serde_json::Value;
+
 use crate::balance_api::{
-    authorize_body, lease_body, parse_authorize, parse_lease, AuthorizeRequest, CalloutResponse,
-    LeaseAnswer, LeaseRequest, Verdict,
+    authorize_body, call, lease_body, parse_authorize, parse_lease, AuthorizeRequest,
+    CalloutResponse, LeaseAnswer, LeaseRequest, Verdict,
 };
 use crate::cache::{self, CacheKey, Entry, Lookup};
 use crate::config::{Config, FailureMode, Mode};
-use crate::decision::Decision;
+use crate::decision::{Decision, Denial};
 use crate::host::{Host, HttpHost};
 use crate::identity::IdentityError;
 use crate::lease::{self, Grant, LeaseRecord, Step};
+use crate::mcp;
 use crate::metrics::Metric;
 use crate::outbox::{Finished, Job, Outbox};
+use crate::payments::{self, Payment};
 use crate::pricing::normalize_path;
 use crate::response::{self, AuthProblem, Freshness, Reply};
+use crate::usage::{BodyKind, Meter};
 
 /// What the host should do with the request after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,17 +64,26 @@ enum Stage {
     Start,
     /// Nothing to bill: free route, or a request we answered ourselves.
     Done,
+    /// Reading the request body to price it (MCP).
+    AwaitingBody(Box<Request>),
     /// Authorize call in flight; the request is paused.
     Authorizing(Box<Pending>),
     /// Lease call in flight (we hold the account's renewal lock).
     Leasing(Box<Pending>),
     /// Waiting for another request's lease call.
     Parked(Box<Pending>),
-    /// Forwarded upstream; `charge` is set while the money can still be given back.
-    Forwarded {
-        charge: Option<Charge>,
-        balance: Option<i64>,
-    },
+    /// Forwarded upstream.
+    Forwarded(Box<Forwarded>),
+}
+
+/// What is known of a request before its price.
+#[derive(Debug)]
+struct Request {
+    method: String,
+    raw_path: String,
+    path: String,
+    /// Index of the matching route rule.
+    rule: Option<usize>,
 }
 
 /// A priced, identified request on its way to a decision.
@@ -76,11 +91,30 @@ enum Stage {
 struct Pending {
     token: u32,
     request_id: String,
-    credential: String,
+    /// `None`: anonymous (paying with `payment`, or asking what to pay).
+    credential: Option<String>,
+    payment: Option<Payment>,
     route: String,
     cost: u64,
     cache_key: Option<CacheKey>,
     parked_since_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct Forwarded {
+    /// Set while the money can still be given back or adjusted.
+    charge: Option<Charge>,
+    balance: Option<i64>,
+    /// Headers for the client's response (`PAYMENT-RESPONSE`).
+    headers: Vec<(&'static str, String)>,
+    /// Usage pricing: the hold, and the meter once the response type is known.
+    usage: Option<Metering>,
+}
+
+#[derive(Debug)]
+struct Metering {
+    hold: u64,
+    meter: Option<Meter>,
 }
 
 #[derive(Debug)]
@@ -95,26 +129,33 @@ enum Charge {
     Leased {
         key: String,
         lease_id: String,
+        request_id: String,
+        credential: String,
         cost: u64,
     },
 }
 
 impl Pending {
-    fn authorized(self) -> Charge {
-        Charge::Authorized {
+    /// What this request paid through authorize, if it can be given back
+    /// (anonymous payments are settled by the service and are not refunded here).
+    fn authorized(self) -> Option<Charge> {
+        let credential = self.credential?;
+        Some(Charge::Authorized {
             request_id: self.request_id,
-            credential: self.credential,
+            credential,
             cost: self.cost,
-        }
+        })
     }
+
     /// For a call that may have reached the service: undo whatever it did.
-    fn undo(self, status: u16) -> Job {
-        Job::Refund {
+    fn undo(self, status: u16) -> Option<Job> {
+        let account = self.credential?;
+        Some(Job::Refund {
             request_id: self.request_id,
-            account: self.credential,
+            account,
             cost: self.cost,
             status,
-        }
+        })
     }
 }
 
@@ -123,6 +164,10 @@ pub struct Gate {
     cfg: Option<Rc<Config>>,
     worker: Rc<Worker>,
     stage: Stage,
+    /// JSON-RPC id of an MCP call: refusals are JSON-RPC errors for it.
+    mcp_id: Option<Value>,
+    /// Index of the route rule that prices this request by usage.
+    usage_rule: Option<usize>,
 }
 
 impl Gate {
@@ -131,15 +176,25 @@ impl Gate {
             cfg,
             worker,
             stage: Stage::Start,
+            mcp_id: None,
+            usage_rule: None,
         }
     }
 
+    /// Request headers of a request without a body.
     pub fn on_request_headers(&mut self, host: &impl HttpHost) -> Flow {
+        self.on_request_headers_eos(host, true)
+    }
+
+    pub fn on_request_headers_eos(&mut self, host: &impl HttpHost, end_of_stream: bool) -> Flow {
         let Some(cfg) = self.cfg.clone() else {
             log::error!("farebox has no valid configuration; refusing the request");
             host.send_reply(&Reply {
                 status: 503,
-                headers: vec![("content-type", "application/problem+json".into()), ("cache-control", "no-store".into())],
+                headers: vec![
+                    ("content-type", "application/problem+json".into()),
+                    ("cache-control", "no-store".into()),
+                ],
                 body: br#"{"title":"Service Unavailable","status":503,"detail":"payment gate not configured"}"#.to_vec(),
             });
             self.stage = Stage::Done;
@@ -152,18 +207,137 @@ impl Gate {
         let raw_path = text(host.request_header(":path"));
         let path = normalize_path(&raw_path);
         let price = cfg.pricing.price(&method, &path);
-        if price.cost == 0 {
+        let rule = price
+            .rule
+            .and_then(|r| cfg.pricing.routes.iter().position(|x| std::ptr::eq(x, r)));
+        let (route, cost, wants_body) = (
+            price.route.to_string(),
+            price.cost,
+            price.rule.is_some_and(|r| r.mcp.is_some()),
+        );
+        let req = Request {
+            method,
+            raw_path,
+            path,
+            rule,
+        };
+        if wants_body {
+            if end_of_stream {
+                return self.priced_by_body(host, &cfg, req, &[]);
+            }
+            self.stage = Stage::AwaitingBody(Box::new(req));
+            return Flow::Pause;
+        }
+        self.proceed(host, &cfg, req, route, cost)
+    }
+
+    /// Body and trailers wait while the decision is pending: letting them continue
+    /// would make Envoy forward the paused headers before the request is paid for.
+    /// An MCP route reads the whole body (up to `max_body_bytes`) to price it.
+    pub fn on_request_body(
+        &mut self,
+        host: &impl HttpHost,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        match &self.stage {
+            Stage::AwaitingBody(_) => {}
+            Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => return Flow::Pause,
+            _ => return Flow::Continue,
+        }
+        let Some(cfg) = self.cfg.clone() else {
+            return Flow::Pause;
+        };
+        if body_size > cfg.max_body_bytes {
+            host.count(Metric::BodyTooLarge);
+            let detail = format!(
+                "the request body is larger than {} bytes",
+                cfg.max_body_bytes
+            );
+            return self.reply(host, &response::too_large(&cfg, &detail));
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        let Stage::AwaitingBody(req) = std::mem::replace(&mut self.stage, Stage::Done) else {
+            return Flow::Pause;
+        };
+        let body = host.request_body(body_size).unwrap_or_default();
+        self.priced_by_body(host, &cfg, *req, &body)
+    }
+
+    /// Trailers end the body: nothing is read from them.
+    pub fn on_request_trailers(&mut self, host: &impl HttpHost) -> Flow {
+        match &self.stage {
+            Stage::AwaitingBody(_) => {
+                let Some(cfg) = self.cfg.clone() else {
+                    return Flow::Pause;
+                };
+                let Stage::AwaitingBody(req) = std::mem::replace(&mut self.stage, Stage::Done)
+                else {
+                    return Flow::Pause;
+                };
+                let body = host.request_body(cfg.max_body_bytes).unwrap_or_default();
+                self.priced_by_body(host, &cfg, *req, &body)
+            }
+            Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => Flow::Pause,
+            _ => Flow::Continue,
+        }
+    }
+
+    fn priced_by_body(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        req: Request,
+        body: &[u8],
+    ) -> Flow {
+        let Some(rule) = req.rule.and_then(|i| cfg.pricing.routes.get(i)) else {
+            return self.proceed(
+                host,
+                cfg,
+                req,
+                cfg.pricing.default_route.clone(),
+                cfg.pricing.default_cost,
+            );
+        };
+        let Some(pricing) = &rule.mcp else {
+            return self.proceed(host, cfg, req, rule.name.clone(), rule.cost);
+        };
+        let price = pricing.price(body, rule.cost);
+        self.mcp_id = Some(price.id);
+        let route = format!("{}/{}", rule.name, price.what);
+        self.proceed(host, cfg, req, route, price.cost)
+    }
+
+    /// A priced request: identify the caller and find a decision.
+    fn proceed(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        req: Request,
+        route: String,
+        cost: u64,
+    ) -> Flow {
+        if cost == 0 {
             host.count(Metric::Free);
             self.stage = Stage::Done;
             return Flow::Continue;
         }
-        let (route, cost) = (price.route.to_string(), price.cost);
-
+        let payment = if cfg.accept_payments {
+            payments::payment_in(|n| host.request_header(n))
+        } else {
+            None
+        };
         let credential = match cfg
             .credential
-            .extract(|name| host.request_header(name), &raw_path)
+            .extract(|name| host.request_header(name), &req.raw_path)
         {
-            Ok(c) => c,
+            Ok(c) => Some(c),
+            // A payment stands in for a credential; so, when configured, does nothing at
+            // all (the service then answers with what to pay).
+            Err(_) if payment.is_some() => None,
+            Err(IdentityError::Missing) if cfg.anonymous => None,
             Err(e) => {
                 host.count(Metric::Unauthenticated);
                 let why = if e == IdentityError::Missing {
@@ -171,17 +345,31 @@ impl Gate {
                 } else {
                     AuthProblem::Invalid
                 };
-                log::debug!("401 on {method} {path}: {e}");
+                log::debug!("401 on {} {}: {e}", req.method, req.path);
                 return self.reply(
                     host,
-                    &response::unauthorized(&cfg, why, &e.to_string(), Freshness::NoStore),
+                    &response::unauthorized(cfg, why, &e.to_string(), Freshness::NoStore),
                 );
             }
         };
+        let metered = req
+            .rule
+            .and_then(|i| cfg.pricing.routes.get(i))
+            .is_some_and(|r| r.usage.is_some());
+        self.usage_rule = if metered && credential.is_some() {
+            req.rule
+        } else {
+            None
+        };
 
-        let cache_key = (cfg.cache_max_entries > 0)
-            .then(|| CacheKey::new(&cfg.fingerprint, &route, cost, &credential));
-        if let Some(flow) = self.serve_cached(host, &cfg, cache_key.as_ref(), &route) {
+        // Decisions about a payment, or about nobody, are never cached.
+        let cache_key = match (&credential, &payment) {
+            (Some(c), None) if cfg.cache_max_entries > 0 => {
+                Some(CacheKey::new(&cfg.fingerprint, &route, cost, c))
+            }
+            _ => None,
+        };
+        if let Some(flow) = self.serve_cached(host, cfg, cache_key.as_ref(), &route) {
             return flow;
         }
 
@@ -189,14 +377,18 @@ impl Gate {
             token: 0,
             request_id: self.request_id(host),
             credential,
+            payment,
             route,
             cost,
             cache_key,
             parked_since_ms: 0,
         };
-        match cfg.mode {
-            Mode::Authorize => self.authorize(host, &cfg, &method, &path, pending),
-            Mode::Lease => self.spend_from_lease(host, &cfg, pending),
+        let leased =
+            cfg.mode == Mode::Lease && pending.credential.is_some() && pending.payment.is_none();
+        if leased {
+            self.spend_from_lease(host, cfg, pending)
+        } else {
+            self.authorize(host, cfg, &req.method, &req.path, pending)
         }
     }
 
@@ -235,12 +427,13 @@ impl Gate {
         mut p: Pending,
     ) -> Flow {
         let body = authorize_body(&AuthorizeRequest {
-            account: &p.credential,
+            account: p.credential.as_deref(),
             cost: p.cost,
             route: &p.route,
             method,
             path,
             request_id: &p.request_id,
+            payment: p.payment.as_ref(),
         });
         match call(host, cfg, &cfg.authorize_path, &p.request_id, &body) {
             Ok(token) => {
@@ -264,7 +457,10 @@ impl Gate {
     /// Lease mode: pay from the account's lease, or take the renewal lock and ask
     /// for a new one, or wait for whoever holds the lock.
     fn spend_from_lease(&mut self, host: &impl HttpHost, cfg: &Config, mut p: Pending) -> Flow {
-        let key = lease::lease_key(&cfg.cluster, &p.credential);
+        let Some(credential) = p.credential.clone() else {
+            return self.fail(host, cfg, None);
+        };
+        let key = lease::lease_key(&cfg.cluster, &credential);
         let lock_ms = u64::try_from(cfg.timeout.as_millis())
             .unwrap_or(u64::MAX)
             .saturating_add(1_000);
@@ -277,12 +473,11 @@ impl Gate {
                         let charge = Charge::Leased {
                             key,
                             lease_id: record.lease_id.clone(),
+                            request_id: p.request_id,
+                            credential,
                             cost: p.cost,
                         };
-                        let allow = Decision::Allow {
-                            account_id: record.account_id,
-                            balance: None,
-                        };
+                        let allow = Decision::allow(record.account_id, None);
                         return self.act(
                             host,
                             cfg,
@@ -295,7 +490,7 @@ impl Gate {
                 }
                 Step::Lock { record } => {
                     if host.shared_set(&key, &record.encode(), cas) {
-                        return self.take_lease(host, cfg, key, p);
+                        return self.take_lease(host, cfg, key, &credential, p);
                     }
                 }
                 Step::Wait => break,
@@ -314,11 +509,12 @@ impl Gate {
         host: &impl HttpHost,
         cfg: &Config,
         key: String,
+        credential: &str,
         mut p: Pending,
     ) -> Flow {
         let holder = self.worker.holder.borrow().clone();
         let body = lease_body(&LeaseRequest {
-            account: &p.credential,
+            account: credential,
             want: lease::want(cfg.lease.want, p.cost),
             min: p.cost,
             request_id: &p.request_id,
@@ -372,15 +568,6 @@ impl Gate {
         self.spend_from_lease(host, &cfg, *p)
     }
 
-    /// Body and trailers wait while the decision is pending: letting them continue
-    /// would make Envoy forward the paused headers before the request is paid for.
-    pub fn on_request_body(&self) -> Flow {
-        match self.stage {
-            Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => Flow::Pause,
-            _ => Flow::Continue,
-        }
-    }
-
     /// The answer to our authorize or lease call. Returns `Continue` when the
     /// request may now go upstream (the caller resumes it).
     pub fn on_callout_response(
@@ -412,17 +599,15 @@ impl Gate {
     ) -> Flow {
         match parse_authorize(resp, p.cost, cfg.cache_max_ttl_s) {
             Ok(verdict) => {
-                let (route, freshness) = (
-                    p.route.clone(),
-                    self.remember(host, cfg, p.cache_key.as_ref(), &verdict),
-                );
+                let freshness = self.remember(host, cfg, p.cache_key.as_ref(), &verdict);
+                let route = p.route.clone();
                 self.act(
                     host,
                     cfg,
                     &route,
                     verdict.decision,
                     freshness,
-                    Some(p.authorized()),
+                    p.authorized(),
                 )
             }
             Err(failure) => {
@@ -432,10 +617,12 @@ impl Gate {
                 // before its answer was lost. Undoing an uncharged id is a no-op.
                 let charge = match cfg.failure_mode {
                     FailureMode::Closed => {
-                        self.worker.outbox.borrow_mut().push(host, p.undo(503));
+                        if let Some(job) = p.undo(503) {
+                            self.worker.outbox.borrow_mut().push(host, job);
+                        }
                         None
                     }
-                    FailureMode::Open => Some(p.authorized()),
+                    FailureMode::Open => p.authorized(),
                 };
                 self.fail(host, cfg, charge)
             }
@@ -449,7 +636,14 @@ impl Gate {
         p: Pending,
         resp: &CalloutResponse,
     ) -> Flow {
-        let key = lease::lease_key(&cfg.cluster, &p.credential);
+        log::debug!(
+            "request {}: lease call {} answered {:?}",
+            p.request_id,
+            p.token,
+            resp.status
+        );
+        let credential = p.credential.clone().unwrap_or_default();
+        let key = lease::lease_key(&cfg.cluster, &credential);
         match parse_lease(resp, p.cost, cfg.cache_max_ttl_s) {
             Ok(LeaseAnswer::Granted(grant)) => self.install(host, cfg, key, p, &grant),
             Ok(LeaseAnswer::Decided(verdict)) => {
@@ -497,20 +691,16 @@ impl Gate {
             }
             host.count(Metric::LeasesTaken);
             host.add(Metric::LeaseUnitsSpent, p.cost);
-            let mut outbox = self.worker.outbox.borrow_mut();
             if let Some(old) = replaced {
                 host.count(Metric::LeaseRenewals);
-                outbox.push(
-                    host,
-                    Job::Settle {
-                        lease_key: key.clone(),
-                        lease_id: old.lease_id,
-                        used: old.used,
-                        last: true,
-                    },
-                );
+                let settle = Job::Settle {
+                    lease_key: key.clone(),
+                    lease_id: old.lease_id,
+                    used: old.used,
+                    last: true,
+                };
+                self.worker.outbox.borrow_mut().push(host, settle);
             }
-            drop(outbox);
             self.worker.owned.borrow_mut().push(Owned {
                 key: key.clone(),
                 lease_id: grant.lease_id.clone(),
@@ -521,12 +711,11 @@ impl Gate {
             let charge = Charge::Leased {
                 key,
                 lease_id: grant.lease_id.clone(),
+                request_id: p.request_id,
+                credential: p.credential.unwrap_or_default(),
                 cost: p.cost,
             };
-            let allow = Decision::Allow {
-                account_id: grant.account_id.clone(),
-                balance: grant.balance,
-            };
+            let allow = Decision::allow(grant.account_id.clone(), grant.balance);
             return self.act(host, cfg, &p.route, allow, Freshness::NoStore, Some(charge));
         }
         // Never installed: give the whole lease back, and treat the request as a failure.
@@ -549,6 +738,9 @@ impl Gate {
         key: Option<&CacheKey>,
         v: &Verdict,
     ) -> Freshness {
+        if !v.decision.cacheable() {
+            return Freshness::NoStore;
+        }
         if let (Some(key), Some(max_age)) = (key, v.max_age_s) {
             let expires_at_ms = host.now_ms().saturating_add(u64::from(max_age) * 1000);
             let entry = Entry {
@@ -567,11 +759,15 @@ impl Gate {
 
     pub fn on_response_headers(&mut self, host: &impl HttpHost) {
         let Some(cfg) = self.cfg.clone() else { return };
-        let Stage::Forwarded { charge, balance } = &mut self.stage else {
+        let Stage::Forwarded(f) = &mut self.stage else {
             return;
         };
-        if charge.is_none() && (balance.is_none() || cfg.balance_header.is_none()) {
-            return; // nothing to give back and nothing to tell: skip the header reads
+        for (name, value) in f.headers.drain(..) {
+            host.set_response_header(name, &value);
+        }
+        let tell_balance = f.balance.is_some() && cfg.balance_header.is_some();
+        if f.charge.is_none() && f.usage.is_none() && !tell_balance {
+            return; // nothing to give back, meter or tell: skip the header reads
         }
         let status = host.response_header(":status").and_then(|s| {
             std::str::from_utf8(&s)
@@ -579,7 +775,8 @@ impl Gate {
                 .and_then(|s| s.parse::<u16>().ok())
         });
         if let Some(status) = status.filter(|s| cfg.no_charge_statuses.contains(*s)) {
-            match charge.take() {
+            f.usage = None;
+            match f.charge.take() {
                 Some(Charge::Authorized {
                     request_id,
                     credential,
@@ -597,27 +794,127 @@ impl Gate {
                     key,
                     lease_id,
                     cost,
+                    ..
                 }) => refund_lease(host, &key, &lease_id, cost),
                 None => {}
             }
         }
-        if let (Some(name), Some(balance)) = (&cfg.balance_header, balance) {
+        if let Some(usage) = &mut f.usage {
+            let kind = host
+                .response_header("content-type")
+                .and_then(|ct| BodyKind::from_content_type(&String::from_utf8_lossy(&ct)));
+            let spec = self
+                .usage_rule
+                .and_then(|i| cfg.pricing.routes.get(i))
+                .and_then(|r| r.usage.clone());
+            match (kind, spec) {
+                (Some(kind), Some(spec)) => {
+                    usage.meter = Some(Meter::new(kind, spec, cfg.usage_tail_bytes))
+                }
+                _ => {
+                    // Not a body we can read usage from: the hold is the price.
+                    host.count(Metric::UsageUnread);
+                    f.usage = None;
+                }
+            }
+        }
+        if let (Some(name), Some(balance)) = (&cfg.balance_header, f.balance) {
             host.set_response_header(name, &balance.to_string());
         }
     }
 
-    /// The stream is over. A call still in flight is cancelled by Envoy with the
-    /// stream, so whatever the service did for it must be undone.
+    /// A chunk of the response body: metered if the route is priced by usage,
+    /// and always passed on untouched.
+    pub fn on_response_body(
+        &mut self,
+        host: &impl HttpHost,
+        body_size: usize,
+        end_of_stream: bool,
+    ) {
+        let Stage::Forwarded(f) = &mut self.stage else {
+            return;
+        };
+        let Some(usage) = &mut f.usage else { return };
+        if let Some(meter) = &mut usage.meter {
+            if body_size > 0 {
+                if let Some(chunk) = host.response_body(body_size) {
+                    meter.feed(&chunk);
+                }
+            }
+        }
+        if !end_of_stream {
+            return;
+        }
+        let Some(Metering { hold, meter }) = f.usage.take() else {
+            return;
+        };
+        let charge = f.charge.take();
+        match meter.and_then(Meter::finish) {
+            Some(actual) => {
+                host.count(Metric::UsageMetered);
+                self.settle_usage(host, charge, hold, actual);
+            }
+            None => {
+                host.count(Metric::UsageUnread);
+                log::info!("no usage in the response: charged the hold of {hold} units");
+            }
+        }
+    }
+
+    /// Turns the hold into the real price: the difference goes back, or is charged.
+    fn settle_usage(&self, host: &impl HttpHost, charge: Option<Charge>, hold: u64, actual: u64) {
+        match charge {
+            Some(Charge::Authorized {
+                request_id,
+                credential,
+                ..
+            }) if actual != hold => {
+                let job = Job::Usage {
+                    request_id,
+                    account: credential,
+                    actual,
+                };
+                self.worker.outbox.borrow_mut().push(host, job);
+            }
+            Some(Charge::Leased {
+                key,
+                lease_id,
+                request_id,
+                credential,
+                ..
+            }) => {
+                if actual < hold {
+                    refund_lease(host, &key, &lease_id, hold - actual);
+                } else if actual > hold && !spend_extra(host, &key, &lease_id, actual - hold) {
+                    // The lease cannot cover the overage: the service charges it directly.
+                    let job = Job::Usage {
+                        request_id: format!("{request_id}-overage"),
+                        account: credential,
+                        actual: actual - hold,
+                    };
+                    self.worker.outbox.borrow_mut().push(host, job);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The stream is over. A request still waiting for its decision never reached
+    /// the upstream: whatever the service did for it is undone. A usage-priced
+    /// response that never finished is charged at its hold.
     pub fn on_log(&mut self, host: &impl HttpHost) {
         let Some(cfg) = self.cfg.clone() else { return };
         match std::mem::replace(&mut self.stage, Stage::Done) {
-            Stage::Authorizing(p) => self
-                .worker
-                .outbox
-                .borrow_mut()
-                .push(host, p.undo(CLIENT_GONE)),
+            Stage::Authorizing(p) => {
+                if let Some(job) = p.undo(CLIENT_GONE) {
+                    self.worker.outbox.borrow_mut().push(host, job);
+                }
+            }
             Stage::Leasing(p) => {
-                unlock(host, &lease::lease_key(&cfg.cluster, &p.credential));
+                unlock(
+                    host,
+                    &lease::lease_key(&cfg.cluster, p.credential.as_deref().unwrap_or_default()),
+                );
                 self.worker.outbox.borrow_mut().push(
                     host,
                     Job::Cancel {
@@ -625,6 +922,7 @@ impl Gate {
                     },
                 );
             }
+            Stage::Forwarded(f) if f.usage.is_some() => host.count(Metric::UsageUnread),
             _ => {}
         }
     }
@@ -642,18 +940,37 @@ impl Gate {
             Decision::Allow {
                 account_id,
                 balance,
+                payment_response,
             } => {
                 host.count(Metric::Allowed);
                 host.set_request_header(&cfg.account_header, Some(&account_id));
-                self.stage = Stage::Forwarded { charge, balance };
+                let mut headers = Vec::new();
+                if let Some(settlement) = payment_response {
+                    headers.push((
+                        "payment-response",
+                        payments::x402_response_header(&settlement),
+                    ));
+                }
+                let usage = match (&charge, self.usage_rule) {
+                    (Some(c), Some(_)) => Some(Metering {
+                        hold: c.cost(),
+                        meter: None,
+                    }),
+                    _ => None,
+                };
+                self.stage = Stage::Forwarded(Box::new(Forwarded {
+                    charge,
+                    balance,
+                    headers,
+                    usage,
+                }));
                 Flow::Continue
             }
             Decision::Deny(denial) => {
                 host.count(Metric::Denied);
-                self.reply(
-                    host,
-                    &response::payment_required(cfg, route, &denial, freshness),
-                )
+                let reply = response::payment_required(cfg, route, &denial, freshness);
+                let reply = self.with_offer(host, cfg, route, &denial, reply);
+                self.reply(host, &reply)
             }
             Decision::Unauthenticated => {
                 host.count(Metric::Unauthenticated);
@@ -674,16 +991,51 @@ impl Gate {
         }
     }
 
+    /// Adds the machine-payable challenges the service offered to a 402.
+    fn with_offer(
+        &self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        route: &str,
+        denial: &Denial,
+        mut reply: Reply,
+    ) -> Reply {
+        if denial.offer.is_empty() {
+            return reply;
+        }
+        let authority = text(host.request_header(":authority"));
+        if cfg.challenges.x402 {
+            let scheme = host
+                .request_header(":scheme")
+                .or_else(|| host.request_header("x-forwarded-proto"))
+                .map_or_else(
+                    || "http".to_string(),
+                    |s| String::from_utf8_lossy(&s).into_owned(),
+                );
+            let path = normalize_path(&text(host.request_header(":path")));
+            let url = format!("{scheme}://{authority}{path}");
+            if let Some(h) = payments::x402_header(&denial.offer, &url, route, &denial.detail) {
+                reply.headers.push(("payment-required", h));
+            }
+        }
+        if cfg.challenges.payment {
+            for h in payments::payment_challenges(&denial.offer, &authority) {
+                reply.headers.push(("www-authenticate", h));
+            }
+        }
+        reply
+    }
+
     /// The service could not decide. `charge` is what may have been charged, kept
     /// if the request goes through (it is then served).
     fn fail(&mut self, host: &impl HttpHost, cfg: &Config, charge: Option<Charge>) -> Flow {
         match cfg.failure_mode {
             FailureMode::Open => {
                 host.count(Metric::FailOpen);
-                self.stage = Stage::Forwarded {
+                self.stage = Stage::Forwarded(Box::new(Forwarded {
                     charge,
-                    balance: None,
-                };
+                    ..Forwarded::default()
+                }));
                 Flow::Continue
             }
             FailureMode::Closed => {
@@ -693,9 +1045,23 @@ impl Gate {
         }
     }
 
+    /// Sends a refusal: as a JSON-RPC error on MCP routes, as a page to browsers
+    /// when configured, else as the problem document it is.
     fn reply(&mut self, host: &impl HttpHost, reply: &Reply) -> Flow {
-        host.send_reply(reply);
         self.stage = Stage::Done;
+        let html = reply.status == 402
+            && self.cfg.as_ref().is_some_and(|c| c.html_402)
+            && host
+                .request_header("accept")
+                .is_some_and(|a| contains(&a, b"text/html"));
+        match &self.mcp_id {
+            Some(id) => host.send_reply(&response::as_json_rpc(
+                reply,
+                &mcp::error_body(id, &reply.body),
+            )),
+            None if html => host.send_reply(&response::as_html(reply)),
+            None => host.send_reply(reply),
+        }
         Flow::Pause
     }
 
@@ -717,6 +1083,19 @@ impl Gate {
         let addr = Rc::as_ptr(&self.worker) as usize;
         format!("fbx-{:x}-{addr:x}-{seq:x}", host.now_ms())
     }
+}
+
+impl Charge {
+    fn cost(&self) -> u64 {
+        match self {
+            Charge::Authorized { cost, .. } | Charge::Leased { cost, .. } => *cost,
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 impl Worker {
@@ -808,28 +1187,6 @@ impl Worker {
     }
 }
 
-/// Starts a call to the balance service with the contract's headers.
-fn call(
-    host: &impl Host,
-    cfg: &Config,
-    path: &str,
-    request_id: &str,
-    body: &[u8],
-) -> Result<u32, String> {
-    let auth = cfg.service_token.as_ref().map(|t| format!("Bearer {t}"));
-    let mut headers = vec![
-        (":method", "POST"),
-        (":path", path),
-        (":authority", cfg.authority.as_str()),
-        ("content-type", "application/json"),
-        ("x-request-id", request_id),
-    ];
-    if let Some(a) = &auth {
-        headers.push(("authorization", a.as_str()));
-    }
-    host.dispatch(&cfg.cluster, &headers, body, cfg.timeout)
-}
-
 fn read_lease(host: &impl Host, key: &str) -> (Option<LeaseRecord>, Option<u32>) {
     match host.shared_get(key) {
         Some((bytes, cas)) => (LeaseRecord::decode(&bytes), cas),
@@ -864,6 +1221,23 @@ fn refund_lease(host: &impl Host, key: &str, lease_id: &str, cost: u64) {
     }
     host.count(Metric::RefundFailures);
     log::warn!("{cost} units not refunded: lease {lease_id} was already settled");
+}
+
+/// Spends `extra` more units from lease `lease_id`, if it is current and can cover them.
+fn spend_extra(host: &impl Host, key: &str, lease_id: &str, extra: u64) -> bool {
+    for _ in 0..lease::MAX_CAS_RETRIES {
+        let (current, cas) = read_lease(host, key);
+        match current.and_then(|r| lease::spend_extra(&r, lease_id, extra)) {
+            Some(record) => {
+                if host.shared_set(key, &record.encode(), cas) {
+                    host.add(Metric::LeaseUnitsSpent, extra);
+                    return true;
+                }
+            }
+            None => return false,
+        }
+    }
+    false
 }
 
 fn text(v: Option<Vec<u8>>) -> String {

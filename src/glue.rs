@@ -121,6 +121,18 @@ impl HttpHost for WasmHost {
         }
     }
 
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
     fn send_reply(&self, reply: &Reply) {
         let headers: Vec<(&str, &str)> = reply
             .headers
@@ -395,16 +407,23 @@ impl Context for Stream {
 }
 
 impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.run(|g| g.on_request_headers(&self.host))
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.run(|g| g.on_request_headers_eos(&self.host, end_of_stream))
     }
 
-    fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
-        self.run(|g| g.on_request_body())
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.run(|g| g.on_request_body(&self.host, body_size, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.run(|g| g.on_request_body())
+        self.run(|g| g.on_request_trailers(&self.host))
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Ok(mut gate) = self.gate.try_borrow_mut() {
+            gate.on_response_body(&self.host, body_size, end_of_stream);
+        }
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

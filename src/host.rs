@@ -35,6 +35,10 @@ pub trait HttpHost: Host {
     fn set_request_header(&self, name: &str, value: Option<&str>);
     fn response_header(&self, name: &str) -> Option<Vec<u8>>;
     fn set_response_header(&self, name: &str, value: &str);
+    /// The request body received so far (`size` bytes), while it is buffered.
+    fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// The response body chunk of this callback (`size` bytes).
+    fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     fn send_reply(&self, reply: &Reply);
     fn resume_request(&self);
 }

@@ -232,6 +232,16 @@ pub fn refund(current: &LeaseRecord, lease_id: &str, cost: u64) -> Option<LeaseR
     Some(record)
 }
 
+/// Spends `extra` more units from lease `lease_id` (a usage overage), if it can.
+pub fn spend_extra(current: &LeaseRecord, lease_id: &str, extra: u64) -> Option<LeaseRecord> {
+    if current.lease_id != lease_id || current.remaining() < extra {
+        return None;
+    }
+    let mut record = current.clone();
+    record.used += extra;
+    Some(record)
+}
+
 /// Records that the service acknowledged `used` for `lease_id`.
 pub fn acknowledge(current: &LeaseRecord, lease_id: &str, used: u64) -> Option<LeaseRecord> {
     if current.lease_id != lease_id || current.reported == used {

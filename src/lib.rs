@@ -20,11 +20,14 @@ pub mod gate;
 pub mod host;
 pub mod identity;
 pub mod lease;
+pub mod mcp;
 pub mod metrics;
 pub mod outbox;
+pub mod payments;
 pub mod pricing;
 pub mod response;
 pub mod sha256;
+pub mod usage;
 
 #[cfg(test)]
 mod fake;

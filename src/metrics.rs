@@ -40,10 +40,20 @@ pub enum Metric {
     SettleFailures,
     /// Units spent locally from leases.
     LeaseUnitsSpent,
+    /// Usage-priced responses whose usage was read.
+    UsageMetered,
+    /// Usage-priced responses charged at the hold (no usage found, or abandoned).
+    UsageUnread,
+    /// Final usage prices the service accepted.
+    UsageAdjusted,
+    /// Attempts to send a final usage price that failed (each attempt counts).
+    UsageAdjustFailures,
+    /// Request bodies over `max_body_bytes` (413).
+    BodyTooLarge,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 19] = [
+    pub const ALL: [Metric; 24] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Unauthenticated,
@@ -63,6 +73,11 @@ impl Metric {
         Metric::Settles,
         Metric::SettleFailures,
         Metric::LeaseUnitsSpent,
+        Metric::UsageMetered,
+        Metric::UsageUnread,
+        Metric::UsageAdjusted,
+        Metric::UsageAdjustFailures,
+        Metric::BodyTooLarge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +101,11 @@ impl Metric {
             Metric::Settles => "farebox_settles",
             Metric::SettleFailures => "farebox_settle_failures",
             Metric::LeaseUnitsSpent => "farebox_lease_units_spent",
+            Metric::UsageMetered => "farebox_usage_metered",
+            Metric::UsageUnread => "farebox_usage_unread",
+            Metric::UsageAdjusted => "farebox_usage_adjusted",
+            Metric::UsageAdjustFailures => "farebox_usage_adjust_failures",
+            Metric::BodyTooLarge => "farebox_body_too_large",
         }
     }
 

@@ -7,7 +7,9 @@
 
 use std::collections::VecDeque;
 
-use crate::balance_api::{cancel_body, classify_outcome, refund_body, settle_body, CallOutcome};
+use crate::balance_api::{
+    call, cancel_body, classify_outcome, refund_body, settle_body, usage_body, CallOutcome,
+};
 use crate::config::Config;
 use crate::host::Host;
 use crate::metrics::Metric;
@@ -39,12 +41,19 @@ pub enum Job {
     },
     /// Release a lease whose grant we never saw (the answer was lost).
     Cancel { request_id: String },
+    /// The final price of a usage-priced request (its hold was the estimate).
+    Usage {
+        request_id: String,
+        account: String,
+        actual: u64,
+    },
 }
 
 impl Job {
     fn failure_metric(&self) -> Metric {
         match self {
             Job::Refund { .. } => Metric::RefundFailures,
+            Job::Usage { .. } => Metric::UsageAdjustFailures,
             Job::Settle { .. } | Job::Cancel { .. } => Metric::SettleFailures,
         }
     }
@@ -52,6 +61,7 @@ impl Job {
     fn success_metric(&self) -> Metric {
         match self {
             Job::Refund { .. } => Metric::Refunds,
+            Job::Usage { .. } => Metric::UsageAdjusted,
             Job::Settle { .. } | Job::Cancel { .. } => Metric::Settles,
         }
     }
@@ -84,6 +94,11 @@ impl Job {
             }
             Job::Cancel { request_id } => {
                 format!("cancel of the lease taken by request {request_id}")
+            }
+            Job::Usage {
+                request_id, actual, ..
+            } => {
+                format!("usage of request {request_id} ({actual} units)")
             }
         }
     }
@@ -163,24 +178,22 @@ impl Outbox {
                     settle_body(*used, *last),
                     format!("{lease_id}-settle-{used}"),
                 ),
+                Job::Usage {
+                    request_id,
+                    account,
+                    actual,
+                } => (
+                    cfg.usage_path.clone(),
+                    usage_body(request_id, account, *actual),
+                    format!("{request_id}-usage"),
+                ),
                 Job::Cancel { request_id } => (
                     format!("{}/cancel", cfg.lease.path),
                     cancel_body(request_id),
                     format!("{request_id}-cancel"),
                 ),
             };
-            let auth = cfg.service_token.as_ref().map(|t| format!("Bearer {t}"));
-            let mut headers = vec![
-                (":method", "POST"),
-                (":path", path.as_str()),
-                (":authority", cfg.authority.as_str()),
-                ("content-type", "application/json"),
-                ("x-request-id", request_id.as_str()),
-            ];
-            if let Some(a) = &auth {
-                headers.push(("authorization", a.as_str()));
-            }
-            match host.dispatch(&cfg.cluster, &headers, &body, cfg.timeout) {
+            match call(host, cfg, &path, &request_id, &body) {
                 Ok(token) => self.in_flight.push((token, task)),
                 Err(e) => {
                     log::warn!("{} not sent: {e}", task.job.describe());

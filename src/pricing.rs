@@ -3,6 +3,9 @@
 
 use std::fmt;
 
+use crate::mcp::McpPricing;
+use crate::usage::UsageSpec;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathPattern {
     Exact(String),
@@ -87,7 +90,12 @@ pub struct Route {
     /// Upper-case method names; `None` matches every method.
     pub methods: Option<Vec<String>>,
     pub pattern: PathPattern,
+    /// The price; with `usage`, the estimate held until the response tells the real one.
     pub cost: u64,
+    /// Priced by usage reported in the response (LLM tokens).
+    pub usage: Option<UsageSpec>,
+    /// Priced by JSON-RPC method and MCP tool, read from the request body.
+    pub mcp: Option<McpPricing>,
 }
 
 impl Route {
@@ -111,6 +119,8 @@ pub struct Pricing {
 pub struct Price<'a> {
     pub route: &'a str,
     pub cost: u64,
+    /// The matching rule, if any (none: the default price).
+    pub rule: Option<&'a Route>,
 }
 
 impl Pricing {
@@ -120,10 +130,12 @@ impl Pricing {
             Some(r) => Price {
                 route: &r.name,
                 cost: r.cost,
+                rule: Some(r),
             },
             None => Price {
                 route: &self.default_route,
                 cost: self.default_cost,
+                rule: None,
             },
         }
     }
@@ -199,6 +211,8 @@ mod tests {
             methods: methods.map(|ms| ms.iter().map(|m| m.to_string()).collect()),
             pattern,
             cost,
+            usage: None,
+            mcp: None,
         }
     }
 
@@ -225,59 +239,28 @@ mod tests {
         }
     }
 
+    fn rc<'a>(p: &'a Pricing, method: &str, path: &str) -> (&'a str, u64) {
+        let price = p.price(method, path);
+        (price.route, price.cost)
+    }
+
     #[test]
     fn first_match_wins_and_default_applies() {
         let p = pricing();
-        assert_eq!(
-            p.price("GET", "/health"),
-            Price {
-                route: "health",
-                cost: 0
-            }
-        );
-        assert_eq!(
-            p.price("POST", "/health"),
-            Price {
-                route: "default",
-                cost: 1
-            }
-        );
-        assert_eq!(
-            p.price("GET", "/docs/a/b"),
-            Price {
-                route: "docs",
-                cost: 0
-            }
-        );
-        assert_eq!(
-            p.price("POST", "/v1/models/gpt/infer"),
-            Price {
-                route: "infer",
-                cost: 5
-            }
-        );
+        assert_eq!(rc(&p, "GET", "/health"), ("health", 0));
+        assert_eq!(rc(&p, "POST", "/health"), ("default", 1));
+        assert_eq!(rc(&p, "GET", "/docs/a/b"), ("docs", 0));
+        assert_eq!(rc(&p, "POST", "/v1/models/gpt/infer"), ("infer", 5));
         // The glob needs POST; GET falls through to the prefix rule.
-        assert_eq!(
-            p.price("GET", "/v1/models/gpt/infer"),
-            Price {
-                route: "models",
-                cost: 2
-            }
-        );
-        assert_eq!(
-            p.price("GET", "/other"),
-            Price {
-                route: "default",
-                cost: 1
-            }
-        );
+        assert_eq!(rc(&p, "GET", "/v1/models/gpt/infer"), ("models", 2));
+        assert_eq!(rc(&p, "GET", "/other"), ("default", 1));
     }
 
     #[test]
     fn methods_match_in_any_case() {
         let p = pricing();
-        assert_eq!(p.price("post", "/v1/models/x/infer").cost, 5);
-        assert_eq!(p.price("gEt", "/health").cost, 0);
+        assert_eq!(rc(&p, "post", "/v1/models/x/infer").1, 5);
+        assert_eq!(rc(&p, "gEt", "/health").1, 0);
     }
 
     #[test]
@@ -324,12 +307,6 @@ mod tests {
         let p = pricing();
         // A priced path dressed up as a free one still pays.
         let tricky = normalize_path("/docs/..%2fv1/models/m/infer");
-        assert_eq!(
-            p.price("POST", &tricky),
-            Price {
-                route: "infer",
-                cost: 5
-            }
-        );
+        assert_eq!(rc(&p, "POST", &tricky), ("infer", 5));
     }
 }

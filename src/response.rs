@@ -161,6 +161,69 @@ pub fn unavailable(cfg: &Config) -> Reply {
     .with("retry-after", Some(cfg.failure_retry_after_s.to_string()))
 }
 
+pub fn too_large(cfg: &Config, detail: &str) -> Reply {
+    problem(
+        cfg,
+        413,
+        "content-too-large",
+        "Content Too Large",
+        detail,
+        Map::new(),
+        Freshness::NoStore,
+    )
+}
+
+/// The same refusal with a JSON-RPC error body (MCP clients show `error.message`).
+pub fn as_json_rpc(reply: &Reply, body: &[u8]) -> Reply {
+    let mut out = reply.clone();
+    for (k, v) in out.headers.iter_mut() {
+        if *k == "content-type" {
+            *v = "application/json".to_string();
+        }
+    }
+    out.body = body.to_vec();
+    out
+}
+
+/// The same refusal as a small page for people (the problem stays in a comment-free
+/// `<pre>` so nothing of the machine-readable answer is lost).
+pub fn as_html(reply: &Reply) -> Reply {
+    let problem: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+    let field = |k: &str| {
+        problem
+            .get(k)
+            .and_then(Value::as_str)
+            .map(html_escape)
+            .unwrap_or_default()
+    };
+    let price = problem
+        .get("price")
+        .map(|p| html_escape(&p.to_string()))
+        .unwrap_or_default();
+    let body = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\n\
+         <body><h1>{title}</h1><p>{detail}</p><p>Price: {price}</p>\n<pre>{json}</pre></body></html>\n",
+        title = field("title"),
+        detail = field("detail"),
+        json = html_escape(&String::from_utf8_lossy(&reply.body)),
+    );
+    let mut out = reply.clone();
+    for (k, v) in out.headers.iter_mut() {
+        if *k == "content-type" {
+            *v = "text/html; charset=utf-8".to_string();
+        }
+    }
+    out.body = body.into_bytes();
+    out
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
 /// Marker for tests and logs: the body is JSON we built, not an upstream's.
 pub fn is_problem(reply: &Reply) -> bool {
     reply
@@ -196,6 +259,7 @@ mod tests {
             price: 5,
             detail: "top up".into(),
             retry_after_s: Some(30),
+            offer: Default::default(),
         };
         let r = payment_required(&cfg(""), "infer", &d, Freshness::Private(12));
         assert_eq!(r.status, 402);
@@ -212,6 +276,7 @@ mod tests {
             price: 1,
             detail: "x".into(),
             retry_after_s: None,
+            offer: Default::default(),
         };
         let r = payment_required(&cfg(""), "r", &d, Freshness::NoStore);
         assert_eq!(header(&r, "cache-control"), Some("no-store"));

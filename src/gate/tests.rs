@@ -154,7 +154,7 @@ fn allowed_request_carries_the_account_and_the_contract_call() {
         "forged copy removed before the decision"
     );
     assert_eq!(
-        gate.on_request_body(),
+        gate.on_request_body(&host, 0, false),
         Flow::Pause,
         "the body must wait for the decision"
     );
@@ -177,7 +177,7 @@ fn allowed_request_carries_the_account_and_the_contract_call() {
         host.upstream_header("x-farebox-account").as_deref(),
         Some("acct_1")
     );
-    assert_eq!(gate.on_request_body(), Flow::Continue);
+    assert_eq!(gate.on_request_body(&host, 0, false), Flow::Continue);
     host.set_status(200);
     gate.on_response_headers(&host);
     assert_eq!(
@@ -435,7 +435,7 @@ fn an_answer_for_another_call_is_ignored() {
     gate.on_request_headers(&host);
     respond(&mut gate, &host, 9999, &allow("a", 1));
     assert_eq!(host.resumed.get(), 0);
-    assert_eq!(gate.on_request_body(), Flow::Pause);
+    assert_eq!(gate.on_request_body(&host, 0, false), Flow::Pause);
 }
 
 #[test]
@@ -626,7 +626,7 @@ mod lease_mode {
             let host = first.sibling("GET", "/a", &[("x-api-key", "k")]);
             let mut gate = fx.gate();
             assert_eq!(gate.on_request_headers(&host), Flow::Park);
-            assert_eq!(gate.on_request_body(), Flow::Pause);
+            assert_eq!(gate.on_request_body(&host, 0, false), Flow::Pause);
             assert!(
                 host.calls.borrow().is_empty(),
                 "one lease call per account at a time"
@@ -781,4 +781,367 @@ fn waiters_take_a_cached_refusal_instead_of_asking_again() {
     assert_eq!(gate.on_wake(&waiter), Flow::Pause);
     assert!(waiter.calls.borrow().is_empty(), "no second lease call");
     assert_eq!(waiter.reply().unwrap().status, 402);
+}
+
+mod metered_and_paid {
+    use super::*;
+
+    const CFG: &str = r#"{"cluster": "balance", "html_402": true, "max_body_bytes": 200, "routes": [
+        {"name": "mcp", "methods": ["POST"], "exact": "/mcp", "cost": 1,
+         "mcp": {"methods": {"initialize": 0, "tools/list": 0}, "tools": {"search": 5}}},
+        {"name": "chat", "prefix": "/v1/chat/", "usage": {"json_pointer": "/usage/total_tokens", "unit_cost": 2, "estimate": 100}}
+    ]}"#;
+
+    fn mcp_call(fx: &Fixture, body: Value) -> (FakeHost, Gate, Flow) {
+        let host = FakeHost::request(
+            "POST",
+            "/mcp",
+            &[("x-api-key", "k"), ("x-request-id", "req-1")],
+        );
+        *host.request_body.borrow_mut() = body.to_string().into_bytes();
+        let mut gate = fx.gate();
+        assert_eq!(
+            gate.on_request_headers_eos(&host, false),
+            Flow::Pause,
+            "waits for the body"
+        );
+        assert!(host.calls.borrow().is_empty());
+        let size = host.request_body.borrow().len();
+        assert_eq!(gate.on_request_body(&host, size / 2, false), Flow::Pause);
+        let flow = gate.on_request_body(&host, size, true);
+        (host, gate, flow)
+    }
+
+    #[test]
+    fn mcp_calls_are_priced_by_tool_and_method() {
+        let fx = Fixture::new(CFG);
+        let (host, _, flow) = mcp_call(
+            &fx,
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+        );
+        assert_eq!(flow, Flow::Continue, "tools/list is free");
+        assert!(host.calls.borrow().is_empty());
+
+        let search = json!({"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {"name": "search"}});
+        let (host, mut gate, flow) = mcp_call(&fx, search);
+        assert_eq!(flow, Flow::Pause);
+        let call = host.last_call();
+        assert_eq!(
+            (call.body["cost"].clone(), call.body["route"].clone()),
+            (json!(5), json!("mcp/tools/call:search"))
+        );
+        // Refused: a 402 whose body is a JSON-RPC error an MCP client can show.
+        gate.on_callout_response(
+            &host,
+            call.token,
+            &answer(
+                402,
+                &[],
+                json!({"balance": 1, "price": 5, "detail": "top up"}),
+            ),
+        );
+        let reply = host.reply().unwrap();
+        assert_eq!(reply.status, 402);
+        assert_eq!(
+            reply_header(&host, "content-type").as_deref(),
+            Some("application/json")
+        );
+        let body = reply_body(&host);
+        assert_eq!(body["jsonrpc"], "2.0");
+        assert_eq!(body["id"], 42);
+        assert_eq!(body["error"]["code"], crate::mcp::PAYMENT_REQUIRED_CODE);
+        assert_eq!(body["error"]["data"]["price"], 5);
+    }
+
+    #[test]
+    fn mcp_body_over_the_limit_is_413() {
+        let fx = Fixture::new(CFG);
+        let host = FakeHost::request("POST", "/mcp", &[("x-api-key", "k")]);
+        let mut gate = fx.gate();
+        gate.on_request_headers_eos(&host, false);
+        assert_eq!(gate.on_request_body(&host, 201, false), Flow::Pause);
+        assert_eq!(host.reply().unwrap().status, 413);
+        assert_eq!(host.count_of(Metric::BodyTooLarge), 1);
+    }
+
+    fn chat(fx: &Fixture, body: &str, content_type: &str, status: u16) -> (FakeHost, Gate) {
+        let host = FakeHost::request(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-api-key", "k"), ("x-request-id", "req-1")],
+        );
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        assert_eq!(host.last_call().body["cost"], 100, "the estimate is held");
+        respond(
+            &mut gate,
+            &host,
+            host.last_call().token,
+            &allow("acct", 900),
+        );
+        host.set_status(status);
+        host.response_headers
+            .borrow_mut()
+            .push(("content-type".into(), content_type.as_bytes().to_vec()));
+        gate.on_response_headers(&host);
+        let bytes = body.as_bytes();
+        let half = bytes.len() / 2;
+        for (chunk, eos) in [(&bytes[..half], false), (&bytes[half..], true)] {
+            *host.response_chunk.borrow_mut() = chunk.to_vec();
+            gate.on_response_body(&host, chunk.len(), eos);
+        }
+        (host, gate)
+    }
+
+    fn queued_usage(fx: &Fixture) -> Vec<Job> {
+        let root = FakeHost::request("GET", "/", &[]);
+        fx.worker.tick(&root, &fx.cfg);
+        let jobs = root
+            .calls
+            .borrow()
+            .iter()
+            .map(|c| {
+                assert_eq!(c.header(":path"), Some("/v1/usage"));
+                Job::Usage {
+                    request_id: c.body["request_id"].as_str().unwrap().into(),
+                    account: c.body["account"].as_str().unwrap().into(),
+                    actual: c.body["actual"].as_u64().unwrap(),
+                }
+            })
+            .collect();
+        jobs
+    }
+
+    #[test]
+    fn json_usage_sets_the_final_price() {
+        let fx = Fixture::new(CFG);
+        let body = json!({"choices": [], "usage": {"total_tokens": 30}}).to_string();
+        let (host, _) = chat(&fx, &body, "application/json", 200);
+        assert_eq!(host.count_of(Metric::UsageMetered), 1);
+        assert_eq!(
+            queued_usage(&fx),
+            vec![Job::Usage {
+                request_id: "req-1".into(),
+                account: "k".into(),
+                actual: 60
+            }]
+        );
+    }
+
+    #[test]
+    fn sse_usage_sets_the_final_price() {
+        let fx = Fixture::new(CFG);
+        let body = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":70}}\n\ndata: [DONE]\n\n";
+        chat(&fx, body, "text/event-stream", 200);
+        assert_eq!(
+            queued_usage(&fx),
+            vec![Job::Usage {
+                request_id: "req-1".into(),
+                account: "k".into(),
+                actual: 140
+            }]
+        );
+    }
+
+    #[test]
+    fn no_usage_keeps_the_hold_and_5xx_is_refunded() {
+        let fx = Fixture::new(CFG);
+        let (host, _) = chat(&fx, "data: {\"choices\":[]}\n\n", "text/event-stream", 200);
+        assert_eq!(host.count_of(Metric::UsageUnread), 1);
+        assert!(
+            queued_usage(&fx).is_empty(),
+            "charged at the hold: nothing to adjust"
+        );
+        let fx = Fixture::new(CFG);
+        chat(&fx, "{\"error\": 1}", "application/json", 503);
+        assert_eq!(fx.queued_refunds(), 1, "the whole hold comes back");
+    }
+
+    #[test]
+    fn an_abandoned_stream_is_charged_the_hold() {
+        let fx = Fixture::new(CFG);
+        let host = FakeHost::request("POST", "/v1/chat/x", &[("x-api-key", "k")]);
+        let mut gate = fx.gate();
+        gate.on_request_headers(&host);
+        respond(
+            &mut gate,
+            &host,
+            host.last_call().token,
+            &allow("acct", 900),
+        );
+        host.set_status(200);
+        host.response_headers
+            .borrow_mut()
+            .push(("content-type".into(), b"text/event-stream".to_vec()));
+        gate.on_response_headers(&host);
+        *host.response_chunk.borrow_mut() = b"data: {\"choices\":[]}\n\n".to_vec();
+        gate.on_response_body(&host, 22, false);
+        gate.on_log(&host);
+        assert_eq!(host.count_of(Metric::UsageUnread), 1);
+        assert_eq!(fx.queued_refunds(), 0);
+    }
+
+    #[test]
+    fn lease_mode_usage_adjusts_the_lease() {
+        let fx = Fixture::new(&CFG.replace(
+            "\"html_402\": true",
+            "\"mode\": \"lease\", \"lease_want\": 1000",
+        ));
+        *fx.worker.holder.borrow_mut() = "h".into();
+        let grant = answer(
+            200,
+            &[],
+            json!({"lease_id": "ls_1", "granted": 1000, "expires_in_ms": 30000, "account_id": "a"}),
+        );
+        let host = FakeHost::request(
+            "POST",
+            "/v1/chat/x",
+            &[("x-api-key", "k"), ("x-request-id", "r")],
+        );
+        let mut gate = fx.gate();
+        gate.on_request_headers(&host);
+        respond(&mut gate, &host, host.last_call().token, &grant);
+        let used = |h: &FakeHost| {
+            let (bytes, _) = h
+                .shared
+                .borrow()
+                .get(&crate::lease::lease_key("balance", "k"))
+                .cloned()
+                .unwrap();
+            crate::lease::LeaseRecord::decode(&bytes).unwrap().used
+        };
+        assert_eq!(used(&host), 100);
+        host.set_status(200);
+        host.response_headers
+            .borrow_mut()
+            .push(("content-type".into(), b"application/json".to_vec()));
+        gate.on_response_headers(&host);
+        *host.response_chunk.borrow_mut() = br#"{"usage": {"total_tokens": 15}}"#.to_vec();
+        gate.on_response_body(&host, 31, true);
+        assert_eq!(
+            used(&host),
+            30,
+            "15 tokens at 2: the rest of the hold is back in the lease"
+        );
+    }
+
+    #[test]
+    fn a_402_offers_x402_and_payment_scheme_challenges() {
+        let fx = Fixture::new(CFG);
+        let host = FakeHost::request(
+            "GET",
+            "/v1/data",
+            &[
+                ("x-api-key", "k"),
+                (":authority", "api.test"),
+                (":scheme", "https"),
+            ],
+        );
+        let mut gate = fx.gate();
+        gate.on_request_headers(&host);
+        let deny = answer(
+            402,
+            &[("cache-control", "max-age=60")],
+            json!({
+                "balance": 0, "price": 1, "detail": "insufficient balance",
+                "accepts": [{"scheme": "exact", "network": "base", "amount": "10", "asset": "0xA", "payTo": "0xB", "maxTimeoutSeconds": 60, "extra": {}}],
+                "challenges": [{"id": "c1", "method": "x402", "intent": "charge", "request": {"amount": "10"}}]
+            }),
+        );
+        gate.on_callout_response(&host, host.last_call().token, &deny);
+        let reply = host.reply().unwrap();
+        assert_eq!(reply.status, 402);
+        let pr = reply_header(&host, "payment-required").expect("x402 header");
+        assert!(!pr.is_empty());
+        let www: Vec<&String> = reply
+            .headers
+            .iter()
+            .filter(|(k, _)| *k == "www-authenticate")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(www.len(), 1);
+        assert!(
+            www[0].starts_with("Payment id=\"c1\", realm=\"api.test\""),
+            "{}",
+            www[0]
+        );
+        assert_eq!(
+            reply_header(&host, "cache-control").as_deref(),
+            Some("no-store"),
+            "challenges are one-time"
+        );
+        assert!(
+            host.shared.borrow().is_empty(),
+            "a denial with challenges is not cached"
+        );
+    }
+
+    #[test]
+    fn a_payment_without_credential_is_sent_to_the_service() {
+        let fx = Fixture::new(CFG);
+        let host = FakeHost::request(
+            "GET",
+            "/v1/data",
+            &[
+                ("payment-signature", "eyJwYXkiOnRydWV9"),
+                ("x-request-id", "r"),
+            ],
+        );
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        let call = host.last_call();
+        assert_eq!(call.body["account"], Value::Null);
+        assert_eq!(call.body["payment"], "eyJwYXkiOnRydWV9");
+        assert_eq!(call.body["payment_scheme"], "x402");
+        let paid = answer(
+            200,
+            &[],
+            json!({"allow": true, "account_id": "payer_1", "payment_response": {"success": true, "transaction": "0x1"}}),
+        );
+        respond(&mut gate, &host, call.token, &paid);
+        assert_eq!(host.resumed.get(), 1);
+        host.set_status(200);
+        gate.on_response_headers(&host);
+        let header = host
+            .client_header("payment-response")
+            .expect("PAYMENT-RESPONSE");
+        assert!(!header.is_empty());
+        assert!(
+            host.shared.borrow().is_empty(),
+            "a paid decision is not cached"
+        );
+        // Without the payment, the same request is a 401 (anonymous is off).
+        let plain = FakeHost::request("GET", "/v1/data", &[]);
+        fx.gate().on_request_headers(&plain);
+        assert_eq!(plain.reply().unwrap().status, 401);
+    }
+
+    #[test]
+    fn browsers_get_a_page() {
+        let fx = Fixture::new(CFG);
+        let host = FakeHost::request(
+            "GET",
+            "/v1/data",
+            &[
+                ("x-api-key", "k"),
+                ("accept", "text/html,application/xhtml+xml"),
+            ],
+        );
+        let (host, _) = with_answer(
+            &fx,
+            host,
+            answer(402, &[], json!({"price": 3, "detail": "top <up>"})),
+        );
+        let reply = host.reply().unwrap();
+        assert_eq!(reply.status, 402);
+        assert_eq!(
+            reply_header(&host, "content-type").as_deref(),
+            Some("text/html; charset=utf-8")
+        );
+        let page = String::from_utf8(reply.body).unwrap();
+        assert!(
+            page.contains("<h1>Payment Required</h1>") && page.contains("top &lt;up&gt;"),
+            "{page}"
+        );
+    }
 }

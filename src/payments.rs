@@ -1,0 +1,331 @@
+//! Machine-payable 402s: the x402 v2 `PAYMENT-REQUIRED` header and the HTTP
+//! Payment authentication scheme's `WWW-Authenticate: Payment` challenges,
+//! built from what the balance service offers; and payments clients send back.
+
+use serde_json::{json, Value};
+
+/// What the balance service offers a client that cannot pay from its balance.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Offer {
+    /// x402 `PaymentRequirements` objects, passed through as given.
+    pub accepts: Vec<Value>,
+    /// Payment-scheme challenges: `{id, method, intent, request, expires?, description?, opaque?, realm?}`.
+    pub challenges: Vec<Value>,
+    /// x402 `resource` fields the service wants (`description`, `mimeType`); farebox fills `url`.
+    pub resource: Option<Value>,
+}
+
+impl Offer {
+    pub fn is_empty(&self) -> bool {
+        self.accepts.is_empty() && self.challenges.is_empty()
+    }
+
+    /// Reads `accepts`, `challenges` and `resource` of a 402 answer; junk entries are dropped.
+    pub fn from_answer(body: &Value) -> Offer {
+        let objects = |key: &str| -> Vec<Value> {
+            body.get(key)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter(|v| v.is_object())
+                        .take(16)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Offer {
+            accepts: objects("accepts"),
+            challenges: objects("challenges"),
+            resource: body.get("resource").filter(|r| r.is_object()).cloned(),
+        }
+    }
+}
+
+/// A payment a client attached to its request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payment {
+    /// `"x402"` (a `PAYMENT-SIGNATURE` header) or `"payment"` (`Authorization: Payment …`).
+    pub scheme: &'static str,
+    /// The header value as sent (a credential: never logged).
+    pub value: String,
+}
+
+/// Largest payment header forwarded; x402 payloads are a few KB.
+const MAX_PAYMENT_LEN: usize = 16 * 1024;
+
+/// Finds a payment in the request: `header` reads one request header.
+pub fn payment_in(header: impl Fn(&str) -> Option<Vec<u8>>) -> Option<Payment> {
+    let clean = |v: Vec<u8>| -> Option<String> {
+        let s = String::from_utf8(v).ok()?;
+        let s = s.trim();
+        (!s.is_empty()
+            && s.len() <= MAX_PAYMENT_LEN
+            && s.bytes().all(|b| (0x20..=0x7e).contains(&b)))
+        .then(|| s.to_string())
+    };
+    if let Some(v) = header("payment-signature").and_then(clean) {
+        return Some(Payment {
+            scheme: "x402",
+            value: v,
+        });
+    }
+    let auth = header("authorization").and_then(clean)?;
+    let (scheme, rest) = auth.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("payment").then(|| Payment {
+        scheme: "payment",
+        value: rest.trim().to_string(),
+    })
+}
+
+/// The `PAYMENT-REQUIRED` header value: base64 of the x402 v2 `PaymentRequired` object.
+pub fn x402_header(offer: &Offer, url: &str, route: &str, error: &str) -> Option<String> {
+    if offer.accepts.is_empty() {
+        return None;
+    }
+    let field = |k: &str| {
+        offer
+            .resource
+            .as_ref()
+            .and_then(|r| r.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let resource = json!({
+        "url": url,
+        "description": field("description").unwrap_or_else(|| format!("farebox route {route}")),
+        "mimeType": field("mimeType").unwrap_or_else(|| "application/json".to_string()),
+    });
+    let required =
+        json!({"x402Version": 2, "error": error, "resource": resource, "accepts": offer.accepts});
+    Some(base64(required.to_string().as_bytes(), STANDARD, true))
+}
+
+/// One `WWW-Authenticate: Payment …` value per challenge the service gave, per
+/// the HTTP Payment authentication scheme: `request` and `opaque` are JSON,
+/// sent base64url-encoded; challenges missing a required parameter are skipped.
+pub fn payment_challenges(offer: &Offer, default_realm: &str) -> Vec<String> {
+    offer
+        .challenges
+        .iter()
+        .filter_map(|c| {
+            let text = |k: &str| c.get(k).and_then(Value::as_str);
+            let (id, method, intent, request) = (
+                text("id")?,
+                text("method")?,
+                text("intent")?,
+                c.get("request")?,
+            );
+            let realm = text("realm").unwrap_or(default_realm);
+            let mut params = vec![
+                ("id", quote(id)),
+                ("realm", quote(realm)),
+                ("method", quote(method)),
+                ("intent", quote(intent)),
+                (
+                    "request",
+                    quote(&base64(request.to_string().as_bytes(), URL_SAFE, false)),
+                ),
+            ];
+            if let Some(e) = text("expires") {
+                params.push(("expires", quote(e)));
+            }
+            if let Some(d) = text("description") {
+                params.push(("description", quote(d)));
+            }
+            if let Some(o) = c.get("opaque") {
+                params.push((
+                    "opaque",
+                    quote(&base64(o.to_string().as_bytes(), URL_SAFE, false)),
+                ));
+            }
+            let list: Vec<String> = params
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            Some(format!("Payment {}", list.join(", ")))
+        })
+        .collect()
+}
+
+/// The `PAYMENT-RESPONSE` header: base64 of the x402 settlement response the service gave.
+pub fn x402_response_header(settlement: &Value) -> String {
+    base64(settlement.to_string().as_bytes(), STANDARD, true)
+}
+
+/// An HTTP quoted-string: control characters dropped, `"` and `\` escaped.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars().filter(|c| !c.is_control()) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Base64 (RFC 4648) with the given alphabet, padded or not.
+pub fn base64(data: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
+    let sym = |i: u32| char::from(alphabet.get((i & 63) as usize).copied().unwrap_or(b'A'));
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b =
+            [chunk.first(), chunk.get(1), chunk.get(2)].map(|b| u32::from(b.copied().unwrap_or(0)));
+        let n = b[0] << 16 | b[1] << 8 | b[2];
+        out.push(sym(n >> 18));
+        out.push(sym(n >> 12));
+        if chunk.len() > 1 {
+            out.push(sym(n >> 6));
+        } else if pad {
+            out.push('=');
+        }
+        if chunk.len() > 2 {
+            out.push(sym(n));
+        } else if pad {
+            out.push('=');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_b64(s: &str) -> Vec<u8> {
+        let s = s.trim_end_matches('=');
+        let val = |c: u8| -> u32 {
+            match c {
+                b'A'..=b'Z' => u32::from(c - b'A'),
+                b'a'..=b'z' => u32::from(c - b'a') + 26,
+                b'0'..=b'9' => u32::from(c - b'0') + 52,
+                b'+' | b'-' => 62,
+                _ => 63,
+            }
+        };
+        let mut out = Vec::new();
+        for chunk in s.as_bytes().chunks(4) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, c)| n | val(*c) << (18 - 6 * i as u32));
+            out.push((n >> 16) as u8);
+            if chunk.len() > 2 {
+                out.push((n >> 8) as u8);
+            }
+            if chunk.len() > 3 {
+                out.push(n as u8);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn base64_vectors() {
+        for (plain, std, url) in [
+            ("", "", ""),
+            ("f", "Zg==", "Zg"),
+            ("fo", "Zm8=", "Zm8"),
+            ("foo", "Zm9v", "Zm9v"),
+            ("foobar", "Zm9vYmFy", "Zm9vYmFy"),
+            ("\u{fb}\u{ff}", "w7vDvw==", "w7vDvw"),
+        ] {
+            assert_eq!(base64(plain.as_bytes(), STANDARD, true), std);
+            assert_eq!(base64(plain.as_bytes(), URL_SAFE, false), url);
+            assert_eq!(decode_b64(std), plain.as_bytes());
+        }
+        assert_eq!(base64(&[0xfb, 0xff], URL_SAFE, false), "-_8");
+    }
+
+    fn offer() -> Offer {
+        Offer::from_answer(&json!({
+            "accepts": [{"scheme": "exact", "network": "base-sepolia", "amount": "5000", "asset": "0xA",
+                         "payTo": "0xB", "maxTimeoutSeconds": 60, "extra": {"name": "USDC"}}, "junk"],
+            "challenges": [{"id": "ch_1", "method": "x402", "intent": "charge", "request": {"amount": "5000"},
+                            "expires": "2026-11-25T00:00:00Z", "description": "say \"hi\"", "opaque": {"r": 1}},
+                           {"id": "no-method", "intent": "charge", "request": {}}],
+            "resource": {"description": "chat", "mimeType": "text/event-stream"}
+        }))
+    }
+
+    #[test]
+    fn x402_payment_required_header() {
+        let h = x402_header(
+            &offer(),
+            "http://api.test/v1/chat",
+            "chat",
+            "insufficient balance",
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&decode_b64(&h)).unwrap();
+        assert_eq!(v["x402Version"], 2);
+        assert_eq!(v["error"], "insufficient balance");
+        assert_eq!(
+            v["resource"],
+            json!({"url": "http://api.test/v1/chat", "description": "chat", "mimeType": "text/event-stream"})
+        );
+        assert_eq!(
+            v["accepts"].as_array().unwrap().len(),
+            1,
+            "non-objects are dropped"
+        );
+        assert_eq!(v["accepts"][0]["payTo"], "0xB");
+        assert_eq!(x402_header(&Offer::default(), "u", "r", "e"), None);
+    }
+
+    #[test]
+    fn payment_scheme_challenges() {
+        let hs = payment_challenges(&offer(), "api.test");
+        assert_eq!(hs.len(), 1, "a challenge without method is skipped");
+        let h = &hs[0];
+        assert!(h.starts_with("Payment id=\"ch_1\", realm=\"api.test\", method=\"x402\", intent=\"charge\", request=\""), "{h}");
+        assert!(h.contains("description=\"say \\\"hi\\\"\""), "{h}");
+        let request = h
+            .split("request=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        assert!(!request.contains('=') && !request.contains('+') && !request.contains('/'));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&decode_b64(request)).unwrap(),
+            json!({"amount": "5000"})
+        );
+    }
+
+    #[test]
+    fn payments_in_requests() {
+        let with = |pairs: &'static [(&'static str, &'static str)]| {
+            move |n: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.as_bytes().to_vec())
+            }
+        };
+        assert_eq!(
+            payment_in(with(&[("payment-signature", "eyJ4In0=")])),
+            Some(Payment {
+                scheme: "x402",
+                value: "eyJ4In0=".into()
+            })
+        );
+        assert_eq!(
+            payment_in(with(&[("authorization", "Payment abc.def")])),
+            Some(Payment {
+                scheme: "payment",
+                value: "abc.def".into()
+            })
+        );
+        assert_eq!(payment_in(with(&[("authorization", "Bearer x")])), None);
+        assert_eq!(payment_in(with(&[("payment-signature", "  ")])), None);
+        assert_eq!(payment_in(with(&[])), None);
+    }
+}
