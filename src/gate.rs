@@ -16,7 +16,7 @@ use crate::cache::{self, CacheKey, Entry, Lookup};
 use crate::config::{Config, FailureMode, Mode};
 use crate::decision::{Decision, Denial};
 use crate::host::{Host, HttpHost};
-use crate::identity::IdentityError;
+use crate::identity::{CredentialSource, IdentityError};
 use crate::lease::{self, Grant, LeaseRecord, Step};
 use crate::mcp;
 use crate::metrics::Metric;
@@ -168,7 +168,26 @@ pub struct Gate {
     mcp_id: Option<Value>,
     /// Index of the route rule that prices this request by usage.
     usage_rule: Option<usize>,
+    /// The request headers went on before the decision (MCP pricing reads the body
+    /// first), so they can no longer carry the account.
+    headers_gone: bool,
+    /// The request headers the decision needs, kept when the headers went on: Envoy
+    /// no longer lets a filter read them then.
+    kept_headers: Vec<(&'static str, Option<Vec<u8>>)>,
+    kept_credential: Option<(String, Option<Vec<u8>>)>,
 }
+
+/// Request headers read after the headers phase (besides the credential's own).
+const LATE_HEADERS: [&str; 8] = [
+    "authorization",
+    "payment-signature",
+    "x-request-id",
+    "accept",
+    ":authority",
+    ":scheme",
+    "x-forwarded-proto",
+    ":path",
+];
 
 impl Gate {
     pub fn new(cfg: Option<Rc<Config>>, worker: Rc<Worker>) -> Gate {
@@ -178,7 +197,26 @@ impl Gate {
             stage: Stage::Start,
             mcp_id: None,
             usage_rule: None,
+            headers_gone: false,
+            kept_headers: Vec::new(),
+            kept_credential: None,
         }
+    }
+
+    /// A request header: from the host while the headers phase lasts, else as kept.
+    fn header(&self, host: &impl HttpHost, name: &str) -> Option<Vec<u8>> {
+        if !self.headers_gone {
+            return host.request_header(name);
+        }
+        if let Some((n, v)) = &self.kept_credential {
+            if n == name {
+                return v.clone();
+            }
+        }
+        self.kept_headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.clone())
     }
 
     /// Request headers of a request without a body.
@@ -225,8 +263,23 @@ impl Gate {
             if end_of_stream {
                 return self.priced_by_body(host, &cfg, req, &[]);
             }
+            // Envoy delivers no body to a filter that paused on the headers, so the
+            // headers go on (the upstream waits for a body it gets only once paid for)
+            // and the body is held until the decision.
+            log::debug!("{} {}: reading the body to price it", req.method, req.path);
+            let credential_header = match &cfg.credential {
+                CredentialSource::Header(name) => Some(name.as_str()),
+                _ => None,
+            };
+            for name in LATE_HEADERS.iter().copied() {
+                self.kept_headers.push((name, host.request_header(name)));
+            }
+            if let Some(name) = credential_header {
+                self.kept_credential = Some((name.to_string(), host.request_header(name)));
+            }
             self.stage = Stage::AwaitingBody(Box::new(req));
-            return Flow::Pause;
+            self.headers_gone = true;
+            return Flow::Continue;
         }
         self.proceed(host, &cfg, req, route, cost)
     }
@@ -325,13 +378,13 @@ impl Gate {
             return Flow::Continue;
         }
         let payment = if cfg.accept_payments {
-            payments::payment_in(|n| host.request_header(n))
+            payments::payment_in(|n| self.header(host, n))
         } else {
             None
         };
         let credential = match cfg
             .credential
-            .extract(|name| host.request_header(name), &req.raw_path)
+            .extract(|name| self.header(host, name), &req.raw_path)
         {
             Ok(c) => Some(c),
             // A payment stands in for a credential; so, when configured, does nothing at
@@ -943,7 +996,9 @@ impl Gate {
                 payment_response,
             } => {
                 host.count(Metric::Allowed);
-                host.set_request_header(&cfg.account_header, Some(&account_id));
+                if !self.headers_gone {
+                    host.set_request_header(&cfg.account_header, Some(&account_id));
+                }
                 let mut headers = Vec::new();
                 if let Some(settlement) = payment_response {
                     headers.push((
@@ -1003,16 +1058,16 @@ impl Gate {
         if denial.offer.is_empty() {
             return reply;
         }
-        let authority = text(host.request_header(":authority"));
+        let authority = text(self.header(host, ":authority"));
         if cfg.challenges.x402 {
-            let scheme = host
-                .request_header(":scheme")
-                .or_else(|| host.request_header("x-forwarded-proto"))
+            let scheme = self
+                .header(host, ":scheme")
+                .or_else(|| self.header(host, "x-forwarded-proto"))
                 .map_or_else(
                     || "http".to_string(),
                     |s| String::from_utf8_lossy(&s).into_owned(),
                 );
-            let path = normalize_path(&text(host.request_header(":path")));
+            let path = normalize_path(&text(self.header(host, ":path")));
             let url = format!("{scheme}://{authority}{path}");
             if let Some(h) = payments::x402_header(&denial.offer, &url, route, &denial.detail) {
                 reply.headers.push(("payment-required", h));
@@ -1051,8 +1106,8 @@ impl Gate {
         self.stage = Stage::Done;
         let html = reply.status == 402
             && self.cfg.as_ref().is_some_and(|c| c.html_402)
-            && host
-                .request_header("accept")
+            && self
+                .header(host, "accept")
                 .is_some_and(|a| contains(&a, b"text/html"));
         match &self.mcp_id {
             Some(id) => host.send_reply(&response::as_json_rpc(
@@ -1068,7 +1123,7 @@ impl Gate {
     /// Envoy's `x-request-id` when it is usable, so the service's ledger lines up
     /// with Envoy's access log; otherwise one made up here, unique within this worker.
     fn request_id(&self, host: &impl HttpHost) -> String {
-        if let Some(id) = host.request_header("x-request-id") {
+        if let Some(id) = self.header(host, "x-request-id") {
             if !id.is_empty()
                 && id.len() <= MAX_REQUEST_ID_LEN
                 && id.iter().all(|b| (0x21..=0x7e).contains(b))

@@ -70,12 +70,9 @@ impl McpPricing {
     fn price_one(&self, call: &Value, default: u64) -> (u64, String) {
         let method = call.get("method").and_then(Value::as_str).unwrap_or("");
         if method == "tools/call" {
-            let tool = call
-                .pointer("/params/name")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            if let Some(cost) = self.tools.get(tool) {
-                return (*cost, format!("tools/call:{tool}"));
+            if let Some(tool) = call.pointer("/params/name").and_then(Value::as_str) {
+                let cost = self.tools.get(tool).copied().unwrap_or(default);
+                return (cost, format!("tools/call:{tool}"));
             }
         }
         match self.methods.get(method) {

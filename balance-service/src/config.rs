@@ -23,6 +23,40 @@ impl SyncMode {
     }
 }
 
+/// What the service charges for a lease that expired while still open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiryPolicy {
+    /// Charge the whole reservation (`granted`): the holder may have spent
+    /// units it never reported, so the operator never loses money.
+    Full,
+    /// Charge the last reported `used` and credit the rest back: spend that
+    /// was never reported is lost to the operator.
+    Reported,
+}
+
+impl ExpiryPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpiryPolicy::Full => "full",
+            ExpiryPolicy::Reported => "reported",
+        }
+    }
+}
+
+/// Payment challenges and demo payments (`--x402-*`; reference-only, see
+/// `payments.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct X402 {
+    /// Recipient address (`payTo`, the challenge's `recipient`).
+    pub pay_to: String,
+    /// Network name (e.g. `base-sepolia`).
+    pub network: String,
+    /// Asset (token contract) address (`asset`, the challenge's `currency`).
+    pub asset: String,
+    /// Atomic units of the asset per unit of price (>= 1).
+    pub amount_per_unit: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub listen: String,
@@ -36,6 +70,14 @@ pub struct Config {
     pub deny_retry_after: Option<u64>,
     pub seed_demo: bool,
     pub quiet: bool,
+    /// Lifetime of a lease in milliseconds (>= 1).
+    pub lease_ttl_ms: u64,
+    /// Upper bound of a single grant (>= 1); `None`: unlimited.
+    pub lease_max_units: Option<u64>,
+    pub lease_expiry_policy: ExpiryPolicy,
+    /// Payment challenges on 402s and demo payments; `None`: off. (Boxed:
+    /// rarely set, and keeps `Config` small.)
+    pub x402: Option<Box<X402>>,
 }
 
 impl Default for Config {
@@ -52,6 +94,10 @@ impl Default for Config {
             deny_retry_after: None,
             seed_demo: false,
             quiet: false,
+            lease_ttl_ms: 30_000,
+            lease_max_units: None,
+            lease_expiry_policy: ExpiryPolicy::Full,
+            x402: None,
         }
     }
 }
@@ -68,6 +114,16 @@ usage: farebox-balance [flags]
   --deny-max-age N         Cache-Control max-age on 402 answers (default 5; 0 = no-store)
   --auth-max-age N         Cache-Control max-age on 401/403 answers (default 0 = no-store)
   --deny-retry-after N     if set, 402 answers carry 'Retry-After: N'
+  --lease-ttl-ms N         lifetime of a credit lease in ms (default 30000)
+  --lease-max-units N      largest single lease grant (default unlimited)
+  --lease-expiry-policy full|reported
+                           what an expired open lease is charged: the whole
+                           reservation (full, default) or the last reported use
+  --x402-pay-to ADDR --x402-network NAME --x402-asset ADDR --x402-amount-per-unit N
+                           (all four together; reference-only demo) 402 answers
+                           carry x402 'accepts' and Payment 'challenges' for
+                           price x N atomic units; an authorize with the payment
+                           'demo-paid' is accepted
   --seed-demo              create the demo accounts (idempotent)
   --quiet                  do not log one line per request to stderr
   --help                   print this help
@@ -87,6 +143,13 @@ const VALUE_FLAGS: &[&str] = &[
     "deny-max-age",
     "auth-max-age",
     "deny-retry-after",
+    "lease-ttl-ms",
+    "lease-max-units",
+    "lease-expiry-policy",
+    "x402-pay-to",
+    "x402-network",
+    "x402-asset",
+    "x402-amount-per-unit",
 ];
 const BOOL_FLAGS: &[&str] = &["seed-demo", "quiet"];
 
@@ -107,6 +170,17 @@ fn parse_u64(flag: &str, v: &str) -> Result<u64, String> {
     v.trim()
         .parse::<u64>()
         .map_err(|_| format!("--{flag}: expected a non-negative integer, got {v:?}"))
+}
+
+/// A positive integer that also fits an `i64` (amounts and times are signed
+/// in the ledger).
+fn parse_positive(flag: &str, v: &str) -> Result<u64, String> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if n >= 1 && i64::try_from(n).is_ok() => Ok(n),
+        _ => Err(format!(
+            "--{flag}: expected an integer between 1 and 9223372036854775807, got {v:?}"
+        )),
+    }
 }
 
 fn parse_bool(flag: &str, v: &str) -> Result<bool, String> {
@@ -211,6 +285,53 @@ where
     if let Some(v) = values.remove("deny-retry-after") {
         cfg.deny_retry_after = Some(parse_u64("deny-retry-after", &v)?);
     }
+    if let Some(v) = values.remove("lease-ttl-ms") {
+        cfg.lease_ttl_ms = parse_positive("lease-ttl-ms", &v)?;
+    }
+    if let Some(v) = values.remove("lease-max-units") {
+        cfg.lease_max_units = Some(parse_positive("lease-max-units", &v)?);
+    }
+    if let Some(v) = values.remove("lease-expiry-policy") {
+        cfg.lease_expiry_policy = match v.trim().to_ascii_lowercase().as_str() {
+            "full" => ExpiryPolicy::Full,
+            "reported" => ExpiryPolicy::Reported,
+            _ => {
+                return Err(format!(
+                    "--lease-expiry-policy: expected full or reported, got {v:?}"
+                ))
+            }
+        };
+    }
+    let x402 = [
+        "x402-pay-to",
+        "x402-network",
+        "x402-asset",
+        "x402-amount-per-unit",
+    ]
+    .map(|flag| values.remove(flag));
+    if let [Some(pay_to), Some(network), Some(asset), Some(per_unit)] = &x402 {
+        for (flag, v) in [
+            ("x402-pay-to", pay_to),
+            ("x402-network", network),
+            ("x402-asset", asset),
+        ] {
+            if v.trim().is_empty() {
+                return Err(format!("--{flag} must not be empty"));
+            }
+        }
+        cfg.x402 = Some(Box::new(X402 {
+            pay_to: pay_to.trim().to_owned(),
+            network: network.trim().to_owned(),
+            asset: asset.trim().to_owned(),
+            amount_per_unit: parse_positive("x402-amount-per-unit", per_unit)?,
+        }));
+    } else if x402.iter().any(Option::is_some) {
+        return Err(
+            "--x402-pay-to, --x402-network, --x402-asset and --x402-amount-per-unit \
+                    go together"
+                .to_owned(),
+        );
+    }
     cfg.seed_demo = bools.get("seed-demo").copied().unwrap_or(false);
     cfg.quiet = bools.get("quiet").copied().unwrap_or(false);
     Ok(Parsed::Run(cfg))
@@ -254,6 +375,11 @@ mod tests {
                 "2",
                 "--seed-demo",
                 "--quiet=false",
+                "--lease-ttl-ms",
+                "300",
+                "--lease-max-units=40",
+                "--lease-expiry-policy",
+                "Reported",
             ]),
             no_env,
         );
@@ -269,6 +395,10 @@ mod tests {
             deny_retry_after: Some(2),
             seed_demo: true,
             quiet: false,
+            lease_ttl_ms: 300,
+            lease_max_units: Some(40),
+            lease_expiry_policy: ExpiryPolicy::Reported,
+            x402: None,
         };
         assert_eq!(p, Ok(Parsed::Run(want)));
     }
@@ -280,6 +410,8 @@ mod tests {
             "FAREBOX_BALANCE_LISTEN" => Some("127.0.0.1:9999".to_owned()),
             "FAREBOX_BALANCE_SERVICE_TOKEN" => Some(String::new()),
             "FAREBOX_BALANCE_SEED_DEMO" => Some("yes".to_owned()),
+            "FAREBOX_BALANCE_LEASE_EXPIRY_POLICY" => Some("reported".to_owned()),
+            "FAREBOX_BALANCE_LEASE_TTL_MS" => Some("1234".to_owned()),
             _ => None,
         };
         let Ok(Parsed::Run(cfg)) = parse(args(&["--listen", "127.0.0.1:1"]), env) else {
@@ -289,6 +421,9 @@ mod tests {
         assert_eq!(cfg.admin_token.as_deref(), Some("from-env"));
         assert_eq!(cfg.service_token, None);
         assert!(cfg.seed_demo);
+        assert_eq!(cfg.lease_expiry_policy, ExpiryPolicy::Reported);
+        assert_eq!(cfg.lease_ttl_ms, 1234);
+        assert_eq!(cfg.lease_max_units, None);
     }
 
     #[test]
@@ -299,6 +434,10 @@ mod tests {
         assert!(parse(args(&["--deny-max-age", "-1"]), no_env).is_err());
         assert!(parse(args(&["--admin-token", ""]), no_env).is_err());
         assert!(parse(args(&["positional"]), no_env).is_err());
+        assert!(parse(args(&["--lease-ttl-ms", "0"]), no_env).is_err());
+        assert!(parse(args(&["--lease-max-units", "0"]), no_env).is_err());
+        assert!(parse(args(&["--lease-max-units", "9223372036854775808"]), no_env).is_err());
+        assert!(parse(args(&["--lease-expiry-policy", "half"]), no_env).is_err());
         assert_eq!(parse(args(&["--help"]), no_env), Ok(Parsed::Help));
     }
 }

@@ -5,6 +5,7 @@
 //! repository root.
 
 pub mod config;
+pub mod ext_authz;
 pub mod service;
 pub mod store;
 pub mod util;

@@ -3,7 +3,8 @@
 
 use crate::config::Config;
 use crate::store::{
-    AuthorizeInput, AuthorizeOutcome, CreateOutcome, RefundOutcome, Store, StoreError, TopupOutcome,
+    AuthorizeInput, AuthorizeOutcome, CancelOutcome, CreateOutcome, LeaseInput, LeaseOutcome,
+    LeaseSettings, RefundOutcome, SettleOutcome, Store, StoreError, TopupOutcome,
 };
 use crate::util::{bearer_token, ct_eq, shutdown_signal};
 use axum::body::Bytes;
@@ -20,7 +21,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+// `/v1/usage` and the payment middleware live in their own files, as child
+// modules so they share this module's private helpers.
+#[path = "payments.rs"]
+mod payments;
+#[path = "usage.rs"]
+mod usage;
 
 /// Stats key for calls whose credential did not resolve to an account.
 pub const UNKNOWN: &str = "unknown";
@@ -29,6 +37,10 @@ pub const UNKNOWN: &str = "unknown";
 pub struct Stats {
     authorize_calls: AtomicU64,
     refund_calls: AtomicU64,
+    lease_calls: AtomicU64,
+    settle_calls: AtomicU64,
+    cancel_calls: AtomicU64,
+    usage_calls: AtomicU64,
     authorize_by_account: Mutex<HashMap<String, u64>>,
 }
 
@@ -55,6 +67,10 @@ impl Stats {
         json!({
             "authorize_calls": self.authorize_calls.load(Ordering::Relaxed),
             "refund_calls": self.refund_calls.load(Ordering::Relaxed),
+            "lease_calls": self.lease_calls.load(Ordering::Relaxed),
+            "settle_calls": self.settle_calls.load(Ordering::Relaxed),
+            "cancel_calls": self.cancel_calls.load(Ordering::Relaxed),
+            "usage_calls": self.usage_calls.load(Ordering::Relaxed),
             "authorize_by_account": by,
         })
     }
@@ -62,6 +78,10 @@ impl Stats {
     fn reset(&self) {
         self.authorize_calls.store(0, Ordering::Relaxed);
         self.refund_calls.store(0, Ordering::Relaxed);
+        self.lease_calls.store(0, Ordering::Relaxed);
+        self.settle_calls.store(0, Ordering::Relaxed);
+        self.cancel_calls.store(0, Ordering::Relaxed);
+        self.usage_calls.store(0, Ordering::Relaxed);
         self.authorize_by_account
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -364,6 +384,350 @@ async fn refund(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
     with_log(resp, &account, Some(&rid))
 }
 
+// ---------------------------------------------------------------- /v1/leases
+
+#[derive(Deserialize)]
+struct LeaseReq {
+    account: String,
+    want: u64,
+    min: u64,
+    request_id: String,
+    holder: String,
+}
+
+/// Longest accepted `holder` (bytes).
+const MAX_HOLDER: usize = 1024;
+
+async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    st.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
+    if let Some(resp) = st.check_service_token(&headers) {
+        return with_log(resp, UNKNOWN, None);
+    }
+    let req: LeaseReq = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = error(StatusCode::BAD_REQUEST, format!("invalid lease body: {e}"));
+            return with_log(resp, UNKNOWN, None);
+        }
+    };
+    let rid = req.request_id.clone();
+    let bad = |msg: &str| with_log(error(StatusCode::BAD_REQUEST, msg), UNKNOWN, Some(&rid));
+    if req.request_id.is_empty() {
+        return bad("request_id must not be empty");
+    }
+    if req.holder.len() > MAX_HOLDER {
+        return bad("holder must be at most 1024 bytes");
+    }
+    let (Ok(want), Ok(min)) = (i64::try_from(req.want), i64::try_from(req.min)) else {
+        return bad("want and min must be at most 9223372036854775807");
+    };
+    if min < 1 || min > want {
+        return bad("min must be at least 1 and at most want");
+    }
+    let store = st.store.clone();
+    let outcome = match blocking(move || {
+        store.lease(&LeaseInput {
+            credential: &req.account,
+            want,
+            min,
+            request_id: &req.request_id,
+            holder: &req.holder,
+        })
+    })
+    .await
+    {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
+    };
+    let cfg = &st.cfg;
+    let (resp, account) = match outcome {
+        LeaseOutcome::Granted {
+            lease_id,
+            granted,
+            expires_in_ms,
+            account_id,
+            balance,
+            replay,
+        } => {
+            let mut body = json!({
+                "lease_id": lease_id,
+                "granted": granted,
+                "expires_in_ms": expires_in_ms,
+                "account_id": account_id,
+                "balance": balance,
+            });
+            if replay {
+                body["replay"] = Value::Bool(true);
+            }
+            (reply(StatusCode::OK, body, 0), account_id)
+        }
+        LeaseOutcome::Denied {
+            account_id,
+            balance,
+        } => {
+            let detail = format!(
+                "balance {balance} is below the minimum lease of {min} units; top up the account"
+            );
+            let body = json!({
+                "allow": false,
+                "account_id": account_id,
+                "balance": balance,
+                "price": min,
+                "detail": detail,
+            });
+            let mut resp = reply(StatusCode::PAYMENT_REQUIRED, body, cfg.deny_max_age);
+            if let Some(n) = cfg.deny_retry_after {
+                resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(n));
+            }
+            (resp, account_id)
+        }
+        LeaseOutcome::UnknownCredential => (
+            reply(
+                StatusCode::UNAUTHORIZED,
+                json!({ "allow": false, "error": "unknown_credential" }),
+                cfg.auth_max_age,
+            ),
+            UNKNOWN.to_owned(),
+        ),
+        LeaseOutcome::Disabled { account_id } => (
+            reply(
+                StatusCode::FORBIDDEN,
+                json!({ "allow": false, "error": "account_disabled" }),
+                cfg.auth_max_age,
+            ),
+            account_id,
+        ),
+        LeaseOutcome::Conflict { account_id } => (
+            error(
+                StatusCode::CONFLICT,
+                "request_id belongs to another account",
+            ),
+            account_id,
+        ),
+        LeaseOutcome::Closed {
+            account_id,
+            lease_id,
+            state,
+        } => (
+            reply(
+                StatusCode::CONFLICT,
+                json!({ "error": "lease_closed", "lease_id": lease_id, "state": state }),
+                0,
+            ),
+            account_id,
+        ),
+    };
+    with_log(resp, &account, Some(&rid))
+}
+
+#[derive(Deserialize)]
+struct SettleReq {
+    used: u64,
+    #[serde(default, rename = "final")]
+    is_final: bool,
+}
+
+async fn settle(
+    State(st): State<Shared>,
+    Path(lease_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    st.stats.settle_calls.fetch_add(1, Ordering::Relaxed);
+    if let Some(resp) = st.check_service_token(&headers) {
+        return with_log(resp, UNKNOWN, None);
+    }
+    let req: SettleReq = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = error(StatusCode::BAD_REQUEST, format!("invalid settle body: {e}"));
+            return with_log(resp, UNKNOWN, None);
+        }
+    };
+    let Ok(used) = i64::try_from(req.used) else {
+        let resp = error(
+            StatusCode::BAD_REQUEST,
+            "used out of range (max 9223372036854775807)",
+        );
+        return with_log(resp, UNKNOWN, None);
+    };
+    let store = st.store.clone();
+    let id = lease_id.clone();
+    let outcome = match blocking(move || store.settle(&id, used, req.is_final)).await {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, UNKNOWN, None),
+    };
+    let (resp, account, rid) = match outcome {
+        SettleOutcome::Done(s) => (
+            reply(
+                StatusCode::OK,
+                json!({
+                    "lease_id": s.lease_id,
+                    "state": s.state,
+                    "used": s.used,
+                    "granted": s.granted,
+                    "balance": s.balance,
+                }),
+                0,
+            ),
+            s.account_id,
+            Some(s.request_id),
+        ),
+        SettleOutcome::UnknownLease => (
+            error(StatusCode::NOT_FOUND, "unknown_lease"),
+            UNKNOWN.to_owned(),
+            None,
+        ),
+        SettleOutcome::TooMuch {
+            account_id,
+            request_id,
+            granted,
+        } => (
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("used {used} exceeds the granted {granted}"),
+            ),
+            account_id,
+            Some(request_id),
+        ),
+        SettleOutcome::AlreadySettled {
+            account_id,
+            request_id,
+            used,
+        } => (
+            reply(
+                StatusCode::CONFLICT,
+                json!({ "error": "lease_settled", "used": used }),
+                0,
+            ),
+            account_id,
+            Some(request_id),
+        ),
+        SettleOutcome::Expired {
+            account_id,
+            request_id,
+            charged,
+        } => (
+            reply(
+                StatusCode::CONFLICT,
+                json!({ "error": "lease_expired", "charged": charged }),
+                0,
+            ),
+            account_id,
+            Some(request_id),
+        ),
+        SettleOutcome::Cancelled {
+            account_id,
+            request_id,
+        } => (
+            reply(
+                StatusCode::CONFLICT,
+                json!({ "error": "lease_cancelled", "charged": 0 }),
+                0,
+            ),
+            account_id,
+            Some(request_id),
+        ),
+    };
+    with_log(resp, &account, rid.as_deref())
+}
+
+#[derive(Deserialize)]
+struct CancelReq {
+    request_id: String,
+}
+
+async fn cancel(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    st.stats.cancel_calls.fetch_add(1, Ordering::Relaxed);
+    if let Some(resp) = st.check_service_token(&headers) {
+        return with_log(resp, UNKNOWN, None);
+    }
+    let req: CancelReq = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = error(StatusCode::BAD_REQUEST, format!("invalid cancel body: {e}"));
+            return with_log(resp, UNKNOWN, None);
+        }
+    };
+    let rid = req.request_id;
+    if rid.is_empty() {
+        let resp = error(StatusCode::BAD_REQUEST, "request_id must not be empty");
+        return with_log(resp, UNKNOWN, None);
+    }
+    let store = st.store.clone();
+    let id = rid.clone();
+    let outcome = match blocking(move || store.cancel(&id)).await {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
+    };
+    let (resp, account) = match outcome {
+        CancelOutcome::Cancelled {
+            lease_id,
+            account_id,
+            balance,
+        } => (
+            reply(
+                StatusCode::OK,
+                json!({
+                    "cancelled": true,
+                    "lease_id": lease_id,
+                    "account_id": account_id,
+                    "balance": balance,
+                }),
+                0,
+            ),
+            account_id,
+        ),
+        CancelOutcome::AlreadyCancelled {
+            lease_id,
+            account_id,
+            balance,
+        } => (
+            reply(
+                StatusCode::OK,
+                json!({
+                    "cancelled": false,
+                    "reason": "already_cancelled",
+                    "lease_id": lease_id,
+                    "account_id": account_id,
+                    "balance": balance,
+                }),
+                0,
+            ),
+            account_id,
+        ),
+        CancelOutcome::UnknownLease => (
+            error(StatusCode::NOT_FOUND, "unknown_lease"),
+            UNKNOWN.to_owned(),
+        ),
+        CancelOutcome::InUse {
+            lease_id,
+            account_id,
+            used,
+        } => (
+            reply(
+                StatusCode::CONFLICT,
+                json!({ "error": "lease_in_use", "lease_id": lease_id, "used": used }),
+                0,
+            ),
+            account_id,
+        ),
+        CancelOutcome::Closed {
+            lease_id,
+            account_id,
+            state,
+        } => (
+            reply(
+                StatusCode::CONFLICT,
+                json!({ "error": "lease_closed", "lease_id": lease_id, "state": state }),
+                0,
+            ),
+            account_id,
+        ),
+    };
+    with_log(resp, &account, Some(&rid))
+}
+
 // ---------------------------------------------------------------- admin
 
 async fn admin_auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
@@ -531,6 +895,8 @@ async fn get_account(State(st): State<Shared>, Path(id): Path<String>) -> Respon
                 "charges": a.charges,
                 "initial_balance": a.initial_balance,
                 "topups": a.topups,
+                "reserved": a.reserved,
+                "leases": a.leases,
             }),
             0,
         ),
@@ -557,6 +923,36 @@ async fn get_charges(State(st): State<Shared>, Path(id): Path<String>) -> Respon
                         "status": c.status,
                         "refund_status": c.refund_status,
                         "at": c.at,
+                    })
+                })
+                .collect();
+            reply(StatusCode::OK, Value::Array(list), 0)
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_account"),
+        Err(resp) => resp,
+    };
+    with_log(resp, &id, None)
+}
+
+async fn get_leases(State(st): State<Shared>, Path(id): Path<String>) -> Response {
+    let store = st.store.clone();
+    let account = id.clone();
+    let resp = match blocking(move || store.leases(&account)).await {
+        Ok(Some(rows)) => {
+            let list: Vec<Value> = rows
+                .into_iter()
+                .map(|l| {
+                    json!({
+                        "lease_id": l.lease_id,
+                        "holder": l.holder,
+                        "request_id": l.request_id,
+                        "granted": l.granted,
+                        "used": l.used,
+                        "state": l.state,
+                        "charged": l.charged,
+                        "created_at": l.created_at,
+                        "expires_at": l.expires_at,
+                        "closed_at": l.closed_at,
                     })
                 })
                 .collect();
@@ -623,17 +1019,52 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/admin/accounts/{id}/disable", post(disable))
         .route("/admin/accounts/{id}/enable", post(enable))
         .route("/admin/accounts/{id}/charges", get(get_charges))
+        .route("/admin/accounts/{id}/leases", get(get_leases))
         .route("/admin/stats", get(stats))
         .route("/admin/stats/reset", post(stats_reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     Router::new()
         .route("/v1/authorize", post(authorize))
         .route("/v1/refund", post(refund))
+        .route("/v1/leases", post(lease))
+        .route("/v1/leases/cancel", post(cancel))
+        .route("/v1/leases/{lease_id}/settle", post(settle))
+        .route("/v1/usage", post(usage::usage))
         .route("/healthz", get(healthz))
         .merge(admin)
+        .merge(crate::ext_authz::router(state.store.clone(), &state.cfg))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            payments::gate,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
+}
+
+/// How often open leases past their expiry are expired.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Background task: applies the expiry policy to due leases every
+/// `SWEEP_EVERY` (the first sweep runs at once, catching leases that ran out
+/// while the service was down). Errors are logged and retried next time.
+async fn sweep_expired_leases(store: Arc<Store>, quiet: bool) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.expire_due()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                if !quiet {
+                    eprintln!("farebox-balance: expired {n} lease(s)");
+                }
+            }
+            Ok(Err(e)) => eprintln!("farebox-balance: lease expiry failed: {e}"),
+            Err(e) => eprintln!("farebox-balance: lease expiry worker failed: {e}"),
+        }
+    }
 }
 
 /// Opens the store, binds, prints the listening line, serves until SIGINT
@@ -646,6 +1077,13 @@ pub async fn run(cfg: Config) -> Result<(), String> {
             "farebox-balance: warning: journal mode is {mode:?}, not WAL (in-memory database?)"
         );
     }
+    let store = store.with_lease_settings(LeaseSettings {
+        ttl_ms: i64::try_from(cfg.lease_ttl_ms).unwrap_or(i64::MAX),
+        max_units: cfg
+            .lease_max_units
+            .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+        policy: cfg.lease_expiry_policy,
+    });
     if cfg.seed_demo {
         let n = store
             .seed_demo()
@@ -667,7 +1105,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
             .and_then(|()| out.flush())
             .map_err(|e| format!("cannot write to stdout: {e}"))?;
     }
-    let app = router(Arc::new(store), cfg);
+    let store = Arc::new(store);
+    let sweeper = tokio::spawn(sweep_expired_leases(store.clone(), cfg.quiet));
+    let app = router(store, cfg);
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -676,6 +1116,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("server error: {e}"))?;
+    sweeper.abort();
     eprintln!("farebox-balance: shut down");
     Ok(())
 }

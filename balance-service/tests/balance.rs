@@ -380,6 +380,7 @@ fn admin_token_enforced() {
         ("POST", "/admin/stats/reset", None),
         ("GET", "/admin/accounts/acct_alice", None),
         ("GET", "/admin/accounts/acct_alice/charges", None),
+        ("GET", "/admin/accounts/acct_alice/leases", None),
         (
             "POST",
             "/admin/accounts/acct_alice/topup",
@@ -506,6 +507,7 @@ fn admin_accounts() {
         json!({
             "account_id": "acct_x", "balance": 174, "disabled": false, "charged": 1,
             "refunded": 0, "charges": 1, "initial_balance": 100, "topups": 75,
+            "reserved": 0, "leases": 0,
         })
     );
 
@@ -653,6 +655,10 @@ fn stats_count_callouts() {
         json!({
             "authorize_calls": 4,
             "refund_calls": 1,
+            "lease_calls": 0,
+            "settle_calls": 0,
+            "cancel_calls": 0,
+            "usage_calls": 0,
             "authorize_by_account": {"acct_alice": 2, "unknown": 2},
         })
     );
@@ -660,7 +666,10 @@ fn stats_count_callouts() {
     assert_eq!(r.status, 200);
     assert_eq!(
         admin_get(a, "/admin/stats").json(),
-        json!({"authorize_calls": 0, "refund_calls": 0, "authorize_by_account": {}})
+        json!({
+            "authorize_calls": 0, "refund_calls": 0, "lease_calls": 0, "settle_calls": 0,
+            "cancel_calls": 0, "usage_calls": 0, "authorize_by_account": {},
+        })
     );
 }
 
@@ -713,7 +722,15 @@ fn flags() {
     let bin = env!("CARGO_BIN_EXE_farebox-balance");
     let out = Command::new(bin).arg("--help").output().unwrap();
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("--service-token"));
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    for flag in [
+        "--service-token",
+        "--lease-ttl-ms",
+        "--lease-max-units",
+        "--lease-expiry-policy",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
     let out = Command::new(bin).arg("--no-such-flag").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(bin)
@@ -721,6 +738,14 @@ fn flags() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    for bad in [
+        ["--lease-expiry-policy", "maybe"],
+        ["--lease-ttl-ms", "0"],
+        ["--lease-max-units", "-1"],
+    ] {
+        let out = Command::new(bin).args(bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+    }
 
     // Environment fallback.
     let dir = TempDir::new("env");

@@ -802,13 +802,19 @@ mod metered_and_paid {
         let mut gate = fx.gate();
         assert_eq!(
             gate.on_request_headers_eos(&host, false),
-            Flow::Pause,
-            "waits for the body"
+            Flow::Continue,
+            "the headers go on, the body waits"
         );
+        host.headers_locked.set(true);
         assert!(host.calls.borrow().is_empty());
         let size = host.request_body.borrow().len();
         assert_eq!(gate.on_request_body(&host, size / 2, false), Flow::Pause);
         let flow = gate.on_request_body(&host, size, true);
+        assert_eq!(
+            host.late_header_access.get(),
+            0,
+            "no header access after the headers went on"
+        );
         (host, gate, flow)
     }
 

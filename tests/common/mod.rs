@@ -313,6 +313,16 @@ pub fn closed_port_addr() -> SocketAddr {
 
 /// Starts a service binary that prints exactly one line `<name> listening on ADDR` to
 /// stdout; the rest of its output goes to `<dir>/<name>.log`.
+/// Starts one of the package's service binaries (`farebox-llm`, `farebox-mcp`, …) on a
+/// free loopback port; the process dies with the returned guard.
+pub fn start_service(name: &str, dir: &Path) -> (Proc, SocketAddr) {
+    start_listening_service(
+        name,
+        &["--listen".to_string(), "127.0.0.1:0".to_string()],
+        dir,
+    )
+}
+
 fn start_listening_service(name: &str, args: &[String], dir: &Path) -> (Proc, SocketAddr) {
     let log_path = dir.join(format!("{name}.log"));
     let stderr_log = File::create(&log_path).expect("create log");

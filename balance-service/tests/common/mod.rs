@@ -341,6 +341,121 @@ pub fn refund(addr: SocketAddr, key: &str, cost: u64, request_id: &str, status: 
     )
 }
 
+pub fn lease(addr: SocketAddr, key: &str, want: u64, min: u64, request_id: &str) -> Resp {
+    post_json(
+        addr,
+        "/v1/leases",
+        &[("x-request-id", request_id)],
+        &serde_json::json!({
+            "account": key,
+            "want": want,
+            "min": min,
+            "request_id": request_id,
+            "holder": "envoy-test-1",
+        }),
+    )
+}
+
+/// A granted lease's id (asserts the 200).
+pub fn lease_id(addr: SocketAddr, key: &str, want: u64, min: u64, request_id: &str) -> String {
+    let r = lease(addr, key, want, min, request_id);
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()["lease_id"].as_str().expect("lease_id").to_owned()
+}
+
+pub fn settle(addr: SocketAddr, lease_id: &str, used: u64, is_final: bool) -> Resp {
+    post_json(
+        addr,
+        &format!("/v1/leases/{lease_id}/settle"),
+        &[],
+        &serde_json::json!({"used": used, "final": is_final}),
+    )
+}
+
+pub fn cancel(addr: SocketAddr, request_id: &str) -> Resp {
+    post_json(
+        addr,
+        "/v1/leases/cancel",
+        &[("x-request-id", request_id)],
+        &serde_json::json!({"request_id": request_id}),
+    )
+}
+
+/// Polls `cond` every 25 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Checks `initial_balance + topups = balance + reserved + charged` and that
+/// the totals agree exactly with the charge and lease lists (read until no
+/// lease changed state around the account read). Returns the account.
+pub fn check_ledger(addr: SocketAddr, id: &str) -> Value {
+    let list = |what: &str| -> Vec<Value> {
+        let r = admin_get(addr, &format!("/admin/accounts/{id}/{what}"));
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json().as_array().expect("a list").clone()
+    };
+    let (acct, charges, leases) = (0..20)
+        .find_map(|_| {
+            let before = list("leases");
+            let acct = account(addr, id);
+            let charges = list("charges");
+            let after = list("leases");
+            (before == after).then_some((acct, charges, after))
+        })
+        .expect("lease list never stable");
+    let int = |k: &str| acct[k].as_i64().unwrap_or_else(|| panic!("{k}: {acct}"));
+    assert!(int("balance") >= 0, "{acct}");
+    assert_eq!(
+        int("initial_balance") + int("topups"),
+        int("balance") + int("reserved") + int("charged"),
+        "{acct}"
+    );
+    let sum = |rows: &[Value], key: &str, filter: &dyn Fn(&Value) -> bool| -> i64 {
+        rows.iter()
+            .filter(|r| filter(r))
+            .map(|r| r[key].as_i64().expect("integer"))
+            .sum()
+    };
+    let charged =
+        sum(&charges, "cost", &|c| c["status"] == "charged") + sum(&leases, "charged", &|_| true);
+    assert_eq!(charged, int("charged"), "{acct}");
+    assert_eq!(
+        sum(&charges, "cost", &|c| c["status"] == "refunded"),
+        int("refunded")
+    );
+    assert_eq!(
+        sum(&leases, "granted", &|l| l["state"] == "open"),
+        int("reserved"),
+        "{acct}"
+    );
+    assert_eq!(leases.len() as i64, int("leases"));
+    for l in &leases {
+        let (g, u, c) = (
+            l["granted"].as_i64().expect("granted"),
+            l["used"].as_i64().expect("used"),
+            l["charged"].as_i64().expect("charged"),
+        );
+        assert!(0 <= u && u <= g && 0 <= c && c <= g, "{l}");
+        match l["state"].as_str().expect("state") {
+            "open" | "cancelled" => assert_eq!(c, 0, "{l}"),
+            "settled" => assert_eq!(c, u, "{l}"),
+            "expired" => {}
+            other => panic!("unexpected state {other}: {l}"),
+        }
+    }
+    acct
+}
+
 pub fn admin_auth() -> String {
     format!("Bearer {ADMIN}")
 }

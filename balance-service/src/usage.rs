@@ -1,0 +1,102 @@
+//! `POST /v1/usage`: settles the final cost of a metered request (an LLM
+//! answer priced by its `usage`, for instance). Contract:
+//! `docs/balance-service.md`, "Usage (metered responses)".
+//!
+//! This file is a child module of `service` (declared there with `#[path]`),
+//! so it shares the service's private helpers and state.
+
+use super::{blocking, error, reply, with_log, Shared, UNKNOWN};
+use crate::store::UsageOutcome;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+
+#[derive(Deserialize)]
+struct UsageReq {
+    request_id: String,
+    account: String,
+    actual: u64,
+}
+
+pub(super) async fn usage(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    st.stats.usage_calls.fetch_add(1, Ordering::Relaxed);
+    if let Some(resp) = st.check_service_token(&headers) {
+        return with_log(resp, UNKNOWN, None);
+    }
+    let req: UsageReq = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = error(StatusCode::BAD_REQUEST, format!("invalid usage body: {e}"));
+            return with_log(resp, UNKNOWN, None);
+        }
+    };
+    let rid = req.request_id.clone();
+    if rid.is_empty() {
+        let resp = error(StatusCode::BAD_REQUEST, "request_id must not be empty");
+        return with_log(resp, UNKNOWN, None);
+    }
+    let Ok(actual) = i64::try_from(req.actual) else {
+        let resp = error(
+            StatusCode::BAD_REQUEST,
+            "actual out of range (max 9223372036854775807)",
+        );
+        return with_log(resp, UNKNOWN, Some(&rid));
+    };
+    let store = st.store.clone();
+    let outcome = match blocking(move || store.usage(&req.request_id, &req.account, actual)).await {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
+    };
+    let (resp, account) = match outcome {
+        UsageOutcome::Settled {
+            account_id,
+            balance,
+            replay,
+        } => {
+            let mut body = json!({
+                "request_id": rid,
+                "account_id": account_id,
+                "cost": actual,
+                "balance": balance,
+            });
+            if replay {
+                body["replay"] = Value::Bool(true);
+            }
+            (reply(StatusCode::OK, body, 0), account_id)
+        }
+        UsageOutcome::UnknownCredential => (
+            reply(
+                StatusCode::UNAUTHORIZED,
+                json!({ "error": "unknown_credential" }),
+                0,
+            ),
+            UNKNOWN.to_owned(),
+        ),
+        UsageOutcome::Conflict { account_id } => (
+            error(
+                StatusCode::CONFLICT,
+                "request_id belongs to another account",
+            ),
+            account_id,
+        ),
+        UsageOutcome::Final { account_id, cost } => (
+            reply(
+                StatusCode::CONFLICT,
+                json!({ "error": "usage_final", "cost": cost }),
+                0,
+            ),
+            account_id,
+        ),
+        UsageOutcome::Refunded { account_id } => {
+            (error(StatusCode::CONFLICT, "charge_refunded"), account_id)
+        }
+        UsageOutcome::Overflow { account_id } => {
+            (error(StatusCode::CONFLICT, "balance_overflow"), account_id)
+        }
+    };
+    with_log(resp, &account, Some(&rid))
+}

@@ -1,0 +1,303 @@
+//! End-to-end tests of the reference-only payment challenges and demo
+//! payments (`--x402-*`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::process::Command;
+
+const X402: &[&str] = &[
+    "--x402-pay-to",
+    "0xPayTo",
+    "--x402-network",
+    "base-sepolia",
+    "--x402-asset",
+    "0xAsset",
+    "--x402-amount-per-unit",
+    "1000",
+];
+
+fn start(extra: &[&str]) -> Balance {
+    let mut args = vec!["--admin-token", ADMIN, "--seed-demo"];
+    args.extend_from_slice(extra);
+    Balance::start(&args)
+}
+
+fn with_x402(extra: &[&str]) -> Balance {
+    let mut args = X402.to_vec();
+    args.extend_from_slice(extra);
+    start(&args)
+}
+
+fn pay(addr: SocketAddr, payment: Option<&str>, scheme: &str, cost: u64, rid: &str) -> Resp {
+    post_json(
+        addr,
+        "/v1/authorize",
+        &[("x-request-id", rid)],
+        &json!({
+            "account": null,
+            "cost": cost,
+            "route": "inference",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "request_id": rid,
+            "payment": payment,
+            "payment_scheme": scheme,
+        }),
+    )
+}
+
+fn b64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Checks the `accepts` and `challenges` of a 402 for `amount` and
+/// `description`.
+fn assert_challenges(j: &Value, amount: &str, description: &str) {
+    assert_eq!(
+        j["accepts"],
+        json!([{
+            "scheme": "exact",
+            "network": "base-sepolia",
+            "amount": amount,
+            "asset": "0xAsset",
+            "payTo": "0xPayTo",
+            "maxTimeoutSeconds": 60,
+            "extra": {"name": "USDC", "version": "2"},
+        }]),
+        "{j}"
+    );
+    let c = j["challenges"].as_array().unwrap();
+    assert_eq!(c.len(), 1, "{j}");
+    let c = &c[0];
+    assert_eq!(c["method"], "x402");
+    assert_eq!(c["intent"], "charge");
+    assert_eq!(
+        c["request"],
+        json!({"amount": amount, "currency": "0xAsset", "recipient": "0xPayTo"})
+    );
+    assert_eq!(c["description"], description);
+    let id = c["id"].as_str().unwrap();
+    assert!(id.len() >= 16 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+    // RFC 3339, UTC: 2026-01-02T03:04:05Z.
+    let e = c["expires"].as_str().unwrap().as_bytes();
+    assert_eq!(e.len(), 20, "{c}");
+    for (i, b) in e.iter().enumerate() {
+        match i {
+            4 | 7 => assert_eq!(*b, b'-'),
+            10 => assert_eq!(*b, b'T'),
+            13 | 16 => assert_eq!(*b, b':'),
+            19 => assert_eq!(*b, b'Z'),
+            _ => assert!(b.is_ascii_digit(), "{c}"),
+        }
+    }
+}
+
+#[test]
+fn without_flags_nothing_changes() {
+    let b = start(&[]);
+    let a = b.addr();
+    let r = authorize(a, "demo-key-bob", 5, "n-1");
+    assert_eq!(r.status, 402);
+    assert!(r.json().get("accepts").is_none() && r.json().get("challenges").is_none());
+    // No payments without the flags: an anonymous authorize is malformed.
+    let r = pay(a, Some("demo-paid"), "x402", 5, "n-2");
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = admin_get(a, "/admin/accounts/payer_demo");
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn denials_carry_challenges() {
+    let b = with_x402(&["--deny-max-age", "5", "--allow-max-age", "9"]);
+    let a = b.addr();
+    let r = authorize(a, "demo-key-bob", 5, "d-1");
+    assert_eq!(r.status, 402, "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("max-age=5"));
+    let j = r.json();
+    assert_eq!(j["account_id"], "acct_bob");
+    assert_eq!(j["price"], 5);
+    assert_eq!(j["balance"], 3);
+    assert!(j["detail"].is_string());
+    assert_challenges(&j, "5000", "test-route");
+    // A fresh challenge id every time.
+    let again = authorize(a, "demo-key-bob", 5, "d-2").json();
+    assert_ne!(again["challenges"][0]["id"], j["challenges"][0]["id"]);
+
+    // Leases: priced at `min`.
+    let r = lease(a, "demo-key-bob", 50, 4, "d-lease");
+    assert_eq!(r.status, 402, "{r:?}");
+    assert_challenges(&r.json(), "4000", "lease");
+
+    // Allows and other answers are untouched.
+    let r = authorize(a, "demo-key-alice", 2, "d-3");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json(),
+        json!({"allow": true, "account_id": "acct_alice", "balance": 98})
+    );
+    assert_eq!(r.header("cache-control"), Some("max-age=9"));
+    let r = authorize(a, "nope", 2, "d-4");
+    assert_eq!(r.status, 401);
+    assert!(r.json().get("accepts").is_none());
+    // Malformed stays malformed.
+    let r = post_json(a, "/v1/authorize", &[], &json!({"cost": 1}));
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = request(a, "POST", "/v1/authorize", &[], Some("not json"));
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn demo_payments_are_recorded_for_payer_demo() {
+    let b = with_x402(&["--allow-max-age", "9"]);
+    let a = b.addr();
+
+    // Anonymous without a payment: the challenges.
+    let r = pay(a, None, "x402", 7, "p-0");
+    assert_eq!(r.status, 402, "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let j = r.json();
+    assert_eq!(j["allow"], false);
+    assert_eq!(j["price"], 7);
+    assert!(j["detail"].as_str().unwrap().contains("payment required"));
+    assert_challenges(&j, "7000", "inference");
+
+    // An invalid payment.
+    let r = pay(a, Some("not-a-payment"), "x402", 7, "p-1");
+    assert_eq!(r.status, 402, "{r:?}");
+    assert_eq!(r.json()["detail"], "payment invalid");
+    assert_challenges(&r.json(), "7000", "inference");
+
+    // The literal demo payment.
+    let r = pay(a, Some("demo-paid"), "x402", 7, "p-2");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let j = r.json();
+    assert_eq!(j["allow"], true);
+    assert_eq!(j["account_id"], "payer_demo");
+    assert_eq!(j["balance"], 0);
+    let pr = &j["payment_response"];
+    assert_eq!(pr["success"], true);
+    assert_eq!(pr["network"], "base-sepolia");
+    assert_eq!(pr["payer"], "payer_demo");
+    let tx = pr["transaction"].as_str().unwrap();
+    assert!(tx.starts_with("0xdemo") && tx.len() > 6, "{tx}");
+
+    // Retried: the same answer, nothing recorded again.
+    let r = pay(a, Some("demo-paid"), "x402", 7, "p-2");
+    assert_eq!(r.json()["replay"], true, "{r:?}");
+    assert_eq!(r.json()["payment_response"]["transaction"], tx);
+
+    // base64 JSON containing "demo": "paid" (x402 header shape), and the
+    // Payment scheme with and without its auth-scheme token.
+    let payload = b64(br#"{"x402Version":2,"payload":{"demo":"paid"}}"#);
+    assert_eq!(pay(a, Some(&payload), "x402", 3, "p-3").status, 200);
+    let cred = b64(br#"{"challenge":{"id":"x"},"demo":"paid"}"#);
+    let r = pay(a, Some(&format!("Payment {cred}")), "payment", 2, "p-4");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(pay(a, Some("demo-paid"), "payment", 1, "p-5").status, 200);
+    let bad = b64(br#"{"demo":"unpaid"}"#);
+    let r = pay(a, Some(&bad), "payment", 1, "p-6");
+    assert_eq!(r.json()["detail"], "payment invalid", "{r:?}");
+
+    // The ledger: one charge per paid request, balanced by a top-up.
+    let rows = admin_get(a, "/admin/accounts/payer_demo/charges").json();
+    let rows: Vec<(String, i64, String)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["request_id"].as_str().unwrap().to_owned(),
+                c["cost"].as_i64().unwrap(),
+                c["route"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, i64, String)> = [("p-2", 7), ("p-3", 3), ("p-4", 2), ("p-5", 1)]
+        .iter()
+        .map(|(r, c)| ((*r).to_owned(), *c, "inference".to_owned()))
+        .collect();
+    assert_eq!(rows, want);
+    let acct = check_ledger(a, "payer_demo");
+    assert_eq!(acct["balance"], 0);
+    assert_eq!(acct["topups"], 13);
+    assert_eq!(acct["charged"], 13);
+
+    // A request id charged to an account cannot be paid for again.
+    authorize(a, "demo-key-alice", 1, "p-7");
+    let r = pay(a, Some("demo-paid"), "x402", 1, "p-7");
+    assert_eq!(r.status, 409, "{r:?}");
+    // And a paid request id cannot be charged to an account.
+    let r = authorize(a, "demo-key-alice", 1, "p-2");
+    assert_eq!(r.status, 409, "{r:?}");
+
+    // Malformed payment requests.
+    let base = json!({"account": null, "cost": 1, "route": "r", "method": "GET", "path": "/",
+                      "request_id": "p-8", "payment": "demo-paid"});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        post_json(a, "/v1/authorize", &[], &b)
+    };
+    assert_eq!(with("account", json!("demo-key-alice")).status, 400);
+    assert_eq!(with("payment_scheme", json!("card")).status, 400);
+    assert_eq!(with("cost", json!(-1)).status, 400);
+    assert_eq!(with("request_id", json!("")).status, 400);
+    assert_eq!(with("route", Value::Null).status, 400);
+
+    let s = admin_get(a, "/admin/stats").json();
+    assert_eq!(s["authorize_by_account"]["payer_demo"], 5, "{s}");
+}
+
+#[test]
+fn payments_respect_the_service_token() {
+    let b = with_x402(&["--service-token", "svc"]);
+    let a = b.addr();
+    let r = pay(a, Some("demo-paid"), "x402", 1, "t-1");
+    assert_eq!(r.status, 500, "{r:?}");
+    assert_eq!(r.json(), json!({"error": "service token rejected"}));
+    let r = post_json(
+        a,
+        "/v1/authorize",
+        &[("authorization", "Bearer svc")],
+        &json!({"account": null, "cost": 1, "route": "r", "method": "GET", "path": "/",
+                "request_id": "t-1", "payment": "demo-paid", "payment_scheme": "x402"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn x402_flags_go_together() {
+    let dir = TempDir::new("x402-flags");
+    let out = Command::new(env!("CARGO_BIN_EXE_farebox-balance"))
+        .args(["--listen", "127.0.0.1:0", "--db"])
+        .arg(dir.path("db.sqlite"))
+        .args(["--x402-pay-to", "0xPayTo", "--x402-network", "base"])
+        .env_remove("FAREBOX_BALANCE_X402_ASSET")
+        .env_remove("FAREBOX_BALANCE_X402_AMOUNT_PER_UNIT")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("go together"));
+}

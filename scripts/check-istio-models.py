@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Validates the Istio manifests in deploy/istio with Istio's resource models.
+
+The models come from the `cloudcoil-models-istio` package (pydantic models generated from
+Istio's CRDs; `make istio-check` installs the pinned version into .venv). They check types,
+enums and patterns (e.g. the WasmPlugin `sha256`). Pydantic ignores unknown fields, so the
+script also round-trips every document through its model and reports any field the model
+dropped: a misspelled field fails instead of vanishing.
+
+  .venv/bin/python scripts/check-istio-models.py [FILE_OR_DIR ...]
+
+Placeholders (${FAREBOX_IMAGE}, ${FAREBOX_IMAGE_SHA256}) are filled from the environment
+when set, else with stand-ins, so both the templates and rendered copies can be checked.
+This is the portable counterpart of the CRD-schema check in tests/deploy_manifests.rs,
+which needs Istio's CRDs beside the checkout.
+"""
+import copy
+import os
+import pathlib
+import sys
+
+import yaml
+
+try:
+    from cloudcoil.models.istio.extensions import v1alpha1 as extensions_v1alpha1
+    from cloudcoil.models.istio.networking import v1 as networking_v1
+except ImportError as e:  # pragma: no cover
+    sys.exit(f"check-istio-models: {e}; run it with .venv/bin/python after `make istio-models`")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STAND_INS = {
+    "FAREBOX_IMAGE": "registry.example.com/farebox:0.1.0",
+    "FAREBOX_IMAGE_SHA256": "0123456789abcdef" * 4,
+}
+MODELS = {
+    ("extensions.istio.io/v1alpha1", "WasmPlugin"): extensions_v1alpha1.WasmPlugin,
+    ("networking.istio.io/v1", "ServiceEntry"): networking_v1.ServiceEntry,
+}
+
+
+def render(text):
+    for name, stand_in in STAND_INS.items():
+        text = text.replace("${%s}" % name, os.environ.get(name) or stand_in)
+    return text
+
+
+def dropped(original, dumped, path=""):
+    """Paths present in `original` but missing from `dumped` (fields the model ignored)."""
+    out = []
+    if isinstance(original, dict):
+        if not isinstance(dumped, dict):
+            return [path or "/"]
+        for key, value in original.items():
+            sub = f"{path}/{key}"
+            if key not in dumped:
+                out.append(sub)
+            else:
+                out.extend(dropped(value, dumped[key], sub))
+    elif isinstance(original, list):
+        if not isinstance(dumped, list) or len(dumped) != len(original):
+            return [path]
+        for i, (a, b) in enumerate(zip(original, dumped)):
+            out.extend(dropped(a, b, f"{path}/{i}"))
+    return out
+
+
+def check(doc):
+    """Problems with one manifest document (empty if it is valid)."""
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    model = MODELS.get(key)
+    if model is None:
+        return [f"no model for apiVersion/kind {key}"]
+    try:
+        parsed = model.model_validate(doc)
+    except Exception as e:  # pydantic.ValidationError
+        return [str(e)]
+    dumped = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return [f"unknown field {p}" for p in dropped(doc, dumped)]
+
+
+def self_test(doc):
+    """The check must catch a misspelled field and a bad enum value in `doc`."""
+    typo = copy.deepcopy(doc)
+    typo["spec"]["phse"] = typo["spec"].get("phase", "AUTHZ")
+    bad_enum = copy.deepcopy(doc)
+    bad_enum["spec"]["failStrategy"] = "FAIL_SOMETIMES"
+    return [
+        f"self-test: {what} was not detected"
+        for what, mutated in [("a misspelled field", typo), ("a bad enum value", bad_enum)]
+        if not check(mutated)
+    ]
+
+
+def main(args):
+    targets = [pathlib.Path(a) for a in args] or [ROOT / "deploy" / "istio"]
+    files = []
+    for t in targets:
+        files.extend(sorted(t.glob("*.yaml")) if t.is_dir() else [t])
+    passed, failed = 0, 0
+    plugin = None
+    for f in files:
+        text = render(f.read_text())
+        body = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+        if "${" in body:
+            print(f"FAIL {f}: a placeholder is left after rendering")
+            failed += 1
+            continue
+        for doc in yaml.safe_load_all(text):
+            if not doc:
+                continue
+            name = f"{f.name}: {doc.get('kind')} {doc.get('metadata', {}).get('name')}"
+            problems = check(doc)
+            if problems:
+                failed += 1
+                print(f"FAIL {name}")
+                for p in problems:
+                    print(f"  {p}")
+            else:
+                passed += 1
+                print(f"ok   {name}")
+            if doc.get("kind") == "WasmPlugin" and plugin is None:
+                plugin = doc
+    if plugin is None:
+        print("FAIL no WasmPlugin found")
+        failed += 1
+    else:
+        for p in self_test(plugin):
+            print(f"FAIL {p}")
+            failed += 1
+    print(f"istio-check: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

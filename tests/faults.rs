@@ -1,0 +1,891 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+//! The fault matrix in a real Envoy: every way the balance service can fail, in both
+//! `failure_mode`s, checking what the client gets, how long it waits, that nothing is
+//! charged for a request the client saw fail, and that the wasm VM lives on. Also: Envoy
+//! killed with requests in flight, and a plugin config swapped at run time (LDS from a
+//! watched file) while decisions of the old config sit in the shared-data cache.
+//!
+//! Run with `make test`. docs/security.md points here for the claims these tests prove.
+
+mod common;
+#[path = "support/hardening.rs"]
+mod hardening;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use hardening::*;
+use serde_json::{json, Value};
+
+/// The callout timeout of every stack here: short, so the matrix runs quickly.
+const TIMEOUT_MS: u64 = 400;
+/// How much longer than the callout timeout any answer may take on a loaded 2-core box.
+const SLACK: Duration = Duration::from_millis(1600);
+/// How long a refund may take to leave the outbox (its timer runs every 100 ms).
+const REFUND_WAIT: Duration = Duration::from_secs(5);
+/// The account the fake balance service vouches for on a normal request.
+const GOOD_KEY: &str = "fk-good";
+const GOOD_ACCOUNT: &str = "acct-good";
+
+fn limit() -> Duration {
+    Duration::from_millis(TIMEOUT_MS) + SLACK
+}
+
+// ---------------------------------------------------------------------------------------
+// The scripted faults
+// ---------------------------------------------------------------------------------------
+
+/// How the fake balance service answers an authorize for this fault's credential.
+fn fault_act(key: &str) -> Act {
+    let allow = |account: &str| json!({"allow": true, "account_id": account, "balance": 7});
+    match key {
+        GOOD_KEY => Act::json(200, &allow(GOOD_ACCOUNT)),
+        // Service failures.
+        "fk-hang" => Act::Hang { ms: 4000 },
+        "fk-late" => Act::json(200, &allow("acct-late")).delayed(TIMEOUT_MS + 600),
+        "fk-reset" => Act::ResetMidBody {
+            status: 200,
+            declared: 200,
+            body: br#"{"allow": true, "account_id": "acct-re"#.to_vec(),
+        },
+        "fk-500" => Act::json(500, &json!({"error": "boom"})),
+        "fk-502" => Act::raw(502, &[], b"<html>bad gateway</html>"),
+        "fk-503" => Act::raw(503, &[("retry-after", "30")], b""),
+        "fk-empty" => Act::raw(200, &[], b""),
+        "fk-truncated" => Act::raw(200, &[], br#"{"allow": true, "account_id": "acct-tr"#),
+        "fk-missing-fields" => Act::json(200, &json!({"allow": true})),
+        "fk-no-allow" => Act::json(200, &json!({"account_id": "acct-x", "balance": 1})),
+        "fk-wrong-types" => Act::json(
+            200,
+            &json!({"allow": true, "account_id": 42, "balance": "ten"}),
+        ),
+        "fk-allow-yes" => Act::json(200, &json!({"allow": "yes", "account_id": "acct-yes"})),
+        "fk-allow-false-200" => Act::json(200, &json!({"allow": false, "account_id": "acct-f"})),
+        "fk-fraction" => Act::json(
+            200,
+            &json!({"allow": true, "account_id": "acct-frac", "balance": 1.5}),
+        ),
+        "fk-huge-balance" => Act::raw(
+            200,
+            &[],
+            br#"{"allow": true, "account_id": "acct-huge", "balance": 99999999999999999999999}"#,
+        ),
+        "fk-bad-account-id" => Act::json(
+            200,
+            &json!({"allow": true, "account_id": "acct with\r\nx-injected: 1"}),
+        ),
+        "fk-array" => Act::json(200, &json!([true, "acct-arr"])),
+        "fk-10mb" => {
+            let mut body = br#"{"allow": true, "account_id": "acct-big", "pad": ""#.to_vec();
+            body.resize(body.len() + 10 * 1024 * 1024, b'a');
+            body.extend_from_slice(b"\"}");
+            Act::raw(200, &[], &body)
+        }
+        "fk-418" => Act::json(418, &json!({"error": "teapot"})),
+        "fk-409" => Act::json(
+            409,
+            &json!({"error": "request_id belongs to another account"}),
+        ),
+        // Valid but odd: a negative balance is an i64 the contract allows.
+        "fk-negative-balance" => Act::json(
+            200,
+            &json!({"allow": true, "account_id": "acct-neg", "balance": -5}),
+        ),
+        // Decisions with odd headers or bodies (not failures).
+        "fk-cc-malformed" => Act::raw(
+            402,
+            &[("cache-control", "max-age=banana")],
+            br#"{"allow": false, "balance": 0, "price": 1, "detail": "broke"}"#,
+        ),
+        "fk-cc-year" => Act::raw(
+            402,
+            &[("cache-control", "max-age=31536000")],
+            br#"{"allow": false, "balance": 0, "price": 1, "detail": "broke"}"#,
+        ),
+        "fk-cc-overflow" => Act::raw(
+            402,
+            &[("cache-control", "public, max-age=99999999999999999999999")],
+            br#"{"allow": false, "balance": 0, "price": 1}"#,
+        ),
+        "fk-402-bare" => Act::Answer {
+            status: 402,
+            headers: vec![],
+            body: vec![],
+            delay_ms: 0,
+        },
+        "fk-402-wrong-shape" => Act::json(
+            402,
+            &json!({"allow": "no", "balance": "lots", "price": -3, "detail": 12}),
+        ),
+        "fk-402-retry-garbage" => Act::raw(
+            402,
+            &[("retry-after", "soon")],
+            br#"{"allow": false, "balance": 0, "price": 1}"#,
+        ),
+        "fk-429-retry-date" => Act::raw(
+            429,
+            &[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")],
+            b"{}",
+        ),
+        other => panic!("no fault scripted for {other:?}"),
+    }
+}
+
+/// Faults the filter must treat as a service failure (failure_mode decides).
+const FAILURES: &[&str] = &[
+    "fk-hang",
+    "fk-late",
+    "fk-reset",
+    "fk-500",
+    "fk-502",
+    "fk-503",
+    "fk-empty",
+    "fk-truncated",
+    "fk-missing-fields",
+    "fk-no-allow",
+    "fk-wrong-types",
+    "fk-allow-yes",
+    "fk-allow-false-200",
+    "fk-fraction",
+    "fk-huge-balance",
+    "fk-bad-account-id",
+    "fk-array",
+    "fk-10mb",
+    "fk-418",
+    "fk-409",
+];
+
+/// What the filter logs (at warn) as the reason for each failure.
+fn expected_reason(fault: &str) -> &'static str {
+    match fault {
+        "fk-hang" | "fk-late" => "balance service unavailable (status 504)",
+        "fk-reset" => "no answer from the balance service",
+        "fk-500" => "unavailable (status 500)",
+        "fk-502" => "unavailable (status 502)",
+        "fk-503" => "unavailable (status 503)",
+        "fk-empty" | "fk-truncated" => "the body is not valid JSON",
+        "fk-missing-fields" | "fk-wrong-types" => "must carry a string account_id",
+        "fk-no-allow" | "fk-allow-yes" | "fk-allow-false-200" => "must carry \"allow\": true",
+        "fk-fraction" | "fk-huge-balance" => "balance is not a whole number",
+        "fk-bad-account-id" => "not a valid header value",
+        "fk-array" => "the body is not a JSON object",
+        "fk-10mb" => "answer larger than 65536 bytes",
+        "fk-418" => "status 418, which the contract does not define",
+        "fk-409" => "status 409, which the contract does not define",
+        other => panic!("no reason for {other}"),
+    }
+}
+
+fn fake_balance() -> RawFake {
+    RawFake::start(|req| match req.path.as_str() {
+        "/v1/authorize" => fault_act(req.json()["account"].as_str().unwrap_or_default()),
+        "/v1/refund" => Act::json(
+            200,
+            &json!({"refunded": true, "account_id": "acct-any", "balance": 0}),
+        ),
+        _ => Act::json(404, &json!({"error": "not found"})),
+    })
+}
+
+fn fault_stack(label: &str, mode: &str, balance: SocketAddr) -> Stack {
+    stack(label)
+        .plugin(|c| {
+            c["timeout_ms"] = json!(TIMEOUT_MS);
+            c["failure_mode"] = json!(mode);
+        })
+        .balance_addr(balance)
+        .start()
+}
+
+/// A normal request right after a fault: served, with the service's account id.
+fn assert_normal_request(s: &Stack, after: &str) {
+    let resp = s.get_with_key("/v1/normal", GOOD_KEY);
+    assert_eq!(resp.status, 200, "after {after}: {}", resp.dump());
+    assert_eq!(
+        echoed_header_values(&resp, "x-farebox-account"),
+        vec![GOOD_ACCOUNT],
+        "after {after}"
+    );
+}
+
+/// The request id the filter sent with the authorize call for `key`'s `nth` request.
+fn authorize_request_ids(fake: &RawFake, key: &str) -> Vec<String> {
+    fake.to("/v1/authorize")
+        .iter()
+        .filter(|r| r.json()["account"] == key)
+        .map(|r| {
+            r.json()["request_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+fn refunds(fake: &RawFake) -> Vec<Value> {
+    fake.to("/v1/refund").iter().map(RawRequest::json).collect()
+}
+
+/// One row of the report the matrix prints.
+fn row(fault: &str, mode: &str, status: u16, took: Duration, charged: &str) -> String {
+    format!(
+        "| {fault} | {mode} | {status} | {} ms | {charged} | yes |",
+        took.as_millis()
+    )
+}
+
+fn run_failure_matrix(mode: &str) {
+    let fake = fake_balance();
+    let s = fault_stack(&format!("faults-{mode}"), mode, fake.addr);
+    let baseline = vm_health(s.envoy.admin);
+    assert_normal_request(&s, "start");
+
+    let mut report = Vec::new();
+    for fault in FAILURES {
+        let path = format!("/v1/fault/{fault}");
+        let (resp, took) = timed(|| s.get(&path, &[("x-api-key", fault)]));
+        assert!(took < limit(), "{fault} ({mode}): took {took:?}");
+        match mode {
+            "closed" => {
+                assert_problem(&resp, 503);
+                assert_eq!(
+                    resp.header("retry-after"),
+                    Some("5"),
+                    "{fault}: {}",
+                    resp.dump()
+                );
+                assert_eq!(resp.header("cache-control"), Some("no-store"), "{fault}");
+            }
+            _ => {
+                assert_eq!(resp.status, 200, "{fault} ({mode}): {}", resp.dump());
+                // The upstream's answer (the echo), unpaid and without an account id.
+                assert_eq!(resp.json()["path"], json!(path), "{fault}: {}", resp.dump());
+                assert!(
+                    echoed_header_values(&resp, "x-farebox-account").is_empty(),
+                    "{fault}: no account can be vouched for: {}",
+                    resp.text()
+                );
+            }
+        }
+        let ids = authorize_request_ids(&fake, fault);
+        assert_eq!(
+            ids.len(),
+            1,
+            "{fault}: one authorize call, never retried: {ids:?}"
+        );
+        let charged = if mode == "closed" {
+            "refund sent"
+        } else {
+            "kept (served)"
+        };
+        report.push(row(fault, mode, resp.status, took, charged));
+        assert_normal_request(&s, fault);
+    }
+
+    // Closed: every call reached the service, so each is undone by request id (the service
+    // may have debited before its answer was lost). Open: the client was served, so the
+    // charge (if any) stands and nothing is refunded.
+    let wanted: Vec<(String, String)> = FAILURES
+        .iter()
+        .map(|f| (f.to_string(), authorize_request_ids(&fake, f)[0].clone()))
+        .collect();
+    if mode == "closed" {
+        let all_refunded = wait_until(REFUND_WAIT, || {
+            let got = refunds(&fake);
+            wanted
+                .iter()
+                .all(|(_, id)| got.iter().any(|r| r["request_id"] == json!(id)))
+        });
+        let got = refunds(&fake);
+        assert!(all_refunded, "missing refunds; sent: {got:?}");
+        for (fault, id) in &wanted {
+            let r: Vec<&Value> = got
+                .iter()
+                .filter(|r| r["request_id"] == json!(id))
+                .collect();
+            assert_eq!(
+                r.len(),
+                1,
+                "{fault}: one refund (the service answered 200): {r:?}"
+            );
+            assert_eq!(r[0]["account"], json!(fault), "{fault}: {r:?}");
+            assert_eq!(r[0]["cost"], 1, "{fault}: {r:?}");
+            assert_eq!(r[0]["status"], 503, "{fault}: {r:?}");
+        }
+        assert_eq!(
+            got.len(),
+            wanted.len(),
+            "refunds only for the failed requests: {got:?}"
+        );
+    } else {
+        thread::sleep(Duration::from_millis(500));
+        let got = refunds(&fake);
+        assert!(got.is_empty(), "a served request was refunded: {got:?}");
+    }
+
+    // Each failure is read for the right reason (the filter logs it with the request id).
+    let log = s.envoy.log();
+    for (fault, id) in &wanted {
+        let line = grep(&log, id);
+        assert!(
+            line.contains(expected_reason(fault)),
+            "{fault}: want {:?} in the log line for {id}: {line:?}",
+            expected_reason(fault)
+        );
+    }
+
+    let (closed, open) = (s.envoy.metric("fail_closed"), s.envoy.metric("fail_open"));
+    let n = FAILURES.len() as u64;
+    if mode == "closed" {
+        assert_eq!((closed, open), (n, 0));
+    } else {
+        assert_eq!((closed, open), (0, n));
+    }
+    assert!(s.envoy.metric("callout_failures") >= n);
+    assert_envoy_vm_alive(&s.envoy, &baseline, &format!("{mode} matrix"));
+    assert_normal_request(&s, "the whole matrix");
+    eprintln!("fault matrix, failure_mode {mode}:\n{}", report.join("\n"));
+}
+
+#[test]
+fn service_failures_fail_closed_with_a_refund_and_the_vm_lives() {
+    run_failure_matrix("closed");
+}
+
+#[test]
+fn service_failures_fail_open_to_the_upstream_and_the_vm_lives() {
+    run_failure_matrix("open");
+}
+
+/// A slow service commits a charge after the filter gave up on the call; the filter's
+/// refund (sent at once, closed mode) arrives before that commit and is answered 404, which
+/// the filter takes as final ("nothing was charged"). The charge then stays, although the
+/// client saw a 503. The reference service is not affected (it serialises every write, so the
+/// refund queues behind the authorize), but any service that can be slower than `timeout_ms`
+/// to commit is.
+#[test]
+#[ignore = "bug: a refund answered 404 because the late authorize had not committed yet is never retried; the client saw a 503 and stays charged"]
+fn late_commit_after_a_lost_answer_is_still_undone() {
+    let ledger: Arc<Mutex<Vec<(String, &'static str)>>> = Arc::default();
+    let fake = {
+        let ledger = ledger.clone();
+        RawFake::start(move |req| {
+            let id = req.json()["request_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            match req.path.as_str() {
+                "/v1/authorize" => {
+                    // Slower than the filter's timeout, then commit.
+                    thread::sleep(Duration::from_millis(TIMEOUT_MS + 700));
+                    ledger.lock().unwrap().push((id, "charged"));
+                    Act::json(
+                        200,
+                        &json!({"allow": true, "account_id": "acct-slow", "balance": 1}),
+                    )
+                }
+                "/v1/refund" => {
+                    let mut l = ledger.lock().unwrap();
+                    match l.iter_mut().find(|(i, _)| *i == id) {
+                        Some(entry) => {
+                            entry.1 = "refunded";
+                            Act::json(
+                                200,
+                                &json!({"refunded": true, "account_id": "acct-slow", "balance": 2}),
+                            )
+                        }
+                        None => Act::json(404, &json!({"error": "unknown_request"})),
+                    }
+                }
+                _ => Act::json(404, &json!({})),
+            }
+        })
+    };
+    let s = fault_stack("late-commit", "closed", fake.addr);
+    assert_problem(&s.get_with_key("/v1/x", "fk-slow"), 503);
+    // Well past the commit and a few refund retries.
+    let refunded = wait_until(Duration::from_secs(8), || {
+        ledger
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(_, state)| *state == "refunded")
+            && !ledger.lock().unwrap().is_empty()
+    });
+    let refund_answers = fake.to("/v1/refund").len();
+    assert!(
+        refunded,
+        "the client saw a 503 but the late charge stays: ledger {:?}, {refund_answers} refund call(s)",
+        ledger.lock().unwrap()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Decisions with odd headers and bodies: the same in both modes
+// ---------------------------------------------------------------------------------------
+
+fn odd_decisions(mode: &str) {
+    let fake = fake_balance();
+    let s = fault_stack(&format!("odd-{mode}"), mode, fake.addr);
+    let baseline = vm_health(s.envoy.admin);
+    let calls = |key: &str| authorize_request_ids(&fake, key).len();
+
+    // A malformed Cache-Control means "do not cache": every request asks again.
+    for _ in 0..2 {
+        let resp = s.get_with_key("/v1/x", "fk-cc-malformed");
+        let body = assert_problem(&resp, 402);
+        assert_eq!(body["detail"], "broke", "{body}");
+        assert_eq!(
+            resp.header("cache-control"),
+            Some("no-store"),
+            "{}",
+            resp.dump()
+        );
+    }
+    assert_eq!(calls("fk-cc-malformed"), 2);
+
+    // A year (or a number too long for any integer) is capped at cache_max_ttl_s (300).
+    for key in ["fk-cc-year", "fk-cc-overflow"] {
+        for i in 0..3 {
+            let resp = s.get_with_key("/v1/x", key);
+            assert_problem(&resp, 402);
+            let cc = resp.header("cache-control").unwrap_or_default();
+            assert!(cc.starts_with("private"), "{key} #{i}: {cc:?}");
+            let age = max_age(cc).unwrap_or(0);
+            assert!(age > 0 && age <= 300, "{key} #{i}: cache-control {cc:?}");
+        }
+        assert_eq!(calls(key), 1, "{key}: the later 402s come from the cache");
+    }
+
+    // A 402 without a body is still a 402, priced at the request's cost.
+    let resp = s.get_with_key("/v1/x", "fk-402-bare");
+    let body = assert_problem(&resp, 402);
+    assert_eq!(body["price"], 1, "{body}");
+    assert!(body.get("balance").is_none(), "{body}");
+    // A 402 whose fields have the wrong types: still a 402; the bad fields are dropped.
+    let body = assert_problem(&s.get_with_key("/v1/x", "fk-402-wrong-shape"), 402);
+    assert_eq!(body["price"], 1, "{body}");
+    assert!(body.get("balance").is_none(), "{body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
+
+    // A Retry-After that is not delta-seconds is dropped, not passed on.
+    let resp = s.get_with_key("/v1/x", "fk-402-retry-garbage");
+    assert_problem(&resp, 402);
+    assert_eq!(resp.header("retry-after"), None, "{}", resp.dump());
+    let resp = s.get_with_key("/v1/x", "fk-429-retry-date");
+    assert_problem(&resp, 429);
+    assert_eq!(resp.header("retry-after"), None, "{}", resp.dump());
+
+    // A negative balance is a valid (signed) balance: allowed and reported as is.
+    let resp = s.get_with_key("/v1/x", "fk-negative-balance");
+    assert_eq!(resp.status, 200, "{}", resp.dump());
+    assert_eq!(
+        resp.header("x-farebox-balance"),
+        Some("-5"),
+        "{}",
+        resp.dump()
+    );
+
+    // None of these is a service failure, and nothing is refunded.
+    assert_eq!(
+        s.envoy.metric("fail_closed") + s.envoy.metric("fail_open"),
+        0
+    );
+    assert_eq!(s.envoy.metric("callout_failures"), 0);
+    assert!(refunds(&fake).is_empty(), "{:?}", refunds(&fake));
+    assert_envoy_vm_alive(&s.envoy, &baseline, &format!("odd decisions ({mode})"));
+    assert_normal_request(&s, "odd decisions");
+}
+
+#[test]
+fn odd_decisions_fail_closed_config() {
+    odd_decisions("closed");
+}
+
+#[test]
+fn odd_decisions_fail_open_config() {
+    odd_decisions("open");
+}
+
+// ---------------------------------------------------------------------------------------
+// The reference service not listening, then back (charging observable in its ledger)
+// ---------------------------------------------------------------------------------------
+
+const ACCOUNT: &str = "acct-faults";
+const KEY: &str = "fbk-faults-0b5e55ed";
+
+fn service_not_listening(mode: &str) {
+    let mut s = stack(&format!("down-{mode}"))
+        .plugin(|c| {
+            c["timeout_ms"] = json!(TIMEOUT_MS);
+            c["failure_mode"] = json!(mode);
+        })
+        .start();
+    let baseline = vm_health(s.envoy.admin);
+    s.balance().create_account(ACCOUNT, KEY, 10);
+    let addr = s.balance().addr;
+    s.balance_mut().stop();
+
+    for i in 0..3 {
+        let (resp, took) = timed(|| s.get_with_key(&format!("/v1/down/{i}"), KEY));
+        assert!(took < limit(), "{mode}: took {took:?}");
+        if mode == "closed" {
+            assert_problem(&resp, 503);
+            assert_eq!(resp.header("retry-after"), Some("5"));
+        } else {
+            assert_eq!(resp.status, 200, "{}", resp.dump());
+            assert!(echoed_header_values(&resp, "x-farebox-account").is_empty());
+        }
+    }
+
+    // Back on the same port and database.
+    let dir = s.dir.path().to_path_buf();
+    s.balance = Some(BalanceService::start(
+        &dir,
+        &BalanceOpts {
+            listen: Some(addr),
+            ..Default::default()
+        },
+    ));
+    let resp = s.get_with_key("/v1/back", KEY);
+    assert_eq!(resp.status, 200, "{}", resp.dump());
+    assert_eq!(
+        echoed_header_values(&resp, "x-farebox-account"),
+        vec![ACCOUNT]
+    );
+
+    // Exactly the one request served after the restart is charged.
+    thread::sleep(Duration::from_millis(1500)); // time for any (wrong) late charge or refund
+    let acct = s.balance().account(ACCOUNT);
+    assert_eq!(
+        (num(&acct, "balance"), num(&acct, "charged")),
+        (9, 1),
+        "{acct}"
+    );
+    let charges = s.balance().charges(ACCOUNT);
+    assert_eq!(charges.len(), 1, "{charges:?}");
+    assert_eq!(charges[0]["path"], "/v1/back", "{charges:?}");
+    assert_envoy_vm_alive(&s.envoy, &baseline, &format!("service down ({mode})"));
+}
+
+#[test]
+fn service_not_listening_fails_closed_and_charges_nothing() {
+    service_not_listening("closed");
+}
+
+#[test]
+fn service_not_listening_fails_open_and_charges_nothing() {
+    service_not_listening("open");
+}
+
+// ---------------------------------------------------------------------------------------
+// Envoy killed with requests in flight
+// ---------------------------------------------------------------------------------------
+
+/// Envoy dies (SIGKILL) while requests wait for a slow upstream; a new Envoy takes over.
+/// No request id is charged twice, every answered 200 is charged exactly once, and every
+/// charge is a 200, a refund, or a request the upstream received (the documented rule:
+/// a request that was forwarded is paid for, since the upstream did the work).
+#[test]
+fn envoy_killed_with_requests_in_flight_charges_nothing_twice() {
+    const IN_FLIGHT: usize = 6;
+    const AFTER: usize = 6;
+    let dir = TempDir::new("envoy-kill");
+    let balance = BalanceService::start(dir.path(), &BalanceOpts::default());
+    balance.create_account(ACCOUNT, KEY, 100);
+    // An upstream that takes 800 ms and tells which request id it served.
+    let upstream = RawFake::start(|req| {
+        let id = req.header("x-request-id").unwrap_or_default().to_string();
+        Act::json(200, &json!({"request_id": id})).delayed(800)
+    });
+    let mut plugin = demo_plugin_config();
+    plugin["timeout_ms"] = json!(2000);
+    let opts = EnvoyOpts::new(&plugin, balance.addr, upstream.addr);
+
+    let first = dir.join("envoy-1");
+    std::fs::create_dir_all(&first).unwrap();
+    let mut envoy = Envoy::start(&first, &opts);
+    let addr = envoy.addr;
+    let answers: Arc<Mutex<Vec<Result<Response, String>>>> = Arc::default();
+    let clients: Vec<_> = (0..IN_FLIGHT)
+        .map(|i| {
+            let answers = answers.clone();
+            thread::spawn(move || {
+                let r = try_http(
+                    addr,
+                    "GET",
+                    &format!("/v1/inflight/{i}"),
+                    &[("x-api-key", KEY)],
+                    b"",
+                );
+                answers.lock().unwrap().push(r);
+            })
+        })
+        .collect();
+    // Wait until every request is paid for and waiting at the upstream, then kill Envoy.
+    let at_upstream = wait_until(Duration::from_secs(10), || {
+        upstream.requests().len() >= IN_FLIGHT
+    });
+    assert!(
+        at_upstream,
+        "only {} requests reached the upstream",
+        upstream.requests().len()
+    );
+    envoy.stop_now();
+    for c in clients {
+        c.join().unwrap();
+    }
+
+    let second = dir.join("envoy-2");
+    std::fs::create_dir_all(&second).unwrap();
+    let envoy = Envoy::start(&second, &opts);
+    let mut after = Vec::new();
+    for i in 0..AFTER {
+        let resp = http(
+            envoy.addr,
+            "GET",
+            &format!("/v1/after/{i}"),
+            &[("x-api-key", KEY)],
+            b"",
+        );
+        assert_eq!(resp.status, 200, "{}", resp.dump());
+        after.push(
+            resp.json()["request_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    thread::sleep(Duration::from_millis(1000)); // let any refund land
+
+    let answers = answers.lock().unwrap().clone();
+    let served_before: Vec<String> = answers
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|r| r.status == 200)
+        .map(|r| {
+            r.json()["request_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let client_failures = answers.iter().filter(|r| r.is_err()).count();
+    let upstream_ids: Vec<String> = upstream
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("x-request-id").map(str::to_string))
+        .collect();
+
+    let charges = balance.charges(ACCOUNT);
+    let ids: Vec<String> = charges
+        .iter()
+        .map(|c| c["request_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "a request id charged twice: {charges:?}"
+    );
+    for id in served_before.iter().chain(&after) {
+        let n = charges
+            .iter()
+            .filter(|c| c["request_id"] == json!(id) && c["status"] == "charged")
+            .count();
+        assert_eq!(
+            n, 1,
+            "served request {id} is charged {n} times: {charges:?}"
+        );
+    }
+    let mut forwarded_unanswered = 0;
+    for c in &charges {
+        let id = c["request_id"].as_str().unwrap_or_default().to_string();
+        if c["status"] == "refunded" || served_before.contains(&id) || after.contains(&id) {
+            continue;
+        }
+        assert!(
+            upstream_ids.contains(&id),
+            "charge {c} was neither served, refunded nor received by the upstream"
+        );
+        forwarded_unanswered += 1;
+    }
+    let acct = balance.account(ACCOUNT);
+    assert_eq!(
+        num(&acct, "balance") + num(&acct, "charged"),
+        100,
+        "ledger arithmetic: {acct}"
+    );
+    assert_eq!(
+        num(&acct, "charged") as usize,
+        served_before.len() + AFTER + forwarded_unanswered,
+        "{acct}"
+    );
+    eprintln!(
+        "envoy kill: {IN_FLIGHT} in flight ({client_failures} saw the connection die, {} served), \
+         {forwarded_unanswered} charged while forwarded and unanswered, {AFTER} served after the restart",
+        served_before.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Plugin config changed at run time (LDS from a watched file)
+// ---------------------------------------------------------------------------------------
+
+/// Writes the LDS file the way Envoy wants to see it change: a complete new file moved
+/// into the watched directory.
+fn publish_lds(xds: &std::path::Path, version: &str, port: u16, plugin: &Value) {
+    // The stat prefix changes with every version, so that each one is a new filter chain
+    // even where the plugin config stays the same.
+    let prefix = format!("ingress_{}", version.to_ascii_lowercase());
+    let hcm = Hcm {
+        stat_prefix: prefix,
+        ..Hcm::demo()
+    };
+    let doc = json!({"version_info": version, "resources": [listener(port, plugin, &hcm)]});
+    let tmp = xds.join(".lds.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    std::fs::rename(&tmp, xds.join("lds.json")).unwrap();
+}
+
+/// The LDS version Envoy accepted, once no listener is warming any more (an in-place
+/// filter chain update does not refresh the config dump's `version_info`, the stat does).
+fn active_listener_version(admin: SocketAddr) -> Option<String> {
+    let text = http(admin, "GET", "/stats?filter=^listener_manager\\.", &[], b"").text();
+    let stat = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ").map(str::to_string))
+    };
+    if stat("listener_manager.total_listeners_warming").as_deref() != Some("0") {
+        return None;
+    }
+    stat("listener_manager.lds.version_text").map(|v| v.trim_matches('"').to_string())
+}
+
+fn wait_for_version(envoy: &EnvoyYaml, version: &str) {
+    let active = wait_until(Duration::from_secs(20), || {
+        active_listener_version(envoy.admin).as_deref() == Some(version)
+    });
+    assert!(
+        active,
+        "listener version {version} never became active:\n{}",
+        envoy.proc.log_tail(40)
+    );
+}
+
+/// A 402 cached under config A (max-age 300) is not served under config B: the cache key
+/// includes the digest of the plugin config, and the shared data outlives the swap.
+#[test]
+fn config_swap_at_run_time_does_not_reuse_old_decisions() {
+    let dir = TempDir::new("lds-swap");
+    let balance = BalanceService::start(
+        dir.path(),
+        &BalanceOpts {
+            deny_max_age: Some(300),
+            ..Default::default()
+        },
+    );
+    let echo = Echo::start(dir.path());
+    balance.create_account(ACCOUNT, KEY, 0);
+    let xds = dir.join("xds");
+    std::fs::create_dir_all(&xds).unwrap();
+    let port = free_port();
+    let mut config_a = demo_plugin_config();
+    config_a["timeout_ms"] = json!(3000);
+    let mut config_b = config_a.clone();
+    config_b["default_cost"] = json!(2);
+    publish_lds(&xds, "A", port, &config_a);
+
+    let bootstrap = json!({
+        "node": {"id": "farebox-lds-test", "cluster": "farebox"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {"lds_config": {"resource_api_version": "V3", "path_config_source": {
+            "path": xds.join("lds.json").display().to_string(),
+            "watched_directory": {"path": xds.display().to_string()}}}},
+        "static_resources": {"clusters": [cluster("balance", balance.addr), cluster("upstream", echo.addr)]}
+    });
+    let envoy = EnvoyYaml::start(
+        dir.path(),
+        &bootstrap.to_string(),
+        &[
+            "--component-log-level",
+            "file:debug,config:debug,upstream:debug,init:debug,wasm:debug",
+        ],
+    );
+    let ready = wait_until(Duration::from_secs(20), || {
+        active_listener_version(envoy.admin).as_deref() == Some("A")
+    });
+    assert!(
+        ready,
+        "listener A never became active:\n{}",
+        envoy.proc.log_tail(40)
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let get = || http(addr, "GET", "/v1/x", &[("x-api-key", KEY)], b"");
+
+    // Config A: denied, and the denial is cached.
+    let first = get();
+    assert_problem(&first, 402);
+    assert_eq!(balance.authorize_calls(), 1);
+    balance.topup(ACCOUNT, 10);
+    let cached = get();
+    let body = assert_problem(&cached, 402);
+    assert_eq!(body["price"], 1, "{body}");
+    assert!(
+        cached
+            .header("cache-control")
+            .is_some_and(|c| c.starts_with("private")),
+        "{}",
+        cached.dump()
+    );
+    assert_eq!(
+        balance.authorize_calls(),
+        1,
+        "served from the cache under config A"
+    );
+
+    // Control: a new listener (filter chain) with the very same plugin config still serves
+    // the cached 402. The shared data outlived the swap; only the config digest tells apart.
+    publish_lds(&xds, "A2", port, &config_a);
+    wait_for_version(&envoy, "A2");
+    assert_problem(&get(), 402);
+    assert_eq!(
+        balance.authorize_calls(),
+        1,
+        "same config, same cache entry"
+    );
+
+    // Config B (another price) replaces the listener while Envoy runs.
+    publish_lds(&xds, "B", port, &config_b);
+    wait_for_version(&envoy, "B");
+
+    // The old 402 is not applied: the service is asked, and B's price is charged.
+    let resp = get();
+    assert_eq!(resp.status, 200, "{}", resp.dump());
+    assert_eq!(
+        resp.header("x-farebox-balance"),
+        Some("8"),
+        "{}",
+        resp.dump()
+    );
+    assert_eq!(balance.authorize_calls(), 2);
+    let charges = balance.charges(ACCOUNT);
+    assert_eq!(charges.len(), 1, "{charges:?}");
+    assert_eq!(charges[0]["cost"], 2, "{charges:?}");
+    // A config update builds new VMs (for the new plugin config), so only reloads and traps
+    // tell a crash here.
+    assert_no_vm_crash(envoy.admin, &envoy.log(), "after the swap");
+}

@@ -1,0 +1,471 @@
+//! Metered AI and payments end to end: MCP tool prices, LLM token usage (JSON
+//! and SSE), and machine-payable 402s, in a real Envoy with the reference
+//! balance service and mock upstreams.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const ACCOUNT: &str = "acct-meter";
+const KEY: &str = "fbk-meter-5eed";
+
+fn num(v: &Value, field: &str) -> i64 {
+    v[field]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no integer {field} in {v}"))
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        })
+    };
+    let digits: Vec<u32> = s.bytes().filter_map(val).collect();
+    let mut out = Vec::new();
+    for chunk in digits.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, d)| n | d << (18 - 6 * i as u32));
+        out.push((n >> 16) as u8);
+        if chunk.len() > 2 {
+            out.push((n >> 8) as u8);
+        }
+        if chunk.len() > 3 {
+            out.push(n as u8);
+        }
+    }
+    out
+}
+
+/// A stack whose upstream is one of the mock services.
+fn stack_with_upstream(
+    label: &str,
+    upstream: &str,
+    plugin: Value,
+    balance: BalanceOpts,
+) -> (Stack, Proc) {
+    let dir = TempDir::new(&format!("{label}-upstream"));
+    let (proc, addr) = start_service(upstream, dir.path());
+    std::mem::forget(dir); // the upstream's log stays for a failing test to read
+    let s = stack(label)
+        .plugin(|c| *c = plugin)
+        .balance_opts(balance)
+        .upstream_addr(addr)
+        .start();
+    (s, proc)
+}
+
+fn plugin(routes: Value) -> Value {
+    let mut c = demo_plugin_config();
+    c["timeout_ms"] = json!(3000);
+    c["routes"] = routes;
+    c
+}
+
+fn charges_by_id(s: &Stack) -> std::collections::HashMap<String, Value> {
+    s.balance()
+        .charges(ACCOUNT)
+        .into_iter()
+        .map(|c| (c["request_id"].as_str().unwrap().to_string(), c))
+        .collect()
+}
+
+#[test]
+fn mcp_session_is_priced_per_tool_and_method() {
+    let routes = json!([{"name": "mcp", "methods": ["POST"], "exact": "/mcp", "cost": 1,
+        "mcp": {"methods": {"initialize": 0, "notifications/initialized": 0, "tools/list": 0},
+                "tools": {"search": 5, "fetch": 2}}}]);
+    let (s, _mcp) =
+        stack_with_upstream("mcp", "farebox-mcp", plugin(routes), BalanceOpts::default());
+    s.balance().create_account(ACCOUNT, KEY, 100);
+    let rpc = |body: Value, key: Option<&str>| {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(k) = key {
+            headers.push(("x-api-key", k));
+        }
+        s.request("POST", "/mcp", &headers, body.to_string().as_bytes())
+    };
+    let call = |id: u64, tool: &str| json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": {"q": "x"}}});
+
+    // Free methods: no credential needed, no callout.
+    assert_eq!(
+        rpc(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}),
+            None
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        rpc(
+            json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            None
+        )
+        .status,
+        202
+    );
+    let list = rpc(
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        None,
+    );
+    assert_eq!(list.status, 200, "{}", list.text());
+    assert_eq!(s.balance().authorize_calls(), 0);
+
+    // Priced tools: 3 × search (5), 2 × fetch (2), 1 × echo (the rule's 1).
+    for (i, tool) in ["search", "fetch", "search", "echo", "fetch", "search"]
+        .iter()
+        .enumerate()
+    {
+        let r = rpc(call(10 + i as u64, tool), Some(KEY));
+        assert_eq!(r.status, 200, "{tool}: {}", r.text());
+        assert_eq!(r.json()["result"]["isError"], false);
+    }
+    let acct = s.balance().account(ACCOUNT);
+    assert_eq!(
+        (num(&acct, "charged"), num(&acct, "balance")),
+        (20, 80),
+        "{acct}"
+    );
+    let routes: Vec<String> = s
+        .balance()
+        .charges(ACCOUNT)
+        .iter()
+        .map(|c| c["route"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        routes
+            .iter()
+            .filter(|r| *r == "mcp/tools/call:search")
+            .count(),
+        3,
+        "{routes:?}"
+    );
+    assert_eq!(
+        routes
+            .iter()
+            .filter(|r| *r == "mcp/tools/call:echo")
+            .count(),
+        1,
+        "{routes:?}"
+    );
+
+    // A call the account cannot pay: 402, with a JSON-RPC error the MCP client can show.
+    s.balance().create_account("acct-poor", "fbk-poor", 3);
+    let r = rpc(call(99, "search"), Some("fbk-poor"));
+    assert_eq!(r.status, 402);
+    let body = r.json();
+    assert_eq!(
+        (body["jsonrpc"].clone(), body["id"].clone()),
+        (json!("2.0"), json!(99))
+    );
+    assert_eq!(body["error"]["code"], -32042);
+    assert_eq!(body["error"]["data"]["price"], 5);
+    assert_eq!(body["error"]["data"]["route"], "mcp/tools/call:search");
+
+    // A body over max_body_bytes (default 64 KiB) is refused before any callout.
+    let huge = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "search", "arguments": {"q": "x".repeat(70_000)}}});
+    let before = s.balance().authorize_calls();
+    assert_eq!(rpc(huge, Some(KEY)).status, 413);
+    assert_eq!(s.balance().authorize_calls(), before);
+    assert_eq!(
+        num(&s.balance().account(ACCOUNT), "charged"),
+        20,
+        "the ledger is exact"
+    );
+}
+
+fn chat(s: &Stack, body: Value, extra: &[(&str, &str)]) -> Response {
+    let mut headers = vec![("x-api-key", KEY), ("content-type", "application/json")];
+    headers.extend_from_slice(extra);
+    s.request(
+        "POST",
+        "/v1/chat/completions",
+        &headers,
+        body.to_string().as_bytes(),
+    )
+}
+
+fn wait_charge(s: &Stack, request_id: &str, want: i64) -> Value {
+    let mut last = Value::Null;
+    let ok = wait_until(Duration::from_secs(5), || {
+        last = charges_by_id(s)
+            .get(request_id)
+            .cloned()
+            .unwrap_or(Value::Null);
+        last["cost"].as_i64() == Some(want)
+    });
+    assert!(
+        ok,
+        "request {request_id}: want a charge of {want}, ledger has {last}"
+    );
+    last
+}
+
+#[test]
+fn llm_usage_is_charged_exactly_in_json_and_sse() {
+    let routes = json!([{"name": "chat", "methods": ["POST"], "exact": "/v1/chat/completions",
+        "usage": {"json_pointer": "/usage/total_tokens", "unit_cost": 2, "estimate": 1000}}]);
+    let (s, _llm) =
+        stack_with_upstream("llm", "farebox-llm", plugin(routes), BalanceOpts::default());
+    s.balance().create_account(ACCOUNT, KEY, 100_000);
+    let messages = json!([{"role": "user", "content": "one two three four"}]);
+
+    // JSON: 4 prompt words + 6 completion tokens = 10 tokens at 2 = 20.
+    let r = chat(
+        &s,
+        json!({"model": "m", "messages": messages, "max_tokens": 6}),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["usage"]["total_tokens"],
+        10,
+        "the body reaches the client unchanged"
+    );
+    let json_id = charges_by_id(&s).keys().next().unwrap().clone();
+    wait_charge(&s, &json_id, 20);
+
+    // JSON with the usage after 300 KB of content: read from the bounded tail.
+    let r = chat(
+        &s,
+        json!({"model": "m", "messages": messages, "max_tokens": 7, "x_pad_bytes": 300_000}),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.body.len() > 300_000);
+    let ids_before: Vec<String> = vec![json_id.clone()];
+    let padded_id = charges_by_id(&s)
+        .keys()
+        .find(|k| !ids_before.contains(k))
+        .unwrap()
+        .clone();
+    wait_charge(&s, &padded_id, 22);
+
+    // SSE with include_usage: 4 + 9 = 13 tokens at 2 = 26; the stream arrives whole.
+    let r = chat(
+        &s,
+        json!({"model": "m", "messages": messages, "max_tokens": 9, "stream": true,
+                             "stream_options": {"include_usage": true}}),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(
+        text.contains("data: [DONE]") && text.matches("data: ").count() >= 11,
+        "{text}"
+    );
+    let known: Vec<String> = vec![json_id.clone(), padded_id.clone()];
+    let sse_id = charges_by_id(&s)
+        .keys()
+        .find(|k| !known.contains(k))
+        .unwrap()
+        .clone();
+    wait_charge(&s, &sse_id, 26);
+
+    // A stream that ends without usage is charged at the hold (documented policy).
+    let r = chat(
+        &s,
+        json!({"model": "m", "messages": messages, "max_tokens": 5, "stream": true}),
+        &[],
+    );
+    assert_eq!(r.status, 200);
+    let known = [json_id.clone(), padded_id.clone(), sse_id.clone()];
+    let no_usage_id = charges_by_id(&s)
+        .keys()
+        .find(|k| !known.contains(k))
+        .unwrap()
+        .clone();
+
+    // An upstream 5xx is not charged at all.
+    let r = chat(
+        &s,
+        json!({"model": "m", "messages": messages}),
+        &[("x-mock-status", "503")],
+    );
+    assert_eq!(r.status, 503);
+    let known = [
+        json_id.clone(),
+        padded_id.clone(),
+        sse_id.clone(),
+        no_usage_id.clone(),
+    ];
+    let failed_id = charges_by_id(&s)
+        .keys()
+        .find(|k| !known.contains(k))
+        .unwrap()
+        .clone();
+    let ok = wait_until(Duration::from_secs(5), || {
+        charges_by_id(&s)[&failed_id]["status"] == "refunded"
+    });
+    assert!(ok, "{}", charges_by_id(&s)[&failed_id]);
+
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        charges_by_id(&s)[&no_usage_id]["cost"],
+        1000,
+        "no usage: the hold"
+    );
+    let acct = s.balance().account(ACCOUNT);
+    assert_eq!(num(&acct, "charged"), 20 + 22 + 26 + 1000, "{acct}");
+    assert_eq!(
+        num(&acct, "balance"),
+        100_000 - (20 + 22 + 26 + 1000),
+        "{acct}"
+    );
+    assert!(s.envoy.metric("usage_metered") >= 3);
+}
+
+#[test]
+fn machine_payable_402_and_paying_with_x402() {
+    let mut c = plugin(json!([]));
+    c["anonymous"] = json!(true);
+    let x402 = [
+        "--x402-pay-to",
+        "0xPayTo",
+        "--x402-network",
+        "base-sepolia",
+        "--x402-asset",
+        "0xUSDC",
+        "--x402-amount-per-unit",
+        "1000",
+    ];
+    let opts = BalanceOpts {
+        extra_args: x402.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let s = stack("x402").plugin(|p| *p = c).balance_opts(opts).start();
+
+    // No credential, no payment: the 402 says how to pay, in both schemes.
+    let r = s.get("/v1/data?x=1", &[("host", "api.example")]);
+    assert_eq!(r.status, 402, "{}", r.text());
+    let required: Value = serde_json::from_slice(&base64_decode(
+        r.header("payment-required").expect("PAYMENT-REQUIRED"),
+    ))
+    .unwrap();
+    assert_eq!(required["x402Version"], 2);
+    assert!(required["error"].is_string());
+    assert_eq!(required["resource"]["url"], "http://api.example/v1/data");
+    assert!(
+        required["resource"]["description"].is_string()
+            && required["resource"]["mimeType"].is_string()
+    );
+    let accepts = required["accepts"].as_array().unwrap();
+    assert_eq!(accepts.len(), 1);
+    let a = &accepts[0];
+    assert_eq!(
+        (
+            a["scheme"].clone(),
+            a["network"].clone(),
+            a["amount"].clone(),
+            a["asset"].clone(),
+            a["payTo"].clone()
+        ),
+        (
+            json!("exact"),
+            json!("base-sepolia"),
+            json!("1000"),
+            json!("0xUSDC"),
+            json!("0xPayTo")
+        )
+    );
+    assert!(a["maxTimeoutSeconds"].is_u64() && a["extra"].is_object());
+    let www = r.header_all("www-authenticate");
+    let payment = www
+        .iter()
+        .find(|h| h.starts_with("Payment "))
+        .expect("a Payment challenge");
+    for param in [
+        "id=\"",
+        "realm=\"api.example\"",
+        "method=\"x402\"",
+        "intent=\"charge\"",
+        "request=\"",
+        "expires=\"",
+    ] {
+        assert!(payment.contains(param), "{param} in {payment}");
+    }
+    let request_b64 = payment
+        .split("request=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let request: Value = serde_json::from_slice(&base64_decode(request_b64)).unwrap();
+    assert_eq!(
+        (request["amount"].clone(), request["recipient"].clone()),
+        (json!("1000"), json!("0xPayTo"))
+    );
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let problem = r.json();
+    assert_eq!(problem["status"], 402);
+
+    // Paying: the payment goes to the service, the settlement comes back.
+    let paid_payload = "eyJ4NDAyVmVyc2lvbiI6MiwicGF5bG9hZCI6eyJkZW1vIjoicGFpZCJ9fQ=="; // {"x402Version":2,"payload":{"demo":"paid"}}
+    let r = s.get("/v1/data", &[("payment-signature", paid_payload)]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let settlement: Value = serde_json::from_slice(&base64_decode(
+        r.header("payment-response").expect("PAYMENT-RESPONSE"),
+    ))
+    .unwrap();
+    assert_eq!(settlement["success"], true);
+    assert!(settlement["transaction"]
+        .as_str()
+        .unwrap()
+        .starts_with("0x"));
+    assert_eq!(settlement["network"], "base-sepolia");
+    assert_eq!(
+        echoed_header_values(&r, "x-farebox-account"),
+        vec!["payer_demo".to_string()]
+    );
+
+    // A bad payment is refused with fresh challenges; Authorization: Payment is forwarded too.
+    assert_eq!(
+        s.get("/v1/data", &[("payment-signature", "bm90LXBhaWQ=")])
+            .status,
+        402
+    );
+    let r = s.get("/v1/data", &[("authorization", "Payment demo-paid")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(num(&s.balance().account("payer_demo"), "charged"), 2);
+}
+
+#[test]
+fn browsers_get_a_page_for_402() {
+    let mut c = plugin(json!([]));
+    c["html_402"] = json!(true);
+    let s = stack("html402").plugin(|p| *p = c).start();
+    s.balance().create_account(ACCOUNT, KEY, 0);
+    let r = s.get(
+        "/v1/data",
+        &[
+            ("x-api-key", KEY),
+            ("accept", "text/html,application/xhtml+xml"),
+        ],
+    );
+    assert_eq!(r.status, 402);
+    assert!(r.header("content-type").unwrap().starts_with("text/html"));
+    assert!(
+        r.text().contains("<h1>Payment Required</h1>"),
+        "{}",
+        r.text()
+    );
+    let r = s.get("/v1/data", &[("x-api-key", KEY)]);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+}
