@@ -155,6 +155,7 @@ impl Pending {
             account,
             cost: self.cost,
             status,
+            undo: true,
         })
     }
 }
@@ -219,6 +220,22 @@ impl Gate {
             .and_then(|(_, v)| v.clone())
     }
 
+    /// A repeated credential header reaches a filter as its first value, and the
+    /// upstream as all of them; the header is set to the one value that pays, so
+    /// both sides see the same caller.
+    fn pin_credential(&self, host: &impl HttpHost, cfg: &Config, credential: &str) {
+        if self.headers_gone {
+            return;
+        }
+        match &cfg.credential {
+            CredentialSource::Header(name) => host.set_request_header(name, Some(credential)),
+            CredentialSource::Bearer => {
+                host.set_request_header("authorization", Some(&format!("Bearer {credential}")))
+            }
+            CredentialSource::Query(_) => {}
+        }
+    }
+
     /// Request headers of a request without a body.
     pub fn on_request_headers(&mut self, host: &impl HttpHost) -> Flow {
         self.on_request_headers_eos(host, true)
@@ -243,8 +260,7 @@ impl Gate {
 
         let method = text(host.request_header(":method"));
         let raw_path = text(host.request_header(":path"));
-        let path = normalize_path(&raw_path);
-        let price = cfg.pricing.price(&method, &path);
+        let (price, path) = cfg.pricing.price_request(&method, &raw_path);
         let rule = price
             .rule
             .and_then(|r| cfg.pricing.routes.iter().position(|x| std::ptr::eq(x, r)));
@@ -386,7 +402,10 @@ impl Gate {
             .credential
             .extract(|name| self.header(host, name), &req.raw_path)
         {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                self.pin_credential(host, cfg, &c);
+                Some(c)
+            }
             // A payment stands in for a credential; so, when configured, does nothing at
             // all (the service then answers with what to pay).
             Err(_) if payment.is_some() => None,
@@ -840,6 +859,7 @@ impl Gate {
                         account: credential,
                         cost,
                         status,
+                        undo: false,
                     };
                     self.worker.outbox.borrow_mut().push(host, job);
                 }

@@ -31,6 +31,9 @@ pub enum Job {
         account: String,
         cost: u64,
         status: u16,
+        /// Undoing a call whose answer was lost: the charge may not be committed yet,
+        /// so "unknown request" is retried before it is believed.
+        undo: bool,
     },
     /// Report a lease's total use; `last` closes it and returns the rest.
     Settle {
@@ -163,6 +166,7 @@ impl Outbox {
                     account,
                     cost,
                     status,
+                    ..
                 } => (
                     cfg.refund_path.clone(),
                     refund_body(request_id, account, *cost, *status),
@@ -223,6 +227,17 @@ impl Outbox {
                     job: task.job,
                     ok: true,
                 })
+            }
+            // A lost authorize may commit after our undo arrives: ask again later.
+            CallOutcome::Rejected(404)
+                if matches!(task.job, Job::Refund { undo: true, .. })
+                    && task.attempts + 1 < MAX_ATTEMPTS =>
+            {
+                let mut task = task;
+                task.attempts += 1;
+                task.due_ms = host.now_ms() + (FIRST_BACKOFF_MS << (task.attempts - 1).min(16));
+                self.waiting.push_back(task);
+                None
             }
             // 404 on a refund or cancel: nothing was charged or granted; nothing is lost.
             CallOutcome::Rejected(404) if !matches!(task.job, Job::Settle { .. }) => {

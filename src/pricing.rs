@@ -124,6 +124,21 @@ pub struct Price<'a> {
 }
 
 impl Pricing {
+    /// Prices a request by every reading of its raw `:path` and keeps the dearest;
+    /// the path returned is the normalized one, for the balance service.
+    pub fn price_request(&self, method: &str, raw_path: &str) -> (Price<'_>, String) {
+        let mut readings = readings(raw_path).into_iter();
+        let normalized = readings.next().unwrap_or_else(|| "/".to_string());
+        let mut best = self.price(method, &normalized);
+        for other in readings {
+            let p = self.price(method, &other);
+            if p.cost > best.cost {
+                best = p;
+            }
+        }
+        (best, normalized)
+    }
+
     /// `path` must already be normalized (see [`normalize_path`]).
     pub fn price(&self, method: &str, path: &str) -> Price<'_> {
         match self.routes.iter().find(|r| r.matches(method, path)) {
@@ -141,35 +156,113 @@ impl Pricing {
     }
 }
 
-/// The path the rules are matched against: query and fragment cut off,
-/// percent-escapes decoded, repeated slashes merged and dot segments resolved.
-/// Envoy normalizes paths too when configured to; doing it again here means no
-/// escaping trick (`%2e%2e`, `%2F`, `//`) can make a priced path look like a
-/// free one even where the operator left Envoy's normalization off.
+/// The path sent to the balance service and logged: query and fragment cut off,
+/// escapes of unreserved characters decoded (`%2e` is `.`), dot segments resolved
+/// as RFC 3986 does, then repeated slashes merged. `%2F` stays as it is: it is
+/// data, not a separator, to an upstream that follows the RFC.
 pub fn normalize_path(raw: &str) -> String {
+    reading(raw, Decode::Unreserved)
+}
+
+/// How much of the path's percent-encoding an upstream might decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decode {
+    Nothing,
+    Unreserved,
+    Everything,
+}
+
+fn reading(raw: &str, decode: Decode) -> String {
     let end = raw.find(['?', '#']).unwrap_or(raw.len());
-    let decoded = percent_decode(raw.get(..end).unwrap_or(raw));
-    let text = String::from_utf8_lossy(&decoded);
+    let path = raw.get(..end).unwrap_or(raw);
+    let decoded = match decode {
+        Decode::Nothing => path.to_string(),
+        Decode::Unreserved => decode_unreserved(path),
+        Decode::Everything => String::from_utf8_lossy(&percent_decode(path)).into_owned(),
+    };
+    merge_slashes(&remove_dot_segments(&decoded))
+}
+
+/// Every way an upstream might read the path, the normalized one first. Upstreams
+/// differ on `%2F` and `%2e%2e`, so a request is priced by the dearest reading:
+/// no escaping trick can make a priced path cost less than it does.
+pub fn readings(raw: &str) -> Vec<String> {
+    let normalized = normalize_path(raw);
+    if !raw.contains('%') {
+        return vec![normalized];
+    }
+    let mut all = vec![normalized];
+    for decode in [Decode::Everything, Decode::Nothing] {
+        let r = reading(raw, decode);
+        if !all.contains(&r) {
+            all.push(r);
+        }
+    }
+    all
+}
+
+/// RFC 3986 section 5.2.4, on an absolute path: `.` and `..` segments go, an empty
+/// segment counts as a segment.
+fn remove_dot_segments(path: &str) -> String {
+    let body = path.strip_prefix('/').unwrap_or(path);
     let mut out: Vec<&str> = Vec::new();
-    for seg in text.split('/') {
+    let mut trailing = false;
+    for seg in body.split('/') {
+        trailing = false;
         match seg {
-            "" | "." => {}
+            "." => trailing = true,
             ".." => {
                 out.pop();
+                trailing = true;
             }
             s => out.push(s),
         }
     }
-    let mut path = String::with_capacity(text.len() + 1);
+    let mut result = String::with_capacity(path.len() + 1);
     for seg in &out {
-        path.push('/');
-        path.push_str(seg);
+        result.push('/');
+        result.push_str(seg);
     }
-    let trailing = text.ends_with('/') || text.ends_with("/.") || text.ends_with("/..");
-    if path.is_empty() || trailing {
-        path.push('/');
+    if trailing || result.is_empty() {
+        result.push('/');
     }
-    path
+    result
+}
+
+fn merge_slashes(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if c == '/' && out.ends_with('/') {
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Decodes `%XX` only where XX is an unreserved character (RFC 3986 2.3), as every
+/// normalizer may.
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hi = bytes.get(i + 1).and_then(|c| hex_value(*c));
+            let lo = bytes.get(i + 2).and_then(|c| hex_value(*c));
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                let c = hi << 4 | lo;
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    out.push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(b);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub fn percent_decode(input: &str) -> Vec<u8> {
@@ -296,17 +389,47 @@ mod tests {
             "/v1/models/a/infer"
         );
         assert_eq!(normalize_path("/health/%2e%2e/v1/x"), "/v1/x");
-        assert_eq!(normalize_path("/health%2F..%2Fv1%2Fx"), "/v1/x");
+        // %2F is data to an RFC upstream: the normalized path keeps it...
+        assert_eq!(
+            normalize_path("/health%2F..%2Fv1%2Fx"),
+            "/health%2F..%2Fv1%2Fx"
+        );
+        // ...but a decoding upstream reads it as a separator, and that reading counts too.
+        assert!(readings("/health%2F..%2Fv1%2Fx").contains(&"/v1/x".to_string()));
         assert_eq!(normalize_path("/docs/./a"), "/docs/a");
         assert_eq!(normalize_path("/../../etc"), "/etc");
         assert_eq!(normalize_path(""), "/");
         assert_eq!(normalize_path("/docs/"), "/docs/");
         assert_eq!(normalize_path("/a/b/.."), "/a/");
         assert_eq!(normalize_path("/%zz%4"), "/%zz%4");
-        assert_eq!(normalize_path("/%ff"), "/\u{fffd}");
+        assert_eq!(normalize_path("/%ff"), "/%ff");
+        assert_eq!(
+            normalize_path("/v1/models/m1/infer//.."),
+            "/v1/models/m1/infer/"
+        );
+        assert_eq!(normalize_path("%"), "/%");
         let p = pricing();
         // A priced path dressed up as a free one still pays.
-        let tricky = normalize_path("/docs/..%2fv1/models/m/infer");
-        assert_eq!(rc(&p, "POST", &tricky), ("infer", 5));
+        // A priced path dressed up as a free one still pays, whichever way it is read.
+        for tricky in [
+            "/docs/..%2fv1/models/m/infer",
+            "/docs/%2e%2e/v1/models/m/infer",
+            "/docs/..%2Fv1%2Fmodels%2Fm%2Finfer",
+        ] {
+            let (price, _) = p.price_request("POST", tricky);
+            assert_eq!((price.route, price.cost), ("infer", 5), "{tricky}");
+        }
+        // And the other way: what the RFC reads as a priced path is priced even when a
+        // decoding reading lands on a free one.
+        let (price, path) = p.price_request("GET", "/v1/models%2F..%2F..%2Fhealth");
+        assert_eq!(
+            (price.cost, path.as_str()),
+            (2, "/v1/models%2F..%2F..%2Fhealth")
+        );
+        let (price, _) = p.price_request("GET", "/v1/models/%2e%2e/%2e%2e/health");
+        assert_eq!(
+            price.cost, 2,
+            "an upstream that does not decode %2e sees /v1/models/..."
+        );
     }
 }

@@ -509,6 +509,7 @@ fn refund_confirmed_or_unknown() {
             account: "k".into(),
             cost: 1,
             status: 503,
+            undo: false,
         };
         fx.worker.outbox.borrow_mut().push(&root, job);
         fx.worker.tick(&root, &fx.cfg);
@@ -1150,4 +1151,41 @@ mod metered_and_paid {
             "{page}"
         );
     }
+}
+
+#[test]
+fn an_undo_answered_unknown_is_asked_again() {
+    // The authorize answer was lost; the service may commit the charge after our undo.
+    let fx = Fixture::new(CONFIG);
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), answer(504, &[], Value::Null));
+    assert_eq!(host.reply().unwrap().status, 503);
+    let root = FakeHost::request("GET", "/", &[]);
+    fx.worker.tick(&root, &fx.cfg);
+    fx.worker
+        .on_outbox_response(&root, root.last_call().token, Some(404));
+    assert_eq!(fx.queued_refunds(), 1, "kept for another try");
+    root.advance(1_000);
+    fx.worker.tick(&root, &fx.cfg);
+    assert_eq!(root.calls.borrow().len(), 2);
+    fx.worker
+        .on_outbox_response(&root, root.last_call().token, Some(200));
+    assert!(fx.worker.outbox.borrow().is_empty());
+    assert_eq!(root.count_of(Metric::Refunds), 1);
+}
+
+#[test]
+fn a_repeated_credential_reaches_the_upstream_as_the_one_that_pays() {
+    let fx = Fixture::new(CONFIG);
+    let host = FakeHost::request("GET", "/a", &[("x-api-key", "k1"), ("x-api-key", "k2")]);
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    assert_eq!(host.last_call().body["account"], "k1");
+    let keys: Vec<String> = host
+        .request_headers
+        .borrow()
+        .iter()
+        .filter(|(k, _)| k == "x-api-key")
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert_eq!(keys, vec!["k1".to_string()]);
 }
