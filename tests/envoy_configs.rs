@@ -353,14 +353,27 @@ impl RunningEnvoy {
         http(self.addr, "GET", path, headers, b"")
     }
 
+    /// A farebox counter once settled (the filter flushes its counts on its timer).
     fn metric(&self, name: &str) -> u64 {
-        let text = http(self.admin, "GET", "/stats", &[], b"").text();
-        let want = format!("wasmcustom.farebox_{name}");
-        text.lines()
-            .filter_map(|l| l.rsplit_once(": "))
-            .find(|(n, _)| *n == want)
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .unwrap_or(0)
+        let read = || {
+            let text = http(self.admin, "GET", "/stats", &[], b"").text();
+            let want = format!("wasmcustom.farebox_{name}");
+            text.lines()
+                .filter_map(|l| l.rsplit_once(": "))
+                .find(|(n, _)| *n == want)
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let mut last = read();
+        for _ in 0..20 {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 
     fn log(&self) -> String {

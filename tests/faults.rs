@@ -365,14 +365,13 @@ fn service_failures_fail_open_to_the_upstream_and_the_vm_lives() {
     run_failure_matrix("open");
 }
 
-/// A slow service commits a charge after the filter gave up on the call; the filter's
-/// refund (sent at once, closed mode) arrives before that commit and is answered 404, which
-/// the filter takes as final ("nothing was charged"). The charge then stays, although the
-/// client saw a 503. The reference service is not affected (it serialises every write, so the
-/// refund queues behind the authorize), but any service that can be slower than `timeout_ms`
-/// to commit is.
+/// A slow service commits a charge after the filter gave up on the call. The filter's
+/// refund (sent at once, closed mode) arrives before that commit and is answered 404
+/// ("unknown request"). The client saw a 503, so the late charge must still be undone: the
+/// filter retries an undo refund answered 404. (Found by this suite: the filter used to take
+/// that 404 as final. The reference service is not affected, since it serialises every
+/// write, but any service that can be slower than `timeout_ms` to commit is.)
 #[test]
-#[ignore = "bug: a refund answered 404 because the late authorize had not committed yet is never retried; the client saw a 503 and stays charged"]
 fn late_commit_after_a_lost_answer_is_still_undone() {
     let ledger: Arc<Mutex<Vec<(String, &'static str)>>> = Arc::default();
     let fake = {

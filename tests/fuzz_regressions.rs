@@ -164,15 +164,13 @@ fn service_hints_are_capped_or_dropped() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Root causes of the path bugs that tests/hostile.rs shows in Envoy
+// The path bugs tests/hostile.rs found in Envoy, at their root (fixed; kept as regressions)
 // ---------------------------------------------------------------------------------------
 
-/// `normalize_path` decodes `%2F` into a separator and then resolves `..` across it, so a
-/// path that Envoy forwards undecoded (its default KEEP_UNCHANGED for escaped slashes) is
-/// priced as another path: here a priced prefix as a free one. See
-/// tests/hostile.rs::escaped_slashes_kept_by_envoy_do_not_make_priced_paths_free.
+/// `%2F` is data, not a separator: `..` is never resolved across it, so a path that Envoy
+/// forwards undecoded (its default KEEP_UNCHANGED for escaped slashes) is not priced as
+/// another one. See tests/hostile.rs::escaped_slashes_kept_by_envoy_do_not_make_priced_paths_free.
 #[test]
-#[ignore = "bug: normalize_path decodes %2F and resolves .. across it: /v1/priced%2F..%2F..%2Fpublic%2Fx is priced as /public/x"]
 fn normalize_path_never_resolves_dots_across_an_encoded_slash() {
     let priced_as = normalize_path("/v1/priced%2F..%2F..%2Fpublic%2Fx");
     assert!(
@@ -181,12 +179,10 @@ fn normalize_path_never_resolves_dots_across_an_encoded_slash() {
     );
 }
 
-/// The filter merges `//` before it resolves `..`; RFC 3986 (and Envoy's normalize_path)
-/// resolve `..` against the empty segment. Only matters where Envoy does not normalize
-/// (then the upstream may resolve the raw path the RFC way): `/v1/models/m1/infer//..` is
-/// `/v1/models/m1/infer/` by the RFC, `/v1/models/m1/` (the default price) for the filter.
+/// Dot segments are resolved as RFC 3986 (and Envoy) do, an empty segment counting as one:
+/// `/v1/models/m1/infer//..` is `/v1/models/m1/infer/`, not `/v1/models/m1/` (which the
+/// filter used to price at the default price).
 #[test]
-#[ignore = "bug: normalize_path merges // before resolving .., unlike RFC 3986 and Envoy: /v1/models/m1/infer//.. is priced as /v1/models/m1/"]
 fn normalize_path_resolves_dot_segments_like_rfc3986() {
     assert_eq!(
         normalize_path("/v1/models/m1/infer//.."),

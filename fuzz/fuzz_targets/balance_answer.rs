@@ -4,7 +4,9 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use farebox::balance_api::{parse_authorize, parse_lease, parse_max_age, parse_retry_after, LeaseAnswer};
+use farebox::balance_api::{
+    parse_authorize, parse_lease, parse_max_age, parse_retry_after, LeaseAnswer,
+};
 use farebox::config::MAX_AMOUNT;
 use farebox::decision::Decision;
 use fuzz_support::{visible_ascii, Answer};
@@ -62,19 +64,33 @@ fuzz_target!(|input: Input| {
     match parse_lease(&resp, min, max_ttl) {
         Ok(LeaseAnswer::Granted(g)) => {
             assert_eq!(resp.status, Some(200));
-            assert!(g.granted >= min && g.granted <= MAX_AMOUNT, "granted {} (min {min})", g.granted);
-            assert!((1..=86_400_000).contains(&g.expires_in_ms), "{}", g.expires_in_ms);
+            assert!(
+                g.granted >= min && g.granted <= MAX_AMOUNT,
+                "granted {} (min {min})",
+                g.granted
+            );
+            assert!(
+                (1..=86_400_000).contains(&g.expires_in_ms),
+                "{}",
+                g.expires_in_ms
+            );
             assert!(
                 !g.lease_id.is_empty()
                     && g.lease_id.len() <= 128
-                    && g.lease_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b)),
+                    && g.lease_id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b)),
                 "lease id {:?}",
                 g.lease_id
             );
             assert!(visible_ascii(&g.account_id, 256));
         }
         Ok(LeaseAnswer::Decided(v)) => {
-            assert_ne!(resp.status, Some(200), "a 200 lease answer is a grant or a failure");
+            assert_ne!(
+                resp.status,
+                Some(200),
+                "a 200 lease answer is a grant or a failure"
+            );
             if let Decision::Allow { .. } = v.decision {
                 panic!("a lease call never allows without a grant");
             }

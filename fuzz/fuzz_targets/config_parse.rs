@@ -4,7 +4,6 @@
 #![no_main]
 
 use farebox::config::{Config, MAX_AMOUNT};
-use farebox::pricing::normalize_path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,7 +13,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(!e.field.is_empty() && !e.reason.is_empty(), "{e:?}");
         return;
     };
-    assert_eq!(Config::parse(data).ok().as_ref(), Some(&cfg), "parse is deterministic");
+    assert_eq!(
+        Config::parse(data).ok().as_ref(),
+        Some(&cfg),
+        "parse is deterministic"
+    );
     let ms = cfg.timeout.as_millis();
     assert!((1..=60_000).contains(&ms), "timeout {ms}");
     assert!(!cfg.cluster.is_empty());
@@ -22,7 +25,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(cfg.pricing.default_cost <= MAX_AMOUNT);
     for route in &cfg.pricing.routes {
         assert!(route.cost <= MAX_AMOUNT, "{route:?}");
-        assert!(!route.name.is_empty() && route.name.len() <= 64, "{route:?}");
+        assert!(
+            !route.name.is_empty() && route.name.len() <= 64,
+            "{route:?}"
+        );
     }
     for (method, path) in [
         ("GET", "/"),
@@ -30,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
         ("get", "/docs/a/../../v1//x?q=1#f"),
         ("DELETE", "/%2e%2e/%2F/a"),
     ] {
-        let price = cfg.pricing.price(method, &normalize_path(path));
+        let (price, _) = cfg.pricing.price_request(method, path);
         assert!(price.cost <= MAX_AMOUNT);
         assert!(!price.route.is_empty());
     }

@@ -1,7 +1,9 @@
-//! Route matching and identity on arbitrary requests: `normalize_path` + `Pricing::price`
-//! for any path and method, and credential extraction from any header bytes and query.
+//! Route matching and identity on arbitrary requests: `normalize_path`, `readings` and
+//! `Pricing::price_request` (the dearest reading of the raw path) for any path and method,
+//! and credential extraction from any header bytes and query.
 //! Properties: never panics; a normalized path is canonical; the price is one of the
-//! configured ones; free only under a free rule; an accepted credential is a token.
+//! configured ones and no reading of the path is dearer; free only under a free rule; an
+//! accepted credential is a token.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -9,7 +11,7 @@ use std::sync::OnceLock;
 use arbitrary::Arbitrary;
 use farebox::config::Config;
 use farebox::identity::{CredentialSource, MAX_CREDENTIAL_LEN};
-use farebox::pricing::normalize_path;
+use farebox::pricing::{normalize_path, readings};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -47,8 +49,16 @@ fuzz_target!(|input: Input| {
     assert!(path.starts_with('/'), "{path:?}");
     let inner = path.strip_suffix('/').unwrap_or(&path);
     for seg in inner.split('/').skip(1) {
-        assert!(!seg.is_empty(), "empty segment in {path:?} (from {:?})", input.path);
-        assert!(seg != "." && seg != "..", "dot segment in {path:?} (from {:?})", input.path);
+        assert!(
+            !seg.is_empty(),
+            "empty segment in {path:?} (from {:?})",
+            input.path
+        );
+        assert!(
+            seg != "." && seg != "..",
+            "dot segment in {path:?} (from {:?})",
+            input.path
+        );
     }
     // A path without escapes, query or fragment normalizes to itself once canonical.
     if !path.contains(['%', '?', '#']) {
@@ -56,13 +66,33 @@ fuzz_target!(|input: Input| {
     }
 
     let cfg = config();
-    let price = cfg.pricing.price(&input.method, &path);
+    let (price, normalized) = cfg.pricing.price_request(&input.method, &input.path);
+    assert_eq!(normalized, path);
     assert!([0, 1, 3, 5, 7].contains(&price.cost), "{price:?}");
-    if price.cost == 0 {
-        assert!(path == "/health" || path.starts_with("/public/"), "free: {path:?}");
+    let all = readings(&input.path);
+    assert_eq!(
+        all.first(),
+        Some(&path),
+        "the normalized reading comes first"
+    );
+    for reading in &all {
+        let p = cfg.pricing.price(&input.method, reading);
+        assert!(
+            p.cost <= price.cost,
+            "{:?}: reading {reading:?} costs {} > the price {}",
+            input.path,
+            p.cost,
+            price.cost
+        );
     }
-    if path.starts_with("/v1/priced") {
-        assert_eq!(price.cost, 3, "{path:?} priced as {price:?}");
+    if price.cost == 0 {
+        assert!(
+            path == "/health" || path.starts_with("/public/"),
+            "free: {path:?}"
+        );
+    }
+    if all.iter().any(|r| r.starts_with("/v1/priced")) {
+        assert!(price.cost >= 3, "{:?} priced as {price:?}", input.path);
     }
 
     let header = |want: &str| {

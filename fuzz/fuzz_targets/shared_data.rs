@@ -39,7 +39,12 @@ struct Input {
 }
 
 fuzz_target!(|input: Input| {
-    let key = CacheKey::new(&input.fingerprint, &input.route, input.cost, &input.credential);
+    let key = CacheKey::new(
+        &input.fingerprint,
+        &input.route,
+        input.cost,
+        &input.credential,
+    );
     let other = CacheKey::new(
         &input.fingerprint,
         &input.route,
@@ -50,7 +55,11 @@ fuzz_target!(|input: Input| {
     // Arbitrary bytes: never a panic; whatever decodes is canonical.
     let decoded = cache::decode(&key, &input.stored);
     if let Some(entry) = &decoded {
-        assert_eq!(cache::encode(&key, entry), input.stored, "non-canonical cache entry");
+        assert_eq!(
+            cache::encode(&key, entry),
+            input.stored,
+            "non-canonical cache entry"
+        );
     }
     let _ = cache::lookup(&key, &input.stored, input.now_ms);
     let _ = key.slot_key(1 + (input.cost % 10_000_000) as u32);
@@ -64,14 +73,25 @@ fuzz_target!(|input: Input| {
             expires_at_ms: input.expires_at_ms,
         };
         let bytes = cache::encode(&key, &entry);
-        assert_eq!(cache::decode(&key, &bytes).as_ref(), Some(&entry), "cache round trip");
+        assert_eq!(
+            cache::decode(&key, &bytes).as_ref(),
+            Some(&entry),
+            "cache round trip"
+        );
         if input.other_credential != input.credential {
-            assert_eq!(cache::decode(&other, &bytes), None, "served to another credential");
+            assert_eq!(
+                cache::decode(&other, &bytes),
+                None,
+                "served to another credential"
+            );
         }
         match cache::lookup(&key, &bytes, input.now_ms) {
             Lookup::Fresh(e) => {
                 assert!(input.expires_at_ms > input.now_ms);
-                assert!(u64::from(e.remaining_s(input.now_ms)) <= (input.expires_at_ms - input.now_ms) / 1000);
+                assert!(
+                    u64::from(e.remaining_s(input.now_ms))
+                        <= (input.expires_at_ms - input.now_ms) / 1000
+                );
             }
             Lookup::Expired => assert!(input.expires_at_ms <= input.now_ms),
             Lookup::Miss => panic!("own entry missed"),
@@ -93,7 +113,11 @@ fuzz_target!(|input: Input| {
         renewing_until_ms: r.renewing_until_ms,
         balance: r.balance,
     };
-    assert_eq!(LeaseRecord::decode(&record.encode()), Some(record.clone()), "lease round trip");
+    assert_eq!(
+        LeaseRecord::decode(&record.encode()),
+        Some(record.clone()),
+        "lease round trip"
+    );
 
     // The state machine never spends what the lease does not hold.
     match lease::step(Some(&record), input.lease_cost, input.now_ms, input.lock_ms) {
@@ -109,7 +133,10 @@ fuzz_target!(|input: Input| {
         }
         Step::Lock { record: next } => {
             assert!(record.renewing_until_ms <= input.now_ms);
-            assert_eq!(next.renewing_until_ms, input.now_ms.saturating_add(input.lock_ms));
+            assert_eq!(
+                next.renewing_until_ms,
+                input.now_ms.saturating_add(input.lock_ms)
+            );
             assert_eq!(next.used, record.used);
         }
         Step::Wait => assert!(record.renewing_until_ms > input.now_ms),

@@ -66,7 +66,9 @@ impl Json {
             Json::Uint(u) => Value::from(*u),
             Json::Float(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
             Json::Str(s) => Value::String(s.clone()),
-            Json::Array(items) => Value::Array(items.iter().map(|j| j.to_value(depth + 1)).collect()),
+            Json::Array(items) => {
+                Value::Array(items.iter().map(|j| j.to_value(depth + 1)).collect())
+            }
             Json::Object(fields) => {
                 let mut m = Map::new();
                 for (k, v) in fields {
@@ -160,7 +162,11 @@ impl Answer {
         CalloutResponse {
             status,
             headers,
-            body: if self.body_too_large { Vec::new() } else { self.body.bytes() },
+            body: if self.body_too_large {
+                Vec::new()
+            } else {
+                self.body.bytes()
+            },
             body_too_large: self.body_too_large,
         }
     }

@@ -850,9 +850,23 @@ impl Envoy {
     }
 
     /// A filter metric, e.g. `metric("allowed")` = `wasmcustom.farebox_allowed` (0 if absent).
+    /// A farebox counter, once it has settled: the filter hands its counts to Envoy
+    /// on its timer (every 10-100 ms per worker), not on each request.
     pub fn metric(&self, name: &str) -> u64 {
-        self.stat(&format!("wasmcustom.farebox_{name}"))
-            .unwrap_or(0)
+        let read = || {
+            self.stat(&format!("wasmcustom.farebox_{name}"))
+                .unwrap_or(0)
+        };
+        let mut last = read();
+        for _ in 0..20 {
+            thread::sleep(Duration::from_millis(150));
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 
     pub fn stats_prometheus(&self) -> String {
