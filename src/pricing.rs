@@ -243,29 +243,16 @@ fn merge_slashes(path: &str) -> String {
 /// Decodes `%XX` only where XX is an unreserved character (RFC 3986 2.3), as every
 /// normalizer may.
 fn decode_unreserved(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hi = bytes.get(i + 1).and_then(|c| hex_value(*c));
-            let lo = bytes.get(i + 2).and_then(|c| hex_value(*c));
-            if let (Some(hi), Some(lo)) = (hi, lo) {
-                let c = hi << 4 | lo;
-                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
-                    out.push(c);
-                    i += 3;
-                    continue;
-                }
-            }
-        }
-        out.push(b);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let unreserved = |c: u8| c.is_ascii_alphanumeric() || b"-._~".contains(&c);
+    String::from_utf8_lossy(&decode_where(path, unreserved)).into_owned()
 }
 
 pub fn percent_decode(input: &str) -> Vec<u8> {
+    decode_where(input, |_| true)
+}
+
+/// Decodes the `%XX` escapes whose byte `wanted` accepts; leaves the rest as written.
+fn decode_where(input: &str, wanted: impl Fn(u8) -> bool) -> Vec<u8> {
     let bytes = input.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -274,9 +261,12 @@ pub fn percent_decode(input: &str) -> Vec<u8> {
             let hi = bytes.get(i + 1).and_then(|c| hex_value(*c));
             let lo = bytes.get(i + 2).and_then(|c| hex_value(*c));
             if let (Some(hi), Some(lo)) = (hi, lo) {
-                out.push(hi << 4 | lo);
-                i += 3;
-                continue;
+                let c = hi << 4 | lo;
+                if wanted(c) {
+                    out.push(c);
+                    i += 3;
+                    continue;
+                }
             }
         }
         out.push(b);
