@@ -220,6 +220,14 @@ impl Gate {
             .and_then(|(_, v)| v.clone())
     }
 
+    /// Every request that goes upstream carries the account header set by us or none:
+    /// an allowed one gets it replaced (which drops a client's copy), the others lose it here.
+    fn strip_account(&self, host: &impl HttpHost, cfg: &Config) {
+        if !self.headers_gone {
+            host.set_request_header(&cfg.account_header, None);
+        }
+    }
+
     /// A repeated credential header reaches a filter as its first value, and the
     /// upstream as all of them; the header is set to the one value that pays, so
     /// both sides see the same caller.
@@ -255,9 +263,6 @@ impl Gate {
             self.stage = Stage::Done;
             return Flow::Pause;
         };
-        // Whatever happens next, the upstream must never see a client's own copy.
-        host.set_request_header(&cfg.account_header, None);
-
         let method = text(host.request_header(":method"));
         let raw_path = text(host.request_header(":path"));
         let (price, path) = cfg.pricing.price_request(&method, &raw_path);
@@ -276,6 +281,9 @@ impl Gate {
             rule,
         };
         if wants_body {
+            // The headers may go on before the decision: no client copy of the account
+            // header goes with them.
+            self.strip_account(host, &cfg);
             if end_of_stream {
                 return self.priced_by_body(host, &cfg, req, &[]);
             }
@@ -390,38 +398,45 @@ impl Gate {
     ) -> Flow {
         if cost == 0 {
             host.count(Metric::Free);
+            self.strip_account(host, cfg);
             self.stage = Stage::Done;
             return Flow::Continue;
         }
-        let payment = if cfg.accept_payments {
-            payments::payment_in(|n| self.header(host, n))
-        } else {
-            None
-        };
-        let credential = match cfg
+        // A caller with a credential pays from its account; only a caller without one
+        // is looked at for a payment (which keeps two header reads off the common path).
+        let (credential, payment) = match cfg
             .credential
             .extract(|name| self.header(host, name), &req.raw_path)
         {
             Ok(c) => {
                 self.pin_credential(host, cfg, &c);
-                Some(c)
+                (Some(c), None)
             }
-            // A payment stands in for a credential; so, when configured, does nothing at
-            // all (the service then answers with what to pay).
-            Err(_) if payment.is_some() => None,
-            Err(IdentityError::Missing) if cfg.anonymous => None,
             Err(e) => {
-                host.count(Metric::Unauthenticated);
-                let why = if e == IdentityError::Missing {
-                    AuthProblem::Missing
+                let payment = if cfg.accept_payments {
+                    payments::payment_in(|n| self.header(host, n))
                 } else {
-                    AuthProblem::Invalid
+                    None
                 };
-                log::debug!("401 on {} {}: {e}", req.method, req.path);
-                return self.reply(
-                    host,
-                    &response::unauthorized(cfg, why, &e.to_string(), Freshness::NoStore),
-                );
+                match (payment, e) {
+                    // A payment stands in for a credential; so, when configured, does
+                    // nothing at all (the service then answers with what to pay).
+                    (Some(p), _) => (None, Some(p)),
+                    (None, IdentityError::Missing) if cfg.anonymous => (None, None),
+                    (None, e) => {
+                        host.count(Metric::Unauthenticated);
+                        let why = if e == IdentityError::Missing {
+                            AuthProblem::Missing
+                        } else {
+                            AuthProblem::Invalid
+                        };
+                        log::debug!("401 on {} {}: {e}", req.method, req.path);
+                        return self.reply(
+                            host,
+                            &response::unauthorized(cfg, why, &e.to_string(), Freshness::NoStore),
+                        );
+                    }
+                }
             }
         };
         let metered = req
@@ -1108,6 +1123,7 @@ impl Gate {
         match cfg.failure_mode {
             FailureMode::Open => {
                 host.count(Metric::FailOpen);
+                self.strip_account(host, cfg);
                 self.stage = Stage::Forwarded(Box::new(Forwarded {
                     charge,
                     ..Forwarded::default()

@@ -34,10 +34,16 @@ impl Offer {
                 })
                 .unwrap_or_default()
         };
+        let accepts = objects("accepts");
+        // `resource` only decorates `accepts`; alone it offers nothing.
+        let resource = body
+            .get("resource")
+            .filter(|r| r.is_object() && !accepts.is_empty())
+            .cloned();
         Offer {
-            accepts: objects("accepts"),
+            accepts,
             challenges: objects("challenges"),
-            resource: body.get("resource").filter(|r| r.is_object()).cloned(),
+            resource,
         }
     }
 }

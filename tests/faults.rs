@@ -342,8 +342,16 @@ fn run_failure_matrix(mode: &str) {
         );
     }
 
-    let (closed, open) = (s.envoy.metric("fail_closed"), s.envoy.metric("fail_open"));
+    // (Counters are flushed by the filter's timer: wait for the expected one.)
     let n = FAILURES.len() as u64;
+    let counted = if mode == "closed" {
+        "fail_closed"
+    } else {
+        "fail_open"
+    };
+    wait_metric(&s.envoy, counted, n, Duration::from_secs(3));
+    wait_metric(&s.envoy, "callout_failures", n, Duration::from_secs(3));
+    let (closed, open) = (s.envoy.metric("fail_closed"), s.envoy.metric("fail_open"));
     if mode == "closed" {
         assert_eq!((closed, open), (n, 0));
     } else {
@@ -496,7 +504,9 @@ fn odd_decisions(mode: &str) {
         resp.dump()
     );
 
-    // None of these is a service failure, and nothing is refunded.
+    // None of these is a service failure, and nothing is refunded. (Counters are flushed by
+    // the filter's timer: wait until the decisions above are counted before reading zeros.)
+    assert!(wait_metric(&s.envoy, "denied", 10, Duration::from_secs(3)) >= 10);
     assert_eq!(
         s.envoy.metric("fail_closed") + s.envoy.metric("fail_open"),
         0

@@ -71,6 +71,47 @@ fn over_used_lease_record_is_never_spent_from() {
     assert_eq!(LeaseRecord::decode(&corrupt.encode()), Some(corrupt));
 }
 
+/// Found by fuzz/shared_data: a 402 whose only payment field is `"resource": {}` is cacheable
+/// (its offer has no `accepts` and no `challenges`), and comes back from the cache without
+/// the `resource`. Nothing a client sees changes: the resource only decorates `accepts`.
+#[test]
+fn cached_402_with_a_bare_resource_renders_the_same() {
+    let resp = answer(
+        402,
+        &[("cache-control", "max-age=60")],
+        r#"{"resource": {}}"#,
+    );
+    let v = parse_authorize(&resp, 5_851_007_520_395_657, 300).unwrap();
+    assert!(v.decision.cacheable());
+    let key = CacheKey::new(&[7; 32], "default", 1, CREDENTIAL);
+    let entry = Entry {
+        decision: v.decision.clone(),
+        expires_at_ms: 2_546_118_879_921_414_561,
+    };
+    let back = cache::decode(&key, &cache::encode(&key, &entry)).unwrap();
+    match (&back.decision, &v.decision) {
+        (Decision::Deny(cached), Decision::Deny(fresh)) => {
+            assert_eq!(
+                (
+                    cached.balance,
+                    cached.price,
+                    &cached.detail,
+                    cached.retry_after_s
+                ),
+                (
+                    fresh.balance,
+                    fresh.price,
+                    &fresh.detail,
+                    fresh.retry_after_s
+                )
+            );
+            assert_eq!(cached.price, 5_851_007_520_395_657);
+            assert!(cached.offer.is_empty() && fresh.offer.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Claims of docs/security.md, natively
 // ---------------------------------------------------------------------------------------

@@ -125,7 +125,14 @@ fn service_dies_between_lease_and_settle(mode: &str) {
         leases(&service).first().is_some_and(|l| l["used"] == 5)
     });
     assert!(reported, "{:?}", leases(&service));
-    assert!(envoy.metric("settles") > settles_calls_before);
+    assert!(
+        wait_metric(
+            &envoy,
+            "settles",
+            settles_calls_before + 1,
+            Duration::from_secs(3)
+        ) > settles_calls_before
+    );
 
     // The next request takes a new lease; the old one is closed with its exact total.
     let (resp, _) = get(&envoy, "/v1/lease/7");
@@ -214,7 +221,10 @@ fn settles_failing_with_500_are_counted_and_never_touch_requests() {
             .all(|b| b["final"] == false && b["used"].as_u64().is_some_and(|u| u <= 30)),
         "{settles:?}"
     );
-    assert_eq!(s.envoy.metric("lease_units_spent"), 30);
+    assert_eq!(
+        wait_metric(&s.envoy, "lease_units_spent", 30, Duration::from_secs(3)),
+        30
+    );
     assert_envoy_vm_alive(&s.envoy, &baseline, "settle 500");
 }
 
