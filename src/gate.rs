@@ -450,8 +450,11 @@ impl Gate {
         };
 
         // Decisions about a payment, or about nobody, are never cached.
+        let leased = cfg.mode == Mode::Lease && credential.is_some() && payment.is_none();
+        // Lease mode pays from the lease first and only looks at cached refusals when the
+        // lease cannot pay (a hash and a shared-data read fewer on its common path).
         let cache_key = match (&credential, &payment) {
-            (Some(c), None) if cfg.cache_max_entries > 0 => {
+            (Some(c), None) if cfg.cache_max_entries > 0 && !leased => {
                 Some(CacheKey::new(&cfg.fingerprint, &route, cost, c))
             }
             _ => None,
@@ -459,10 +462,16 @@ impl Gate {
         if let Some(flow) = self.serve_cached(host, cfg, cache_key.as_ref(), &route) {
             return flow;
         }
-
+        // A lease spend needs no request id unless the response is metered; a lease call
+        // makes one when it needs it.
+        let request_id = if leased && self.usage_rule.is_none() {
+            String::new()
+        } else {
+            self.request_id(host)
+        };
         let pending = Pending {
             token: 0,
-            request_id: self.request_id(host),
+            request_id,
             credential,
             payment,
             route,
@@ -470,8 +479,6 @@ impl Gate {
             cache_key,
             parked_since_ms: 0,
         };
-        let leased =
-            cfg.mode == Mode::Lease && pending.credential.is_some() && pending.payment.is_none();
         if leased {
             self.spend_from_lease(host, cfg, pending)
         } else {
@@ -577,6 +584,19 @@ impl Gate {
                     }
                 }
                 Step::Lock { record } => {
+                    // No lease can pay: a refusal the service let us cache answers first.
+                    if p.cache_key.is_none() && cfg.cache_max_entries > 0 {
+                        p.cache_key = Some(CacheKey::new(
+                            &cfg.fingerprint,
+                            &p.route,
+                            p.cost,
+                            &credential,
+                        ));
+                    }
+                    if let Some(flow) = self.serve_cached(host, cfg, p.cache_key.as_ref(), &p.route)
+                    {
+                        return flow;
+                    }
                     if host.shared_set(&key, &record.encode(), cas) {
                         return self.take_lease(host, cfg, key, &credential, p);
                     }
@@ -600,6 +620,9 @@ impl Gate {
         credential: &str,
         mut p: Pending,
     ) -> Flow {
+        if p.request_id.is_empty() {
+            p.request_id = self.request_id(host);
+        }
         let holder = self.worker.holder.borrow().clone();
         let body = lease_body(&LeaseRequest {
             account: credential,
