@@ -519,7 +519,7 @@ impl Gate {
         cfg: &Config,
         method: &str,
         path: &str,
-        mut p: Pending,
+        p: Pending,
     ) -> Flow {
         let body = authorize_body(&AuthorizeRequest {
             account: p.credential.as_deref(),
@@ -530,20 +530,46 @@ impl Gate {
             request_id: &p.request_id,
             payment: p.payment.as_ref(),
         });
-        match call(host, cfg, &cfg.authorize_path, &p.request_id, &body) {
+        // Nothing reached the service if the call fails to start: nothing to undo.
+        self.start_call(host, cfg, false, &body, p, || {})
+    }
+
+    /// Starts an authorize or lease call for `p` and pauses the request until its
+    /// answer; a call the host refuses is a service failure (after `undo` cleans up).
+    fn start_call(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        lease: bool,
+        body: &[u8],
+        mut p: Pending,
+        undo: impl FnOnce(),
+    ) -> Flow {
+        let path = if lease {
+            &cfg.lease.path
+        } else {
+            &cfg.authorize_path
+        };
+        match call(host, cfg, path, &p.request_id, body) {
             Ok(token) => {
                 host.count(Metric::Callouts);
+                log::debug!("request {}: call {token} to {path} started", p.request_id);
                 p.token = token;
-                self.stage = Stage::Authorizing(Box::new(p));
+                let p = Box::new(p);
+                self.stage = if lease {
+                    Stage::Leasing(p)
+                } else {
+                    Stage::Authorizing(p)
+                };
                 Flow::Pause
             }
             Err(e) => {
                 host.count(Metric::CalloutFailures);
                 log::warn!(
-                    "authorize call to cluster {:?} not dispatched: {e}",
+                    "call to {path} on cluster {:?} not dispatched: {e}",
                     cfg.cluster
                 );
-                // Nothing reached the service, so there is nothing to undo.
+                undo();
                 self.fail(host, cfg, None)
             }
         }
@@ -631,24 +657,7 @@ impl Gate {
             request_id: &p.request_id,
             holder: &holder,
         });
-        match call(host, cfg, &cfg.lease.path, &p.request_id, &body) {
-            Ok(token) => {
-                host.count(Metric::Callouts);
-                log::debug!("request {}: lease call {token} started", p.request_id);
-                p.token = token;
-                self.stage = Stage::Leasing(Box::new(p));
-                Flow::Pause
-            }
-            Err(e) => {
-                host.count(Metric::CalloutFailures);
-                log::warn!(
-                    "lease call to cluster {:?} not dispatched: {e}",
-                    cfg.cluster
-                );
-                unlock(host, &key);
-                self.fail(host, cfg, None)
-            }
-        }
+        self.start_call(host, cfg, true, &body, p, || unlock(host, &key))
     }
 
     /// A parked request's timer tick: try again. Returns how it went, like
