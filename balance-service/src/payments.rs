@@ -19,7 +19,7 @@
 //! This file is a child module of `service` (declared there with `#[path]`),
 //! so it shares the service's private helpers and state.
 
-use super::{blocking, error, reply, with_log, Shared, UNKNOWN};
+use super::{blocking, error, reply, request_id_conflict, with_log, Shared, UNKNOWN};
 use crate::config::X402;
 use crate::store::PaidOutcome;
 use crate::util::{now_ms, random_hex, sha256_hex};
@@ -179,17 +179,13 @@ async fn paid_authorize(
         st.stats.count_account(UNKNOWN);
         with_log(resp, UNKNOWN, rid)
     };
-    if let Some(resp) = st.check_service_token(headers) {
-        return unknown(resp, None);
-    }
-    let req: PaidReq = match serde_json::from_value(Value::Object(doc)) {
+    let req: PaidReq = match st.open_call(headers, "authorize", || {
+        serde_json::from_value(Value::Object(doc))
+    }) {
         Ok(r) => r,
-        Err(e) => {
-            let resp = error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid authorize body: {e}"),
-            );
-            return unknown(resp, None);
+        Err(resp) => {
+            st.stats.count_account(UNKNOWN);
+            return *resp;
         }
     };
     let rid = req.request_id.clone();
@@ -265,13 +261,7 @@ async fn paid_authorize(
             // Never cacheable: the payment paid for this request only.
             (reply(StatusCode::OK, body, 0), account_id)
         }
-        PaidOutcome::Conflict { account_id } => (
-            error(
-                StatusCode::CONFLICT,
-                "request_id belongs to another account",
-            ),
-            account_id,
-        ),
+        PaidOutcome::Conflict { account_id } => (request_id_conflict(), account_id),
     };
     st.stats.count_account(&account);
     with_log(resp, &account, Some(&rid))

@@ -174,6 +174,82 @@ impl AppState {
             ))
         }
     }
+
+    /// The first steps every `/v1/*` call shares: the service-token check,
+    /// then the JSON body (`what` names it in the error). On failure, the
+    /// answer to send, logged for the unknown account.
+    fn open_call<T>(
+        &self,
+        headers: &HeaderMap,
+        what: &str,
+        parse: impl FnOnce() -> serde_json::Result<T>,
+    ) -> Result<T, Box<Response>> {
+        if let Some(resp) = self.check_service_token(headers) {
+            return Err(Box::new(with_log(resp, UNKNOWN, None)));
+        }
+        parse().map_err(|e| {
+            let resp = error(StatusCode::BAD_REQUEST, format!("invalid {what} body: {e}"));
+            Box::new(with_log(resp, UNKNOWN, None))
+        })
+    }
+}
+
+/// A 400 answer logged for the unknown account.
+fn bad_request(msg: impl Into<String>, rid: Option<&str>) -> Response {
+    with_log(error(StatusCode::BAD_REQUEST, msg), UNKNOWN, rid)
+}
+
+/// The 402 answer of a denied authorize or lease (`Retry-After` if set).
+fn payment_required(
+    cfg: &Config,
+    account_id: &str,
+    balance: i64,
+    price: impl serde::Serialize,
+    detail: String,
+) -> Response {
+    let body = json!({
+        "allow": false,
+        "account_id": account_id,
+        "balance": balance,
+        "price": price,
+        "detail": detail,
+    });
+    let mut resp = reply(StatusCode::PAYMENT_REQUIRED, body, cfg.deny_max_age);
+    if let Some(n) = cfg.deny_retry_after {
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(n));
+    }
+    resp
+}
+
+fn unknown_credential(cfg: &Config) -> Response {
+    reply(
+        StatusCode::UNAUTHORIZED,
+        json!({ "allow": false, "error": "unknown_credential" }),
+        cfg.auth_max_age,
+    )
+}
+
+fn account_disabled(cfg: &Config) -> Response {
+    reply(
+        StatusCode::FORBIDDEN,
+        json!({ "allow": false, "error": "account_disabled" }),
+        cfg.auth_max_age,
+    )
+}
+
+fn request_id_conflict() -> Response {
+    error(
+        StatusCode::CONFLICT,
+        "request_id belongs to another account",
+    )
+}
+
+fn lease_closed(lease_id: String, state: String) -> Response {
+    reply(
+        StatusCode::CONFLICT,
+        json!({ "error": "lease_closed", "lease_id": lease_id, "state": state }),
+        0,
+    )
 }
 
 // ---------------------------------------------------------------- /v1/authorize
@@ -190,25 +266,18 @@ struct AuthorizeReq {
 
 async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     st.stats.authorize_calls.fetch_add(1, Ordering::Relaxed);
-    if let Some(resp) = st.check_service_token(&headers) {
-        st.stats.count_account(UNKNOWN);
-        return with_log(resp, UNKNOWN, None);
-    }
-    let req: AuthorizeReq = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            st.stats.count_account(UNKNOWN);
-            let resp = error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid authorize body: {e}"),
-            );
-            return with_log(resp, UNKNOWN, None);
-        }
-    };
+    let req: AuthorizeReq =
+        match st.open_call(&headers, "authorize", || serde_json::from_slice(&body)) {
+            Ok(r) => r,
+            Err(resp) => {
+                st.stats.count_account(UNKNOWN);
+                return *resp;
+            }
+        };
     let rid = req.request_id.clone();
     let bad = |msg: &str| {
         st.stats.count_account(UNKNOWN);
-        with_log(error(StatusCode::BAD_REQUEST, msg), UNKNOWN, Some(&rid))
+        bad_request(msg, Some(&rid))
     };
     if req.request_id.is_empty() {
         return bad("request_id must not be empty");
@@ -258,42 +327,12 @@ async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) ->
             let detail = format!(
                 "balance {balance} is below the price {price} of route {route:?}; top up the account"
             );
-            let body = json!({
-                "allow": false,
-                "account_id": account_id,
-                "balance": balance,
-                "price": price,
-                "detail": detail,
-            });
-            let mut resp = reply(StatusCode::PAYMENT_REQUIRED, body, cfg.deny_max_age);
-            if let Some(n) = cfg.deny_retry_after {
-                resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(n));
-            }
+            let resp = payment_required(cfg, &account_id, balance, price, detail);
             (resp, account_id)
         }
-        AuthorizeOutcome::UnknownCredential => (
-            reply(
-                StatusCode::UNAUTHORIZED,
-                json!({ "allow": false, "error": "unknown_credential" }),
-                cfg.auth_max_age,
-            ),
-            UNKNOWN.to_owned(),
-        ),
-        AuthorizeOutcome::Disabled { account_id } => (
-            reply(
-                StatusCode::FORBIDDEN,
-                json!({ "allow": false, "error": "account_disabled" }),
-                cfg.auth_max_age,
-            ),
-            account_id,
-        ),
-        AuthorizeOutcome::Conflict { account_id } => (
-            error(
-                StatusCode::CONFLICT,
-                "request_id belongs to another account",
-            ),
-            account_id,
-        ),
+        AuthorizeOutcome::UnknownCredential => (unknown_credential(cfg), UNKNOWN.to_owned()),
+        AuthorizeOutcome::Disabled { account_id } => (account_disabled(cfg), account_id),
+        AuthorizeOutcome::Conflict { account_id } => (request_id_conflict(), account_id),
     };
     st.stats.count_account(&account);
     with_log(resp, &account, Some(&rid))
@@ -317,20 +356,13 @@ struct RefundReq {
 
 async fn refund(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     st.stats.refund_calls.fetch_add(1, Ordering::Relaxed);
-    if let Some(resp) = st.check_service_token(&headers) {
-        return with_log(resp, UNKNOWN, None);
-    }
-    let req: RefundReq = match serde_json::from_slice(&body) {
+    let req: RefundReq = match st.open_call(&headers, "refund", || serde_json::from_slice(&body)) {
         Ok(r) => r,
-        Err(e) => {
-            let resp = error(StatusCode::BAD_REQUEST, format!("invalid refund body: {e}"));
-            return with_log(resp, UNKNOWN, None);
-        }
+        Err(resp) => return *resp,
     };
     let rid = req.request_id.clone();
     if rid.is_empty() {
-        let resp = error(StatusCode::BAD_REQUEST, "request_id must not be empty");
-        return with_log(resp, UNKNOWN, None);
+        return bad_request("request_id must not be empty", None);
     }
     let store = st.store.clone();
     let outcome =
@@ -371,10 +403,7 @@ async fn refund(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
             UNKNOWN.to_owned(),
         ),
         RefundOutcome::Conflict { account_id } => (
-            error(
-                StatusCode::CONFLICT,
-                "request_id belongs to another account",
-            ),
+            request_id_conflict(),
             account_id.unwrap_or_else(|| UNKNOWN.to_owned()),
         ),
         RefundOutcome::Overflow { account_id } => {
@@ -400,18 +429,12 @@ const MAX_HOLDER: usize = 1024;
 
 async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     st.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
-    if let Some(resp) = st.check_service_token(&headers) {
-        return with_log(resp, UNKNOWN, None);
-    }
-    let req: LeaseReq = match serde_json::from_slice(&body) {
+    let req: LeaseReq = match st.open_call(&headers, "lease", || serde_json::from_slice(&body)) {
         Ok(r) => r,
-        Err(e) => {
-            let resp = error(StatusCode::BAD_REQUEST, format!("invalid lease body: {e}"));
-            return with_log(resp, UNKNOWN, None);
-        }
+        Err(resp) => return *resp,
     };
     let rid = req.request_id.clone();
-    let bad = |msg: &str| with_log(error(StatusCode::BAD_REQUEST, msg), UNKNOWN, Some(&rid));
+    let bad = |msg: &str| bad_request(msg, Some(&rid));
     if req.request_id.is_empty() {
         return bad("request_id must not be empty");
     }
@@ -468,54 +491,17 @@ async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Res
             let detail = format!(
                 "balance {balance} is below the minimum lease of {min} units; top up the account"
             );
-            let body = json!({
-                "allow": false,
-                "account_id": account_id,
-                "balance": balance,
-                "price": min,
-                "detail": detail,
-            });
-            let mut resp = reply(StatusCode::PAYMENT_REQUIRED, body, cfg.deny_max_age);
-            if let Some(n) = cfg.deny_retry_after {
-                resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(n));
-            }
+            let resp = payment_required(cfg, &account_id, balance, min, detail);
             (resp, account_id)
         }
-        LeaseOutcome::UnknownCredential => (
-            reply(
-                StatusCode::UNAUTHORIZED,
-                json!({ "allow": false, "error": "unknown_credential" }),
-                cfg.auth_max_age,
-            ),
-            UNKNOWN.to_owned(),
-        ),
-        LeaseOutcome::Disabled { account_id } => (
-            reply(
-                StatusCode::FORBIDDEN,
-                json!({ "allow": false, "error": "account_disabled" }),
-                cfg.auth_max_age,
-            ),
-            account_id,
-        ),
-        LeaseOutcome::Conflict { account_id } => (
-            error(
-                StatusCode::CONFLICT,
-                "request_id belongs to another account",
-            ),
-            account_id,
-        ),
+        LeaseOutcome::UnknownCredential => (unknown_credential(cfg), UNKNOWN.to_owned()),
+        LeaseOutcome::Disabled { account_id } => (account_disabled(cfg), account_id),
+        LeaseOutcome::Conflict { account_id } => (request_id_conflict(), account_id),
         LeaseOutcome::Closed {
             account_id,
             lease_id,
             state,
-        } => (
-            reply(
-                StatusCode::CONFLICT,
-                json!({ "error": "lease_closed", "lease_id": lease_id, "state": state }),
-                0,
-            ),
-            account_id,
-        ),
+        } => (lease_closed(lease_id, state), account_id),
     };
     with_log(resp, &account, Some(&rid))
 }
@@ -534,22 +520,12 @@ async fn settle(
     body: Bytes,
 ) -> Response {
     st.stats.settle_calls.fetch_add(1, Ordering::Relaxed);
-    if let Some(resp) = st.check_service_token(&headers) {
-        return with_log(resp, UNKNOWN, None);
-    }
-    let req: SettleReq = match serde_json::from_slice(&body) {
+    let req: SettleReq = match st.open_call(&headers, "settle", || serde_json::from_slice(&body)) {
         Ok(r) => r,
-        Err(e) => {
-            let resp = error(StatusCode::BAD_REQUEST, format!("invalid settle body: {e}"));
-            return with_log(resp, UNKNOWN, None);
-        }
+        Err(resp) => return *resp,
     };
     let Ok(used) = i64::try_from(req.used) else {
-        let resp = error(
-            StatusCode::BAD_REQUEST,
-            "used out of range (max 9223372036854775807)",
-        );
-        return with_log(resp, UNKNOWN, None);
+        return bad_request("used out of range (max 9223372036854775807)", None);
     };
     let store = st.store.clone();
     let id = lease_id.clone();
@@ -639,20 +615,13 @@ struct CancelReq {
 
 async fn cancel(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     st.stats.cancel_calls.fetch_add(1, Ordering::Relaxed);
-    if let Some(resp) = st.check_service_token(&headers) {
-        return with_log(resp, UNKNOWN, None);
-    }
-    let req: CancelReq = match serde_json::from_slice(&body) {
+    let req: CancelReq = match st.open_call(&headers, "cancel", || serde_json::from_slice(&body)) {
         Ok(r) => r,
-        Err(e) => {
-            let resp = error(StatusCode::BAD_REQUEST, format!("invalid cancel body: {e}"));
-            return with_log(resp, UNKNOWN, None);
-        }
+        Err(resp) => return *resp,
     };
     let rid = req.request_id;
     if rid.is_empty() {
-        let resp = error(StatusCode::BAD_REQUEST, "request_id must not be empty");
-        return with_log(resp, UNKNOWN, None);
+        return bad_request("request_id must not be empty", None);
     }
     let store = st.store.clone();
     let id = rid.clone();
@@ -716,14 +685,7 @@ async fn cancel(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
             lease_id,
             account_id,
             state,
-        } => (
-            reply(
-                StatusCode::CONFLICT,
-                json!({ "error": "lease_closed", "lease_id": lease_id, "state": state }),
-                0,
-            ),
-            account_id,
-        ),
+        } => (lease_closed(lease_id, state), account_id),
     };
     with_log(resp, &account, Some(&rid))
 }

@@ -458,8 +458,7 @@ impl Store {
             });
         }
         let new_balance = balance - input.cost;
-        tx.prepare_cached("UPDATE accounts SET balance = ?1 WHERE account_id = ?2")?
-            .execute(params![new_balance, account_id])?;
+        set_balance(&tx, &account_id, new_balance)?;
         tx.prepare_cached(
             "INSERT INTO charges (request_id, account_id, cost, route, method, path, status, at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'charged', ?7)",
@@ -490,12 +489,7 @@ impl Store {
         let key_hash = sha256_hex(credential.as_bytes());
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let charge: Option<(String, i64, String)> = tx
-            .prepare_cached("SELECT account_id, cost, status FROM charges WHERE request_id = ?1")?
-            .query_row(params![request_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
+        let charge = charge_of(&tx, request_id)?;
         let Some((owner, cost, status)) = charge else {
             return Ok(RefundOutcome::UnknownRequest);
         };
@@ -520,8 +514,7 @@ impl Store {
         else {
             return Ok(RefundOutcome::Overflow { account_id });
         };
-        tx.prepare_cached("UPDATE accounts SET balance = ?1 WHERE account_id = ?2")?
-            .execute(params![new_balance, account_id])?;
+        set_balance(&tx, &account_id, new_balance)?;
         tx.prepare_cached(
             "UPDATE charges SET status = 'refunded', refund_status = ?1, refunded_at = ?2
              WHERE request_id = ?3",
@@ -610,8 +603,7 @@ impl Store {
         else {
             return Ok(TopupOutcome::Overflow);
         };
-        tx.prepare_cached("UPDATE accounts SET balance = ?1 WHERE account_id = ?2")?
-            .execute(params![new_balance, account_id])?;
+        set_balance(&tx, account_id, new_balance)?;
         tx.prepare_cached(
             "INSERT INTO topups (topup_id, account_id, amount, at) VALUES (?1, ?2, ?3, ?4)",
         )?
@@ -693,11 +685,7 @@ impl Store {
     /// The account's charges, oldest first; `None` if the account does not exist.
     pub fn charges(&self, account_id: &str) -> Result<Option<Vec<ChargeRow>>> {
         let conn = self.lock();
-        let exists: Option<i64> = conn
-            .prepare_cached("SELECT 1 FROM accounts WHERE account_id = ?1")?
-            .query_row(params![account_id], |r| r.get(0))
-            .optional()?;
-        if exists.is_none() {
+        if !account_exists(&conn, account_id)? {
             return Ok(None);
         }
         let mut stmt = conn.prepare_cached(
@@ -953,10 +941,7 @@ impl Store {
     pub fn leases(&self, account_id: &str) -> Result<Option<Vec<LeaseRow>>> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let exists = tx
-            .prepare_cached("SELECT 1 FROM accounts WHERE account_id = ?1")?
-            .exists(params![account_id])?;
-        if !exists {
+        if !account_exists(&tx, account_id)? {
             return Ok(None);
         }
         expire_due_in(&tx, Some(account_id), now_ms(), self.leases.policy)?;
@@ -994,6 +979,22 @@ fn balance_of(conn: &Connection, account_id: &str) -> Result<i64> {
     Ok(conn
         .prepare_cached("SELECT balance FROM accounts WHERE account_id = ?1")?
         .query_row(params![account_id], |r| r.get(0))?)
+}
+
+fn account_exists(conn: &Connection, account_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM accounts WHERE account_id = ?1")?
+        .exists(params![account_id])?)
+}
+
+/// The charge recorded for `request_id`: (account, cost, status).
+fn charge_of(conn: &Connection, request_id: &str) -> Result<Option<(String, i64, String)>> {
+    Ok(conn
+        .prepare_cached("SELECT account_id, cost, status FROM charges WHERE request_id = ?1")?
+        .query_row(params![request_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?)
 }
 
 fn set_balance(conn: &Connection, account_id: &str, balance: i64) -> Result<()> {
@@ -1110,10 +1111,7 @@ fn create_in(
     balance: i64,
     disabled: bool,
 ) -> Result<CreateOutcome> {
-    let account_exists = conn
-        .prepare_cached("SELECT 1 FROM accounts WHERE account_id = ?1")?
-        .exists(params![account_id])?;
-    if account_exists {
+    if account_exists(conn, account_id)? {
         return Ok(CreateOutcome::AccountExists);
     }
     let key_exists = conn
@@ -1210,12 +1208,7 @@ impl Store {
         let Some((account_id, balance, _disabled)) = lookup_key(&tx, &key_hash)? else {
             return Ok(UsageOutcome::UnknownCredential);
         };
-        let charge: Option<(String, i64, String)> = tx
-            .prepare_cached("SELECT account_id, cost, status FROM charges WHERE request_id = ?1")?
-            .query_row(params![request_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
+        let charge = charge_of(&tx, request_id)?;
         let estimate = match charge {
             Some((owner, _, _)) if owner != account_id => {
                 return Ok(UsageOutcome::Conflict { account_id });

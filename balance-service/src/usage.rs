@@ -5,7 +5,7 @@
 //! This file is a child module of `service` (declared there with `#[path]`),
 //! so it shares the service's private helpers and state.
 
-use super::{blocking, error, reply, with_log, Shared, UNKNOWN};
+use super::{bad_request, blocking, error, reply, with_log, Shared, UNKNOWN};
 use crate::store::UsageOutcome;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -24,27 +24,16 @@ struct UsageReq {
 
 pub(super) async fn usage(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     st.stats.usage_calls.fetch_add(1, Ordering::Relaxed);
-    if let Some(resp) = st.check_service_token(&headers) {
-        return with_log(resp, UNKNOWN, None);
-    }
-    let req: UsageReq = match serde_json::from_slice(&body) {
+    let req: UsageReq = match st.open_call(&headers, "usage", || serde_json::from_slice(&body)) {
         Ok(r) => r,
-        Err(e) => {
-            let resp = error(StatusCode::BAD_REQUEST, format!("invalid usage body: {e}"));
-            return with_log(resp, UNKNOWN, None);
-        }
+        Err(resp) => return *resp,
     };
     let rid = req.request_id.clone();
     if rid.is_empty() {
-        let resp = error(StatusCode::BAD_REQUEST, "request_id must not be empty");
-        return with_log(resp, UNKNOWN, None);
+        return bad_request("request_id must not be empty", None);
     }
     let Ok(actual) = i64::try_from(req.actual) else {
-        let resp = error(
-            StatusCode::BAD_REQUEST,
-            "actual out of range (max 9223372036854775807)",
-        );
-        return with_log(resp, UNKNOWN, Some(&rid));
+        return bad_request("actual out of range (max 9223372036854775807)", Some(&rid));
     };
     let store = st.store.clone();
     let outcome = match blocking(move || store.usage(&req.request_id, &req.account, actual)).await {

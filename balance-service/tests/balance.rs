@@ -8,12 +8,6 @@ use serde_json::{json, Value};
 use std::process::Command;
 use std::sync::{Arc, Barrier};
 
-fn seeded(extra: &[&str]) -> Balance {
-    let mut args = vec!["--admin-token", ADMIN, "--seed-demo"];
-    args.extend_from_slice(extra);
-    Balance::start(&args)
-}
-
 #[test]
 fn healthz_and_unknown_path() {
     let b = Balance::start(&[]);
@@ -532,13 +526,7 @@ fn ledger_invariant_holds_under_mixed_load() {
     let handles: Vec<_> = (0..6u64)
         .map(|t| {
             std::thread::spawn(move || {
-                let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
-                let mut next = move || {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed
-                };
+                let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64 ^ (t + 1));
                 for n in 0..60 {
                     let who = (next() % 3) as usize;
                     let key = format!("key-i{who}");
@@ -556,7 +544,7 @@ fn ledger_invariant_holds_under_mixed_load() {
                             let cost = next() % 6;
                             let r = authorize(a, &key, cost, &rid);
                             assert!(r.status == 200 || r.status == 402, "{r:?}");
-                            if r.status == 200 && next() % 3 == 0 {
+                            if r.status == 200 && next().is_multiple_of(3) {
                                 let r = refund(a, &key, cost, &rid, 503);
                                 // Cost 0 records nothing, so its refund is unknown.
                                 let want = if cost == 0 { 404 } else { 200 };

@@ -8,12 +8,6 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-fn seeded(extra: &[&str]) -> Balance {
-    let mut args = vec!["--admin-token", ADMIN, "--seed-demo"];
-    args.extend_from_slice(extra);
-    Balance::start(&args)
-}
-
 fn leases_of(a: std::net::SocketAddr, id: &str) -> Vec<Value> {
     let r = admin_get(a, &format!("/admin/accounts/{id}/leases"));
     assert_eq!(r.status, 200, "{r:?}");
@@ -502,13 +496,7 @@ fn mixed_load(policy: &str) {
     let handles: Vec<_> = (0..6u64)
         .map(|t| {
             std::thread::spawn(move || {
-                let mut seed = 0x2545_f491_4f6c_dd1du64 ^ (t + 1);
-                let mut next = move || {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed
-                };
+                let mut next = xorshift(0x2545_f491_4f6c_dd1du64 ^ (t + 1));
                 for n in 0..50 {
                     let who = (next() % 3) as usize;
                     let key = format!("key-m{who}");
@@ -526,7 +514,7 @@ fn mixed_load(policy: &str) {
                             let cost = next() % 5 + 1;
                             let r = authorize(a, &key, cost, &rid);
                             assert!(r.status == 200 || r.status == 402, "{r:?}");
-                            if r.status == 200 && next() % 3 == 0 {
+                            if r.status == 200 && next().is_multiple_of(3) {
                                 assert_eq!(refund(a, &key, cost, &rid, 503).status, 200);
                             }
                         }

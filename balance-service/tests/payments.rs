@@ -20,16 +20,10 @@ const X402: &[&str] = &[
     "1000",
 ];
 
-fn start(extra: &[&str]) -> Balance {
-    let mut args = vec!["--admin-token", ADMIN, "--seed-demo"];
-    args.extend_from_slice(extra);
-    Balance::start(&args)
-}
-
 fn with_x402(extra: &[&str]) -> Balance {
     let mut args = X402.to_vec();
     args.extend_from_slice(extra);
-    start(&args)
+    seeded(&args)
 }
 
 fn pay(addr: SocketAddr, payment: Option<&str>, scheme: &str, cost: u64, rid: &str) -> Resp {
@@ -115,7 +109,7 @@ fn assert_challenges(j: &Value, amount: &str, description: &str) {
 
 #[test]
 fn without_flags_nothing_changes() {
-    let b = start(&[]);
+    let b = seeded(&[]);
     let a = b.addr();
     let r = authorize(a, "demo-key-bob", 5, "n-1");
     assert_eq!(r.status, 402);

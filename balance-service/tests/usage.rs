@@ -7,12 +7,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 
-fn seeded(extra: &[&str]) -> Balance {
-    let mut args = vec!["--admin-token", ADMIN, "--seed-demo"];
-    args.extend_from_slice(extra);
-    Balance::start(&args)
-}
-
 fn usage(addr: SocketAddr, key: &str, request_id: &str, actual: u64) -> Resp {
     post_json(
         addr,

@@ -832,13 +832,7 @@ impl Envoy {
 
     /// `GET /stats` as `name -> value` (counters and gauges; histograms skipped).
     pub fn stats(&self) -> Vec<(String, u64)> {
-        let text = http(self.admin, "GET", "/stats", &[], b"").text();
-        text.lines()
-            .filter_map(|line| {
-                let (name, value) = line.rsplit_once(": ")?;
-                Some((name.to_string(), value.trim().parse().ok()?))
-            })
-            .collect()
+        admin_stats(self.admin)
     }
 
     /// A counter or gauge from `/stats`, None if Envoy does not know it (yet).
@@ -1180,8 +1174,66 @@ pub fn try_http_raw(addr: SocketAddr, raw: &[u8]) -> Result<Response, String> {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+/// `/stats` of an Envoy admin endpoint as `name -> value` (counters and gauges;
+/// histograms skipped).
+pub fn admin_stats(admin: SocketAddr) -> Vec<(String, u64)> {
+    http(admin, "GET", "/stats", &[], b"")
+        .text()
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(": ")?;
+            Some((name.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Header (name, value) pairs.
+pub type Headers = Vec<(String, String)>;
+
+/// The head of an HTTP/1.1 message at the start of `buf`, once complete: the
+/// start line, the headers (lower-cased names, trimmed values) and where the
+/// body starts.
+pub fn split_head(buf: &[u8]) -> Option<(String, Headers, usize)> {
+    let head_end = find(buf, b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let start = lines.next()?.to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some((start, headers, head_end + 4))
+}
+
+/// Reads more of a fake's connection into `buf` (a read timeout just returns);
+/// false once the connection is done or `stop` is set.
+pub fn read_more(
+    conn: &mut TcpStream,
+    chunk: &mut [u8],
+    buf: &mut Vec<u8>,
+    stop: &AtomicBool,
+) -> bool {
+    if stop.load(Ordering::SeqCst) {
+        return false;
+    }
+    match conn.read(chunk) {
+        Ok(0) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Parses a response. With `need_complete`, returns None unless the body is complete
@@ -1550,16 +1602,8 @@ fn serve_fake_connection(
                 return;
             }
         }
-        if stop.load(Ordering::SeqCst) {
+        if !read_more(&mut conn, &mut chunk, &mut buf, stop) {
             return;
-        }
-        match conn.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(_) => return,
         }
     }
 }
@@ -1578,18 +1622,12 @@ fn reason(status: u16) -> &'static str {
 }
 
 fn parse_request(buf: &[u8]) -> Option<(FakeRequest, usize)> {
-    let head_end = find(buf, b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split_whitespace();
+    let (start, headers, body_start) = split_head(buf)?;
+    let mut first = start.split_whitespace();
     let method = first.next()?.to_string();
     let path = first.next()?.to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
     let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let rest = &buf[head_end + 4..];
+    let rest = &buf[body_start..];
     let (body, used) =
         if get("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked")) {
             decode_chunked(rest)?
@@ -1609,6 +1647,6 @@ fn parse_request(buf: &[u8]) -> Option<(FakeRequest, usize)> {
             headers,
             body,
         },
-        head_end + 4 + used,
+        body_start + used,
     ))
 }

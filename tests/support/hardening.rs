@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{envoy_bin, http, try_http, wait_until, wasm_path, Envoy, Proc, Response};
+use crate::common::{
+    admin_stats, envoy_bin, find, http, read_more, split_head, try_http, wait_until, wasm_path,
+    Envoy, Proc, Response,
+};
 
 // ---------------------------------------------------------------------------------------
 // Assertions
@@ -84,18 +87,6 @@ pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 // ---------------------------------------------------------------------------------------
 // VM health
 // ---------------------------------------------------------------------------------------
-
-/// `/stats` of an Envoy admin endpoint as `name -> value`.
-pub fn admin_stats(admin: SocketAddr) -> Vec<(String, u64)> {
-    http(admin, "GET", "/stats", &[], b"")
-        .text()
-        .lines()
-        .filter_map(|line| {
-            let (name, value) = line.rsplit_once(": ")?;
-            Some((name.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
 
 /// The crash-related wasm stats: `wasm.<plugin>.vm_reload*` (a crashed VM reloaded under
 /// FAIL_RELOAD) and how many VMs the runtime created (a reload creates one more).
@@ -406,16 +397,8 @@ fn serve(
                 }
             }
         }
-        if stop.load(Ordering::SeqCst) {
+        if !read_more(&mut conn, &mut chunk, &mut buf, stop) {
             return;
-        }
-        match conn.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(_) => return,
         }
     }
 }
@@ -457,27 +440,17 @@ fn reset(conn: TcpStream) {
     let _ = conn.shutdown(Shutdown::Both);
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 fn parse_request(buf: &[u8]) -> Option<(RawRequest, usize)> {
-    let head_end = find(buf, b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split_whitespace();
+    let (start, headers, body_start) = split_head(buf)?;
+    let mut first = start.split_whitespace();
     let method = first.next()?.to_string();
     let path = first.next()?.to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
     let cl: usize = headers
         .iter()
         .find(|(k, _)| k == "content-length")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
-    let rest = &buf[head_end + 4..];
+    let rest = &buf[body_start..];
     if rest.len() < cl {
         return None;
     }
@@ -489,7 +462,7 @@ fn parse_request(buf: &[u8]) -> Option<(RawRequest, usize)> {
             body: rest[..cl].to_vec(),
             at: Instant::now(),
         },
-        head_end + 4 + cl,
+        body_start + cl,
     ))
 }
 
@@ -737,16 +710,10 @@ pub fn raw_request(
 /// A complete HTTP/1.1 answer (content-length or chunked framing; with `at_eof`, also one
 /// framed by the end of the connection), or None.
 fn parse_answer(buf: &[u8], at_eof: bool) -> Option<Response> {
-    let head_end = find(buf, b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
+    let (start, headers, body_start) = split_head(buf)?;
+    let status = start.split_whitespace().nth(1)?.parse().ok()?;
     let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let rest = &buf[head_end + 4..];
+    let rest = &buf[body_start..];
     let body = if get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
         crate::common::decode_chunked(rest)?.0
     } else {

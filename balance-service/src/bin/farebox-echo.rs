@@ -1,14 +1,18 @@
 //! `farebox-echo`: a demo/test upstream. Answers every request with a JSON
 //! description of what it received; `/status/NNN` answers with status NNN.
 
+// Only the start-up is used here, not the shared API routes.
+#[allow(dead_code)]
+mod mock_support;
+
 use axum::body::Bytes;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use mock_support::Mock;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::process::ExitCode;
 
 const USAGE: &str = "\
@@ -73,79 +77,13 @@ async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Resp
 }
 
 fn main() -> ExitCode {
-    let mut listen: Option<String> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--help" | "-h" => {
-                print!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            "--listen" => match args.next() {
-                Some(v) => listen = Some(v),
-                None => {
-                    eprintln!("farebox-echo: --listen needs a value\n\n{USAGE}");
-                    return ExitCode::from(2);
-                }
-            },
-            other => {
-                if let Some(v) = other.strip_prefix("--listen=") {
-                    listen = Some(v.to_owned());
-                } else {
-                    eprintln!("farebox-echo: unknown argument {other:?}\n\n{USAGE}");
-                    return ExitCode::from(2);
-                }
-            }
-        }
+    Mock {
+        name: "farebox-echo",
+        default_listen: "127.0.0.1:8082",
+        env_listen: "FAREBOX_ECHO_LISTEN",
+        usage: USAGE,
     }
-    let listen = listen
-        .or_else(|| {
-            std::env::var("FAREBOX_ECHO_LISTEN")
-                .ok()
-                .filter(|v| !v.is_empty())
-        })
-        .unwrap_or_else(|| "127.0.0.1:8082".to_owned());
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("farebox-echo: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(serve(listen)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("farebox-echo: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn serve(listen: String) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "farebox-echo listening on {addr}")
-            .and_then(|()| out.flush())
-            .map_err(|e| format!("cannot write to stdout: {e}"))?;
-    }
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let app = Router::new().fallback(echo);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(farebox_balance::util::shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))
+    .main(|| Router::new().fallback(echo))
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use mock_support::{mock_status, Mock};
+use mock_support::{mock_status, with_admin_routes, Mock};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::pin::Pin;
@@ -499,23 +499,15 @@ async fn stats_reset(State(st): State<Shared>) -> Response {
     json_response(StatusCode::OK, st.snapshot().to_string())
 }
 
-async fn healthz() -> &'static str {
-    "ok"
-}
-
 async fn not_found() -> Response {
     api_error(StatusCode::NOT_FOUND, "invalid_request_error", "not found")
 }
 
 fn app() -> Router {
-    Router::new()
+    let api = Router::<Shared>::new()
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models))
-        .route("/stats", get(stats))
-        .route("/stats/reset", post(stats_reset))
-        .route("/healthz", get(healthz))
-        .fallback(not_found)
-        .with_state(Shared::default())
+        .route("/v1/models", get(models));
+    with_admin_routes(api, stats, stats_reset, not_found)
 }
 
 fn main() -> ExitCode {

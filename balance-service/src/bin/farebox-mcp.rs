@@ -10,9 +10,9 @@ use axum::extract::State;
 use axum::http::header::{ALLOW, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::Router;
-use mock_support::{mock_status, Mock};
+use mock_support::{mock_status, with_admin_routes, Mock};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -236,22 +236,14 @@ async fn stats_reset(State(mcp): State<Shared>) -> Response {
     json_response(StatusCode::OK, &mcp.snapshot())
 }
 
-async fn healthz() -> &'static str {
-    "ok"
-}
-
 async fn not_found() -> Response {
     json_response(StatusCode::NOT_FOUND, &json!({"error": "not_found"}))
 }
 
 fn app() -> Router {
-    Router::new()
-        .route("/mcp", post(post_mcp).get(mcp_other).delete(mcp_other))
-        .route("/stats", get(stats))
-        .route("/stats/reset", post(stats_reset))
-        .route("/healthz", get(healthz))
-        .fallback(not_found)
-        .with_state(Shared::default())
+    let api =
+        Router::<Shared>::new().route("/mcp", post(post_mcp).get(mcp_other).delete(mcp_other));
+    with_admin_routes(api, stats, stats_reset, not_found)
 }
 
 fn main() -> ExitCode {

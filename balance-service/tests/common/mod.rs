@@ -456,6 +456,23 @@ pub fn check_ledger(addr: SocketAddr, id: &str) -> Value {
     acct
 }
 
+/// A service with the admin API and the demo accounts, plus `extra` flags.
+pub fn seeded(extra: &[&str]) -> Balance {
+    let mut args = vec!["--admin-token", ADMIN, "--seed-demo"];
+    args.extend_from_slice(extra);
+    Balance::start(&args)
+}
+
+/// A xorshift64 generator: deterministic pseudo-random numbers for load tests.
+pub fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 pub fn admin_auth() -> String {
     format!("Bearer {ADMIN}")
 }

@@ -1,8 +1,11 @@
-//! Shared start-up of the mock upstreams (`farebox-llm`, `farebox-mcp`):
+//! Shared start-up of the mock upstreams (`farebox-echo`, `farebox-llm`,
+//! `farebox-mcp`):
 //! `--listen ADDR` (or the environment fallback), the one
 //! `<name> listening on ADDR` stdout line, keep-alive HTTP/1.1 until SIGINT or
 //! SIGTERM. Included by each binary with `mod mock_support;`.
 
+use axum::handler::Handler;
+use axum::routing::{get, post};
 use axum::Router;
 use std::io::Write;
 use std::process::ExitCode;
@@ -97,6 +100,35 @@ async fn serve(name: &str, listen: String, app: impl FnOnce() -> Router) -> Resu
         .with_graceful_shutdown(farebox_balance::util::shutdown_signal())
         .await
         .map_err(|e| format!("server error: {e}"))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Adds what every mock API shares to `api`: `GET /stats`,
+/// `POST /stats/reset`, `GET /healthz`, the `not_found` fallback, and a
+/// fresh default state.
+pub fn with_admin_routes<S, H1, T1, H2, T2, H3, T3>(
+    api: Router<S>,
+    stats: H1,
+    stats_reset: H2,
+    not_found: H3,
+) -> Router
+where
+    S: Clone + Default + Send + Sync + 'static,
+    H1: Handler<T1, S>,
+    H2: Handler<T2, S>,
+    H3: Handler<T3, S>,
+    T1: 'static,
+    T2: 'static,
+    T3: 'static,
+{
+    api.route("/stats", get(stats))
+        .route("/stats/reset", post(stats_reset))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .with_state(S::default())
 }
 
 /// The status asked for by an `x-mock-status` header (200-599), if any.
