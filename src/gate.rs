@@ -502,7 +502,12 @@ impl Gate {
             Lookup::Fresh(entry) => {
                 host.count(Metric::CacheHits);
                 let freshness = Freshness::Private(entry.remaining_s(now));
-                Some(self.act(host, cfg, route, entry.decision, freshness, None))
+                // A balance from when the decision was cached is stale: not shown again.
+                let decision = match entry.decision {
+                    Decision::Allow { account_id, .. } => Decision::allow(account_id, None),
+                    other => other,
+                };
+                Some(self.act(host, cfg, route, decision, freshness, None))
             }
             // Clearing frees the value's memory; losing a CAS race to a fresh write is fine.
             Lookup::Expired => {
