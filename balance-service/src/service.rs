@@ -871,59 +871,57 @@ async fn get_account(State(st): State<Shared>, Path(id): Path<String>) -> Respon
 async fn get_charges(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let resp = match blocking(move || store.charges(&account)).await {
-        Ok(Some(rows)) => {
-            let list: Vec<Value> = rows
-                .into_iter()
-                .map(|c| {
-                    json!({
-                        "request_id": c.request_id,
-                        "cost": c.cost,
-                        "route": c.route,
-                        "method": c.method,
-                        "path": c.path,
-                        "status": c.status,
-                        "refund_status": c.refund_status,
-                        "at": c.at,
-                    })
-                })
-                .collect();
-            reply(StatusCode::OK, Value::Array(list), 0)
-        }
-        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_account"),
-        Err(resp) => resp,
-    };
-    with_log(resp, &id, None)
+    let rows = blocking(move || store.charges(&account)).await;
+    account_list(&id, rows, |c| {
+        json!({
+            "request_id": c.request_id,
+            "cost": c.cost,
+            "route": c.route,
+            "method": c.method,
+            "path": c.path,
+            "status": c.status,
+            "refund_status": c.refund_status,
+            "at": c.at,
+        })
+    })
 }
 
 async fn get_leases(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let resp = match blocking(move || store.leases(&account)).await {
-        Ok(Some(rows)) => {
-            let list: Vec<Value> = rows
-                .into_iter()
-                .map(|l| {
-                    json!({
-                        "lease_id": l.lease_id,
-                        "holder": l.holder,
-                        "request_id": l.request_id,
-                        "granted": l.granted,
-                        "used": l.used,
-                        "state": l.state,
-                        "charged": l.charged,
-                        "created_at": l.created_at,
-                        "expires_at": l.expires_at,
-                        "closed_at": l.closed_at,
-                    })
-                })
-                .collect();
-            reply(StatusCode::OK, Value::Array(list), 0)
-        }
+    let rows = blocking(move || store.leases(&account)).await;
+    account_list(&id, rows, |l| {
+        json!({
+            "lease_id": l.lease_id,
+            "holder": l.holder,
+            "request_id": l.request_id,
+            "granted": l.granted,
+            "used": l.used,
+            "state": l.state,
+            "charged": l.charged,
+            "created_at": l.created_at,
+            "expires_at": l.expires_at,
+            "closed_at": l.closed_at,
+        })
+    })
+}
+
+/// An admin list of one account's rows: the rows as JSON, or 404 for an unknown account.
+fn account_list<R>(
+    id: &str,
+    rows: Result<Option<Vec<R>>, Response>,
+    to_json: impl Fn(R) -> Value,
+) -> Response {
+    let resp = match rows {
+        Ok(Some(rows)) => reply(
+            StatusCode::OK,
+            Value::Array(rows.into_iter().map(to_json).collect()),
+            0,
+        ),
         Ok(None) => error(StatusCode::NOT_FOUND, "unknown_account"),
         Err(resp) => resp,
     };
-    with_log(resp, &id, None)
+    with_log(resp, id, None)
 }
 
 async fn stats(State(st): State<Shared>) -> Response {
