@@ -60,8 +60,25 @@ pub enum ServiceFailure {
     TooLarge,
 }
 
+impl ServiceFailure {
+    /// A stable, machine-readable name of the failure, written as `code=…` in the log line
+    /// (operators and tests match on it, not on the wording).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServiceFailure::NoAnswer => "no_answer",
+            // Envoy synthesizes 504 for a callout that timed out.
+            ServiceFailure::Unavailable(504) => "service_timeout",
+            ServiceFailure::Unavailable(_) => "service_unavailable",
+            ServiceFailure::UnexpectedStatus(_) => "unexpected_status",
+            ServiceFailure::BadAnswer(_) => "bad_answer",
+            ServiceFailure::TooLarge => "answer_too_large",
+        }
+    }
+}
+
 impl fmt::Display for ServiceFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "code={}: ", self.code())?;
         match self {
             ServiceFailure::NoAnswer => f.write_str("no answer from the balance service"),
             ServiceFailure::Unavailable(s) => write!(f, "balance service unavailable (status {s})"),

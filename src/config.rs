@@ -132,7 +132,11 @@ fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Conf
     })
 }
 
-const TOP_FIELDS: &[&str] = &[
+// The fields the parser knows, per object. The parser refuses any other field with these
+// lists, and the schema checks (tests/config_schema.rs) compare them with the schema.
+
+/// Top-level fields of the plugin configuration.
+pub const TOP_FIELDS: &[&str] = &[
     "mode",
     "lease_path",
     "lease_want",
@@ -164,6 +168,27 @@ const TOP_FIELDS: &[&str] = &[
     "max_body_bytes",
     "usage_tail_bytes",
 ];
+
+/// Fields of a `credential` with a header or query source.
+pub const CREDENTIAL_FIELDS: &[&str] = &["source", "name"];
+/// Fields of a `credential` with `"source": "bearer"` (no name: it is `authorization`).
+pub const BEARER_CREDENTIAL_FIELDS: &[&str] = &["source"];
+/// Fields of an entry of `routes`.
+pub const ROUTE_FIELDS: &[&str] = &[
+    "name", "methods", "exact", "prefix", "glob", "cost", "usage", "mcp",
+];
+/// Fields of a route's `usage`.
+pub const USAGE_FIELDS: &[&str] = &[
+    "json_pointer",
+    "unit_cost",
+    "input_pointer",
+    "input_unit_cost",
+    "output_pointer",
+    "output_unit_cost",
+    "estimate",
+];
+/// Fields of a route's `mcp`.
+pub const MCP_FIELDS: &[&str] = &["methods", "tools"];
 
 /// A JSON object whose fields are read by name; any field not in `allowed` is an error.
 struct Obj<'a> {
@@ -504,9 +529,9 @@ impl Config {
 
 fn parse_credential(v: &Value) -> Result<CredentialSource, ConfigError> {
     let source = v.get("source").and_then(Value::as_str);
-    let allowed: &[&str] = match source {
-        Some("bearer") => &["source"],
-        _ => &["source", "name"],
+    let allowed = match source {
+        Some("bearer") => BEARER_CREDENTIAL_FIELDS,
+        _ => CREDENTIAL_FIELDS,
     };
     let obj = Obj::new(v, "credential", allowed)?;
     match obj.str("source")? {
@@ -553,13 +578,7 @@ fn route_name(field: String, name: &str) -> Result<String, ConfigError> {
 }
 
 fn parse_route(v: &Value, path: &str) -> Result<Route, ConfigError> {
-    let obj = Obj::new(
-        v,
-        path,
-        &[
-            "name", "methods", "exact", "prefix", "glob", "cost", "usage", "mcp",
-        ],
-    )?;
+    let obj = Obj::new(v, path, ROUTE_FIELDS)?;
     let name = match obj.str("name")? {
         Some(n) => route_name(obj.field("name"), n)?,
         None => return err(obj.field("name"), "is required"),
@@ -657,19 +676,7 @@ fn json_pointer(field: String, v: Option<&str>) -> Result<String, ConfigError> {
 }
 
 fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
-    let obj = Obj::new(
-        v,
-        path,
-        &[
-            "json_pointer",
-            "unit_cost",
-            "input_pointer",
-            "input_unit_cost",
-            "output_pointer",
-            "output_unit_cost",
-            "estimate",
-        ],
-    )?;
+    let obj = Obj::new(v, path, USAGE_FIELDS)?;
     let unit = |key: &str| -> Result<u64, ConfigError> {
         match obj.u64(key, 0, MAX_AMOUNT)? {
             Some(n) => Ok(n),
@@ -726,7 +733,7 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
 }
 
 fn parse_mcp(v: &Value, path: &str) -> Result<McpPricing, ConfigError> {
-    let obj = Obj::new(v, path, &["methods", "tools"])?;
+    let obj = Obj::new(v, path, MCP_FIELDS)?;
     let table = |key: &str| -> Result<BTreeMap<String, u64>, ConfigError> {
         let mut out = BTreeMap::new();
         match obj.get(key) {

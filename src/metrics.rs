@@ -1,114 +1,80 @@
 //! Counters, visible in Envoy's admin `/stats` as `wasmcustom.farebox_<name>`.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Metric {
+/// Declares [`Metric`], [`Metric::ALL`] and [`Metric::name`] from one list, so a metric
+/// cannot be added to the enum and be missing from `ALL` (the glue defines the host
+/// metrics from `ALL` and would silently drop a count for any other variant).
+macro_rules! metrics {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)+) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Metric {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl Metric {
+            /// Every metric, in declaration (= [`Metric::index`]) order.
+            pub const ALL: [Metric; [$(Metric::$variant),+].len()] = [$(Metric::$variant),+];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Metric::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+metrics! {
     /// Requests let through after an allow (fresh or cached).
-    Allowed,
+    Allowed => "farebox_allowed",
     /// 402 answers.
-    Denied,
+    Denied => "farebox_denied",
     /// 401 answers (no, malformed or unknown credential).
-    Unauthenticated,
+    Unauthenticated => "farebox_unauthenticated",
     /// 403 answers.
-    Forbidden,
+    Forbidden => "farebox_forbidden",
     /// 429 answers.
-    RateLimited,
+    RateLimited => "farebox_rate_limited",
     /// Requests on free routes (cost 0).
-    Free,
+    Free => "farebox_free",
     /// Decisions served from the cache, with no callout.
-    CacheHits,
+    CacheHits => "farebox_cache_hits",
     /// Authorize callouts started.
-    Callouts,
+    Callouts => "farebox_callouts",
     /// Callouts that failed: not dispatched, unreachable, timed out, 5xx, unreadable answer.
-    CalloutFailures,
+    CalloutFailures => "farebox_callout_failures",
     /// Requests let through unpaid because the service failed (`failure_mode: open`).
-    FailOpen,
+    FailOpen => "farebox_fail_open",
     /// 503 answers because the service failed (`failure_mode: closed`).
-    FailClosed,
+    FailClosed => "farebox_fail_closed",
     /// Refunds the service confirmed.
-    Refunds,
+    Refunds => "farebox_refunds",
     /// Refund attempts that failed (each attempt counts).
-    RefundFailures,
+    RefundFailures => "farebox_refund_failures",
     /// Leases granted (lease mode).
-    LeasesTaken,
+    LeasesTaken => "farebox_leases_taken",
     /// Leases granted that replaced a lease still held (exhausted or expiring).
-    LeaseRenewals,
+    LeaseRenewals => "farebox_lease_renewals",
     /// Requests that waited for another request's lease call.
-    LeaseWaits,
+    LeaseWaits => "farebox_lease_waits",
     /// Settle and cancel calls the service accepted.
-    Settles,
+    Settles => "farebox_settles",
     /// Settle and cancel attempts that failed (each attempt counts).
-    SettleFailures,
+    SettleFailures => "farebox_settle_failures",
     /// Units spent locally from leases.
-    LeaseUnitsSpent,
+    LeaseUnitsSpent => "farebox_lease_units_spent",
     /// Usage-priced responses whose usage was read.
-    UsageMetered,
+    UsageMetered => "farebox_usage_metered",
     /// Usage-priced responses charged at the hold (no usage found, or abandoned).
-    UsageUnread,
+    UsageUnread => "farebox_usage_unread",
     /// Final usage prices the service accepted.
-    UsageAdjusted,
+    UsageAdjusted => "farebox_usage_adjusted",
     /// Attempts to send a final usage price that failed (each attempt counts).
-    UsageAdjustFailures,
+    UsageAdjustFailures => "farebox_usage_adjust_failures",
     /// Request bodies over `max_body_bytes` (413).
-    BodyTooLarge,
+    BodyTooLarge => "farebox_body_too_large",
 }
 
 impl Metric {
-    pub const ALL: [Metric; 24] = [
-        Metric::Allowed,
-        Metric::Denied,
-        Metric::Unauthenticated,
-        Metric::Forbidden,
-        Metric::RateLimited,
-        Metric::Free,
-        Metric::CacheHits,
-        Metric::Callouts,
-        Metric::CalloutFailures,
-        Metric::FailOpen,
-        Metric::FailClosed,
-        Metric::Refunds,
-        Metric::RefundFailures,
-        Metric::LeasesTaken,
-        Metric::LeaseRenewals,
-        Metric::LeaseWaits,
-        Metric::Settles,
-        Metric::SettleFailures,
-        Metric::LeaseUnitsSpent,
-        Metric::UsageMetered,
-        Metric::UsageUnread,
-        Metric::UsageAdjusted,
-        Metric::UsageAdjustFailures,
-        Metric::BodyTooLarge,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Allowed => "farebox_allowed",
-            Metric::Denied => "farebox_denied",
-            Metric::Unauthenticated => "farebox_unauthenticated",
-            Metric::Forbidden => "farebox_forbidden",
-            Metric::RateLimited => "farebox_rate_limited",
-            Metric::Free => "farebox_free",
-            Metric::CacheHits => "farebox_cache_hits",
-            Metric::Callouts => "farebox_callouts",
-            Metric::CalloutFailures => "farebox_callout_failures",
-            Metric::FailOpen => "farebox_fail_open",
-            Metric::FailClosed => "farebox_fail_closed",
-            Metric::Refunds => "farebox_refunds",
-            Metric::RefundFailures => "farebox_refund_failures",
-            Metric::LeasesTaken => "farebox_leases_taken",
-            Metric::LeaseRenewals => "farebox_lease_renewals",
-            Metric::LeaseWaits => "farebox_lease_waits",
-            Metric::Settles => "farebox_settles",
-            Metric::SettleFailures => "farebox_settle_failures",
-            Metric::LeaseUnitsSpent => "farebox_lease_units_spent",
-            Metric::UsageMetered => "farebox_usage_metered",
-            Metric::UsageUnread => "farebox_usage_unread",
-            Metric::UsageAdjusted => "farebox_usage_adjusted",
-            Metric::UsageAdjustFailures => "farebox_usage_adjust_failures",
-            Metric::BodyTooLarge => "farebox_body_too_large",
-        }
-    }
-
     /// Position in [`Metric::ALL`], for a table of host metric ids.
     pub fn index(self) -> usize {
         self as usize

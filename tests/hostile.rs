@@ -84,6 +84,10 @@ fn assert_log_free_of(log: &str, secrets: &[&str]) {
 type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, &'a [u16]);
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn hostile_credential_headers() {
     let s = hostile_stack("hostile-cred", |_| {});
     let baseline = vm_health(s.envoy.admin);
@@ -196,6 +200,10 @@ fn hostile_credential_headers() {
 /// first key pays and the upstream receives exactly that key (the filter rewrites the
 /// header to the value that paid), never the other account's key or both.
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn repeated_credential_header_is_never_ambiguous() {
     let s = hostile_stack("hostile-repeat", |_| {});
     let baseline = vm_health(s.envoy.admin);
@@ -238,6 +246,10 @@ fn repeated_credential_header_is_never_ambiguous() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn hostile_authorization_headers() {
     let s = hostile_stack("hostile-bearer", |c| {
         c["credential"] = json!({"source": "bearer"})
@@ -405,6 +417,10 @@ fn try_path(s: &Stack, method: &str, target: &str) -> PathOutcome {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn path_tricks_never_reach_the_priced_route_for_free() {
     let s = hostile_stack("hostile-paths", |_| {});
     let baseline = vm_health(s.envoy.admin);
@@ -489,6 +505,10 @@ fn path_tricks_never_reach_the_priced_route_for_free() {
 /// prefix-routed upstream serves `/v1/priced…` for it. (Found by this suite: the filter used
 /// to decode `%2F` and resolve `..` across it; it now prices the dearest reading.)
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn escaped_slashes_kept_by_envoy_do_not_make_priced_paths_free() {
     let hcm = Hcm {
         escaped_slashes: "KEEP_UNCHANGED",
@@ -501,6 +521,10 @@ fn escaped_slashes_kept_by_envoy_do_not_make_priced_paths_free() {
 /// not decode: `/v1/priced/%2e%2e/%2e%2e/public/x` must not be priced as `/public/x`.
 /// (Found by this suite: the filter used to decode `%2e%2e` and price that reading only.)
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn without_envoy_normalization_priced_paths_are_not_free() {
     let hcm = Hcm {
         normalize_path: false,
@@ -541,6 +565,10 @@ fn path_bypass_with(hcm: &Hcm, target: &str) {
 // ---------------------------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn odd_methods() {
     let s = hostile_stack("hostile-methods", |_| {});
     let baseline = vm_health(s.envoy.admin);
@@ -597,6 +625,10 @@ fn odd_methods() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn forged_farebox_headers_never_change_a_decision() {
     let s = hostile_stack("hostile-forged", |_| {});
     let baseline = vm_health(s.envoy.admin);
@@ -676,6 +708,10 @@ fn forged_farebox_headers_never_change_a_decision() {
 /// normalizes paths including escaped slashes (see the tests above for what
 /// happens without). The Istio WasmPlugin fails closed too.
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn shipped_configs_keep_the_billing_settings() {
     let dir = repo_root().join("envoy");
     let mut checked = 0;

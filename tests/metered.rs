@@ -87,6 +87,10 @@ fn charges_by_id(s: &Stack) -> std::collections::HashMap<String, Value> {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn mcp_session_is_priced_per_tool_and_method() {
     let routes = json!([{"name": "mcp", "methods": ["POST"], "exact": "/mcp", "cost": 1,
         "mcp": {"methods": {"initialize": 0, "notifications/initialized": 0, "tools/list": 0},
@@ -218,6 +222,10 @@ fn wait_charge(s: &Stack, request_id: &str, want: i64) -> Value {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn llm_usage_is_charged_exactly_in_json_and_sse() {
     let routes = json!([{"name": "chat", "methods": ["POST"], "exact": "/v1/chat/completions",
         "usage": {"json_pointer": "/usage/total_tokens", "unit_cost": 2, "estimate": 1000}}]);
@@ -315,7 +323,13 @@ fn llm_usage_is_charged_exactly_in_json_and_sse() {
     });
     assert!(ok, "{}", charges_by_id(&s)[&failed_id]);
 
-    std::thread::sleep(Duration::from_millis(500));
+    // The filter counts the stream without usage as unread when it ends: from then on a
+    // (wrong) final price for it would already have been sent before the 5xx's refund.
+    expect_metrics(
+        &s.envoy,
+        &[("usage_metered", 3), ("usage_unread", 1)],
+        Duration::from_secs(5),
+    );
     assert_eq!(
         charges_by_id(&s)[&no_usage_id]["cost"],
         1000,
@@ -328,10 +342,13 @@ fn llm_usage_is_charged_exactly_in_json_and_sse() {
         100_000 - (20 + 22 + 26 + 1000),
         "{acct}"
     );
-    assert!(s.envoy.metric("usage_metered") >= 3);
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn machine_payable_402_and_paying_with_x402() {
     let mut c = plugin(json!([]));
     c["anonymous"] = json!(true);
@@ -447,6 +464,10 @@ fn machine_payable_402_and_paying_with_x402() {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn browsers_get_a_page_for_402() {
     let mut c = plugin(json!([]));
     c["html_402"] = json!(true);

@@ -20,7 +20,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{repo_root, wasm_path, TempDir};
+use common::{cannot_run, repo_root, wasm_path, TempDir};
 use serde_json::{json, Value};
 
 const TAG: &str = "test";
@@ -234,6 +234,10 @@ fn check_layout(out: &Path, wasm: &[u8]) -> Image {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn oci_image_layout_holds_the_module() {
     let wasm = fs::read(wasm_path()).unwrap();
     let tmp = TempDir::new("oci");
@@ -302,12 +306,16 @@ fn oci_image_layout_holds_the_module() {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn skopeo_reads_the_layout_and_keeps_the_digest() {
     let version = Command::new("skopeo").arg("--version").output();
     if !version.is_ok_and(|o| o.status.success()) {
-        eprintln!(
-            "SKIPPED skopeo_reads_the_layout_and_keeps_the_digest: skopeo is not installed \
-             (optional; Debian package `skopeo`)"
+        cannot_run(
+            "skopeo_reads_the_layout_and_keeps_the_digest",
+            "skopeo is not installed (Debian package `skopeo`)",
         );
         return;
     }

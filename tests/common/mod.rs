@@ -20,6 +20,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "../support/skip.rs"]
+mod skip;
+#[allow(unused_imports)]
+pub use skip::*;
+
 /// Admin token of every reference balance service the harness starts.
 pub const ADMIN_TOKEN: &str = "test-admin";
 /// How long a client waits for an answer before the test fails instead of hanging.
@@ -724,6 +729,12 @@ impl Envoy {
             Some(opts.upstream_addr),
             true,
         );
+        Envoy::command_for_yaml(dir, &yaml, opts)
+    }
+
+    /// The Envoy command for a complete config (written to `dir/envoy.yaml`); only the
+    /// process options of `opts` are used.
+    fn command_for_yaml(dir: &Path, yaml: &str, opts: &EnvoyOpts) -> (Command, PathBuf, PathBuf) {
         let config_path = dir.join("envoy.yaml");
         fs::write(&config_path, yaml).expect("write envoy.yaml");
         let admin_path = dir.join("admin.txt");
@@ -746,6 +757,22 @@ impl Envoy {
     /// Starts Envoy and waits until it is ready to serve.
     pub fn start(dir: &Path, opts: &EnvoyOpts) -> Envoy {
         let (cmd, config_path, admin_path) = Envoy::command(dir, opts);
+        Envoy::launch(dir, cmd, config_path, admin_path)
+    }
+
+    /// Starts Envoy on a complete config of its own (admin and listener ports 0, e.g. one
+    /// of `envoy/*.yaml` rendered for the test) with one worker, and waits until it is ready.
+    pub fn start_yaml(dir: &Path, yaml: &str) -> Envoy {
+        let unused = SocketAddr::from(([127, 0, 0, 1], 0));
+        let opts = EnvoyOpts {
+            concurrency: 1,
+            ..EnvoyOpts::new(&Value::Null, unused, unused)
+        };
+        let (cmd, config_path, admin_path) = Envoy::command_for_yaml(dir, yaml, &opts);
+        Envoy::launch(dir, cmd, config_path, admin_path)
+    }
+
+    fn launch(dir: &Path, cmd: Command, config_path: PathBuf, admin_path: PathBuf) -> Envoy {
         let mut proc = Proc::spawn("envoy", cmd, &dir.join("envoy.log"));
         let deadline = Instant::now() + ENVOY_READY_TIMEOUT;
         let fail = |proc: &mut Proc, why: &str| -> ! {
@@ -843,24 +870,22 @@ impl Envoy {
             .map(|(_, v)| v)
     }
 
-    /// A filter metric, e.g. `metric("allowed")` = `wasmcustom.farebox_allowed` (0 if absent).
-    /// A farebox counter, once it has settled: the filter hands its counts to Envoy
-    /// on its timer (every 10-100 ms per worker), not on each request.
+    /// A farebox counter as Envoy has it now, e.g. `metric("allowed")` =
+    /// `wasmcustom.farebox_allowed`. The filter defines every metric when it is configured,
+    /// so a stat Envoy does not know is a typo or a renamed metric: the test fails naming it.
+    /// The filter hands its counts to Envoy on its timer, not on each request: to read a
+    /// count some requests made, use [`wait_metric`] or [`expect_metrics`].
     pub fn metric(&self, name: &str) -> u64 {
-        let read = || {
-            self.stat(&format!("wasmcustom.farebox_{name}"))
-                .unwrap_or(0)
-        };
-        let mut last = read();
-        for _ in 0..20 {
-            thread::sleep(Duration::from_millis(150));
-            let now = read();
-            if now == last {
-                return now;
-            }
-            last = now;
-        }
-        last
+        let stat = format!("wasmcustom.farebox_{name}");
+        self.stat(&stat).unwrap_or_else(|| {
+            panic!("[harness] Envoy has no stat `{stat}`: not a metric the filter defines")
+        })
+    }
+
+    /// [`Envoy::metric`] for a metric that may legitimately not exist yet (None then), e.g.
+    /// before the filter is configured, or in a config the filter refused.
+    pub fn metric_or_absent(&self, name: &str) -> Option<u64> {
+        self.stat(&format!("wasmcustom.farebox_{name}"))
     }
 
     pub fn stats_prometheus(&self) -> String {
@@ -870,15 +895,45 @@ impl Envoy {
     }
 }
 
-/// Waits until `envoy.metric(name) >= at_least` (metrics are flushed asynchronously
-/// only for some stats, and refunds happen from a timer).
+/// Waits until `envoy.metric(name) >= at_least` (the filter flushes its counts on its
+/// timer, and refunds and settles happen from a timer) and returns the value; fails the
+/// test, naming the metric and the last value, if that does not happen within `timeout`.
 pub fn wait_metric(envoy: &Envoy, name: &str, at_least: u64, timeout: Duration) -> u64 {
     let mut last = 0;
-    wait_until(timeout, || {
+    let reached = wait_until(timeout, || {
         last = envoy.metric(name);
         last >= at_least
     });
+    assert!(
+        reached,
+        "[harness] metric {name} = {last} after {timeout:?}, expected at least {at_least}"
+    );
     last
+}
+
+/// Asserts the exact values of some farebox metrics. Waits (up to `timeout`) until every
+/// metric with a positive expected value has reached it, then compares them all: the
+/// zeros too, which are checked only once the positive counts of the same requests have
+/// been seen (the positive signal that the counting is done), never after a fixed sleep.
+pub fn expect_metrics(envoy: &Envoy, expected: &[(&str, u64)], timeout: Duration) {
+    assert!(
+        expected.iter().any(|&(_, v)| v > 0),
+        "[harness] expect_metrics needs a positive expected count to know the counting is done"
+    );
+    let read = || -> Vec<u64> { expected.iter().map(|&(n, _)| envoy.metric(n)).collect() };
+    let mut last = read();
+    wait_until(timeout, || {
+        last = read();
+        expected
+            .iter()
+            .zip(&last)
+            .all(|(&(_, want), &got)| got >= want)
+    });
+    let got: Vec<(&str, u64)> = expected.iter().map(|&(n, _)| n).zip(last).collect();
+    assert_eq!(
+        got, expected,
+        "[harness] farebox metrics (after up to {timeout:?})"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
