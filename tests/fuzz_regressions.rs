@@ -35,39 +35,51 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
-// Found by fuzz/shared_data: a lease record that is already over (used > granted, which only
-// corrupt shared data can hold) is spent from only for a cost of 0.
+// Found by fuzz/shared_data: lease units are spent only while the lease covers the whole
+// cost, also from a record corrupt shared data holds over its grant.
 // ---------------------------------------------------------------------------------------
 
 #[test]
-fn over_used_lease_record_is_never_spent_from() {
-    let corrupt = LeaseRecord {
-        lease_id: "\0\0".into(),
-        account_id: "+".into(),
-        granted: 144_115_188_075_855_625,
-        used: 18_446_742_991_394_570_240,
-        reported: u64::MAX,
-        spend_until_ms: 18_446_744_073_695_789_055,
-        renewing_until_ms: 4_294_967_295,
+fn lease_is_spent_only_within_its_grant_and_time() {
+    let now = 1_800_000_000_000;
+    let record = |granted: u64, used: u64| LeaseRecord {
+        lease_id: "ls_regression".into(),
+        account_id: "acct_regression".into(),
+        granted,
+        used,
+        reported: 0,
+        spend_until_ms: now + 60_000,
+        renewing_until_ms: 0,
         balance: None,
     };
-    let now = 1_800_000_000_000;
-    // Cost 0: harmless (nothing is spent), which is what the fuzzer flagged.
-    match lease::step(Some(&corrupt), 0, now, 1000) {
-        Step::Spend { record } => assert_eq!(record.used, corrupt.used),
-        other => panic!("{other:?}"),
+    // The last units of a lease are spent, exactly.
+    match lease::step(Some(&record(10, 7)), 3, now, 1000) {
+        Step::Spend { record } => assert_eq!(record.used, 10),
+        other => panic!("the last 3 of 10 units: {other:?}"),
     }
-    // Any real cost: not spent; the request asks for a new lease (or waits for one).
-    for cost in [1, 5, u64::MAX] {
+    // One unit more than is left, a used-up lease, and (the fuzzer's find) a corrupt
+    // record already over its grant: nothing is spent; the request needs a new lease.
+    for (granted, used, cost) in [
+        (10, 7, 4),
+        (10, 10, 1),
+        (10, 0, u64::MAX),
+        (144_115_188_075_855_625, 18_446_742_991_394_570_240, 1),
+    ] {
+        let step = lease::step(Some(&record(granted, used)), cost, now, 1000);
         assert!(
-            !matches!(
-                lease::step(Some(&corrupt), cost, now, 1000),
-                Step::Spend { .. }
-            ),
-            "cost {cost}"
+            !matches!(step, Step::Spend { .. }),
+            "granted {granted}, used {used}, cost {cost}: {step:?}"
         );
     }
-    // And the record round-trips through its shared-data encoding.
+    // At its spend deadline a lease is not spent from, whatever is left.
+    let expired = LeaseRecord {
+        spend_until_ms: now,
+        ..record(10, 0)
+    };
+    let step = lease::step(Some(&expired), 1, now, 1000);
+    assert!(!matches!(step, Step::Spend { .. }), "{step:?}");
+    // A corrupt record round-trips through its shared-data encoding unchanged.
+    let corrupt = record(1, u64::MAX);
     assert_eq!(LeaseRecord::decode(&corrupt.encode()), Some(corrupt));
 }
 
@@ -120,10 +132,16 @@ fn cached_402_with_a_bare_resource_renders_the_same() {
 #[test]
 fn credential_is_in_no_shared_data_key_or_value() {
     let cfg = Config::parse(br#"{"cluster": "balance"}"#).unwrap();
+    // A slot key is a number below the cache size (it cannot hold a credential), derived
+    // from the credential's hash: different credentials spread over the slots.
+    let slots: std::collections::BTreeSet<String> = (0..100)
+        .map(|i| CacheKey::new(&cfg.fingerprint, "default", 1, &format!("{CREDENTIAL}-{i}")))
+        .map(|k| k.slot_key(10_000_000))
+        .collect();
+    assert!(slots.len() > 90, "100 credentials in {} slots", slots.len());
+    // A lease key is hex: a credential of hex digits would show through if it embedded one.
+    let hex = "deadbeef0042c0ffee";
     let key = CacheKey::new(&cfg.fingerprint, "default", 1, CREDENTIAL);
-    for entries in [1, 10_000, 10_000_000] {
-        assert!(!key.slot_key(entries).contains(CREDENTIAL));
-    }
     let verdicts = [
         answer(
             200,
@@ -150,8 +168,10 @@ fn credential_is_in_no_shared_data_key_or_value() {
         );
         assert!(!contains(&bytes, CREDENTIAL.as_bytes()), "{bytes:?}");
     }
-    let lease_key = lease::lease_key("balance", CREDENTIAL);
-    assert!(!lease_key.contains(CREDENTIAL), "{lease_key}");
+    let lease_key = lease::lease_key("balance", hex);
+    assert!(!lease_key.contains(hex), "{lease_key}");
+    assert_ne!(lease_key, lease::lease_key("balance", "deadbeef0042c0ffef"));
+    assert_ne!(lease_key, lease::lease_key("balanc", &format!("e{hex}")));
 }
 
 /// An entry is served only to the (configuration, route, cost, credential) it was made for.
