@@ -335,7 +335,7 @@ fn per_route_opt_out_skips_the_filter() {
         &certs.ca,
     );
     let yaml = with_ports(&yaml, "envoy/envoy-per-route.yaml", nowhere, echo.addr);
-    let envoy = Envoy::start_yaml(tmp.path(), &yaml);
+    let envoy = Envoy::start_yaml(tmp.path(), &yaml, 1, &[]);
 
     let forged = [("x-farebox-account", "forged")];
     for path in ["/health", "/metrics"] {
@@ -395,7 +395,7 @@ fn remote_module_is_fetched_and_pinned_by_sha256() {
         &format!("port_value: {}", modules.addr.port()),
         "envoy/envoy-remote.yaml",
     );
-    let envoy = Envoy::start_yaml(tmp.path(), &yaml);
+    let envoy = Envoy::start_yaml(tmp.path(), &yaml, 1, &[]);
     assert!(
         modules.requests().iter().any(|r| r.path == "/farebox.wasm"),
         "Envoy never asked the module server"
@@ -414,7 +414,7 @@ fn remote_module_is_fetched_and_pinned_by_sha256() {
         "rendered remote config",
     );
     let bad = replace_once(&bad, "num_retries: 5", "num_retries: 1", "remote config");
-    let envoy = Envoy::start_yaml(tmp.path(), &bad);
+    let envoy = Envoy::start_yaml(tmp.path(), &bad, 1, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !envoy.log().contains("failed to load") {
         assert!(
@@ -545,7 +545,7 @@ fn tls_to_the_balance_service_with_a_service_token() {
         .expect("clusters")
         .push(plain_cluster(balance.addr));
     let yaml = serde_yaml::to_string(&doc).unwrap();
-    let envoy = Envoy::start_yaml(tmp.path(), &yaml);
+    let envoy = Envoy::start_yaml(tmp.path(), &yaml, 1, &[]);
 
     let resp = get(&envoy, "/v1/data", &[("x-api-key", KEY)]);
     assert_status(&resp, 200, "paid request over the TLS callout");

@@ -44,93 +44,96 @@ fn limit() -> Duration {
 // ---------------------------------------------------------------------------------------
 
 /// How the fake balance service answers an authorize for this fault's credential.
-fn fault_act(key: &str) -> Act {
+fn fault_act(key: &str) -> FakeAction {
     let allow = |account: &str| json!({"allow": true, "account_id": account, "balance": 7});
     match key {
-        GOOD_KEY => Act::json(200, &allow(GOOD_ACCOUNT)),
+        GOOD_KEY => FakeAction::json(200, &allow(GOOD_ACCOUNT)),
         // Service failures.
-        "fk-hang" => Act::Hang { ms: 4000 },
-        "fk-late" => Act::json(200, &allow("acct-late")).delayed(TIMEOUT_MS + 600),
-        "fk-reset" => Act::ResetMidBody {
+        "fk-hang" => FakeAction::Hang { ms: 4000 },
+        "fk-late" => FakeAction::json(200, &allow("acct-late")).delayed(TIMEOUT_MS + 600),
+        "fk-reset" => FakeAction::ResetMidBody {
             status: 200,
             declared: 200,
             body: br#"{"allow": true, "account_id": "acct-re"#.to_vec(),
         },
-        "fk-500" => Act::json(500, &json!({"error": "boom"})),
-        "fk-502" => Act::raw(502, &[], b"<html>bad gateway</html>"),
-        "fk-503" => Act::raw(503, &[("retry-after", "30")], b""),
-        "fk-empty" => Act::raw(200, &[], b""),
-        "fk-truncated" => Act::raw(200, &[], br#"{"allow": true, "account_id": "acct-tr"#),
-        "fk-missing-fields" => Act::json(200, &json!({"allow": true})),
-        "fk-no-allow" => Act::json(200, &json!({"account_id": "acct-x", "balance": 1})),
-        "fk-wrong-types" => Act::json(
+        "fk-500" => FakeAction::json(500, &json!({"error": "boom"})),
+        "fk-502" => FakeAction::answer(502, &[], b"<html>bad gateway</html>"),
+        "fk-503" => FakeAction::answer(503, &[("retry-after", "30")], b""),
+        "fk-empty" => FakeAction::answer(200, &[], b""),
+        "fk-truncated" => {
+            FakeAction::answer(200, &[], br#"{"allow": true, "account_id": "acct-tr"#)
+        }
+        "fk-missing-fields" => FakeAction::json(200, &json!({"allow": true})),
+        "fk-no-allow" => FakeAction::json(200, &json!({"account_id": "acct-x", "balance": 1})),
+        "fk-wrong-types" => FakeAction::json(
             200,
             &json!({"allow": true, "account_id": 42, "balance": "ten"}),
         ),
-        "fk-allow-yes" => Act::json(200, &json!({"allow": "yes", "account_id": "acct-yes"})),
-        "fk-allow-false-200" => Act::json(200, &json!({"allow": false, "account_id": "acct-f"})),
-        "fk-fraction" => Act::json(
+        "fk-allow-yes" => FakeAction::json(200, &json!({"allow": "yes", "account_id": "acct-yes"})),
+        "fk-allow-false-200" => {
+            FakeAction::json(200, &json!({"allow": false, "account_id": "acct-f"}))
+        }
+        "fk-fraction" => FakeAction::json(
             200,
             &json!({"allow": true, "account_id": "acct-frac", "balance": 1.5}),
         ),
-        "fk-huge-balance" => Act::raw(
+        "fk-huge-balance" => FakeAction::answer(
             200,
             &[],
             br#"{"allow": true, "account_id": "acct-huge", "balance": 99999999999999999999999}"#,
         ),
-        "fk-bad-account-id" => Act::json(
+        "fk-bad-account-id" => FakeAction::json(
             200,
             &json!({"allow": true, "account_id": "acct with\r\nx-injected: 1"}),
         ),
-        "fk-array" => Act::json(200, &json!([true, "acct-arr"])),
+        "fk-array" => FakeAction::json(200, &json!([true, "acct-arr"])),
         "fk-10mb" => {
             let mut body = br#"{"allow": true, "account_id": "acct-big", "pad": ""#.to_vec();
             body.resize(body.len() + 10 * 1024 * 1024, b'a');
             body.extend_from_slice(b"\"}");
-            Act::raw(200, &[], &body)
+            FakeAction::answer(200, &[], &body)
         }
-        "fk-418" => Act::json(418, &json!({"error": "teapot"})),
-        "fk-409" => Act::json(
+        "fk-418" => FakeAction::json(418, &json!({"error": "teapot"})),
+        "fk-409" => FakeAction::json(
             409,
             &json!({"error": "request_id belongs to another account"}),
         ),
         // Valid but odd: a negative balance is an i64 the contract allows.
-        "fk-negative-balance" => Act::json(
+        "fk-negative-balance" => FakeAction::json(
             200,
             &json!({"allow": true, "account_id": "acct-neg", "balance": -5}),
         ),
         // Decisions with odd headers or bodies (not failures).
-        "fk-cc-malformed" => Act::raw(
+        "fk-cc-malformed" => FakeAction::answer(
             402,
             &[("cache-control", "max-age=banana")],
             br#"{"allow": false, "balance": 0, "price": 1, "detail": "broke"}"#,
         ),
-        "fk-cc-year" => Act::raw(
+        "fk-cc-year" => FakeAction::answer(
             402,
             &[("cache-control", "max-age=31536000")],
             br#"{"allow": false, "balance": 0, "price": 1, "detail": "broke"}"#,
         ),
-        "fk-cc-overflow" => Act::raw(
+        "fk-cc-overflow" => FakeAction::answer(
             402,
             &[("cache-control", "public, max-age=99999999999999999999999")],
             br#"{"allow": false, "balance": 0, "price": 1}"#,
         ),
-        "fk-402-bare" => Act::Answer {
+        "fk-402-bare" => FakeAction::Respond {
             status: 402,
             headers: vec![],
             body: vec![],
-            delay_ms: 0,
         },
-        "fk-402-wrong-shape" => Act::json(
+        "fk-402-wrong-shape" => FakeAction::json(
             402,
             &json!({"allow": "no", "balance": "lots", "price": -3, "detail": 12}),
         ),
-        "fk-402-retry-garbage" => Act::raw(
+        "fk-402-retry-garbage" => FakeAction::answer(
             402,
             &[("retry-after", "soon")],
             br#"{"allow": false, "balance": 0, "price": 1}"#,
         ),
-        "fk-429-retry-date" => Act::raw(
+        "fk-429-retry-date" => FakeAction::answer(
             429,
             &[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")],
             b"{}",
@@ -188,14 +191,14 @@ fn log_code(line: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
-fn fake_balance() -> RawFake {
-    RawFake::start(|req| match req.path.as_str() {
+fn fake_balance() -> FakeService {
+    FakeService::start(|req, _| match req.path.as_str() {
         "/v1/authorize" => fault_act(req.json()["account"].as_str().unwrap_or_default()),
-        "/v1/refund" => Act::json(
+        "/v1/refund" => FakeAction::json(
             200,
             &json!({"refunded": true, "account_id": "acct-any", "balance": 0}),
         ),
-        _ => Act::json(404, &json!({"error": "not found"})),
+        _ => FakeAction::json(404, &json!({"error": "not found"})),
     })
 }
 
@@ -221,7 +224,7 @@ fn assert_normal_request(s: &Stack, after: &str) {
 }
 
 /// The request id the filter sent with the authorize call for `key`'s `nth` request.
-fn authorize_request_ids(fake: &RawFake, key: &str) -> Vec<String> {
+fn authorize_request_ids(fake: &FakeService, key: &str) -> Vec<String> {
     fake.to("/v1/authorize")
         .iter()
         .filter(|r| r.json()["account"] == key)
@@ -234,8 +237,11 @@ fn authorize_request_ids(fake: &RawFake, key: &str) -> Vec<String> {
         .collect()
 }
 
-fn refunds(fake: &RawFake) -> Vec<Value> {
-    fake.to("/v1/refund").iter().map(RawRequest::json).collect()
+fn refunds(fake: &FakeService) -> Vec<Value> {
+    fake.to("/v1/refund")
+        .iter()
+        .map(FakeRequest::json)
+        .collect()
 }
 
 /// One row of the report the matrix prints.
@@ -407,7 +413,7 @@ fn late_commit_after_a_lost_answer_is_still_undone() {
     let ledger: Arc<Mutex<Vec<(String, &'static str)>>> = Arc::default();
     let fake = {
         let ledger = ledger.clone();
-        RawFake::start(move |req| {
+        FakeService::start(move |req, _| {
             let id = req.json()["request_id"]
                 .as_str()
                 .unwrap_or_default()
@@ -417,7 +423,7 @@ fn late_commit_after_a_lost_answer_is_still_undone() {
                     // Slower than the filter's timeout, then commit.
                     thread::sleep(Duration::from_millis(TIMEOUT_MS + 700));
                     ledger.lock().unwrap().push((id, "charged"));
-                    Act::json(
+                    FakeAction::json(
                         200,
                         &json!({"allow": true, "account_id": "acct-slow", "balance": 1}),
                     )
@@ -427,15 +433,15 @@ fn late_commit_after_a_lost_answer_is_still_undone() {
                     match l.iter_mut().find(|(i, _)| *i == id) {
                         Some(entry) => {
                             entry.1 = "refunded";
-                            Act::json(
+                            FakeAction::json(
                                 200,
                                 &json!({"refunded": true, "account_id": "acct-slow", "balance": 2}),
                             )
                         }
-                        None => Act::json(404, &json!({"error": "unknown_request"})),
+                        None => FakeAction::json(404, &json!({"error": "unknown_request"})),
                     }
                 }
-                _ => Act::json(404, &json!({})),
+                _ => FakeAction::json(404, &json!({})),
             }
         })
     };
@@ -677,12 +683,12 @@ fn envoy_killed_with_requests_in_flight_charges_nothing_twice() {
     balance.create_account(ACCOUNT, KEY, 100);
     // An upstream that takes 800 ms and tells which request id it served.
     // (`/v1/fail`: a 503 at once, the marker the ledger shows as refunded.)
-    let upstream = RawFake::start(|req| {
+    let upstream = FakeService::start(|req, _| {
         let id = req.header("x-request-id").unwrap_or_default().to_string();
         if req.path == "/v1/fail" {
-            return Act::json(503, &json!({"request_id": id}));
+            return FakeAction::json(503, &json!({"request_id": id}));
         }
-        Act::json(200, &json!({"request_id": id})).delayed(800)
+        FakeAction::json(200, &json!({"request_id": id})).delayed(800)
     });
     let mut plugin = demo_plugin_config();
     plugin["timeout_ms"] = json!(2000);
@@ -868,14 +874,14 @@ fn active_listener_version(admin: SocketAddr) -> Option<String> {
     stat("listener_manager.lds.version_text").map(|v| v.trim_matches('"').to_string())
 }
 
-fn wait_for_version(envoy: &EnvoyYaml, version: &str) {
+fn wait_for_version(envoy: &Envoy, version: &str) {
     let active = wait_until(Duration::from_secs(20), || {
         active_listener_version(envoy.admin).as_deref() == Some(version)
     });
     assert!(
         active,
         "listener version {version} never became active:\n{}",
-        envoy.proc.log_tail(40)
+        envoy.log_tail(40)
     );
 }
 
@@ -914,9 +920,10 @@ fn config_swap_at_run_time_does_not_reuse_old_decisions() {
             "watched_directory": {"path": xds.display().to_string()}}}},
         "static_resources": {"clusters": [cluster("balance", balance.addr), cluster("upstream", echo.addr)]}
     });
-    let envoy = EnvoyYaml::start(
+    let envoy = Envoy::start_yaml(
         dir.path(),
         &bootstrap.to_string(),
+        2,
         &[
             "--component-log-level",
             "file:debug,config:debug,upstream:debug,init:debug,wasm:debug",
@@ -928,7 +935,7 @@ fn config_swap_at_run_time_does_not_reuse_old_decisions() {
     assert!(
         ready,
         "listener A never became active:\n{}",
-        envoy.proc.log_tail(40)
+        envoy.log_tail(40)
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let get = || http(addr, "GET", "/v1/x", &[("x-api-key", KEY)], b"");

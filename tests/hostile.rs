@@ -542,8 +542,8 @@ fn path_bypass_with(hcm: &Hcm, target: &str) {
     let balance = BalanceService::start(dir.path(), &BalanceOpts::default());
     let echo = Echo::start(dir.path());
     let bootstrap = static_bootstrap(&hostile_plugin(), hcm, balance.addr, echo.addr);
-    let envoy = EnvoyYaml::start(dir.path(), &bootstrap.to_string(), &[]);
-    let addr: SocketAddr = envoy.listener_addr();
+    let envoy = Envoy::start_yaml(dir.path(), &bootstrap.to_string(), 2, &[]);
+    let addr: SocketAddr = envoy.addr;
     let answer = raw_request(addr, "GET", target, &[]);
     if answer.status == 200 {
         let path = answer.response.unwrap().json()["path"]

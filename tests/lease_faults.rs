@@ -185,14 +185,14 @@ fn lease_service_dies_between_lease_and_settle_fail_open() {
     ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
 )]
 fn settles_failing_with_500_are_counted_and_never_touch_requests() {
-    let fake = RawFake::start(|req| match req.path.as_str() {
-        "/v1/leases" => Act::json(
+    let fake = FakeService::start(|req, _| match req.path.as_str() {
+        "/v1/leases" => FakeAction::json(
             200,
             &json!({"lease_id": "ls_fake_0001", "granted": 1000, "expires_in_ms": 60000,
                     "account_id": "acct-fake-lease", "balance": 0}),
         ),
-        p if p.ends_with("/settle") => Act::json(500, &json!({"error": "settle broken"})),
-        _ => Act::json(500, &json!({"error": "broken"})),
+        p if p.ends_with("/settle") => FakeAction::json(500, &json!({"error": "settle broken"})),
+        _ => FakeAction::json(500, &json!({"error": "broken"})),
     });
     let s = stack("lease-settle-500")
         .plugin(|c| *c = lease_plugin("closed", 1000, 50))

@@ -760,12 +760,14 @@ impl Envoy {
         Envoy::launch(dir, cmd, config_path, admin_path)
     }
 
-    /// Starts Envoy on a complete config of its own (admin and listener ports 0, e.g. one
-    /// of `envoy/*.yaml` rendered for the test) with one worker, and waits until it is ready.
-    pub fn start_yaml(dir: &Path, yaml: &str) -> Envoy {
+    /// Starts Envoy on a complete config of its own (admin port 0; e.g. one of
+    /// `envoy/*.yaml` rendered for the test, or a bootstrap the test wrote) and waits until
+    /// it is ready. `addr` is then the listener named `ingress`, else the first one.
+    pub fn start_yaml(dir: &Path, yaml: &str, concurrency: u32, extra_args: &[&str]) -> Envoy {
         let unused = SocketAddr::from(([127, 0, 0, 1], 0));
         let opts = EnvoyOpts {
-            concurrency: 1,
+            concurrency,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             ..EnvoyOpts::new(&Value::Null, unused, unused)
         };
         let (cmd, config_path, admin_path) = Envoy::command_for_yaml(dir, yaml, &opts);
@@ -1293,7 +1295,9 @@ pub fn read_more(
 
 /// Parses a response. With `need_complete`, returns None unless the body is complete
 /// by its framing (a response framed by EOF is never complete before EOF).
-fn parse_response(buf: &[u8], need_complete: bool) -> Option<Result<Response, String>> {
+/// A response parsed from `buf`: None while more bytes are needed (with `need_complete`;
+/// without it, what is there is taken, a body framed by the end of the connection too).
+pub fn parse_response(buf: &[u8], need_complete: bool) -> Option<Result<Response, String>> {
     let head_end = find(buf, b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
@@ -1454,7 +1458,8 @@ pub fn parallel_requests(
 }
 
 // ---------------------------------------------------------------------------------------
-// A scripted fake balance service
+// A scripted fake service (a balance service or an upstream) that can also misbehave at
+// the socket level: accept and never answer, reset the connection in the middle of a body
 // ---------------------------------------------------------------------------------------
 
 /// A request the fake service received.
@@ -1497,6 +1502,15 @@ pub enum FakeAction {
     },
     /// Close the connection without answering.
     Close,
+    /// Accept the request and never answer: hold the connection for `ms`, then close it.
+    Hang { ms: u64 },
+    /// Send the status line, the headers with `content-length: declared` and `body` (shorter
+    /// than declared), then reset the connection (RST, via SO_LINGER 0).
+    ResetMidBody {
+        status: u16,
+        declared: usize,
+        body: Vec<u8>,
+    },
 }
 
 impl FakeAction {
@@ -1513,6 +1527,40 @@ impl FakeAction {
             status,
             headers: vec![("content-type".into(), content_type.into())],
             body: body.to_vec(),
+        }
+    }
+
+    /// A JSON answer with more `headers` (besides content-type and content-length).
+    pub fn answer(status: u16, headers: &[(&str, &str)], body: &[u8]) -> FakeAction {
+        let mut hs = vec![("content-type".to_string(), "application/json".to_string())];
+        hs.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        FakeAction::Respond {
+            status,
+            headers: hs,
+            body: body.to_vec(),
+        }
+    }
+
+    /// The same answer after `ms`.
+    pub fn delayed(self, ms: u64) -> FakeAction {
+        match self {
+            FakeAction::Respond {
+                status,
+                headers,
+                body,
+            }
+            | FakeAction::Delay {
+                status,
+                headers,
+                body,
+                ..
+            } => FakeAction::Delay {
+                ms,
+                status,
+                headers,
+                body,
+            },
+            other => other,
         }
     }
 
@@ -1533,6 +1581,7 @@ type Handler = dyn Fn(&FakeRequest, usize) -> FakeAction + Send + Sync;
 pub struct FakeService {
     pub addr: SocketAddr,
     count: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<FakeRequest>>>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
@@ -1546,15 +1595,18 @@ impl FakeService {
         let addr = listener.local_addr().expect("local addr");
         listener.set_nonblocking(true).expect("nonblocking");
         let count = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let handler: Arc<Handler> = Arc::new(handler);
         let thread = {
             let (count, requests, stop) = (count.clone(), requests.clone(), stop.clone());
+            let connections = connections.clone();
             thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((conn, _)) => {
+                            connections.fetch_add(1, Ordering::SeqCst);
                             let (count, requests, stop, handler) = (
                                 count.clone(),
                                 requests.clone(),
@@ -1576,6 +1628,7 @@ impl FakeService {
         FakeService {
             addr,
             count,
+            connections,
             requests,
             stop,
             thread: Some(thread),
@@ -1589,6 +1642,19 @@ impl FakeService {
 
     pub fn requests(&self) -> Vec<FakeRequest> {
         self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// The requests to this path.
+    pub fn to(&self, path: &str) -> Vec<FakeRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 
@@ -1611,7 +1677,8 @@ fn serve_fake_connection(
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
     let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = [0u8; 8192];
+    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+    let mut chunk = vec![0u8; 64 * 1024];
     loop {
         // Serve every complete request in the buffer.
         while let Some((req, used)) = parse_request(&buf) {
@@ -1636,8 +1703,30 @@ fn serve_fake_connection(
                     headers,
                     body,
                 } => {
-                    thread::sleep(Duration::from_millis(ms));
+                    nap(ms, stop);
                     (status, headers, body)
+                }
+                FakeAction::Hang { ms } => {
+                    nap(ms, stop);
+                    let _ = conn.shutdown(Shutdown::Both);
+                    return;
+                }
+                FakeAction::ResetMidBody {
+                    status,
+                    declared,
+                    body,
+                } => {
+                    let head = format!(
+                        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n",
+                        reason(status)
+                    );
+                    let _ = conn.write_all(head.as_bytes());
+                    let _ = conn.write_all(&body);
+                    let _ = conn.flush();
+                    // (Let the bytes leave before the reset discards what is unsent.)
+                    thread::sleep(Duration::from_millis(20));
+                    reset(conn);
+                    return;
                 }
             };
             let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
@@ -1661,6 +1750,51 @@ fn serve_fake_connection(
             return;
         }
     }
+}
+
+/// Sleeps `ms` in small steps, returning early once `stop` is set (the fake is dropped).
+fn nap(ms: u64, stop: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Closes with RST rather than FIN: SO_LINGER {on, 0} then close.
+#[cfg(target_os = "linux")]
+fn reset(conn: TcpStream) {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Linger {
+        l_onoff: i32,
+        l_linger: i32,
+    }
+    extern "C" {
+        fn setsockopt(fd: i32, level: i32, name: i32, value: *const Linger, len: u32) -> i32;
+    }
+    const SOL_SOCKET: i32 = 1;
+    const SO_LINGER: i32 = 13;
+    let linger = Linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket descriptor and a properly sized, live `struct linger`.
+    let rc = unsafe {
+        setsockopt(
+            conn.as_raw_fd(),
+            SOL_SOCKET,
+            SO_LINGER,
+            &linger,
+            std::mem::size_of::<Linger>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt(SO_LINGER)");
+    drop(conn);
+}
+
+#[cfg(not(target_os = "linux"))]
+fn reset(conn: TcpStream) {
+    let _ = conn.shutdown(Shutdown::Both);
 }
 
 fn reason(status: u16) -> &'static str {
