@@ -415,6 +415,28 @@ pub fn classify_outcome(status: Option<u16>) -> CallOutcome {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_failure_logs_its_own_code() {
+        let failures = [
+            (ServiceFailure::NoAnswer, "no_answer"),
+            (ServiceFailure::Unavailable(504), "service_timeout"),
+            (ServiceFailure::Unavailable(503), "service_unavailable"),
+            (ServiceFailure::UnexpectedStatus(418), "unexpected_status"),
+            (ServiceFailure::BadAnswer("x"), "bad_answer"),
+            (ServiceFailure::TooLarge, "answer_too_large"),
+        ];
+        for (failure, code) in &failures {
+            assert_eq!(failure.code(), *code);
+            assert!(
+                failure.to_string().starts_with(&format!("code={code}: ")),
+                "{failure}"
+            );
+        }
+        // The outcome of a real answer carries the code too.
+        let too_late = parse_authorize(&resp(Some(504), &[], ""), 1, 300).unwrap_err();
+        assert_eq!(too_late.code(), "service_timeout");
+    }
+
     fn resp(status: Option<u16>, headers: &[(&str, &str)], body: &str) -> CalloutResponse {
         CalloutResponse {
             status,
