@@ -28,29 +28,6 @@ fn relaxed(label: &str) -> StackBuilder {
     stack(label).plugin(|c| c["timeout_ms"] = json!(3000))
 }
 
-/// Asserts an RFC 9457 problem answer from the filter and returns its body.
-fn assert_problem(resp: &Response, status: u16) -> Value {
-    assert_eq!(resp.status, status, "unexpected answer: {}", resp.dump());
-    let ct = resp.header("content-type").unwrap_or_default();
-    assert!(
-        ct.starts_with("application/problem+json"),
-        "content-type {ct:?}: {}",
-        resp.dump()
-    );
-    let body = resp.json();
-    assert!(body["type"].is_string(), "type: {body}");
-    assert!(body["title"].is_string(), "title: {body}");
-    assert_eq!(body["status"], json!(status), "status: {body}");
-    assert!(body["detail"].is_string(), "detail: {body}");
-    body
-}
-
-fn num(v: &Value, field: &str) -> i64 {
-    v[field]
-        .as_i64()
-        .unwrap_or_else(|| panic!("`{field}` is not a number in {v}"))
-}
-
 /// Polls the ledger until the account's `refunded` total reaches `want`.
 fn wait_refunded(balance: &BalanceService, account: &str, want: i64) -> Value {
     let mut last = Value::Null;
@@ -64,14 +41,6 @@ fn wait_refunded(balance: &BalanceService, account: &str, want: i64) -> Value {
         balance.charges(account)
     );
     last
-}
-
-fn max_age(cache_control: &str) -> Option<u64> {
-    cache_control
-        .split(',')
-        .map(str::trim)
-        .find_map(|d| d.strip_prefix("max-age="))
-        .and_then(|n| n.parse().ok())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -26,12 +26,6 @@ fn lease_plugin(want: u64, settle_ms: u64) -> Value {
     c
 }
 
-fn num(v: &Value, field: &str) -> i64 {
-    v[field]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no integer {field} in {v}"))
-}
-
 /// initial + topups = balance + reserved + charged: no unit made or lost.
 fn assert_ledger_balances(acct: &Value) {
     assert_eq!(

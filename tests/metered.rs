@@ -18,12 +18,6 @@ use serde_json::{json, Value};
 const ACCOUNT: &str = "acct-meter";
 const KEY: &str = "fbk-meter-5eed";
 
-fn num(v: &Value, field: &str) -> i64 {
-    v[field]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no integer {field} in {v}"))
-}
-
 fn base64_decode(s: &str) -> Vec<u8> {
     let val = |c: u8| -> Option<u32> {
         Some(match c {

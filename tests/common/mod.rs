@@ -1231,6 +1231,39 @@ pub fn try_http_raw(addr: SocketAddr, raw: &[u8]) -> Result<Response, String> {
     }
 }
 
+/// Asserts an RFC 9457 problem answer from the filter and returns its body.
+pub fn assert_problem(resp: &Response, status: u16) -> Value {
+    assert_eq!(resp.status, status, "unexpected answer: {}", resp.dump());
+    let ct = resp.header("content-type").unwrap_or_default();
+    assert!(
+        ct.starts_with("application/problem+json"),
+        "content-type {ct:?}: {}",
+        resp.dump()
+    );
+    let body = resp.json();
+    assert_eq!(body["status"], json!(status), "status: {body}");
+    assert!(
+        body["type"].is_string() && body["title"].is_string(),
+        "{body}"
+    );
+    assert!(body["detail"].is_string(), "detail: {body}");
+    body
+}
+
+pub fn num(v: &Value, field: &str) -> i64 {
+    v[field]
+        .as_i64()
+        .unwrap_or_else(|| panic!("`{field}` is not a number in {v}"))
+}
+
+pub fn max_age(cache_control: &str) -> Option<u64> {
+    cache_control
+        .split(',')
+        .map(str::trim)
+        .find_map(|d| d.strip_prefix("max-age="))
+        .and_then(|n| n.parse().ok())
+}
+
 /// `/stats` of an Envoy admin endpoint as `name -> value` (counters and gauges;
 /// histograms skipped).
 pub fn admin_stats(admin: SocketAddr) -> Vec<(String, u64)> {

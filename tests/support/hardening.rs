@@ -18,39 +18,6 @@ use crate::common::{admin_stats, find, parse_response, wasm_path, Envoy, Respons
 // Assertions
 // ---------------------------------------------------------------------------------------
 
-/// Asserts an RFC 9457 problem answer from the filter and returns its body.
-pub fn assert_problem(resp: &Response, status: u16) -> Value {
-    assert_eq!(resp.status, status, "unexpected answer: {}", resp.dump());
-    let ct = resp.header("content-type").unwrap_or_default();
-    assert!(
-        ct.starts_with("application/problem+json"),
-        "content-type {ct:?}: {}",
-        resp.dump()
-    );
-    let body = resp.json();
-    assert_eq!(body["status"], json!(status), "status: {body}");
-    assert!(
-        body["type"].is_string() && body["title"].is_string(),
-        "{body}"
-    );
-    assert!(body["detail"].is_string(), "detail: {body}");
-    body
-}
-
-pub fn num(v: &Value, field: &str) -> i64 {
-    v[field]
-        .as_i64()
-        .unwrap_or_else(|| panic!("`{field}` is not a number in {v}"))
-}
-
-pub fn max_age(cache_control: &str) -> Option<u64> {
-    cache_control
-        .split(',')
-        .map(str::trim)
-        .find_map(|d| d.strip_prefix("max-age="))
-        .and_then(|n| n.parse().ok())
-}
-
 pub fn grep(text: &str, needle: &str) -> String {
     text.lines()
         .filter(|l| l.contains(needle))
