@@ -138,8 +138,9 @@ istio-check: $(ISTIO_MODELS_STAMP)
 	fi
 
 # A Wasm OCI image (compat variant) of build/farebox.wasm, without Docker: an OCI image
-# layout and its tarball in build/oci, plus build/oci/wasmplugin.yaml rendered for
-# OCI_IMAGE with the manifest digest. Push with oras, skopeo or crane (see README).
+# layout and its tarball in build/oci, plus the Istio WasmPlugin and TrafficExtension and
+# the Envoy Gateway EnvoyExtensionPolicy rendered for OCI_IMAGE with the manifest digest
+# (build/oci/*.yaml). Push with oras, skopeo or crane (see README).
 oci: build
 	$(PYTHON) scripts/oci-image.py --wasm build/farebox.wasm --out build/oci \
 	  --tag "$(OCI_TAG)" --image "$(OCI_IMAGE)"

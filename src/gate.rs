@@ -939,7 +939,8 @@ impl Gate {
                     cost,
                     ..
                 }) => {
-                    if refund_lease(host, &key, &lease_id, cost) {
+                    let refunded = refund_lease(host, &key, &lease_id, cost);
+                    if refunded {
                         self.access.decided(Outcome::Refunded);
                     }
                 }
