@@ -1414,3 +1414,6 @@ fn text(v: Option<Vec<u8>>) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod access_log_tests;
