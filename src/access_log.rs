@@ -93,6 +93,8 @@ const LEASE: u8 = 1 << 5;
 /// [`Record::changes`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// Nothing is recorded (`access_log: false`).
+    off: bool,
     account: Option<String>,
     route: Option<String>,
     cost: Option<u64>,
@@ -103,8 +105,19 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record that stays empty: every setter is a no-op.
+    pub fn off() -> Record {
+        Record {
+            off: true,
+            ..Record::default()
+        }
+    }
+
     /// The request was priced.
     pub fn priced(&mut self, route: &str, cost: u64) {
+        if self.off {
+            return;
+        }
         if self.route.as_deref() != Some(route) {
             self.route = Some(route.to_string());
             self.dirty |= ROUTE;
@@ -117,7 +130,7 @@ impl Record {
 
     /// The decision about to be acted on came from the decision cache.
     pub fn cache_hit(&mut self) {
-        if !self.cache_hit {
+        if !self.off && !self.cache_hit {
             self.cache_hit = true;
             self.dirty |= CACHE;
         }
@@ -125,14 +138,14 @@ impl Record {
 
     /// The account the balance service named (an account id, never a credential).
     pub fn account(&mut self, account_id: &str) {
-        if self.account.as_deref() != Some(account_id) {
+        if !self.off && self.account.as_deref() != Some(account_id) {
             self.account = Some(account_id.to_string());
             self.dirty |= ACCOUNT;
         }
     }
 
     pub fn lease(&mut self, lease_id: &str) {
-        if self.lease_id.as_deref() != Some(lease_id) {
+        if !self.off && self.lease_id.as_deref() != Some(lease_id) {
             self.lease_id = Some(lease_id.to_string());
             self.dirty |= LEASE;
         }
@@ -140,6 +153,9 @@ impl Record {
 
     /// What was done. An allow served from the cache is reported as [`Outcome::Cached`].
     pub fn decided(&mut self, outcome: Outcome) {
+        if self.off {
+            return;
+        }
         let outcome = match outcome {
             Outcome::Allow if self.cache_hit => Outcome::Cached,
             other => other,
@@ -250,6 +266,18 @@ mod tests {
             !fields.iter().any(|(n, _)| *n == "farebox.account"),
             "an account nobody named is not written"
         );
+    }
+
+    #[test]
+    fn an_off_record_publishes_nothing() {
+        let mut r = Record::off();
+        r.priced("r", 1);
+        r.cache_hit();
+        r.account("a");
+        r.lease("l");
+        r.decided(Outcome::Allow);
+        assert!(!r.is_dirty());
+        assert!(r.changes().is_empty());
     }
 
     #[test]

@@ -195,6 +195,10 @@ const LATE_HEADERS: [&str; 8] = [
 
 impl Gate {
     pub fn new(cfg: Option<Rc<Config>>, worker: Rc<Worker>) -> Gate {
+        let access = match &cfg {
+            Some(c) if !c.access_log => Record::off(),
+            _ => Record::default(),
+        };
         Gate {
             cfg,
             worker,
@@ -204,7 +208,7 @@ impl Gate {
             headers_gone: false,
             kept_headers: Vec::new(),
             kept_credential: None,
-            access: Record::default(),
+            access,
         }
     }
 
@@ -1415,5 +1419,7 @@ fn text(v: Option<Vec<u8>>) -> String {
 #[cfg(test)]
 mod tests;
 
+// Named tests.rs so that ../shared/tools/panic-paths knows it for test code.
 #[cfg(test)]
+#[path = "gate/access_log/tests.rs"]
 mod access_log_tests;

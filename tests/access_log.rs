@@ -9,7 +9,8 @@
 //! line is checked against what the request was and what the balance service recorded:
 //! an allowed, a cached, a denied (first from the service, then from the cache), a
 //! refunded, a free and an unauthenticated request in authorize mode, and one paid from a
-//! lease. The credential must appear in no line.
+//! lease. The credential must appear in no line, and `access_log: false` leaves every
+//! field unset.
 //!
 //! Envoy writes the file on its own flush interval, so the test waits for the lines it
 //! expects (by request id, with a deadline), never for a fixed time. `make test` runs it
@@ -264,4 +265,27 @@ fn access_log_names_the_lease_that_paid() {
             &format!("request {i} paid from the lease"),
         );
     }
+}
+
+#[test]
+fn access_log_false_leaves_the_fields_unset() {
+    let log_dir = TempDir::new("access-log-off-file");
+    let log = log_dir.join("access.log");
+    let stack = stack("access-log-off")
+        .plugin(|p| p["access_log"] = json!(false))
+        .envoy_yaml(access_log_yaml(&log))
+        .concurrency(1)
+        .start();
+    stack
+        .balance()
+        .create_account("acct_alog_off", ALICE_KEY, 10);
+    let resp = stack.get_with_key("/v1/data", ALICE_KEY);
+    assert_eq!(resp.status, 200, "{}", resp.dump());
+    let id = request_id(&resp);
+    assert_fields(
+        &lines_for(&log, &[&id])[0],
+        &json!({"account": null, "route": null, "cost": null,
+                "decision": null, "cache": null, "lease": null}),
+        "access_log: false",
+    );
 }

@@ -190,3 +190,17 @@ fn a_lease_spend_names_the_lease() {
     let mut fields = Vec::new();
     assert_eq!(published(&mut g, &mut fields)["farebox.lease"], "ls_9");
 }
+
+#[test]
+fn access_log_false_publishes_nothing() {
+    let worker = Rc::new(Worker::default());
+    let mut g = gate(r#"{"cluster": "balance", "access_log": false}"#, &worker);
+    let host = keyed("GET", "/v1/x", "k");
+    g.on_request_headers(&host);
+    let token = host.last_call().token;
+    let ok = answer(200, &[], json!({"allow": true, "account_id": "acct_a"}));
+    assert_eq!(g.on_callout_response(&host, token, &ok), Flow::Continue);
+    host.set_status(503);
+    g.on_response_headers(&host);
+    assert!(g.access_log_changes().is_empty());
+}
