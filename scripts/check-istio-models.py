@@ -64,6 +64,12 @@ def dropped(original, dumped, path=""):
     return out
 
 
+# Kinds newer than the models: TrafficExtension came with Istio 1.30. They are checked
+# against Istio's CRD schema by tests/deploy_manifests.rs instead (which fails under
+# CI=true when the schemas are absent), and reported here as not covered.
+NEWER_THAN_MODELS = {("extensions.istio.io/v1alpha1", "TrafficExtension")}
+
+
 def check(doc):
     """Problems with one manifest document (empty if it is valid)."""
     key = (doc.get("apiVersion"), doc.get("kind"))
@@ -109,6 +115,9 @@ def main(args):
             if not doc:
                 continue
             name = f"{f.name}: {doc.get('kind')} {doc.get('metadata', {}).get('name')}"
+            if (doc.get("apiVersion"), doc.get("kind")) in NEWER_THAN_MODELS:
+                print(f"not covered {name}: no model in this package (checked against the CRD by tests/deploy_manifests.rs)")
+                continue
             problems = check(doc)
             if problems:
                 failed += 1

@@ -16,6 +16,9 @@ Output, in --out (default build/oci):
   digests.json          the manifest digest and the module's sha256
   wasmplugin.yaml       deploy/istio/wasmplugin.yaml with ${FAREBOX_IMAGE} and
                         ${FAREBOX_IMAGE_SHA256} filled in (when --image is given)
+  trafficextension.yaml deploy/istio/trafficextension.yaml, the same way
+  envoyextensionpolicy.yaml  deploy/envoy-gateway/envoyextensionpolicy.yaml, the same
+                        way (Envoy Gateway takes the image without a scheme)
 
 The build is reproducible: fixed timestamps, owners and modes, so the same module always
 gives the same manifest digest. Standard library only.
@@ -145,7 +148,7 @@ def layout_tarball(directory):
     return deterministic_tar(members)
 
 
-def render_wasmplugin(template, image, manifest_hex):
+def render_manifest(template, image, manifest_hex):
     """Fills in the placeholders outside comments (the comments keep explaining them)."""
     lines = []
     for line in template.read_text().splitlines(keepends=True):
@@ -199,9 +202,15 @@ def main(argv):
     print(f"Istio sha256 (oci):  {manifest_hex}")
     print(f"wasm sha256:         {digests['wasm_sha256']}  (Istio http(s)/file URLs, Envoy remote code)")
     if args.image:
-        rendered = out / "wasmplugin.yaml"
-        rendered.write_text(render_wasmplugin(pathlib.Path(args.wasmplugin), args.image, manifest_hex))
-        print(f"WasmPlugin:          {rendered}  (url oci://{args.image})")
+        templates = [
+            ("WasmPlugin", pathlib.Path(args.wasmplugin), f"oci://{args.image}"),
+            ("TrafficExtension", ROOT / "deploy" / "istio" / "trafficextension.yaml", f"oci://{args.image}"),
+            ("EnvoyExtensionPolicy", ROOT / "deploy" / "envoy-gateway" / "envoyextensionpolicy.yaml", args.image),
+        ]
+        for kind, template, url in templates:
+            rendered = out / template.name
+            rendered.write_text(render_manifest(template, args.image, manifest_hex))
+            print(f"{kind + ':':<22}{rendered}  (image {url})")
     return 0
 
 

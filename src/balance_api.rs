@@ -218,6 +218,11 @@ pub fn parse_authorize(
                 detail,
                 retry_after_s: resp.header("retry-after").and_then(parse_retry_after),
                 offer: Offer::from_answer(&body),
+                account_id: body
+                    .get("account_id")
+                    .and_then(Value::as_str)
+                    .filter(|a| valid_account_id(a))
+                    .map(str::to_string),
             })
         }
         401 => Decision::Unauthenticated,
@@ -517,6 +522,7 @@ mod tests {
                 detail: "top up".into(),
                 retry_after_s: Some(60),
                 offer: Default::default(),
+                account_id: None,
             })
         );
         assert_eq!(v.max_age_s, Some(30));

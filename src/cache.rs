@@ -11,7 +11,8 @@
 use crate::decision::{Decision, Denial};
 use crate::sha256::Sha256;
 
-const FORMAT_VERSION: u8 = 1;
+// 2: a refusal carries the account the service named.
+const FORMAT_VERSION: u8 = 2;
 const KEY_PREFIX: &str = "farebox:d1:";
 
 /// Digest of (configuration, route, cost, credential). The credential itself is never stored.
@@ -104,6 +105,7 @@ pub fn encode(key: &CacheKey, entry: &Entry) -> Vec<u8> {
             out.extend_from_slice(&d.price.to_le_bytes());
             put_opt_u32(&mut out, d.retry_after_s);
             put_str(&mut out, &d.detail);
+            put_str(&mut out, d.account_id.as_deref().unwrap_or_default());
         }
         Decision::Unauthenticated => out.push(UNAUTHENTICATED),
         Decision::Forbidden => out.push(FORBIDDEN),
@@ -142,6 +144,7 @@ pub fn decode(key: &CacheKey, bytes: &[u8]) -> Option<Entry> {
                 retry_after_s,
                 detail: r.string()?,
                 offer: Default::default(),
+                account_id: Some(r.string()?).filter(|a| !a.is_empty()),
             })
         }
         UNAUTHENTICATED => Decision::Unauthenticated,
@@ -251,6 +254,7 @@ mod tests {
                 detail: "top up".into(),
                 retry_after_s: Some(9),
                 offer: Default::default(),
+                account_id: Some("acct_d".into()),
             }),
             Decision::Deny(Denial {
                 balance: None,
@@ -258,6 +262,7 @@ mod tests {
                 detail: String::new(),
                 retry_after_s: None,
                 offer: Default::default(),
+                account_id: None,
             }),
             Decision::Unauthenticated,
             Decision::Forbidden,

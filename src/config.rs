@@ -101,6 +101,8 @@ pub struct Config {
     pub anonymous: bool,
     /// Browsers (`Accept: text/html`) get a small HTML page with the 402.
     pub html_402: bool,
+    /// Publish the access-log fields (src/access_log.rs) as filter state.
+    pub access_log: bool,
     /// Largest request body read to price an MCP call; larger ones get 413.
     pub max_body_bytes: usize,
     /// Bytes of a JSON response kept to find its usage.
@@ -165,6 +167,7 @@ pub const TOP_FIELDS: &[&str] = &[
     "accept_payments",
     "anonymous",
     "html_402",
+    "access_log",
     "max_body_bytes",
     "usage_tail_bytes",
 ];
@@ -488,6 +491,7 @@ impl Config {
         let accept_payments = top.bool("accept_payments")?.unwrap_or(true);
         let anonymous = top.bool("anonymous")?.unwrap_or(false);
         let html_402 = top.bool("html_402")?.unwrap_or(false);
+        let access_log = top.bool("access_log")?.unwrap_or(true);
         let max_body_bytes = top.u64("max_body_bytes", 1, 16 << 20)?.unwrap_or(65_536) as usize;
         let usage_tail_bytes =
             top.u64("usage_tail_bytes", 64, 16 << 20)?.unwrap_or(65_536) as usize;
@@ -497,6 +501,7 @@ impl Config {
             accept_payments,
             anonymous,
             html_402,
+            access_log,
             max_body_bytes,
             usage_tail_bytes,
             mode,

@@ -32,6 +32,9 @@ pub struct Denial {
     pub retry_after_s: Option<u32>,
     /// Ways to pay right now (x402, Payment scheme), if the service offers any.
     pub offer: Offer,
+    /// The account the service named in its refusal, for the access log (never shown
+    /// to the client).
+    pub account_id: Option<String>,
 }
 
 impl Decision {

@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use serde_json::Value;
 
+use crate::access_log::{Outcome, Record};
 use crate::balance_api::{
     authorize_body, call, lease_body, parse_authorize, parse_lease, AuthorizeRequest,
     CalloutResponse, LeaseAnswer, LeaseRequest, Verdict,
@@ -176,6 +177,8 @@ pub struct Gate {
     /// no longer lets a filter read them then.
     kept_headers: Vec<(&'static str, Option<Vec<u8>>)>,
     kept_credential: Option<(String, Option<Vec<u8>>)>,
+    /// What the access log is told about this request.
+    access: Record,
 }
 
 /// Request headers read after the headers phase (besides the credential's own).
@@ -192,6 +195,10 @@ const LATE_HEADERS: [&str; 8] = [
 
 impl Gate {
     pub fn new(cfg: Option<Rc<Config>>, worker: Rc<Worker>) -> Gate {
+        let access = match &cfg {
+            Some(c) if !c.access_log => Record::off(),
+            _ => Record::default(),
+        };
         Gate {
             cfg,
             worker,
@@ -201,7 +208,14 @@ impl Gate {
             headers_gone: false,
             kept_headers: Vec::new(),
             kept_credential: None,
+            access,
         }
+    }
+
+    /// The access-log fields that changed since the last call, for the host layer
+    /// to publish (empty, and allocation-free, when nothing changed).
+    pub fn access_log_changes(&mut self) -> Vec<(&'static str, String)> {
+        self.access.changes()
     }
 
     /// A request header: from the host while the headers phase lasts, else as kept.
@@ -260,6 +274,7 @@ impl Gate {
                 ],
                 body: br#"{"title":"Service Unavailable","status":503,"detail":"payment gate not configured"}"#.to_vec(),
             });
+            self.access.decided(Outcome::Unconfigured);
             self.stage = Stage::Done;
             return Flow::Pause;
         };
@@ -327,6 +342,7 @@ impl Gate {
         };
         if body_size > cfg.max_body_bytes {
             host.count(Metric::BodyTooLarge);
+            self.access.decided(Outcome::TooLarge);
             let detail = format!(
                 "the request body is larger than {} bytes",
                 cfg.max_body_bytes
@@ -396,8 +412,10 @@ impl Gate {
         route: String,
         cost: u64,
     ) -> Flow {
+        self.access.priced(&route, cost);
         if cost == 0 {
             host.count(Metric::Free);
+            self.access.decided(Outcome::Free);
             self.strip_account(host, cfg);
             self.stage = Stage::Done;
             return Flow::Continue;
@@ -425,6 +443,7 @@ impl Gate {
                     (None, IdentityError::Missing) if cfg.anonymous => (None, None),
                     (None, e) => {
                         host.count(Metric::Unauthenticated);
+                        self.access.decided(Outcome::Unauthenticated);
                         let why = if e == IdentityError::Missing {
                             AuthProblem::Missing
                         } else {
@@ -501,6 +520,7 @@ impl Gate {
         match cache::lookup(key, &bytes, now) {
             Lookup::Fresh(entry) => {
                 host.count(Metric::CacheHits);
+                self.access.cache_hit();
                 let freshness = Freshness::Private(entry.remaining_s(now));
                 // A balance from when the decision was cached is stale: not shown again.
                 let decision = match entry.decision {
@@ -915,13 +935,19 @@ impl Gate {
                         undo: false,
                     };
                     self.worker.outbox.borrow_mut().push(host, job);
+                    self.access.decided(Outcome::Refunded);
                 }
                 Some(Charge::Leased {
                     key,
                     lease_id,
                     cost,
                     ..
-                }) => refund_lease(host, &key, &lease_id, cost),
+                }) => {
+                    let refunded = refund_lease(host, &key, &lease_id, cost);
+                    if refunded {
+                        self.access.decided(Outcome::Refunded);
+                    }
+                }
                 None => {}
             }
         }
@@ -1069,6 +1095,11 @@ impl Gate {
                 payment_response,
             } => {
                 host.count(Metric::Allowed);
+                self.access.account(&account_id);
+                if let Some(Charge::Leased { lease_id, .. }) = &charge {
+                    self.access.lease(lease_id);
+                }
+                self.access.decided(Outcome::Allow);
                 if !self.headers_gone {
                     host.set_request_header(&cfg.account_header, Some(&account_id));
                 }
@@ -1096,12 +1127,17 @@ impl Gate {
             }
             Decision::Deny(denial) => {
                 host.count(Metric::Denied);
+                if let Some(account_id) = &denial.account_id {
+                    self.access.account(account_id);
+                }
+                self.access.decided(Outcome::Deny);
                 let reply = response::payment_required(cfg, route, &denial, freshness);
                 let reply = self.with_offer(host, cfg, route, &denial, reply);
                 self.reply(host, &reply)
             }
             Decision::Unauthenticated => {
                 host.count(Metric::Unauthenticated);
+                self.access.decided(Outcome::Unauthenticated);
                 let detail = "the credential is not known";
                 self.reply(
                     host,
@@ -1110,10 +1146,12 @@ impl Gate {
             }
             Decision::Forbidden => {
                 host.count(Metric::Forbidden);
+                self.access.decided(Outcome::Forbidden);
                 self.reply(host, &response::forbidden(cfg, freshness))
             }
             Decision::RateLimited { retry_after_s } => {
                 host.count(Metric::RateLimited);
+                self.access.decided(Outcome::RateLimited);
                 self.reply(host, &response::rate_limited(cfg, retry_after_s, freshness))
             }
         }
@@ -1160,6 +1198,7 @@ impl Gate {
         match cfg.failure_mode {
             FailureMode::Open => {
                 host.count(Metric::FailOpen);
+                self.access.decided(Outcome::FailOpen);
                 self.strip_account(host, cfg);
                 self.stage = Stage::Forwarded(Box::new(Forwarded {
                     charge,
@@ -1169,6 +1208,7 @@ impl Gate {
             }
             FailureMode::Closed => {
                 host.count(Metric::FailClosed);
+                self.access.decided(Outcome::FailClosed);
                 self.reply(host, &response::unavailable(cfg))
             }
         }
@@ -1335,14 +1375,15 @@ fn unlock(host: &impl Host, key: &str) {
 }
 
 /// Gives `cost` back to the lease it was spent from, if that lease is still current.
-fn refund_lease(host: &impl Host, key: &str, lease_id: &str, cost: u64) {
+/// Returns whether it did.
+fn refund_lease(host: &impl Host, key: &str, lease_id: &str, cost: u64) -> bool {
     for _ in 0..lease::MAX_CAS_RETRIES {
         let (current, cas) = read_lease(host, key);
         match current.and_then(|r| lease::refund(&r, lease_id, cost)) {
             Some(record) => {
                 if host.shared_set(key, &record.encode(), cas) {
                     host.count(Metric::Refunds);
-                    return;
+                    return true;
                 }
             }
             None => break,
@@ -1350,6 +1391,7 @@ fn refund_lease(host: &impl Host, key: &str, lease_id: &str, cost: u64) {
     }
     host.count(Metric::RefundFailures);
     log::warn!("{cost} units not refunded: lease {lease_id} was already settled");
+    false
 }
 
 /// Spends `extra` more units from lease `lease_id`, if it is current and can cover them.
@@ -1376,3 +1418,8 @@ fn text(v: Option<Vec<u8>>) -> String {
 
 #[cfg(test)]
 mod tests;
+
+// Named tests.rs so that ../shared/tools/panic-paths knows it for test code.
+#[cfg(test)]
+#[path = "gate/access_log/tests.rs"]
+mod access_log_tests;

@@ -165,6 +165,32 @@ impl HttpHost for WasmHost {
     }
 }
 
+// The SDK's `set_property` panics on any status but Ok (Envoy answers NotFound when the
+// stream is gone, BadArgument for a value it will not take), so the hostcall is made
+// here and its status handled.
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+}
+
+/// Hands the stream's changed access-log fields to Envoy as filter state
+/// (`wasm.<name>`). Must run with the stream as the effective context.
+fn publish_access_log(gate: &mut Gate) {
+    for (name, value) in gate.access_log_changes() {
+        // SAFETY: both buffers outlive the call, which only reads them.
+        let status =
+            unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+        if status != 0 {
+            log::debug!("access-log field {name} not set (status {status})");
+        }
+    }
+}
+
 fn callout_response(body_size: usize) -> CalloutResponse {
     let headers = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
     let status = headers
@@ -217,6 +243,7 @@ impl Root {
         hostcalls::set_effective_context(context_id).ok()?;
         let mut gate = gate.try_borrow_mut().ok()?;
         let flow = f(&mut gate);
+        publish_access_log(&mut gate);
         if flow == Flow::Continue {
             self.host.resume_request();
         }
@@ -392,7 +419,9 @@ impl Stream {
         let Ok(mut gate) = self.gate.try_borrow_mut() else {
             return Action::Pause;
         };
-        match f(&mut gate) {
+        let flow = f(&mut gate);
+        publish_access_log(&mut gate);
+        match flow {
             Flow::Continue => Action::Continue,
             Flow::Pause => Action::Pause,
             Flow::Park => {
@@ -444,6 +473,7 @@ impl HttpContext for Stream {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Ok(mut gate) = self.gate.try_borrow_mut() {
             gate.on_response_headers(&self.host);
+            publish_access_log(&mut gate);
         }
         Action::Continue
     }
@@ -451,6 +481,7 @@ impl HttpContext for Stream {
     fn on_log(&mut self) {
         if let Ok(mut gate) = self.gate.try_borrow_mut() {
             gate.on_log(&self.host);
+            publish_access_log(&mut gate);
         }
     }
 }

@@ -12,6 +12,7 @@
     )
 )]
 
+pub mod access_log;
 pub mod balance_api;
 pub mod cache;
 pub mod config;

@@ -260,6 +260,7 @@ mod tests {
             detail: "top up".into(),
             retry_after_s: Some(30),
             offer: Default::default(),
+            account_id: None,
         };
         let r = payment_required(&cfg(""), "infer", &d, Freshness::Private(12));
         assert_eq!(r.status, 402);
@@ -277,6 +278,7 @@ mod tests {
             detail: "x".into(),
             retry_after_s: None,
             offer: Default::default(),
+            account_id: None,
         };
         let r = payment_required(&cfg(""), "r", &d, Freshness::NoStore);
         assert_eq!(header(&r, "cache-control"), Some("no-store"));

@@ -9,7 +9,8 @@
 //! in sync with the filter's own parser (`farebox::config::Config::parse`):
 //!
 //! - every configuration in the repository (the plugin JSON of every envoy/*.yaml, the
-//!   Istio WasmPlugin pluginConfig, the Kong filter config, schema/examples/valid) is
+//!   Istio WasmPlugin and TrafficExtension pluginConfig, the Envoy Gateway
+//!   EnvoyExtensionPolicy config, the Kong filter config, schema/examples/valid) is
 //!   accepted by both;
 //! - every schema/examples/invalid configuration is refused by both;
 //! - the two documented gaps (schema/examples/parser-only, schema/examples/schema-stricter)
@@ -31,6 +32,7 @@ fn all_accepted_examples() -> Vec<Example> {
     let envoy = envoy_examples();
     let istio = istio_examples();
     let kong = kong_examples();
+    let gateway = envoy_gateway_examples();
     let valid = schema_examples("valid");
     assert!(
         envoy.len() >= 4,
@@ -39,6 +41,14 @@ fn all_accepted_examples() -> Vec<Example> {
     assert!(
         !istio.is_empty(),
         "no WasmPlugin pluginConfig in deploy/istio"
+    );
+    assert!(
+        istio.len() >= 2,
+        "expected the plugin config of the WasmPlugin and the TrafficExtension"
+    );
+    assert!(
+        !gateway.is_empty(),
+        "no EnvoyExtensionPolicy wasm config in deploy/envoy-gateway"
     );
     assert!(
         !kong.is_empty(),
@@ -53,6 +63,7 @@ fn all_accepted_examples() -> Vec<Example> {
         .into_iter()
         .chain(istio)
         .chain(kong)
+        .chain(gateway)
         .chain(valid)
         .collect()
 }

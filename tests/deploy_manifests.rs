@@ -6,38 +6,38 @@
 )]
 //! The deployment manifests in deploy/:
 //!
-//! - Istio (deploy/istio): validated against Istio's own CRD schemas (the openAPIV3Schema
-//!   of each CRD in `../shared/schemas/istio/`, made strict with `additionalProperties:
-//!   false` so unknown fields fail). That folder sits beside the project's own checkout
-//!   only; elsewhere the check is SKIPPED with a message (and fails under `CI=true`). A
-//!   structural check of our own
-//!   always runs (what the CRDs' CEL rules and farebox itself require), and `make
-//!   istio-check` runs a second, portable check with Istio models from a package registry.
+//! - Istio (deploy/istio): the WasmPlugin, the TrafficExtension and the ServiceEntry,
+//!   validated against Istio's own CRD schemas (the openAPIV3Schema of each CRD in
+//!   `../shared/schemas/istio/`, made strict with `additionalProperties: false` so unknown
+//!   fields fail), plus the CEL rules of those CRDs that apply, checked here, plus what
+//!   farebox needs. `make istio-check` runs a second, portable check of the WasmPlugin and
+//!   the ServiceEntry with Istio models from a package registry.
+//! - Envoy Gateway (deploy/envoy-gateway): the EnvoyExtensionPolicy against Envoy Gateway's
+//!   CRD (`../shared/schemas/envoy-gateway/`, strict in the same way), its CEL rules
+//!   (which JSON Schema validators do not evaluate) checked by code here, and the wiring:
+//!   the policy's target, the balance service's route, Service and cluster name.
 //! - Kong (deploy/kong): the declarative config against deploy/kong/declarative.schema.json,
 //!   plus the settings farebox needs in kong.conf.
 //!
-//! The plugin configurations inside both are checked against the plugin schema and the
-//! filter's parser by tests/config_schema.rs.
+//! The CRD folders sit beside the project's own checkout only. Elsewhere the CRD checks are
+//! SKIPPED with a message, except under `CI=true`, where they FAIL: a check that cannot run
+//! is not a pass. The structural checks always run.
+//!
+//! The plugin configurations inside all of them are checked against the plugin schema and
+//! the filter's parser by tests/config_schema.rs.
 
 mod deploy_common;
 #[path = "support/skip.rs"]
 mod skip;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use deploy_common::*;
 use serde_json::{json, Map, Value};
-use skip::cannot_run;
 
 // ---------------------------------------------------------------------------------------
 // Istio, against the CRDs
 // ---------------------------------------------------------------------------------------
-
-fn shared_istio_schemas() -> Option<PathBuf> {
-    let dir = root().join("../shared/schemas/istio");
-    dir.is_dir().then_some(dir)
-}
 
 /// Adds `additionalProperties: false` to every object schema that lists its properties
 /// and does not already allow more (Kubernetes would silently prune unknown fields; here
@@ -131,26 +131,35 @@ fn crd_errors(schemas: &BTreeMap<(String, String), Value>, doc: &Value) -> Vec<S
     schema_errors(&validator, doc)
 }
 
-#[test]
-fn istio_manifests_match_istios_crd_schemas() {
-    let Some(dir) = shared_istio_schemas() else {
-        cannot_run(
-            "istio_manifests_match_istios_crd_schemas",
-            &format!(
-                "{} is absent (Istio's CRD schemas are provided beside the project's own \
-                 checkout only); `make istio-check` validates with registry-provided Istio models",
-                root().join("../shared/schemas/istio").display()
-            ),
-        );
-        return;
-    };
-    let schemas = crd_schemas(&dir);
-    let manifests = istio_manifests();
+/// A named change to a manifest that a check must refuse.
+type Mutation = (&'static str, fn(&mut Value));
+
+fn skipped(test: &str, name: &str) {
+    skip::cannot_run(
+        test,
+        &format!(
+            "{} is absent (the CRD schemas are provided beside the project's own checkout \
+             only). The structural checks still ran.",
+            root().join("../shared/schemas").join(name).display()
+        ),
+    );
+}
+
+/// Validates every document of `manifests` against `schemas`; returns "file: kind name"
+/// of each valid one, fails the test on any error.
+fn validate_all(
+    schemas: &BTreeMap<(String, String), Value>,
+    manifests: &[(String, Vec<Value>)],
+    kinds: &[&str],
+) -> Vec<String> {
     let mut checked = Vec::new();
     let mut failures = Vec::new();
-    for (file, docs) in &manifests {
-        for doc in docs {
-            let errors = crd_errors(&schemas, doc);
+    for (file, docs) in manifests {
+        for doc in docs
+            .iter()
+            .filter(|d| kinds.contains(&d["kind"].as_str().unwrap_or("")))
+        {
+            let errors = crd_errors(schemas, doc);
             let what = format!("{file}: {} {}", doc["kind"], doc["metadata"]["name"]);
             if errors.is_empty() {
                 checked.push(what);
@@ -160,20 +169,42 @@ fn istio_manifests_match_istios_crd_schemas() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    for kind in ["WasmPlugin", "ServiceEntry"] {
+    for kind in kinds {
         assert!(
-            checked.iter().any(|c| c.contains(kind)),
-            "no {kind} in deploy/istio"
+            checked
+                .iter()
+                .any(|c| c.contains(&format!(": \"{kind}\" "))),
+            "no {kind} checked in {:?}",
+            manifests.iter().map(|(f, _)| f).collect::<Vec<_>>()
         );
     }
+    checked
+}
+
+fn first_of<'a>(manifests: &'a [(String, Vec<Value>)], kind: &str) -> &'a Value {
+    manifests
+        .iter()
+        .flat_map(|(_, docs)| docs)
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+#[test]
+fn istio_manifests_match_istios_crd_schemas() {
+    let Some(dir) = shared_schemas("istio") else {
+        return skipped("istio_manifests_match_istios_crd_schemas", "istio");
+    };
+    let schemas = crd_schemas(&dir);
+    let manifests = istio_manifests();
+    let checked = validate_all(
+        &schemas,
+        &manifests,
+        &["WasmPlugin", "TrafficExtension", "ServiceEntry"],
+    );
     eprintln!("valid against Istio's CRDs: {checked:?}");
 
     // The strict schemas do catch what Kubernetes would silently drop or refuse.
-    let plugin = manifests
-        .iter()
-        .flat_map(|(_, docs)| docs)
-        .find(|d| d["kind"] == "WasmPlugin")
-        .unwrap();
+    let plugin = first_of(&manifests, "WasmPlugin");
     let mut typo = plugin.clone();
     typo["spec"]["phse"] = json!("AUTHZ");
     assert!(!crd_errors(&schemas, &typo).is_empty(), "unknown field");
@@ -186,6 +217,33 @@ fn istio_manifests_match_istios_crd_schemas() {
     let mut bad_sha = plugin.clone();
     bad_sha["spec"]["sha256"] = json!("sha256:abc");
     assert!(!crd_errors(&schemas, &bad_sha).is_empty(), "bad sha256");
+
+    let ext = first_of(&manifests, "TrafficExtension");
+    let mutations: [Mutation; 5] = [
+        ("unknown field under wasm", |d| {
+            d["spec"]["wasm"]["pluginConfg"] = json!({})
+        }),
+        ("WasmPlugin's top-level url", |d| {
+            d["spec"]["url"] = d["spec"]["wasm"]["url"].clone()
+        }),
+        ("bad failStrategy", |d| {
+            d["spec"]["wasm"]["failStrategy"] = json!("FAIL_SOMETIMES")
+        }),
+        ("sha256 with a prefix", |d| {
+            d["spec"]["wasm"]["sha256"] = json!(format!("sha256:{}", stand_in_sha256()))
+        }),
+        ("wasm and lua at once", |d| {
+            d["spec"]["lua"] = json!({"inlineCode": "function envoy_on_request(h) end"})
+        }),
+    ];
+    for (what, mutate) in mutations {
+        let mut bad = ext.clone();
+        mutate(&mut bad);
+        assert!(
+            !crd_errors(&schemas, &bad).is_empty(),
+            "TrafficExtension: {what} passed the CRD schema"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -205,16 +263,77 @@ fn str_of<'a>(v: &'a Value, what: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{what}: expected a string, got {v}"))
 }
 
+/// The CEL rules of Istio's CRDs that apply to a WasmPlugin or TrafficExtension, as code
+/// (JSON Schema validators do not evaluate `x-kubernetes-validations`).
+fn istio_cel_errors(doc: &Value) -> Vec<String> {
+    let spec = &doc["spec"];
+    let mut errors = Vec::new();
+    let selection = ["selector", "targetRef", "targetRefs"]
+        .iter()
+        .filter(|k| spec.get(**k).is_some())
+        .count();
+    // Both CRDs: "only one of targetRefs or selector can be set" (none applies the
+    // plugin to every workload of the namespace, which is not what farebox wants).
+    if selection != 1 {
+        errors.push("exactly one of selector/targetRef/targetRefs".to_string());
+    }
+    if let Some(labels) = spec["selector"]["matchLabels"].as_object() {
+        for (k, v) in labels {
+            if k.is_empty() || k.contains('*') || v.as_str().is_some_and(|v| v.contains('*')) {
+                errors.push(format!(
+                    "selector.matchLabels {k:?}: no wildcards, no empty key"
+                ));
+            }
+        }
+    }
+    for r in spec["targetRefs"].as_array().into_iter().flatten() {
+        if r.get("namespace")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty())
+        {
+            errors.push("targetRefs: cross namespace referencing is not supported".into());
+        }
+    }
+    if doc["kind"] == "TrafficExtension" {
+        if spec.get("wasm").is_some() == spec.get("lua").is_some() {
+            errors.push("exactly one of wasm or lua must be set".into());
+        }
+        let url = spec["wasm"]["url"].as_str().unwrap_or_default();
+        let scheme = url.split_once("://").map_or("", |(s, _)| s);
+        if !["", "http", "https", "file", "oci"].contains(&scheme) {
+            errors.push(format!(
+                "wasm.url {url:?}: scheme must be one of http, https, file, oci"
+            ));
+        }
+    }
+    errors
+}
+
+/// What farebox needs of a WasmPlugin or TrafficExtension: (where the Wasm fields are,
+/// the plugin config).
+fn istio_wasm_fields(doc: &Value) -> (&Value, &Value) {
+    match doc["kind"].as_str() {
+        Some("TrafficExtension") => (&doc["spec"]["wasm"], &doc["spec"]["wasm"]["pluginConfig"]),
+        _ => (&doc["spec"], &doc["spec"]["pluginConfig"]),
+    }
+}
+
 #[test]
 fn istio_manifests_are_wired_for_farebox() {
-    let plugins = istio_docs("WasmPlugin");
+    let mut plugins = istio_docs("WasmPlugin");
+    plugins.extend(istio_docs("TrafficExtension"));
     let entries = istio_docs("ServiceEntry");
-    assert!(!plugins.is_empty(), "no WasmPlugin in deploy/istio");
+    assert!(
+        plugins.iter().any(|(_, d)| d["kind"] == "WasmPlugin")
+            && plugins.iter().any(|(_, d)| d["kind"] == "TrafficExtension"),
+        "deploy/istio needs a WasmPlugin and a TrafficExtension"
+    );
     for (file, _) in istio_manifests() {
         let raw = read(&root().join(&file));
         for doc in yaml_docs(&raw, &file) {
             assert!(
-                ["WasmPlugin", "ServiceEntry"].contains(&doc["kind"].as_str().unwrap_or("")),
+                ["WasmPlugin", "TrafficExtension", "ServiceEntry"]
+                    .contains(&doc["kind"].as_str().unwrap_or("")),
                 "{file}: unexpected kind {} (teach tests/deploy_manifests.rs about it)",
                 doc["kind"]
             );
@@ -254,24 +373,17 @@ fn istio_manifests_are_wired_for_farebox() {
     }
 
     for (file, plugin) in &plugins {
-        let spec = &plugin["spec"];
-        let what = format!("{file}: WasmPlugin {}", plugin["metadata"]["name"]);
+        let what = format!("{file}: {} {}", plugin["kind"], plugin["metadata"]["name"]);
         assert_eq!(
             plugin["apiVersion"], "extensions.istio.io/v1alpha1",
             "{what}"
         );
-        // CEL rule of the CRD: only one of targetRefs or selector can be set.
-        let selectors = ["selector", "targetRef", "targetRefs"]
-            .iter()
-            .filter(|k| spec.get(**k).is_some())
-            .count();
-        assert_eq!(
-            selectors, 1,
-            "{what}: exactly one of selector/targetRef/targetRefs"
-        );
-        let url = str_of(&spec["url"], "url");
+        let cel = istio_cel_errors(plugin);
+        assert!(cel.is_empty(), "{what}: {cel:?}");
+        let (wasm, conf) = istio_wasm_fields(plugin);
+        let url = str_of(&wasm["url"], "url");
         assert_eq!(url, format!("oci://{TEST_IMAGE}"), "{what}: url");
-        let sha = str_of(&spec["sha256"], "sha256");
+        let sha = str_of(&wasm["sha256"], "sha256");
         assert!(
             sha.len() == 64
                 && sha
@@ -279,23 +391,22 @@ fn istio_manifests_are_wired_for_farebox() {
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
             "{what}: sha256 must be 64 lower-case hex digits (the image manifest digest without `sha256:`)"
         );
-        assert_eq!(spec["phase"], "AUTHZ", "{what}: phase");
+        assert_eq!(plugin["spec"]["phase"], "AUTHZ", "{what}: phase");
         assert_eq!(
-            spec["failStrategy"], "FAIL_CLOSE",
+            wasm["failStrategy"], "FAIL_CLOSE",
             "{what}: an unloadable filter must not let requests through unpaid"
         );
         assert!(
             ["IfNotPresent", "Always"]
-                .contains(&str_of(&spec["imagePullPolicy"], "imagePullPolicy")),
+                .contains(&str_of(&wasm["imagePullPolicy"], "imagePullPolicy")),
             "{what}: imagePullPolicy"
         );
-        assert_eq!(spec["type"], "HTTP", "{what}: type");
+        assert_eq!(wasm["type"], "HTTP", "{what}: type");
         assert_eq!(
-            spec["pluginName"], "farebox",
+            wasm["pluginName"], "farebox",
             "{what}: the filter's root id"
         );
 
-        let conf = &spec["pluginConfig"];
         let cluster = str_of(&conf["cluster"], "pluginConfig.cluster");
         let host = if let Some(host) = clusters.get(cluster) {
             host.clone()
@@ -319,6 +430,505 @@ fn istio_manifests_are_wired_for_farebox() {
             "{what}: set pluginConfig.authority to the host, or the callouts' Host is the cluster name"
         );
     }
+
+    // The two are alternatives for the same gateway: same workloads, same config.
+    let (_, wp) = &plugins
+        .iter()
+        .find(|(_, d)| d["kind"] == "WasmPlugin")
+        .unwrap();
+    let (_, te) = &plugins
+        .iter()
+        .find(|(_, d)| d["kind"] == "TrafficExtension")
+        .unwrap();
+    assert_eq!(
+        istio_wasm_fields(wp).1,
+        istio_wasm_fields(te).1,
+        "pluginConfig differs"
+    );
+    assert_eq!(
+        wp["spec"]["selector"], te["spec"]["selector"],
+        "selector differs"
+    );
+    for field in ["url", "sha256", "failStrategy", "pluginName", "type"] {
+        assert_eq!(
+            istio_wasm_fields(wp).0[field],
+            istio_wasm_fields(te).0[field],
+            "{field} differs between the WasmPlugin and the TrafficExtension"
+        );
+    }
+}
+
+#[test]
+fn istio_cel_checks_can_fail() {
+    let (_, te) = istio_docs("TrafficExtension").into_iter().next().unwrap();
+    assert!(istio_cel_errors(&te).is_empty());
+    let mutations: [Mutation; 5] = [
+        (
+            "selector and targetRefs",
+            |d| {
+                d["spec"]["targetRefs"] = json!([{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "api"}])
+            },
+        ),
+        ("no lua nor wasm", |d| {
+            d["spec"].as_object_mut().unwrap().remove("wasm");
+        }),
+        ("ftp url", |d| {
+            d["spec"]["wasm"]["url"] = json!("ftp://example.com/farebox.wasm")
+        }),
+        ("wildcard label", |d| {
+            d["spec"]["selector"]["matchLabels"]["istio"] = json!("ingress*")
+        }),
+        ("cross-namespace targetRef", |d| {
+            let spec = d["spec"].as_object_mut().unwrap();
+            spec.remove("selector");
+            spec.insert("targetRefs".into(), json!([{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "api", "namespace": "other"}]));
+        }),
+    ];
+    for (what, mutate) in mutations {
+        let mut bad = te.clone();
+        mutate(&mut bad);
+        assert!(
+            !istio_cel_errors(&bad).is_empty(),
+            "{what} passed the CEL checks"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Envoy Gateway
+// ---------------------------------------------------------------------------------------
+
+const GATEWAY_KINDS: [&str; 7] = [
+    "Gateway",
+    "ListenerSet",
+    "HTTPRoute",
+    "GRPCRoute",
+    "UDPRoute",
+    "TCPRoute",
+    "TLSRoute",
+];
+const X_ROUTES: [&str; 5] = ["HTTPRoute", "GRPCRoute", "UDPRoute", "TCPRoute", "TLSRoute"];
+
+fn is_sha256_hex(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| {
+        s.len() == 64
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// The CEL rules (`x-kubernetes-validations`) of the EnvoyExtensionPolicy CRD, and the
+/// sha256 pattern it states only in a kubebuilder comment, as code.
+fn eep_cel_errors(doc: &Value) -> Vec<String> {
+    let spec = &doc["spec"];
+    let mut errors = Vec::new();
+    let has = |k: &str| spec.get(k).is_some();
+    let selectors = spec["targetSelectors"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty());
+    if !((has("targetRef") != has("targetRefs")) || selectors) {
+        errors.push("either targetRef or targetRefs must be used".to_string());
+    }
+    let mut refs: Vec<&Value> = spec["targetRefs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    if has("targetRef") {
+        refs.push(&spec["targetRef"]);
+    }
+    for r in &refs {
+        if r["group"] != "gateway.networking.k8s.io" {
+            errors.push(format!(
+                "targetRef group {}: must be gateway.networking.k8s.io",
+                r["group"]
+            ));
+        }
+        if !GATEWAY_KINDS.contains(&r["kind"].as_str().unwrap_or("")) {
+            errors.push(format!(
+                "targetRef kind {}: must be one of {GATEWAY_KINDS:?}",
+                r["kind"]
+            ));
+        }
+    }
+    if has("mergeType") {
+        let sel_kinds = spec["targetSelectors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| &s["kind"]);
+        if !refs
+            .iter()
+            .map(|r| &r["kind"])
+            .chain(sel_kinds)
+            .all(|k| X_ROUTES.contains(&k.as_str().unwrap_or("")))
+        {
+            errors.push("mergeType can only be used with xRoute targets".into());
+        }
+    }
+    for (i, wasm) in spec["wasm"].as_array().into_iter().flatten().enumerate() {
+        let code = &wasm["code"];
+        let ty = code["type"].as_str().unwrap_or("");
+        if (ty == "HTTP") != code.get("http").is_some() {
+            errors.push(format!(
+                "wasm[{i}]: If type is HTTP, http field needs to be set (and only then)"
+            ));
+        }
+        if (ty == "Image") != code.get("image").is_some() {
+            errors.push(format!(
+                "wasm[{i}]: If type is Image, image field needs to be set (and only then)"
+            ));
+        }
+        if let Some(secret) = code["image"].get("pullSecretRef") {
+            if secret.get("kind").is_some_and(|k| k != "Secret") {
+                errors.push(format!(
+                    "wasm[{i}]: pullSecretRef: only support Secret kind."
+                ));
+            }
+        }
+        for source in ["http", "image"] {
+            if let Some(sha) = code[source].get("sha256") {
+                if !is_sha256_hex(sha) {
+                    errors.push(format!(
+                        "wasm[{i}].code.{source}.sha256 {sha}: must match ^[a-f0-9]{{64}}$"
+                    ));
+                }
+            }
+        }
+    }
+    errors
+}
+
+fn gateway_docs(kind: &str) -> Vec<(String, Value)> {
+    envoy_gateway_manifests()
+        .into_iter()
+        .flat_map(|(file, docs)| docs.into_iter().map(move |d| (file.clone(), d)))
+        .filter(|(_, d)| d["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn envoy_gateway_policy_matches_the_crd_schema() {
+    let Some(dir) = shared_schemas("envoy-gateway") else {
+        return skipped(
+            "envoy_gateway_policy_matches_the_crd_schema",
+            "envoy-gateway",
+        );
+    };
+    let source = read(&dir.join("SOURCE.txt"));
+    assert!(
+        source.contains("envoyproxy/gateway"),
+        "SOURCE.txt should name the repository the CRD comes from"
+    );
+    let schemas = crd_schemas(&dir);
+    assert!(
+        schemas.contains_key(&(
+            "gateway.envoyproxy.io/v1alpha1".to_string(),
+            "EnvoyExtensionPolicy".to_string()
+        )),
+        "no EnvoyExtensionPolicy v1alpha1 in {}",
+        dir.display()
+    );
+    let manifests = envoy_gateway_manifests();
+    let checked = validate_all(&schemas, &manifests, &["EnvoyExtensionPolicy"]);
+    eprintln!("valid against Envoy Gateway's CRD: {checked:?}");
+
+    // The strict schema catches what the API server would drop or refuse.
+    let policy = first_of(&manifests, "EnvoyExtensionPolicy");
+    let mutations: [Mutation; 6] = [
+        ("unknown spec field", |d| d["spec"]["wasms"] = json!([])),
+        ("unknown wasm field", |d| {
+            d["spec"]["wasm"][0]["failopen"] = json!(false)
+        }),
+        ("rootId instead of rootID", |d| {
+            let w = d["spec"]["wasm"][0].as_object_mut().unwrap();
+            let v = w.remove("rootID").unwrap();
+            w.insert("rootId".into(), v);
+        }),
+        ("bad code type", |d| {
+            d["spec"]["wasm"][0]["code"]["type"] = json!("OCI")
+        }),
+        ("failOpen as a string", |d| {
+            d["spec"]["wasm"][0]["failOpen"] = json!("false")
+        }),
+        ("targetRef without a name", |d| {
+            d["spec"]["targetRefs"][0]
+                .as_object_mut()
+                .unwrap()
+                .remove("name");
+        }),
+    ];
+    for (what, mutate) in mutations {
+        let mut bad = policy.clone();
+        mutate(&mut bad);
+        assert!(
+            !crd_errors(&schemas, &bad).is_empty(),
+            "EnvoyExtensionPolicy: {what} passed the CRD schema"
+        );
+    }
+
+    // Every CEL rule of the CRD that the policy is subject to is one this file checks:
+    // a new rule in a newer CRD must be taught to eep_cel_errors.
+    let crd = yaml_docs(&read(&dir.join("envoyextensionpolicy.crd.yaml")), "crd");
+    let mut rules = Vec::new();
+    collect_cel_rules(
+        &crd[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"],
+        "spec",
+        &mut rules,
+    );
+    let known = [
+        "spec: either targetRef or targetRefs must be used",
+        "spec: this policy can only have a targetRef.group of gateway.networking.k8s.io",
+        "spec: this policy can only have a targetRef.kind of Gateway/ListenerSet/HTTPRoute/GRPCRoute/TCPRoute/UDPRoute/TLSRoute",
+        "spec: this policy can only have a targetRefs[*].group of gateway.networking.k8s.io",
+        "spec: this policy can only have a targetRefs[*].kind of Gateway/ListenerSet/HTTPRoute/GRPCRoute/TCPRoute/UDPRoute/TLSRoute",
+        "spec: mergeType can only be used with xRoute targets",
+        "spec.wasm[].code: If type is HTTP, http field needs to be set.",
+        "spec.wasm[].code: If type is Image, image field needs to be set.",
+        "spec.wasm[].code.image.pullSecretRef: only support Secret kind.",
+    ];
+    let relevant: Vec<&String> = rules
+        .iter()
+        .filter(|r| r.starts_with("spec: ") || r.starts_with("spec.wasm"))
+        .collect();
+    for rule in &relevant {
+        assert!(
+            known.contains(&rule.as_str()),
+            "a CEL rule of the CRD is not checked by eep_cel_errors: {rule}"
+        );
+    }
+    eprintln!("CEL rules of the CRD checked in code: {}", relevant.len());
+}
+
+/// "<path>: <message>" of every `x-kubernetes-validations` rule under `schema`.
+fn collect_cel_rules(schema: &Value, path: &str, out: &mut Vec<String>) {
+    for rule in schema["x-kubernetes-validations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        out.push(format!(
+            "{path}: {}",
+            rule["message"].as_str().unwrap_or("")
+        ));
+    }
+    if let Some(props) = schema["properties"].as_object() {
+        for (k, v) in props {
+            collect_cel_rules(v, &format!("{path}.{k}"), out);
+        }
+    }
+    if schema.get("items").is_some() {
+        collect_cel_rules(&schema["items"], &format!("{path}[]"), out);
+    }
+}
+
+#[test]
+fn envoy_gateway_cel_checks_can_fail() {
+    let (_, policy) = gateway_docs("EnvoyExtensionPolicy")
+        .into_iter()
+        .next()
+        .unwrap();
+    assert!(
+        eep_cel_errors(&policy).is_empty(),
+        "{:?}",
+        eep_cel_errors(&policy)
+    );
+    let mutations: [Mutation; 9] = [
+        ("no target", |d| {
+            d["spec"].as_object_mut().unwrap().remove("targetRefs");
+        }),
+        ("targetRef and targetRefs", |d| {
+            d["spec"]["targetRef"] = d["spec"]["targetRefs"][0].clone()
+        }),
+        ("core group", |d| {
+            d["spec"]["targetRefs"][0]["group"] = json!("")
+        }),
+        ("Service target", |d| {
+            d["spec"]["targetRefs"][0]["kind"] = json!("Service")
+        }),
+        ("mergeType on a Gateway", |d| {
+            d["spec"]["targetRefs"][0]["kind"] = json!("Gateway");
+            d["spec"]["mergeType"] = json!("StrategicMerge");
+        }),
+        ("Image without image", |d| {
+            d["spec"]["wasm"][0]["code"]
+                .as_object_mut()
+                .unwrap()
+                .remove("image");
+        }),
+        ("HTTP type with an image", |d| {
+            d["spec"]["wasm"][0]["code"]["type"] = json!("HTTP")
+        }),
+        ("sha256 with its prefix", |d| {
+            d["spec"]["wasm"][0]["code"]["image"]["sha256"] =
+                json!(format!("sha256:{}", stand_in_sha256()))
+        }),
+        ("pull secret of another kind", |d| {
+            d["spec"]["wasm"][0]["code"]["image"]["pullSecretRef"] =
+                json!({"kind": "ConfigMap", "name": "x"})
+        }),
+    ];
+    for (what, mutate) in mutations {
+        let mut bad = policy.clone();
+        mutate(&mut bad);
+        assert!(
+            !eep_cel_errors(&bad).is_empty(),
+            "{what} passed the CEL checks"
+        );
+    }
+}
+
+#[test]
+fn envoy_gateway_manifests_are_wired_for_farebox() {
+    for (file, docs) in envoy_gateway_manifests() {
+        for doc in docs {
+            assert!(
+                [
+                    "EnvoyExtensionPolicy",
+                    "HTTPRoute",
+                    "Service",
+                    "SecurityPolicy"
+                ]
+                .contains(&doc["kind"].as_str().unwrap_or("")),
+                "{file}: unexpected kind {} (teach tests/deploy_manifests.rs about it)",
+                doc["kind"]
+            );
+        }
+    }
+    let routes = gateway_docs("HTTPRoute");
+    let services = gateway_docs("Service");
+    let security = gateway_docs("SecurityPolicy");
+    let policies = gateway_docs("EnvoyExtensionPolicy");
+    assert_eq!(
+        policies.len(),
+        1,
+        "one EnvoyExtensionPolicy in deploy/envoy-gateway"
+    );
+    let (file, policy) = &policies[0];
+    let what = format!(
+        "{file}: EnvoyExtensionPolicy {}",
+        policy["metadata"]["name"]
+    );
+    assert_eq!(
+        policy["apiVersion"], "gateway.envoyproxy.io/v1alpha1",
+        "{what}"
+    );
+    let cel = eep_cel_errors(policy);
+    assert!(cel.is_empty(), "{what}: {cel:?}");
+    let ns = str_of(&policy["metadata"]["namespace"], "metadata.namespace");
+
+    // Its targets are routes (or Gateways) of this folder's namespace.
+    let targets = policy["spec"]["targetRefs"].as_array().expect("targetRefs");
+    for t in targets {
+        if t["kind"] == "HTTPRoute" {
+            assert!(
+                routes
+                    .iter()
+                    .any(|(_, r)| r["metadata"]["name"] == t["name"]
+                        && r["metadata"]["namespace"] == ns),
+                "{what}: targetRef HTTPRoute {} is not in deploy/envoy-gateway",
+                t["name"]
+            );
+        }
+    }
+
+    let wasm = policy["spec"]["wasm"].as_array().expect("spec.wasm");
+    assert_eq!(wasm.len(), 1, "{what}: one wasm extension");
+    let w = &wasm[0];
+    assert_eq!(w["rootID"], "farebox", "{what}: the filter's root id");
+    assert_eq!(
+        w["failOpen"], false,
+        "{what}: failOpen must be false, or a broken module lets requests through unpaid"
+    );
+    assert_eq!(w["code"]["type"], "Image", "{what}: the OCI image");
+    let image = &w["code"]["image"];
+    assert_eq!(
+        image["url"], TEST_IMAGE,
+        "{what}: Envoy Gateway wants registry/image:tag, without oci://"
+    );
+    assert!(
+        is_sha256_hex(&image["sha256"]),
+        "{what}: the image is pinned by sha256"
+    );
+
+    // The plugin's cluster is the one Envoy Gateway makes for a route rule whose backend
+    // is the balance Service: httproute/<namespace>/<name>/rule/<index>.
+    let conf = &w["config"];
+    let cluster = str_of(&conf["cluster"], "config.cluster");
+    let parts: Vec<&str> = cluster.split('/').collect();
+    assert!(
+        parts.len() == 5 && parts[0] == "httproute" && parts[3] == "rule",
+        "{what}: config.cluster {cluster:?} is not httproute/<namespace>/<name>/rule/<index>"
+    );
+    let (route_ns, route_name, rule) = (
+        parts[1],
+        parts[2],
+        parts[4].parse::<usize>().expect("rule index"),
+    );
+    let (_, route) = routes
+        .iter()
+        .find(|(_, r)| {
+            r["metadata"]["name"] == route_name && r["metadata"]["namespace"] == route_ns
+        })
+        .unwrap_or_else(|| {
+            panic!("{what}: no HTTPRoute {route_ns}/{route_name} for cluster {cluster:?}")
+        });
+    let backends = route["spec"]["rules"][rule]["backendRefs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("HTTPRoute {route_name}: rule {rule} has no backendRefs"));
+    assert_eq!(
+        backends.len(),
+        1,
+        "HTTPRoute {route_name}: one backend, the balance service"
+    );
+    let backend = &backends[0];
+    assert!(
+        backend["kind"] == "Service" && backend.get("namespace").is_none(),
+        "HTTPRoute {route_name}: the backend is a Service of the same namespace"
+    );
+    let (_, service) = services
+        .iter()
+        .find(|(_, s)| {
+            s["metadata"]["name"] == backend["name"] && s["metadata"]["namespace"] == route_ns
+        })
+        .unwrap_or_else(|| panic!("no Service {} in deploy/envoy-gateway", backend["name"]));
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["port"] == backend["port"]),
+        "Service {}: no port {}",
+        backend["name"],
+        backend["port"]
+    );
+    assert_eq!(
+        conf["authority"],
+        format!(
+            "{}.{route_ns}.svc.cluster.local",
+            str_of(&backend["name"], "backend name")
+        ),
+        "{what}: config.authority is the Service's host name"
+    );
+    // The route exists for its cluster only: clients are refused on it.
+    assert!(
+        security.iter().any(|(_, sp)| {
+            sp["metadata"]["namespace"] == route_ns
+                && sp["spec"]["authorization"]["defaultAction"] == "Deny"
+                && sp["spec"]["authorization"].get("rules").is_none()
+                && sp["spec"]["targetRefs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|t| t["kind"] == "HTTPRoute" && t["name"] == route_name)
+        }),
+        "HTTPRoute {route_name} must be closed to clients by a deny-all SecurityPolicy"
+    );
+    // And the filter does not run on it.
+    assert!(
+        !targets.iter().any(|t| t["name"] == route_name),
+        "{what}: the balance route must not be priced"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

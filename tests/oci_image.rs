@@ -8,8 +8,8 @@
 //! the Wasm image spec's "compat" variant, checked byte by byte here:
 //! index.json -> manifest -> config + the one layer -> a tar holding plugin.wasm, whose
 //! bytes are build/farebox.wasm; every digest and size matches its blob; the layout tarball
-//! holds the same files; the build is reproducible; the rendered WasmPlugin carries the
-//! manifest digest. If `skopeo` is installed, it must read the layout and the archive and
+//! holds the same files; the build is reproducible; the rendered WasmPlugin,
+//! TrafficExtension and EnvoyExtensionPolicy carry the manifest digest. If `skopeo` is installed, it must read the layout and the archive and
 //! keep the manifest digest when copying.
 
 mod common;
@@ -293,6 +293,24 @@ fn oci_image_layout_holds_the_module() {
     assert_eq!(
         plugin["spec"]["sha256"], image.manifest_hex,
         "for oci:// URLs Istio compares the image manifest digest"
+    );
+    let rendered = fs::read_to_string(out.join("trafficextension.yaml")).unwrap();
+    let ext: Value = serde_yaml::from_str(&rendered).expect("rendered TrafficExtension is YAML");
+    assert_eq!(ext["kind"], "TrafficExtension");
+    assert_eq!(ext["spec"]["wasm"]["url"], format!("oci://{IMAGE}"));
+    assert_eq!(ext["spec"]["wasm"]["sha256"], image.manifest_hex);
+    let rendered = fs::read_to_string(out.join("envoyextensionpolicy.yaml")).unwrap();
+    let eep: Value =
+        serde_yaml::from_str(&rendered).expect("rendered EnvoyExtensionPolicy is YAML");
+    assert_eq!(eep["kind"], "EnvoyExtensionPolicy");
+    let code = &eep["spec"]["wasm"][0]["code"];
+    assert_eq!(
+        code["image"]["url"], IMAGE,
+        "Envoy Gateway takes the image without a scheme"
+    );
+    assert_eq!(
+        code["image"]["sha256"], image.manifest_hex,
+        "Envoy Gateway's Wasm cache compares the image manifest digest"
     );
 
     // Reproducible: the same module gives the same image.

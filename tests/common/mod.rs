@@ -619,6 +619,8 @@ pub struct EnvoyOpts {
     pub wasm: Option<PathBuf>,
     /// More command-line arguments, e.g. `--component-log-level wasm:debug`.
     pub extra_args: Vec<String>,
+    /// The config to render instead of `envoy/envoy.yaml` (same markers and ports).
+    pub base_yaml: Option<String>,
 }
 
 impl EnvoyOpts {
@@ -631,6 +633,7 @@ impl EnvoyOpts {
             log_level: "info".to_string(),
             wasm: None,
             extra_args: Vec::new(),
+            base_yaml: None,
         }
     }
 }
@@ -721,8 +724,9 @@ impl Envoy {
 
     fn command(dir: &Path, opts: &EnvoyOpts) -> (Command, PathBuf, PathBuf) {
         let wasm = opts.wasm.clone().unwrap_or_else(wasm_path);
+        let base = opts.base_yaml.clone().unwrap_or_else(demo_envoy_yaml);
         let yaml = render_envoy_yaml(
-            &demo_envoy_yaml(),
+            &base,
             &wasm,
             Some(&opts.plugin_config),
             Some(opts.balance_addr),
@@ -962,6 +966,7 @@ pub struct StackBuilder {
     concurrency: u32,
     log_level: String,
     envoy_args: Vec<String>,
+    base_yaml: Option<String>,
 }
 
 /// A test's private stack, starting from the demo configuration.
@@ -974,6 +979,7 @@ pub fn stack(label: &str) -> StackBuilder {
         concurrency: 2,
         log_level: "info".to_string(),
         envoy_args: Vec::new(),
+        base_yaml: None,
     }
 }
 
@@ -1015,6 +1021,13 @@ impl StackBuilder {
         self
     }
 
+    /// Renders this Envoy config (with the demo's markers and ports) instead of
+    /// `envoy/envoy.yaml`.
+    pub fn envoy_yaml(mut self, yaml: String) -> Self {
+        self.base_yaml = Some(yaml);
+        self
+    }
+
     pub fn start(self) -> Stack {
         let dir = TempDir::new(&self.label);
         let (balance, balance_addr) = match &self.balance {
@@ -1037,6 +1050,7 @@ impl StackBuilder {
         opts.concurrency = self.concurrency;
         opts.log_level = self.log_level.clone();
         opts.extra_args = self.envoy_args.clone();
+        opts.base_yaml = self.base_yaml.clone();
         let envoy = Envoy::start(dir.path(), &opts);
         Stack {
             envoy,

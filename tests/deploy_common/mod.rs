@@ -132,14 +132,15 @@ pub fn stand_in_sha256() -> String {
     "0123456789abcdef".repeat(4)
 }
 
-/// `deploy/istio/*.yaml` with their placeholders filled in, as (file, documents).
-pub fn istio_manifests() -> Vec<(String, Vec<Value>)> {
-    files(&root().join("deploy/istio"), &["yaml", "yml"])
+/// `deploy/<dir>/*.yaml` with the image placeholders filled in (`image` for
+/// `${FAREBOX_IMAGE}`), as (file, documents). A placeholder left outside a comment fails.
+pub fn rendered_manifests(dir: &str, image: &str) -> Vec<(String, Vec<Value>)> {
+    files(&root().join("deploy").join(dir), &["yaml", "yml"])
         .into_iter()
         .map(|path| {
             let text = read(&path)
                 .replace("${FAREBOX_IMAGE_SHA256}", &stand_in_sha256())
-                .replace("${FAREBOX_IMAGE}", TEST_IMAGE);
+                .replace("${FAREBOX_IMAGE}", image);
             let body: Vec<&str> = text
                 .lines()
                 .filter(|l| !l.trim_start().starts_with('#'))
@@ -155,19 +156,77 @@ pub fn istio_manifests() -> Vec<(String, Vec<Value>)> {
         .collect()
 }
 
+/// `deploy/istio/*.yaml` with their placeholders filled in, as (file, documents).
+pub fn istio_manifests() -> Vec<(String, Vec<Value>)> {
+    rendered_manifests("istio", TEST_IMAGE)
+}
+
+/// `deploy/envoy-gateway/*.yaml` rendered (Envoy Gateway takes the image without a scheme).
+pub fn envoy_gateway_manifests() -> Vec<(String, Vec<Value>)> {
+    rendered_manifests("envoy-gateway", TEST_IMAGE)
+}
+
+/// Where a kind of Istio manifest keeps the plugin config.
+pub fn istio_plugin_config(doc: &Value) -> Option<&Value> {
+    match doc["kind"].as_str() {
+        Some("WasmPlugin") => Some(&doc["spec"]["pluginConfig"]),
+        Some("TrafficExtension") => Some(&doc["spec"]["wasm"]["pluginConfig"]),
+        _ => None,
+    }
+}
+
 pub fn istio_examples() -> Vec<Example> {
     let mut out = Vec::new();
     for (file, docs) in istio_manifests() {
-        for doc in docs.iter().filter(|d| d["kind"] == "WasmPlugin") {
-            let conf = doc["spec"]["pluginConfig"].clone();
-            assert!(conf.is_object(), "{file}: WasmPlugin without pluginConfig");
+        for doc in &docs {
+            let Some(conf) = istio_plugin_config(doc) else {
+                continue;
+            };
+            assert!(
+                conf.is_object(),
+                "{file}: {} without a plugin config",
+                doc["kind"]
+            );
             out.push(Example::from_value(
-                format!("{file} (WasmPlugin {})", doc["metadata"]["name"]),
-                conf,
+                format!("{file} ({} {})", doc["kind"], doc["metadata"]["name"]),
+                conf.clone(),
             ));
         }
     }
     out
+}
+
+/// The `config` of every wasm extension of every EnvoyExtensionPolicy in deploy/envoy-gateway.
+pub fn envoy_gateway_examples() -> Vec<Example> {
+    let mut out = Vec::new();
+    for (file, docs) in envoy_gateway_manifests() {
+        for doc in docs.iter().filter(|d| d["kind"] == "EnvoyExtensionPolicy") {
+            for (i, wasm) in doc["spec"]["wasm"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let conf = wasm["config"].clone();
+                assert!(conf.is_object(), "{file}: wasm[{i}] without config");
+                out.push(Example::from_value(
+                    format!(
+                        "{file} (EnvoyExtensionPolicy {} wasm[{i}])",
+                        doc["metadata"]["name"]
+                    ),
+                    conf,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The schema folder `../shared/schemas/<name>`, if it is there (the caller reports a
+/// check that cannot run without it through `skip::cannot_run`).
+pub fn shared_schemas(name: &str) -> Option<PathBuf> {
+    let dir = root().join("../shared/schemas").join(name);
+    dir.is_dir().then_some(dir)
 }
 
 pub fn kong_declarative() -> Value {
