@@ -49,7 +49,7 @@ else
 ENVOY_BIN := $(ENVOY)
 endif
 
-.PHONY: all build wasm-target envoy services run test lint bench clean distclean \
+.PHONY: all build apt-tools wasm-target envoy services run test lint bench clean distclean \
 	run-func-e envoy-compat istio-models istio-check oci kong-meta fuzz
 
 all: build
@@ -62,17 +62,30 @@ wasm-target:
 WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
 	--enable-nontrapping-float-to-int
 
-build: wasm-target
+# Debian packages the build and the tests need, installed with apt-get when missing (we are
+# root on the build machines and CI): binaryen (wasm-opt) for the shipped module, skopeo for
+# tests/oci_image.rs. Elsewhere it names what to install and fails.
+APT_TOOLS := wasm-opt:binaryen skopeo:skopeo
+apt-tools:
+	@missing=""; for t in $(APT_TOOLS); do \
+	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "apt-tools: installing$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null 2>&1 \
+	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }; \
+	  else \
+	    echo "apt-tools: missing Debian packages:$$missing (apt-get install$$missing)" >&2; exit 1; \
+	  fi; \
+	fi
+
+# The shipped module is always the wasm-opt one: no silent fallback to the unoptimized file.
+build: wasm-target apt-tools
 	$(CARGO) build --release --target $(WASM_TARGET) -p farebox
 	@mkdir -p build
 	cp target/$(WASM_TARGET)/release/farebox.wasm build/farebox.raw.wasm
-	@if command -v wasm-opt >/dev/null 2>&1; then \
-	  wasm-opt -Oz $(WASM_OPT_FEATURES) build/farebox.raw.wasm -o build/farebox.wasm; \
-	  echo "build/farebox.wasm: $$(wc -c < build/farebox.wasm) bytes (wasm-opt -Oz; raw $$(wc -c < build/farebox.raw.wasm))"; \
-	else \
-	  cp build/farebox.raw.wasm build/farebox.wasm; \
-	  echo "build/farebox.wasm: $$(wc -c < build/farebox.wasm) bytes (wasm-opt not installed: unoptimized)"; \
-	fi
+	wasm-opt -Oz $(WASM_OPT_FEATURES) build/farebox.raw.wasm -o build/farebox.wasm
+	@echo "build/farebox.wasm: $$(wc -c < build/farebox.wasm) bytes (wasm-opt -Oz; raw $$(wc -c < build/farebox.raw.wasm))"
 
 ifeq ($(strip $(ENVOY)),)
 envoy: $(VENV_ENVOY)
@@ -162,17 +175,7 @@ lint: wasm-target
 # when it is missing and we are root.
 bench: build envoy
 	$(CARGO) build --release -p farebox-balance --bins
-	@command -v wrk >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "bench: installing wrk with apt-get"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk \
-	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }; \
-	  else \
-	    echo "bench: wrk is missing; install it (Debian: apt-get install wrk)" >&2; exit 1; \
-	  fi; }
-	@command -v wasm-opt >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] \
-	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binaryen >/dev/null 2>&1; } \
-	  || echo "bench: wasm-opt (binaryen) missing: the optimized wasm size will be n/a"
+	@$(MAKE) --no-print-directory apt-tools APT_TOOLS=wrk:wrk
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" \
 	  BENCH_BIN_DIR="$${CARGO_TARGET_DIR:-$(CURDIR)/target}/release" $(PYTHON) bench/run.py
 
