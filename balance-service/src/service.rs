@@ -569,6 +569,10 @@ async fn lease(State(st): State<Shared>, JsonBody(req): JsonBody<LeaseReq>) -> R
         LeaseOutcome::UnknownCredential => (unknown_credential(cfg), UNKNOWN.to_owned()),
         LeaseOutcome::Disabled { account_id } => (account_disabled(cfg), account_id),
         LeaseOutcome::Conflict { account_id } => (request_id_conflict(), account_id),
+        LeaseOutcome::HolderConflict { account_id } => (
+            error(StatusCode::CONFLICT, "request_id belongs to another holder"),
+            account_id,
+        ),
         LeaseOutcome::Closed {
             account_id,
             lease_id,

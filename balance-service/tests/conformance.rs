@@ -207,3 +207,19 @@ fn usage_races_across_replicas_settle_once() {
         (json!(92), json!(8))
     );
 }
+
+#[test]
+fn a_lease_replay_from_another_holder_is_refused() {
+    let dir = TempDir::new("conf-holder");
+    let (a, b) = replicas(&dir, &[]);
+    assert_eq!(create_account(a.addr, "acct_h", "key-h", 50).status, 201);
+    let r = lease_as(a.addr, "key-h", 20, 1, "h-1", "gw-a");
+    assert_eq!(r.status, 200, "{r:?}");
+    // The same holder replays; another holder with the same id is refused.
+    let r = lease_as(b.addr, "key-h", 20, 1, "h-1", "gw-a");
+    assert_eq!((r.status, r.json()["replay"].clone()), (200, json!(true)));
+    let r = lease_as(b.addr, "key-h", 20, 1, "h-1", "gw-b");
+    assert_eq!(r.status, 409, "{r:?}");
+    assert_eq!(r.json()["error"], "request_id belongs to another holder");
+    assert_eq!(check_ledger(a.addr, "acct_h")["reserved"], 20);
+}

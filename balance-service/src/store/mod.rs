@@ -301,6 +301,11 @@ pub enum LeaseOutcome {
     Conflict {
         account_id: String,
     },
+    /// The request id belongs to an open lease of another holder: a replay
+    /// would let two holders spend one reservation.
+    HolderConflict {
+        account_id: String,
+    },
     /// The request id's lease exists for this account but is no longer open.
     Closed {
         account_id: String,

@@ -327,6 +327,8 @@ pub async fn lease<T: Tx>(
     if let Some(l) = tx.lease_by_request(&input.request_id).await? {
         return Ok(if l.account_id != account_id {
             LeaseOutcome::Conflict { account_id }
+        } else if l.state == LeaseState::Open && l.holder != input.holder {
+            LeaseOutcome::HolderConflict { account_id }
         } else if l.state != LeaseState::Open {
             LeaseOutcome::Closed {
                 account_id,
