@@ -2,6 +2,7 @@
 //! fallbacks `FAREBOX_BALANCE_<FLAG>` (upper case, `-` becomes `_`).
 //! Precedence: flag, then environment variable, then default.
 
+use crate::store::DatabaseUrl;
 use std::collections::HashMap;
 
 /// SQLite `synchronous` setting (the database always runs in WAL mode).
@@ -60,7 +61,8 @@ pub struct X402 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub listen: String,
-    pub db: String,
+    /// Where the ledger lives (`--database-url`, or `--db PATH` = `sqlite:PATH`).
+    pub database_url: DatabaseUrl,
     pub sync: SyncMode,
     pub admin_token: Option<String>,
     pub service_token: Option<String>,
@@ -75,6 +77,8 @@ pub struct Config {
     /// Upper bound of a single grant (>= 1); `None`: unlimited.
     pub lease_max_units: Option<u64>,
     pub lease_expiry_policy: ExpiryPolicy,
+    /// `retry_after_ms` of a lease 402 that recalled other holders' leases (>= 1).
+    pub lease_recall_retry_ms: u64,
     /// Payment challenges on 402s and demo payments; `None`: off. (Boxed:
     /// rarely set, and keeps `Config` small.)
     pub x402: Option<Box<X402>>,
@@ -84,7 +88,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8081".to_owned(),
-            db: "farebox-balance.sqlite".to_owned(),
+            database_url: DatabaseUrl::Sqlite("farebox-balance.sqlite".to_owned()),
             sync: SyncMode::Normal,
             admin_token: None,
             service_token: None,
@@ -97,6 +101,7 @@ impl Default for Config {
             lease_ttl_ms: 30_000,
             lease_max_units: None,
             lease_expiry_policy: ExpiryPolicy::Full,
+            lease_recall_retry_ms: 100,
             x402: None,
         }
     }
@@ -104,9 +109,12 @@ impl Default for Config {
 
 pub const USAGE: &str = "\
 usage: farebox-balance [flags]
+       farebox-balance migrate [--database-url URL | --db PATH]
 
   --listen ADDR            listen address (default 127.0.0.1:8081; port 0 picks one)
-  --db PATH                SQLite database file (default farebox-balance.sqlite)
+  --database-url URL       the ledger: sqlite:PATH (default sqlite:farebox-balance.sqlite)
+                           or postgres://USER[:PASSWORD]@HOST:PORT/DATABASE
+  --db PATH                same as --database-url sqlite:PATH
   --sync normal|full       SQLite synchronous mode in WAL (default normal)
   --admin-token TOKEN      bearer token for /admin/*; without it the admin API answers 503
   --service-token TOKEN    if set, /v1/* requests must carry 'authorization: Bearer TOKEN'
@@ -119,6 +127,9 @@ usage: farebox-balance [flags]
   --lease-expiry-policy full|reported
                            what an expired open lease is charged: the whole
                            reservation (full, default) or the last reported use
+  --lease-recall-retry-ms N
+                           retry_after_ms of a lease 402 that recalled other
+                           holders' unspent leases (default 100)
   --x402-pay-to ADDR --x402-network NAME --x402-asset ADDR --x402-amount-per-unit N
                            (all four together; reference-only demo) 402 answers
                            carry x402 'accepts' and Payment 'challenges' for
@@ -128,6 +139,9 @@ usage: farebox-balance [flags]
   --quiet                  do not log one line per request to stderr
   --help                   print this help
 
+`migrate` applies the schema migrations and exits (the service also applies
+them at start-up); it refuses a database migrated by a newer version.
+
 Every flag falls back to the environment variable FAREBOX_BALANCE_<FLAG>
 (e.g. FAREBOX_BALANCE_ADMIN_TOKEN); an empty variable counts as unset.
 Boolean variables accept 1/true/yes/on and 0/false/no/off.
@@ -135,6 +149,7 @@ Boolean variables accept 1/true/yes/on and 0/false/no/off.
 
 const VALUE_FLAGS: &[&str] = &[
     "listen",
+    "database-url",
     "db",
     "sync",
     "admin-token",
@@ -146,6 +161,7 @@ const VALUE_FLAGS: &[&str] = &[
     "lease-ttl-ms",
     "lease-max-units",
     "lease-expiry-policy",
+    "lease-recall-retry-ms",
     "x402-pay-to",
     "x402-network",
     "x402-asset",
@@ -155,7 +171,9 @@ const BOOL_FLAGS: &[&str] = &["seed-demo", "quiet"];
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
-    Run(Config),
+    Run(Box<Config>),
+    /// `farebox-balance migrate`: apply the migrations to this database.
+    Migrate(DatabaseUrl),
     Help,
 }
 
@@ -187,8 +205,40 @@ fn parse_bool(flag: &str, v: &str) -> Result<bool, String> {
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(format!("{}: expected a boolean, got {v:?}", env_name(flag))),
+        _ => Err(format!(
+            "--{flag} / {}: expected a boolean, got {v:?}",
+            env_name(flag)
+        )),
     }
+}
+
+/// The flags as a `clap` command (the help text is [`USAGE`]). Values are
+/// checked afterwards, together with their environment fallbacks.
+fn command() -> clap::Command {
+    use clap::{Arg, ArgAction};
+    let mut cmd = clap::Command::new("farebox-balance")
+        .override_help(USAGE)
+        .args_override_self(true);
+    for flag in VALUE_FLAGS {
+        cmd = cmd.arg(
+            Arg::new(*flag)
+                .long(*flag)
+                .num_args(1)
+                .allow_hyphen_values(true)
+                .action(ArgAction::Set),
+        );
+    }
+    for flag in BOOL_FLAGS {
+        cmd = cmd.arg(
+            Arg::new(*flag)
+                .long(*flag)
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true")
+                .action(ArgAction::Set),
+        );
+    }
+    cmd
 }
 
 /// Parses the arguments (without the program name). `env` looks up an
@@ -198,37 +248,29 @@ where
     I: IntoIterator<Item = String>,
     E: Fn(&str) -> Option<String>,
 {
+    let mut args = args.into_iter().peekable();
+    let migrate = args.next_if(|a| a == "migrate").is_some();
+    let matches = match command()
+        .try_get_matches_from(std::iter::once("farebox-balance".to_owned()).chain(args))
+    {
+        Ok(m) => m,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => return Ok(Parsed::Help),
+        Err(e) => return Err(e.render().to_string().trim_end().to_owned()),
+    };
     let mut values: HashMap<&'static str, String> = HashMap::new();
     let mut bools: HashMap<&'static str, bool> = HashMap::new();
-    let mut it = args.into_iter();
-    while let Some(arg) = it.next() {
-        if arg == "--help" || arg == "-h" {
-            return Ok(Parsed::Help);
+    for flag in VALUE_FLAGS {
+        if let Some(v) = matches.get_one::<String>(flag) {
+            values.insert(flag, v.clone());
         }
-        let Some(body) = arg.strip_prefix("--") else {
-            return Err(format!("unexpected argument {arg:?}"));
-        };
-        let (name, inline) = match body.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_owned())),
-            None => (body, None),
-        };
-        if let Some(flag) = VALUE_FLAGS.iter().copied().find(|f| *f == name) {
-            let value = match inline {
-                Some(v) => v,
-                None => it.next().ok_or_else(|| format!("--{flag} needs a value"))?,
-            };
-            values.insert(flag, value);
-        } else if let Some(flag) = BOOL_FLAGS.iter().copied().find(|f| *f == name) {
-            let value = match inline {
-                Some(v) => parse_bool(flag, &v)?,
-                None => true,
-            };
-            bools.insert(flag, value);
-        } else {
-            return Err(format!("unknown flag --{name}"));
+    }
+    for flag in BOOL_FLAGS {
+        if let Some(v) = matches.get_one::<String>(flag) {
+            bools.insert(flag, parse_bool(flag, v)?);
         }
     }
 
+    let from_args: Vec<&'static str> = values.keys().copied().collect();
     // Fill in environment fallbacks (empty counts as unset).
     for flag in VALUE_FLAGS {
         if !values.contains_key(flag) {
@@ -249,11 +291,27 @@ where
     if let Some(v) = values.remove("listen") {
         cfg.listen = v;
     }
-    if let Some(v) = values.remove("db") {
-        if v.is_empty() {
-            return Err("--db must not be empty".to_owned());
+    // --database-url wins over --db when both come from the same place; a
+    // flag wins over an environment variable.
+    let url = values.remove("database-url");
+    let db = values.remove("db");
+    let url_flag = url
+        .as_ref()
+        .is_some_and(|_| from_args.contains(&"database-url"));
+    let db_flag = db.as_ref().is_some_and(|_| from_args.contains(&"db"));
+    cfg.database_url = match (url, db) {
+        (Some(_), Some(_)) if url_flag && db_flag => {
+            return Err(
+                "--database-url and --db name the same setting: give one of them".to_owned(),
+            )
         }
-        cfg.db = v;
+        (Some(_), Some(path)) if db_flag => db_url(&path)?,
+        (Some(u), _) => DatabaseUrl::parse(&u).map_err(|e| format!("--database-url: {e}"))?,
+        (None, Some(path)) => db_url(&path)?,
+        (None, None) => cfg.database_url,
+    };
+    if migrate {
+        return Ok(Parsed::Migrate(cfg.database_url));
     }
     if let Some(v) = values.remove("sync") {
         cfg.sync = match v.trim().to_ascii_lowercase().as_str() {
@@ -290,6 +348,9 @@ where
     }
     if let Some(v) = values.remove("lease-max-units") {
         cfg.lease_max_units = Some(parse_positive("lease-max-units", &v)?);
+    }
+    if let Some(v) = values.remove("lease-recall-retry-ms") {
+        cfg.lease_recall_retry_ms = parse_positive("lease-recall-retry-ms", &v)?;
     }
     if let Some(v) = values.remove("lease-expiry-policy") {
         cfg.lease_expiry_policy = match v.trim().to_ascii_lowercase().as_str() {
@@ -334,7 +395,15 @@ where
     }
     cfg.seed_demo = bools.get("seed-demo").copied().unwrap_or(false);
     cfg.quiet = bools.get("quiet").copied().unwrap_or(false);
-    Ok(Parsed::Run(cfg))
+    Ok(Parsed::Run(Box::new(cfg)))
+}
+
+/// `--db PATH`: a SQLite file.
+fn db_url(path: &str) -> Result<DatabaseUrl, String> {
+    if path.is_empty() {
+        return Err("--db must not be empty".to_owned());
+    }
+    Ok(DatabaseUrl::Sqlite(path.to_owned()))
 }
 
 #[cfg(test)]
@@ -351,7 +420,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        assert_eq!(parse(args(&[]), no_env), Ok(Parsed::Run(Config::default())));
+        assert_eq!(parse(args(&[]), no_env), Ok(Parsed::Run(Box::default())));
     }
 
     #[test]
@@ -380,12 +449,13 @@ mod tests {
                 "--lease-max-units=40",
                 "--lease-expiry-policy",
                 "Reported",
+                "--lease-recall-retry-ms=250",
             ]),
             no_env,
         );
         let want = Config {
             listen: "127.0.0.1:0".into(),
-            db: "/tmp/x.sqlite".into(),
+            database_url: DatabaseUrl::Sqlite("/tmp/x.sqlite".into()),
             sync: SyncMode::Full,
             admin_token: Some("adm".into()),
             service_token: Some("svc".into()),
@@ -398,9 +468,10 @@ mod tests {
             lease_ttl_ms: 300,
             lease_max_units: Some(40),
             lease_expiry_policy: ExpiryPolicy::Reported,
+            lease_recall_retry_ms: 250,
             x402: None,
         };
-        assert_eq!(p, Ok(Parsed::Run(want)));
+        assert_eq!(p, Ok(Parsed::Run(Box::new(want))));
     }
 
     #[test]
@@ -412,6 +483,7 @@ mod tests {
             "FAREBOX_BALANCE_SEED_DEMO" => Some("yes".to_owned()),
             "FAREBOX_BALANCE_LEASE_EXPIRY_POLICY" => Some("reported".to_owned()),
             "FAREBOX_BALANCE_LEASE_TTL_MS" => Some("1234".to_owned()),
+            "FAREBOX_BALANCE_LEASE_RECALL_RETRY_MS" => Some("40".to_owned()),
             _ => None,
         };
         let Ok(Parsed::Run(cfg)) = parse(args(&["--listen", "127.0.0.1:1"]), env) else {
@@ -424,6 +496,7 @@ mod tests {
         assert_eq!(cfg.lease_expiry_policy, ExpiryPolicy::Reported);
         assert_eq!(cfg.lease_ttl_ms, 1234);
         assert_eq!(cfg.lease_max_units, None);
+        assert_eq!(cfg.lease_recall_retry_ms, 40);
     }
 
     #[test]
@@ -438,6 +511,51 @@ mod tests {
         assert!(parse(args(&["--lease-max-units", "0"]), no_env).is_err());
         assert!(parse(args(&["--lease-max-units", "9223372036854775808"]), no_env).is_err());
         assert!(parse(args(&["--lease-expiry-policy", "half"]), no_env).is_err());
+        assert!(parse(args(&["--lease-recall-retry-ms", "0"]), no_env).is_err());
+        assert!(parse(args(&["--lease-recall-retry-ms", "x"]), no_env).is_err());
         assert_eq!(parse(args(&["--help"]), no_env), Ok(Parsed::Help));
+        assert!(parse(args(&["--database-url", "mysql://x"]), no_env).is_err());
+        assert!(parse(args(&["--database-url", "sqlite:a", "--db", "b"]), no_env).is_err());
+    }
+
+    #[test]
+    fn database_url_and_db() {
+        let url = |a: &[&str], env: &dyn Fn(&str) -> Option<String>| match parse(args(a), env) {
+            Ok(Parsed::Run(cfg)) => cfg.database_url,
+            Ok(Parsed::Migrate(url)) => url,
+            other => unreachable!("{other:?}"),
+        };
+        let pg = DatabaseUrl::Postgres("postgres://postgres@127.0.0.1:5432/x".into());
+        assert_eq!(
+            url(
+                &["--database-url", "postgres://postgres@127.0.0.1:5432/x"],
+                &no_env
+            ),
+            pg
+        );
+        assert_eq!(
+            url(&["--db", "f.sqlite"], &no_env),
+            DatabaseUrl::Sqlite("f.sqlite".into())
+        );
+        assert_eq!(
+            url(&["--database-url=sqlite:g.sqlite"], &no_env),
+            DatabaseUrl::Sqlite("g.sqlite".into())
+        );
+        // A flag wins over the environment, --database-url over --db.
+        let env = |k: &str| match k {
+            "FAREBOX_BALANCE_DATABASE_URL" => Some("postgres://postgres@127.0.0.1:5432/x".into()),
+            "FAREBOX_BALANCE_DB" => Some("env.sqlite".into()),
+            _ => None,
+        };
+        assert_eq!(url(&[], &env), pg);
+        assert_eq!(
+            url(&["--db", "flag.sqlite"], &env),
+            DatabaseUrl::Sqlite("flag.sqlite".into())
+        );
+        assert_eq!(url(&["migrate"], &env), pg);
+        assert_eq!(
+            url(&["migrate", "--db", "m.sqlite"], &no_env),
+            DatabaseUrl::Sqlite("m.sqlite".into())
+        );
     }
 }

@@ -4,11 +4,12 @@
 use crate::config::Config;
 use crate::store::{
     AuthorizeInput, AuthorizeOutcome, CancelOutcome, CreateOutcome, LeaseInput, LeaseOutcome,
-    LeaseSettings, RefundOutcome, SettleOutcome, Store, StoreError, TopupOutcome,
+    LeaseRefundInput, LeaseRefundOutcome, LeaseSettings, LeaseState, RefundOutcome, SettleOutcome,
+    Store, StoreError, TopupOutcome,
 };
 use crate::util::{bearer_token, ct_eq, shutdown_signal};
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -18,7 +19,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,6 +41,7 @@ pub struct Stats {
     lease_calls: AtomicU64,
     settle_calls: AtomicU64,
     cancel_calls: AtomicU64,
+    lease_refund_calls: AtomicU64,
     usage_calls: AtomicU64,
     authorize_by_account: Mutex<HashMap<String, u64>>,
 }
@@ -70,6 +72,7 @@ impl Stats {
             "lease_calls": self.lease_calls.load(Ordering::Relaxed),
             "settle_calls": self.settle_calls.load(Ordering::Relaxed),
             "cancel_calls": self.cancel_calls.load(Ordering::Relaxed),
+            "lease_refund_calls": self.lease_refund_calls.load(Ordering::Relaxed),
             "usage_calls": self.usage_calls.load(Ordering::Relaxed),
             "authorize_by_account": by,
         })
@@ -81,6 +84,7 @@ impl Stats {
         self.lease_calls.store(0, Ordering::Relaxed);
         self.settle_calls.store(0, Ordering::Relaxed);
         self.cancel_calls.store(0, Ordering::Relaxed);
+        self.lease_refund_calls.store(0, Ordering::Relaxed);
         self.usage_calls.store(0, Ordering::Relaxed);
         self.authorize_by_account
             .lock()
@@ -133,25 +137,87 @@ fn with_log(mut resp: Response, account: &str, request_id: Option<&str>) -> Resp
     resp
 }
 
-fn storage_error(e: &StoreError) -> Response {
-    eprintln!("farebox-balance: storage error: {e}");
-    error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+/// The answers of the service that are not outcomes of a ledger call: one
+/// error type for the body extractor, the service-token middleware and the
+/// storage layer. A storage error is logged with its cause; the client only
+/// learns `503 storage unavailable` (the database cannot be reached) or
+/// `500 internal`, never SQL.
+#[derive(Debug)]
+pub enum ApiError {
+    /// A malformed request: `400 {"error": text}`.
+    BadRequest(String),
+    /// `/v1/*` without the right service token: `500` (section 1.2).
+    ServiceToken,
+    Storage(StoreError),
 }
 
-/// Runs a blocking store operation off the async workers.
-async fn blocking<T, F>(f: F) -> Result<T, Response>
-where
-    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
-    T: Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(storage_error(&e)),
-        Err(e) => {
-            eprintln!("farebox-balance: worker failed: {e}");
-            Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
-        }
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let resp = match self {
+            ApiError::BadRequest(msg) => error(StatusCode::BAD_REQUEST, msg),
+            ApiError::ServiceToken => {
+                error(StatusCode::INTERNAL_SERVER_ERROR, "service token rejected")
+            }
+            ApiError::Storage(e) if e.is_unavailable() => {
+                tracing::error!(cause = %e, "storage unavailable");
+                error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+            }
+            ApiError::Storage(e) => {
+                tracing::error!(cause = %e, "storage error");
+                error(StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        with_log(resp, UNKNOWN, None)
     }
+}
+
+/// What a request body is called in the 400 text (`invalid <what> body: …`;
+/// empty for the admin API's `invalid body: …`).
+trait BodyName {
+    const WHAT: &'static str;
+}
+
+/// A JSON request body, deserialised into `T`; a body that does not parse is
+/// the contract's `400 {"error": "invalid <what> body: …"}` (whatever its
+/// `content-type`, which the contract says not to check).
+struct JsonBody<T>(T);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + BodyName,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            let what = if T::WHAT.is_empty() {
+                String::new()
+            } else {
+                format!("{} ", T::WHAT)
+            };
+            ApiError::BadRequest(format!("invalid {what}body: {e}"))
+        };
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| invalid(&e))?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| invalid(&e))
+    }
+}
+
+macro_rules! body_name {
+    ($($t:ty => $what:literal),* $(,)?) => {
+        $(impl BodyName for $t { const WHAT: &'static str = $what; })*
+    };
+}
+
+/// Awaits a store call; a storage error becomes its answer.
+async fn stored<T>(
+    f: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, Response> {
+    f.await.map_err(|e| ApiError::Storage(e).into_response())
 }
 
 fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
@@ -168,10 +234,7 @@ impl AppState {
         if bearer_matches(headers, expected) {
             None
         } else {
-            Some(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "service token rejected",
-            ))
+            Some(ApiError::ServiceToken.into_response())
         }
     }
 
@@ -221,6 +284,25 @@ fn payment_required(
     resp
 }
 
+/// The 402 answer of a lease call that recalled other holders' unspent
+/// leases: retry after `--lease-recall-retry-ms`. Never cacheable and without
+/// `Retry-After` (the units come back within moments, not seconds).
+fn recall_required(cfg: &Config, account_id: &str, balance: i64, min: i64) -> Response {
+    let body = json!({
+        "allow": false,
+        "account_id": account_id,
+        "balance": balance,
+        "price": min,
+        "detail": format!(
+            "balance {balance} is below the minimum lease of {min} units; \
+             unspent units held by other gateways were recalled: retry shortly"
+        ),
+        "recall": true,
+        "retry_after_ms": cfg.lease_recall_retry_ms,
+    });
+    reply(StatusCode::PAYMENT_REQUIRED, body, 0)
+}
+
 fn unknown_credential(cfg: &Config) -> Response {
     reply(
         StatusCode::UNAUTHORIZED,
@@ -244,12 +326,24 @@ fn request_id_conflict() -> Response {
     )
 }
 
-fn lease_closed(lease_id: String, state: String) -> Response {
+fn lease_closed(lease_id: String, state: LeaseState) -> Response {
     reply(
         StatusCode::CONFLICT,
-        json!({ "error": "lease_closed", "lease_id": lease_id, "state": state }),
+        json!({ "error": "lease_closed", "lease_id": lease_id, "state": state.as_str() }),
         0,
     )
+}
+
+body_name! {
+    AuthorizeReq => "authorize",
+    RefundReq => "refund",
+    LeaseReq => "lease",
+    SettleReq => "settle",
+    CancelReq => "cancel",
+    LeaseRefundReq => "lease refund",
+    CreateReq => "",
+    TopupReq => "",
+    usage::UsageReq => "usage",
 }
 
 // ---------------------------------------------------------------- /v1/authorize
@@ -264,21 +358,9 @@ struct AuthorizeReq {
     request_id: String,
 }
 
-async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    st.stats.authorize_calls.fetch_add(1, Ordering::Relaxed);
-    let req: AuthorizeReq =
-        match st.open_call(&headers, "authorize", || serde_json::from_slice(&body)) {
-            Ok(r) => r,
-            Err(resp) => {
-                st.stats.count_account(UNKNOWN);
-                return *resp;
-            }
-        };
+async fn authorize(State(st): State<Shared>, JsonBody(req): JsonBody<AuthorizeReq>) -> Response {
     let rid = req.request_id.clone();
-    let bad = |msg: &str| {
-        st.stats.count_account(UNKNOWN);
-        bad_request(msg, Some(&rid))
-    };
+    let bad = |msg: &str| bad_request(msg, Some(&rid));
     if req.request_id.is_empty() {
         return bad("request_id must not be empty");
     }
@@ -287,25 +369,20 @@ async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) ->
     };
     let price = req.cost;
     let store = st.store.clone();
-    let outcome = blocking(move || {
-        store
-            .authorize(&AuthorizeInput {
-                credential: &req.account,
-                cost,
-                route: &req.route,
-                method: &req.method,
-                path: &req.path,
-                request_id: &req.request_id,
-            })
-            .map(|o| (o, req.route))
-    })
-    .await;
+    let route = req.route.clone();
+    let outcome = stored(store.authorize(AuthorizeInput {
+        credential: req.account,
+        cost,
+        route: req.route,
+        method: req.method,
+        path: req.path,
+        request_id: req.request_id,
+    }))
+    .await
+    .map(|o| (o, route));
     let (outcome, route) = match outcome {
         Ok(v) => v,
-        Err(resp) => {
-            st.stats.count_account(UNKNOWN);
-            return with_log(resp, UNKNOWN, Some(&rid));
-        }
+        Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
     };
     let cfg = &st.cfg;
     let (resp, account) = match outcome {
@@ -334,7 +411,6 @@ async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) ->
         AuthorizeOutcome::Disabled { account_id } => (account_disabled(cfg), account_id),
         AuthorizeOutcome::Conflict { account_id } => (request_id_conflict(), account_id),
     };
-    st.stats.count_account(&account);
     with_log(resp, &account, Some(&rid))
 }
 
@@ -354,22 +430,16 @@ struct RefundReq {
     status: Option<u16>,
 }
 
-async fn refund(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    st.stats.refund_calls.fetch_add(1, Ordering::Relaxed);
-    let req: RefundReq = match st.open_call(&headers, "refund", || serde_json::from_slice(&body)) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
+async fn refund(State(st): State<Shared>, JsonBody(req): JsonBody<RefundReq>) -> Response {
     let rid = req.request_id.clone();
     if rid.is_empty() {
         return bad_request("request_id must not be empty", None);
     }
     let store = st.store.clone();
-    let outcome =
-        match blocking(move || store.refund(&req.request_id, &req.account, req.status)).await {
-            Ok(o) => o,
-            Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
-        };
+    let outcome = match stored(store.refund(req.request_id, req.account, req.status)).await {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
+    };
     let (resp, account) = match outcome {
         RefundOutcome::Refunded {
             account_id,
@@ -427,12 +497,7 @@ struct LeaseReq {
 /// Longest accepted `holder` (bytes).
 const MAX_HOLDER: usize = 1024;
 
-async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    st.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
-    let req: LeaseReq = match st.open_call(&headers, "lease", || serde_json::from_slice(&body)) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
+async fn lease(State(st): State<Shared>, JsonBody(req): JsonBody<LeaseReq>) -> Response {
     let rid = req.request_id.clone();
     let bad = |msg: &str| bad_request(msg, Some(&rid));
     if req.request_id.is_empty() {
@@ -448,15 +513,13 @@ async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Res
         return bad("min must be at least 1 and at most want");
     }
     let store = st.store.clone();
-    let outcome = match blocking(move || {
-        store.lease(&LeaseInput {
-            credential: &req.account,
-            want,
-            min,
-            request_id: &req.request_id,
-            holder: &req.holder,
-        })
-    })
+    let outcome = match stored(store.lease(LeaseInput {
+        credential: req.account,
+        want,
+        min,
+        request_id: req.request_id,
+        holder: req.holder,
+    }))
     .await
     {
         Ok(o) => o,
@@ -487,6 +550,7 @@ async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Res
         LeaseOutcome::Denied {
             account_id,
             balance,
+            recall: false,
         } => {
             let detail = format!(
                 "balance {balance} is below the minimum lease of {min} units; top up the account"
@@ -494,9 +558,21 @@ async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Res
             let resp = payment_required(cfg, &account_id, balance, min, detail);
             (resp, account_id)
         }
+        LeaseOutcome::Denied {
+            account_id,
+            balance,
+            recall: true,
+        } => {
+            let resp = recall_required(cfg, &account_id, balance, min);
+            (resp, account_id)
+        }
         LeaseOutcome::UnknownCredential => (unknown_credential(cfg), UNKNOWN.to_owned()),
         LeaseOutcome::Disabled { account_id } => (account_disabled(cfg), account_id),
         LeaseOutcome::Conflict { account_id } => (request_id_conflict(), account_id),
+        LeaseOutcome::HolderConflict { account_id } => (
+            error(StatusCode::CONFLICT, "request_id belongs to another holder"),
+            account_id,
+        ),
         LeaseOutcome::Closed {
             account_id,
             lease_id,
@@ -511,44 +587,57 @@ struct SettleReq {
     used: u64,
     #[serde(default, rename = "final")]
     is_final: bool,
+    /// The holder's number of this settle (>= 1); absent: no ordering.
+    #[serde(default)]
+    seq: Option<u64>,
 }
 
 async fn settle(
     State(st): State<Shared>,
     Path(lease_id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    JsonBody(req): JsonBody<SettleReq>,
 ) -> Response {
-    st.stats.settle_calls.fetch_add(1, Ordering::Relaxed);
-    let req: SettleReq = match st.open_call(&headers, "settle", || serde_json::from_slice(&body)) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
     let Ok(used) = i64::try_from(req.used) else {
         return bad_request("used out of range (max 9223372036854775807)", None);
     };
+    let seq = match req.seq.map(i64::try_from) {
+        None => None,
+        Some(Ok(n)) if n >= 1 => Some(n),
+        Some(_) => {
+            return bad_request("seq must be between 1 and 9223372036854775807", None);
+        }
+    };
     let store = st.store.clone();
     let id = lease_id.clone();
-    let outcome = match blocking(move || store.settle(&id, used, req.is_final)).await {
+    let outcome = match stored(store.settle(id, used, req.is_final, seq)).await {
         Ok(o) => o,
         Err(resp) => return with_log(resp, UNKNOWN, None),
     };
     let (resp, account, rid) = match outcome {
-        SettleOutcome::Done(s) => (
-            reply(
-                StatusCode::OK,
-                json!({
-                    "lease_id": s.lease_id,
-                    "state": s.state,
-                    "used": s.used,
-                    "granted": s.granted,
-                    "balance": s.balance,
-                }),
-                0,
-            ),
-            s.account_id,
-            Some(s.request_id),
-        ),
+        SettleOutcome::Done(s) => {
+            let mut body = json!({
+                "lease_id": s.lease_id,
+                "state": s.state.as_str(),
+                "used": s.used,
+                "granted": s.granted,
+                "balance": s.balance,
+                "seq": s.seq,
+            });
+            for (flag, set) in [
+                ("recall", s.recall),
+                ("stale", s.stale),
+                ("replay", s.replay),
+            ] {
+                if set {
+                    body[flag] = Value::Bool(true);
+                }
+            }
+            (
+                reply(StatusCode::OK, body, 0),
+                s.account_id,
+                Some(s.request_id),
+            )
+        }
         SettleOutcome::UnknownLease => (
             error(StatusCode::NOT_FOUND, "unknown_lease"),
             UNKNOWN.to_owned(),
@@ -613,19 +702,14 @@ struct CancelReq {
     request_id: String,
 }
 
-async fn cancel(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    st.stats.cancel_calls.fetch_add(1, Ordering::Relaxed);
-    let req: CancelReq = match st.open_call(&headers, "cancel", || serde_json::from_slice(&body)) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
+async fn cancel(State(st): State<Shared>, JsonBody(req): JsonBody<CancelReq>) -> Response {
     let rid = req.request_id;
     if rid.is_empty() {
         return bad_request("request_id must not be empty", None);
     }
     let store = st.store.clone();
     let id = rid.clone();
-    let outcome = match blocking(move || store.cancel(&id)).await {
+    let outcome = match stored(store.cancel(id)).await {
         Ok(o) => o,
         Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
     };
@@ -690,6 +774,124 @@ async fn cancel(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
     with_log(resp, &account, Some(&rid))
 }
 
+// ---------------------------------------------------------------- /v1/leases/{id}/refund
+
+#[derive(Deserialize)]
+struct LeaseRefundReq {
+    request_id: String,
+    units: u64,
+    /// Upstream status that caused the refund; recorded.
+    #[serde(default)]
+    status: Option<u16>,
+}
+
+async fn lease_refund(
+    State(st): State<Shared>,
+    Path(lease_id): Path<String>,
+    JsonBody(req): JsonBody<LeaseRefundReq>,
+) -> Response {
+    let rid = req.request_id.clone();
+    if rid.is_empty() {
+        return bad_request("request_id must not be empty", None);
+    }
+    let units = match i64::try_from(req.units) {
+        Ok(n) if n >= 1 => n,
+        _ => {
+            return bad_request(
+                "units must be between 1 and 9223372036854775807",
+                Some(&rid),
+            )
+        }
+    };
+    let store = st.store.clone();
+    let outcome = match stored(store.lease_refund(LeaseRefundInput {
+        lease_id,
+        request_id: req.request_id,
+        units,
+        status: req.status,
+    }))
+    .await
+    {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
+    };
+    let (resp, account) = match outcome {
+        LeaseRefundOutcome::Done(r) => {
+            let mut body = json!({
+                "refunded": true,
+                "lease_id": r.lease_id,
+                "units": r.units,
+                "account_id": r.account_id,
+                "balance": r.balance,
+                "charged": r.charged,
+            });
+            for (flag, set) in [("pending", r.pending), ("replay", r.replay)] {
+                if set {
+                    body[flag] = Value::Bool(true);
+                }
+            }
+            (reply(StatusCode::OK, body, 0), r.account_id)
+        }
+        LeaseRefundOutcome::UnknownLease => (
+            error(StatusCode::NOT_FOUND, "unknown_lease"),
+            UNKNOWN.to_owned(),
+        ),
+        LeaseRefundOutcome::Conflict { account_id } => (
+            error(StatusCode::CONFLICT, "request_id belongs to another lease"),
+            account_id,
+        ),
+        LeaseRefundOutcome::ExceedsCharge { account_id } => (
+            error(StatusCode::CONFLICT, "refund_exceeds_charge"),
+            account_id,
+        ),
+        LeaseRefundOutcome::Cancelled { account_id } => {
+            (error(StatusCode::CONFLICT, "lease_cancelled"), account_id)
+        }
+        LeaseRefundOutcome::Overflow { account_id } => {
+            (error(StatusCode::CONFLICT, "balance_overflow"), account_id)
+        }
+    };
+    with_log(resp, &account, Some(&rid))
+}
+
+// ---------------------------------------------------------------- /v1 middleware
+
+/// `/v1/*` needs the service token when one is configured (section 1.2).
+async fn service_auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    match st.check_service_token(req.headers()) {
+        Some(rejected) => rejected,
+        None => next.run(req).await,
+    }
+}
+
+/// Counts every call of a `/v1/*` route for `/admin/stats`, rejected ones
+/// included; authorizes also by the account they resolved to.
+async fn count_calls(
+    State(st): State<Shared>,
+    path: MatchedPath,
+    req: Request,
+    next: Next,
+) -> Response {
+    let s = &st.stats;
+    let counter = match path.as_str() {
+        "/v1/authorize" => &s.authorize_calls,
+        "/v1/refund" => &s.refund_calls,
+        "/v1/leases" => &s.lease_calls,
+        "/v1/leases/{lease_id}/settle" => &s.settle_calls,
+        "/v1/leases/cancel" => &s.cancel_calls,
+        "/v1/leases/{lease_id}/refund" => &s.lease_refund_calls,
+        "/v1/usage" => &s.usage_calls,
+        _ => return next.run(req).await,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let resp = next.run(req).await;
+    if path.as_str() == "/v1/authorize" {
+        let info = resp.extensions().get::<LogInfo>();
+        s.count_account(info.map_or(UNKNOWN, |i| i.account.as_str()));
+    }
+    resp
+}
+
 // ---------------------------------------------------------------- admin
 
 async fn admin_auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
@@ -700,11 +902,6 @@ async fn admin_auth(State(st): State<Shared>, req: Request, next: Next) -> Respo
         return error(StatusCode::UNAUTHORIZED, "admin token required");
     }
     next.run(req).await
-}
-
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
-    serde_json::from_slice(body)
-        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("invalid body: {e}"))))
 }
 
 /// Account ids appear in URL paths and logs: 1-128 characters from
@@ -728,11 +925,7 @@ struct CreateReq {
     disabled: bool,
 }
 
-async fn create_account(State(st): State<Shared>, body: Bytes) -> Response {
-    let req: CreateReq = match parse_body(&body) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
+async fn create_account(State(st): State<Shared>, JsonBody(req): JsonBody<CreateReq>) -> Response {
     if !valid_account_id(&req.account_id) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -748,9 +941,7 @@ async fn create_account(State(st): State<Shared>, body: Bytes) -> Response {
     let store = st.store.clone();
     let (id, balance, disabled) = (req.account_id.clone(), req.balance, req.disabled);
     let outcome =
-        match blocking(move || store.create_account(&req.account_id, &req.key, balance, disabled))
-            .await
-        {
+        match stored(store.create_account(req.account_id, req.key, balance, disabled)).await {
             Ok(o) => o,
             Err(resp) => return resp,
         };
@@ -773,11 +964,11 @@ struct TopupReq {
     topup_id: Option<String>,
 }
 
-async fn topup(State(st): State<Shared>, Path(id): Path<String>, body: Bytes) -> Response {
-    let req: TopupReq = match parse_body(&body) {
-        Ok(r) => r,
-        Err(resp) => return with_log(*resp, &id, None),
-    };
+async fn topup(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<TopupReq>,
+) -> Response {
     let amount = match i64::try_from(req.amount) {
         Ok(a) if a > 0 => a,
         _ => {
@@ -797,11 +988,10 @@ async fn topup(State(st): State<Shared>, Path(id): Path<String>, body: Bytes) ->
     }
     let store = st.store.clone();
     let account = id.clone();
-    let outcome =
-        match blocking(move || store.topup(&account, amount, req.topup_id.as_deref())).await {
-            Ok(o) => o,
-            Err(resp) => return with_log(resp, &id, None),
-        };
+    let outcome = match stored(store.topup(account, amount, req.topup_id)).await {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, &id, None),
+    };
     let resp = match outcome {
         TopupOutcome::Done { balance, replay } => {
             let mut body = json!({ "account_id": id, "balance": balance });
@@ -822,7 +1012,7 @@ async fn topup(State(st): State<Shared>, Path(id): Path<String>, body: Bytes) ->
 async fn set_disabled(st: Shared, id: String, disabled: bool) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let resp = match blocking(move || store.set_disabled(&account, disabled)).await {
+    let resp = match stored(store.set_disabled(account, disabled)).await {
         Ok(true) => reply(
             StatusCode::OK,
             json!({ "account_id": id, "disabled": disabled }),
@@ -845,7 +1035,7 @@ async fn enable(State(st): State<Shared>, Path(id): Path<String>) -> Response {
 async fn get_account(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let resp = match blocking(move || store.account(&account)).await {
+    let resp = match stored(store.account(account)).await {
         Ok(Some(a)) => reply(
             StatusCode::OK,
             json!({
@@ -871,7 +1061,7 @@ async fn get_account(State(st): State<Shared>, Path(id): Path<String>) -> Respon
 async fn get_charges(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let rows = blocking(move || store.charges(&account)).await;
+    let rows = stored(store.charges(account)).await;
     account_list(&id, rows, |c| {
         json!({
             "request_id": c.request_id,
@@ -879,7 +1069,7 @@ async fn get_charges(State(st): State<Shared>, Path(id): Path<String>) -> Respon
             "route": c.route,
             "method": c.method,
             "path": c.path,
-            "status": c.status,
+            "status": c.status.as_str(),
             "refund_status": c.refund_status,
             "at": c.at,
         })
@@ -889,7 +1079,7 @@ async fn get_charges(State(st): State<Shared>, Path(id): Path<String>) -> Respon
 async fn get_leases(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let rows = blocking(move || store.leases(&account)).await;
+    let rows = stored(store.leases(account)).await;
     account_list(&id, rows, |l| {
         json!({
             "lease_id": l.lease_id,
@@ -897,11 +1087,15 @@ async fn get_leases(State(st): State<Shared>, Path(id): Path<String>) -> Respons
             "request_id": l.request_id,
             "granted": l.granted,
             "used": l.used,
-            "state": l.state,
+            "state": l.state.as_str(),
             "charged": l.charged,
             "created_at": l.created_at,
             "expires_at": l.expires_at,
             "closed_at": l.closed_at,
+            "refunded": l.refunded,
+            "refund_pending": l.refund_pending,
+            "settle_seq": l.settle_seq,
+            "recalled_at": l.recalled_at,
         })
     })
 }
@@ -957,12 +1151,11 @@ async fn access_log(State(st): State<Shared>, req: Request, next: Next) -> Respo
     let info = resp.extensions().get::<LogInfo>();
     let account = info.map_or("-", |i| i.account.as_str());
     let rid = info.and_then(|i| i.request_id.as_deref()).unwrap_or("-");
-    let line = format!(
-        "farebox-balance: {method} {path} {} account={account} request_id={rid:?} {}us\n",
+    tracing::info!(
+        "{method} {path} {} account={account} request_id={rid:?} {}us",
         resp.status().as_u16(),
         start.elapsed().as_micros()
     );
-    let _ = std::io::stderr().write_all(line.as_bytes());
     resp
 }
 
@@ -983,13 +1176,18 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/admin/stats", get(stats))
         .route("/admin/stats/reset", post(stats_reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/authorize", post(authorize))
         .route("/v1/refund", post(refund))
         .route("/v1/leases", post(lease))
         .route("/v1/leases/cancel", post(cancel))
         .route("/v1/leases/{lease_id}/settle", post(settle))
+        .route("/v1/leases/{lease_id}/refund", post(lease_refund))
         .route("/v1/usage", post(usage::usage))
+        .route_layer(middleware::from_fn_with_state(state.clone(), service_auth))
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_calls));
+    Router::new()
+        .merge(v1)
         .route("/healthz", get(healthz))
         .merge(admin)
         .merge(crate::ext_authz::router(state.store.clone(), &state.cfg))
@@ -1013,16 +1211,14 @@ async fn sweep_expired_leases(store: Arc<Store>, quiet: bool) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.expire_due()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => {
+        match store.expire_due().await {
+            Ok(0) => {}
+            Ok(n) => {
                 if !quiet {
-                    eprintln!("farebox-balance: expired {n} lease(s)");
+                    tracing::info!("expired {n} lease(s)");
                 }
             }
-            Ok(Err(e)) => eprintln!("farebox-balance: lease expiry failed: {e}"),
-            Err(e) => eprintln!("farebox-balance: lease expiry worker failed: {e}"),
+            Err(e) => tracing::error!(cause = %e, "lease expiry failed"),
         }
     }
 }
@@ -1030,12 +1226,12 @@ async fn sweep_expired_leases(store: Arc<Store>, quiet: bool) {
 /// Opens the store, binds, prints the listening line, serves until SIGINT
 /// or SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), String> {
-    let (store, mode) =
-        Store::open(&cfg.db, cfg.sync).map_err(|e| format!("cannot open {}: {e}", cfg.db))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        eprintln!(
-            "farebox-balance: warning: journal mode is {mode:?}, not WAL (in-memory database?)"
-        );
+    let url = &cfg.database_url;
+    let store = Store::open(url, cfg.sync)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", url.display()))?;
+    if let Some(w) = store.warning() {
+        tracing::warn!("{w}");
     }
     let store = store.with_lease_settings(LeaseSettings {
         ttl_ms: i64::try_from(cfg.lease_ttl_ms).unwrap_or(i64::MAX),
@@ -1047,11 +1243,12 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     if cfg.seed_demo {
         let n = store
             .seed_demo()
+            .await
             .map_err(|e| format!("cannot seed demo accounts: {e}"))?;
-        eprintln!("farebox-balance: demo accounts created: {n}");
+        tracing::info!("demo accounts created: {n}");
     }
     if cfg.admin_token.is_none() {
-        eprintln!("farebox-balance: no admin token: the admin API answers 503");
+        tracing::info!("no admin token: the admin API answers 503");
     }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -1077,6 +1274,6 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("server error: {e}"))?;
     sweeper.abort();
-    eprintln!("farebox-balance: shut down");
+    tracing::info!("shut down");
     Ok(())
 }
