@@ -50,10 +50,18 @@ pub enum Metric {
     UsageAdjustFailures,
     /// Request bodies over `max_body_bytes` (413).
     BodyTooLarge,
+    /// Lease requests paid by authorize because another account's lease held their slot.
+    LeaseSlotBusy,
+    /// Times a request was parked because the service was recalling credit for it.
+    LeaseRecallWaits,
+    /// Leases given back early because the service recalled them.
+    LeaseRecalls,
+    /// Leases renewed ahead of need (nobody waited for them).
+    LeaseAheadRenewals,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 24] = [
+    pub const ALL: [Metric; 28] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Unauthenticated,
@@ -78,6 +86,10 @@ impl Metric {
         Metric::UsageAdjusted,
         Metric::UsageAdjustFailures,
         Metric::BodyTooLarge,
+        Metric::LeaseSlotBusy,
+        Metric::LeaseRecallWaits,
+        Metric::LeaseRecalls,
+        Metric::LeaseAheadRenewals,
     ];
 
     pub fn name(self) -> &'static str {
@@ -106,6 +118,10 @@ impl Metric {
             Metric::UsageAdjusted => "farebox_usage_adjusted",
             Metric::UsageAdjustFailures => "farebox_usage_adjust_failures",
             Metric::BodyTooLarge => "farebox_body_too_large",
+            Metric::LeaseSlotBusy => "farebox_lease_slot_busy",
+            Metric::LeaseRecallWaits => "farebox_lease_recall_waits",
+            Metric::LeaseRecalls => "farebox_lease_recalls",
+            Metric::LeaseAheadRenewals => "farebox_lease_ahead_renewals",
         }
     }
 

@@ -50,6 +50,14 @@ fn answer(status: u16, headers: &[(&str, &str)], body: Value) -> CalloutResponse
     }
 }
 
+/// An answer with only a status (`None`: the call never completed).
+fn status_only(status: Option<u16>) -> CalloutResponse {
+    CalloutResponse {
+        status,
+        ..CalloutResponse::default()
+    }
+}
+
 fn allow(account: &str, balance: i64) -> CalloutResponse {
     answer(
         200,
@@ -482,7 +490,8 @@ fn refunds_are_sent_retried_and_given_up() {
     );
 
     // The service is down: retried with backoff, never more than MAX_ATTEMPTS times.
-    fx.worker.on_outbox_response(&root, call.token, Some(503));
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, call.token, &status_only(Some(503)));
     fx.worker.tick(&root, &fx.cfg);
     assert_eq!(root.calls.borrow().len(), 1, "not before the backoff");
     for _ in 0..20 {
@@ -490,8 +499,12 @@ fn refunds_are_sent_retried_and_given_up() {
         let before = root.calls.borrow().len();
         fx.worker.tick(&root, &fx.cfg);
         if root.calls.borrow().len() > before {
-            fx.worker
-                .on_outbox_response(&root, root.last_call().token, None);
+            fx.worker.on_outbox_response(
+                &root,
+                &fx.cfg,
+                root.last_call().token,
+                &status_only(None),
+            );
         }
     }
     assert_eq!(root.calls.borrow().len() as u32, MAX_ATTEMPTS);
@@ -517,7 +530,7 @@ fn refund_confirmed_or_unknown() {
         fx.worker.outbox.borrow_mut().push(&root, job);
         fx.worker.tick(&root, &fx.cfg);
         fx.worker
-            .on_outbox_response(&root, root.last_call().token, status);
+            .on_outbox_response(&root, &fx.cfg, root.last_call().token, &status_only(status));
         assert_eq!(root.count_of(Metric::Refunds), refunds, "{status:?}");
         assert_eq!(
             root.count_of(Metric::RefundFailures),
@@ -538,7 +551,7 @@ fn unconfigured_gate_refuses_with_503() {
 
 mod lease_mode {
     use super::*;
-    use crate::lease::{lease_key, LeaseRecord};
+    use crate::lease::{LeaseKey, LeaseRecord};
 
     const LEASE: &str = r#"{"cluster": "balance", "mode": "lease", "lease_want": 3, "settle_interval_ms": 1000,
                             "lease_expiry_margin_ms": 2000, "timeout_ms": 300}"#;
@@ -552,13 +565,17 @@ mod lease_mode {
     }
 
     fn record(host: &FakeHost) -> LeaseRecord {
-        let key = lease_key("balance", "k");
+        let key = LeaseKey::new("balance", "k").slot_key(16_384);
         let (bytes, _) = host
             .shared
             .borrow()
             .get(&key)
             .cloned()
-            .expect("a lease record");
+            .expect("a lease slot");
+        // An emptied slot holds nothing: no lease, no lock.
+        if bytes.is_empty() {
+            return LeaseRecord::default();
+        }
         LeaseRecord::decode(&bytes).expect("a readable lease record")
     }
 
@@ -602,21 +619,30 @@ mod lease_mode {
         }
         assert_eq!(record(&first).used, 3);
 
-        // Exhausted: the next one renews; the old lease is settled with its exact total.
+        // The last unit went below the low-water mark: that spend queued a renewal
+        // ahead of need, which the timer sends from the root context.
         let next = first.sibling("GET", "/a", &[("x-api-key", "k")]);
         let mut gate = fx.gate();
-        assert_eq!(gate.on_request_headers(&next), Flow::Pause);
-        assert_eq!(
-            gate.on_callout_response(&next, next.last_call().token, &grant("ls_2", 3)),
-            Flow::Continue
-        );
-        assert_eq!(next.count_of(Metric::LeaseRenewals), 1);
+        assert_eq!(gate.on_request_headers(&next), Flow::Park);
+        assert!(next.calls.borrow().is_empty(), "the renewal is already out");
         let root = first.sibling("GET", "/", &[]);
+        fx.worker.tick(&root, &fx.cfg);
+        let renew = root.last_call();
+        assert_eq!(renew.header(":path"), Some("/v1/leases"));
+        assert_eq!(renew.body["want"], json!(3));
+        fx.worker
+            .on_outbox_response(&root, &fx.cfg, renew.token, &grant("ls_2", 3));
+        assert_eq!(root.count_of(Metric::LeaseRenewals), 1);
+        assert_eq!(root.count_of(Metric::LeaseAheadRenewals), 1);
+        assert_eq!(record(&first).lease_id, "ls_2");
+        // The parked request spends from it; the old lease is settled with its exact total.
+        assert_eq!(gate.on_wake(&next), Flow::Continue);
+        assert_eq!(record(&first).used, 1);
         fx.worker.tick(&root, &fx.cfg);
         let settle = root.last_call();
         assert_eq!(settle.header(":path"), Some("/v1/leases/ls_1/settle"));
-        assert_eq!(settle.body, json!({"used": 3, "final": true}));
-        assert_eq!(record(&first).lease_id, "ls_2");
+        assert_eq!(settle.body, json!({"used": 3, "final": true, "seq": 1}));
+        assert_eq!(settle.header("x-request-id"), Some("ls_1-settle-1"));
     }
 
     #[test]
@@ -645,11 +671,12 @@ mod lease_mode {
             Flow::Continue
         );
         let flows: Vec<Flow> = waiters.iter_mut().map(|(h, g)| g.on_wake(h)).collect();
-        // 4 units: the taker's and three waiters'; the fourth waiter takes the next lease.
+        // 4 units: the taker's and three waiters'. The last of those queued a renewal
+        // ahead of need; the other two wait for it, with no call of their own.
         assert_eq!(flows[..3], [Flow::Continue; 3]);
-        assert_eq!(flows[3], Flow::Pause);
-        assert_eq!(waiters[3].0.calls.borrow().len(), 1);
-        assert_eq!(flows[4], Flow::Park);
+        assert_eq!(flows[3..], [Flow::Park; 2]);
+        assert!(waiters.iter().all(|(h, _)| h.calls.borrow().is_empty()));
+        assert_eq!(fx.worker.renewals.borrow().len(), 1);
     }
 
     #[test]
@@ -678,11 +705,15 @@ mod lease_mode {
         let (host, _) = with_answer(&fx, keyed("/a", "k"), deny);
         assert_eq!(host.reply().unwrap().status, 402);
         assert_eq!(record(&host).renewing_until_ms, 0);
-        // Cached: the next request is refused with no call.
+        assert_eq!(
+            reply_header(&host, "cache-control").as_deref(),
+            Some("no-store"),
+            "a lease 402 holds only for this moment"
+        );
+        // Not served from the cache to a new request: a top-up is usable at once.
         let again = host.sibling("GET", "/a", &[("x-api-key", "k")]);
-        fx.gate().on_request_headers(&again);
-        assert!(again.calls.borrow().is_empty());
-        assert_eq!(again.reply().unwrap().status, 402);
+        assert_eq!(fx.gate().on_request_headers(&again), Flow::Pause);
+        assert_eq!(again.last_call().header(":path"), Some("/v1/leases"));
     }
 
     #[test]
@@ -716,18 +747,24 @@ mod lease_mode {
         root.advance(1_000);
         fx.worker.tick(&root, &fx.cfg);
         let settle = root.last_call();
-        assert_eq!(settle.body, json!({"used": 1, "final": false}));
-        fx.worker.on_outbox_response(&root, settle.token, Some(200));
+        assert_eq!(settle.body, json!({"used": 1, "final": false, "seq": 1}));
+        fx.worker
+            .on_outbox_response(&root, &fx.cfg, settle.token, &status_only(Some(200)));
         assert_eq!(record(&host).reported, 1);
-        // Nothing new spent: no call at the next interval.
+        // Nothing new spent, but units unspent: a heartbeat at the next interval,
+        // with the next seq (so that a recall reaches an idle holder).
         root.advance(1_000);
         fx.worker.tick(&root, &fx.cfg);
-        assert_eq!(root.calls.borrow().len(), 1);
+        let beat = root.last_call();
+        assert_eq!(beat.body, json!({"used": 1, "final": false, "seq": 2}));
+        assert_eq!(beat.header("x-request-id"), Some("ls_1-settle-2"));
+        fx.worker
+            .on_outbox_response(&root, &fx.cfg, beat.token, &status_only(Some(200)));
         // Past the spend deadline (30 s - 2 s margin): closed and settled for good.
         root.advance(27_000);
         fx.worker.tick(&root, &fx.cfg);
         let last = root.last_call();
-        assert_eq!(last.body, json!({"used": 1, "final": true}));
+        assert_eq!(last.body, json!({"used": 1, "final": true, "seq": 3}));
         assert!(!record(&host).has_lease());
         // And a request now needs a new lease.
         let later = host.sibling("GET", "/a", &[("x-api-key", "k")]);
@@ -763,7 +800,8 @@ mod lease_mode {
             }
         }
         assert_eq!(allowed, 3, "exactly the granted units");
-        assert_eq!(calls, 1, "then one renewal, the rest wait");
+        assert_eq!(calls, 0, "the rest wait for the one renewal");
+        assert_eq!(fx.worker.renewals.borrow().len(), 1);
     }
 }
 
@@ -1015,7 +1053,7 @@ mod metered_and_paid {
             let (bytes, _) = h
                 .shared
                 .borrow()
-                .get(&crate::lease::lease_key("balance", "k"))
+                .get(&crate::lease::LeaseKey::new("balance", "k").slot_key(16_384))
                 .cloned()
                 .unwrap();
             crate::lease::LeaseRecord::decode(&bytes).unwrap().used
@@ -1164,14 +1202,22 @@ fn an_undo_answered_unknown_is_asked_again() {
     assert_eq!(host.reply().unwrap().status, 503);
     let root = FakeHost::request("GET", "/", &[]);
     fx.worker.tick(&root, &fx.cfg);
-    fx.worker
-        .on_outbox_response(&root, root.last_call().token, Some(404));
+    fx.worker.on_outbox_response(
+        &root,
+        &fx.cfg,
+        root.last_call().token,
+        &status_only(Some(404)),
+    );
     assert_eq!(fx.queued_refunds(), 1, "kept for another try");
     root.advance(1_000);
     fx.worker.tick(&root, &fx.cfg);
     assert_eq!(root.calls.borrow().len(), 2);
-    fx.worker
-        .on_outbox_response(&root, root.last_call().token, Some(200));
+    fx.worker.on_outbox_response(
+        &root,
+        &fx.cfg,
+        root.last_call().token,
+        &status_only(Some(200)),
+    );
     assert!(fx.worker.outbox.borrow().is_empty());
     assert_eq!(root.count_of(Metric::Refunds), 1);
 }
