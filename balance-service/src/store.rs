@@ -56,12 +56,50 @@ CREATE TABLE IF NOT EXISTS leases (
     charged    INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
-    closed_at  INTEGER
+    closed_at  INTEGER,
+    recalled_at INTEGER,
+    settle_seq INTEGER NOT NULL DEFAULT 0,
+    refunded   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS leases_by_account ON leases(account_id, state, expires_at);
 CREATE INDEX IF NOT EXISTS leases_by_state ON leases(state, expires_at);
-PRAGMA user_version = 2;
+CREATE TABLE IF NOT EXISTS lease_refunds (
+    request_id TEXT PRIMARY KEY NOT NULL,
+    lease_id   TEXT NOT NULL REFERENCES leases(lease_id),
+    account_id TEXT NOT NULL REFERENCES accounts(account_id),
+    units      INTEGER NOT NULL CHECK (units > 0),
+    status     INTEGER,
+    at         INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS lease_refunds_by_lease ON lease_refunds(lease_id);
+PRAGMA user_version = 3;
 ";
+
+/// Columns added to `leases` after version 2 (recall, settle sequence
+/// numbers, refunds after turnover): (name, declaration). A database of an
+/// earlier version gains them when it is opened.
+const LEASE_COLUMNS_V3: &[(&str, &str)] = &[
+    ("recalled_at", "INTEGER"),
+    ("settle_seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("refunded", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// Adds the [`LEASE_COLUMNS_V3`] a `leases` table of an earlier version lacks.
+fn migrate_leases(conn: &Connection) -> Result<()> {
+    let mut have = Vec::new();
+    {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('leases')")?;
+        for name in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            have.push(name?);
+        }
+    }
+    for (name, decl) in LEASE_COLUMNS_V3 {
+        if !have.iter().any(|h| h == name) {
+            conn.execute_batch(&format!("ALTER TABLE leases ADD COLUMN {name} {decl}"))?;
+        }
+    }
+    Ok(())
+}
 
 const LOOKUP_KEY: &str = "SELECT a.account_id, a.balance, a.disabled
      FROM keys k JOIN accounts a ON a.account_id = k.account_id
@@ -177,8 +215,10 @@ pub struct AccountSummary {
     pub initial_balance: i64,
     pub topups: i64,
     pub disabled: bool,
-    /// Σ cost of charges still charged + Σ charged of closed leases.
+    /// Σ cost of charges still charged + Σ charged of closed leases (net
+    /// of lease refunds).
     pub charged: i64,
+    /// Σ cost of refunded charges + Σ units credited back by lease refunds.
     pub refunded: i64,
     pub charges: i64,
     /// Σ granted of open leases.
@@ -230,10 +270,13 @@ pub enum LeaseOutcome {
         balance: i64,
         replay: bool,
     },
-    /// Available balance below `min`; nothing written.
+    /// Available balance below `min`; nothing reserved. `recall`: other
+    /// holders' open leases with unspent units were marked recalled (the
+    /// caller should retry shortly); otherwise the denial is final.
     Denied {
         account_id: String,
         balance: i64,
+        recall: bool,
     },
     UnknownCredential,
     Disabled {
@@ -261,6 +304,15 @@ pub struct Settled {
     pub used: i64,
     pub granted: i64,
     pub balance: i64,
+    /// The stored `settle_seq` after the call.
+    pub seq: i64,
+    /// Still open and marked recalled: the holder must stop spending and
+    /// settle finally.
+    pub recall: bool,
+    /// `seq` was below the stored one: nothing changed.
+    pub stale: bool,
+    /// `seq` equal to the stored one with the same `used` and `final`.
+    pub replay: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,6 +371,54 @@ pub enum CancelOutcome {
     },
 }
 
+/// What a lease refund (`POST /v1/leases/{id}/refund`) needs (validated:
+/// `request_id` non-empty, `units >= 1`).
+#[derive(Debug, Clone)]
+pub struct LeaseRefundInput<'a> {
+    pub lease_id: &'a str,
+    pub request_id: &'a str,
+    pub units: i64,
+    pub status: Option<u16>,
+}
+
+/// The answer of an accepted lease refund.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRefunded {
+    pub lease_id: String,
+    pub account_id: String,
+    pub units: i64,
+    pub balance: i64,
+    /// The lease's `charged` now; `None` while it is open.
+    pub charged: Option<i64>,
+    /// Recorded on an open lease: applied when it closes.
+    pub pending: bool,
+    /// The request id was already recorded for this lease and units.
+    pub replay: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseRefundOutcome {
+    Done(LeaseRefunded),
+    UnknownLease,
+    /// The request id is recorded for another lease or other units.
+    Conflict {
+        account_id: String,
+    },
+    /// More than the lease was charged (closed), or than it granted (open,
+    /// counting its pending refunds).
+    ExceedsCharge {
+        account_id: String,
+    },
+    /// Cancelled: nothing was charged.
+    Cancelled {
+        account_id: String,
+    },
+    /// Crediting back would overflow the balance.
+    Overflow {
+        account_id: String,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRow {
     pub lease_id: String,
@@ -331,6 +431,13 @@ pub struct LeaseRow {
     pub created_at: i64,
     pub expires_at: i64,
     pub closed_at: Option<i64>,
+    /// Units credited back by lease refunds (at the refund, or at the close
+    /// for refunds recorded while open).
+    pub refunded: i64,
+    /// Σ units of refunds recorded while open, not applied yet (0 once closed).
+    pub refund_pending: i64,
+    pub settle_seq: i64,
+    pub recalled_at: Option<i64>,
 }
 
 /// A lease as read inside a transaction.
@@ -343,10 +450,12 @@ struct LeaseState {
     state: String,
     charged: i64,
     expires_at: i64,
+    recalled: bool,
+    settle_seq: i64,
 }
 
-const LEASE_COLUMNS: &str =
-    "lease_id, account_id, request_id, granted, used, state, charged, expires_at";
+const LEASE_COLUMNS: &str = "lease_id, account_id, request_id, granted, used, state, charged, \
+     expires_at, recalled_at IS NOT NULL, settle_seq";
 
 fn lease_state(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseState> {
     Ok(LeaseState {
@@ -358,6 +467,8 @@ fn lease_state(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseState> {
         state: r.get(5)?,
         charged: r.get(6)?,
         expires_at: r.get(7)?,
+        recalled: r.get(8)?,
+        settle_seq: r.get(9)?,
     })
 }
 
@@ -395,6 +506,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", sync.as_pragma())?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        migrate_leases(&conn)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok((
             Store {
@@ -654,15 +766,16 @@ impl Store {
             .query_row(params![account_id], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
-        let (reserved, lease_charged, leases): (i64, i64, i64) = tx
+        let (reserved, lease_charged, lease_refunded, leases): (i64, i64, i64, i64) = tx
             .prepare_cached(
                 "SELECT COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0),
                         COALESCE(SUM(charged), 0),
+                        COALESCE(SUM(refunded), 0),
                         COUNT(*)
                  FROM leases WHERE account_id = ?1",
             )?
             .query_row(params![account_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })?;
         let topups: i64 = tx
             .prepare_cached("SELECT COALESCE(SUM(amount), 0) FROM topups WHERE account_id = ?1")?
@@ -675,7 +788,7 @@ impl Store {
             topups,
             disabled,
             charged: charged.saturating_add(lease_charged),
-            refunded,
+            refunded: refunded.saturating_add(lease_refunded),
             charges,
             reserved,
             leases,
@@ -752,17 +865,21 @@ impl Store {
         } else if disabled {
             LeaseOutcome::Disabled { account_id }
         } else if balance < input.min {
+            let recall = recall_others(&tx, &account_id, input.holder, now)? > 0;
             LeaseOutcome::Denied {
                 account_id,
                 balance,
+                recall,
             }
         } else {
-            let mut granted = input.want.min(balance);
-            if let Some(cap) = self.leases.max_units {
-                granted = granted.min(cap);
-            }
-            // Never below the minimum the caller can use (balance >= min here).
-            let granted = granted.max(input.min);
+            let others = other_holders(&tx, &account_id, input.holder)?;
+            let granted = fair_share_grant(
+                input.want,
+                input.min,
+                balance,
+                self.leases.max_units,
+                others,
+            );
             let new_balance = balance - granted;
             let lease_id = new_lease_id(&tx)?;
             let expires_at = now.saturating_add(self.leases.ttl_ms);
@@ -795,8 +912,15 @@ impl Store {
         Ok(outcome)
     }
 
-    /// `POST /v1/leases/{lease_id}/settle`. `used` is the total spent so far.
-    pub fn settle(&self, lease_id: &str, used: i64, is_final: bool) -> Result<SettleOutcome> {
+    /// `POST /v1/leases/{lease_id}/settle`. `used` is the total spent so far;
+    /// `seq` (>= 1) the holder's number of this settle, if it sent one.
+    pub fn settle(
+        &self,
+        lease_id: &str,
+        used: i64,
+        is_final: bool,
+        seq: Option<i64>,
+    ) -> Result<SettleOutcome> {
         let now = now_ms();
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -808,49 +932,62 @@ impl Store {
         } else {
             l
         };
+        let same_report = used == l.used && is_final == (l.state == "settled");
+        let rule = settle_seq_rule(l.settle_seq, seq, same_report);
+        // The answer of a settle that is accepted (200) in state `state`.
+        let done = |tx: &Connection, l: LeaseState, state: &str, used: i64, seq: i64| {
+            let balance = balance_of(tx, &l.account_id)?;
+            Ok::<_, StoreError>(SettleOutcome::Done(Settled {
+                recall: state == "open" && l.recalled,
+                lease_id: l.lease_id,
+                account_id: l.account_id,
+                request_id: l.request_id,
+                state: state.to_owned(),
+                used,
+                granted: l.granted,
+                balance,
+                seq,
+                stale: rule == SeqRule::Stale,
+                replay: rule == SeqRule::Replay,
+            }))
+        };
+        let new_seq = l.settle_seq.max(seq.unwrap_or(0));
         let outcome = match l.state.as_str() {
+            // A late retry of an older settle: nothing changes, in any state.
+            _ if rule == SeqRule::Stale => {
+                let (state, used, seq) = (l.state.clone(), l.used, l.settle_seq);
+                done(&tx, l, &state, used, seq)?
+            }
             _ if used > l.granted => SettleOutcome::TooMuch {
                 account_id: l.account_id,
                 request_id: l.request_id,
                 granted: l.granted,
             },
             "open" => {
+                tx.prepare_cached(
+                    "UPDATE leases SET used = ?1, settle_seq = ?2 WHERE lease_id = ?3",
+                )?
+                .execute(params![used, new_seq, lease_id])?;
                 let state = if is_final {
-                    credit(&tx, &l.account_id, l.granted - used)?;
-                    tx.prepare_cached(
-                        "UPDATE leases SET used = ?1, charged = ?1, state = 'settled',
-                                closed_at = ?2
-                         WHERE lease_id = ?3",
-                    )?
-                    .execute(params![used, now, lease_id])?;
+                    close_lease(
+                        &tx,
+                        &l.lease_id,
+                        &l.account_id,
+                        l.granted,
+                        used,
+                        "settled",
+                        now,
+                    )?;
                     "settled"
                 } else {
-                    tx.prepare_cached("UPDATE leases SET used = ?1 WHERE lease_id = ?2")?
-                        .execute(params![used, lease_id])?;
                     "open"
                 };
-                let balance = balance_of(&tx, &l.account_id)?;
-                SettleOutcome::Done(Settled {
-                    lease_id: l.lease_id,
-                    account_id: l.account_id,
-                    request_id: l.request_id,
-                    state: state.to_owned(),
-                    used,
-                    granted: l.granted,
-                    balance,
-                })
+                done(&tx, l, state, used, new_seq)?
             }
             "settled" if l.used == used => {
-                let balance = balance_of(&tx, &l.account_id)?;
-                SettleOutcome::Done(Settled {
-                    lease_id: l.lease_id,
-                    account_id: l.account_id,
-                    request_id: l.request_id,
-                    state: l.state,
-                    used,
-                    granted: l.granted,
-                    balance,
-                })
+                tx.prepare_cached("UPDATE leases SET settle_seq = ?1 WHERE lease_id = ?2")?
+                    .execute(params![new_seq, lease_id])?;
+                done(&tx, l, "settled", used, new_seq)?
             }
             "settled" => SettleOutcome::AlreadySettled {
                 account_id: l.account_id,
@@ -898,7 +1035,7 @@ impl Store {
                 lease_id: l.lease_id,
                 account_id: l.account_id,
             },
-            "open" if l.used == 0 => {
+            "open" if l.used == 0 && pending_refunds(&tx, &l.lease_id)? == 0 => {
                 let balance = credit(&tx, &l.account_id, l.granted)?;
                 tx.prepare_cached(
                     "UPDATE leases SET state = 'cancelled', charged = 0, closed_at = ?1
@@ -926,6 +1063,94 @@ impl Store {
         Ok(outcome)
     }
 
+    /// `POST /v1/leases/{lease_id}/refund`: gives back units a closed lease
+    /// charged (at once), or records them against an open lease (applied
+    /// when it closes). Idempotent by `request_id`.
+    pub fn lease_refund(&self, input: &LeaseRefundInput<'_>) -> Result<LeaseRefundOutcome> {
+        let now = now_ms();
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(l) = lease_by_id(&tx, input.lease_id)? else {
+            return Ok(LeaseRefundOutcome::UnknownLease);
+        };
+        let l = if expire_due_in(&tx, Some(&l.account_id), now, self.leases.policy)? > 0 {
+            lease_by_id(&tx, input.lease_id)?.unwrap_or(l)
+        } else {
+            l
+        };
+        let recorded: Option<(String, i64)> = tx
+            .prepare_cached("SELECT lease_id, units FROM lease_refunds WHERE request_id = ?1")?
+            .query_row(params![input.request_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let answer = |tx: &Connection, l: &LeaseState, charged: Option<i64>, replay: bool| {
+            Ok::<_, StoreError>(LeaseRefundOutcome::Done(LeaseRefunded {
+                lease_id: l.lease_id.clone(),
+                account_id: l.account_id.clone(),
+                units: input.units,
+                balance: balance_of(tx, &l.account_id)?,
+                charged,
+                pending: charged.is_none(),
+                replay,
+            }))
+        };
+        let open_charge = |l: &LeaseState| (l.state != "open").then_some(l.charged);
+        let outcome = match recorded {
+            Some((lease, units)) if lease == l.lease_id && units == input.units => {
+                answer(&tx, &l, open_charge(&l), true)?
+            }
+            Some(_) => LeaseRefundOutcome::Conflict {
+                account_id: l.account_id,
+            },
+            None => match l.state.as_str() {
+                "settled" | "expired" if input.units > l.charged => {
+                    LeaseRefundOutcome::ExceedsCharge {
+                        account_id: l.account_id,
+                    }
+                }
+                "settled" | "expired" => {
+                    let balance = balance_of(&tx, &l.account_id)?;
+                    let reserved = reserved_in(&tx, &l.account_id)?;
+                    let fits = balance
+                        .checked_add(input.units)
+                        .and_then(|b| b.checked_add(reserved))
+                        .is_some();
+                    if !fits {
+                        return Ok(LeaseRefundOutcome::Overflow {
+                            account_id: l.account_id,
+                        });
+                    }
+                    credit(&tx, &l.account_id, input.units)?;
+                    tx.prepare_cached(
+                        "UPDATE leases SET charged = charged - ?1, refunded = refunded + ?1
+                         WHERE lease_id = ?2",
+                    )?
+                    .execute(params![input.units, l.lease_id])?;
+                    record_lease_refund(&tx, input, &l.account_id, now)?;
+                    answer(&tx, &l, Some(l.charged - input.units), false)?
+                }
+                // A lease never charges more than it granted.
+                "open"
+                    if pending_refunds(&tx, &l.lease_id)?.saturating_add(input.units)
+                        > l.granted =>
+                {
+                    LeaseRefundOutcome::ExceedsCharge {
+                        account_id: l.account_id,
+                    }
+                }
+                "open" => {
+                    record_lease_refund(&tx, input, &l.account_id, now)?;
+                    answer(&tx, &l, None, false)?
+                }
+                _ => LeaseRefundOutcome::Cancelled {
+                    account_id: l.account_id,
+                },
+            },
+        };
+        // Commit whatever the outcome: due leases may have expired.
+        tx.commit()?;
+        Ok(outcome)
+    }
+
     /// Expires every open lease whose time is up (the background sweep).
     /// Returns how many expired.
     pub fn expire_due(&self) -> Result<usize> {
@@ -949,7 +1174,12 @@ impl Store {
         {
             let mut stmt = tx.prepare_cached(
                 "SELECT lease_id, holder, request_id, granted, used, state, charged,
-                        created_at, expires_at, closed_at
+                        created_at, expires_at, closed_at, refunded,
+                        CASE WHEN state = 'open' THEN
+                            (SELECT COALESCE(SUM(units), 0) FROM lease_refunds r
+                             WHERE r.lease_id = leases.lease_id)
+                        ELSE 0 END,
+                        settle_seq, recalled_at
                  FROM leases WHERE account_id = ?1 ORDER BY created_at, rowid",
             )?;
             let rows = stmt.query_map(params![account_id], |r| {
@@ -964,6 +1194,10 @@ impl Store {
                     created_at: r.get(7)?,
                     expires_at: r.get(8)?,
                     closed_at: r.get(9)?,
+                    refunded: r.get(10)?,
+                    refund_pending: r.get(11)?,
+                    settle_seq: r.get(12)?,
+                    recalled_at: r.get(13)?,
                 })
             })?;
             for row in rows {
@@ -1083,18 +1317,140 @@ fn expire_due_in(
         }
     }
     for (lease_id, account_id, granted, used) in &due {
-        let charged = match policy {
-            ExpiryPolicy::Full => *granted,
-            ExpiryPolicy::Reported => *used,
-        };
-        credit(conn, account_id, granted - charged)?;
-        conn.prepare_cached(
-            "UPDATE leases SET state = 'expired', charged = ?1, closed_at = ?2
-             WHERE lease_id = ?3",
-        )?
-        .execute(params![charged, now, lease_id])?;
+        let base = expiry_charge(policy, *granted, *used);
+        close_lease(conn, lease_id, account_id, *granted, base, "expired", now)?;
     }
     Ok(due.len())
+}
+
+// ------------------------------------------------------------ lease money rules
+
+/// The grant of a new lease (4.2 step 6): a fair share of what is available
+/// among the holders with open leases on the account (`others`: how many
+/// distinct other holders), capped by `want` and `max_units`, never below
+/// `min`. The caller guarantees `1 <= min <= available`.
+pub fn fair_share_grant(
+    want: i64,
+    min: i64,
+    available: i64,
+    max_units: Option<i64>,
+    others: i64,
+) -> i64 {
+    let fair = available / others.saturating_add(1).max(1);
+    let capped = want
+        .min(available)
+        .min(fair)
+        .min(max_units.unwrap_or(i64::MAX));
+    capped.max(min)
+}
+
+/// What an expiring lease is charged before refunds (4.4).
+pub fn expiry_charge(policy: ExpiryPolicy, granted: i64, used: i64) -> i64 {
+    match policy {
+        ExpiryPolicy::Full => granted,
+        ExpiryPolicy::Reported => used,
+    }
+}
+
+/// A closing lease's `(charged, refunded)`: its `base` charge (the final
+/// `used`, or the expiry charge) minus the refunds recorded while it was
+/// open, never below 0.
+pub fn close_charge(base: i64, pending: i64) -> (i64, i64) {
+    let refunded = pending.clamp(0, base);
+    (base - refunded, refunded)
+}
+
+/// How a settle's `seq` relates to the lease's stored `settle_seq` (4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqRule {
+    /// Older than the stored one: answered, nothing changes.
+    Stale,
+    /// Equal, with the same `used` and `final`: a retry (processed as usual,
+    /// which changes nothing).
+    Replay,
+    /// Newer, equal with another report, or absent: processed as usual.
+    Process,
+}
+
+pub fn settle_seq_rule(stored: i64, seq: Option<i64>, same_report: bool) -> SeqRule {
+    match seq {
+        Some(n) if n < stored => SeqRule::Stale,
+        Some(n) if n == stored && same_report => SeqRule::Replay,
+        _ => SeqRule::Process,
+    }
+}
+
+/// Closes an open lease as `state` ("settled" or "expired") with charge
+/// `base` less its pending refunds; credits the rest of `granted` back.
+fn close_lease(
+    conn: &Connection,
+    lease_id: &str,
+    account_id: &str,
+    granted: i64,
+    base: i64,
+    state: &str,
+    now: i64,
+) -> Result<()> {
+    let (charged, refunded) = close_charge(base, pending_refunds(conn, lease_id)?);
+    credit(conn, account_id, granted - charged)?;
+    conn.prepare_cached(
+        "UPDATE leases SET state = ?1, charged = ?2, refunded = ?3, closed_at = ?4
+         WHERE lease_id = ?5",
+    )?
+    .execute(params![state, charged, refunded, now, lease_id])?;
+    Ok(())
+}
+
+/// Σ units of the refunds recorded for a lease (while it is open: the
+/// pending ones).
+fn pending_refunds(conn: &Connection, lease_id: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT COALESCE(SUM(units), 0) FROM lease_refunds WHERE lease_id = ?1")?
+        .query_row(params![lease_id], |r| r.get(0))?)
+}
+
+/// How many distinct holders other than `holder` have an open lease on the
+/// account.
+fn other_holders(conn: &Connection, account_id: &str, holder: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(DISTINCT holder) FROM leases
+             WHERE account_id = ?1 AND state = 'open' AND holder <> ?2",
+        )?
+        .query_row(params![account_id, holder], |r| r.get(0))?)
+}
+
+/// Marks recalled (keeping the first mark's time) the open leases of the
+/// account held by holders other than `holder` with unspent units (last
+/// reported `used < granted`). Returns how many there are.
+fn recall_others(conn: &Connection, account_id: &str, holder: &str, now: i64) -> Result<usize> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE leases SET recalled_at = COALESCE(recalled_at, ?3)
+             WHERE account_id = ?1 AND state = 'open' AND holder <> ?2 AND used < granted",
+        )?
+        .execute(params![account_id, holder, now])?)
+}
+
+fn record_lease_refund(
+    conn: &Connection,
+    input: &LeaseRefundInput<'_>,
+    account_id: &str,
+    now: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO lease_refunds (request_id, lease_id, account_id, units, status, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        input.request_id,
+        input.lease_id,
+        account_id,
+        input.units,
+        input.status,
+        now
+    ])?;
+    Ok(())
 }
 
 fn lookup_key(conn: &Connection, key_hash: &str) -> Result<Option<(String, i64, bool)>> {
@@ -1552,7 +1908,9 @@ mod tests {
             s.lease(&lease_in("demo-key-bob", 10, 1, "b2")).unwrap(),
             LeaseOutcome::Denied {
                 account_id: "acct_bob".into(),
-                balance: 0
+                balance: 0,
+                // Its only open lease is the same holder's: nothing to recall.
+                recall: false,
             }
         );
         assert!(matches!(
@@ -1570,33 +1928,33 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            done(s.settle(&id, 12, false).unwrap()),
+            done(s.settle(&id, 12, false, None).unwrap()),
             ("open".into(), 12, 70)
         );
         assert_eq!(
-            done(s.settle(&id, 10, false).unwrap()),
+            done(s.settle(&id, 10, false, None).unwrap()),
             ("open".into(), 10, 70)
         );
         assert!(matches!(
-            s.settle(&id, 31, true).unwrap(),
+            s.settle(&id, 31, true, None).unwrap(),
             SettleOutcome::TooMuch { granted: 30, .. }
         ));
         invariant(&s, "acct_alice");
         assert_eq!(s.account("acct_alice").unwrap().unwrap().reserved, 30);
         assert_eq!(
-            done(s.settle(&id, 10, true).unwrap()),
+            done(s.settle(&id, 10, true, None).unwrap()),
             ("settled".into(), 10, 90)
         );
         assert_eq!(
-            done(s.settle(&id, 10, false).unwrap()),
+            done(s.settle(&id, 10, false, None).unwrap()),
             ("settled".into(), 10, 90)
         );
         assert!(matches!(
-            s.settle(&id, 11, true).unwrap(),
+            s.settle(&id, 11, true, None).unwrap(),
             SettleOutcome::AlreadySettled { used: 10, .. }
         ));
         assert_eq!(
-            s.settle("ls_nope", 1, true).unwrap(),
+            s.settle("ls_nope", 1, true, None).unwrap(),
             SettleOutcome::UnknownLease
         );
         let a = s.account("acct_alice").unwrap().unwrap();
@@ -1618,14 +1976,14 @@ mod tests {
             CancelOutcome::AlreadyCancelled { balance: 90, .. }
         ));
         assert!(matches!(
-            s.settle(&id2, 0, true).unwrap(),
+            s.settle(&id2, 0, true, None).unwrap(),
             SettleOutcome::Cancelled { .. }
         ));
         assert_eq!(s.cancel("zz").unwrap(), CancelOutcome::UnknownLease);
         granted(s.lease(&lease_in("demo-key-alice", 5, 5, "l3")).unwrap());
         let l3 = s.leases("acct_alice").unwrap().unwrap();
         let l3 = &l3[2].lease_id;
-        s.settle(l3, 1, false).unwrap();
+        s.settle(l3, 1, false, None).unwrap();
         assert!(matches!(
             s.cancel("l3").unwrap(),
             CancelOutcome::InUse { used: 1, .. }
@@ -1660,7 +2018,7 @@ mod tests {
             let s = lease_store(0, policy);
             let (id, _, _) = granted(s.lease(&lease_in("demo-key-alice", 20, 1, "e")).unwrap());
             assert_eq!(
-                s.settle(&id, 7, true).unwrap(),
+                s.settle(&id, 7, true, None).unwrap(),
                 SettleOutcome::Expired {
                     account_id: "acct_alice".into(),
                     request_id: "e".into(),
@@ -1675,7 +2033,7 @@ mod tests {
         ] {
             let s = lease_store(60_000, policy);
             let (id, _, _) = granted(s.lease(&lease_in("demo-key-alice", 20, 1, "e")).unwrap());
-            s.settle(&id, 7, false).unwrap();
+            s.settle(&id, 7, false, None).unwrap();
             // Move the deadline into the past, then sweep.
             s.lock()
                 .execute("UPDATE leases SET expires_at = 0", [])
@@ -1685,7 +2043,7 @@ mod tests {
             let a = s.account("acct_alice").unwrap().unwrap();
             assert_eq!((a.balance, a.reserved, a.charged), (balance, 0, charged));
             assert_eq!(
-                s.settle(&id, 7, true).unwrap(),
+                s.settle(&id, 7, true, None).unwrap(),
                 SettleOutcome::Expired {
                     account_id: "acct_alice".into(),
                     request_id: "e".into(),
@@ -1719,5 +2077,87 @@ mod tests {
             CancelOutcome::Cancelled { .. }
         ));
         assert_eq!(s.account("a").unwrap().unwrap().balance, i64::MAX);
+    }
+
+    #[test]
+    fn fair_share_sizing() {
+        // (want, min, available, cap, others) -> granted
+        for (args, want) in [
+            ((100, 1, 100, None, 0), 100),
+            ((100, 1, 100, None, 1), 50),
+            ((100, 1, 99, None, 3), 24),
+            ((10, 1, 100, None, 1), 10),
+            ((100, 1, 100, Some(8), 1), 8),
+            ((100, 5, 6, None, 3), 5),
+            ((100, 1, 1, None, 9), 1),
+        ] {
+            let (w, m, a, c, o) = args;
+            assert_eq!(fair_share_grant(w, m, a, c, o), want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn close_charge_and_seq_rules() {
+        assert_eq!(close_charge(10, 0), (10, 0));
+        assert_eq!(close_charge(10, 3), (7, 3));
+        assert_eq!(close_charge(10, 12), (0, 10));
+        assert_eq!(expiry_charge(ExpiryPolicy::Full, 9, 4), 9);
+        assert_eq!(expiry_charge(ExpiryPolicy::Reported, 9, 4), 4);
+        assert_eq!(settle_seq_rule(3, Some(2), true), SeqRule::Stale);
+        assert_eq!(settle_seq_rule(3, Some(2), false), SeqRule::Stale);
+        assert_eq!(settle_seq_rule(3, Some(3), true), SeqRule::Replay);
+        assert_eq!(settle_seq_rule(3, Some(3), false), SeqRule::Process);
+        assert_eq!(settle_seq_rule(3, Some(4), true), SeqRule::Process);
+        assert_eq!(settle_seq_rule(3, None, true), SeqRule::Process);
+    }
+
+    #[test]
+    fn version_2_database_gains_the_new_columns() {
+        let path = std::env::temp_dir().join(format!(
+            "farebox-store-v2-{}-{}.sqlite",
+            std::process::id(),
+            random_hex(4)
+        ));
+        let path = path.to_str().unwrap().to_owned();
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE leases (
+                    lease_id TEXT PRIMARY KEY NOT NULL, account_id TEXT NOT NULL,
+                    holder TEXT NOT NULL, request_id TEXT NOT NULL UNIQUE,
+                    granted INTEGER NOT NULL CHECK (granted > 0),
+                    used INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL,
+                    charged INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL,
+                    expires_at INTEGER NOT NULL, closed_at INTEGER);
+                 INSERT INTO leases VALUES ('ls_old', 'acct_alice', 'h', 'old', 5, 2,
+                    'settled', 2, 1, 2, 2);
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path, SyncMode::Normal).unwrap().0;
+        s.seed_demo().unwrap();
+        let rows = s.leases("acct_alice").unwrap().unwrap();
+        assert_eq!(
+            (rows[0].refunded, rows[0].settle_seq, rows[0].recalled_at),
+            (0, 0, None)
+        );
+        // The new call works on the old row.
+        let out = s
+            .lease_refund(&LeaseRefundInput {
+                lease_id: "ls_old",
+                request_id: "rf-old",
+                units: 2,
+                status: Some(503),
+            })
+            .unwrap();
+        assert!(matches!(out, LeaseRefundOutcome::Done(_)), "{out:?}");
+        assert_eq!(s.leases("acct_alice").unwrap().unwrap()[0].charged, 0);
+        drop(s);
+        // Opening again is a no-op.
+        Store::open(&path, SyncMode::Normal).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{path}{suffix}"));
+        }
     }
 }

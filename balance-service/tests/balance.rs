@@ -646,6 +646,7 @@ fn stats_count_callouts() {
             "lease_calls": 0,
             "settle_calls": 0,
             "cancel_calls": 0,
+            "lease_refund_calls": 0,
             "usage_calls": 0,
             "authorize_by_account": {"acct_alice": 2, "unknown": 2},
         })
@@ -656,7 +657,8 @@ fn stats_count_callouts() {
         admin_get(a, "/admin/stats").json(),
         json!({
             "authorize_calls": 0, "refund_calls": 0, "lease_calls": 0, "settle_calls": 0,
-            "cancel_calls": 0, "usage_calls": 0, "authorize_by_account": {},
+            "cancel_calls": 0, "lease_refund_calls": 0, "usage_calls": 0,
+            "authorize_by_account": {},
         })
     );
 }
