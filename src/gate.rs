@@ -76,6 +76,10 @@ struct Renewal {
     request_id: String,
 }
 
+/// A lease 402 is kept in the decision cache at most this long, whatever the
+/// service allows: a top-up while other gateways hold leases is usable after it.
+pub const LEASE_DENY_MAX_AGE_S: u32 = 1;
+
 /// Status recorded on a refund for a request whose outcome the client never saw.
 const CLIENT_GONE: u16 = 499;
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -487,7 +491,7 @@ impl Gate {
             }
             _ => None,
         };
-        if let Some(flow) = self.serve_cached(host, cfg, cache_key.as_ref(), &route, true) {
+        if let Some(flow) = self.serve_cached(host, cfg, cache_key.as_ref(), &route) {
             return flow;
         }
         // A lease spend needs no request id unless the response is metered; a lease call
@@ -518,22 +522,20 @@ impl Gate {
         }
     }
 
-    /// Acts on a fresh cached decision, if there is one (a cached 402 only
-    /// when `deny` says so).
+    /// Acts on a fresh cached decision, if there is one.
     fn serve_cached(
         &mut self,
         host: &impl HttpHost,
         cfg: &Config,
         key: Option<&CacheKey>,
         route: &str,
-        deny: bool,
     ) -> Option<Flow> {
         let key = key?;
         let slot = key.slot_key(cfg.cache_max_entries);
         let (bytes, cas) = host.shared_get(&slot)?;
         let now = host.now_ms();
         match cache::lookup(key, &bytes, now) {
-            Lookup::Fresh(entry) if deny || !matches!(entry.decision, Decision::Deny(_)) => {
+            Lookup::Fresh(entry) => {
                 host.count(Metric::CacheHits);
                 let freshness = Freshness::Private(entry.remaining_s(now));
                 // A balance from when the decision was cached is stale: not shown again.
@@ -548,7 +550,7 @@ impl Gate {
                 host.shared_set(&slot, &[], cas);
                 None
             }
-            Lookup::Fresh(_) | Lookup::Miss => None,
+            Lookup::Miss => None,
         }
     }
 
@@ -672,10 +674,7 @@ impl Gate {
                     }
                 }
                 Step::Lock { record } => {
-                    // No lease can pay. A refusal the service let us cache answers first:
-                    // a 401/403 always; a 402 only to a request that waited for the very
-                    // lease call that was refused (a new request asks, so that a top-up
-                    // is usable at once).
+                    // No lease can pay: a refusal the service let us cache answers first.
                     if p.cache_key.is_none() && cfg.cache_max_entries > 0 {
                         p.cache_key = Some(CacheKey::new(
                             &cfg.fingerprint,
@@ -684,9 +683,7 @@ impl Gate {
                             &credential,
                         ));
                     }
-                    let waited = p.parked_since_ms != 0 && p.recall_since_ms == 0;
-                    if let Some(flow) =
-                        self.serve_cached(host, cfg, p.cache_key.as_ref(), &p.route, waited)
+                    if let Some(flow) = self.serve_cached(host, cfg, p.cache_key.as_ref(), &p.route)
                     {
                         return flow;
                     }
@@ -858,15 +855,17 @@ impl Gate {
                     None => self.fail(host, cfg, None),
                 }
             }
-            Ok(LeaseAnswer::Decided(verdict)) => {
+            Ok(LeaseAnswer::Decided(mut verdict)) => {
                 unlock(host, &slot, &key, 0);
+                // A 402 in lease mode holds only for a moment (the account may be topped
+                // up while other gateways hold leases): kept at most a second, and the
+                // client is not told to keep it at all.
+                let deny = matches!(verdict.decision, Decision::Deny(_));
+                if deny {
+                    verdict.max_age_s = verdict.max_age_s.map(|s| s.min(LEASE_DENY_MAX_AGE_S));
+                }
                 let freshness = self.remember(host, cfg, p.cache_key.as_ref(), &verdict);
-                // A 402 in lease mode holds only for this moment (other gateways may give
-                // credit back, the account may be topped up): the client is not told to keep it.
-                let freshness = match verdict.decision {
-                    Decision::Deny(_) => Freshness::NoStore,
-                    _ => freshness,
-                };
+                let freshness = if deny { Freshness::NoStore } else { freshness };
                 // A lease call never debits without a grant, so there is no charge to keep.
                 self.act(host, cfg, &p.route, verdict.decision, freshness, None)
             }

@@ -710,10 +710,17 @@ mod lease_mode {
             Some("no-store"),
             "a lease 402 holds only for this moment"
         );
-        // Not served from the cache to a new request: a top-up is usable at once.
+        // Cached for a second at most (not the service's 5): the next request is
+        // refused with no call, and one after that second asks again (a top-up
+        // while other gateways hold leases is usable then).
         let again = host.sibling("GET", "/a", &[("x-api-key", "k")]);
-        assert_eq!(fx.gate().on_request_headers(&again), Flow::Pause);
-        assert_eq!(again.last_call().header(":path"), Some("/v1/leases"));
+        fx.gate().on_request_headers(&again);
+        assert!(again.calls.borrow().is_empty());
+        assert_eq!(again.reply().unwrap().status, 402);
+        let later = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        later.advance(1_000);
+        assert_eq!(fx.gate().on_request_headers(&later), Flow::Pause);
+        assert_eq!(later.last_call().header(":path"), Some("/v1/leases"));
     }
 
     #[test]
@@ -727,6 +734,11 @@ mod lease_mode {
         let cancel = root.last_call();
         assert_eq!(cancel.header(":path"), Some("/v1/leases/cancel"));
         assert_eq!(cancel.body, json!({"request_id": "req-1"}));
+        assert_eq!(
+            cancel.header("x-request-id"),
+            Some("req-1"),
+            "the same id as the body's"
+        );
         // A client that leaves while the lease call is in flight: the same.
         let host = keyed("/a", "k");
         let mut gate = fx.gate();
@@ -783,6 +795,182 @@ mod lease_mode {
         assert_eq!(record(&host).used, 0);
         assert_eq!(host.count_of(Metric::Refunds), 1);
         assert_eq!(fx.queued_refunds(), 0, "a lease refund is local");
+    }
+
+    #[test]
+    fn a_recalled_lease_is_given_back_at_once() {
+        let fx = fixture();
+        let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+        let root = host.sibling("GET", "/", &[]);
+        root.advance(1_000);
+        fx.worker.tick(&root, &fx.cfg);
+        let beat = root.last_call();
+        assert_eq!(beat.body, json!({"used": 1, "final": false, "seq": 1}));
+        let recall = answer(
+            200,
+            &[],
+            json!({"lease_id": "ls_1", "state": "open", "used": 1, "recall": true}),
+        );
+        fx.worker
+            .on_outbox_response(&root, &fx.cfg, beat.token, &recall);
+        assert!(!record(&host).has_lease(), "no more spending from it");
+        assert_eq!(root.count_of(Metric::LeaseRecalls), 1);
+        // The final settle goes out at once, with the exact total and the next seq.
+        let last = root.last_call();
+        assert_eq!(last.header(":path"), Some("/v1/leases/ls_1/settle"));
+        assert_eq!(last.body, json!({"used": 1, "final": true, "seq": 2}));
+        // A retry of it sends the same seq.
+        fx.worker
+            .on_outbox_response(&root, &fx.cfg, last.token, &status_only(Some(503)));
+        root.advance(1_000);
+        fx.worker.tick(&root, &fx.cfg);
+        assert_eq!(root.last_call().body, last.body);
+        assert_ne!(root.last_call().token, last.token);
+        // The next request takes a new lease.
+        let next = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        next.advance(1_000);
+        assert_eq!(fx.gate().on_request_headers(&next), Flow::Pause);
+        assert_eq!(next.last_call().header(":path"), Some("/v1/leases"));
+    }
+
+    fn recall_402() -> CalloutResponse {
+        answer(
+            402,
+            &[("cache-control", "no-store")],
+            json!({"balance": 0, "price": 1, "recall": true, "retry_after_ms": 100}),
+        )
+    }
+
+    #[test]
+    fn a_recall_402_waits_for_the_credit() {
+        let fx = fixture();
+        let host = keyed("/a", "k");
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        let first = host.last_call();
+        assert_eq!(
+            gate.on_callout_response(&host, first.token, &recall_402()),
+            Flow::Park
+        );
+        assert!(host.reply().is_none(), "no 402 while credit is recalled");
+        assert_eq!(record(&host).renewing_until_ms, 0, "lock released");
+        host.advance(50);
+        assert_eq!(gate.on_wake(&host), Flow::Park);
+        assert_eq!(host.calls.borrow().len(), 1, "not before retry_after_ms");
+        host.advance(50);
+        assert_eq!(gate.on_wake(&host), Flow::Pause);
+        let second = host.last_call();
+        assert_ne!(second.token, first.token);
+        assert_eq!(second.header(":path"), Some("/v1/leases"));
+        assert_eq!(
+            gate.on_callout_response(&host, second.token, &grant("ls_1", 3)),
+            Flow::Continue
+        );
+        assert_eq!(host.count_of(Metric::LeaseRecallWaits), 1);
+    }
+
+    #[test]
+    fn a_recall_402_that_never_frees_credit_ends_in_402() {
+        let fx = fixture();
+        // lease_recall_wait_ms defaults to 2 x 1000 + 500.
+        assert_eq!(fx.cfg.lease.recall_wait_ms, 2_500);
+        let host = keyed("/a", "k");
+        let mut gate = fx.gate();
+        gate.on_request_headers(&host);
+        let start = host.now_ms();
+        let mut flow = gate.on_callout_response(&host, host.last_call().token, &recall_402());
+        let mut calls = 1;
+        while flow == Flow::Park {
+            host.advance(10);
+            if gate.on_wake(&host) == Flow::Pause {
+                calls += 1;
+                flow = gate.on_callout_response(&host, host.last_call().token, &recall_402());
+            }
+            assert!(host.now_ms() - start <= 2_500, "waited past the bound");
+        }
+        assert_eq!(host.reply().unwrap().status, 402);
+        assert!(host.now_ms() - start >= 2_400, "gave up early");
+        assert!((20..=26).contains(&calls), "one call per retry_after_ms: {calls}");
+    }
+
+    #[test]
+    fn units_of_a_closed_lease_go_back_through_its_refund_call() {
+        let fx = fixture();
+        let (host, mut gate) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+        // The lease closes while the request is upstream (its spend deadline passed).
+        let root = host.sibling("GET", "/", &[]);
+        root.advance(28_000);
+        fx.worker.tick(&root, &fx.cfg);
+        assert_eq!(root.last_call().body["final"], json!(true));
+        assert_eq!(root.last_call().body["used"], json!(1));
+        host.set_status(504);
+        gate.on_response_headers(&host);
+        assert_eq!(fx.queued_refunds(), 2, "final settle in flight, refund queued");
+        fx.worker.tick(&root, &fx.cfg);
+        let refund = root.last_call();
+        assert_eq!(refund.header(":path"), Some("/v1/leases/ls_1/refund"));
+        let rid = refund.body["request_id"].as_str().unwrap().to_string();
+        assert_eq!(refund.body, json!({"request_id": rid, "units": 1, "status": 504}));
+        assert_eq!(refund.header("x-request-id"), Some(rid.as_str()));
+        // 404: final, nothing to refund; counted and logged.
+        fx.worker
+            .on_outbox_response(&root, &fx.cfg, refund.token, &status_only(Some(404)));
+        assert_eq!(root.count_of(Metric::RefundFailures), 1);
+    }
+
+    #[test]
+    fn a_slot_held_by_another_account_pays_per_request() {
+        let fx = Fixture::new(r#"{"cluster": "balance", "mode": "lease", "lease_max_entries": 1}"#);
+        let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 100));
+        assert_eq!(host.reply(), None);
+        let other = host.sibling("GET", "/a", &[("x-api-key", "k2")]);
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&other), Flow::Pause);
+        assert_eq!(other.last_call().header(":path"), Some("/v1/authorize"));
+        assert_eq!(other.count_of(Metric::LeaseSlotBusy), 1);
+        respond(&mut gate, &other, other.last_call().token, &allow("acct_2", 9));
+        assert_eq!(other.resumed.get(), 1);
+        // The first account's lease is untouched.
+        let again = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        assert_eq!(fx.gate().on_request_headers(&again), Flow::Continue);
+    }
+
+    /// Issue 12's memory check, deterministic: 200,000 distinct unknown keys in
+    /// lease mode leave shared data bounded by the two fixed tables, and the
+    /// lease table holds no bytes at all for them.
+    #[test]
+    fn unknown_keys_leave_no_lasting_lease_state() {
+        let fx = Fixture::new(
+            r#"{"cluster": "balance", "mode": "lease", "lease_max_entries": 4096, "cache_max_entries": 1000}"#,
+        );
+        let root = FakeHost::request("GET", "/", &[]);
+        let unknown = answer(401, &[("cache-control", "max-age=60")], json!({"error": "unknown"}));
+        for i in 0..200_000u32 {
+            let key = format!("fbk-unknown-{i:08x}");
+            let host = root.sibling("GET", "/a", &[("x-api-key", &key)]);
+            let mut gate = fx.gate();
+            assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+            respond(&mut gate, &host, host.last_call().token, &unknown);
+            assert_eq!(host.reply().map(|r| r.status), Some(401));
+            gate.on_log(&host);
+        }
+        let shared = root.shared.borrow();
+        let lease_keys = shared.keys().filter(|k| k.starts_with("farebox:lease2:")).count();
+        let lease_bytes: usize = shared
+            .iter()
+            .filter(|(k, _)| k.starts_with("farebox:lease2:"))
+            .map(|(_, (v, _))| v.len())
+            .sum();
+        let all_bytes: usize = shared.iter().map(|(k, (v, _))| k.len() + v.len()).sum();
+        eprintln!(
+            "200000 unknown keys: {} shared keys ({lease_keys} lease slots, {lease_bytes} bytes in them), {all_bytes} bytes of keys and values",
+            shared.len()
+        );
+        assert!(lease_keys <= 4096);
+        assert_eq!(lease_bytes, 0, "a refused credential leaves an empty slot");
+        assert!(shared.len() <= 4096 + 1000, "{} keys", shared.len());
+        assert!(all_bytes <= 4096 * 24 + 1000 * 96, "{all_bytes} bytes");
+        assert!(fx.worker.owned.borrow().is_empty());
     }
 
     #[test]
