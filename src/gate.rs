@@ -77,7 +77,7 @@ struct Renewal {
 }
 
 /// A lease 402 is kept in the decision cache at most this long, whatever the
-/// service allows: a top-up while other gateways hold leases is usable after it.
+/// service allows, and only for requests that waited for the call it answered.
 pub const LEASE_DENY_MAX_AGE_S: u32 = 1;
 
 /// Status recorded on a refund for a request whose outcome the client never saw.
@@ -491,7 +491,7 @@ impl Gate {
             }
             _ => None,
         };
-        if let Some(flow) = self.serve_cached(host, cfg, cache_key.as_ref(), &route) {
+        if let Some(flow) = self.serve_cached(host, cfg, cache_key.as_ref(), &route, true) {
             return flow;
         }
         // A lease spend needs no request id unless the response is metered; a lease call
@@ -522,20 +522,22 @@ impl Gate {
         }
     }
 
-    /// Acts on a fresh cached decision, if there is one.
+    /// Acts on a fresh cached decision, if there is one (a cached 402 only
+    /// when `deny` says so).
     fn serve_cached(
         &mut self,
         host: &impl HttpHost,
         cfg: &Config,
         key: Option<&CacheKey>,
         route: &str,
+        deny: bool,
     ) -> Option<Flow> {
         let key = key?;
         let slot = key.slot_key(cfg.cache_max_entries);
         let (bytes, cas) = host.shared_get(&slot)?;
         let now = host.now_ms();
         match cache::lookup(key, &bytes, now) {
-            Lookup::Fresh(entry) => {
+            Lookup::Fresh(entry) if deny || !matches!(entry.decision, Decision::Deny(_)) => {
                 host.count(Metric::CacheHits);
                 let freshness = Freshness::Private(entry.remaining_s(now));
                 // A balance from when the decision was cached is stale: not shown again.
@@ -550,7 +552,7 @@ impl Gate {
                 host.shared_set(&slot, &[], cas);
                 None
             }
-            Lookup::Miss => None,
+            Lookup::Fresh(_) | Lookup::Miss => None,
         }
     }
 
@@ -674,7 +676,10 @@ impl Gate {
                     }
                 }
                 Step::Lock { record } => {
-                    // No lease can pay: a refusal the service let us cache answers first.
+                    // No lease can pay. A refusal the service let us cache answers first:
+                    // a 401/403 always; a 402 only to a request that waited for the very
+                    // lease call that was refused. A new request asks again, so that a
+                    // top-up while other gateways hold leases is usable at once.
                     if p.cache_key.is_none() && cfg.cache_max_entries > 0 {
                         p.cache_key = Some(CacheKey::new(
                             &cfg.fingerprint,
@@ -683,7 +688,9 @@ impl Gate {
                             &credential,
                         ));
                     }
-                    if let Some(flow) = self.serve_cached(host, cfg, p.cache_key.as_ref(), &p.route)
+                    let waited = p.parked_since_ms != 0 && p.recall_since_ms == 0;
+                    if let Some(flow) =
+                        self.serve_cached(host, cfg, p.cache_key.as_ref(), &p.route, waited)
                     {
                         return flow;
                     }
@@ -858,8 +865,8 @@ impl Gate {
             Ok(LeaseAnswer::Decided(mut verdict)) => {
                 unlock(host, &slot, &key, 0);
                 // A 402 in lease mode holds only for a moment (the account may be topped
-                // up while other gateways hold leases): kept at most a second, and the
-                // client is not told to keep it at all.
+                // up while other gateways hold leases): kept at most a second, for the
+                // requests that waited for this call, and the client is not told to keep it.
                 let deny = matches!(verdict.decision, Decision::Deny(_));
                 if deny {
                     verdict.max_age_s = verdict.max_age_s.map(|s| s.min(LEASE_DENY_MAX_AGE_S));
