@@ -1323,3 +1323,56 @@ fn ledger_invariant_under_fleet_load_with_recalls_and_refunds() {
     assert!(total.recall_settles > 0, "no settle answered recall");
     assert!(total.stale > 0 && total.refunds > 0);
 }
+
+#[test]
+fn recall_seq_and_pending_refunds_survive_restart() {
+    let dir = TempDir::new("fleet-restart");
+    let args = [
+        "--admin-token",
+        ADMIN,
+        "--seed-demo",
+        "--lease-ttl-ms",
+        "60000",
+    ];
+    let p = Balance::start_on(&dir, &args);
+    let r = lease_as(p.addr, "demo-key-alice", 100, 1, "fr-1", "gw-1");
+    assert_eq!(granted_of(&r), 100);
+    let id = r.json()["lease_id"].as_str().unwrap().to_owned();
+    assert_eq!(settle_seq(p.addr, &id, 10, false, 3).status, 200);
+    assert_eq!(
+        lease_refund(p.addr, &id, "fr-rf", 4, 503).json()["pending"],
+        true
+    );
+    assert_eq!(
+        lease_as(p.addr, "demo-key-alice", 5, 1, "fr-2", "gw-2").json()["recall"],
+        true
+    );
+    drop(p); // SIGKILL
+    let p = Balance::start_on(&dir, &args);
+    let r = settle_seq(p.addr, &id, 2, false, 2);
+    assert_eq!(
+        (
+            r.json()["stale"].clone(),
+            r.json()["recall"].clone(),
+            r.json()["used"].clone()
+        ),
+        (json!(true), json!(true), json!(10)),
+        "{r:?}"
+    );
+    let r = settle_seq(p.addr, &id, 10, true, 4);
+    assert_eq!(r.json()["balance"], 94, "{r:?}");
+    let l = &leases_of(p.addr, "acct_alice")[0];
+    assert_eq!(
+        (
+            l["charged"].clone(),
+            l["refunded"].clone(),
+            l["settle_seq"].clone()
+        ),
+        (json!(6), json!(4), json!(4))
+    );
+    assert_eq!(
+        granted_of(&lease_as(p.addr, "demo-key-alice", 5, 1, "fr-2", "gw-2")),
+        5
+    );
+    check_ledger(p.addr, "acct_alice");
+}
