@@ -43,6 +43,8 @@ pub struct Worker {
     /// Leases this worker took and must settle.
     owned: RefCell<Vec<Owned>>,
     request_seq: Cell<u64>,
+    /// Random, per worker: makes the ids it invents unique (see [`Worker::make_id`]).
+    tag: Cell<u64>,
     /// Names this Envoy process to the balance service when taking leases.
     pub holder: RefCell<String>,
     /// Renewals ahead of need, waiting for the timer to send them from the root
@@ -721,9 +723,17 @@ impl Gate {
             p.request_id = self.request_id(host);
         }
         let holder = self.worker.holder.borrow().clone();
+        // An account whose credit had to be recalled from other gateways is short
+        // against the fleet: ask for this request only, and leave the rest unreserved
+        // for the others (taking it all would only make them recall it back).
+        let want = if p.recall_since_ms != 0 {
+            p.cost
+        } else {
+            lease::want(cfg.lease.want, p.cost)
+        };
         let body = lease_body(&LeaseRequest {
             account: credential,
-            want: lease::want(cfg.lease.want, p.cost),
+            want,
             min: p.cost,
             request_id: &p.request_id,
             holder: &holder,
@@ -1298,10 +1308,7 @@ impl Gate {
                 }
             }
         }
-        let seq = self.worker.request_seq.get().wrapping_add(1);
-        self.worker.request_seq.set(seq);
-        let addr = Rc::as_ptr(&self.worker) as usize;
-        format!("fbx-{:x}-{addr:x}-{seq:x}", host.now_ms())
+        self.worker.make_id(host)
     }
 }
 
@@ -1381,12 +1388,19 @@ impl Worker {
         self.renewals.borrow().len() + self.renewing.borrow().len() < MAX_RENEWALS
     }
 
-    /// An id for a call made by the worker itself, unique within it.
+    /// A request id made up here: unique across workers and Envoy processes (every
+    /// VM lays out its memory alike, so neither an address nor the clock tells them
+    /// apart; a random tag per worker does), as the service deduplicates by it.
     fn make_id(&self, host: &impl Host) -> String {
         let seq = self.request_seq.get().wrapping_add(1);
         self.request_seq.set(seq);
-        let addr = self as *const Worker as usize;
-        format!("fbx-{:x}-{addr:x}-{seq:x}", host.now_ms())
+        if self.tag.get() == 0 {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(host.now_ms());
+            self.tag.set(h.finish() | 1);
+        }
+        format!("fbx-{:x}-{:016x}-{seq:x}", host.now_ms(), self.tag.get())
     }
 
     fn send_renewals(&self, host: &impl Host, cfg: &Config) {
