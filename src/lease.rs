@@ -308,7 +308,7 @@ pub fn install(
     let replaced = current
         .filter(|r| r.has_lease() && r.lease_id != grant.lease_id)
         .map(|r| LeaseRecord {
-            settle_seq: r.settle_seq + 1,
+            settle_seq: r.settle_seq.saturating_add(1),
             ..r.clone()
         });
     (record, replaced)
@@ -342,7 +342,7 @@ pub fn close(
         ..LeaseRecord::default()
     };
     let closed = LeaseRecord {
-        settle_seq: current.settle_seq + 1,
+        settle_seq: current.settle_seq.saturating_add(1),
         ..current.clone()
     };
     Some((emptied, closed))
@@ -354,7 +354,7 @@ pub fn next_seq(current: &LeaseRecord, lease_id: &str) -> Option<LeaseRecord> {
         return None;
     }
     let mut record = current.clone();
-    record.settle_seq += 1;
+    record.settle_seq = record.settle_seq.saturating_add(1);
     Some(record)
 }
 

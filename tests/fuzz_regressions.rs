@@ -49,24 +49,31 @@ fn over_used_lease_record_is_never_spent_from() {
         reported: u64::MAX,
         spend_until_ms: 18_446_744_073_695_789_055,
         renewing_until_ms: 4_294_967_295,
+        settle_seq: u64::MAX,
         balance: None,
+        ..LeaseRecord::default()
     };
     let now = 1_800_000_000_000;
     // Cost 0: harmless (nothing is spent), which is what the fuzzer flagged.
-    match lease::step(Some(&corrupt), 0, now, 1000) {
-        Step::Spend { record } => assert_eq!(record.used, corrupt.used),
+    match lease::step(corrupt.owner, Some(&corrupt), 0, now, 1000, true) {
+        Step::Spend { record, .. } => assert_eq!(record.used, corrupt.used),
         other => panic!("{other:?}"),
     }
     // Any real cost: not spent; the request asks for a new lease (or waits for one).
     for cost in [1, 5, u64::MAX] {
         assert!(
             !matches!(
-                lease::step(Some(&corrupt), cost, now, 1000),
+                lease::step(corrupt.owner, Some(&corrupt), cost, now, 1000, true),
                 Step::Spend { .. }
             ),
             "cost {cost}"
         );
     }
+    // A settle seq at its maximum stays there rather than overflow.
+    assert_eq!(
+        lease::next_seq(&corrupt, "\0\0").map(|r| r.settle_seq),
+        Some(u64::MAX)
+    );
     // And the record round-trips through its shared-data encoding.
     assert_eq!(LeaseRecord::decode(&corrupt.encode()), Some(corrupt));
 }
@@ -150,7 +157,7 @@ fn credential_is_in_no_shared_data_key_or_value() {
         );
         assert!(!contains(&bytes, CREDENTIAL.as_bytes()), "{bytes:?}");
     }
-    let lease_key = lease::lease_key("balance", CREDENTIAL);
+    let lease_key = lease::LeaseKey::new("balance", CREDENTIAL).slot_key(16_384);
     assert!(!lease_key.contains(CREDENTIAL), "{lease_key}");
 }
 
