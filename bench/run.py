@@ -27,6 +27,7 @@ Environment (all optional):
   BENCH_THREADS=1        wrk threads
   BENCH_SCENARIOS=...    comma-separated subset of the scenario names (default: all)
   BENCH_CACHE_KEYS=100000  distinct credentials of the cache memory test (0: skip the test)
+  BENCH_FLEET=4          Envoys of the fleet scenario (lease mode, one shared account; 0: skip)
   BENCH_ENVOY_CPU=0      core of the Envoys;  BENCH_LOAD_CPU=1  core of wrk and the services
   BENCH_OUT_DIR=bench    where results.json and RESULTS.md go
   BENCH_KEEP=1           keep the work directory (configs, logs) even on success
@@ -81,6 +82,7 @@ CONNECTIONS = env_int("BENCH_CONNECTIONS", 32, 1)
 WARMUP = env_int("BENCH_WARMUP", 2, 0)
 THREADS = env_int("BENCH_THREADS", 1, 1)
 CACHE_KEYS = env_int("BENCH_CACHE_KEYS", 100_000, 0)
+FLEET = env_int("BENCH_FLEET", 4, 0)
 NCPU = os.cpu_count() or 1
 ENVOY_CPU = env_int("BENCH_ENVOY_CPU", 0, 0)
 LOAD_CPU = env_int("BENCH_LOAD_CPU", 1 if NCPU > 1 else 0, 0)
@@ -135,6 +137,7 @@ ACCOUNTS = [
     ("live", "bench_authorize", "bench-authorize", HUGE),
     ("live", "bench_lease", "bench-lease", HUGE),
     ("live", "bench_extauthz", "bench-extauthz", HUGE),
+    ("live", "bench_fleet", "bench-fleet", HUGE),
 ]
 
 
@@ -793,6 +796,8 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
         PROCS.stop(e.proc)
 
     summary = summarize(active, runs)
+    fleet = fleet_test(services["live"]["port"], admin_token, echo_port, workdir) \
+        if FLEET else None
     cache = cache_memory_test(services["cached"]["port"], echo_port, workdir) if CACHE_KEYS else None
     sizes = wasm_sizes(workdir)
 
@@ -816,6 +821,7 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
         "ratios": summary.get("_ratios", {}),
         "wasm": sizes,
         "cache_memory": cache,
+        "fleet": fleet,
         "notes": notes,
     }
     # CPU the other (idle) Envoys used while one was measured, as a share of the run time.
@@ -874,7 +880,111 @@ def summarize(active: list[dict], runs: dict[str, list[dict]]) -> dict:
     ratios["authorize_rps_vs_ext_authz"] = paired("authorize", "ext_authz", "rps", div)
     ratios["lease_rps_vs_ext_authz"] = paired("lease", "ext_authz", "rps", div)
     ratios["lease_cpu_vs_ext_authz"] = paired("lease", "ext_authz", "cpu_us_per_req", div)
+    ratios["lease_p99_vs_nofilter"] = paired("lease", "nofilter", "lat_p99_us", div)
     out["_ratios"] = {k: v for k, v in ratios.items() if v is not None}
+    return out
+
+
+def fleet_test(balance_port: int, admin_token: str, echo_port: int, workdir: str) -> dict:
+    """FLEET Envoys (lease mode, --concurrency 1 each, all on the Envoy CPU) sharing one
+    account, each loaded by its own wrk with CONNECTIONS / FLEET connections at once, for
+    ROUNDS rounds of DURATION s. Reported against the single-Envoy lease scenario of the
+    same run: lease calls per request, p99, and answers >= 400 (the account never runs out,
+    so every refusal is one while credit remained)."""
+    plugin = plugin_config("lease")
+    envoys = [Envoy(f"fleet-{i}", envoy_yaml("farebox", balance_port, echo_port, plugin), workdir)
+              for i in range(FLEET)]
+    conns = max(1, CONNECTIONS // FLEET)
+    rounds = []
+    try:
+        for e in envoys:
+            status, _, body = http_call(e.port, "GET", "/v1/bench", {"x-api-key": "bench-fleet"})
+            if status != 200:
+                raise RuntimeError(f"fleet check answered {status}: {body[:200]!r}")
+        for r in range(ROUNDS):
+            before = admin(balance_port, admin_token, "GET", "/admin/stats")
+            results: list[dict] = []
+            errors: list[str] = []
+
+            def one(e: Envoy) -> None:
+                try:
+                    argv = pinned(LOAD_CPU, [
+                        WRK, "-t", "1", "-c", str(conns), "-d", f"{DURATION}s", "--timeout", "5s",
+                        "--latency", "-s", os.path.join(BENCH, "wrk/report.lua"),
+                        "-H", "x-api-key: bench-fleet", f"http://127.0.0.1:{e.port}/v1/bench"])
+                    done = subprocess.run(argv, capture_output=True, text=True,
+                                          timeout=DURATION + WRK_GRACE)
+                    m = re.search(r"^BENCH_RESULT (\{.*\})$", done.stdout, re.M)
+                    if done.returncode != 0 or not m:
+                        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()}")
+                    results.append(json.loads(m.group(1)))
+                except (OSError, RuntimeError, subprocess.TimeoutExpired, ValueError) as err:
+                    errors.append(f"{e.name}: {err}")
+
+            threads = [threading.Thread(target=one, args=(e,)) for e in envoys]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise RuntimeError("fleet wrk: " + "; ".join(errors))
+            after = admin(balance_port, admin_token, "GET", "/admin/stats")
+            n = sum(x["requests"] for x in results)
+            calls = after["lease_calls"] - before["lease_calls"]
+            rnd = {
+                "round": r + 1, "requests": n,
+                "rps": sum(x["requests"] / (x["duration_us"] / 1e6) for x in results if x["duration_us"]),
+                "status_errors": sum(x["status_errors"] for x in results),
+                "socket_errors": sum(x["connect_errors"] + x["read_errors"] + x["write_errors"]
+                                     + x["timeouts"] for x in results),
+                # The slowest Envoy's p99: a conservative figure for the fleet.
+                "lat_p99_us": max(x["lat_p99_us"] for x in results),
+                "lat_p50_us": statistics.median(x["lat_p50_us"] for x in results),
+                "lease_calls": calls, "settle_calls": after["settle_calls"] - before["settle_calls"],
+                "lease_calls_per_request": calls / n if n else None,
+            }
+            rounds.append(rnd)
+            log(f"fleet round {r + 1}/{ROUNDS}: {n:,} requests over {FLEET} Envoys, "
+                f"{rnd['rps']:,.0f} req/s, p99 {rnd['lat_p99_us'] / 1000:.2f} ms, "
+                f"{calls} lease calls ({fmt(rnd['lease_calls_per_request'] or 0, 5)}/request), "
+                f"{rnd['status_errors']} answers >= 400")
+        counters = [e.counters() for e in envoys]
+    finally:
+        for e in envoys:
+            PROCS.stop(e.proc)
+    return {
+        "envoys": FLEET, "connections_per_envoy": conns, "rounds": rounds,
+        "lease_calls_per_request": spread([x["lease_calls_per_request"] for x in rounds
+                                           if x["lease_calls_per_request"] is not None]),
+        "lat_p99_ms": spread([x["lat_p99_us"] / 1000 for x in rounds]),
+        "rps": spread([x["rps"] for x in rounds]),
+        "refused_while_credit_remained": sum(x["status_errors"] for x in rounds),
+        "socket_errors": sum(x["socket_errors"] for x in rounds),
+        "counters": {k: sum(c.get(k, 0) for c in counters)
+                     for k in ("leases_taken", "lease_renewals", "lease_ahead_renewals",
+                               "lease_waits", "lease_recalls", "lease_recall_waits", "callouts")},
+    }
+
+
+def fleet_lines(results: dict) -> list[str]:
+    fl = results.get("fleet")
+    if not fl:
+        return ["not run (BENCH_FLEET=0)"]
+    out = [f"{fl['envoys']} Envoys (--concurrency 1, all on CPU {ENVOY_CPU}), one account, "
+           f"{fl['connections_per_envoy']} connections each: "
+           f"{fmt_spread(fl['rps'], 0)} req/s in all, p99 {fmt_spread(fl['lat_p99_ms'], 2)} ms "
+           f"(slowest Envoy), lease calls per request {fmt_spread(fl['lease_calls_per_request'], 5)}, "
+           f"402s while credit remained {fl['refused_while_credit_remained']}, "
+           f"socket errors {fl['socket_errors']}"]
+    lease = next((sc for sc in results["scenarios"] if sc["name"] == "lease"), None)
+    s = (lease or {}).get("summary")
+    if s:
+        c = lease.get("counters") or {}
+        per = c.get("callouts", 0) / s["requests"] if s.get("requests") else None
+        out.append(f"single-Envoy lease scenario of the same run: p99 {fmt_spread(s['lat_p99_ms'], 2)} ms, "
+                   f"lease calls per request {fmt(per, 5) if per is not None else 'n/a'}, "
+                   f"lease_waits {c.get('lease_waits', 0):,}")
+    out.append("fleet counters: " + ", ".join(f"{k} {v:,}" for k, v in fl["counters"].items()))
     return out
 
 
@@ -976,6 +1086,13 @@ def targets(results: dict, summary: dict) -> list[dict]:
         None if r is None else r <= 0.9, "×")
     r = summary["_ratios"].get("lease_rps_vs_ext_authz", {}).get("median")
     add("lease mode: requests/s ≥ 2 × ext_authz", r, 2.0, None if r is None else r >= 2.0, "×")
+    r = summary["_ratios"].get("lease_p99_vs_nofilter", {}).get("median")
+    add("lease mode: p99 ≤ 1.3 × no filter", r, 1.3, None if r is None else r <= 1.3, "×")
+    fl = results.get("fleet")
+    if fl:
+        n = fl["refused_while_credit_remained"]
+        add(f"fleet ({fl['envoys']} Envoys, one account): 402s while credit remained = 0", n, 0,
+            n == 0, "answers")
     opt = results["wasm"]["opt_bytes"]
     add("farebox.wasm ≤ 250 KB (250,000 bytes) after wasm-opt -Oz", opt, 250_000,
         None if opt is None else opt <= 250_000, "bytes")
@@ -1068,6 +1185,7 @@ def ratio_lines(results: dict) -> list[str]:
         "authorize_rps_vs_ext_authz": ("authorize / ext_authz, requests/s", 2),
         "lease_rps_vs_ext_authz": ("lease / ext_authz, requests/s", 2),
         "lease_cpu_vs_ext_authz": ("lease / ext_authz, Envoy CPU per request", 2),
+        "lease_p99_vs_nofilter": ("lease / no filter, p99 latency", 2),
     }
     out = []
     for sc in results["scenarios"]:
@@ -1134,6 +1252,10 @@ def write_outputs(results: dict) -> None:
     for line in ratio_lines(results):
         print(f"  {line}")
     print()
+    print("Fleet:")
+    for line in fleet_lines(results):
+        print(f"  {line}")
+    print()
     print("Memory and size:")
     for line in memory_lines(results):
         print(f"  {line}")
@@ -1182,6 +1304,8 @@ def write_outputs(results: dict) -> None:
     md += [f"- {line}" for line in ratio_lines(results)]
     md += ["", "## Targets", "", "| | target | measured |", "|---|---|---|"]
     md += [f"| {t['status']} | {t['target']} | {fmt_measured(t)} |" for t in results["targets"]]
+    md += ["", "## Fleet (lease mode, Envoys sharing one account)", ""]
+    md += [f"- {line}" for line in fleet_lines(results)]
     md += ["", "## Memory and size", ""]
     md += [f"- {line}" for line in memory_lines(results)]
     md += ["", "## Notes", ""]

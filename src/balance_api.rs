@@ -301,10 +301,26 @@ pub fn parse_retry_after(value: &[u8]) -> Option<u32> {
     text.parse().ok()
 }
 
-pub fn settle_body(used: u64, last: bool) -> Vec<u8> {
-    json!({"used": used, "final": last})
+pub fn settle_body(used: u64, last: bool, seq: u64) -> Vec<u8> {
+    json!({"used": used, "final": last, "seq": seq})
         .to_string()
         .into_bytes()
+}
+
+/// Credits units of a request whose lease is no longer the current one (4.6).
+pub fn lease_refund_body(request_id: &str, units: u64, status: u16) -> Vec<u8> {
+    json!({"request_id": request_id, "units": units, "status": status})
+        .to_string()
+        .into_bytes()
+}
+
+/// A settle answer asks the holder to give its unspent units back now (4.3 recall).
+pub fn settle_recalls(resp: &CalloutResponse) -> bool {
+    resp.status == Some(200)
+        && serde_json::from_slice::<Value>(&resp.body)
+            .ok()
+            .and_then(|v| v.get("recall").and_then(Value::as_bool))
+            == Some(true)
 }
 
 pub fn cancel_body(request_id: &str) -> Vec<u8> {
@@ -330,7 +346,16 @@ pub fn lease_body(r: &LeaseRequest<'_>) -> Vec<u8> {
 pub enum LeaseAnswer {
     Granted(Grant),
     Decided(Verdict),
+    /// A 402 while other holders keep unspent units: they are being recalled,
+    /// ask again after `retry_after_ms` (clamped to 10..=1000).
+    Recall {
+        verdict: Verdict,
+        retry_after_ms: u64,
+    },
 }
+
+/// Bounds on a recall's `retry_after_ms`: never a busy loop, never a long stall.
+const RECALL_RETRY_MS: (u64, u64) = (10, 1_000);
 
 /// `min` is what the request needs: a grant below it is a broken answer.
 pub fn parse_lease(
@@ -340,6 +365,25 @@ pub fn parse_lease(
 ) -> Result<LeaseAnswer, ServiceFailure> {
     if resp.status != Some(200) {
         let verdict = parse_authorize(resp, min, max_ttl_s)?;
+        if resp.status == Some(402) {
+            let body: Option<Value> = serde_json::from_slice(&resp.body).ok();
+            let field = |name: &str| body.as_ref().and_then(|b| b.get(name).cloned());
+            if field("recall").and_then(|v| v.as_bool()) == Some(true) {
+                let retry_after_ms = field("retry_after_ms")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(100)
+                    .clamp(RECALL_RETRY_MS.0, RECALL_RETRY_MS.1);
+                // Never cacheable, whatever the headers said.
+                let verdict = Verdict {
+                    max_age_s: None,
+                    ..verdict
+                };
+                return Ok(LeaseAnswer::Recall {
+                    verdict,
+                    retry_after_ms,
+                });
+            }
+        }
         return Ok(LeaseAnswer::Decided(verdict));
     }
     if resp.body_too_large {
@@ -788,7 +832,46 @@ mod tests {
             v,
             json!({"account": "k", "want": 100, "min": 5, "request_id": "r", "holder": "h"})
         );
-        let v: Value = serde_json::from_slice(&settle_body(7, true)).unwrap();
-        assert_eq!(v, json!({"used": 7, "final": true}));
+        let v: Value = serde_json::from_slice(&settle_body(7, true, 3)).unwrap();
+        assert_eq!(v, json!({"used": 7, "final": true, "seq": 3}));
+        let v: Value = serde_json::from_slice(&lease_refund_body("r", 2, 504)).unwrap();
+        assert_eq!(v, json!({"request_id": "r", "units": 2, "status": 504}));
+    }
+
+    #[test]
+    fn recalls() {
+        let recall = |body: &str| {
+            parse_lease(
+                &resp(Some(402), &[("cache-control", "max-age=5")], body),
+                1,
+                300,
+            )
+            .unwrap()
+        };
+        match recall(r#"{"balance": 0, "price": 1, "recall": true, "retry_after_ms": 5}"#) {
+            LeaseAnswer::Recall {
+                verdict,
+                retry_after_ms,
+            } => {
+                assert_eq!((verdict.max_age_s, retry_after_ms), (None, 10));
+                assert!(matches!(verdict.decision, Decision::Deny(_)));
+            }
+            other => panic!("{other:?}"),
+        }
+        match recall(r#"{"balance": 0, "recall": true, "retry_after_ms": 99999}"#) {
+            LeaseAnswer::Recall { retry_after_ms, .. } => assert_eq!(retry_after_ms, 1_000),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            recall(r#"{"balance": 0, "recall": false}"#),
+            LeaseAnswer::Decided(_)
+        ));
+        assert!(settle_recalls(&resp(Some(200), &[], r#"{"recall": true}"#)));
+        assert!(!settle_recalls(&resp(Some(200), &[], r#"{"used": 1}"#)));
+        assert!(!settle_recalls(&resp(
+            Some(409),
+            &[],
+            r#"{"recall": true}"#
+        )));
     }
 }

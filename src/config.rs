@@ -36,6 +36,11 @@ pub struct LeaseConfig {
     pub settle_interval_ms: u64,
     /// Stop spending this long before the service expires a lease.
     pub expiry_margin_ms: u64,
+    /// How long a request may wait, in all, for credit the service is recalling
+    /// from other gateways before it is answered 402.
+    pub recall_wait_ms: u64,
+    /// Slots of the lease table in shared data (its memory bound).
+    pub max_entries: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +149,8 @@ pub const TOP_FIELDS: &[&str] = &[
     "lease_want",
     "settle_interval_ms",
     "lease_expiry_margin_ms",
+    "lease_recall_wait_ms",
+    "lease_max_entries",
     "cluster",
     "authority",
     "authorize_path",
@@ -448,18 +455,25 @@ impl Config {
                 )
             }
         };
+        let settle_interval_ms = top
+            .u64("settle_interval_ms", 10, 3_600_000)?
+            .unwrap_or(1_000);
         let lease = LeaseConfig {
             path: http_path(
                 "lease_path".into(),
                 top.str("lease_path")?.unwrap_or("/v1/leases"),
             )?,
             want: top.u64("lease_want", 1, MAX_AMOUNT)?.unwrap_or(100),
-            settle_interval_ms: top
-                .u64("settle_interval_ms", 10, 3_600_000)?
-                .unwrap_or(1_000),
+            settle_interval_ms,
             expiry_margin_ms: top
                 .u64("lease_expiry_margin_ms", 0, 3_600_000)?
                 .unwrap_or(2_000),
+            recall_wait_ms: top
+                .u64("lease_recall_wait_ms", 0, 60_000)?
+                .unwrap_or(2 * settle_interval_ms + 500),
+            max_entries: top
+                .u64("lease_max_entries", 1, 1_000_000)?
+                .unwrap_or(16_384) as u32,
         };
 
         let challenges = match top.get("challenges") {
@@ -978,6 +992,18 @@ mod tests {
         assert_eq!(
             (c.mode, c.lease.want, c.lease.settle_interval_ms),
             (Mode::Lease, 50, 200)
+        );
+        assert_eq!((c.lease.recall_wait_ms, c.lease.max_entries), (900, 16_384));
+        let c = parse(r#"{"cluster": "b", "lease_recall_wait_ms": 0, "lease_max_entries": 1}"#)
+            .unwrap();
+        assert_eq!((c.lease.recall_wait_ms, c.lease.max_entries), (0, 1));
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "lease_recall_wait_ms": 60001}"#),
+            "lease_recall_wait_ms"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "lease_max_entries": 0}"#),
+            "lease_max_entries"
         );
         assert_eq!(field_of(r#"{"cluster": "b", "mode": "prepaid"}"#), "mode");
         assert_eq!(

@@ -19,6 +19,7 @@ use crate::decision::{Decision, Denial};
 use crate::host::{Host, HttpHost};
 use crate::identity::{CredentialSource, IdentityError};
 use crate::lease::{self, Grant, LeaseRecord, Step};
+use crate::lease::{LeaseKey, View};
 use crate::mcp;
 use crate::metrics::Metric;
 use crate::outbox::{Finished, Job, Outbox};
@@ -43,9 +44,20 @@ pub struct Worker {
     /// Leases this worker took and must settle.
     owned: RefCell<Vec<Owned>>,
     request_seq: Cell<u64>,
+    /// Random, per worker: makes the ids it invents unique (see [`Worker::make_id`]).
+    tag: Cell<u64>,
     /// Names this Envoy process to the balance service when taking leases.
     pub holder: RefCell<String>,
+    /// Renewals ahead of need, waiting for the timer to send them from the root
+    /// context (a stream's own calls die with the stream).
+    renewals: RefCell<Vec<Renewal>>,
+    /// Renewals sent, by call token.
+    renewing: RefCell<Vec<(u32, Renewal)>>,
 }
+
+/// At most this many renewals ahead of need per worker at once; past it, a
+/// lease is renewed when it runs out instead.
+const MAX_RENEWALS: usize = 256;
 
 #[derive(Debug)]
 struct Owned {
@@ -55,6 +67,21 @@ struct Owned {
     next_settle_ms: u64,
     settling: bool,
 }
+
+/// A lease call made ahead of need, for an account whose lease is running low.
+#[derive(Debug)]
+struct Renewal {
+    slot: String,
+    key: LeaseKey,
+    /// The credential, as the contract names the account by it. Never logged.
+    credential: String,
+    cost: u64,
+    request_id: String,
+}
+
+/// A lease 402 is kept in the decision cache at most this long, whatever the
+/// service allows, and only for requests that waited for the call it answered.
+pub const LEASE_DENY_MAX_AGE_S: u32 = 1;
 
 /// Status recorded on a refund for a request whose outcome the client never saw.
 const CLIENT_GONE: u16 = 499;
@@ -99,6 +126,13 @@ struct Pending {
     cost: u64,
     cache_key: Option<CacheKey>,
     parked_since_ms: u64,
+    /// Method and normalized path, for an authorize call.
+    method: String,
+    path: String,
+    /// When the service first answered that it is recalling credit for this request (0: never).
+    recall_since_ms: u64,
+    /// Parked until this time before asking again (0: until the lease call it waits for ends).
+    wake_at_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -478,7 +512,7 @@ impl Gate {
             }
             _ => None,
         };
-        if let Some(flow) = self.serve_cached(host, cfg, cache_key.as_ref(), &route) {
+        if let Some(flow) = self.serve_cached(host, cfg, cache_key.as_ref(), &route, true) {
             return flow;
         }
         // A lease spend needs no request id unless the response is metered; a lease call
@@ -497,28 +531,34 @@ impl Gate {
             cost,
             cache_key,
             parked_since_ms: 0,
+            method: req.method,
+            path: req.path,
+            recall_since_ms: 0,
+            wake_at_ms: 0,
         };
         if leased {
             self.spend_from_lease(host, cfg, pending)
         } else {
-            self.authorize(host, cfg, &req.method, &req.path, pending)
+            self.authorize(host, cfg, pending)
         }
     }
 
-    /// Acts on a fresh cached decision, if there is one.
+    /// Acts on a fresh cached decision, if there is one (a cached 402 only
+    /// when `deny` says so).
     fn serve_cached(
         &mut self,
         host: &impl HttpHost,
         cfg: &Config,
         key: Option<&CacheKey>,
         route: &str,
+        deny: bool,
     ) -> Option<Flow> {
         let key = key?;
         let slot = key.slot_key(cfg.cache_max_entries);
         let (bytes, cas) = host.shared_get(&slot)?;
         let now = host.now_ms();
         match cache::lookup(key, &bytes, now) {
-            Lookup::Fresh(entry) => {
+            Lookup::Fresh(entry) if deny || !matches!(entry.decision, Decision::Deny(_)) => {
                 host.count(Metric::CacheHits);
                 self.access.cache_hit();
                 let freshness = Freshness::Private(entry.remaining_s(now));
@@ -534,24 +574,17 @@ impl Gate {
                 host.shared_set(&slot, &[], cas);
                 None
             }
-            Lookup::Miss => None,
+            Lookup::Fresh(_) | Lookup::Miss => None,
         }
     }
 
-    fn authorize(
-        &mut self,
-        host: &impl HttpHost,
-        cfg: &Config,
-        method: &str,
-        path: &str,
-        p: Pending,
-    ) -> Flow {
+    fn authorize(&mut self, host: &impl HttpHost, cfg: &Config, p: Pending) -> Flow {
         let body = authorize_body(&AuthorizeRequest {
             account: p.credential.as_deref(),
             cost: p.cost,
             route: &p.route,
-            method,
-            path,
+            method: &p.method,
+            path: &p.path,
             request_id: &p.request_id,
             payment: p.payment.as_ref(),
         });
@@ -606,18 +639,48 @@ impl Gate {
         let Some(credential) = p.credential.clone() else {
             return self.fail(host, cfg, None);
         };
-        let key = lease::lease_key(&cfg.cluster, &credential);
-        let lock_ms = u64::try_from(cfg.timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1_000);
+        let key = LeaseKey::new(&cfg.cluster, &credential);
+        let slot = key.slot_key(cfg.lease.max_entries);
+        let lock_ms = lock_ms(cfg);
         for _ in 0..lease::MAX_CAS_RETRIES {
-            let (current, cas) = read_lease(host, &key);
-            match lease::step(current.as_ref(), p.cost, host.now_ms(), lock_ms) {
-                Step::Spend { record } => {
-                    if host.shared_set(&key, &record.encode(), cas) {
+            let (bytes, cas) = raw_slot(host, &slot);
+            let now = host.now_ms();
+            let current = match lease::view(&key, bytes.as_deref(), now) {
+                View::Mine(current) => current,
+                View::Occupied => {
+                    // Another account's lease holds this slot: this request is paid
+                    // per request instead (the lease table is full there).
+                    host.count(Metric::LeaseSlotBusy);
+                    if p.request_id.is_empty() {
+                        p.request_id = self.request_id(host);
+                    }
+                    return self.authorize(host, cfg, p);
+                }
+            };
+            let may_renew = self.worker.renewals_open();
+            match lease::step(
+                key.owner(),
+                current.as_ref(),
+                p.cost,
+                now,
+                lock_ms,
+                may_renew,
+            ) {
+                Step::Spend { record, renew } => {
+                    if host.shared_set(&slot, &record.encode(), cas) {
                         host.add(Metric::LeaseUnitsSpent, p.cost);
+                        if renew {
+                            let request_id = self.worker.make_id(host);
+                            self.worker.renewals.borrow_mut().push(Renewal {
+                                slot: slot.clone(),
+                                key,
+                                credential: credential.clone(),
+                                cost: p.cost,
+                                request_id,
+                            });
+                        }
                         let charge = Charge::Leased {
-                            key,
+                            key: slot,
                             lease_id: record.lease_id.clone(),
                             request_id: p.request_id,
                             credential,
@@ -635,7 +698,10 @@ impl Gate {
                     }
                 }
                 Step::Lock { record } => {
-                    // No lease can pay: a refusal the service let us cache answers first.
+                    // No lease can pay. A refusal the service let us cache answers first:
+                    // a 401/403 always; a 402 only to a request that waited for the very
+                    // lease call that was refused. A new request asks again, so that a
+                    // top-up while other gateways hold leases is usable at once.
                     if p.cache_key.is_none() && cfg.cache_max_entries > 0 {
                         p.cache_key = Some(CacheKey::new(
                             &cfg.fingerprint,
@@ -644,12 +710,14 @@ impl Gate {
                             &credential,
                         ));
                     }
-                    if let Some(flow) = self.serve_cached(host, cfg, p.cache_key.as_ref(), &p.route)
+                    let waited = p.parked_since_ms != 0 && p.recall_since_ms == 0;
+                    if let Some(flow) =
+                        self.serve_cached(host, cfg, p.cache_key.as_ref(), &p.route, waited)
                     {
                         return flow;
                     }
-                    if host.shared_set(&key, &record.encode(), cas) {
-                        return self.take_lease(host, cfg, key, &credential, p);
+                    if host.shared_set(&slot, &record.encode(), cas) {
+                        return self.take_lease(host, cfg, slot, &credential, p);
                     }
                 }
                 Step::Wait => break,
@@ -667,7 +735,7 @@ impl Gate {
         &mut self,
         host: &impl HttpHost,
         cfg: &Config,
-        key: String,
+        slot: String,
         credential: &str,
         mut p: Pending,
     ) -> Flow {
@@ -675,14 +743,23 @@ impl Gate {
             p.request_id = self.request_id(host);
         }
         let holder = self.worker.holder.borrow().clone();
+        // An account whose credit had to be recalled from other gateways is short
+        // against the fleet: ask for this request only, and leave the rest unreserved
+        // for the others (taking it all would only make them recall it back).
+        let want = if p.recall_since_ms != 0 {
+            p.cost
+        } else {
+            lease::want(cfg.lease.want, p.cost)
+        };
         let body = lease_body(&LeaseRequest {
             account: credential,
-            want: lease::want(cfg.lease.want, p.cost),
+            want,
             min: p.cost,
             request_id: &p.request_id,
             holder: &holder,
         });
-        self.start_call(host, cfg, true, &body, p, || unlock(host, &key))
+        let key = LeaseKey::new(&cfg.cluster, credential);
+        self.start_call(host, cfg, true, &body, p, || unlock(host, &slot, &key, 0))
     }
 
     /// A parked request's timer tick: try again. Returns how it went, like
@@ -694,27 +771,30 @@ impl Gate {
         let Stage::Parked(p) = std::mem::replace(&mut self.stage, Stage::Done) else {
             return Flow::Pause;
         };
-        // The lock holder has the call timeout to finish; past that (plus slack) something
-        // is wrong, and this request is answered as a service failure rather than hang.
+        let now = host.now_ms();
+        if now < p.wake_at_ms {
+            self.stage = Stage::Parked(p);
+            return Flow::Park;
+        }
+        // The lock holder has the call timeout to finish, and a recall its wait; past
+        // that (plus slack) something is wrong, and this request is answered as a
+        // service failure rather than hang.
         let limit = u64::try_from(cfg.timeout.as_millis())
             .unwrap_or(u64::MAX)
             .saturating_mul(2)
-            .saturating_add(1_000);
-        if host.now_ms().saturating_sub(p.parked_since_ms) > limit {
+            .saturating_add(1_000)
+            .saturating_add(cfg.lease.recall_wait_ms);
+        if now.saturating_sub(p.parked_since_ms) > limit {
             host.count(Metric::CalloutFailures);
             log::warn!("request {} waited too long for a lease", p.request_id);
             return self.fail(host, &cfg, None);
-        }
-        // The lease call we waited for may have ended in a cacheable refusal (a 402
-        // when the account ran dry): serve it rather than ask again.
-        if let Some(flow) = self.serve_cached(host, &cfg, p.cache_key.as_ref(), &p.route) {
-            return flow;
         }
         self.spend_from_lease(host, &cfg, *p)
     }
 
     /// The answer to our authorize or lease call. Returns `Continue` when the
-    /// request may now go upstream (the caller resumes it).
+    /// request may now go upstream (the caller resumes it), `Park` when it waits
+    /// for recalled credit (the caller wakes it from the timer).
     pub fn on_callout_response(
         &mut self,
         host: &impl HttpHost,
@@ -778,7 +858,7 @@ impl Gate {
         &mut self,
         host: &impl HttpHost,
         cfg: &Config,
-        p: Pending,
+        mut p: Pending,
         resp: &CalloutResponse,
     ) -> Flow {
         log::debug!(
@@ -788,19 +868,86 @@ impl Gate {
             resp.status
         );
         let credential = p.credential.clone().unwrap_or_default();
-        let key = lease::lease_key(&cfg.cluster, &credential);
+        let key = LeaseKey::new(&cfg.cluster, &credential);
+        let slot = key.slot_key(cfg.lease.max_entries);
         match parse_lease(resp, p.cost, cfg.cache_max_ttl_s) {
-            Ok(LeaseAnswer::Granted(grant)) => self.install(host, cfg, key, p, &grant),
-            Ok(LeaseAnswer::Decided(verdict)) => {
-                unlock(host, &key);
+            Ok(LeaseAnswer::Granted(grant)) => {
+                forget(host, cfg, p.cache_key.as_ref());
+                match self
+                    .worker
+                    .install_grant(host, cfg, &slot, &key, &grant, p.cost)
+                {
+                    Some(_) => {
+                        host.add(Metric::LeaseUnitsSpent, p.cost);
+                        let charge = Charge::Leased {
+                            key: slot,
+                            lease_id: grant.lease_id.clone(),
+                            request_id: p.request_id,
+                            credential,
+                            cost: p.cost,
+                        };
+                        let allow = Decision::allow(grant.account_id.clone(), grant.balance);
+                        self.act(host, cfg, &p.route, allow, Freshness::NoStore, Some(charge))
+                    }
+                    None => self.fail(host, cfg, None),
+                }
+            }
+            Ok(LeaseAnswer::Decided(mut verdict)) => {
+                unlock(host, &slot, &key, 0);
+                // A 402 in lease mode holds only for a moment (the account may be topped
+                // up while other gateways hold leases): kept at most a second, for the
+                // requests that waited for this call, and the client is not told to keep it.
+                let deny = matches!(verdict.decision, Decision::Deny(_));
+                if deny {
+                    verdict.max_age_s = verdict.max_age_s.map(|s| s.min(LEASE_DENY_MAX_AGE_S));
+                }
                 let freshness = self.remember(host, cfg, p.cache_key.as_ref(), &verdict);
+                let freshness = if deny { Freshness::NoStore } else { freshness };
                 // A lease call never debits without a grant, so there is no charge to keep.
                 self.act(host, cfg, &p.route, verdict.decision, freshness, None)
+            }
+            Ok(LeaseAnswer::Recall {
+                verdict,
+                retry_after_ms,
+            }) => {
+                unlock(host, &slot, &key, 0);
+                // An older refusal no longer holds: the account has credit, held elsewhere.
+                forget(host, cfg, p.cache_key.as_ref());
+                let now = host.now_ms();
+                let since = match (p.recall_since_ms, p.parked_since_ms) {
+                    (0, 0) => now,
+                    (0, parked) => parked,
+                    (recalled, _) => recalled,
+                };
+                let wake_at = now.saturating_add(retry_after_ms);
+                if wake_at > since.saturating_add(cfg.lease.recall_wait_ms) {
+                    log::info!(
+                        "request {}: recalled credit did not arrive within {} ms",
+                        p.request_id,
+                        cfg.lease.recall_wait_ms
+                    );
+                    return self.act(
+                        host,
+                        cfg,
+                        &p.route,
+                        verdict.decision,
+                        Freshness::NoStore,
+                        None,
+                    );
+                }
+                host.count(Metric::LeaseRecallWaits);
+                p.recall_since_ms = since;
+                p.wake_at_ms = wake_at;
+                if p.parked_since_ms == 0 {
+                    p.parked_since_ms = now;
+                }
+                self.stage = Stage::Parked(Box::new(p));
+                Flow::Park
             }
             Err(failure) => {
                 host.count(Metric::CalloutFailures);
                 log::warn!("lease for request {} failed: {failure}", p.request_id);
-                unlock(host, &key);
+                unlock(host, &slot, &key, 0);
                 // The service may have granted a lease we will never use: release it.
                 self.worker.outbox.borrow_mut().push(
                     host,
@@ -811,68 +958,6 @@ impl Gate {
                 self.fail(host, cfg, None)
             }
         }
-    }
-
-    fn install(
-        &mut self,
-        host: &impl HttpHost,
-        cfg: &Config,
-        key: String,
-        p: Pending,
-        grant: &Grant,
-    ) -> Flow {
-        for _ in 0..lease::MAX_CAS_RETRIES {
-            let (current, cas) = read_lease(host, &key);
-            let now = host.now_ms();
-            let (record, replaced) = lease::install(
-                current.as_ref(),
-                grant,
-                p.cost,
-                now,
-                cfg.lease.expiry_margin_ms,
-            );
-            if !host.shared_set(&key, &record.encode(), cas) {
-                continue;
-            }
-            host.count(Metric::LeasesTaken);
-            host.add(Metric::LeaseUnitsSpent, p.cost);
-            if let Some(old) = replaced {
-                host.count(Metric::LeaseRenewals);
-                let settle = Job::Settle {
-                    lease_key: key.clone(),
-                    lease_id: old.lease_id,
-                    used: old.used,
-                    last: true,
-                };
-                self.worker.outbox.borrow_mut().push(host, settle);
-            }
-            self.worker.owned.borrow_mut().push(Owned {
-                key: key.clone(),
-                lease_id: grant.lease_id.clone(),
-                spend_until_ms: record.spend_until_ms,
-                next_settle_ms: now + cfg.lease.settle_interval_ms,
-                settling: false,
-            });
-            let charge = Charge::Leased {
-                key,
-                lease_id: grant.lease_id.clone(),
-                request_id: p.request_id,
-                credential: p.credential.unwrap_or_default(),
-                cost: p.cost,
-            };
-            let allow = Decision::allow(grant.account_id.clone(), grant.balance);
-            return self.act(host, cfg, &p.route, allow, Freshness::NoStore, Some(charge));
-        }
-        // Never installed: give the whole lease back, and treat the request as a failure.
-        log::error!("lease {} could not be stored; releasing it", grant.lease_id);
-        let release = Job::Settle {
-            lease_key: key,
-            lease_id: grant.lease_id.clone(),
-            used: 0,
-            last: true,
-        };
-        self.worker.outbox.borrow_mut().push(host, release);
-        self.fail(host, cfg, None)
     }
 
     /// Caches a decision the service allowed us to keep; returns what to tell the client.
@@ -940,13 +1025,21 @@ impl Gate {
                 Some(Charge::Leased {
                     key,
                     lease_id,
+                    request_id,
                     cost,
                     ..
                 }) => {
-                    let refunded = refund_lease(host, &key, &lease_id, cost);
-                    if refunded {
-                        self.access.decided(Outcome::Refunded);
-                    }
+                    refund_leased(
+                        &self.worker,
+                        host,
+                        &key,
+                        &lease_id,
+                        request_id,
+                        cost,
+                        status,
+                    );
+                    // Given back to the lease, or queued for the lease refund call.
+                    self.access.decided(Outcome::Refunded);
                 }
                 None => {}
             }
@@ -1036,7 +1129,16 @@ impl Gate {
                 ..
             }) => {
                 if actual < hold {
-                    refund_lease(host, &key, &lease_id, hold - actual);
+                    // The usage was read from a served (2xx) response.
+                    refund_leased(
+                        &self.worker,
+                        host,
+                        &key,
+                        &lease_id,
+                        request_id,
+                        hold - actual,
+                        200,
+                    );
                 } else if actual > hold && !spend_extra(host, &key, &lease_id, actual - hold) {
                     // The lease cannot cover the overage: the service charges it directly.
                     let job = Job::Usage {
@@ -1063,10 +1165,8 @@ impl Gate {
                 }
             }
             Stage::Leasing(p) => {
-                unlock(
-                    host,
-                    &lease::lease_key(&cfg.cluster, p.credential.as_deref().unwrap_or_default()),
-                );
+                let key = LeaseKey::new(&cfg.cluster, p.credential.as_deref().unwrap_or_default());
+                unlock(host, &key.slot_key(cfg.lease.max_entries), &key, 0);
                 self.worker.outbox.borrow_mut().push(
                     host,
                     Job::Cancel {
@@ -1247,10 +1347,7 @@ impl Gate {
                 }
             }
         }
-        let seq = self.worker.request_seq.get().wrapping_add(1);
-        self.worker.request_seq.set(seq);
-        let addr = Rc::as_ptr(&self.worker) as usize;
-        format!("fbx-{:x}-{addr:x}-{seq:x}", host.now_ms())
+        self.worker.make_id(host)
     }
 }
 
@@ -1268,8 +1365,10 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 impl Worker {
-    /// The root context's timer: settle owned leases that are due, close expired
-    /// ones, and send what the outbox holds.
+    /// The root context's timer: settle owned leases that are due (a heartbeat
+    /// even when nothing was spent, while units are unspent: that is how a recall
+    /// reaches an idle holder), close expired ones, send renewals ahead of need,
+    /// and send what the outbox holds.
     pub fn tick(&self, host: &impl Host, cfg: &Config) {
         let now = host.now_ms();
         let mut outbox = self.outbox.borrow_mut();
@@ -1282,115 +1381,376 @@ impl Worker {
                 // Replaced: whoever replaced it settles it.
                 return false;
             };
-            if let Some((emptied, closed)) = lease::close_if_expired(&record, &o.lease_id, now) {
-                if !host.shared_set(&o.key, &emptied.encode(), cas) {
+            if let Some((emptied, closed)) = lease::close(&record, &o.lease_id, now, false) {
+                if !host.shared_set(&o.key, &lease::stored(&emptied), cas) {
                     return true; // raced with a spend; next tick
                 }
-                let job = Job::Settle {
-                    lease_key: o.key.clone(),
-                    lease_id: closed.lease_id,
-                    used: closed.used,
-                    last: true,
-                };
-                outbox.push(host, job);
+                outbox.push(host, final_settle(&o.key, &closed));
                 return false;
             }
-            o.next_settle_ms = now + cfg.lease.settle_interval_ms;
-            if !o.settling && record.used != record.reported {
-                o.settling = true;
-                let job = Job::Settle {
-                    lease_key: o.key.clone(),
-                    lease_id: o.lease_id.clone(),
-                    used: record.used,
-                    last: false,
-                };
-                outbox.push(host, job);
+            if o.settling || (record.used == record.reported && record.remaining() == 0) {
+                o.next_settle_ms = now + cfg.lease.settle_interval_ms;
+                return true;
             }
+            let Some(numbered) = lease::next_seq(&record, &o.lease_id) else {
+                return true;
+            };
+            if !host.shared_set(&o.key, &numbered.encode(), cas) {
+                return true; // raced with a spend; next tick
+            }
+            o.next_settle_ms = now + cfg.lease.settle_interval_ms;
+            o.settling = true;
+            let job = Job::Settle {
+                lease_key: o.key.clone(),
+                lease_id: o.lease_id.clone(),
+                used: record.used,
+                last: false,
+                seq: numbered.settle_seq,
+            };
+            outbox.push(host, job);
             true
         });
+        drop(outbox);
+        self.send_renewals(host, cfg);
+        let mut outbox = self.outbox.borrow_mut();
         if !outbox.is_empty() {
             let finished = outbox.flush(host, cfg);
             drop(outbox);
             for f in finished {
-                self.finished(host, f);
+                self.finished(host, cfg, f);
             }
         }
     }
 
-    /// An answer to an outbox call made from the root context.
-    pub fn on_outbox_response(&self, host: &impl Host, token: u32, status: Option<u16>) {
-        let finished = self.outbox.borrow_mut().on_response(host, token, status);
-        if let Some(f) = finished {
-            self.finished(host, f);
-        }
+    /// Whether a renewal ahead of need may be queued now.
+    fn renewals_open(&self) -> bool {
+        self.renewals.borrow().len() + self.renewing.borrow().len() < MAX_RENEWALS
     }
 
-    fn finished(&self, host: &impl Host, f: Finished) {
-        if let Job::Settle {
-            lease_key,
-            lease_id,
-            used,
-            last: false,
-        } = f.job
-        {
-            if let Some(o) = self
-                .owned
-                .borrow_mut()
-                .iter_mut()
-                .find(|o| o.lease_id == lease_id)
-            {
-                o.settling = false;
-            }
-            if f.ok {
-                for _ in 0..lease::MAX_CAS_RETRIES {
-                    let (current, cas) = read_lease(host, &lease_key);
-                    match current.and_then(|r| lease::acknowledge(&r, &lease_id, used)) {
-                        Some(record) if !host.shared_set(&lease_key, &record.encode(), cas) => {
-                            continue
-                        }
-                        _ => break,
-                    }
+    /// A request id made up here: unique across workers and Envoy processes (every
+    /// VM lays out its memory alike, so neither an address nor the clock tells them
+    /// apart; a random tag per worker does), as the service deduplicates by it.
+    fn make_id(&self, host: &impl Host) -> String {
+        let seq = self.request_seq.get().wrapping_add(1);
+        self.request_seq.set(seq);
+        if self.tag.get() == 0 {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(host.now_ms());
+            self.tag.set(h.finish() | 1);
+        }
+        format!("fbx-{:x}-{:016x}-{seq:x}", host.now_ms(), self.tag.get())
+    }
+
+    fn send_renewals(&self, host: &impl Host, cfg: &Config) {
+        let queued = std::mem::take(&mut *self.renewals.borrow_mut());
+        let holder = self.holder.borrow().clone();
+        for r in queued {
+            let body = lease_body(&LeaseRequest {
+                account: &r.credential,
+                want: lease::want(cfg.lease.want, r.cost),
+                min: r.cost,
+                request_id: &r.request_id,
+                holder: &holder,
+            });
+            match call(host, cfg, &cfg.lease.path, &r.request_id, &body) {
+                Ok(token) => {
+                    host.count(Metric::Callouts);
+                    self.renewing.borrow_mut().push((token, r));
+                }
+                Err(e) => {
+                    host.count(Metric::CalloutFailures);
+                    log::warn!("renewal ahead of need not dispatched: {e}");
+                    let retry_at = host.now_ms() + cfg.lease.settle_interval_ms;
+                    unlock(host, &r.slot, &r.key, retry_at);
                 }
             }
         }
     }
+
+    /// An answer to a call made from the root context: a renewal or an outbox job.
+    pub fn on_outbox_response(
+        &self,
+        host: &impl Host,
+        cfg: &Config,
+        token: u32,
+        resp: &CalloutResponse,
+    ) {
+        let renewal = {
+            let mut renewing = self.renewing.borrow_mut();
+            renewing
+                .iter()
+                .position(|(t, _)| *t == token)
+                .map(|i| renewing.swap_remove(i).1)
+        };
+        if let Some(r) = renewal {
+            self.renewed(host, cfg, r, resp);
+            return;
+        }
+        let finished = self.outbox.borrow_mut().on_response(host, token, resp);
+        if let Some(f) = finished {
+            self.finished(host, cfg, f);
+        }
+    }
+
+    /// The answer to a renewal ahead of need. Nobody waits for it: a refusal or
+    /// failure only means the lease is renewed when it runs out instead.
+    fn renewed(&self, host: &impl Host, cfg: &Config, r: Renewal, resp: &CalloutResponse) {
+        match parse_lease(resp, r.cost, cfg.cache_max_ttl_s) {
+            Ok(LeaseAnswer::Granted(grant)) => {
+                if self
+                    .install_grant(host, cfg, &r.slot, &r.key, &grant, 0)
+                    .is_some()
+                {
+                    host.count(Metric::LeaseAheadRenewals);
+                }
+            }
+            Ok(LeaseAnswer::Decided(_) | LeaseAnswer::Recall { .. }) => {
+                // No more credit for now: not again for this lease.
+                unlock(host, &r.slot, &r.key, u64::MAX);
+            }
+            Err(failure) => {
+                host.count(Metric::CalloutFailures);
+                log::warn!("renewal ahead of need failed: {failure}");
+                let retry_at = host.now_ms() + cfg.lease.settle_interval_ms;
+                unlock(host, &r.slot, &r.key, retry_at);
+                self.outbox.borrow_mut().push(
+                    host,
+                    Job::Cancel {
+                        request_id: r.request_id,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Installs a granted lease in its slot (`cost` already spent from it), and
+    /// settles the lease it replaces. `None` when it could not be stored: it is
+    /// then given back whole.
+    fn install_grant(
+        &self,
+        host: &impl Host,
+        cfg: &Config,
+        slot: &str,
+        key: &LeaseKey,
+        grant: &Grant,
+        cost: u64,
+    ) -> Option<LeaseRecord> {
+        for _ in 0..lease::MAX_CAS_RETRIES {
+            let (bytes, cas) = raw_slot(host, slot);
+            let now = host.now_ms();
+            let current = match lease::view(key, bytes.as_deref(), now) {
+                View::Mine(current) => current,
+                View::Occupied => break,
+            };
+            let (record, replaced) = lease::install(
+                key.owner(),
+                current.as_ref(),
+                grant,
+                cost,
+                now,
+                cfg.lease.expiry_margin_ms,
+            );
+            if !host.shared_set(slot, &record.encode(), cas) {
+                continue;
+            }
+            host.count(Metric::LeasesTaken);
+            let mut outbox = self.outbox.borrow_mut();
+            if let Some(old) = replaced {
+                host.count(Metric::LeaseRenewals);
+                outbox.push(host, final_settle(slot, &old));
+            }
+            self.owned.borrow_mut().push(Owned {
+                key: slot.to_string(),
+                lease_id: grant.lease_id.clone(),
+                spend_until_ms: record.spend_until_ms,
+                next_settle_ms: now + cfg.lease.settle_interval_ms,
+                settling: false,
+            });
+            return Some(record);
+        }
+        // Never installed: give the whole lease back.
+        log::error!("lease {} could not be stored; releasing it", grant.lease_id);
+        let release = Job::Settle {
+            lease_key: slot.to_string(),
+            lease_id: grant.lease_id.clone(),
+            used: 0,
+            last: true,
+            seq: 1,
+        };
+        self.outbox.borrow_mut().push(host, release);
+        None
+    }
+
+    fn finished(&self, host: &impl Host, cfg: &Config, f: Finished) {
+        let Job::Settle {
+            lease_key,
+            lease_id,
+            used,
+            last: false,
+            ..
+        } = f.job
+        else {
+            return;
+        };
+        if let Some(o) = self
+            .owned
+            .borrow_mut()
+            .iter_mut()
+            .find(|o| o.lease_id == lease_id)
+        {
+            o.settling = false;
+        }
+        if !f.ok {
+            return;
+        }
+        for _ in 0..lease::MAX_CAS_RETRIES {
+            let (current, cas) = read_lease(host, &lease_key);
+            let Some(current) = current.filter(|r| r.lease_id == lease_id) else {
+                return; // replaced or closed meanwhile: its final settle is on its way
+            };
+            let next = if f.recall {
+                // Another gateway needs the credit: stop spending and give the rest back now.
+                lease::close(&current, &lease_id, host.now_ms(), true).map(|(e, c)| (e, Some(c)))
+            } else {
+                lease::acknowledge(&current, &lease_id, used).map(|r| (r, None))
+            };
+            let Some((record, closed)) = next else { return };
+            if !host.shared_set(&lease_key, &lease::stored(&record), cas) {
+                continue;
+            }
+            if let Some(closed) = closed {
+                host.count(Metric::LeaseRecalls);
+                log::info!(
+                    "lease {lease_id} recalled by the balance service: settled at {} of {} units",
+                    closed.used,
+                    closed.granted
+                );
+                self.owned.borrow_mut().retain(|o| o.lease_id != lease_id);
+                self.outbox
+                    .borrow_mut()
+                    .push(host, final_settle(&lease_key, &closed));
+                // Sent at the next tick at the latest; now if the outbox can.
+                let finished = self.outbox.borrow_mut().flush(host, cfg);
+                for f in finished {
+                    self.finished(host, cfg, f);
+                }
+            }
+            return;
+        }
+    }
 }
 
-fn read_lease(host: &impl Host, key: &str) -> (Option<LeaseRecord>, Option<u32>) {
-    match host.shared_get(key) {
+/// The final settle of a lease that was closed or replaced (its `settle_seq` is the final one).
+fn final_settle(slot: &str, closed: &LeaseRecord) -> Job {
+    Job::Settle {
+        lease_key: slot.to_string(),
+        lease_id: closed.lease_id.clone(),
+        used: closed.used,
+        last: true,
+        seq: closed.settle_seq,
+    }
+}
+
+/// How long the renewal lock is held at most: a call's timeout, plus slack.
+fn lock_ms(cfg: &Config) -> u64 {
+    u64::try_from(cfg.timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1_000)
+}
+
+fn raw_slot(host: &impl Host, slot: &str) -> (Option<Vec<u8>>, Option<u32>) {
+    match host.shared_get(slot) {
+        Some((bytes, cas)) => (Some(bytes), cas),
+        None => (None, None),
+    }
+}
+
+/// The record in a slot, whoever it belongs to (callers match it by lease id,
+/// which the service makes unique).
+fn read_lease(host: &impl Host, slot: &str) -> (Option<LeaseRecord>, Option<u32>) {
+    match host.shared_get(slot) {
         Some((bytes, cas)) => (LeaseRecord::decode(&bytes), cas),
         None => (None, None),
     }
 }
 
-/// Drops the renewal lock (keeping the lease) so the next request can try.
-fn unlock(host: &impl Host, key: &str) {
+/// Drops the renewal lock (keeping the lease) so the next request can try; a
+/// slot left with neither is emptied. `ahead_not_before_ms`: no renewal ahead of
+/// need before then.
+fn unlock(host: &impl Host, slot: &str, key: &LeaseKey, ahead_not_before_ms: u64) {
     for _ in 0..lease::MAX_CAS_RETRIES {
-        let (current, cas) = read_lease(host, key);
-        if host.shared_set(key, &lease::unlock(current.as_ref()).encode(), cas) {
+        let (bytes, cas) = raw_slot(host, slot);
+        let View::Mine(current) = lease::view(key, bytes.as_deref(), host.now_ms()) else {
+            return; // another account's now: our lock is long gone
+        };
+        let record = lease::unlock(current.as_ref(), ahead_not_before_ms);
+        if host.shared_set(slot, &lease::stored(&record), cas) {
             return;
         }
     }
     log::warn!("lease lock not released; it expires by itself");
 }
 
-/// Gives `cost` back to the lease it was spent from, if that lease is still current.
-/// Returns whether it did.
-fn refund_lease(host: &impl Host, key: &str, lease_id: &str, cost: u64) -> bool {
+/// Clears a cached decision for `key` (a refusal that no longer holds).
+fn forget(host: &impl Host, cfg: &Config, key: Option<&CacheKey>) {
+    let Some(key) = key else { return };
+    let slot = key.slot_key(cfg.cache_max_entries);
+    if let Some((bytes, cas)) = host.shared_get(&slot) {
+        if !matches!(cache::lookup(key, &bytes, 0), Lookup::Miss) {
+            host.shared_set(&slot, &[], cas);
+        }
+    }
+}
+
+/// Gives a request's units back: to the current lease locally, else through
+/// the service's lease refund call (the lease was replaced or closed since).
+fn refund_leased(
+    worker: &Worker,
+    host: &impl Host,
+    slot: &str,
+    lease_id: &str,
+    request_id: String,
+    units: u64,
+    status: u16,
+) {
+    if refund_lease(host, slot, lease_id, units) {
+        return;
+    }
+    // A lease spend carries no request id unless it was metered: one is made up,
+    // and kept by the job's retries (the refund is idempotent by it).
+    let request_id = if request_id.is_empty() {
+        worker.make_id(host)
+    } else {
+        request_id
+    };
+    log::info!(
+        "{units} units of request {request_id} go back through the refund call of lease {lease_id}"
+    );
+    let job = Job::LeaseRefund {
+        lease_id: lease_id.to_string(),
+        request_id,
+        units,
+        status,
+    };
+    worker.outbox.borrow_mut().push(host, job);
+}
+
+/// Gives `cost` back to the lease it was spent from, if that lease is still
+/// current. `false`: it is not (replaced, closed or settled).
+fn refund_lease(host: &impl Host, slot: &str, lease_id: &str, cost: u64) -> bool {
     for _ in 0..lease::MAX_CAS_RETRIES {
-        let (current, cas) = read_lease(host, key);
+        let (current, cas) = read_lease(host, slot);
         match current.and_then(|r| lease::refund(&r, lease_id, cost)) {
             Some(record) => {
-                if host.shared_set(key, &record.encode(), cas) {
+                if host.shared_set(slot, &record.encode(), cas) {
                     host.count(Metric::Refunds);
                     return true;
                 }
             }
-            None => break,
+            None => return false,
         }
     }
-    host.count(Metric::RefundFailures);
-    log::warn!("{cost} units not refunded: lease {lease_id} was already settled");
     false
 }
 

@@ -291,13 +291,23 @@ impl Context for Root {
         match routed {
             Some((id, gate)) => {
                 // The answer belongs to the stream that made the call: read it as that stream.
-                self.on_stream(id, &gate, |g| {
+                let flow = self.on_stream(id, &gate, |g| {
                     g.on_callout_response(&self.host, token, &callout_response(body_size))
                 });
+                // Parked again (waiting for recalled credit): the timer wakes it.
+                if flow == Some(Flow::Park) {
+                    self.waiting.borrow_mut().parked.push((id, gate));
+                }
+                if let Err(e) = hostcalls::set_effective_context(self.id) {
+                    log::warn!("could not return to the root context: {e:?}");
+                }
             }
             None => {
-                let status = callout_response(0).status;
-                self.worker.on_outbox_response(&self.host, token, status);
+                if let Some(cfg) = &self.cfg {
+                    let resp = callout_response(body_size);
+                    self.worker
+                        .on_outbox_response(&self.host, cfg, token, &resp);
+                }
             }
         }
     }

@@ -72,6 +72,14 @@ metrics! {
     UsageAdjustFailures => "farebox_usage_adjust_failures",
     /// Request bodies over `max_body_bytes` (413).
     BodyTooLarge => "farebox_body_too_large",
+    /// Lease requests paid by authorize because another account's lease held their slot.
+    LeaseSlotBusy => "farebox_lease_slot_busy",
+    /// Times a request was parked because the service was recalling credit for it.
+    LeaseRecallWaits => "farebox_lease_recall_waits",
+    /// Leases given back early because the service recalled them.
+    LeaseRecalls => "farebox_lease_recalls",
+    /// Leases renewed ahead of need (nobody waited for them).
+    LeaseAheadRenewals => "farebox_lease_ahead_renewals",
 }
 
 impl Metric {

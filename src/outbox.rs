@@ -8,15 +8,17 @@
 use std::collections::VecDeque;
 
 use crate::balance_api::{
-    call, cancel_body, classify_outcome, refund_body, settle_body, usage_body, CallOutcome,
+    call, cancel_body, classify_outcome, lease_refund_body, refund_body, settle_body,
+    settle_recalls, usage_body, CallOutcome, CalloutResponse,
 };
 use crate::config::Config;
 use crate::host::Host;
 use crate::metrics::Metric;
 
-/// Attempts before a job is given up (and logged as lost): about a minute of backoff.
+/// Attempts before a job is given up (and logged as lost): the retries wait
+/// 1, 2, 4, 8, 16 and 32 s (63 s in all) after the first attempt fails.
 pub const MAX_ATTEMPTS: u32 = 7;
-const FIRST_BACKOFF_MS: u64 = 1_000;
+pub const FIRST_BACKOFF_MS: u64 = 1_000;
 /// Jobs waiting beyond this are dropped oldest first (and logged), so a dead
 /// service cannot make the queue grow without bound.
 pub const MAX_QUEUED: usize = 10_000;
@@ -41,6 +43,15 @@ pub enum Job {
         lease_id: String,
         used: u64,
         last: bool,
+        /// The contract's settle sequence number: a retry sends the same one.
+        seq: u64,
+    },
+    /// Credit units of a request whose lease is no longer the current one.
+    LeaseRefund {
+        lease_id: String,
+        request_id: String,
+        units: u64,
+        status: u16,
     },
     /// Release a lease whose grant we never saw (the answer was lost).
     Cancel { request_id: String },
@@ -55,7 +66,7 @@ pub enum Job {
 impl Job {
     fn failure_metric(&self) -> Metric {
         match self {
-            Job::Refund { .. } => Metric::RefundFailures,
+            Job::Refund { .. } | Job::LeaseRefund { .. } => Metric::RefundFailures,
             Job::Usage { .. } => Metric::UsageAdjustFailures,
             Job::Settle { .. } | Job::Cancel { .. } => Metric::SettleFailures,
         }
@@ -63,7 +74,7 @@ impl Job {
 
     fn success_metric(&self) -> Metric {
         match self {
-            Job::Refund { .. } => Metric::Refunds,
+            Job::Refund { .. } | Job::LeaseRefund { .. } => Metric::Refunds,
             Job::Usage { .. } => Metric::UsageAdjusted,
             Job::Settle { .. } | Job::Cancel { .. } => Metric::Settles,
         }
@@ -98,6 +109,14 @@ impl Job {
             Job::Cancel { request_id } => {
                 format!("cancel of the lease taken by request {request_id}")
             }
+            Job::LeaseRefund {
+                lease_id,
+                request_id,
+                units,
+                status,
+            } => format!(
+                "refund to lease {lease_id} of request {request_id} ({units} units, upstream status {status})"
+            ),
             Job::Usage {
                 request_id, actual, ..
             } => {
@@ -119,6 +138,8 @@ struct Task {
 pub struct Finished {
     pub job: Job,
     pub ok: bool,
+    /// A settle answer asked for the lease back (contract 4.3, recall).
+    pub recall: bool,
 }
 
 #[derive(Debug, Default)]
@@ -176,11 +197,22 @@ impl Outbox {
                     lease_id,
                     used,
                     last,
+                    seq,
                     ..
                 } => (
                     format!("{}/{lease_id}/settle", cfg.lease.path),
-                    settle_body(*used, *last),
-                    format!("{lease_id}-settle-{used}"),
+                    settle_body(*used, *last, *seq),
+                    format!("{lease_id}-settle-{seq}"),
+                ),
+                Job::LeaseRefund {
+                    lease_id,
+                    request_id,
+                    units,
+                    status,
+                } => (
+                    format!("{}/{lease_id}/refund", cfg.lease.path),
+                    lease_refund_body(request_id, *units, *status),
+                    request_id.clone(),
                 ),
                 Job::Usage {
                     request_id,
@@ -194,7 +226,7 @@ impl Outbox {
                 Job::Cancel { request_id } => (
                     format!("{}/cancel", cfg.lease.path),
                     cancel_body(request_id),
-                    format!("{request_id}-cancel"),
+                    request_id.clone(),
                 ),
             };
             match call(host, cfg, &path, &request_id, &body) {
@@ -215,17 +247,20 @@ impl Outbox {
         &mut self,
         host: &impl Host,
         token: u32,
-        status: Option<u16>,
+        resp: &CalloutResponse,
     ) -> Option<Finished> {
         let pos = self.in_flight.iter().position(|(t, _)| *t == token)?;
         let (_, task) = self.in_flight.swap_remove(pos);
-        match classify_outcome(status) {
+        match classify_outcome(resp.status) {
             CallOutcome::Done => {
                 host.count(task.job.success_metric());
                 log::info!("{} done", task.job.describe());
+                let recall =
+                    matches!(task.job, Job::Settle { last: false, .. }) && settle_recalls(resp);
                 Some(Finished {
                     job: task.job,
                     ok: true,
+                    recall,
                 })
             }
             // A lost authorize may commit after our undo arrives: ask again later.
@@ -240,11 +275,14 @@ impl Outbox {
                 None
             }
             // 404 on a refund or cancel: nothing was charged or granted; nothing is lost.
-            CallOutcome::Rejected(404) if !matches!(task.job, Job::Settle { .. }) => {
+            CallOutcome::Rejected(404)
+                if !matches!(task.job, Job::Settle { .. } | Job::LeaseRefund { .. }) =>
+            {
                 log::debug!("{}: nothing to undo", task.job.describe());
                 Some(Finished {
                     job: task.job,
                     ok: true,
+                    recall: false,
                 })
             }
             CallOutcome::Rejected(s) => {
@@ -256,6 +294,7 @@ impl Outbox {
                 Some(Finished {
                     job: task.job,
                     ok: false,
+                    recall: false,
                 })
             }
             CallOutcome::Retry(s) => {
@@ -281,6 +320,7 @@ impl Outbox {
             return Some(Finished {
                 job: task.job,
                 ok: false,
+                recall: false,
             });
         }
         if task.attempts >= MAX_ATTEMPTS {
@@ -292,6 +332,7 @@ impl Outbox {
             return Some(Finished {
                 job: task.job,
                 ok: false,
+                recall: false,
             });
         }
         task.due_ms = now + (FIRST_BACKOFF_MS << (task.attempts - 1).min(16));

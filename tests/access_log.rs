@@ -105,6 +105,10 @@ fn ids_for_path(log: &Path, path: &str, n: usize) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn access_log_shows_who_paid_what_and_why() {
     let log_dir = TempDir::new("access-log-file");
     let log = log_dir.join("access.log");
@@ -227,6 +231,10 @@ fn access_log_shows_who_paid_what_and_why() {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn access_log_names_the_lease_that_paid() {
     let log_dir = TempDir::new("access-log-lease-file");
     let log = log_dir.join("access.log");
@@ -268,6 +276,10 @@ fn access_log_names_the_lease_that_paid() {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn access_log_false_leaves_the_fields_unset() {
     let log_dir = TempDir::new("access-log-off-file");
     let log = log_dir.join("access.log");

@@ -51,10 +51,16 @@ fn lease_is_spent_only_within_its_grant_and_time() {
         spend_until_ms: now + 60_000,
         renewing_until_ms: 0,
         balance: None,
+        ..LeaseRecord::default()
     };
     // The last units of a lease are spent, exactly.
-    match lease::step(Some(&record(10, 7)), 3, now, 1000) {
-        Step::Spend { record } => assert_eq!(record.used, 10),
+    let owner = [7u8; 16];
+    let record = |granted: u64, used: u64| LeaseRecord {
+        owner,
+        ..record(granted, used)
+    };
+    match lease::step(owner, Some(&record(10, 7)), 3, now, 1000, true) {
+        Step::Spend { record, .. } => assert_eq!(record.used, 10),
         other => panic!("the last 3 of 10 units: {other:?}"),
     }
     // One unit more than is left, a used-up lease, and (the fuzzer's find) a corrupt
@@ -65,7 +71,7 @@ fn lease_is_spent_only_within_its_grant_and_time() {
         (10, 0, u64::MAX),
         (144_115_188_075_855_625, 18_446_742_991_394_570_240, 1),
     ] {
-        let step = lease::step(Some(&record(granted, used)), cost, now, 1000);
+        let step = lease::step(owner, Some(&record(granted, used)), cost, now, 1000, true);
         assert!(
             !matches!(step, Step::Spend { .. }),
             "granted {granted}, used {used}, cost {cost}: {step:?}"
@@ -76,10 +82,25 @@ fn lease_is_spent_only_within_its_grant_and_time() {
         spend_until_ms: now,
         ..record(10, 0)
     };
-    let step = lease::step(Some(&expired), 1, now, 1000);
+    let step = lease::step(owner, Some(&expired), 1, now, 1000, true);
     assert!(!matches!(step, Step::Spend { .. }), "{step:?}");
-    // A corrupt record round-trips through its shared-data encoding unchanged.
-    let corrupt = record(1, u64::MAX);
+    // Another account's live lease in the slot is not this account's to spend from.
+    let other = lease::LeaseKey::new("balance", "another-credential");
+    let stored = record(10, 0).encode();
+    assert!(matches!(
+        lease::view(&other, Some(&stored), now),
+        lease::View::Occupied
+    ));
+    // A corrupt record round-trips through its shared-data encoding unchanged, and a
+    // settle seq at its maximum stays there rather than overflow.
+    let corrupt = LeaseRecord {
+        settle_seq: u64::MAX,
+        ..record(1, u64::MAX)
+    };
+    assert_eq!(
+        lease::next_seq(&corrupt, "ls_regression").map(|r| r.settle_seq),
+        Some(u64::MAX)
+    );
     assert_eq!(LeaseRecord::decode(&corrupt.encode()), Some(corrupt));
 }
 
@@ -168,10 +189,26 @@ fn credential_is_in_no_shared_data_key_or_value() {
         );
         assert!(!contains(&bytes, CREDENTIAL.as_bytes()), "{bytes:?}");
     }
-    let lease_key = lease::lease_key("balance", hex);
-    assert!(!lease_key.contains(hex), "{lease_key}");
-    assert_ne!(lease_key, lease::lease_key("balance", "deadbeef0042c0ffef"));
-    assert_ne!(lease_key, lease::lease_key("balanc", &format!("e{hex}")));
+    // A lease slot key is a number below the table size, derived from the credential's
+    // hash: different credentials spread over the slots; the owner tag separates clusters.
+    let lease_slots: std::collections::BTreeSet<String> = (0..100)
+        .map(|i| lease::LeaseKey::new("balance", &format!("{CREDENTIAL}-{i}")).slot_key(10_000_000))
+        .collect();
+    assert!(
+        lease_slots.len() > 90,
+        "100 credentials in {} lease slots",
+        lease_slots.len()
+    );
+    let lease_key = lease::LeaseKey::new("balance", hex);
+    assert!(!lease_key.slot_key(16_384).contains(hex));
+    assert_ne!(
+        lease_key.owner(),
+        lease::LeaseKey::new("balance", "deadbeef0042c0ffef").owner()
+    );
+    assert_ne!(
+        lease_key.owner(),
+        lease::LeaseKey::new("balanc", &format!("e{hex}")).owner()
+    );
 }
 
 /// An entry is served only to the (configuration, route, cost, credential) it was made for.

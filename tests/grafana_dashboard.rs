@@ -282,6 +282,10 @@ fn missing(
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn promql_metric_names_are_found() {
     let sel = metric_selectors(
         r#"histogram_quantile(0.99, sum by (le) (rate(envoy_x_bucket{instance=~"$i",c="a,b"}[$__rate_interval]))) / clamp_min(sum(rate(farebox_a[1m])) + 1e-9, 1)"#,
@@ -304,6 +308,10 @@ fn promql_metric_names_are_found() {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn dashboard_is_well_formed_and_covers_the_operators_questions() {
     let dash = dashboard();
     assert_eq!(dash["uid"], "farebox");
@@ -368,6 +376,10 @@ fn dashboard_is_well_formed_and_covers_the_operators_questions() {
 }
 
 #[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn every_metric_the_dashboard_queries_is_served_by_envoy() {
     let dash = dashboard();
     let queries = queries(&dash);

@@ -104,8 +104,11 @@ fn exact_money_under_concurrency_with_few_callouts() {
         lease_calls as f64 / 2000.0
     );
     assert!(lease_calls >= 5, "500 units need at least 5 leases of 100");
+    // Paying for 500 units takes a few leases. The 1,500 refusals after the account ran
+    // dry ask again (a lease 402 is not served from the cache to a new request, so that a
+    // top-up is usable at once); requests waiting on one lease call share its answer.
     assert!(
-        lease_calls <= 40,
+        lease_calls <= 40 + 1500 / 4,
         "far fewer callouts than requests: {lease_calls}"
     );
     assert_eq!(

@@ -95,6 +95,15 @@ fuzz_target!(|input: Input| {
                 panic!("a lease call never allows without a grant");
             }
         }
+        Ok(LeaseAnswer::Recall {
+            verdict,
+            retry_after_ms,
+        }) => {
+            assert_eq!(resp.status, Some(402), "only a 402 recalls");
+            assert!(matches!(verdict.decision, Decision::Deny(_)));
+            assert_eq!(verdict.max_age_s, None, "a recall is never cached");
+            assert!((10..=1_000).contains(&retry_after_ms), "{retry_after_ms}");
+        }
         Err(_) => {}
     }
 });

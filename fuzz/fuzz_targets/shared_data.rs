@@ -128,7 +128,10 @@ fuzz_target!(|input: Input| {
         reported: r.reported,
         spend_until_ms: r.spend_until_ms,
         renewing_until_ms: r.renewing_until_ms,
+        settle_seq: r.reported,
+        ahead_not_before_ms: r.spend_until_ms,
         balance: r.balance,
+        ..LeaseRecord::default()
     };
     assert_eq!(
         LeaseRecord::decode(&record.encode()),
@@ -137,8 +140,15 @@ fuzz_target!(|input: Input| {
     );
 
     // The state machine never spends what the lease does not hold.
-    match lease::step(Some(&record), input.lease_cost, input.now_ms, input.lock_ms) {
-        Step::Spend { record: next } => {
+    match lease::step(
+        record.owner,
+        Some(&record),
+        input.lease_cost,
+        input.now_ms,
+        input.lock_ms,
+        true,
+    ) {
+        Step::Spend { record: next, .. } => {
             assert!(record.has_lease() && input.now_ms < record.spend_until_ms);
             assert_eq!(next.used, record.used + input.lease_cost);
             // (A record that is already over, used > granted, can only come from corrupt

@@ -1886,3 +1886,81 @@ fn parse_request(buf: &[u8]) -> Option<(FakeRequest, usize)> {
         body_start + used,
     ))
 }
+
+// ---------------------------------------------------------------------------------------
+// A fleet: several Envoy processes in front of one balance service
+// ---------------------------------------------------------------------------------------
+
+/// `n` Envoy processes (`--concurrency 1` each, like gateways behind a load balancer)
+/// sharing one reference balance service and one upstream.
+/// Field order matters: the Envoys are dropped (killed) first, the temp dir last.
+pub struct Fleet {
+    pub envoys: Vec<Envoy>,
+    pub balance: BalanceService,
+    pub echo: Option<Echo>,
+    pub plugin: Value,
+    pub dir: TempDir,
+}
+
+impl Fleet {
+    /// Starts the service (`opts`), the echo upstream unless `upstream` is given, and
+    /// `n` Envoys with `plugin`.
+    pub fn start(
+        label: &str,
+        n: usize,
+        plugin: &Value,
+        opts: &BalanceOpts,
+        upstream: Option<SocketAddr>,
+    ) -> Fleet {
+        let dir = TempDir::new(label);
+        let balance = BalanceService::start(dir.path(), opts);
+        let (echo, upstream_addr) = match upstream {
+            Some(addr) => (None, addr),
+            None => {
+                let echo = Echo::start(dir.path());
+                let addr = echo.addr;
+                (Some(echo), addr)
+            }
+        };
+        let mut envoy_opts = EnvoyOpts::new(plugin, balance.addr, upstream_addr);
+        envoy_opts.concurrency = 1;
+        let envoys = (0..n)
+            .map(|i| {
+                let sub = dir.join(&format!("envoy-{i}"));
+                fs::create_dir_all(&sub).expect("create an Envoy's directory");
+                Envoy::start(&sub, &envoy_opts)
+            })
+            .collect();
+        Fleet {
+            envoys,
+            balance,
+            echo,
+            plugin: plugin.clone(),
+            dir,
+        }
+    }
+
+    /// The sum of a farebox metric over the Envoys still running.
+    pub fn metric(&mut self, name: &str) -> u64 {
+        self.envoys
+            .iter_mut()
+            .filter_map(|e| e.is_running().then(|| e.metric(name)))
+            .sum()
+    }
+}
+
+/// An integer field of an admin answer.
+pub fn acct_num(v: &Value, field: &str) -> i64 {
+    v[field]
+        .as_i64()
+        .unwrap_or_else(|| panic!("[harness] no integer `{field}` in {v}"))
+}
+
+/// The ledger invariant: initial + topups = balance + reserved + charged.
+pub fn assert_ledger_exact(acct: &Value) {
+    assert_eq!(
+        acct_num(acct, "initial_balance") + acct_num(acct, "topups"),
+        acct_num(acct, "balance") + acct_num(acct, "reserved") + acct_num(acct, "charged"),
+        "ledger does not balance: {acct}"
+    );
+}
