@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod postgres;
+
 /// Admin token of every reference balance service the harness starts.
 pub const ADMIN_TOKEN: &str = "test-admin";
 /// How long a client waits for an answer before the test fails instead of hanging.
@@ -99,17 +101,24 @@ pub fn demo_envoy_yaml() -> String {
 
 /// The plugin configuration of the demo (`envoy/envoy.yaml`, between the markers).
 pub fn demo_plugin_config() -> Value {
-    let yaml = demo_envoy_yaml();
+    envoy_plugin_config("envoy.yaml")
+}
+
+/// The plugin configuration of `envoy/<file>`, between the farebox-config markers.
+pub fn envoy_plugin_config(file: &str) -> Value {
+    let path = repo_root().join("envoy").join(file);
+    let yaml =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let (begin, end) = config_block(&yaml);
     let block: Vec<&str> = yaml.lines().skip(begin + 1).take(end - begin - 1).collect();
     let first = block.first().map(|l| l.trim()).unwrap_or_default();
     assert_eq!(
         first, "value: |",
-        "envoy/envoy.yaml: the plugin config block must start with `value: |`"
+        "envoy/{file}: the plugin config block must start with `value: |`"
     );
     let text: String = block.iter().skip(1).map(|l| format!("{l}\n")).collect();
     serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("envoy/envoy.yaml: plugin config is not JSON: {e}\n{text}"))
+        .unwrap_or_else(|e| panic!("envoy/{file}: plugin config is not JSON: {e}\n{text}"))
 }
 
 /// Line indexes of the begin and end markers.
@@ -395,6 +404,10 @@ pub struct BalanceOpts {
     pub extra_args: Vec<String>,
     /// Where to listen (default: a free loopback port), e.g. to restart on the same port.
     pub listen: Option<SocketAddr>,
+    /// `--database-url` (e.g. a [`postgres::TestDatabase`]'s URL); when set, no `--db`.
+    pub database_url: Option<String>,
+    /// The SQLite file (default `<dir>/balance.sqlite`), e.g. one shared by two replicas.
+    pub db_path: Option<PathBuf>,
 }
 
 /// The reference balance service (`farebox-balance`).
@@ -405,16 +418,23 @@ pub struct BalanceService {
 
 impl BalanceService {
     pub fn start(dir: &Path, opts: &BalanceOpts) -> BalanceService {
-        let db = dir.join("balance.sqlite");
         let mut args = vec![
             "--listen".to_string(),
             opts.listen
                 .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string()),
-            "--db".to_string(),
-            db.display().to_string(),
             "--admin-token".to_string(),
             ADMIN_TOKEN.to_string(),
         ];
+        match &opts.database_url {
+            Some(url) => args.extend(["--database-url".to_string(), url.clone()]),
+            None => {
+                let db = opts
+                    .db_path
+                    .clone()
+                    .unwrap_or_else(|| dir.join("balance.sqlite"));
+                args.extend(["--db".to_string(), db.display().to_string()]);
+            }
+        }
         if let Some(t) = &opts.service_token {
             args.push("--service-token".into());
             args.push(t.clone());
@@ -435,9 +455,14 @@ impl BalanceService {
         BalanceService { proc, addr }
     }
 
-    /// Kills the service (e.g. to test the filter's failure modes).
+    /// Kills the service (SIGKILL: no drain, no graceful shutdown), e.g. to test the
+    /// filter's failure modes.
     pub fn stop(&mut self) {
         self.proc.stop();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     pub fn log(&self) -> String {
@@ -614,6 +639,11 @@ pub struct EnvoyOpts {
     pub wasm: Option<PathBuf>,
     /// More command-line arguments, e.g. `--component-log-level wasm:debug`.
     pub extra_args: Vec<String>,
+    /// The file of `envoy/` to run (default `envoy.yaml`, the demo).
+    pub config_file: String,
+    /// More `(from, to)` text substitutions, each of which must match exactly once, e.g.
+    /// the second replica's port of `envoy/envoy-replicas.yaml`.
+    pub replacements: Vec<(String, String)>,
 }
 
 impl EnvoyOpts {
@@ -626,6 +656,8 @@ impl EnvoyOpts {
             log_level: "info".to_string(),
             wasm: None,
             extra_args: Vec::new(),
+            config_file: "envoy.yaml".to_string(),
+            replacements: Vec::new(),
         }
     }
 }
@@ -716,14 +748,20 @@ impl Envoy {
 
     fn command(dir: &Path, opts: &EnvoyOpts) -> (Command, PathBuf, PathBuf) {
         let wasm = opts.wasm.clone().unwrap_or_else(wasm_path);
-        let yaml = render_envoy_yaml(
-            &demo_envoy_yaml(),
+        let source = repo_root().join("envoy").join(&opts.config_file);
+        let source = fs::read_to_string(&source)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", source.display()));
+        let mut yaml = render_envoy_yaml(
+            &source,
             &wasm,
             Some(&opts.plugin_config),
             Some(opts.balance_addr),
             Some(opts.upstream_addr),
             true,
         );
+        for (from, to) in &opts.replacements {
+            yaml = replace_once(&yaml, from, to);
+        }
         let config_path = dir.join("envoy.yaml");
         fs::write(&config_path, yaml).expect("write envoy.yaml");
         let admin_path = dir.join("admin.txt");
@@ -1035,6 +1073,97 @@ impl Stack {
 }
 
 // ---------------------------------------------------------------------------------------
+// Two balance-service replicas behind envoy/envoy-replicas.yaml
+// ---------------------------------------------------------------------------------------
+
+/// The second replica's port line in `envoy/envoy-replicas.yaml` (the first one is the
+/// demo's balance port, 8081).
+pub const REPLICA_B_PORT_LINE: &str = "port_value: 8083";
+
+/// Envoy options for `envoy/envoy-replicas.yaml` in front of `replicas`.
+pub fn replicas_envoy_opts(
+    plugin: &Value,
+    replicas: [SocketAddr; 2],
+    upstream: SocketAddr,
+) -> EnvoyOpts {
+    let mut opts = EnvoyOpts::new(plugin, replicas[0], upstream);
+    opts.config_file = "envoy-replicas.yaml".to_string();
+    opts.replacements = vec![(
+        REPLICA_B_PORT_LINE.to_string(),
+        format!("port_value: {}", replicas[1].port()),
+    )];
+    opts
+}
+
+/// Two reference balance services on one ledger (`ledger`: its `database_url`, or a
+/// shared SQLite `db_path`), the echo upstream, and `envoys` Envoys running
+/// `envoy/envoy-replicas.yaml` in front of both replicas.
+pub struct ReplicaStack {
+    /// Field order matters: the Envoys go first, the temporary directory last.
+    pub envoys: Vec<Envoy>,
+    pub replicas: Vec<BalanceService>,
+    pub echo: Echo,
+    pub plugin: Value,
+    pub dir: TempDir,
+}
+
+impl ReplicaStack {
+    pub fn start(
+        label: &str,
+        ledger: &BalanceOpts,
+        plugin: &Value,
+        envoys: usize,
+        concurrency: u32,
+    ) -> ReplicaStack {
+        let dir = TempDir::new(label);
+        let replicas: Vec<BalanceService> = ["replica-a", "replica-b"]
+            .iter()
+            .map(|name| {
+                let sub = dir.join(name);
+                fs::create_dir_all(&sub).expect("create replica dir");
+                BalanceService::start(&sub, ledger)
+            })
+            .collect();
+        let echo = Echo::start(dir.path());
+        let envoys = (0..envoys)
+            .map(|i| {
+                let sub = dir.join(&format!("envoy-{i}"));
+                fs::create_dir_all(&sub).expect("create envoy dir");
+                let mut opts =
+                    replicas_envoy_opts(plugin, [replicas[0].addr, replicas[1].addr], echo.addr);
+                opts.concurrency = concurrency;
+                Envoy::start(&sub, &opts)
+            })
+            .collect();
+        ReplicaStack {
+            envoys,
+            replicas,
+            echo,
+            plugin: plugin.clone(),
+            dir,
+        }
+    }
+
+    /// The client-facing addresses of the Envoys.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.envoys.iter().map(|e| e.addr).collect()
+    }
+
+    /// A replica for admin calls (the ledger is the same through either).
+    pub fn admin(&self) -> &BalanceService {
+        &self.replicas[0]
+    }
+
+    /// `authorize_calls` of each replica.
+    pub fn authorize_calls(&self) -> Vec<u64> {
+        self.replicas
+            .iter()
+            .map(BalanceService::authorize_calls)
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // A minimal blocking HTTP/1.1 client
 // ---------------------------------------------------------------------------------------
 
@@ -1339,6 +1468,19 @@ pub fn load(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Vec<Response> {
+    load_spread(&[addr], total, connections, method, path, headers)
+}
+
+/// [`load`] over several gateways: connection `i` talks to `addrs[i % addrs.len()]`.
+pub fn load_spread(
+    addrs: &[SocketAddr],
+    total: usize,
+    connections: usize,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Vec<Response> {
+    assert!(!addrs.is_empty(), "load_spread needs at least one address");
     let owned: Vec<(String, String)> = headers
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1346,6 +1488,7 @@ pub fn load(
     let handles: Vec<_> = (0..connections)
         .map(|i| {
             let share = total / connections + usize::from(i < total % connections);
+            let addr = addrs[i % addrs.len()];
             let (owned, method, path) = (owned.clone(), method.to_string(), path.to_string());
             thread::spawn(move || {
                 let hs: Vec<(&str, &str)> = owned
