@@ -1480,31 +1480,133 @@ pub fn load_spread(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Vec<Response> {
-    assert!(!addrs.is_empty(), "load_spread needs at least one address");
-    let owned: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let handles: Vec<_> = (0..connections)
-        .map(|i| {
-            let share = total / connections + usize::from(i < total % connections);
-            let addr = addrs[i % addrs.len()];
-            let (owned, method, path) = (owned.clone(), method.to_string(), path.to_string());
-            thread::spawn(move || {
-                let hs: Vec<(&str, &str)> = owned
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                (0..share)
-                    .map(|_| http(addr, &method, &path, &hs, b""))
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    handles
+    LoadRun::start(addrs, total, connections, method, path, headers)
+        .join()
         .into_iter()
-        .flat_map(|h| h.join().expect("load thread panicked"))
+        .map(|t| t.response)
         .collect()
+}
+
+/// One answer of a [`LoadRun`], with when its request was sent and answered.
+#[derive(Clone, Debug)]
+pub struct Timed {
+    pub sent: Instant,
+    pub answered: Instant,
+    pub response: Response,
+}
+
+/// A load running in the background: `total` requests at most, over `connections`
+/// threads (connection `i` talks to `addrs[i % addrs.len()]`), each sending its share one
+/// after another, until its share is done or [`LoadRun::stop`]. The test can watch it
+/// while it runs (e.g. to kill something mid-load on a positive signal).
+pub struct LoadRun {
+    threads: Vec<thread::JoinHandle<Vec<Timed>>>,
+    /// (answered at, status) of every answer so far.
+    seen: Arc<Mutex<Vec<(Instant, u16)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LoadRun {
+    pub fn start(
+        addrs: &[SocketAddr],
+        total: usize,
+        connections: usize,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> LoadRun {
+        assert!(!addrs.is_empty(), "a load needs at least one address");
+        let owned: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..connections)
+            .map(|i| {
+                let share = total / connections + usize::from(i < total % connections);
+                let addr = addrs[i % addrs.len()];
+                let (owned, method, path) = (owned.clone(), method.to_string(), path.to_string());
+                let (seen, stop) = (seen.clone(), stop.clone());
+                thread::spawn(move || {
+                    let hs: Vec<(&str, &str)> = owned
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    let mut out = Vec::with_capacity(share);
+                    for _ in 0..share {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let sent = Instant::now();
+                        let response = http(addr, &method, &path, &hs, b"");
+                        let answered = Instant::now();
+                        if let Ok(mut s) = seen.lock() {
+                            s.push((answered, response.status));
+                        }
+                        out.push(Timed {
+                            sent,
+                            answered,
+                            response,
+                        });
+                    }
+                    out
+                })
+            })
+            .collect();
+        LoadRun {
+            threads,
+            seen,
+            stop,
+        }
+    }
+
+    /// Answers so far.
+    pub fn completed(&self) -> usize {
+        self.seen.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Answers with `status` answered at or after `since`.
+    pub fn count_since(&self, status: u16, since: Instant) -> usize {
+        self.seen
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .filter(|(at, st)| *st == status && *at >= since)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// When the first answer with `status` at or after `since` came, if one did.
+    pub fn first_since(&self, status: u16, since: Instant) -> Option<Instant> {
+        self.seen.lock().ok().and_then(|s| {
+            s.iter()
+                .filter(|(at, st)| *st == status && *at >= since)
+                .map(|(at, _)| *at)
+                .min()
+        })
+    }
+
+    /// No new requests after the ones in flight.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for every connection to finish; the answers, in no particular order.
+    pub fn join(mut self) -> Vec<Timed> {
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .flat_map(|h| h.join().expect("load thread panicked"))
+            .collect()
+    }
+}
+
+impl Drop for LoadRun {
+    fn drop(&mut self) {
+        // A test that panics mid-load must not leave threads sending requests.
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 pub fn parallel_requests(
