@@ -2,6 +2,7 @@
 //! fallbacks `FAREBOX_BALANCE_<FLAG>` (upper case, `-` becomes `_`).
 //! Precedence: flag, then environment variable, then default.
 
+use crate::store::DatabaseUrl;
 use std::collections::HashMap;
 
 /// SQLite `synchronous` setting (the database always runs in WAL mode).
@@ -60,7 +61,8 @@ pub struct X402 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub listen: String,
-    pub db: String,
+    /// Where the ledger lives (`--database-url`, or `--db PATH` = `sqlite:PATH`).
+    pub database_url: DatabaseUrl,
     pub sync: SyncMode,
     pub admin_token: Option<String>,
     pub service_token: Option<String>,
@@ -84,7 +86,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8081".to_owned(),
-            db: "farebox-balance.sqlite".to_owned(),
+            database_url: DatabaseUrl::Sqlite("farebox-balance.sqlite".to_owned()),
             sync: SyncMode::Normal,
             admin_token: None,
             service_token: None,
@@ -104,9 +106,12 @@ impl Default for Config {
 
 pub const USAGE: &str = "\
 usage: farebox-balance [flags]
+       farebox-balance migrate [--database-url URL | --db PATH]
 
   --listen ADDR            listen address (default 127.0.0.1:8081; port 0 picks one)
-  --db PATH                SQLite database file (default farebox-balance.sqlite)
+  --database-url URL       the ledger: sqlite:PATH (default sqlite:farebox-balance.sqlite)
+                           or postgres://USER[:PASSWORD]@HOST:PORT/DATABASE
+  --db PATH                same as --database-url sqlite:PATH
   --sync normal|full       SQLite synchronous mode in WAL (default normal)
   --admin-token TOKEN      bearer token for /admin/*; without it the admin API answers 503
   --service-token TOKEN    if set, /v1/* requests must carry 'authorization: Bearer TOKEN'
@@ -128,6 +133,9 @@ usage: farebox-balance [flags]
   --quiet                  do not log one line per request to stderr
   --help                   print this help
 
+`migrate` applies the schema migrations and exits (the service also applies
+them at start-up); it refuses a database migrated by a newer version.
+
 Every flag falls back to the environment variable FAREBOX_BALANCE_<FLAG>
 (e.g. FAREBOX_BALANCE_ADMIN_TOKEN); an empty variable counts as unset.
 Boolean variables accept 1/true/yes/on and 0/false/no/off.
@@ -135,6 +143,7 @@ Boolean variables accept 1/true/yes/on and 0/false/no/off.
 
 const VALUE_FLAGS: &[&str] = &[
     "listen",
+    "database-url",
     "db",
     "sync",
     "admin-token",
@@ -155,7 +164,9 @@ const BOOL_FLAGS: &[&str] = &["seed-demo", "quiet"];
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
-    Run(Config),
+    Run(Box<Config>),
+    /// `farebox-balance migrate`: apply the migrations to this database.
+    Migrate(DatabaseUrl),
     Help,
 }
 
@@ -200,7 +211,8 @@ where
 {
     let mut values: HashMap<&'static str, String> = HashMap::new();
     let mut bools: HashMap<&'static str, bool> = HashMap::new();
-    let mut it = args.into_iter();
+    let mut it = args.into_iter().peekable();
+    let migrate = it.next_if(|a| a == "migrate").is_some();
     while let Some(arg) = it.next() {
         if arg == "--help" || arg == "-h" {
             return Ok(Parsed::Help);
@@ -229,6 +241,7 @@ where
         }
     }
 
+    let from_args: Vec<&'static str> = values.keys().copied().collect();
     // Fill in environment fallbacks (empty counts as unset).
     for flag in VALUE_FLAGS {
         if !values.contains_key(flag) {
@@ -249,11 +262,27 @@ where
     if let Some(v) = values.remove("listen") {
         cfg.listen = v;
     }
-    if let Some(v) = values.remove("db") {
-        if v.is_empty() {
-            return Err("--db must not be empty".to_owned());
+    // --database-url wins over --db when both come from the same place; a
+    // flag wins over an environment variable.
+    let url = values.remove("database-url");
+    let db = values.remove("db");
+    let url_flag = url
+        .as_ref()
+        .is_some_and(|_| from_args.contains(&"database-url"));
+    let db_flag = db.as_ref().is_some_and(|_| from_args.contains(&"db"));
+    cfg.database_url = match (url, db) {
+        (Some(_), Some(_)) if url_flag && db_flag => {
+            return Err(
+                "--database-url and --db name the same setting: give one of them".to_owned(),
+            )
         }
-        cfg.db = v;
+        (Some(_), Some(path)) if db_flag => db_url(&path)?,
+        (Some(u), _) => DatabaseUrl::parse(&u).map_err(|e| format!("--database-url: {e}"))?,
+        (None, Some(path)) => db_url(&path)?,
+        (None, None) => cfg.database_url,
+    };
+    if migrate {
+        return Ok(Parsed::Migrate(cfg.database_url));
     }
     if let Some(v) = values.remove("sync") {
         cfg.sync = match v.trim().to_ascii_lowercase().as_str() {
@@ -334,7 +363,15 @@ where
     }
     cfg.seed_demo = bools.get("seed-demo").copied().unwrap_or(false);
     cfg.quiet = bools.get("quiet").copied().unwrap_or(false);
-    Ok(Parsed::Run(cfg))
+    Ok(Parsed::Run(Box::new(cfg)))
+}
+
+/// `--db PATH`: a SQLite file.
+fn db_url(path: &str) -> Result<DatabaseUrl, String> {
+    if path.is_empty() {
+        return Err("--db must not be empty".to_owned());
+    }
+    Ok(DatabaseUrl::Sqlite(path.to_owned()))
 }
 
 #[cfg(test)]
@@ -351,7 +388,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        assert_eq!(parse(args(&[]), no_env), Ok(Parsed::Run(Config::default())));
+        assert_eq!(parse(args(&[]), no_env), Ok(Parsed::Run(Box::default())));
     }
 
     #[test]
@@ -385,7 +422,7 @@ mod tests {
         );
         let want = Config {
             listen: "127.0.0.1:0".into(),
-            db: "/tmp/x.sqlite".into(),
+            database_url: DatabaseUrl::Sqlite("/tmp/x.sqlite".into()),
             sync: SyncMode::Full,
             admin_token: Some("adm".into()),
             service_token: Some("svc".into()),
@@ -400,7 +437,7 @@ mod tests {
             lease_expiry_policy: ExpiryPolicy::Reported,
             x402: None,
         };
-        assert_eq!(p, Ok(Parsed::Run(want)));
+        assert_eq!(p, Ok(Parsed::Run(Box::new(want))));
     }
 
     #[test]
@@ -439,5 +476,48 @@ mod tests {
         assert!(parse(args(&["--lease-max-units", "9223372036854775808"]), no_env).is_err());
         assert!(parse(args(&["--lease-expiry-policy", "half"]), no_env).is_err());
         assert_eq!(parse(args(&["--help"]), no_env), Ok(Parsed::Help));
+        assert!(parse(args(&["--database-url", "mysql://x"]), no_env).is_err());
+        assert!(parse(args(&["--database-url", "sqlite:a", "--db", "b"]), no_env).is_err());
+    }
+
+    #[test]
+    fn database_url_and_db() {
+        let url = |a: &[&str], env: &dyn Fn(&str) -> Option<String>| match parse(args(a), env) {
+            Ok(Parsed::Run(cfg)) => cfg.database_url,
+            Ok(Parsed::Migrate(url)) => url,
+            other => unreachable!("{other:?}"),
+        };
+        let pg = DatabaseUrl::Postgres("postgres://postgres@127.0.0.1:5432/x".into());
+        assert_eq!(
+            url(
+                &["--database-url", "postgres://postgres@127.0.0.1:5432/x"],
+                &no_env
+            ),
+            pg
+        );
+        assert_eq!(
+            url(&["--db", "f.sqlite"], &no_env),
+            DatabaseUrl::Sqlite("f.sqlite".into())
+        );
+        assert_eq!(
+            url(&["--database-url=sqlite:g.sqlite"], &no_env),
+            DatabaseUrl::Sqlite("g.sqlite".into())
+        );
+        // A flag wins over the environment, --database-url over --db.
+        let env = |k: &str| match k {
+            "FAREBOX_BALANCE_DATABASE_URL" => Some("postgres://postgres@127.0.0.1:5432/x".into()),
+            "FAREBOX_BALANCE_DB" => Some("env.sqlite".into()),
+            _ => None,
+        };
+        assert_eq!(url(&[], &env), pg);
+        assert_eq!(
+            url(&["--db", "flag.sqlite"], &env),
+            DatabaseUrl::Sqlite("flag.sqlite".into())
+        );
+        assert_eq!(url(&["migrate"], &env), pg);
+        assert_eq!(
+            url(&["migrate", "--db", "m.sqlite"], &no_env),
+            DatabaseUrl::Sqlite("m.sqlite".into())
+        );
     }
 }

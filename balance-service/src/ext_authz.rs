@@ -229,26 +229,25 @@ async fn check(
     let path = client_path(&uri);
     let store = st.store.clone();
     let route_for_store = route.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        store.authorize(&AuthorizeInput {
-            credential: &credential,
+    let outcome = store
+        .authorize(AuthorizeInput {
+            credential,
             cost,
-            route: &route_for_store,
-            method: method.as_str(),
-            path: &path,
-            request_id: &request_id,
+            route: route_for_store,
+            method: method.as_str().to_owned(),
+            path,
+            request_id,
         })
-    })
-    .await;
+        .await;
     let outcome = match outcome {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => {
-            eprintln!("farebox-balance: ext_authz: storage error: {e}");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "storage error");
-        }
+        Ok(o) => o,
         Err(e) => {
-            eprintln!("farebox-balance: ext_authz: worker failed: {e}");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+            eprintln!("farebox-balance: ext_authz: storage error: {e}");
+            return if e.is_unavailable() {
+                error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+            } else {
+                error(StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            };
         }
     };
     match outcome {

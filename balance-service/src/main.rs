@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cfg = match config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
-        Ok(Parsed::Run(cfg)) => cfg,
+        Ok(Parsed::Run(cfg)) => *cfg,
+        Ok(Parsed::Migrate(url)) => return migrate(&url),
         Ok(Parsed::Help) => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -30,6 +31,33 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("farebox-balance: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `farebox-balance migrate`: applies the pending migrations and exits.
+fn migrate(url: &farebox_balance::store::DatabaseUrl) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("farebox-balance: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(farebox_balance::store::Store::migrate(url)) {
+        Ok((before, after)) => {
+            println!(
+                "farebox-balance: {}: schema version {after} (was {before})",
+                url.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("farebox-balance: migrate {}: {e}", url.display());
             ExitCode::FAILURE
         }
     }

@@ -19,7 +19,7 @@
 //! This file is a child module of `service` (declared there with `#[path]`),
 //! so it shares the service's private helpers and state.
 
-use super::{blocking, error, reply, request_id_conflict, with_log, Shared, UNKNOWN};
+use super::{error, reply, request_id_conflict, stored, with_log, Shared, UNKNOWN};
 use crate::config::X402;
 use crate::store::PaidOutcome;
 use crate::util::{now_ms, random_hex, sha256_hex};
@@ -229,11 +229,10 @@ async fn paid_authorize(
         req.path.clone(),
         req.request_id.clone(),
     );
-    let outcome =
-        match blocking(move || store.pay_demo(&request_id, cost, &route, &method, &path)).await {
-            Ok(o) => o,
-            Err(resp) => return unknown(resp, Some(&rid)),
-        };
+    let outcome = match stored(store.pay_demo(request_id, cost, route, method, path)).await {
+        Ok(o) => o,
+        Err(resp) => return unknown(resp, Some(&rid)),
+    };
     let (resp, account) = match outcome {
         PaidOutcome::Paid {
             account_id,

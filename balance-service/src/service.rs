@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::store::{
     AuthorizeInput, AuthorizeOutcome, CancelOutcome, CreateOutcome, LeaseInput, LeaseOutcome,
-    LeaseSettings, RefundOutcome, SettleOutcome, Store, StoreError, TopupOutcome,
+    LeaseSettings, LeaseState, RefundOutcome, SettleOutcome, Store, StoreError, TopupOutcome,
 };
 use crate::util::{bearer_token, ct_eq, shutdown_signal};
 use axum::body::Bytes;
@@ -135,23 +135,19 @@ fn with_log(mut resp: Response, account: &str, request_id: Option<&str>) -> Resp
 
 fn storage_error(e: &StoreError) -> Response {
     eprintln!("farebox-balance: storage error: {e}");
-    error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+    if e.is_unavailable() {
+        error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+    } else {
+        error(StatusCode::INTERNAL_SERVER_ERROR, "internal")
+    }
 }
 
-/// Runs a blocking store operation off the async workers.
-async fn blocking<T, F>(f: F) -> Result<T, Response>
-where
-    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
-    T: Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(storage_error(&e)),
-        Err(e) => {
-            eprintln!("farebox-balance: worker failed: {e}");
-            Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
-        }
-    }
+/// Awaits a store call; a storage error becomes its answer (logged with its
+/// cause, never shown to the client).
+async fn stored<T>(
+    f: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, Response> {
+    f.await.map_err(|e| storage_error(&e))
 }
 
 fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
@@ -244,10 +240,10 @@ fn request_id_conflict() -> Response {
     )
 }
 
-fn lease_closed(lease_id: String, state: String) -> Response {
+fn lease_closed(lease_id: String, state: LeaseState) -> Response {
     reply(
         StatusCode::CONFLICT,
-        json!({ "error": "lease_closed", "lease_id": lease_id, "state": state }),
+        json!({ "error": "lease_closed", "lease_id": lease_id, "state": state.as_str() }),
         0,
     )
 }
@@ -287,19 +283,17 @@ async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) ->
     };
     let price = req.cost;
     let store = st.store.clone();
-    let outcome = blocking(move || {
-        store
-            .authorize(&AuthorizeInput {
-                credential: &req.account,
-                cost,
-                route: &req.route,
-                method: &req.method,
-                path: &req.path,
-                request_id: &req.request_id,
-            })
-            .map(|o| (o, req.route))
-    })
-    .await;
+    let route = req.route.clone();
+    let outcome = stored(store.authorize(AuthorizeInput {
+        credential: req.account,
+        cost,
+        route: req.route,
+        method: req.method,
+        path: req.path,
+        request_id: req.request_id,
+    }))
+    .await
+    .map(|o| (o, route));
     let (outcome, route) = match outcome {
         Ok(v) => v,
         Err(resp) => {
@@ -365,11 +359,10 @@ async fn refund(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
         return bad_request("request_id must not be empty", None);
     }
     let store = st.store.clone();
-    let outcome =
-        match blocking(move || store.refund(&req.request_id, &req.account, req.status)).await {
-            Ok(o) => o,
-            Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
-        };
+    let outcome = match stored(store.refund(req.request_id, req.account, req.status)).await {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
+    };
     let (resp, account) = match outcome {
         RefundOutcome::Refunded {
             account_id,
@@ -448,15 +441,13 @@ async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Res
         return bad("min must be at least 1 and at most want");
     }
     let store = st.store.clone();
-    let outcome = match blocking(move || {
-        store.lease(&LeaseInput {
-            credential: &req.account,
-            want,
-            min,
-            request_id: &req.request_id,
-            holder: &req.holder,
-        })
-    })
+    let outcome = match stored(store.lease(LeaseInput {
+        credential: req.account,
+        want,
+        min,
+        request_id: req.request_id,
+        holder: req.holder,
+    }))
     .await
     {
         Ok(o) => o,
@@ -529,7 +520,7 @@ async fn settle(
     };
     let store = st.store.clone();
     let id = lease_id.clone();
-    let outcome = match blocking(move || store.settle(&id, used, req.is_final)).await {
+    let outcome = match stored(store.settle(id, used, req.is_final)).await {
         Ok(o) => o,
         Err(resp) => return with_log(resp, UNKNOWN, None),
     };
@@ -539,7 +530,7 @@ async fn settle(
                 StatusCode::OK,
                 json!({
                     "lease_id": s.lease_id,
-                    "state": s.state,
+                    "state": s.state.as_str(),
                     "used": s.used,
                     "granted": s.granted,
                     "balance": s.balance,
@@ -625,7 +616,7 @@ async fn cancel(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
     }
     let store = st.store.clone();
     let id = rid.clone();
-    let outcome = match blocking(move || store.cancel(&id)).await {
+    let outcome = match stored(store.cancel(id)).await {
         Ok(o) => o,
         Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
     };
@@ -748,9 +739,7 @@ async fn create_account(State(st): State<Shared>, body: Bytes) -> Response {
     let store = st.store.clone();
     let (id, balance, disabled) = (req.account_id.clone(), req.balance, req.disabled);
     let outcome =
-        match blocking(move || store.create_account(&req.account_id, &req.key, balance, disabled))
-            .await
-        {
+        match stored(store.create_account(req.account_id, req.key, balance, disabled)).await {
             Ok(o) => o,
             Err(resp) => return resp,
         };
@@ -797,11 +786,10 @@ async fn topup(State(st): State<Shared>, Path(id): Path<String>, body: Bytes) ->
     }
     let store = st.store.clone();
     let account = id.clone();
-    let outcome =
-        match blocking(move || store.topup(&account, amount, req.topup_id.as_deref())).await {
-            Ok(o) => o,
-            Err(resp) => return with_log(resp, &id, None),
-        };
+    let outcome = match stored(store.topup(account, amount, req.topup_id)).await {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, &id, None),
+    };
     let resp = match outcome {
         TopupOutcome::Done { balance, replay } => {
             let mut body = json!({ "account_id": id, "balance": balance });
@@ -822,7 +810,7 @@ async fn topup(State(st): State<Shared>, Path(id): Path<String>, body: Bytes) ->
 async fn set_disabled(st: Shared, id: String, disabled: bool) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let resp = match blocking(move || store.set_disabled(&account, disabled)).await {
+    let resp = match stored(store.set_disabled(account, disabled)).await {
         Ok(true) => reply(
             StatusCode::OK,
             json!({ "account_id": id, "disabled": disabled }),
@@ -845,7 +833,7 @@ async fn enable(State(st): State<Shared>, Path(id): Path<String>) -> Response {
 async fn get_account(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let resp = match blocking(move || store.account(&account)).await {
+    let resp = match stored(store.account(account)).await {
         Ok(Some(a)) => reply(
             StatusCode::OK,
             json!({
@@ -871,7 +859,7 @@ async fn get_account(State(st): State<Shared>, Path(id): Path<String>) -> Respon
 async fn get_charges(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let rows = blocking(move || store.charges(&account)).await;
+    let rows = stored(store.charges(account)).await;
     account_list(&id, rows, |c| {
         json!({
             "request_id": c.request_id,
@@ -879,7 +867,7 @@ async fn get_charges(State(st): State<Shared>, Path(id): Path<String>) -> Respon
             "route": c.route,
             "method": c.method,
             "path": c.path,
-            "status": c.status,
+            "status": c.status.as_str(),
             "refund_status": c.refund_status,
             "at": c.at,
         })
@@ -889,7 +877,7 @@ async fn get_charges(State(st): State<Shared>, Path(id): Path<String>) -> Respon
 async fn get_leases(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let store = st.store.clone();
     let account = id.clone();
-    let rows = blocking(move || store.leases(&account)).await;
+    let rows = stored(store.leases(account)).await;
     account_list(&id, rows, |l| {
         json!({
             "lease_id": l.lease_id,
@@ -897,7 +885,7 @@ async fn get_leases(State(st): State<Shared>, Path(id): Path<String>) -> Respons
             "request_id": l.request_id,
             "granted": l.granted,
             "used": l.used,
-            "state": l.state,
+            "state": l.state.as_str(),
             "charged": l.charged,
             "created_at": l.created_at,
             "expires_at": l.expires_at,
@@ -1013,16 +1001,14 @@ async fn sweep_expired_leases(store: Arc<Store>, quiet: bool) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.expire_due()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => {
+        match store.expire_due().await {
+            Ok(0) => {}
+            Ok(n) => {
                 if !quiet {
                     eprintln!("farebox-balance: expired {n} lease(s)");
                 }
             }
-            Ok(Err(e)) => eprintln!("farebox-balance: lease expiry failed: {e}"),
-            Err(e) => eprintln!("farebox-balance: lease expiry worker failed: {e}"),
+            Err(e) => eprintln!("farebox-balance: lease expiry failed: {e}"),
         }
     }
 }
@@ -1030,12 +1016,12 @@ async fn sweep_expired_leases(store: Arc<Store>, quiet: bool) {
 /// Opens the store, binds, prints the listening line, serves until SIGINT
 /// or SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), String> {
-    let (store, mode) =
-        Store::open(&cfg.db, cfg.sync).map_err(|e| format!("cannot open {}: {e}", cfg.db))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        eprintln!(
-            "farebox-balance: warning: journal mode is {mode:?}, not WAL (in-memory database?)"
-        );
+    let url = &cfg.database_url;
+    let store = Store::open(url, cfg.sync)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", url.display()))?;
+    if let Some(w) = store.warning() {
+        eprintln!("farebox-balance: warning: {w}");
     }
     let store = store.with_lease_settings(LeaseSettings {
         ttl_ms: i64::try_from(cfg.lease_ttl_ms).unwrap_or(i64::MAX),
@@ -1047,6 +1033,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     if cfg.seed_demo {
         let n = store
             .seed_demo()
+            .await
             .map_err(|e| format!("cannot seed demo accounts: {e}"))?;
         eprintln!("farebox-balance: demo accounts created: {n}");
     }

@@ -5,7 +5,7 @@
 //! This file is a child module of `service` (declared there with `#[path]`),
 //! so it shares the service's private helpers and state.
 
-use super::{bad_request, blocking, error, reply, with_log, Shared, UNKNOWN};
+use super::{bad_request, error, reply, stored, with_log, Shared, UNKNOWN};
 use crate::store::UsageOutcome;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -36,7 +36,7 @@ pub(super) async fn usage(State(st): State<Shared>, headers: HeaderMap, body: By
         return bad_request("actual out of range (max 9223372036854775807)", Some(&rid));
     };
     let store = st.store.clone();
-    let outcome = match blocking(move || store.usage(&req.request_id, &req.account, actual)).await {
+    let outcome = match stored(store.usage(req.request_id, req.account, actual)).await {
         Ok(o) => o,
         Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
     };

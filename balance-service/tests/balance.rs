@@ -506,10 +506,7 @@ fn admin_accounts() {
     );
 
     // Only the key's hash is stored.
-    let mut bytes = Vec::new();
-    for name in ["ledger.sqlite", "ledger.sqlite-wal"] {
-        bytes.extend(std::fs::read(b.dir.path(name)).unwrap_or_default());
-    }
+    let bytes = b.dir.stored_bytes();
     assert!(!bytes.is_empty());
     let needle = b"secret-key-x";
     assert!(!bytes.windows(needle.len()).any(|w| w == needle));

@@ -13,8 +13,108 @@ use std::time::Duration;
 
 pub const ADMIN: &str = "test-admin-token";
 
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
+/// The backend the service tests run against: SQLite (default) or, with
+/// `FAREBOX_TEST_BACKEND=postgres`, PostgreSQL at `FAREBOX_TEST_DATABASE_URL`
+/// (default `postgres://postgres@127.0.0.1:5432/test`), one fresh database
+/// per test. (`make test-postgres` runs the suite that way.)
+pub fn postgres_base() -> Option<String> {
+    match std::env::var("FAREBOX_TEST_BACKEND").as_deref() {
+        Ok("postgres") => Some(
+            std::env::var("FAREBOX_TEST_DATABASE_URL")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
+        ),
+        Ok("sqlite") | Ok("") | Err(_) => None,
+        Ok(other) => panic!("FAREBOX_TEST_BACKEND={other:?}: expected sqlite or postgres"),
+    }
+}
+
+/// `base` with its database name replaced by `db`.
+pub fn with_database(base: &str, db: &str) -> String {
+    let (scheme, rest) = base.split_once("://").expect("a postgres:// URL");
+    let (authority, query) = match rest.split_once('/') {
+        Some((a, tail)) => (a, tail.split_once('?').map(|(_, q)| q)),
+        None => (
+            rest.split('?').next().unwrap_or(rest),
+            rest.split_once('?').map(|(_, q)| q),
+        ),
+    };
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
+        None => format!("{scheme}://{authority}/{db}"),
+    }
+}
+
+/// A PostgreSQL database created for one test and dropped on drop (also
+/// when the test fails).
+pub struct PgDatabase {
+    base: String,
+    pub name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub fn create(base: &str, tag: &str) -> PgDatabase {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tag: String = tag
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(12)
+            .collect();
+        let name = format!(
+            "fb_{tag}_{}_{}_{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+        .to_ascii_lowercase();
+        let mut c = postgres::Client::connect(base, postgres::NoTls).unwrap_or_else(|e| {
+            panic!("PostgreSQL at {base} (FAREBOX_TEST_DATABASE_URL) does not answer: {e}")
+        });
+        c.batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("CREATE DATABASE");
+        PgDatabase {
+            url: with_database(base, &name),
+            base: base.to_owned(),
+            name,
+        }
+    }
+
+    /// Every row of every table as text (to check what is stored).
+    pub fn dump(&self) -> String {
+        let mut c = postgres::Client::connect(&self.url, postgres::NoTls).expect("connect");
+        let mut out = String::new();
+        for table in ["accounts", "keys", "charges", "topups", "leases", "usages"] {
+            for row in c
+                .query(&format!("SELECT t::text FROM {table} t"), &[])
+                .expect("dump")
+            {
+                out.push_str(row.get::<_, &str>(0));
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.base, postgres::NoTls) {
+            let _ = c.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+/// A temporary directory removed on drop; under the PostgreSQL backend it
+/// also owns the test's database.
+pub struct TempDir(pub PathBuf, pub Option<PgDatabase>);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
@@ -29,7 +129,31 @@ impl TempDir {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
+        let pg = postgres_base().map(|base| PgDatabase::create(&base, tag));
+        TempDir(dir, pg)
+    }
+
+    /// The `--database-url` of this test's ledger.
+    pub fn database_url(&self) -> String {
+        match &self.1 {
+            Some(pg) => pg.url.clone(),
+            None => format!("sqlite:{}", self.path("ledger.sqlite").display()),
+        }
+    }
+
+    /// Everything the ledger stored, as bytes (the SQLite files, or a text
+    /// dump of the PostgreSQL tables).
+    pub fn stored_bytes(&self) -> Vec<u8> {
+        match &self.1 {
+            Some(pg) => pg.dump().into_bytes(),
+            None => {
+                let mut bytes = Vec::new();
+                for name in ["ledger.sqlite", "ledger.sqlite-wal"] {
+                    bytes.extend(std::fs::read(self.path(name)).unwrap_or_default());
+                }
+                bytes
+            }
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -132,9 +256,8 @@ impl Balance {
 
     /// Starts a service on the database in `dir` (reused across restarts).
     pub fn start_on(dir: &TempDir, extra: &[&str]) -> Proc {
-        let db = dir.path("ledger.sqlite");
-        let db = db.to_str().expect("utf-8 temp path");
-        let mut args = vec!["--listen", "127.0.0.1:0", "--db", db];
+        let url = dir.database_url();
+        let mut args = vec!["--listen", "127.0.0.1:0", "--database-url", &url];
         args.extend_from_slice(extra);
         Proc::spawn(
             env!("CARGO_BIN_EXE_farebox-balance"),

@@ -1,0 +1,894 @@
+//! The ledger: accounts, hashed API keys, charges, top-ups, credit leases and
+//! usage settlements, on SQLite (the embedded default) or PostgreSQL.
+//!
+//! - [`rules`]: the money rules as pure functions (grant sizing, expiry
+//!   charges, overflow limits), shared by both backends.
+//! - [`ops`]: each call of the contract as one transaction script, written
+//!   once against the [`Tx`] interface, so the two backends cannot drift.
+//! - [`sqlite`], [`postgres`]: the backends (one `Tx` implementation each)
+//!   and their migrations ([`migrations`]).
+//!
+//! Every call runs in one transaction that first locks the account row it
+//! changes (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: `SELECT … FOR UPDATE` at
+//! READ COMMITTED), so concurrent calls, also from several service replicas,
+//! never overdraw an account. Request ids, lease request ids and top-up ids
+//! are unique keys; a call that loses a race on one is retried and then
+//! answers as a replay.
+
+pub mod migrations;
+mod ops;
+pub mod postgres;
+pub mod rules;
+pub mod sqlite;
+
+use crate::config::{ExpiryPolicy, SyncMode};
+use std::fmt;
+
+pub use ops::DEMO_ACCOUNTS;
+
+#[derive(Debug)]
+pub enum StoreError {
+    Sqlite(rusqlite::Error),
+    Postgres(tokio_postgres::Error),
+    /// The database cannot be reached (no connection within the pool's
+    /// timeout, or the connection broke).
+    Unavailable(String),
+    /// Crediting an account would overflow its balance. Unreachable while
+    /// top-ups and refunds keep `balance + reserved <= i64::MAX`.
+    Overflow(String),
+    /// A stored value the service does not understand (e.g. an unknown
+    /// lease state): the database was changed by something else.
+    Corrupt(String),
+    /// The schema cannot be used or migrated.
+    Schema(String),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (answered 503, not 500).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Postgres(e) => e.is_closed() || e.code().is_none(),
+            StoreError::Sqlite(_)
+            | StoreError::Overflow(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Schema(_) => false,
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Sqlite(e) => write!(f, "sqlite: {e}"),
+            StoreError::Postgres(e) => match e.as_db_error() {
+                Some(db) => write!(f, "postgres: {} ({})", db.message(), db.code().code()),
+                None => write!(f, "postgres: {e}"),
+            },
+            StoreError::Unavailable(e) => write!(f, "database unavailable: {e}"),
+            StoreError::Overflow(account) => write!(f, "balance overflow on account {account}"),
+            StoreError::Corrupt(e) => write!(f, "unexpected stored value: {e}"),
+            StoreError::Schema(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Postgres(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+// ------------------------------------------------------------ stored enums
+
+/// The state of a lease. Stored as its lower-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    Open,
+    Settled,
+    Expired,
+    Cancelled,
+}
+
+impl LeaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Open => "open",
+            LeaseState::Settled => "settled",
+            LeaseState::Expired => "expired",
+            LeaseState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<LeaseState> {
+        match s {
+            "open" => Ok(LeaseState::Open),
+            "settled" => Ok(LeaseState::Settled),
+            "expired" => Ok(LeaseState::Expired),
+            "cancelled" => Ok(LeaseState::Cancelled),
+            other => Err(StoreError::Corrupt(format!("lease state {other:?}"))),
+        }
+    }
+}
+
+/// The state of a charge. Stored as its lower-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChargeStatus {
+    Charged,
+    Refunded,
+}
+
+impl ChargeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargeStatus::Charged => "charged",
+            ChargeStatus::Refunded => "refunded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<ChargeStatus> {
+        match s {
+            "charged" => Ok(ChargeStatus::Charged),
+            "refunded" => Ok(ChargeStatus::Refunded),
+            other => Err(StoreError::Corrupt(format!("charge status {other:?}"))),
+        }
+    }
+}
+
+// ------------------------------------------------------------ inputs and outcomes
+
+/// What the authorize call needs from the request (already validated).
+#[derive(Debug, Clone)]
+pub struct AuthorizeInput {
+    pub credential: String,
+    /// Validated to be in `0..=i64::MAX`.
+    pub cost: i64,
+    pub route: String,
+    pub method: String,
+    pub path: String,
+    pub request_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthorizeOutcome {
+    /// Debited (or replayed: the request id was already charged to this
+    /// account, nothing debited again).
+    Allowed {
+        account_id: String,
+        balance: i64,
+        replay: bool,
+    },
+    /// Balance below cost; nothing written.
+    Denied {
+        account_id: String,
+        balance: i64,
+    },
+    UnknownCredential,
+    Disabled {
+        account_id: String,
+    },
+    /// The request id is recorded for another account.
+    Conflict {
+        account_id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    Refunded {
+        account_id: String,
+        balance: i64,
+    },
+    AlreadyRefunded {
+        account_id: String,
+        balance: i64,
+    },
+    UnknownRequest,
+    /// The credential does not resolve to the charge's account.
+    Conflict {
+        account_id: Option<String>,
+    },
+    /// Crediting back would overflow the balance.
+    Overflow {
+        account_id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created,
+    AccountExists,
+    KeyExists,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopupOutcome {
+    Done {
+        balance: i64,
+        replay: bool,
+    },
+    UnknownAccount,
+    /// The top-up id is recorded for another account.
+    Conflict,
+    Overflow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSummary {
+    pub account_id: String,
+    pub balance: i64,
+    pub initial_balance: i64,
+    pub topups: i64,
+    pub disabled: bool,
+    /// Σ cost of charges still charged + Σ charged of closed leases.
+    pub charged: i64,
+    pub refunded: i64,
+    pub charges: i64,
+    /// Σ granted of open leases.
+    pub reserved: i64,
+    /// Number of lease rows (any state).
+    pub leases: i64,
+}
+
+/// Lease behaviour, from the `--lease-*` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// Lifetime of a lease (ms).
+    pub ttl_ms: i64,
+    /// Largest single grant; `None`: unlimited.
+    pub max_units: Option<i64>,
+    pub policy: ExpiryPolicy,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            ttl_ms: 30_000,
+            max_units: None,
+            policy: ExpiryPolicy::Full,
+        }
+    }
+}
+
+/// What the lease call needs from the request (already validated:
+/// `1 <= min <= want <= i64::MAX`).
+#[derive(Debug, Clone)]
+pub struct LeaseInput {
+    pub credential: String,
+    pub want: i64,
+    pub min: i64,
+    pub request_id: String,
+    pub holder: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// Reserved (or replayed: an open lease already exists for this request
+    /// id and account; nothing reserved again).
+    Granted {
+        lease_id: String,
+        granted: i64,
+        expires_in_ms: i64,
+        account_id: String,
+        balance: i64,
+        replay: bool,
+    },
+    /// Available balance below `min`; nothing written.
+    Denied {
+        account_id: String,
+        balance: i64,
+    },
+    UnknownCredential,
+    Disabled {
+        account_id: String,
+    },
+    /// The request id belongs to a lease of another account.
+    Conflict {
+        account_id: String,
+    },
+    /// The request id's lease exists for this account but is no longer open.
+    Closed {
+        account_id: String,
+        lease_id: String,
+        state: LeaseState,
+    },
+}
+
+/// The answer of a successful settle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub lease_id: String,
+    pub account_id: String,
+    pub request_id: String,
+    pub state: LeaseState,
+    pub used: i64,
+    pub granted: i64,
+    pub balance: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettleOutcome {
+    /// Recorded (open lease), or an idempotent retry on a settled lease.
+    Done(Settled),
+    UnknownLease,
+    /// `used` exceeds the lease's `granted`; nothing written.
+    TooMuch {
+        account_id: String,
+        request_id: String,
+        granted: i64,
+    },
+    /// Already settled with another `used` (the recorded one).
+    AlreadySettled {
+        account_id: String,
+        request_id: String,
+        used: i64,
+    },
+    /// Expired; `charged` is what the expiry policy charged.
+    Expired {
+        account_id: String,
+        request_id: String,
+        charged: i64,
+    },
+    Cancelled {
+        account_id: String,
+        request_id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    Cancelled {
+        lease_id: String,
+        account_id: String,
+        balance: i64,
+    },
+    AlreadyCancelled {
+        lease_id: String,
+        account_id: String,
+        balance: i64,
+    },
+    UnknownLease,
+    /// Open, but usage was reported: it must be settled instead.
+    InUse {
+        lease_id: String,
+        account_id: String,
+        used: i64,
+    },
+    /// Settled or expired.
+    Closed {
+        lease_id: String,
+        account_id: String,
+        state: LeaseState,
+    },
+}
+
+/// A lease row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub lease_id: String,
+    pub account_id: String,
+    pub holder: String,
+    pub request_id: String,
+    pub granted: i64,
+    pub used: i64,
+    pub state: LeaseState,
+    pub charged: i64,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub closed_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRow {
+    pub request_id: String,
+    pub cost: i64,
+    pub route: String,
+    pub method: String,
+    pub path: String,
+    pub status: ChargeStatus,
+    pub refund_status: Option<i64>,
+    pub at: i64,
+}
+
+/// Route, method and path recorded with an overage charge created by
+/// [`Store::usage`].
+pub const USAGE_ROUTE: &str = "usage";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsageOutcome {
+    /// The charge's cost is now `actual` (or it already was, by an earlier
+    /// identical usage call: `replay`).
+    Settled {
+        account_id: String,
+        balance: i64,
+        replay: bool,
+    },
+    UnknownCredential,
+    /// The request id is charged to another account.
+    Conflict {
+        account_id: String,
+    },
+    /// Already settled by a usage call with another `cost`.
+    Final {
+        account_id: String,
+        cost: i64,
+    },
+    /// The charge was refunded.
+    Refunded {
+        account_id: String,
+    },
+    /// The adjustment would overflow the balance.
+    Overflow {
+        account_id: String,
+    },
+}
+
+/// The account that pays for requests paid by a (demo) payment.
+pub const DEMO_PAYER: &str = "payer_demo";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaidOutcome {
+    /// Recorded (or replayed: the request id was already paid).
+    Paid {
+        account_id: String,
+        balance: i64,
+        replay: bool,
+    },
+    /// The request id is charged to another account.
+    Conflict { account_id: String },
+}
+
+// ------------------------------------------------------------ the storage interface
+
+/// An account row, locked for the rest of the transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct AccountRow {
+    pub account_id: String,
+    pub balance: i64,
+    pub initial_balance: i64,
+    pub disabled: bool,
+}
+
+/// A charge as read inside a transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct ChargeRec {
+    pub account_id: String,
+    pub cost: i64,
+    pub status: ChargeStatus,
+}
+
+/// A charge to insert.
+pub(crate) struct NewCharge<'a> {
+    pub request_id: &'a str,
+    pub account_id: &'a str,
+    pub cost: i64,
+    pub route: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub at: i64,
+}
+
+/// Sums over one account's rows, for the admin summary.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Totals {
+    pub charged: i64,
+    pub refunded: i64,
+    pub charges: i64,
+    pub reserved: i64,
+    pub lease_charged: i64,
+    pub leases: i64,
+    pub topups: i64,
+}
+
+/// The primitive reads and writes of one transaction: everything a backend
+/// must provide. The rules and their order live in [`ops`], written once.
+///
+/// Every method that returns an [`AccountRow`] locks that row until the end
+/// of the transaction.
+#[allow(async_fn_in_trait)] // used with concrete backends only
+pub(crate) trait Tx {
+    async fn account_by_key(&mut self, key_hash: &str) -> Result<Option<AccountRow>>;
+    async fn account(&mut self, account_id: &str) -> Result<Option<AccountRow>>;
+    /// Adds `delta` to the balance; returns the new balance.
+    async fn add_balance(&mut self, account_id: &str, delta: i64) -> Result<i64>;
+    async fn key_exists(&mut self, key_hash: &str) -> Result<bool>;
+    async fn insert_account(
+        &mut self,
+        account_id: &str,
+        key_hash: Option<&str>,
+        balance: i64,
+        disabled: bool,
+        now: i64,
+    ) -> Result<()>;
+    async fn set_disabled(&mut self, account_id: &str, disabled: bool) -> Result<bool>;
+
+    async fn charge(&mut self, request_id: &str) -> Result<Option<ChargeRec>>;
+    async fn insert_charge(&mut self, c: &NewCharge<'_>) -> Result<()>;
+    async fn mark_refunded(
+        &mut self,
+        request_id: &str,
+        status: Option<u16>,
+        now: i64,
+    ) -> Result<()>;
+    async fn set_charge_cost(&mut self, request_id: &str, cost: i64) -> Result<()>;
+    async fn usage_actual(&mut self, request_id: &str) -> Result<Option<i64>>;
+    async fn insert_usage(
+        &mut self,
+        request_id: &str,
+        account_id: &str,
+        estimate: Option<i64>,
+        actual: i64,
+        now: i64,
+    ) -> Result<()>;
+
+    async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>>;
+    async fn insert_topup(
+        &mut self,
+        topup_id: Option<&str>,
+        account_id: &str,
+        amount: i64,
+        now: i64,
+    ) -> Result<()>;
+
+    /// Σ granted over the account's open leases.
+    async fn reserved(&mut self, account_id: &str) -> Result<i64>;
+    async fn totals(&mut self, account_id: &str) -> Result<Totals>;
+    async fn charges_of(&mut self, account_id: &str) -> Result<Vec<ChargeRow>>;
+    async fn leases_of(&mut self, account_id: &str) -> Result<Vec<LeaseRow>>;
+
+    async fn lease_by_id(&mut self, lease_id: &str) -> Result<Option<LeaseRow>>;
+    async fn lease_by_request(&mut self, request_id: &str) -> Result<Option<LeaseRow>>;
+    async fn insert_lease(&mut self, l: &LeaseRow) -> Result<()>;
+    /// Writes `used`, `state`, `charged` and `closed_at`.
+    async fn update_lease(&mut self, l: &LeaseRow) -> Result<()>;
+    /// The account's open leases with `expires_at <= now`, oldest first.
+    async fn due_leases(&mut self, account_id: &str, now: i64) -> Result<Vec<LeaseRow>>;
+    /// Accounts that have open leases with `expires_at <= now`.
+    async fn accounts_with_due_leases(&mut self, now: i64) -> Result<Vec<String>>;
+}
+
+// ------------------------------------------------------------ the store
+
+/// Where the ledger lives, from `--database-url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite:PATH` (or a bare path from `--db`).
+    Sqlite(String),
+    /// `postgres://…` or `postgresql://…`.
+    Postgres(String),
+}
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> std::result::Result<DatabaseUrl, String> {
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err("sqlite: URL needs a path (sqlite:PATH)".to_owned());
+            }
+            return Ok(DatabaseUrl::Sqlite(path.to_owned()));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseUrl::Postgres(url.to_owned()));
+        }
+        Err(format!(
+            "expected sqlite:PATH or postgres://USER@HOST:PORT/DATABASE, got {:?}",
+            redact(url)
+        ))
+    }
+
+    /// The URL without any password, for messages.
+    pub fn display(&self) -> String {
+        match self {
+            DatabaseUrl::Sqlite(path) => format!("sqlite:{path}"),
+            DatabaseUrl::Postgres(url) => redact(url),
+        }
+    }
+}
+
+/// `scheme://user:password@host…` → `scheme://user:***@host…`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match auth.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{scheme}://{name}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => {
+            // A password may also come as a query parameter.
+            if tail.contains("password=") {
+                format!("{scheme}://{auth}{}", tail.split('?').next().unwrap_or(""))
+            } else {
+                url.to_owned()
+            }
+        }
+    }
+}
+
+enum Backend {
+    Sqlite(sqlite::Db),
+    Postgres(postgres::Db),
+}
+
+/// The ledger on one backend. Cheap to share (`Arc`).
+pub struct Store {
+    db: Backend,
+    leases: LeaseSettings,
+}
+
+/// Runs `$body` (an `ops::…` future using `$tx: &mut impl Tx`) in one
+/// transaction of the store's backend. SQLite runs on the blocking pool;
+/// PostgreSQL retries deadlocks, serialization failures and lost
+/// unique-key races.
+macro_rules! in_tx {
+    ($store:expr, |$tx:ident| $body:expr) => {
+        match &$store.db {
+            Backend::Sqlite(db) => db.run(move |$tx| sqlite::ready($body)).await,
+            Backend::Postgres(db) => {
+                let mut attempt = 0u32;
+                loop {
+                    let mut client = db.client().await?;
+                    let mut pg = postgres::PgTx::begin(&mut client).await?;
+                    let $tx = &mut pg;
+                    match $body.await {
+                        Ok(v) => break pg.commit().await.map(|()| v),
+                        Err(e) if postgres::retryable(&e) && attempt < postgres::MAX_RETRIES => {
+                            attempt += 1;
+                            drop(pg);
+                            tracing::debug!(attempt, cause = %e, "retrying transaction");
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+        }
+    };
+}
+
+impl Store {
+    /// Opens the database and brings its schema up to date (the migrations
+    /// of [`migrations`]). Refuses a schema newer than this build knows.
+    pub async fn open(url: &DatabaseUrl, sync: SyncMode) -> Result<Store> {
+        let db = match url {
+            DatabaseUrl::Sqlite(path) => Backend::Sqlite(sqlite::Db::open(path, sync, true)?),
+            DatabaseUrl::Postgres(url) => Backend::Postgres(postgres::Db::open(url, true).await?),
+        };
+        Ok(Store {
+            db,
+            leases: LeaseSettings::default(),
+        })
+    }
+
+    /// Applies the pending migrations only; returns (version before, version after).
+    pub async fn migrate(url: &DatabaseUrl) -> Result<(i64, i64)> {
+        match url {
+            DatabaseUrl::Sqlite(path) => sqlite::migrate_path(path),
+            DatabaseUrl::Postgres(url) => postgres::migrate_url(url).await,
+        }
+    }
+
+    /// A warning about the backend's set-up, if any (SQLite not in WAL mode).
+    pub fn warning(&self) -> Option<String> {
+        match &self.db {
+            Backend::Sqlite(db) => db.warning(),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// Sets the lease behaviour (TTL, cap, expiry policy).
+    pub fn with_lease_settings(mut self, settings: LeaseSettings) -> Store {
+        self.leases = settings;
+        self
+    }
+
+    pub async fn authorize(&self, input: AuthorizeInput) -> Result<AuthorizeOutcome> {
+        in_tx!(self, |tx| ops::authorize(tx, &input))
+    }
+
+    pub async fn refund(
+        &self,
+        request_id: String,
+        credential: String,
+        upstream_status: Option<u16>,
+    ) -> Result<RefundOutcome> {
+        in_tx!(self, |tx| ops::refund(
+            tx,
+            &request_id,
+            &credential,
+            upstream_status
+        ))
+    }
+
+    /// Creates an account with one API key. `balance` must be >= 0.
+    pub async fn create_account(
+        &self,
+        account_id: String,
+        key: String,
+        balance: i64,
+        disabled: bool,
+    ) -> Result<CreateOutcome> {
+        in_tx!(self, |tx| ops::create_account(
+            tx,
+            &account_id,
+            &key,
+            balance,
+            disabled
+        ))
+    }
+
+    /// Creates the demo accounts that do not exist yet; existing ones are
+    /// left exactly as they are.
+    pub async fn seed_demo(&self) -> Result<usize> {
+        in_tx!(self, |tx| ops::seed_demo(tx))
+    }
+
+    /// Adds `amount` (> 0) to the balance. With a `topup_id`, a repeated
+    /// top-up for the same account changes nothing.
+    pub async fn topup(
+        &self,
+        account_id: String,
+        amount: i64,
+        topup_id: Option<String>,
+    ) -> Result<TopupOutcome> {
+        in_tx!(self, |tx| ops::topup(
+            tx,
+            &account_id,
+            amount,
+            topup_id.as_deref()
+        ))
+    }
+
+    /// Returns false if the account does not exist.
+    pub async fn set_disabled(&self, account_id: String, disabled: bool) -> Result<bool> {
+        in_tx!(self, |tx| ops::set_disabled(tx, &account_id, disabled))
+    }
+
+    /// The account's totals. Expires the account's due leases first.
+    pub async fn account(&self, account_id: String) -> Result<Option<AccountSummary>> {
+        let policy = self.leases.policy;
+        in_tx!(self, |tx| ops::account(tx, &account_id, policy))
+    }
+
+    /// The account's charges, oldest first; `None` if the account does not exist.
+    pub async fn charges(&self, account_id: String) -> Result<Option<Vec<ChargeRow>>> {
+        in_tx!(self, |tx| ops::charges(tx, &account_id))
+    }
+
+    /// `POST /v1/leases`: reserves part of the balance.
+    pub async fn lease(&self, input: LeaseInput) -> Result<LeaseOutcome> {
+        let settings = self.leases;
+        in_tx!(self, |tx| ops::lease(tx, &input, settings))
+    }
+
+    /// `POST /v1/leases/{lease_id}/settle`. `used` is the total spent so far.
+    pub async fn settle(
+        &self,
+        lease_id: String,
+        used: i64,
+        is_final: bool,
+    ) -> Result<SettleOutcome> {
+        let policy = self.leases.policy;
+        in_tx!(self, |tx| ops::settle(
+            tx, &lease_id, used, is_final, policy
+        ))
+    }
+
+    /// `POST /v1/leases/cancel`: releases an open lease that reported no use.
+    pub async fn cancel(&self, request_id: String) -> Result<CancelOutcome> {
+        let policy = self.leases.policy;
+        in_tx!(self, |tx| ops::cancel(tx, &request_id, policy))
+    }
+
+    /// Expires every open lease whose time is up (the background sweep),
+    /// one transaction per account. Returns how many expired.
+    pub async fn expire_due(&self) -> Result<usize> {
+        let policy = self.leases.policy;
+        let now = crate::util::now_ms();
+        let accounts = in_tx!(self, |tx| tx.accounts_with_due_leases(now))?;
+        let mut n = 0;
+        for account_id in accounts {
+            n += in_tx!(self, |tx| ops::expire_account(tx, &account_id, now, policy))?;
+        }
+        Ok(n)
+    }
+
+    /// The account's leases, oldest first (after expiring its due ones);
+    /// `None` if the account does not exist.
+    pub async fn leases(&self, account_id: String) -> Result<Option<Vec<LeaseRow>>> {
+        let policy = self.leases.policy;
+        in_tx!(self, |tx| ops::leases(tx, &account_id, policy))
+    }
+
+    /// `POST /v1/usage`: sets the final cost of `request_id` to `actual`.
+    pub async fn usage(
+        &self,
+        request_id: String,
+        credential: String,
+        actual: i64,
+    ) -> Result<UsageOutcome> {
+        in_tx!(self, |tx| ops::usage(tx, &request_id, &credential, actual))
+    }
+
+    /// Records a request paid by a verified (demo) payment as a charge of
+    /// [`DEMO_PAYER`].
+    pub async fn pay_demo(
+        &self,
+        request_id: String,
+        cost: i64,
+        route: String,
+        method: String,
+        path: String,
+    ) -> Result<PaidOutcome> {
+        in_tx!(self, |tx| ops::pay_demo(
+            tx,
+            &request_id,
+            cost,
+            &route,
+            &method,
+            &path
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:/tmp/x.db"),
+            Ok(DatabaseUrl::Sqlite("/tmp/x.db".into()))
+        );
+        assert_eq!(
+            DatabaseUrl::parse("sqlite::memory:"),
+            Ok(DatabaseUrl::Sqlite(":memory:".into()))
+        );
+        assert!(matches!(
+            DatabaseUrl::parse("postgres://u@h/db"),
+            Ok(DatabaseUrl::Postgres(_))
+        ));
+        assert!(DatabaseUrl::parse("mysql://x").is_err());
+        assert!(DatabaseUrl::parse("sqlite:").is_err());
+        let e = DatabaseUrl::parse("mysql://u:hunter2@h/db").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert_eq!(
+            redact("postgres://u:hunter2@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for s in [
+            LeaseState::Open,
+            LeaseState::Settled,
+            LeaseState::Expired,
+            LeaseState::Cancelled,
+        ] {
+            assert_eq!(LeaseState::parse(s.as_str()).ok(), Some(s));
+        }
+        assert!(LeaseState::parse("bogus").is_err());
+        for s in [ChargeStatus::Charged, ChargeStatus::Refunded] {
+            assert_eq!(ChargeStatus::parse(s.as_str()).ok(), Some(s));
+        }
+        assert!(ChargeStatus::parse("").is_err());
+    }
+}

@@ -1,0 +1,616 @@
+//! Each call of the contract as one transaction script over [`Tx`], written
+//! once for both backends. The caller runs a script inside one transaction
+//! and commits it whatever the outcome (a script that only read, or that
+//! only expired due leases, commits that too).
+//!
+//! Every script that changes an account first locks its row
+//! ([`Tx::account_by_key`] / [`Tx::account`]), then reads what it decides
+//! on, so its reads see every transaction that committed before it.
+
+use super::rules::{self, AuthorizeStep};
+use super::{
+    AccountSummary, AuthorizeInput, AuthorizeOutcome, CancelOutcome, ChargeRow, ChargeStatus,
+    CreateOutcome, LeaseInput, LeaseOutcome, LeaseRow, LeaseSettings, LeaseState, NewCharge,
+    PaidOutcome, RefundOutcome, Result, SettleOutcome, Settled, StoreError, TopupOutcome, Tx,
+    UsageOutcome, DEMO_PAYER, USAGE_ROUTE,
+};
+use crate::config::ExpiryPolicy;
+use crate::util::{now_ms, random_hex, sha256_hex};
+
+/// The demo accounts created by `--seed-demo`: (account, key, balance, disabled).
+pub const DEMO_ACCOUNTS: &[(&str, &str, i64, bool)] = &[
+    ("acct_alice", "demo-key-alice", 100, false),
+    ("acct_bob", "demo-key-bob", 3, false),
+    ("acct_carol", "demo-key-carol", 50, true),
+];
+
+/// Adds `amount` (>= 0) to the balance; returns the new balance.
+async fn credit<T: Tx>(tx: &mut T, account_id: &str, balance: i64, amount: i64) -> Result<i64> {
+    if amount == 0 {
+        return Ok(balance);
+    }
+    if balance.checked_add(amount).is_none() {
+        return Err(StoreError::Overflow(account_id.to_owned()));
+    }
+    tx.add_balance(account_id, amount).await
+}
+
+pub async fn authorize<T: Tx>(tx: &mut T, input: &AuthorizeInput) -> Result<AuthorizeOutcome> {
+    let key_hash = sha256_hex(input.credential.as_bytes());
+    let Some(acct) = tx.account_by_key(&key_hash).await? else {
+        return Ok(AuthorizeOutcome::UnknownCredential);
+    };
+    let existing = tx.charge(&input.request_id).await?;
+    let same = existing.map(|c| c.account_id == acct.account_id);
+    let account_id = acct.account_id;
+    let balance = acct.balance;
+    Ok(
+        match rules::authorize_step(same, acct.disabled, balance, input.cost) {
+            AuthorizeStep::Replay => AuthorizeOutcome::Allowed {
+                account_id,
+                balance,
+                replay: true,
+            },
+            AuthorizeStep::Conflict => AuthorizeOutcome::Conflict { account_id },
+            AuthorizeStep::Disabled => AuthorizeOutcome::Disabled { account_id },
+            AuthorizeStep::Denied => AuthorizeOutcome::Denied {
+                account_id,
+                balance,
+            },
+            AuthorizeStep::Free => AuthorizeOutcome::Allowed {
+                account_id,
+                balance,
+                replay: false,
+            },
+            AuthorizeStep::Debit => {
+                tx.insert_charge(&NewCharge {
+                    request_id: &input.request_id,
+                    account_id: &account_id,
+                    cost: input.cost,
+                    route: &input.route,
+                    method: &input.method,
+                    path: &input.path,
+                    at: now_ms(),
+                })
+                .await?;
+                let balance = tx.add_balance(&account_id, -input.cost).await?;
+                AuthorizeOutcome::Allowed {
+                    account_id,
+                    balance,
+                    replay: false,
+                }
+            }
+        },
+    )
+}
+
+pub async fn refund<T: Tx>(
+    tx: &mut T,
+    request_id: &str,
+    credential: &str,
+    upstream_status: Option<u16>,
+) -> Result<RefundOutcome> {
+    let key_hash = sha256_hex(credential.as_bytes());
+    let Some(acct) = tx.account_by_key(&key_hash).await? else {
+        return Ok(match tx.charge(request_id).await? {
+            None => RefundOutcome::UnknownRequest,
+            Some(_) => RefundOutcome::Conflict { account_id: None },
+        });
+    };
+    let Some(charge) = tx.charge(request_id).await? else {
+        return Ok(RefundOutcome::UnknownRequest);
+    };
+    let account_id = acct.account_id;
+    if charge.account_id != account_id {
+        return Ok(RefundOutcome::Conflict {
+            account_id: Some(account_id),
+        });
+    }
+    if charge.status == ChargeStatus::Refunded {
+        return Ok(RefundOutcome::AlreadyRefunded {
+            account_id,
+            balance: acct.balance,
+        });
+    }
+    let reserved = tx.reserved(&account_id).await?;
+    if rules::credit_within(acct.balance, charge.cost, reserved).is_none() {
+        return Ok(RefundOutcome::Overflow { account_id });
+    }
+    let balance = credit(tx, &account_id, acct.balance, charge.cost).await?;
+    tx.mark_refunded(request_id, upstream_status, now_ms())
+        .await?;
+    Ok(RefundOutcome::Refunded {
+        account_id,
+        balance,
+    })
+}
+
+async fn create_in<T: Tx>(
+    tx: &mut T,
+    account_id: &str,
+    key_hash: &str,
+    balance: i64,
+    disabled: bool,
+) -> Result<CreateOutcome> {
+    if tx.account(account_id).await?.is_some() {
+        return Ok(CreateOutcome::AccountExists);
+    }
+    if tx.key_exists(key_hash).await? {
+        return Ok(CreateOutcome::KeyExists);
+    }
+    tx.insert_account(account_id, Some(key_hash), balance, disabled, now_ms())
+        .await?;
+    Ok(CreateOutcome::Created)
+}
+
+pub async fn create_account<T: Tx>(
+    tx: &mut T,
+    account_id: &str,
+    key: &str,
+    balance: i64,
+    disabled: bool,
+) -> Result<CreateOutcome> {
+    let key_hash = sha256_hex(key.as_bytes());
+    create_in(tx, account_id, &key_hash, balance, disabled).await
+}
+
+pub async fn seed_demo<T: Tx>(tx: &mut T) -> Result<usize> {
+    let mut created = 0;
+    for (account_id, key, balance, disabled) in DEMO_ACCOUNTS {
+        let key_hash = sha256_hex(key.as_bytes());
+        if create_in(tx, account_id, &key_hash, *balance, *disabled).await?
+            == CreateOutcome::Created
+        {
+            created += 1;
+        }
+    }
+    Ok(created)
+}
+
+pub async fn topup<T: Tx>(
+    tx: &mut T,
+    account_id: &str,
+    amount: i64,
+    topup_id: Option<&str>,
+) -> Result<TopupOutcome> {
+    let Some(acct) = tx.account(account_id).await? else {
+        return Ok(TopupOutcome::UnknownAccount);
+    };
+    if let Some(tid) = topup_id {
+        if let Some(owner) = tx.topup_owner(tid).await? {
+            if owner != account_id {
+                return Ok(TopupOutcome::Conflict);
+            }
+            return Ok(TopupOutcome::Done {
+                balance: acct.balance,
+                replay: true,
+            });
+        }
+    }
+    // Keep balance + reserved within i64, so releasing a reservation can
+    // never overflow.
+    let reserved = tx.reserved(account_id).await?;
+    if rules::credit_within(acct.balance, amount, reserved).is_none() {
+        return Ok(TopupOutcome::Overflow);
+    }
+    tx.insert_topup(topup_id, account_id, amount, now_ms())
+        .await?;
+    let balance = tx.add_balance(account_id, amount).await?;
+    Ok(TopupOutcome::Done {
+        balance,
+        replay: false,
+    })
+}
+
+pub async fn set_disabled<T: Tx>(tx: &mut T, account_id: &str, disabled: bool) -> Result<bool> {
+    tx.set_disabled(account_id, disabled).await
+}
+
+pub async fn account<T: Tx>(
+    tx: &mut T,
+    account_id: &str,
+    policy: ExpiryPolicy,
+) -> Result<Option<AccountSummary>> {
+    let Some(acct) = tx.account(account_id).await? else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    expire_account(tx, account_id, now, policy).await?;
+    let Some(acct) = tx.account(account_id).await?.or(Some(acct)) else {
+        return Ok(None);
+    };
+    let t = tx.totals(account_id).await?;
+    Ok(Some(AccountSummary {
+        account_id: acct.account_id,
+        balance: acct.balance,
+        initial_balance: acct.initial_balance,
+        topups: t.topups,
+        disabled: acct.disabled,
+        charged: t.charged.saturating_add(t.lease_charged),
+        refunded: t.refunded,
+        charges: t.charges,
+        reserved: t.reserved,
+        leases: t.leases,
+    }))
+}
+
+pub async fn charges<T: Tx>(tx: &mut T, account_id: &str) -> Result<Option<Vec<ChargeRow>>> {
+    if tx.account(account_id).await?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(tx.charges_of(account_id).await?))
+}
+
+pub async fn leases<T: Tx>(
+    tx: &mut T,
+    account_id: &str,
+    policy: ExpiryPolicy,
+) -> Result<Option<Vec<LeaseRow>>> {
+    if tx.account(account_id).await?.is_none() {
+        return Ok(None);
+    }
+    expire_account(tx, account_id, now_ms(), policy).await?;
+    Ok(Some(tx.leases_of(account_id).await?))
+}
+
+// ------------------------------------------------------------ leases
+
+/// Expires the account's open leases whose `expires_at <= now`, applying the
+/// expiry policy. The caller holds (or this takes) the account's row lock.
+/// Returns how many expired.
+pub async fn expire_account<T: Tx>(
+    tx: &mut T,
+    account_id: &str,
+    now: i64,
+    policy: ExpiryPolicy,
+) -> Result<usize> {
+    let Some(acct) = tx.account(account_id).await? else {
+        return Ok(0);
+    };
+    let due = tx.due_leases(account_id, now).await?;
+    let mut balance = acct.balance;
+    for mut l in due.iter().cloned() {
+        let charged = rules::expiry_charge(policy, l.granted, l.used);
+        balance = credit(tx, account_id, balance, l.granted - charged).await?;
+        l.state = LeaseState::Expired;
+        l.charged = charged;
+        l.closed_at = Some(now);
+        tx.update_lease(&l).await?;
+    }
+    Ok(due.len())
+}
+
+/// A fresh `ls_<32 hex>` id not used by any lease.
+async fn new_lease_id<T: Tx>(tx: &mut T) -> Result<String> {
+    loop {
+        let id = format!("ls_{}", random_hex(16));
+        if tx.lease_by_id(&id).await?.is_none() {
+            return Ok(id);
+        }
+    }
+}
+
+pub async fn lease<T: Tx>(
+    tx: &mut T,
+    input: &LeaseInput,
+    settings: LeaseSettings,
+) -> Result<LeaseOutcome> {
+    let key_hash = sha256_hex(input.credential.as_bytes());
+    let now = now_ms();
+    let Some(acct) = tx.account_by_key(&key_hash).await? else {
+        return Ok(LeaseOutcome::UnknownCredential);
+    };
+    let account_id = acct.account_id;
+    expire_account(tx, &account_id, now, settings.policy).await?;
+    let Some(acct) = tx.account(&account_id).await? else {
+        return Ok(LeaseOutcome::UnknownCredential);
+    };
+    let balance = acct.balance;
+    if let Some(l) = tx.lease_by_request(&input.request_id).await? {
+        return Ok(if l.account_id != account_id {
+            LeaseOutcome::Conflict { account_id }
+        } else if l.state != LeaseState::Open {
+            LeaseOutcome::Closed {
+                account_id,
+                lease_id: l.lease_id,
+                state: l.state,
+            }
+        } else {
+            LeaseOutcome::Granted {
+                lease_id: l.lease_id,
+                granted: l.granted,
+                expires_in_ms: l.expires_at.saturating_sub(now).max(1),
+                account_id,
+                balance,
+                replay: true,
+            }
+        });
+    }
+    if acct.disabled {
+        return Ok(LeaseOutcome::Disabled { account_id });
+    }
+    if balance < input.min {
+        return Ok(LeaseOutcome::Denied {
+            account_id,
+            balance,
+        });
+    }
+    let granted = rules::grant_size(input.want, input.min, balance, settings.max_units);
+    let lease_id = new_lease_id(tx).await?;
+    let expires_at = now.saturating_add(settings.ttl_ms);
+    tx.insert_lease(&LeaseRow {
+        lease_id: lease_id.clone(),
+        account_id: account_id.clone(),
+        holder: input.holder.clone(),
+        request_id: input.request_id.clone(),
+        granted,
+        used: 0,
+        state: LeaseState::Open,
+        charged: 0,
+        created_at: now,
+        expires_at,
+        closed_at: None,
+    })
+    .await?;
+    let balance = tx.add_balance(&account_id, -granted).await?;
+    Ok(LeaseOutcome::Granted {
+        lease_id,
+        granted,
+        expires_in_ms: expires_at - now,
+        account_id,
+        balance,
+        replay: false,
+    })
+}
+
+/// Finds a lease, locks its account, expires the account's due leases and
+/// reads the lease again (it may have just expired).
+async fn locked_lease<T: Tx>(
+    tx: &mut T,
+    found: Option<LeaseRow>,
+    now: i64,
+    policy: ExpiryPolicy,
+) -> Result<Option<(LeaseRow, i64)>> {
+    let Some(l) = found else {
+        return Ok(None);
+    };
+    expire_account(tx, &l.account_id, now, policy).await?;
+    let Some(l) = tx.lease_by_id(&l.lease_id).await? else {
+        return Ok(None);
+    };
+    let balance = match tx.account(&l.account_id).await? {
+        Some(a) => a.balance,
+        None => return Ok(None),
+    };
+    Ok(Some((l, balance)))
+}
+
+pub async fn settle<T: Tx>(
+    tx: &mut T,
+    lease_id: &str,
+    used: i64,
+    is_final: bool,
+    policy: ExpiryPolicy,
+) -> Result<SettleOutcome> {
+    let now = now_ms();
+    let found = tx.lease_by_id(lease_id).await?;
+    let Some((mut l, balance)) = locked_lease(tx, found, now, policy).await? else {
+        return Ok(SettleOutcome::UnknownLease);
+    };
+    if used > l.granted {
+        return Ok(SettleOutcome::TooMuch {
+            account_id: l.account_id,
+            request_id: l.request_id,
+            granted: l.granted,
+        });
+    }
+    Ok(match l.state {
+        LeaseState::Open => {
+            let balance = if is_final {
+                let balance = credit(tx, &l.account_id, balance, l.granted - used).await?;
+                l.state = LeaseState::Settled;
+                l.charged = used;
+                l.closed_at = Some(now);
+                balance
+            } else {
+                balance
+            };
+            l.used = used;
+            tx.update_lease(&l).await?;
+            SettleOutcome::Done(Settled {
+                lease_id: l.lease_id,
+                account_id: l.account_id,
+                request_id: l.request_id,
+                state: l.state,
+                used,
+                granted: l.granted,
+                balance,
+            })
+        }
+        LeaseState::Settled if l.used == used => SettleOutcome::Done(Settled {
+            lease_id: l.lease_id,
+            account_id: l.account_id,
+            request_id: l.request_id,
+            state: l.state,
+            used,
+            granted: l.granted,
+            balance,
+        }),
+        LeaseState::Settled => SettleOutcome::AlreadySettled {
+            account_id: l.account_id,
+            request_id: l.request_id,
+            used: l.used,
+        },
+        LeaseState::Expired => SettleOutcome::Expired {
+            account_id: l.account_id,
+            request_id: l.request_id,
+            charged: l.charged,
+        },
+        LeaseState::Cancelled => SettleOutcome::Cancelled {
+            account_id: l.account_id,
+            request_id: l.request_id,
+        },
+    })
+}
+
+pub async fn cancel<T: Tx>(
+    tx: &mut T,
+    request_id: &str,
+    policy: ExpiryPolicy,
+) -> Result<CancelOutcome> {
+    let now = now_ms();
+    let found = tx.lease_by_request(request_id).await?;
+    let Some((mut l, balance)) = locked_lease(tx, found, now, policy).await? else {
+        return Ok(CancelOutcome::UnknownLease);
+    };
+    Ok(match l.state {
+        LeaseState::Cancelled => CancelOutcome::AlreadyCancelled {
+            lease_id: l.lease_id,
+            account_id: l.account_id,
+            balance,
+        },
+        LeaseState::Open if l.used == 0 => {
+            let balance = credit(tx, &l.account_id, balance, l.granted).await?;
+            l.state = LeaseState::Cancelled;
+            l.charged = 0;
+            l.closed_at = Some(now);
+            tx.update_lease(&l).await?;
+            CancelOutcome::Cancelled {
+                lease_id: l.lease_id,
+                account_id: l.account_id,
+                balance,
+            }
+        }
+        LeaseState::Open => CancelOutcome::InUse {
+            lease_id: l.lease_id,
+            account_id: l.account_id,
+            used: l.used,
+        },
+        LeaseState::Settled | LeaseState::Expired => CancelOutcome::Closed {
+            lease_id: l.lease_id,
+            account_id: l.account_id,
+            state: l.state,
+        },
+    })
+}
+
+// ------------------------------------------------------------ usage and payments
+
+pub async fn usage<T: Tx>(
+    tx: &mut T,
+    request_id: &str,
+    credential: &str,
+    actual: i64,
+) -> Result<UsageOutcome> {
+    let key_hash = sha256_hex(credential.as_bytes());
+    let Some(acct) = tx.account_by_key(&key_hash).await? else {
+        return Ok(UsageOutcome::UnknownCredential);
+    };
+    let account_id = acct.account_id;
+    let estimate = match tx.charge(request_id).await? {
+        Some(c) if c.account_id != account_id => {
+            return Ok(UsageOutcome::Conflict { account_id });
+        }
+        Some(c) if c.status == ChargeStatus::Refunded => {
+            return Ok(UsageOutcome::Refunded { account_id });
+        }
+        Some(c) => match tx.usage_actual(request_id).await? {
+            Some(done) if done == actual => {
+                return Ok(UsageOutcome::Settled {
+                    account_id,
+                    balance: acct.balance,
+                    replay: true,
+                });
+            }
+            Some(done) => {
+                return Ok(UsageOutcome::Final {
+                    account_id,
+                    cost: done,
+                });
+            }
+            None => Some(c.cost),
+        },
+        None => None,
+    };
+    // Both amounts are in 0..=i64::MAX, so the difference fits.
+    let delta = estimate.unwrap_or(0) - actual;
+    let reserved = tx.reserved(&account_id).await?;
+    if rules::usage_adjusted(acct.balance, delta, reserved).is_none() {
+        return Ok(UsageOutcome::Overflow { account_id });
+    }
+    let now = now_ms();
+    if estimate.is_some() {
+        tx.set_charge_cost(request_id, actual).await?;
+    } else {
+        tx.insert_charge(&NewCharge {
+            request_id,
+            account_id: &account_id,
+            cost: actual,
+            route: USAGE_ROUTE,
+            method: "-",
+            path: "-",
+            at: now,
+        })
+        .await?;
+    }
+    tx.insert_usage(request_id, &account_id, estimate, actual, now)
+        .await?;
+    let balance = if delta == 0 {
+        acct.balance
+    } else {
+        tx.add_balance(&account_id, delta).await?
+    };
+    Ok(UsageOutcome::Settled {
+        account_id,
+        balance,
+        replay: false,
+    })
+}
+
+pub async fn pay_demo<T: Tx>(
+    tx: &mut T,
+    request_id: &str,
+    cost: i64,
+    route: &str,
+    method: &str,
+    path: &str,
+) -> Result<PaidOutcome> {
+    let now = now_ms();
+    let acct = match tx.account(DEMO_PAYER).await? {
+        Some(a) => a,
+        None => {
+            tx.insert_account(DEMO_PAYER, None, 0, false, now).await?;
+            tx.account(DEMO_PAYER)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("payer account vanished".to_owned()))?
+        }
+    };
+    let replay = match tx.charge(request_id).await? {
+        Some(c) if c.account_id != DEMO_PAYER => {
+            return Ok(PaidOutcome::Conflict {
+                account_id: c.account_id,
+            });
+        }
+        Some(_) => true,
+        None => false,
+    };
+    if !replay && cost > 0 {
+        // The payment is a top-up and the charge spends it: balance unchanged.
+        tx.insert_topup(None, DEMO_PAYER, cost, now).await?;
+        tx.insert_charge(&NewCharge {
+            request_id,
+            account_id: DEMO_PAYER,
+            cost,
+            route,
+            method,
+            path,
+            at: now,
+        })
+        .await?;
+    }
+    Ok(PaidOutcome::Paid {
+        account_id: DEMO_PAYER.to_owned(),
+        balance: acct.balance,
+        replay,
+    })
+}

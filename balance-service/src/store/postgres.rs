@@ -1,0 +1,622 @@
+//! The PostgreSQL backend: `tokio-postgres` through a `deadpool-postgres`
+//! connection pool, statements prepared once per connection.
+//!
+//! Transactions run at READ COMMITTED. Each call first locks the account row
+//! it changes (`SELECT … FOR UPDATE`), so calls on one account serialise
+//! across connections and service replicas, while calls on different
+//! accounts run in parallel; every read after the lock sees all earlier
+//! commits. Amounts move with relative updates (`balance = balance + $1`).
+//! Request ids, lease request ids and top-up ids are unique keys: a call
+//! that loses an insert race (SQLSTATE 23505), or hits a deadlock (40P01) or
+//! serialization failure (40001), is rolled back and run again, and then
+//! sees the winner's row and answers as a replay.
+
+use super::migrations;
+use super::{
+    AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRow, LeaseState, NewCharge, Result,
+    StoreError, Totals, Tx,
+};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+/// How often a call is run again after a retryable failure.
+pub const MAX_RETRIES: u32 = 8;
+/// Connections per service process.
+const POOL_SIZE: usize = 16;
+/// Longest wait for a connection (also bounds connecting at start-up).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Key of the advisory lock that serialises migrations across replicas.
+const MIGRATION_LOCK: i64 = 0x0066_6172_6562_6f78; // "farebox"
+
+pub struct Db {
+    pool: Pool,
+}
+
+/// Whether a failed call may be run again (it was rolled back).
+pub fn retryable(e: &StoreError) -> bool {
+    let StoreError::Postgres(e) = e else {
+        return false;
+    };
+    if e.is_closed() {
+        // A pooled connection broke (e.g. the server restarted): the
+        // transaction never committed; run it on a fresh connection.
+        return true;
+    }
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::UNIQUE_VIOLATION
+    )
+}
+
+/// A client or pool error with its causes (the server's message for a
+/// database error, the OS error for a failed connect).
+fn cause(e: &(dyn std::error::Error + 'static)) -> String {
+    if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
+        if let Some(db) = pg.as_db_error() {
+            return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        }
+    }
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(src) = next {
+        let text = src.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = src.source();
+    }
+    out
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> String {
+    match &e {
+        deadpool_postgres::PoolError::Backend(pg) => cause(pg),
+        _ => cause(&e),
+    }
+}
+
+/// "host:port database D as user U", never the password.
+fn describe(cfg: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "PostgreSQL at {}:{port} (database {:?}, user {:?})",
+        hosts.join(","),
+        cfg.get_dbname().unwrap_or("-"),
+        cfg.get_user().unwrap_or("-")
+    )
+}
+
+fn pool_for(url: &str) -> Result<(Pool, String)> {
+    let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
+        StoreError::Schema(format!("bad PostgreSQL URL {}: {e}", super::redact(url)))
+    })?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("farebox-balance");
+    }
+    let what = describe(&cfg);
+    let mgr = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(mgr)
+        .max_size(POOL_SIZE)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|e| StoreError::Schema(format!("cannot set up the pool for {what}: {e}")))?;
+    Ok((pool, what))
+}
+
+/// Applies the pending migrations in one transaction, under an advisory
+/// lock so replicas starting together migrate once. Returns (before, after).
+async fn migrate(pool: &Pool, what: &str) -> Result<(i64, i64)> {
+    let mut client = pool.get().await.map_err(|e| {
+        StoreError::Unavailable(format!("cannot connect to {what}: {}", pool_error(e)))
+    })?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+             version    BIGINT PRIMARY KEY,
+             name       TEXT NOT NULL,
+             applied_at BIGINT NOT NULL
+         )",
+        migrations::TABLE
+    ))
+    .await?;
+    let before: i64 = tx
+        .query_one(
+            &format!(
+                "SELECT COALESCE(MAX(version), 0)::BIGINT FROM {}",
+                migrations::TABLE
+            ),
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    migrations::check_known(before)?;
+    let mut after = before;
+    for m in migrations::pending(migrations::POSTGRES, before) {
+        tx.batch_execute(m.sql).await.map_err(|e| {
+            StoreError::Schema(format!(
+                "migration {} ({}) failed: {}",
+                m.version,
+                m.name,
+                StoreError::Postgres(e)
+            ))
+        })?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (version, name, applied_at) VALUES ($1, $2, $3)",
+                migrations::TABLE
+            ),
+            &[&m.version, &m.name, &crate::util::now_ms()],
+        )
+        .await?;
+        after = m.version;
+    }
+    tx.commit().await?;
+    Ok((before, after))
+}
+
+/// `farebox-balance migrate` on a PostgreSQL URL.
+pub async fn migrate_url(url: &str) -> Result<(i64, i64)> {
+    let (pool, what) = pool_for(url)?;
+    migrate(&pool, &what).await
+}
+
+impl Db {
+    /// Connects (failing within seconds when the server does not answer)
+    /// and brings the schema up to date.
+    pub async fn open(url: &str, apply: bool) -> Result<Db> {
+        let (pool, what) = pool_for(url)?;
+        if apply {
+            migrate(&pool, &what).await?;
+        }
+        Ok(Db { pool })
+    }
+
+    pub async fn client(&self) -> Result<deadpool_postgres::Client> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(pool_error(e)))
+    }
+}
+
+pub struct PgTx<'c> {
+    tx: deadpool_postgres::Transaction<'c>,
+}
+
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+const LEASE_COLUMNS: &str = "lease_id, account_id, holder, request_id, granted, used, state, \
+                             charged, created_at, expires_at, closed_at";
+
+fn lease_row(r: &Row) -> Result<LeaseRow> {
+    Ok(LeaseRow {
+        lease_id: r.try_get(0)?,
+        account_id: r.try_get(1)?,
+        holder: r.try_get(2)?,
+        request_id: r.try_get(3)?,
+        granted: r.try_get(4)?,
+        used: r.try_get(5)?,
+        state: LeaseState::parse(r.try_get(6)?)?,
+        charged: r.try_get(7)?,
+        created_at: r.try_get(8)?,
+        expires_at: r.try_get(9)?,
+        closed_at: r.try_get(10)?,
+    })
+}
+
+fn account_row(r: &Row) -> Result<AccountRow> {
+    Ok(AccountRow {
+        account_id: r.try_get(0)?,
+        balance: r.try_get(1)?,
+        initial_balance: r.try_get(2)?,
+        disabled: r.try_get(3)?,
+    })
+}
+
+impl<'c> PgTx<'c> {
+    pub async fn begin(client: &'c mut deadpool_postgres::Client) -> Result<PgTx<'c>> {
+        Ok(PgTx {
+            tx: client.transaction().await?,
+        })
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        Ok(self.tx.commit().await?)
+    }
+
+    async fn opt(&self, sql: &str, p: &Params<'_>) -> Result<Option<Row>> {
+        let stmt = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.query_opt(&stmt, p).await?)
+    }
+
+    async fn one(&self, sql: &str, p: &Params<'_>) -> Result<Row> {
+        let stmt = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.query_one(&stmt, p).await?)
+    }
+
+    async fn all(&self, sql: &str, p: &Params<'_>) -> Result<Vec<Row>> {
+        let stmt = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.query(&stmt, p).await?)
+    }
+
+    async fn exec(&self, sql: &str, p: &Params<'_>) -> Result<u64> {
+        let stmt = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.execute(&stmt, p).await?)
+    }
+
+    async fn leases_where(&self, cond: &str, p: &Params<'_>) -> Result<Vec<LeaseRow>> {
+        let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE {cond} ORDER BY seq");
+        self.all(&sql, p).await?.iter().map(lease_row).collect()
+    }
+
+    async fn lease_where(&self, cond: &str, key: &str) -> Result<Option<LeaseRow>> {
+        let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE {cond}");
+        self.opt(&sql, &[&key])
+            .await?
+            .as_ref()
+            .map(lease_row)
+            .transpose()
+    }
+}
+
+impl Tx for PgTx<'_> {
+    async fn account_by_key(&mut self, key_hash: &str) -> Result<Option<AccountRow>> {
+        self.opt(
+            "SELECT a.account_id, a.balance, a.initial_balance, a.disabled
+             FROM keys k JOIN accounts a ON a.account_id = k.account_id
+             WHERE k.key_hash = $1
+             FOR UPDATE OF a",
+            &[&key_hash],
+        )
+        .await?
+        .as_ref()
+        .map(account_row)
+        .transpose()
+    }
+
+    async fn account(&mut self, account_id: &str) -> Result<Option<AccountRow>> {
+        self.opt(
+            "SELECT account_id, balance, initial_balance, disabled
+             FROM accounts WHERE account_id = $1 FOR UPDATE",
+            &[&account_id],
+        )
+        .await?
+        .as_ref()
+        .map(account_row)
+        .transpose()
+    }
+
+    async fn add_balance(&mut self, account_id: &str, delta: i64) -> Result<i64> {
+        Ok(self
+            .one(
+                "UPDATE accounts SET balance = balance + $1 WHERE account_id = $2
+                 RETURNING balance",
+                &[&delta, &account_id],
+            )
+            .await?
+            .try_get(0)?)
+    }
+
+    async fn key_exists(&mut self, key_hash: &str) -> Result<bool> {
+        Ok(self
+            .opt("SELECT 1 FROM keys WHERE key_hash = $1", &[&key_hash])
+            .await?
+            .is_some())
+    }
+
+    async fn insert_account(
+        &mut self,
+        account_id: &str,
+        key_hash: Option<&str>,
+        balance: i64,
+        disabled: bool,
+        now: i64,
+    ) -> Result<()> {
+        self.exec(
+            "INSERT INTO accounts (account_id, balance, initial_balance, disabled, created_at)
+             VALUES ($1, $2, $2, $3, $4)",
+            &[&account_id, &balance, &disabled, &now],
+        )
+        .await?;
+        if let Some(key_hash) = key_hash {
+            self.exec(
+                "INSERT INTO keys (key_hash, account_id) VALUES ($1, $2)",
+                &[&key_hash, &account_id],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn set_disabled(&mut self, account_id: &str, disabled: bool) -> Result<bool> {
+        let n = self
+            .exec(
+                "UPDATE accounts SET disabled = $1 WHERE account_id = $2",
+                &[&disabled, &account_id],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn charge(&mut self, request_id: &str) -> Result<Option<ChargeRec>> {
+        let Some(r) = self
+            .opt(
+                "SELECT account_id, cost, status FROM charges WHERE request_id = $1",
+                &[&request_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ChargeRec {
+            account_id: r.try_get(0)?,
+            cost: r.try_get(1)?,
+            status: ChargeStatus::parse(r.try_get(2)?)?,
+        }))
+    }
+
+    async fn insert_charge(&mut self, c: &NewCharge<'_>) -> Result<()> {
+        self.exec(
+            "INSERT INTO charges (request_id, account_id, cost, route, method, path, status, at)
+             VALUES ($1, $2, $3, $4, $5, $6, 'charged', $7)",
+            &[
+                &c.request_id,
+                &c.account_id,
+                &c.cost,
+                &c.route,
+                &c.method,
+                &c.path,
+                &c.at,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_refunded(
+        &mut self,
+        request_id: &str,
+        status: Option<u16>,
+        now: i64,
+    ) -> Result<()> {
+        let status = status.map(i64::from);
+        self.exec(
+            "UPDATE charges SET status = 'refunded', refund_status = $1, refunded_at = $2
+             WHERE request_id = $3",
+            &[&status, &now, &request_id],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn set_charge_cost(&mut self, request_id: &str, cost: i64) -> Result<()> {
+        self.exec(
+            "UPDATE charges SET cost = $1 WHERE request_id = $2",
+            &[&cost, &request_id],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn usage_actual(&mut self, request_id: &str) -> Result<Option<i64>> {
+        self.opt(
+            "SELECT actual FROM usages WHERE request_id = $1",
+            &[&request_id],
+        )
+        .await?
+        .map(|r| r.try_get(0).map_err(StoreError::from))
+        .transpose()
+    }
+
+    async fn insert_usage(
+        &mut self,
+        request_id: &str,
+        account_id: &str,
+        estimate: Option<i64>,
+        actual: i64,
+        now: i64,
+    ) -> Result<()> {
+        self.exec(
+            "INSERT INTO usages (request_id, account_id, estimate, actual, at)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&request_id, &account_id, &estimate, &actual, &now],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>> {
+        self.opt(
+            "SELECT account_id FROM topups WHERE topup_id = $1",
+            &[&topup_id],
+        )
+        .await?
+        .map(|r| r.try_get(0).map_err(StoreError::from))
+        .transpose()
+    }
+
+    async fn insert_topup(
+        &mut self,
+        topup_id: Option<&str>,
+        account_id: &str,
+        amount: i64,
+        now: i64,
+    ) -> Result<()> {
+        self.exec(
+            "INSERT INTO topups (topup_id, account_id, amount, at) VALUES ($1, $2, $3, $4)",
+            &[&topup_id, &account_id, &amount, &now],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn reserved(&mut self, account_id: &str) -> Result<i64> {
+        Ok(self
+            .one(
+                "SELECT COALESCE(SUM(granted), 0)::BIGINT FROM leases
+                 WHERE account_id = $1 AND state = 'open'",
+                &[&account_id],
+            )
+            .await?
+            .try_get(0)?)
+    }
+
+    async fn totals(&mut self, account_id: &str) -> Result<Totals> {
+        let c = self
+            .one(
+                "SELECT COALESCE(SUM(CASE WHEN status = 'charged' THEN cost END), 0)::BIGINT,
+                        COALESCE(SUM(CASE WHEN status = 'refunded' THEN cost END), 0)::BIGINT,
+                        COUNT(*)::BIGINT
+                 FROM charges WHERE account_id = $1",
+                &[&account_id],
+            )
+            .await?;
+        let l = self
+            .one(
+                "SELECT COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0)::BIGINT,
+                        COALESCE(SUM(charged), 0)::BIGINT,
+                        COUNT(*)::BIGINT
+                 FROM leases WHERE account_id = $1",
+                &[&account_id],
+            )
+            .await?;
+        let t = self
+            .one(
+                "SELECT COALESCE(SUM(amount), 0)::BIGINT FROM topups WHERE account_id = $1",
+                &[&account_id],
+            )
+            .await?;
+        Ok(Totals {
+            charged: c.try_get(0)?,
+            refunded: c.try_get(1)?,
+            charges: c.try_get(2)?,
+            reserved: l.try_get(0)?,
+            lease_charged: l.try_get(1)?,
+            leases: l.try_get(2)?,
+            topups: t.try_get(0)?,
+        })
+    }
+
+    async fn charges_of(&mut self, account_id: &str) -> Result<Vec<ChargeRow>> {
+        let rows = self
+            .all(
+                "SELECT request_id, cost, route, method, path, status, refund_status, at
+                 FROM charges WHERE account_id = $1 ORDER BY seq",
+                &[&account_id],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ChargeRow {
+                    request_id: r.try_get(0)?,
+                    cost: r.try_get(1)?,
+                    route: r.try_get(2)?,
+                    method: r.try_get(3)?,
+                    path: r.try_get(4)?,
+                    status: ChargeStatus::parse(r.try_get(5)?)?,
+                    refund_status: r.try_get(6)?,
+                    at: r.try_get(7)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn leases_of(&mut self, account_id: &str) -> Result<Vec<LeaseRow>> {
+        self.leases_where("account_id = $1", &[&account_id]).await
+    }
+
+    async fn lease_by_id(&mut self, lease_id: &str) -> Result<Option<LeaseRow>> {
+        self.lease_where("lease_id = $1", lease_id).await
+    }
+
+    async fn lease_by_request(&mut self, request_id: &str) -> Result<Option<LeaseRow>> {
+        self.lease_where("request_id = $1", request_id).await
+    }
+
+    async fn insert_lease(&mut self, l: &LeaseRow) -> Result<()> {
+        self.exec(
+            "INSERT INTO leases (lease_id, account_id, holder, request_id, granted, used,
+                                 state, charged, created_at, expires_at, closed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &[
+                &l.lease_id,
+                &l.account_id,
+                &l.holder,
+                &l.request_id,
+                &l.granted,
+                &l.used,
+                &l.state.as_str(),
+                &l.charged,
+                &l.created_at,
+                &l.expires_at,
+                &l.closed_at,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn update_lease(&mut self, l: &LeaseRow) -> Result<()> {
+        self.exec(
+            "UPDATE leases SET used = $1, state = $2, charged = $3, closed_at = $4
+             WHERE lease_id = $5",
+            &[
+                &l.used,
+                &l.state.as_str(),
+                &l.charged,
+                &l.closed_at,
+                &l.lease_id,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn due_leases(&mut self, account_id: &str, now: i64) -> Result<Vec<LeaseRow>> {
+        self.leases_where(
+            "account_id = $1 AND state = 'open' AND expires_at <= $2",
+            &[&account_id, &now],
+        )
+        .await
+    }
+
+    async fn accounts_with_due_leases(&mut self, now: i64) -> Result<Vec<String>> {
+        self.all(
+            "SELECT DISTINCT account_id FROM leases WHERE state = 'open' AND expires_at <= $1",
+            &[&now],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0).map_err(StoreError::from))
+        .collect()
+    }
+}

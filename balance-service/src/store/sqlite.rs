@@ -1,0 +1,547 @@
+//! The SQLite backend: one connection in WAL mode behind a mutex, prepared
+//! statements cached, every call one `BEGIN IMMEDIATE` transaction (so it is
+//! also correct when another process writes the same file). Calls run on
+//! tokio's blocking pool.
+
+use super::migrations::{self, Migration};
+use super::{
+    AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRow, LeaseState, NewCharge, Result,
+    StoreError, Totals, Tx,
+};
+use crate::config::SyncMode;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+pub struct Db {
+    conn: Arc<Mutex<Connection>>,
+    journal_mode: String,
+}
+
+/// Opens the file and applies the pragmas of the service.
+fn connect(path: &str, sync: SyncMode) -> Result<(Connection, String)> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    conn.pragma_update(None, "synchronous", sync.as_pragma())?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok((conn, mode))
+}
+
+/// The schema version of the database (0: never migrated).
+fn version(conn: &Connection) -> Result<i64> {
+    let has_table: bool = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")?
+        .exists(params![migrations::TABLE])?;
+    if !has_table {
+        return Ok(0);
+    }
+    Ok(conn.query_row(
+        &format!(
+            "SELECT COALESCE(MAX(version), 0) FROM {}",
+            migrations::TABLE
+        ),
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// Applies the pending migrations, each in its own transaction. Returns
+/// (version before, version after).
+fn migrate(conn: &mut Connection, apply: bool) -> Result<(i64, i64)> {
+    let before = version(conn)?;
+    migrations::check_known(before)?;
+    if !apply {
+        return Ok((before, before));
+    }
+    let mut after = before;
+    for m in migrations::pending(migrations::SQLITE, before) {
+        apply_one(conn, m).map_err(|e| {
+            StoreError::Schema(format!("migration {} ({}) failed: {e}", m.version, m.name))
+        })?;
+        after = m.version;
+    }
+    Ok((before, after))
+}
+
+fn apply_one(conn: &mut Connection, m: &Migration) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+             version    INTEGER PRIMARY KEY NOT NULL,
+             name       TEXT NOT NULL,
+             applied_at INTEGER NOT NULL
+         );",
+        migrations::TABLE
+    ))?;
+    // Another process may have applied it meanwhile (we hold the write lock now).
+    if version(&tx)? >= m.version {
+        return Ok(());
+    }
+    tx.execute_batch(m.sql)?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            migrations::TABLE
+        ),
+        params![m.version, m.name, crate::util::now_ms()],
+    )?;
+    tx.pragma_update(None, "user_version", m.version)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// `farebox-balance migrate` on a SQLite file.
+pub fn migrate_path(path: &str) -> Result<(i64, i64)> {
+    let (mut conn, _) = connect(path, SyncMode::Full)?;
+    migrate(&mut conn, true)
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`, migrating it when
+    /// `apply` (else only checking that its schema is current).
+    pub fn open(path: &str, sync: SyncMode, apply: bool) -> Result<Db> {
+        let (mut conn, journal_mode) = connect(path, sync)?;
+        let (_, now) = migrate(&mut conn, apply)?;
+        if now != migrations::LATEST {
+            return Err(StoreError::Schema(format!(
+                "database schema version {now}, this farebox-balance needs version {}: \
+                 run farebox-balance migrate",
+                migrations::LATEST
+            )));
+        }
+        Ok(Db {
+            conn: Arc::new(Mutex::new(conn)),
+            journal_mode,
+        })
+    }
+
+    pub fn warning(&self) -> Option<String> {
+        (!self.journal_mode.eq_ignore_ascii_case("wal")).then(|| {
+            format!(
+                "journal mode is {:?}, not WAL (in-memory database?)",
+                self.journal_mode
+            )
+        })
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the blocking pool;
+    /// commits when it returns `Ok`.
+    pub async fn run<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut SqliteTx<'_>) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave a half-applied
+            // transaction behind (it rolls back on drop), so a poisoned lock
+            // is safe to reuse.
+            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut t = SqliteTx { tx };
+            let out = f(&mut t)?;
+            t.tx.commit()?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("sqlite worker failed: {e}")))?
+    }
+}
+
+/// Drives a transaction script to completion. SQLite calls never wait, so
+/// the script's future is ready at its first poll.
+pub fn ready<R>(fut: impl Future<Output = Result<R>>) -> Result<R> {
+    let mut fut = pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(StoreError::Corrupt(
+            "a SQLite transaction script waited".to_owned(),
+        )),
+    }
+}
+
+pub struct SqliteTx<'c> {
+    tx: rusqlite::Transaction<'c>,
+}
+
+const LEASE_COLUMNS: &str = "lease_id, account_id, holder, request_id, granted, used, state, \
+                             charged, created_at, expires_at, closed_at";
+
+fn lease_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(LeaseRow, String)> {
+    Ok((
+        LeaseRow {
+            lease_id: r.get(0)?,
+            account_id: r.get(1)?,
+            holder: r.get(2)?,
+            request_id: r.get(3)?,
+            granted: r.get(4)?,
+            used: r.get(5)?,
+            state: LeaseState::Open,
+            charged: r.get(7)?,
+            created_at: r.get(8)?,
+            expires_at: r.get(9)?,
+            closed_at: r.get(10)?,
+        },
+        r.get(6)?,
+    ))
+}
+
+fn with_state((mut l, state): (LeaseRow, String)) -> Result<LeaseRow> {
+    l.state = LeaseState::parse(&state)?;
+    Ok(l)
+}
+
+impl SqliteTx<'_> {
+    fn leases_where(&self, cond: &str, p: impl rusqlite::Params) -> Result<Vec<LeaseRow>> {
+        let mut stmt = self.tx.prepare_cached(&format!(
+            "SELECT {LEASE_COLUMNS} FROM leases WHERE {cond} ORDER BY created_at, rowid"
+        ))?;
+        let rows = stmt.query_map(p, lease_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(with_state(row?)?);
+        }
+        Ok(out)
+    }
+
+    fn lease_where(&self, cond: &str, key: &str) -> Result<Option<LeaseRow>> {
+        let row = self
+            .tx
+            .prepare_cached(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE {cond}"))?
+            .query_row(params![key], lease_row)
+            .optional()?;
+        row.map(with_state).transpose()
+    }
+
+    fn account_row(&self, sql: &str, key: &str) -> Result<Option<AccountRow>> {
+        Ok(self
+            .tx
+            .prepare_cached(sql)?
+            .query_row(params![key], |r| {
+                Ok(AccountRow {
+                    account_id: r.get(0)?,
+                    balance: r.get(1)?,
+                    initial_balance: r.get(2)?,
+                    disabled: r.get(3)?,
+                })
+            })
+            .optional()?)
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    async fn account_by_key(&mut self, key_hash: &str) -> Result<Option<AccountRow>> {
+        self.account_row(
+            "SELECT a.account_id, a.balance, a.initial_balance, a.disabled
+             FROM keys k JOIN accounts a ON a.account_id = k.account_id
+             WHERE k.key_hash = ?1",
+            key_hash,
+        )
+    }
+
+    async fn account(&mut self, account_id: &str) -> Result<Option<AccountRow>> {
+        self.account_row(
+            "SELECT account_id, balance, initial_balance, disabled
+             FROM accounts WHERE account_id = ?1",
+            account_id,
+        )
+    }
+
+    async fn add_balance(&mut self, account_id: &str, delta: i64) -> Result<i64> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "UPDATE accounts SET balance = balance + ?1 WHERE account_id = ?2
+                 RETURNING balance",
+            )?
+            .query_row(params![delta, account_id], |r| r.get(0))?)
+    }
+
+    async fn key_exists(&mut self, key_hash: &str) -> Result<bool> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT 1 FROM keys WHERE key_hash = ?1")?
+            .exists(params![key_hash])?)
+    }
+
+    async fn insert_account(
+        &mut self,
+        account_id: &str,
+        key_hash: Option<&str>,
+        balance: i64,
+        disabled: bool,
+        now: i64,
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO accounts (account_id, balance, initial_balance, disabled, created_at)
+                 VALUES (?1, ?2, ?2, ?3, ?4)",
+            )?
+            .execute(params![account_id, balance, disabled, now])?;
+        if let Some(key_hash) = key_hash {
+            self.tx
+                .prepare_cached("INSERT INTO keys (key_hash, account_id) VALUES (?1, ?2)")?
+                .execute(params![key_hash, account_id])?;
+        }
+        Ok(())
+    }
+
+    async fn set_disabled(&mut self, account_id: &str, disabled: bool) -> Result<bool> {
+        let n = self
+            .tx
+            .prepare_cached("UPDATE accounts SET disabled = ?1 WHERE account_id = ?2")?
+            .execute(params![disabled, account_id])?;
+        Ok(n > 0)
+    }
+
+    async fn charge(&mut self, request_id: &str) -> Result<Option<ChargeRec>> {
+        let row: Option<(String, i64, String)> = self
+            .tx
+            .prepare_cached("SELECT account_id, cost, status FROM charges WHERE request_id = ?1")?
+            .query_row(params![request_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        row.map(|(account_id, cost, status)| {
+            Ok(ChargeRec {
+                account_id,
+                cost,
+                status: ChargeStatus::parse(&status)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn insert_charge(&mut self, c: &NewCharge<'_>) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO charges (request_id, account_id, cost, route, method, path, status, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'charged', ?7)",
+            )?
+            .execute(params![
+                c.request_id,
+                c.account_id,
+                c.cost,
+                c.route,
+                c.method,
+                c.path,
+                c.at
+            ])?;
+        Ok(())
+    }
+
+    async fn mark_refunded(
+        &mut self,
+        request_id: &str,
+        status: Option<u16>,
+        now: i64,
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "UPDATE charges SET status = 'refunded', refund_status = ?1, refunded_at = ?2
+                 WHERE request_id = ?3",
+            )?
+            .execute(params![status, now, request_id])?;
+        Ok(())
+    }
+
+    async fn set_charge_cost(&mut self, request_id: &str, cost: i64) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE charges SET cost = ?1 WHERE request_id = ?2")?
+            .execute(params![cost, request_id])?;
+        Ok(())
+    }
+
+    async fn usage_actual(&mut self, request_id: &str) -> Result<Option<i64>> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT actual FROM usages WHERE request_id = ?1")?
+            .query_row(params![request_id], |r| r.get(0))
+            .optional()?)
+    }
+
+    async fn insert_usage(
+        &mut self,
+        request_id: &str,
+        account_id: &str,
+        estimate: Option<i64>,
+        actual: i64,
+        now: i64,
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO usages (request_id, account_id, estimate, actual, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![request_id, account_id, estimate, actual, now])?;
+        Ok(())
+    }
+
+    async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT account_id FROM topups WHERE topup_id = ?1")?
+            .query_row(params![topup_id], |r| r.get(0))
+            .optional()?)
+    }
+
+    async fn insert_topup(
+        &mut self,
+        topup_id: Option<&str>,
+        account_id: &str,
+        amount: i64,
+        now: i64,
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO topups (topup_id, account_id, amount, at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![topup_id, account_id, amount, now])?;
+        Ok(())
+    }
+
+    async fn reserved(&mut self, account_id: &str) -> Result<i64> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "SELECT COALESCE(SUM(granted), 0) FROM leases
+                 WHERE account_id = ?1 AND state = 'open'",
+            )?
+            .query_row(params![account_id], |r| r.get(0))?)
+    }
+
+    async fn totals(&mut self, account_id: &str) -> Result<Totals> {
+        let mut t = Totals::default();
+        (t.charged, t.refunded, t.charges) = self
+            .tx
+            .prepare_cached(
+                "SELECT COALESCE(SUM(CASE WHEN status = 'charged' THEN cost END), 0),
+                        COALESCE(SUM(CASE WHEN status = 'refunded' THEN cost END), 0),
+                        COUNT(*)
+                 FROM charges WHERE account_id = ?1",
+            )?
+            .query_row(params![account_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        (t.reserved, t.lease_charged, t.leases) = self
+            .tx
+            .prepare_cached(
+                "SELECT COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0),
+                        COALESCE(SUM(charged), 0),
+                        COUNT(*)
+                 FROM leases WHERE account_id = ?1",
+            )?
+            .query_row(params![account_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        t.topups = self
+            .tx
+            .prepare_cached("SELECT COALESCE(SUM(amount), 0) FROM topups WHERE account_id = ?1")?
+            .query_row(params![account_id], |r| r.get(0))?;
+        Ok(t)
+    }
+
+    async fn charges_of(&mut self, account_id: &str) -> Result<Vec<ChargeRow>> {
+        let mut stmt = self.tx.prepare_cached(
+            "SELECT request_id, cost, route, method, path, status, refund_status, at
+             FROM charges WHERE account_id = ?1 ORDER BY at, rowid",
+        )?;
+        let rows = stmt.query_map(params![account_id], |r| {
+            Ok((
+                ChargeRow {
+                    request_id: r.get(0)?,
+                    cost: r.get(1)?,
+                    route: r.get(2)?,
+                    method: r.get(3)?,
+                    path: r.get(4)?,
+                    status: ChargeStatus::Charged,
+                    refund_status: r.get(6)?,
+                    at: r.get(7)?,
+                },
+                r.get::<_, String>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut c, status) = row?;
+            c.status = ChargeStatus::parse(&status)?;
+            out.push(c);
+        }
+        Ok(out)
+    }
+
+    async fn leases_of(&mut self, account_id: &str) -> Result<Vec<LeaseRow>> {
+        self.leases_where("account_id = ?1", params![account_id])
+    }
+
+    async fn lease_by_id(&mut self, lease_id: &str) -> Result<Option<LeaseRow>> {
+        self.lease_where("lease_id = ?1", lease_id)
+    }
+
+    async fn lease_by_request(&mut self, request_id: &str) -> Result<Option<LeaseRow>> {
+        self.lease_where("request_id = ?1", request_id)
+    }
+
+    async fn insert_lease(&mut self, l: &LeaseRow) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO leases (lease_id, account_id, holder, request_id, granted, used,
+                                     state, charged, created_at, expires_at, closed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                l.lease_id,
+                l.account_id,
+                l.holder,
+                l.request_id,
+                l.granted,
+                l.used,
+                l.state.as_str(),
+                l.charged,
+                l.created_at,
+                l.expires_at,
+                l.closed_at
+            ])?;
+        Ok(())
+    }
+
+    async fn update_lease(&mut self, l: &LeaseRow) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "UPDATE leases SET used = ?1, state = ?2, charged = ?3, closed_at = ?4
+                 WHERE lease_id = ?5",
+            )?
+            .execute(params![
+                l.used,
+                l.state.as_str(),
+                l.charged,
+                l.closed_at,
+                l.lease_id
+            ])?;
+        Ok(())
+    }
+
+    async fn due_leases(&mut self, account_id: &str, now: i64) -> Result<Vec<LeaseRow>> {
+        self.leases_where(
+            "account_id = ?1 AND state = 'open' AND expires_at <= ?2",
+            params![account_id, now],
+        )
+    }
+
+    async fn accounts_with_due_leases(&mut self, now: i64) -> Result<Vec<String>> {
+        let mut stmt = self.tx.prepare_cached(
+            "SELECT DISTINCT account_id FROM leases WHERE state = 'open' AND expires_at <= ?1",
+        )?;
+        let rows = stmt.query_map(params![now], |r| r.get(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row?);
+        }
+        Ok(out)
+    }
+}
