@@ -653,7 +653,7 @@ fn replicas_config_round_robin_and_retry_on_the_other_replica() {
         ..BalanceOpts::default()
     };
     let plugin = envoy_plugin_config("envoy-replicas.yaml");
-    let mut stack = ReplicaStack::start("replicas-config", &ledger, &plugin, 1, 1);
+    let mut stack = ReplicaStack::start("replicas-config", &ledger, &plugin, 1, 1, &[]);
     stack.admin().create_account(ACCOUNT, KEY, 100);
     let envoy = stack.envoys[0].addr;
     let get = || http(envoy, "GET", "/v1/data", &[("x-api-key", KEY)], b"");

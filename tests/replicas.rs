@@ -51,9 +51,32 @@ fn ledger(db: &TestDatabase) -> BalanceOpts {
     }
 }
 
+/// envoy/envoy-replicas.yaml's timeouts, each three times longer: the per-try timeout
+/// (0.6 s), the route's budget (1.9 s) and the filter's (2 s) are sized for a release
+/// build; here debug builds of the service share two cores with 64 connections, two
+/// Envoys and PostgreSQL (and, on a developer's machine, whatever else runs), and calls on
+/// the one hot account row queue past 0.6 s now and then. The money properties checked
+/// here do not depend on the timeouts; tests/envoy_configs.rs runs the file as it is.
+const SLOW_MACHINE_TIMEOUTS: &[(&str, &str)] = &[
+    ("per_try_timeout: 0.6s", "per_try_timeout: 1.8s"),
+    ("timeout: 1.9s", "timeout: 5.7s"),
+];
+
+fn start_stack(label: &str, db: &TestDatabase, mode: &str) -> ReplicaStack {
+    ReplicaStack::start(
+        label,
+        &ledger(db),
+        &plugin(mode),
+        2,
+        1,
+        SLOW_MACHINE_TIMEOUTS,
+    )
+}
+
 /// The plugin config of envoy/envoy-replicas.yaml, in `mode`.
 fn plugin(mode: &str) -> Value {
     let mut c = envoy_plugin_config("envoy-replicas.yaml");
+    c["timeout_ms"] = json!(6000);
     if mode == "lease" {
         c["mode"] = json!("lease");
         c["lease_want"] = json!(100);
@@ -139,6 +162,50 @@ fn assert_served_equals_charged(stack: &ReplicaStack, answers: &[Timed]) -> Valu
     acct
 }
 
+/// The retry/outlier side of each Envoy's balance clusters (non-zero counters), for
+/// failure messages and the log: why a call failed (retry overflow, per-try timeouts,
+/// ejections).
+fn balance_cluster_stats(stack: &ReplicaStack) -> String {
+    let mut out = String::new();
+    for (i, e) in stack.envoys.iter().enumerate() {
+        let picked: Vec<String> = e
+            .stats()
+            .into_iter()
+            .filter(|(n, v)| {
+                *v > 0
+                    && n.starts_with("cluster.balance_replicas.")
+                    && [
+                        "retry",
+                        "timeout",
+                        "eject",
+                        "connect_fail",
+                        "overflow",
+                        "rq_5",
+                        "pending_failure",
+                        "health_check.failure",
+                    ]
+                    .iter()
+                    .any(|k| n.contains(k))
+            })
+            .map(|(n, v)| format!("{}={v}", &n["cluster.balance_replicas.".len()..]))
+            .collect();
+        out.push_str(&format!("\n  envoy {i}: {}", picked.join(" ")));
+    }
+    out
+}
+
+/// The load tests run one at a time: each already puts 64 connections, two Envoys and two
+/// replicas on the machine's two cores, and a second one at the same time only measures
+/// the machine (calls queue on the hot account row past the per-try timeout). Taken
+/// before anything is started; a failed test does not poison it for the others.
+static ONE_LOAD_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_load_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LOAD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn shared_database() -> Option<TestDatabase> {
     Server::shared().map(|s| s.create_database())
 }
@@ -148,14 +215,9 @@ fn shared_database() -> Option<TestDatabase> {
 // ---------------------------------------------------------------------------------------
 
 fn exactly_the_funded_units(mode: &str) {
+    let _one = one_load_at_a_time();
     let Some(db) = shared_database() else { return };
-    let stack = ReplicaStack::start(
-        &format!("replicas-{mode}"),
-        &ledger(&db),
-        &plugin(mode),
-        2,
-        1,
-    );
+    let stack = start_stack(&format!("replicas-{mode}"), &db, mode);
     stack.admin().create_account(ACCOUNT, KEY, 500);
 
     let t0 = Instant::now();
@@ -178,7 +240,8 @@ fn exactly_the_funded_units(mode: &str) {
         .collect();
     assert!(
         others.is_empty(),
-        "{mode}: unexpected answers {counts:?}: {others:?}"
+        "{mode}: unexpected answers {counts:?}: {others:?}{}",
+        balance_cluster_stats(&stack)
     );
     assert_eq!(
         (counts.get(&200).copied(), counts.get(&402).copied()),
@@ -240,8 +303,9 @@ fn lease_mode_serves_exactly_the_funded_units_over_two_replicas() {
 
 #[test]
 fn a_replica_killed_mid_load_loses_and_doubles_no_charge() {
+    let _one = one_load_at_a_time();
     let Some(db) = shared_database() else { return };
-    let mut stack = ReplicaStack::start("replicas-kill", &ledger(&db), &plugin("authorize"), 2, 1);
+    let mut stack = start_stack("replicas-kill", &db, "authorize");
     stack.admin().create_account(ACCOUNT, KEY, 1_000_000);
 
     let run = LoadRun::start(
@@ -289,7 +353,8 @@ fn a_replica_killed_mid_load_loses_and_doubles_no_charge() {
     // those was undone, which assert_served_equals_charged checks.
     assert!(
         refused <= 100,
-        "at most 5% of the requests may fail while a replica dies: {counts:?}"
+        "at most 5% of the requests may fail while a replica dies: {counts:?}{}",
+        balance_cluster_stats(&stack)
     );
     assert!(
         after_kill >= 100,
@@ -309,18 +374,13 @@ fn a_replica_killed_mid_load_loses_and_doubles_no_charge() {
 
 #[test]
 fn postgres_restarted_mid_load_fails_closed_and_recovers() {
+    let _one = one_load_at_a_time();
     // A private server: the shared one is never restarted (other tests use it).
     let Some(mut pg) = PrivateServer::start("restart") else {
         return;
     };
     let db = pg.server().create_database();
-    let stack = ReplicaStack::start(
-        "replicas-pg-restart",
-        &ledger(&db),
-        &plugin("authorize"),
-        2,
-        1,
-    );
+    let stack = start_stack("replicas-pg-restart", &db, "authorize");
     stack.admin().create_account(ACCOUNT, KEY, 1_000_000);
     let pids: Vec<Option<u32>> = stack.replicas.iter().map(BalanceService::pid).collect();
 
@@ -343,7 +403,7 @@ fn postgres_restarted_mid_load_fails_closed_and_recovers() {
     let down_at = Instant::now();
     // Closed mode: the filter answers 503 while the ledger is unreachable.
     let saw_503 = wait_until(Duration::from_secs(30), || {
-        run.count_since(503, down_at) >= 50
+        run.count_since(503, down_at) >= 300
     });
     let up_requested_at = Instant::now();
     let down_for = up_requested_at - down_at;
@@ -434,7 +494,10 @@ fn refused_start(label: &str, args: &[&str]) -> (String, Duration) {
         !log.contains(PASSWORD),
         "{label}: the password is in the output:\n{log}"
     );
-    eprintln!("{label}: exit {status} after {took:?}: {}", log.trim());
+    eprintln!(
+        "{label}: {status} after {took:?}: {}",
+        log.lines().next().unwrap_or_default()
+    );
     (log, took)
 }
 
@@ -528,10 +591,10 @@ fn a_bad_database_url_at_start_is_a_clear_error() {
             &format!("bad-url-{label}"),
             &["--listen", "127.0.0.1:0", "--database-url", url],
         );
+        let first = log.lines().next().unwrap_or_default().to_ascii_lowercase();
         assert!(
-            log.to_ascii_lowercase().contains("database-url")
-                || log.to_ascii_lowercase().contains("database url"),
-            "{label}: the error names the flag or the URL:\n{log}"
+            first.contains("database-url") || first.contains("url"),
+            "{label}: the first line names the flag or the URL:\n{log}"
         );
         assert!(
             took < Duration::from_secs(5),

@@ -1097,7 +1097,8 @@ pub fn replicas_envoy_opts(
 
 /// Two reference balance services on one ledger (`ledger`: its `database_url`, or a
 /// shared SQLite `db_path`), the echo upstream, and `envoys` Envoys running
-/// `envoy/envoy-replicas.yaml` in front of both replicas.
+/// `envoy/envoy-replicas.yaml` in front of both replicas (with `replacements` of its text,
+/// each matching exactly once).
 pub struct ReplicaStack {
     /// Field order matters: the Envoys go first, the temporary directory last.
     pub envoys: Vec<Envoy>,
@@ -1114,6 +1115,7 @@ impl ReplicaStack {
         plugin: &Value,
         envoys: usize,
         concurrency: u32,
+        replacements: &[(&str, &str)],
     ) -> ReplicaStack {
         let dir = TempDir::new(label);
         let replicas: Vec<BalanceService> = ["replica-a", "replica-b"]
@@ -1132,6 +1134,11 @@ impl ReplicaStack {
                 let mut opts =
                     replicas_envoy_opts(plugin, [replicas[0].addr, replicas[1].addr], echo.addr);
                 opts.concurrency = concurrency;
+                opts.replacements.extend(
+                    replacements
+                        .iter()
+                        .map(|(from, to)| (from.to_string(), to.to_string())),
+                );
                 Envoy::start(&sub, &opts)
             })
             .collect();
