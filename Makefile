@@ -7,6 +7,7 @@
 #   make run       the demo: balance service :8081, echo :8082, Envoy :10000 (admin :9901)
 #   make test      everything above, then all the tests (unit + end-to-end), the Envoy
 #                  configs against the newest and oldest supported Envoy, the deploy checks
+#   make test-postgres  the balance service's ledger tests on PostgreSQL (part of `make test`)
 #   make run-func-e  the demo with `func-e run` instead of the wheel's Envoy (needs func-e)
 #   make oci       a Wasm OCI image (compat variant) of the filter in build/oci
 #   make envoy-compat  envoy/*.yaml against Envoy 1.36.2, the oldest supported (.venv-1.36)
@@ -54,7 +55,7 @@ else
 ENVOY_BIN := $(ENVOY)
 endif
 
-.PHONY: all build wasm-target envoy services run test lint bench clean distclean \
+.PHONY: all build wasm-target envoy services run test test-postgres lint bench clean distclean \
 	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz
 
 all: build
@@ -110,7 +111,24 @@ run-func-e: build services
 test: build envoy services
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" FAREBOX_PYTHON="$(PYTHON)" \
 	  $(CARGO) test --workspace
-	@$(MAKE) --no-print-directory envoy-compat istio-check k8s-check
+	@$(MAKE) --no-print-directory test-postgres envoy-compat istio-check k8s-check
+
+# The balance service's ledger tests again, on PostgreSQL: each test creates its own
+# database on the server at FAREBOX_TEST_DATABASE_URL and drops it afterwards. Without a
+# server this says so in one line and passes, unless FAREBOX_REQUIRE_POSTGRES=1 (CI).
+FAREBOX_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
+PG_SUITES := --test balance --test leases --test usage --test payments --test ext_authz \
+	--test conformance
+test-postgres:
+	@if ./scripts/postgres-ready "$(FAREBOX_TEST_DATABASE_URL)"; then \
+	  FAREBOX_TEST_BACKEND=postgres FAREBOX_TEST_DATABASE_URL="$(FAREBOX_TEST_DATABASE_URL)" \
+	    $(CARGO) test -p farebox-balance $(PG_SUITES); \
+	elif [ "$${FAREBOX_REQUIRE_POSTGRES:-}" = 1 ]; then \
+	  echo "test-postgres: FAILED: no PostgreSQL answers at $(FAREBOX_TEST_DATABASE_URL) and FAREBOX_REQUIRE_POSTGRES=1" >&2; \
+	  exit 1; \
+	else \
+	  echo "test-postgres: skipped the PostgreSQL tests: no server answers at $(FAREBOX_TEST_DATABASE_URL) (start one, or set FAREBOX_TEST_DATABASE_URL, then run make test-postgres)"; \
+	fi
 
 # envoy/*.yaml (validate mode, and the per-route, remote and TLS setups end to end)
 # against the oldest supported Envoy; `make test` runs them against $(ENVOY_VERSION).

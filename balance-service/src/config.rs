@@ -77,6 +77,8 @@ pub struct Config {
     /// Upper bound of a single grant (>= 1); `None`: unlimited.
     pub lease_max_units: Option<u64>,
     pub lease_expiry_policy: ExpiryPolicy,
+    /// `retry_after_ms` of a lease 402 that recalled other holders' leases (>= 1).
+    pub lease_recall_retry_ms: u64,
     /// Payment challenges on 402s and demo payments; `None`: off. (Boxed:
     /// rarely set, and keeps `Config` small.)
     pub x402: Option<Box<X402>>,
@@ -99,6 +101,7 @@ impl Default for Config {
             lease_ttl_ms: 30_000,
             lease_max_units: None,
             lease_expiry_policy: ExpiryPolicy::Full,
+            lease_recall_retry_ms: 100,
             x402: None,
         }
     }
@@ -124,6 +127,9 @@ usage: farebox-balance [flags]
   --lease-expiry-policy full|reported
                            what an expired open lease is charged: the whole
                            reservation (full, default) or the last reported use
+  --lease-recall-retry-ms N
+                           retry_after_ms of a lease 402 that recalled other
+                           holders' unspent leases (default 100)
   --x402-pay-to ADDR --x402-network NAME --x402-asset ADDR --x402-amount-per-unit N
                            (all four together; reference-only demo) 402 answers
                            carry x402 'accepts' and Payment 'challenges' for
@@ -155,6 +161,7 @@ const VALUE_FLAGS: &[&str] = &[
     "lease-ttl-ms",
     "lease-max-units",
     "lease-expiry-policy",
+    "lease-recall-retry-ms",
     "x402-pay-to",
     "x402-network",
     "x402-asset",
@@ -320,6 +327,9 @@ where
     if let Some(v) = values.remove("lease-max-units") {
         cfg.lease_max_units = Some(parse_positive("lease-max-units", &v)?);
     }
+    if let Some(v) = values.remove("lease-recall-retry-ms") {
+        cfg.lease_recall_retry_ms = parse_positive("lease-recall-retry-ms", &v)?;
+    }
     if let Some(v) = values.remove("lease-expiry-policy") {
         cfg.lease_expiry_policy = match v.trim().to_ascii_lowercase().as_str() {
             "full" => ExpiryPolicy::Full,
@@ -417,6 +427,7 @@ mod tests {
                 "--lease-max-units=40",
                 "--lease-expiry-policy",
                 "Reported",
+                "--lease-recall-retry-ms=250",
             ]),
             no_env,
         );
@@ -435,6 +446,7 @@ mod tests {
             lease_ttl_ms: 300,
             lease_max_units: Some(40),
             lease_expiry_policy: ExpiryPolicy::Reported,
+            lease_recall_retry_ms: 250,
             x402: None,
         };
         assert_eq!(p, Ok(Parsed::Run(Box::new(want))));
@@ -449,6 +461,7 @@ mod tests {
             "FAREBOX_BALANCE_SEED_DEMO" => Some("yes".to_owned()),
             "FAREBOX_BALANCE_LEASE_EXPIRY_POLICY" => Some("reported".to_owned()),
             "FAREBOX_BALANCE_LEASE_TTL_MS" => Some("1234".to_owned()),
+            "FAREBOX_BALANCE_LEASE_RECALL_RETRY_MS" => Some("40".to_owned()),
             _ => None,
         };
         let Ok(Parsed::Run(cfg)) = parse(args(&["--listen", "127.0.0.1:1"]), env) else {
@@ -461,6 +474,7 @@ mod tests {
         assert_eq!(cfg.lease_expiry_policy, ExpiryPolicy::Reported);
         assert_eq!(cfg.lease_ttl_ms, 1234);
         assert_eq!(cfg.lease_max_units, None);
+        assert_eq!(cfg.lease_recall_retry_ms, 40);
     }
 
     #[test]
@@ -475,6 +489,8 @@ mod tests {
         assert!(parse(args(&["--lease-max-units", "0"]), no_env).is_err());
         assert!(parse(args(&["--lease-max-units", "9223372036854775808"]), no_env).is_err());
         assert!(parse(args(&["--lease-expiry-policy", "half"]), no_env).is_err());
+        assert!(parse(args(&["--lease-recall-retry-ms", "0"]), no_env).is_err());
+        assert!(parse(args(&["--lease-recall-retry-ms", "x"]), no_env).is_err());
         assert_eq!(parse(args(&["--help"]), no_env), Ok(Parsed::Help));
         assert!(parse(args(&["--database-url", "mysql://x"]), no_env).is_err());
         assert!(parse(args(&["--database-url", "sqlite:a", "--db", "b"]), no_env).is_err());

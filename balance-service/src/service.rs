@@ -4,7 +4,8 @@
 use crate::config::Config;
 use crate::store::{
     AuthorizeInput, AuthorizeOutcome, CancelOutcome, CreateOutcome, LeaseInput, LeaseOutcome,
-    LeaseSettings, LeaseState, RefundOutcome, SettleOutcome, Store, StoreError, TopupOutcome,
+    LeaseRefundInput, LeaseRefundOutcome, LeaseSettings, LeaseState, RefundOutcome, SettleOutcome,
+    Store, StoreError, TopupOutcome,
 };
 use crate::util::{bearer_token, ct_eq, shutdown_signal};
 use axum::body::Bytes;
@@ -40,6 +41,7 @@ pub struct Stats {
     lease_calls: AtomicU64,
     settle_calls: AtomicU64,
     cancel_calls: AtomicU64,
+    lease_refund_calls: AtomicU64,
     usage_calls: AtomicU64,
     authorize_by_account: Mutex<HashMap<String, u64>>,
 }
@@ -70,6 +72,7 @@ impl Stats {
             "lease_calls": self.lease_calls.load(Ordering::Relaxed),
             "settle_calls": self.settle_calls.load(Ordering::Relaxed),
             "cancel_calls": self.cancel_calls.load(Ordering::Relaxed),
+            "lease_refund_calls": self.lease_refund_calls.load(Ordering::Relaxed),
             "usage_calls": self.usage_calls.load(Ordering::Relaxed),
             "authorize_by_account": by,
         })
@@ -81,6 +84,7 @@ impl Stats {
         self.lease_calls.store(0, Ordering::Relaxed);
         self.settle_calls.store(0, Ordering::Relaxed);
         self.cancel_calls.store(0, Ordering::Relaxed);
+        self.lease_refund_calls.store(0, Ordering::Relaxed);
         self.usage_calls.store(0, Ordering::Relaxed);
         self.authorize_by_account
             .lock()
@@ -215,6 +219,25 @@ fn payment_required(
         resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(n));
     }
     resp
+}
+
+/// The 402 answer of a lease call that recalled other holders' unspent
+/// leases: retry after `--lease-recall-retry-ms`. Never cacheable and without
+/// `Retry-After` (the units come back within moments, not seconds).
+fn recall_required(cfg: &Config, account_id: &str, balance: i64, min: i64) -> Response {
+    let body = json!({
+        "allow": false,
+        "account_id": account_id,
+        "balance": balance,
+        "price": min,
+        "detail": format!(
+            "balance {balance} is below the minimum lease of {min} units; \
+             unspent units held by other gateways were recalled: retry shortly"
+        ),
+        "recall": true,
+        "retry_after_ms": cfg.lease_recall_retry_ms,
+    });
+    reply(StatusCode::PAYMENT_REQUIRED, body, 0)
 }
 
 fn unknown_credential(cfg: &Config) -> Response {
@@ -478,11 +501,20 @@ async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Res
         LeaseOutcome::Denied {
             account_id,
             balance,
+            recall: false,
         } => {
             let detail = format!(
                 "balance {balance} is below the minimum lease of {min} units; top up the account"
             );
             let resp = payment_required(cfg, &account_id, balance, min, detail);
+            (resp, account_id)
+        }
+        LeaseOutcome::Denied {
+            account_id,
+            balance,
+            recall: true,
+        } => {
+            let resp = recall_required(cfg, &account_id, balance, min);
             (resp, account_id)
         }
         LeaseOutcome::UnknownCredential => (unknown_credential(cfg), UNKNOWN.to_owned()),
@@ -502,6 +534,9 @@ struct SettleReq {
     used: u64,
     #[serde(default, rename = "final")]
     is_final: bool,
+    /// The holder's number of this settle (>= 1); absent: no ordering.
+    #[serde(default)]
+    seq: Option<u64>,
 }
 
 async fn settle(
@@ -518,28 +553,44 @@ async fn settle(
     let Ok(used) = i64::try_from(req.used) else {
         return bad_request("used out of range (max 9223372036854775807)", None);
     };
+    let seq = match req.seq.map(i64::try_from) {
+        None => None,
+        Some(Ok(n)) if n >= 1 => Some(n),
+        Some(_) => {
+            return bad_request("seq must be between 1 and 9223372036854775807", None);
+        }
+    };
     let store = st.store.clone();
     let id = lease_id.clone();
-    let outcome = match stored(store.settle(id, used, req.is_final)).await {
+    let outcome = match stored(store.settle(id, used, req.is_final, seq)).await {
         Ok(o) => o,
         Err(resp) => return with_log(resp, UNKNOWN, None),
     };
     let (resp, account, rid) = match outcome {
-        SettleOutcome::Done(s) => (
-            reply(
-                StatusCode::OK,
-                json!({
-                    "lease_id": s.lease_id,
-                    "state": s.state.as_str(),
-                    "used": s.used,
-                    "granted": s.granted,
-                    "balance": s.balance,
-                }),
-                0,
-            ),
-            s.account_id,
-            Some(s.request_id),
-        ),
+        SettleOutcome::Done(s) => {
+            let mut body = json!({
+                "lease_id": s.lease_id,
+                "state": s.state.as_str(),
+                "used": s.used,
+                "granted": s.granted,
+                "balance": s.balance,
+                "seq": s.seq,
+            });
+            for (flag, set) in [
+                ("recall", s.recall),
+                ("stale", s.stale),
+                ("replay", s.replay),
+            ] {
+                if set {
+                    body[flag] = Value::Bool(true);
+                }
+            }
+            (
+                reply(StatusCode::OK, body, 0),
+                s.account_id,
+                Some(s.request_id),
+            )
+        }
         SettleOutcome::UnknownLease => (
             error(StatusCode::NOT_FOUND, "unknown_lease"),
             UNKNOWN.to_owned(),
@@ -677,6 +728,93 @@ async fn cancel(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
             account_id,
             state,
         } => (lease_closed(lease_id, state), account_id),
+    };
+    with_log(resp, &account, Some(&rid))
+}
+
+// ---------------------------------------------------------------- /v1/leases/{id}/refund
+
+#[derive(Deserialize)]
+struct LeaseRefundReq {
+    request_id: String,
+    units: u64,
+    /// Upstream status that caused the refund; recorded.
+    #[serde(default)]
+    status: Option<u16>,
+}
+
+async fn lease_refund(
+    State(st): State<Shared>,
+    Path(lease_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    st.stats.lease_refund_calls.fetch_add(1, Ordering::Relaxed);
+    let req: LeaseRefundReq =
+        match st.open_call(&headers, "lease refund", || serde_json::from_slice(&body)) {
+            Ok(r) => r,
+            Err(resp) => return *resp,
+        };
+    let rid = req.request_id.clone();
+    if rid.is_empty() {
+        return bad_request("request_id must not be empty", None);
+    }
+    let units = match i64::try_from(req.units) {
+        Ok(n) if n >= 1 => n,
+        _ => {
+            return bad_request(
+                "units must be between 1 and 9223372036854775807",
+                Some(&rid),
+            )
+        }
+    };
+    let store = st.store.clone();
+    let outcome = match stored(store.lease_refund(LeaseRefundInput {
+        lease_id,
+        request_id: req.request_id,
+        units,
+        status: req.status,
+    }))
+    .await
+    {
+        Ok(o) => o,
+        Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
+    };
+    let (resp, account) = match outcome {
+        LeaseRefundOutcome::Done(r) => {
+            let mut body = json!({
+                "refunded": true,
+                "lease_id": r.lease_id,
+                "units": r.units,
+                "account_id": r.account_id,
+                "balance": r.balance,
+                "charged": r.charged,
+            });
+            for (flag, set) in [("pending", r.pending), ("replay", r.replay)] {
+                if set {
+                    body[flag] = Value::Bool(true);
+                }
+            }
+            (reply(StatusCode::OK, body, 0), r.account_id)
+        }
+        LeaseRefundOutcome::UnknownLease => (
+            error(StatusCode::NOT_FOUND, "unknown_lease"),
+            UNKNOWN.to_owned(),
+        ),
+        LeaseRefundOutcome::Conflict { account_id } => (
+            error(StatusCode::CONFLICT, "request_id belongs to another lease"),
+            account_id,
+        ),
+        LeaseRefundOutcome::ExceedsCharge { account_id } => (
+            error(StatusCode::CONFLICT, "refund_exceeds_charge"),
+            account_id,
+        ),
+        LeaseRefundOutcome::Cancelled { account_id } => {
+            (error(StatusCode::CONFLICT, "lease_cancelled"), account_id)
+        }
+        LeaseRefundOutcome::Overflow { account_id } => {
+            (error(StatusCode::CONFLICT, "balance_overflow"), account_id)
+        }
     };
     with_log(resp, &account, Some(&rid))
 }
@@ -890,6 +1028,10 @@ async fn get_leases(State(st): State<Shared>, Path(id): Path<String>) -> Respons
             "created_at": l.created_at,
             "expires_at": l.expires_at,
             "closed_at": l.closed_at,
+            "refunded": l.refunded,
+            "refund_pending": l.refund_pending,
+            "settle_seq": l.settle_seq,
+            "recalled_at": l.recalled_at,
         })
     })
 }
@@ -977,6 +1119,7 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/v1/leases", post(lease))
         .route("/v1/leases/cancel", post(cancel))
         .route("/v1/leases/{lease_id}/settle", post(settle))
+        .route("/v1/leases/{lease_id}/refund", post(lease_refund))
         .route("/v1/usage", post(usage::usage))
         .route("/healthz", get(healthz))
         .merge(admin)

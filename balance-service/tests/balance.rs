@@ -643,6 +643,7 @@ fn stats_count_callouts() {
             "lease_calls": 0,
             "settle_calls": 0,
             "cancel_calls": 0,
+            "lease_refund_calls": 0,
             "usage_calls": 0,
             "authorize_by_account": {"acct_alice": 2, "unknown": 2},
         })
@@ -653,7 +654,8 @@ fn stats_count_callouts() {
         admin_get(a, "/admin/stats").json(),
         json!({
             "authorize_calls": 0, "refund_calls": 0, "lease_calls": 0, "settle_calls": 0,
-            "cancel_calls": 0, "usage_calls": 0, "authorize_by_account": {},
+            "cancel_calls": 0, "lease_refund_calls": 0, "usage_calls": 0,
+            "authorize_by_account": {},
         })
     );
 }
@@ -763,4 +765,104 @@ fn flags() {
         .unwrap();
     assert_eq!(account(addr, "acct_alice")["balance"], 100);
     drop(child);
+}
+
+#[test]
+fn a_ledger_from_before_schema_versions_is_migrated() {
+    let dir = TempDir::new("unversioned");
+    let path = dir.path("old.sqlite");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(include_str!("fixtures/ledger-unversioned.sql"))
+            .unwrap();
+    }
+    let db = path.to_str().unwrap();
+    let p = Proc::spawn(
+        env!("CARGO_BIN_EXE_farebox-balance"),
+        "farebox-balance",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            db,
+            "--admin-token",
+            ADMIN,
+        ],
+        &dir.path("old.log"),
+    );
+    let acct = check_ledger(p.addr, "acct_old");
+    assert_eq!(
+        (
+            acct["balance"].clone(),
+            acct["charged"].clone(),
+            acct["leases"].clone()
+        ),
+        (json!(78), json!(22), json!(1))
+    );
+    // Replays, usage (its table is new) and fleet-lease calls all work.
+    assert_eq!(
+        authorize(p.addr, "key-old", 20, "old-1").json()["replay"],
+        true
+    );
+    let r = post_json(
+        p.addr,
+        "/v1/usage",
+        &[],
+        &json!({"request_id": "old-1", "account": "key-old", "actual": 15}),
+    );
+    assert_eq!(
+        (r.status, r.json()["balance"].clone()),
+        (200, json!(83)),
+        "{r:?}"
+    );
+    let r = lease_refund(p.addr, "ls_old", "rf-old", 2, 503);
+    assert_eq!(r.status, 200, "{r:?}");
+    check_ledger(p.addr, "acct_old");
+    drop(p);
+    // The file is now at the current version: `migrate` has nothing to do.
+    let out = Command::new(env!("CARGO_BIN_EXE_farebox-balance"))
+        .args(["migrate", "--db", db])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("schema version 2 (was 2)"), "{text}");
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = TempDir::new("newer");
+    let url = dir.database_url();
+    let bin = env!("CARGO_BIN_EXE_farebox-balance");
+    let out = Command::new(bin)
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Pretend a later release migrated it.
+    match &dir.1 {
+        Some(pg) => {
+            let mut c = postgres::Client::connect(&pg.url, postgres::NoTls).unwrap();
+            c.batch_execute("INSERT INTO farebox_migrations VALUES (99, '0099_future.sql', 0)")
+                .unwrap();
+        }
+        None => {
+            let c = rusqlite::Connection::open(dir.path("ledger.sqlite")).unwrap();
+            c.execute_batch("INSERT INTO farebox_migrations VALUES (99, '0099_future.sql', 0)")
+                .unwrap();
+        }
+    }
+    for args in [
+        vec!["--listen", "127.0.0.1:0", "--database-url", &url],
+        vec!["migrate", "--database-url", &url],
+    ] {
+        let out = Command::new(bin).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            err.contains("schema version 99") && err.contains("version 2"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "never listening: {out:?}");
+    }
 }

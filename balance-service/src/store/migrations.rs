@@ -24,11 +24,17 @@ macro_rules! migration {
     };
 }
 
-pub const SQLITE: &[Migration] = &[migration!("sqlite", 1, "0001_init.sql")];
-pub const POSTGRES: &[Migration] = &[migration!("postgres", 1, "0001_init.sql")];
+pub const SQLITE: &[Migration] = &[
+    migration!("sqlite", 1, "0001_init.sql"),
+    migration!("sqlite", 2, "0002_fleet_leases.sql"),
+];
+pub const POSTGRES: &[Migration] = &[
+    migration!("postgres", 1, "0001_init.sql"),
+    migration!("postgres", 2, "0002_fleet_leases.sql"),
+];
 
 /// The schema version this build knows (the same for both backends).
-pub const LATEST: i64 = 1;
+pub const LATEST: i64 = 2;
 
 /// The table that records applied migrations (same shape on both backends).
 pub const TABLE: &str = "farebox_migrations";

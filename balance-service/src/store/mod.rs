@@ -230,8 +230,10 @@ pub struct AccountSummary {
     pub initial_balance: i64,
     pub topups: i64,
     pub disabled: bool,
-    /// Σ cost of charges still charged + Σ charged of closed leases.
+    /// Σ cost of charges still charged + Σ charged of closed leases (net
+    /// of lease refunds).
     pub charged: i64,
+    /// Σ cost of refunded charges + Σ units credited back by lease refunds.
     pub refunded: i64,
     pub charges: i64,
     /// Σ granted of open leases.
@@ -283,10 +285,13 @@ pub enum LeaseOutcome {
         balance: i64,
         replay: bool,
     },
-    /// Available balance below `min`; nothing written.
+    /// Available balance below `min`; nothing reserved. `recall`: other
+    /// holders' open leases with unspent units were marked recalled (the
+    /// caller should retry shortly); otherwise the denial is final.
     Denied {
         account_id: String,
         balance: i64,
+        recall: bool,
     },
     UnknownCredential,
     Disabled {
@@ -314,6 +319,15 @@ pub struct Settled {
     pub used: i64,
     pub granted: i64,
     pub balance: i64,
+    /// The stored `settle_seq` after the call.
+    pub seq: i64,
+    /// Still open and marked recalled: the holder must stop spending and
+    /// settle finally.
+    pub recall: bool,
+    /// `seq` was below the stored one: nothing changed.
+    pub stale: bool,
+    /// `seq` equal to the stored one with the same `used` and `final`.
+    pub replay: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,6 +386,54 @@ pub enum CancelOutcome {
     },
 }
 
+/// What a lease refund (`POST /v1/leases/{id}/refund`) needs (validated:
+/// `request_id` non-empty, `units >= 1`).
+#[derive(Debug, Clone)]
+pub struct LeaseRefundInput {
+    pub lease_id: String,
+    pub request_id: String,
+    pub units: i64,
+    pub status: Option<u16>,
+}
+
+/// The answer of an accepted lease refund.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRefunded {
+    pub lease_id: String,
+    pub account_id: String,
+    pub units: i64,
+    pub balance: i64,
+    /// The lease's `charged` now; `None` while it is open.
+    pub charged: Option<i64>,
+    /// Recorded on an open lease: applied when it closes.
+    pub pending: bool,
+    /// The request id was already recorded for this lease and units.
+    pub replay: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseRefundOutcome {
+    Done(LeaseRefunded),
+    UnknownLease,
+    /// The request id is recorded for another lease or other units.
+    Conflict {
+        account_id: String,
+    },
+    /// More than the lease was charged (closed), or than it granted (open,
+    /// counting its pending refunds).
+    ExceedsCharge {
+        account_id: String,
+    },
+    /// Cancelled: nothing was charged.
+    Cancelled {
+        account_id: String,
+    },
+    /// Crediting back would overflow the balance.
+    Overflow {
+        account_id: String,
+    },
+}
+
 /// A lease row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRow {
@@ -386,6 +448,15 @@ pub struct LeaseRow {
     pub created_at: i64,
     pub expires_at: i64,
     pub closed_at: Option<i64>,
+    /// Units credited back by lease refunds (at the refund, or at the close
+    /// for refunds recorded while open).
+    pub refunded: i64,
+    /// Σ units of refunds recorded while open, not applied yet (0 once
+    /// closed). Computed when read; never written.
+    pub refund_pending: i64,
+    pub settle_seq: i64,
+    /// When another holder's lease call first recalled it (`None`: never).
+    pub recalled_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -486,6 +557,7 @@ pub(crate) struct Totals {
     pub charges: i64,
     pub reserved: i64,
     pub lease_charged: i64,
+    pub lease_refunded: i64,
     pub leases: i64,
     pub topups: i64,
 }
@@ -549,8 +621,24 @@ pub(crate) trait Tx {
     async fn lease_by_id(&mut self, lease_id: &str) -> Result<Option<LeaseRow>>;
     async fn lease_by_request(&mut self, request_id: &str) -> Result<Option<LeaseRow>>;
     async fn insert_lease(&mut self, l: &LeaseRow) -> Result<()>;
-    /// Writes `used`, `state`, `charged` and `closed_at`.
+    /// Writes `used`, `state`, `charged`, `refunded`, `settle_seq` and
+    /// `closed_at`.
     async fn update_lease(&mut self, l: &LeaseRow) -> Result<()>;
+    /// How many distinct holders other than `holder` have an open lease on
+    /// the account.
+    async fn other_holders(&mut self, account_id: &str, holder: &str) -> Result<i64>;
+    /// Marks recalled (keeping the first mark's time) the account's open
+    /// leases of other holders with unspent units (`used < granted`);
+    /// returns how many there are.
+    async fn recall_others(&mut self, account_id: &str, holder: &str, now: i64) -> Result<u64>;
+    /// The (lease id, units) of the lease refund recorded for `request_id`.
+    async fn lease_refund(&mut self, request_id: &str) -> Result<Option<(String, i64)>>;
+    async fn insert_lease_refund(
+        &mut self,
+        input: &LeaseRefundInput,
+        account_id: &str,
+        now: i64,
+    ) -> Result<()>;
     /// The account's open leases with `expires_at <= now`, oldest first.
     async fn due_leases(&mut self, account_id: &str, now: i64) -> Result<Vec<LeaseRow>>;
     /// Accounts that have open leases with `expires_at <= now`.
@@ -775,17 +863,27 @@ impl Store {
         in_tx!(self, |tx| ops::lease(tx, &input, settings))
     }
 
-    /// `POST /v1/leases/{lease_id}/settle`. `used` is the total spent so far.
+    /// `POST /v1/leases/{lease_id}/settle`. `used` is the total spent so far;
+    /// `seq` (>= 1) the holder's number of this settle, if it sent one.
     pub async fn settle(
         &self,
         lease_id: String,
         used: i64,
         is_final: bool,
+        seq: Option<i64>,
     ) -> Result<SettleOutcome> {
         let policy = self.leases.policy;
         in_tx!(self, |tx| ops::settle(
-            tx, &lease_id, used, is_final, policy
+            tx, &lease_id, used, is_final, seq, policy
         ))
+    }
+
+    /// `POST /v1/leases/{lease_id}/refund`: gives back units a closed lease
+    /// charged (at once), or records them against an open lease (applied
+    /// when it closes). Idempotent by `request_id`.
+    pub async fn lease_refund(&self, input: LeaseRefundInput) -> Result<LeaseRefundOutcome> {
+        let policy = self.leases.policy;
+        in_tx!(self, |tx| ops::lease_refund(tx, &input, policy))
     }
 
     /// `POST /v1/leases/cancel`: releases an open lease that reported no use.

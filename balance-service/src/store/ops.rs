@@ -7,12 +7,12 @@
 //! ([`Tx::account_by_key`] / [`Tx::account`]), then reads what it decides
 //! on, so its reads see every transaction that committed before it.
 
-use super::rules::{self, AuthorizeStep};
+use super::rules::{self, AuthorizeStep, SeqRule};
 use super::{
     AccountSummary, AuthorizeInput, AuthorizeOutcome, CancelOutcome, ChargeRow, ChargeStatus,
-    CreateOutcome, LeaseInput, LeaseOutcome, LeaseRow, LeaseSettings, LeaseState, NewCharge,
-    PaidOutcome, RefundOutcome, Result, SettleOutcome, Settled, StoreError, TopupOutcome, Tx,
-    UsageOutcome, DEMO_PAYER, USAGE_ROUTE,
+    CreateOutcome, LeaseInput, LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseRefunded,
+    LeaseRow, LeaseSettings, LeaseState, NewCharge, PaidOutcome, RefundOutcome, Result,
+    SettleOutcome, Settled, StoreError, TopupOutcome, Tx, UsageOutcome, DEMO_PAYER, USAGE_ROUTE,
 };
 use crate::config::ExpiryPolicy;
 use crate::util::{now_ms, random_hex, sha256_hex};
@@ -227,7 +227,7 @@ pub async fn account<T: Tx>(
         topups: t.topups,
         disabled: acct.disabled,
         charged: t.charged.saturating_add(t.lease_charged),
-        refunded: t.refunded,
+        refunded: t.refunded.saturating_add(t.lease_refunded),
         charges: t.charges,
         reserved: t.reserved,
         leases: t.leases,
@@ -270,14 +270,32 @@ pub async fn expire_account<T: Tx>(
     let due = tx.due_leases(account_id, now).await?;
     let mut balance = acct.balance;
     for mut l in due.iter().cloned() {
-        let charged = rules::expiry_charge(policy, l.granted, l.used);
-        balance = credit(tx, account_id, balance, l.granted - charged).await?;
-        l.state = LeaseState::Expired;
-        l.charged = charged;
-        l.closed_at = Some(now);
-        tx.update_lease(&l).await?;
+        let base = rules::expiry_charge(policy, l.granted, l.used);
+        balance = close_lease(tx, &mut l, balance, base, LeaseState::Expired, now).await?;
     }
     Ok(due.len())
+}
+
+/// Closes an open lease as `state` (settled or expired) with charge `base`
+/// less its pending refunds; credits the rest of `granted` back. Returns
+/// the new balance.
+async fn close_lease<T: Tx>(
+    tx: &mut T,
+    l: &mut LeaseRow,
+    balance: i64,
+    base: i64,
+    state: LeaseState,
+    now: i64,
+) -> Result<i64> {
+    let (charged, refunded) = rules::close_charge(base, l.refund_pending);
+    let balance = credit(tx, &l.account_id, balance, l.granted - charged).await?;
+    l.state = state;
+    l.charged = charged;
+    l.refunded = refunded;
+    l.refund_pending = 0;
+    l.closed_at = Some(now);
+    tx.update_lease(l).await?;
+    Ok(balance)
 }
 
 /// A fresh `ls_<32 hex>` id not used by any lease.
@@ -330,12 +348,16 @@ pub async fn lease<T: Tx>(
         return Ok(LeaseOutcome::Disabled { account_id });
     }
     if balance < input.min {
+        let recall = tx.recall_others(&account_id, &input.holder, now).await? > 0;
         return Ok(LeaseOutcome::Denied {
             account_id,
             balance,
+            recall,
         });
     }
-    let granted = rules::grant_size(input.want, input.min, balance, settings.max_units);
+    let others = tx.other_holders(&account_id, &input.holder).await?;
+    let granted =
+        rules::fair_share_grant(input.want, input.min, balance, settings.max_units, others);
     let lease_id = new_lease_id(tx).await?;
     let expires_at = now.saturating_add(settings.ttl_ms);
     tx.insert_lease(&LeaseRow {
@@ -350,6 +372,10 @@ pub async fn lease<T: Tx>(
         created_at: now,
         expires_at,
         closed_at: None,
+        refunded: 0,
+        refund_pending: 0,
+        settle_seq: 0,
+        recalled_at: None,
     })
     .await?;
     let balance = tx.add_balance(&account_id, -granted).await?;
@@ -390,6 +416,7 @@ pub async fn settle<T: Tx>(
     lease_id: &str,
     used: i64,
     is_final: bool,
+    seq: Option<i64>,
     policy: ExpiryPolicy,
 ) -> Result<SettleOutcome> {
     let now = now_ms();
@@ -397,6 +424,28 @@ pub async fn settle<T: Tx>(
     let Some((mut l, balance)) = locked_lease(tx, found, now, policy).await? else {
         return Ok(SettleOutcome::UnknownLease);
     };
+    let same_report = used == l.used && is_final == (l.state == LeaseState::Settled);
+    let rule = rules::settle_seq_rule(l.settle_seq, seq, same_report);
+    // The answer of an accepted (200) settle.
+    let done = |l: LeaseRow, balance: i64| {
+        SettleOutcome::Done(Settled {
+            recall: l.state == LeaseState::Open && l.recalled_at.is_some(),
+            lease_id: l.lease_id,
+            account_id: l.account_id,
+            request_id: l.request_id,
+            state: l.state,
+            used: l.used,
+            granted: l.granted,
+            balance,
+            seq: l.settle_seq,
+            stale: rule == SeqRule::Stale,
+            replay: rule == SeqRule::Replay,
+        })
+    };
+    // A late retry of an older settle: nothing changes, in any state.
+    if rule == SeqRule::Stale {
+        return Ok(done(l, balance));
+    }
     if used > l.granted {
         return Ok(SettleOutcome::TooMuch {
             account_id: l.account_id,
@@ -404,38 +453,26 @@ pub async fn settle<T: Tx>(
             granted: l.granted,
         });
     }
+    let new_seq = l.settle_seq.max(seq.unwrap_or(0));
     Ok(match l.state {
         LeaseState::Open => {
+            l.used = used;
+            l.settle_seq = new_seq;
             let balance = if is_final {
-                let balance = credit(tx, &l.account_id, balance, l.granted - used).await?;
-                l.state = LeaseState::Settled;
-                l.charged = used;
-                l.closed_at = Some(now);
-                balance
+                close_lease(tx, &mut l, balance, used, LeaseState::Settled, now).await?
             } else {
+                tx.update_lease(&l).await?;
                 balance
             };
-            l.used = used;
-            tx.update_lease(&l).await?;
-            SettleOutcome::Done(Settled {
-                lease_id: l.lease_id,
-                account_id: l.account_id,
-                request_id: l.request_id,
-                state: l.state,
-                used,
-                granted: l.granted,
-                balance,
-            })
+            done(l, balance)
         }
-        LeaseState::Settled if l.used == used => SettleOutcome::Done(Settled {
-            lease_id: l.lease_id,
-            account_id: l.account_id,
-            request_id: l.request_id,
-            state: l.state,
-            used,
-            granted: l.granted,
-            balance,
-        }),
+        LeaseState::Settled if l.used == used => {
+            if new_seq != l.settle_seq {
+                l.settle_seq = new_seq;
+                tx.update_lease(&l).await?;
+            }
+            done(l, balance)
+        }
         LeaseState::Settled => SettleOutcome::AlreadySettled {
             account_id: l.account_id,
             request_id: l.request_id,
@@ -469,7 +506,7 @@ pub async fn cancel<T: Tx>(
             account_id: l.account_id,
             balance,
         },
-        LeaseState::Open if l.used == 0 => {
+        LeaseState::Open if l.used == 0 && l.refund_pending == 0 => {
             let balance = credit(tx, &l.account_id, balance, l.granted).await?;
             l.state = LeaseState::Cancelled;
             l.charged = 0;
@@ -490,6 +527,75 @@ pub async fn cancel<T: Tx>(
             lease_id: l.lease_id,
             account_id: l.account_id,
             state: l.state,
+        },
+    })
+}
+
+pub async fn lease_refund<T: Tx>(
+    tx: &mut T,
+    input: &LeaseRefundInput,
+    policy: ExpiryPolicy,
+) -> Result<LeaseRefundOutcome> {
+    let now = now_ms();
+    let found = tx.lease_by_id(&input.lease_id).await?;
+    let Some((mut l, balance)) = locked_lease(tx, found, now, policy).await? else {
+        return Ok(LeaseRefundOutcome::UnknownLease);
+    };
+    let answer = |l: &LeaseRow, balance: i64, replay: bool| {
+        let charged = (l.state != LeaseState::Open).then_some(l.charged);
+        LeaseRefundOutcome::Done(LeaseRefunded {
+            lease_id: l.lease_id.clone(),
+            account_id: l.account_id.clone(),
+            units: input.units,
+            balance,
+            charged,
+            pending: charged.is_none(),
+            replay,
+        })
+    };
+    match tx.lease_refund(&input.request_id).await? {
+        Some((lease, units)) if lease == l.lease_id && units == input.units => {
+            return Ok(answer(&l, balance, true));
+        }
+        Some(_) => {
+            return Ok(LeaseRefundOutcome::Conflict {
+                account_id: l.account_id,
+            })
+        }
+        None => {}
+    }
+    Ok(match l.state {
+        LeaseState::Settled | LeaseState::Expired if input.units > l.charged => {
+            LeaseRefundOutcome::ExceedsCharge {
+                account_id: l.account_id,
+            }
+        }
+        LeaseState::Settled | LeaseState::Expired => {
+            let reserved = tx.reserved(&l.account_id).await?;
+            if rules::credit_within(balance, input.units, reserved).is_none() {
+                return Ok(LeaseRefundOutcome::Overflow {
+                    account_id: l.account_id,
+                });
+            }
+            let balance = credit(tx, &l.account_id, balance, input.units).await?;
+            l.charged -= input.units;
+            l.refunded += input.units;
+            tx.update_lease(&l).await?;
+            tx.insert_lease_refund(input, &l.account_id, now).await?;
+            answer(&l, balance, false)
+        }
+        // A lease never charges more than it granted.
+        LeaseState::Open if l.refund_pending.saturating_add(input.units) > l.granted => {
+            LeaseRefundOutcome::ExceedsCharge {
+                account_id: l.account_id,
+            }
+        }
+        LeaseState::Open => {
+            tx.insert_lease_refund(input, &l.account_id, now).await?;
+            answer(&l, balance, false)
+        }
+        LeaseState::Cancelled => LeaseRefundOutcome::Cancelled {
+            account_id: l.account_id,
         },
     })
 }

@@ -13,8 +13,8 @@
 
 use super::migrations;
 use super::{
-    AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRow, LeaseState, NewCharge, Result,
-    StoreError, Totals, Tx,
+    AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRefundInput, LeaseRow, LeaseState,
+    NewCharge, Result, StoreError, Totals, Tx,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::str::FromStr;
@@ -214,8 +214,11 @@ pub struct PgTx<'c> {
 
 type Params<'a> = [&'a (dyn ToSql + Sync)];
 
+/// The lease columns, with the pending refunds of an open lease.
 const LEASE_COLUMNS: &str = "lease_id, account_id, holder, request_id, granted, used, state, \
-                             charged, created_at, expires_at, closed_at";
+     charged, created_at, expires_at, closed_at, refunded, \
+     CASE WHEN state = 'open' THEN (SELECT COALESCE(SUM(units), 0)::BIGINT FROM lease_refunds r \
+     WHERE r.lease_id = leases.lease_id) ELSE 0 END, settle_seq, recalled_at";
 
 fn lease_row(r: &Row) -> Result<LeaseRow> {
     Ok(LeaseRow {
@@ -230,6 +233,10 @@ fn lease_row(r: &Row) -> Result<LeaseRow> {
         created_at: r.try_get(8)?,
         expires_at: r.try_get(9)?,
         closed_at: r.try_get(10)?,
+        refunded: r.try_get(11)?,
+        refund_pending: r.try_get(12)?,
+        settle_seq: r.try_get(13)?,
+        recalled_at: r.try_get(14)?,
     })
 }
 
@@ -504,6 +511,7 @@ impl Tx for PgTx<'_> {
             .one(
                 "SELECT COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0)::BIGINT,
                         COALESCE(SUM(charged), 0)::BIGINT,
+                        COALESCE(SUM(refunded), 0)::BIGINT,
                         COUNT(*)::BIGINT
                  FROM leases WHERE account_id = $1",
                 &[&account_id],
@@ -521,7 +529,8 @@ impl Tx for PgTx<'_> {
             charges: c.try_get(2)?,
             reserved: l.try_get(0)?,
             lease_charged: l.try_get(1)?,
-            leases: l.try_get(2)?,
+            lease_refunded: l.try_get(2)?,
+            leases: l.try_get(3)?,
             topups: t.try_get(0)?,
         })
     }
@@ -565,8 +574,9 @@ impl Tx for PgTx<'_> {
     async fn insert_lease(&mut self, l: &LeaseRow) -> Result<()> {
         self.exec(
             "INSERT INTO leases (lease_id, account_id, holder, request_id, granted, used,
-                                 state, charged, created_at, expires_at, closed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                                 state, charged, created_at, expires_at, closed_at,
+                                 refunded, settle_seq, recalled_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             &[
                 &l.lease_id,
                 &l.account_id,
@@ -579,6 +589,9 @@ impl Tx for PgTx<'_> {
                 &l.created_at,
                 &l.expires_at,
                 &l.closed_at,
+                &l.refunded,
+                &l.settle_seq,
+                &l.recalled_at,
             ],
         )
         .await?;
@@ -587,14 +600,73 @@ impl Tx for PgTx<'_> {
 
     async fn update_lease(&mut self, l: &LeaseRow) -> Result<()> {
         self.exec(
-            "UPDATE leases SET used = $1, state = $2, charged = $3, closed_at = $4
-             WHERE lease_id = $5",
+            "UPDATE leases SET used = $1, state = $2, charged = $3, closed_at = $4,
+                               refunded = $5, settle_seq = $6
+             WHERE lease_id = $7",
             &[
                 &l.used,
                 &l.state.as_str(),
                 &l.charged,
                 &l.closed_at,
+                &l.refunded,
+                &l.settle_seq,
                 &l.lease_id,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn other_holders(&mut self, account_id: &str, holder: &str) -> Result<i64> {
+        Ok(self
+            .one(
+                "SELECT COUNT(DISTINCT holder)::BIGINT FROM leases
+                 WHERE account_id = $1 AND state = 'open' AND holder <> $2",
+                &[&account_id, &holder],
+            )
+            .await?
+            .try_get(0)?)
+    }
+
+    async fn recall_others(&mut self, account_id: &str, holder: &str, now: i64) -> Result<u64> {
+        self.exec(
+            "UPDATE leases SET recalled_at = COALESCE(recalled_at, $3)
+             WHERE account_id = $1 AND state = 'open' AND holder <> $2 AND used < granted",
+            &[&account_id, &holder, &now],
+        )
+        .await
+    }
+
+    async fn lease_refund(&mut self, request_id: &str) -> Result<Option<(String, i64)>> {
+        let Some(r) = self
+            .opt(
+                "SELECT lease_id, units FROM lease_refunds WHERE request_id = $1",
+                &[&request_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((r.try_get(0)?, r.try_get(1)?)))
+    }
+
+    async fn insert_lease_refund(
+        &mut self,
+        input: &LeaseRefundInput,
+        account_id: &str,
+        now: i64,
+    ) -> Result<()> {
+        let status = input.status.map(i64::from);
+        self.exec(
+            "INSERT INTO lease_refunds (request_id, lease_id, account_id, units, status, at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &input.request_id,
+                &input.lease_id,
+                &account_id,
+                &input.units,
+                &status,
+                &now,
             ],
         )
         .await?;

@@ -35,15 +35,52 @@ pub fn authorize_step(
     }
 }
 
-/// The size of a grant (4.2 step 6): `max(min, min(want, available,
-/// max_units))`. Never below `min`; the caller checked `available >= min`,
-/// so never above `available`.
-pub fn grant_size(want: i64, min: i64, available: i64, max_units: Option<i64>) -> i64 {
-    let mut granted = want.min(available);
-    if let Some(cap) = max_units {
-        granted = granted.min(cap);
+/// The grant of a new lease (4.2 step 6): a fair share of what is available
+/// among the holders with open leases on the account (`others`: how many
+/// distinct other holders), capped by `want` and `max_units`, never below
+/// `min`. The caller guarantees `1 <= min <= available`, so never above
+/// `available`.
+pub fn fair_share_grant(
+    want: i64,
+    min: i64,
+    available: i64,
+    max_units: Option<i64>,
+    others: i64,
+) -> i64 {
+    let fair = available / others.saturating_add(1).max(1);
+    let capped = want
+        .min(available)
+        .min(fair)
+        .min(max_units.unwrap_or(i64::MAX));
+    capped.max(min)
+}
+
+/// A closing lease's `(charged, refunded)`: its `base` charge (the final
+/// `used`, or the expiry charge) minus the refunds recorded while it was
+/// open, never below 0.
+pub fn close_charge(base: i64, pending: i64) -> (i64, i64) {
+    let refunded = pending.clamp(0, base);
+    (base - refunded, refunded)
+}
+
+/// How a settle's `seq` relates to the lease's stored `settle_seq` (4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqRule {
+    /// Older than the stored one: answered, nothing changes.
+    Stale,
+    /// Equal, with the same `used` and `final`: a retry (processed as usual,
+    /// which changes nothing).
+    Replay,
+    /// Newer, equal with another report, or absent: processed as usual.
+    Process,
+}
+
+pub fn settle_seq_rule(stored: i64, seq: Option<i64>, same_report: bool) -> SeqRule {
+    match seq {
+        Some(n) if n < stored => SeqRule::Stale,
+        Some(n) if n == stored && same_report => SeqRule::Replay,
+        _ => SeqRule::Process,
     }
-    granted.max(min)
 }
 
 /// What an expired open lease is charged under `policy` (4.4).
@@ -91,11 +128,37 @@ mod tests {
 
     #[test]
     fn grants() {
-        assert_eq!(grant_size(30, 5, 100, None), 30);
-        assert_eq!(grant_size(10, 2, 3, None), 3);
-        assert_eq!(grant_size(50, 2, 100, Some(4)), 4);
+        assert_eq!(fair_share_grant(30, 5, 100, None, 0), 30);
+        assert_eq!(fair_share_grant(10, 2, 3, None, 0), 3);
+        assert_eq!(fair_share_grant(50, 2, 100, Some(4), 0), 4);
         // The cap never goes below the minimum.
-        assert_eq!(grant_size(50, 9, 100, Some(4)), 9);
+        assert_eq!(fair_share_grant(50, 9, 100, Some(4), 0), 9);
+        // (want, min, available, cap, others) -> granted
+        for (args, want) in [
+            ((100, 1, 100, None, 0), 100),
+            ((100, 1, 100, None, 1), 50),
+            ((100, 1, 99, None, 3), 24),
+            ((10, 1, 100, None, 1), 10),
+            ((100, 1, 100, Some(8), 1), 8),
+            ((100, 5, 6, None, 3), 5),
+            ((100, 1, 1, None, 9), 1),
+        ] {
+            let (w, m, a, c, o) = args;
+            assert_eq!(fair_share_grant(w, m, a, c, o), want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn close_charge_and_seq_rules() {
+        assert_eq!(close_charge(10, 0), (10, 0));
+        assert_eq!(close_charge(10, 3), (7, 3));
+        assert_eq!(close_charge(10, 12), (0, 10));
+        assert_eq!(settle_seq_rule(3, Some(2), true), SeqRule::Stale);
+        assert_eq!(settle_seq_rule(3, Some(2), false), SeqRule::Stale);
+        assert_eq!(settle_seq_rule(3, Some(3), true), SeqRule::Replay);
+        assert_eq!(settle_seq_rule(3, Some(3), false), SeqRule::Process);
+        assert_eq!(settle_seq_rule(3, Some(4), true), SeqRule::Process);
+        assert_eq!(settle_seq_rule(3, None, true), SeqRule::Process);
     }
 
     #[test]

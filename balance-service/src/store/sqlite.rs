@@ -5,8 +5,8 @@
 
 use super::migrations::{self, Migration};
 use super::{
-    AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRow, LeaseState, NewCharge, Result,
-    StoreError, Totals, Tx,
+    AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRefundInput, LeaseRow, LeaseState,
+    NewCharge, Result, StoreError, Totals, Tx,
 };
 use crate::config::SyncMode;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -169,8 +169,11 @@ pub struct SqliteTx<'c> {
     tx: rusqlite::Transaction<'c>,
 }
 
+/// The lease columns, with the pending refunds of an open lease.
 const LEASE_COLUMNS: &str = "lease_id, account_id, holder, request_id, granted, used, state, \
-                             charged, created_at, expires_at, closed_at";
+     charged, created_at, expires_at, closed_at, refunded, \
+     CASE WHEN state = 'open' THEN (SELECT COALESCE(SUM(units), 0) FROM lease_refunds r \
+     WHERE r.lease_id = leases.lease_id) ELSE 0 END, settle_seq, recalled_at";
 
 fn lease_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(LeaseRow, String)> {
     Ok((
@@ -186,6 +189,10 @@ fn lease_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(LeaseRow, String)> {
             created_at: r.get(8)?,
             expires_at: r.get(9)?,
             closed_at: r.get(10)?,
+            refunded: r.get(11)?,
+            refund_pending: r.get(12)?,
+            settle_seq: r.get(13)?,
+            recalled_at: r.get(14)?,
         },
         r.get(6)?,
     ))
@@ -428,16 +435,17 @@ impl Tx for SqliteTx<'_> {
             .query_row(params![account_id], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
-        (t.reserved, t.lease_charged, t.leases) = self
+        (t.reserved, t.lease_charged, t.lease_refunded, t.leases) = self
             .tx
             .prepare_cached(
                 "SELECT COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0),
                         COALESCE(SUM(charged), 0),
+                        COALESCE(SUM(refunded), 0),
                         COUNT(*)
                  FROM leases WHERE account_id = ?1",
             )?
             .query_row(params![account_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })?;
         t.topups = self
             .tx
@@ -491,8 +499,9 @@ impl Tx for SqliteTx<'_> {
         self.tx
             .prepare_cached(
                 "INSERT INTO leases (lease_id, account_id, holder, request_id, granted, used,
-                                     state, charged, created_at, expires_at, closed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                     state, charged, created_at, expires_at, closed_at,
+                                     refunded, settle_seq, recalled_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?
             .execute(params![
                 l.lease_id,
@@ -505,7 +514,10 @@ impl Tx for SqliteTx<'_> {
                 l.charged,
                 l.created_at,
                 l.expires_at,
-                l.closed_at
+                l.closed_at,
+                l.refunded,
+                l.settle_seq,
+                l.recalled_at
             ])?;
         Ok(())
     }
@@ -513,15 +525,69 @@ impl Tx for SqliteTx<'_> {
     async fn update_lease(&mut self, l: &LeaseRow) -> Result<()> {
         self.tx
             .prepare_cached(
-                "UPDATE leases SET used = ?1, state = ?2, charged = ?3, closed_at = ?4
-                 WHERE lease_id = ?5",
+                "UPDATE leases SET used = ?1, state = ?2, charged = ?3, closed_at = ?4,
+                                   refunded = ?5, settle_seq = ?6
+                 WHERE lease_id = ?7",
             )?
             .execute(params![
                 l.used,
                 l.state.as_str(),
                 l.charged,
                 l.closed_at,
+                l.refunded,
+                l.settle_seq,
                 l.lease_id
+            ])?;
+        Ok(())
+    }
+
+    async fn other_holders(&mut self, account_id: &str, holder: &str) -> Result<i64> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "SELECT COUNT(DISTINCT holder) FROM leases
+                 WHERE account_id = ?1 AND state = 'open' AND holder <> ?2",
+            )?
+            .query_row(params![account_id, holder], |r| r.get(0))?)
+    }
+
+    async fn recall_others(&mut self, account_id: &str, holder: &str, now: i64) -> Result<u64> {
+        let n = self
+            .tx
+            .prepare_cached(
+                "UPDATE leases SET recalled_at = COALESCE(recalled_at, ?3)
+                 WHERE account_id = ?1 AND state = 'open' AND holder <> ?2 AND used < granted",
+            )?
+            .execute(params![account_id, holder, now])?;
+        Ok(u64::try_from(n).unwrap_or(u64::MAX))
+    }
+
+    async fn lease_refund(&mut self, request_id: &str) -> Result<Option<(String, i64)>> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT lease_id, units FROM lease_refunds WHERE request_id = ?1")?
+            .query_row(params![request_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    async fn insert_lease_refund(
+        &mut self,
+        input: &LeaseRefundInput,
+        account_id: &str,
+        now: i64,
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO lease_refunds (request_id, lease_id, account_id, units, status, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                input.request_id,
+                input.lease_id,
+                account_id,
+                input.units,
+                input.status,
+                now
             ])?;
         Ok(())
     }

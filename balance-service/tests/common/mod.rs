@@ -465,6 +465,18 @@ pub fn refund(addr: SocketAddr, key: &str, cost: u64, request_id: &str, status: 
 }
 
 pub fn lease(addr: SocketAddr, key: &str, want: u64, min: u64, request_id: &str) -> Resp {
+    lease_as(addr, key, want, min, request_id, "envoy-test-1")
+}
+
+/// A lease call from `holder` (one Envoy process of a fleet).
+pub fn lease_as(
+    addr: SocketAddr,
+    key: &str,
+    want: u64,
+    min: u64,
+    request_id: &str,
+    holder: &str,
+) -> Resp {
     post_json(
         addr,
         "/v1/leases",
@@ -474,7 +486,7 @@ pub fn lease(addr: SocketAddr, key: &str, want: u64, min: u64, request_id: &str)
             "want": want,
             "min": min,
             "request_id": request_id,
-            "holder": "envoy-test-1",
+            "holder": holder,
         }),
     )
 }
@@ -492,6 +504,32 @@ pub fn settle(addr: SocketAddr, lease_id: &str, used: u64, is_final: bool) -> Re
         &format!("/v1/leases/{lease_id}/settle"),
         &[],
         &serde_json::json!({"used": used, "final": is_final}),
+    )
+}
+
+/// A settle numbered `seq`.
+pub fn settle_seq(addr: SocketAddr, lease_id: &str, used: u64, is_final: bool, seq: u64) -> Resp {
+    post_json(
+        addr,
+        &format!("/v1/leases/{lease_id}/settle"),
+        &[],
+        &serde_json::json!({"used": used, "final": is_final, "seq": seq}),
+    )
+}
+
+/// `POST /v1/leases/{lease_id}/refund`.
+pub fn lease_refund(
+    addr: SocketAddr,
+    lease_id: &str,
+    request_id: &str,
+    units: u64,
+    status: u16,
+) -> Resp {
+    post_json(
+        addr,
+        &format!("/v1/leases/{lease_id}/refund"),
+        &[("x-request-id", request_id)],
+        &serde_json::json!({"request_id": request_id, "units": units, "status": status}),
     )
 }
 
@@ -553,8 +591,9 @@ pub fn check_ledger(addr: SocketAddr, id: &str) -> Value {
         sum(&charges, "cost", &|c| c["status"] == "charged") + sum(&leases, "charged", &|_| true);
     assert_eq!(charged, int("charged"), "{acct}");
     assert_eq!(
-        sum(&charges, "cost", &|c| c["status"] == "refunded"),
-        int("refunded")
+        sum(&charges, "cost", &|c| c["status"] == "refunded") + sum(&leases, "refunded", &|_| true),
+        int("refunded"),
+        "{acct}"
     );
     assert_eq!(
         sum(&leases, "granted", &|l| l["state"] == "open"),
@@ -563,15 +602,23 @@ pub fn check_ledger(addr: SocketAddr, id: &str) -> Value {
     );
     assert_eq!(leases.len() as i64, int("leases"));
     for l in &leases {
-        let (g, u, c) = (
+        let (g, u, c, rf, pending) = (
             l["granted"].as_i64().expect("granted"),
             l["used"].as_i64().expect("used"),
             l["charged"].as_i64().expect("charged"),
+            l["refunded"].as_i64().expect("refunded"),
+            l["refund_pending"].as_i64().expect("refund_pending"),
         );
-        assert!(0 <= u && u <= g && 0 <= c && c <= g, "{l}");
-        match l["state"].as_str().expect("state") {
-            "open" | "cancelled" => assert_eq!(c, 0, "{l}"),
-            "settled" => assert_eq!(c, u, "{l}"),
+        assert!(0 <= u && u <= g && 0 <= c && 0 <= rf && c + rf <= g, "{l}");
+        assert!(0 <= pending && pending <= g, "{l}");
+        let state = l["state"].as_str().expect("state");
+        if state != "open" {
+            assert_eq!(pending, 0, "{l}");
+        }
+        match state {
+            "open" | "cancelled" => assert_eq!((c, rf), (0, 0), "{l}"),
+            // Lease refunds come out of the reported use.
+            "settled" => assert_eq!(c + rf, u, "{l}"),
             "expired" => {}
             other => panic!("unexpected state {other}: {l}"),
         }
