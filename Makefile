@@ -123,8 +123,8 @@ test-postgres:
 	@if ./scripts/postgres-ready "$(FAREBOX_TEST_DATABASE_URL)"; then \
 	  FAREBOX_TEST_BACKEND=postgres FAREBOX_TEST_DATABASE_URL="$(FAREBOX_TEST_DATABASE_URL)" \
 	    $(CARGO) test -p farebox-balance $(PG_SUITES); \
-	elif [ "$${FAREBOX_REQUIRE_POSTGRES:-}" = 1 ]; then \
-	  echo "test-postgres: FAILED: no PostgreSQL answers at $(FAREBOX_TEST_DATABASE_URL) and FAREBOX_REQUIRE_POSTGRES=1" >&2; \
+	elif [ "$${FAREBOX_REQUIRE_POSTGRES:-}" = 1 ] || [ "$${CI:-}" = true ]; then \
+	  echo "test-postgres: FAILED: no PostgreSQL answers at $(FAREBOX_TEST_DATABASE_URL) and FAREBOX_REQUIRE_POSTGRES=1 (or CI=true)" >&2; \
 	  exit 1; \
 	else \
 	  echo "test-postgres: skipped the PostgreSQL tests: no server answers at $(FAREBOX_TEST_DATABASE_URL) (start one, or set FAREBOX_TEST_DATABASE_URL, then run make test-postgres)"; \

@@ -205,8 +205,40 @@ fn parse_bool(flag: &str, v: &str) -> Result<bool, String> {
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(format!("{}: expected a boolean, got {v:?}", env_name(flag))),
+        _ => Err(format!(
+            "--{flag} / {}: expected a boolean, got {v:?}",
+            env_name(flag)
+        )),
     }
+}
+
+/// The flags as a `clap` command (the help text is [`USAGE`]). Values are
+/// checked afterwards, together with their environment fallbacks.
+fn command() -> clap::Command {
+    use clap::{Arg, ArgAction};
+    let mut cmd = clap::Command::new("farebox-balance")
+        .override_help(USAGE)
+        .args_override_self(true);
+    for flag in VALUE_FLAGS {
+        cmd = cmd.arg(
+            Arg::new(*flag)
+                .long(*flag)
+                .num_args(1)
+                .allow_hyphen_values(true)
+                .action(ArgAction::Set),
+        );
+    }
+    for flag in BOOL_FLAGS {
+        cmd = cmd.arg(
+            Arg::new(*flag)
+                .long(*flag)
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true")
+                .action(ArgAction::Set),
+        );
+    }
+    cmd
 }
 
 /// Parses the arguments (without the program name). `env` looks up an
@@ -216,35 +248,25 @@ where
     I: IntoIterator<Item = String>,
     E: Fn(&str) -> Option<String>,
 {
+    let mut args = args.into_iter().peekable();
+    let migrate = args.next_if(|a| a == "migrate").is_some();
+    let matches = match command()
+        .try_get_matches_from(std::iter::once("farebox-balance".to_owned()).chain(args))
+    {
+        Ok(m) => m,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => return Ok(Parsed::Help),
+        Err(e) => return Err(e.render().to_string().trim_end().to_owned()),
+    };
     let mut values: HashMap<&'static str, String> = HashMap::new();
     let mut bools: HashMap<&'static str, bool> = HashMap::new();
-    let mut it = args.into_iter().peekable();
-    let migrate = it.next_if(|a| a == "migrate").is_some();
-    while let Some(arg) = it.next() {
-        if arg == "--help" || arg == "-h" {
-            return Ok(Parsed::Help);
+    for flag in VALUE_FLAGS {
+        if let Some(v) = matches.get_one::<String>(flag) {
+            values.insert(flag, v.clone());
         }
-        let Some(body) = arg.strip_prefix("--") else {
-            return Err(format!("unexpected argument {arg:?}"));
-        };
-        let (name, inline) = match body.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_owned())),
-            None => (body, None),
-        };
-        if let Some(flag) = VALUE_FLAGS.iter().copied().find(|f| *f == name) {
-            let value = match inline {
-                Some(v) => v,
-                None => it.next().ok_or_else(|| format!("--{flag} needs a value"))?,
-            };
-            values.insert(flag, value);
-        } else if let Some(flag) = BOOL_FLAGS.iter().copied().find(|f| *f == name) {
-            let value = match inline {
-                Some(v) => parse_bool(flag, &v)?,
-                None => true,
-            };
-            bools.insert(flag, value);
-        } else {
-            return Err(format!("unknown flag --{name}"));
+    }
+    for flag in BOOL_FLAGS {
+        if let Some(v) = matches.get_one::<String>(flag) {
+            bools.insert(flag, parse_bool(flag, v)?);
         }
     }
 

@@ -242,7 +242,7 @@ async fn check(
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("farebox-balance: ext_authz: storage error: {e}");
+            tracing::error!(cause = %e, "ext_authz: storage error");
             return if e.is_unavailable() {
                 error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
             } else {

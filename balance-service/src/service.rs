@@ -9,7 +9,7 @@ use crate::store::{
 };
 use crate::util::{bearer_token, ct_eq, shutdown_signal};
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -137,21 +137,87 @@ fn with_log(mut resp: Response, account: &str, request_id: Option<&str>) -> Resp
     resp
 }
 
-fn storage_error(e: &StoreError) -> Response {
-    eprintln!("farebox-balance: storage error: {e}");
-    if e.is_unavailable() {
-        error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
-    } else {
-        error(StatusCode::INTERNAL_SERVER_ERROR, "internal")
+/// The answers of the service that are not outcomes of a ledger call: one
+/// error type for the body extractor, the service-token middleware and the
+/// storage layer. A storage error is logged with its cause; the client only
+/// learns `503 storage unavailable` (the database cannot be reached) or
+/// `500 internal`, never SQL.
+#[derive(Debug)]
+pub enum ApiError {
+    /// A malformed request: `400 {"error": text}`.
+    BadRequest(String),
+    /// `/v1/*` without the right service token: `500` (section 1.2).
+    ServiceToken,
+    Storage(StoreError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let resp = match self {
+            ApiError::BadRequest(msg) => error(StatusCode::BAD_REQUEST, msg),
+            ApiError::ServiceToken => {
+                error(StatusCode::INTERNAL_SERVER_ERROR, "service token rejected")
+            }
+            ApiError::Storage(e) if e.is_unavailable() => {
+                tracing::error!(cause = %e, "storage unavailable");
+                error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+            }
+            ApiError::Storage(e) => {
+                tracing::error!(cause = %e, "storage error");
+                error(StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        with_log(resp, UNKNOWN, None)
     }
 }
 
-/// Awaits a store call; a storage error becomes its answer (logged with its
-/// cause, never shown to the client).
+/// What a request body is called in the 400 text (`invalid <what> body: …`;
+/// empty for the admin API's `invalid body: …`).
+trait BodyName {
+    const WHAT: &'static str;
+}
+
+/// A JSON request body, deserialised into `T`; a body that does not parse is
+/// the contract's `400 {"error": "invalid <what> body: …"}` (whatever its
+/// `content-type`, which the contract says not to check).
+struct JsonBody<T>(T);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + BodyName,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            let what = if T::WHAT.is_empty() {
+                String::new()
+            } else {
+                format!("{} ", T::WHAT)
+            };
+            ApiError::BadRequest(format!("invalid {what}body: {e}"))
+        };
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| invalid(&e))?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| invalid(&e))
+    }
+}
+
+macro_rules! body_name {
+    ($($t:ty => $what:literal),* $(,)?) => {
+        $(impl BodyName for $t { const WHAT: &'static str = $what; })*
+    };
+}
+
+/// Awaits a store call; a storage error becomes its answer.
 async fn stored<T>(
     f: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, Response> {
-    f.await.map_err(|e| storage_error(&e))
+    f.await.map_err(|e| ApiError::Storage(e).into_response())
 }
 
 fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
@@ -168,10 +234,7 @@ impl AppState {
         if bearer_matches(headers, expected) {
             None
         } else {
-            Some(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "service token rejected",
-            ))
+            Some(ApiError::ServiceToken.into_response())
         }
     }
 
@@ -271,6 +334,18 @@ fn lease_closed(lease_id: String, state: LeaseState) -> Response {
     )
 }
 
+body_name! {
+    AuthorizeReq => "authorize",
+    RefundReq => "refund",
+    LeaseReq => "lease",
+    SettleReq => "settle",
+    CancelReq => "cancel",
+    LeaseRefundReq => "lease refund",
+    CreateReq => "",
+    TopupReq => "",
+    usage::UsageReq => "usage",
+}
+
 // ---------------------------------------------------------------- /v1/authorize
 
 #[derive(Deserialize)]
@@ -283,21 +358,9 @@ struct AuthorizeReq {
     request_id: String,
 }
 
-async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    st.stats.authorize_calls.fetch_add(1, Ordering::Relaxed);
-    let req: AuthorizeReq =
-        match st.open_call(&headers, "authorize", || serde_json::from_slice(&body)) {
-            Ok(r) => r,
-            Err(resp) => {
-                st.stats.count_account(UNKNOWN);
-                return *resp;
-            }
-        };
+async fn authorize(State(st): State<Shared>, JsonBody(req): JsonBody<AuthorizeReq>) -> Response {
     let rid = req.request_id.clone();
-    let bad = |msg: &str| {
-        st.stats.count_account(UNKNOWN);
-        bad_request(msg, Some(&rid))
-    };
+    let bad = |msg: &str| bad_request(msg, Some(&rid));
     if req.request_id.is_empty() {
         return bad("request_id must not be empty");
     }
@@ -319,10 +382,7 @@ async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) ->
     .map(|o| (o, route));
     let (outcome, route) = match outcome {
         Ok(v) => v,
-        Err(resp) => {
-            st.stats.count_account(UNKNOWN);
-            return with_log(resp, UNKNOWN, Some(&rid));
-        }
+        Err(resp) => return with_log(resp, UNKNOWN, Some(&rid)),
     };
     let cfg = &st.cfg;
     let (resp, account) = match outcome {
@@ -351,7 +411,6 @@ async fn authorize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) ->
         AuthorizeOutcome::Disabled { account_id } => (account_disabled(cfg), account_id),
         AuthorizeOutcome::Conflict { account_id } => (request_id_conflict(), account_id),
     };
-    st.stats.count_account(&account);
     with_log(resp, &account, Some(&rid))
 }
 
@@ -371,12 +430,7 @@ struct RefundReq {
     status: Option<u16>,
 }
 
-async fn refund(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    st.stats.refund_calls.fetch_add(1, Ordering::Relaxed);
-    let req: RefundReq = match st.open_call(&headers, "refund", || serde_json::from_slice(&body)) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
+async fn refund(State(st): State<Shared>, JsonBody(req): JsonBody<RefundReq>) -> Response {
     let rid = req.request_id.clone();
     if rid.is_empty() {
         return bad_request("request_id must not be empty", None);
@@ -443,12 +497,7 @@ struct LeaseReq {
 /// Longest accepted `holder` (bytes).
 const MAX_HOLDER: usize = 1024;
 
-async fn lease(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    st.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
-    let req: LeaseReq = match st.open_call(&headers, "lease", || serde_json::from_slice(&body)) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
+async fn lease(State(st): State<Shared>, JsonBody(req): JsonBody<LeaseReq>) -> Response {
     let rid = req.request_id.clone();
     let bad = |msg: &str| bad_request(msg, Some(&rid));
     if req.request_id.is_empty() {
@@ -542,14 +591,8 @@ struct SettleReq {
 async fn settle(
     State(st): State<Shared>,
     Path(lease_id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    JsonBody(req): JsonBody<SettleReq>,
 ) -> Response {
-    st.stats.settle_calls.fetch_add(1, Ordering::Relaxed);
-    let req: SettleReq = match st.open_call(&headers, "settle", || serde_json::from_slice(&body)) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
     let Ok(used) = i64::try_from(req.used) else {
         return bad_request("used out of range (max 9223372036854775807)", None);
     };
@@ -655,12 +698,7 @@ struct CancelReq {
     request_id: String,
 }
 
-async fn cancel(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    st.stats.cancel_calls.fetch_add(1, Ordering::Relaxed);
-    let req: CancelReq = match st.open_call(&headers, "cancel", || serde_json::from_slice(&body)) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
+async fn cancel(State(st): State<Shared>, JsonBody(req): JsonBody<CancelReq>) -> Response {
     let rid = req.request_id;
     if rid.is_empty() {
         return bad_request("request_id must not be empty", None);
@@ -746,15 +784,8 @@ struct LeaseRefundReq {
 async fn lease_refund(
     State(st): State<Shared>,
     Path(lease_id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    JsonBody(req): JsonBody<LeaseRefundReq>,
 ) -> Response {
-    st.stats.lease_refund_calls.fetch_add(1, Ordering::Relaxed);
-    let req: LeaseRefundReq =
-        match st.open_call(&headers, "lease refund", || serde_json::from_slice(&body)) {
-            Ok(r) => r,
-            Err(resp) => return *resp,
-        };
     let rid = req.request_id.clone();
     if rid.is_empty() {
         return bad_request("request_id must not be empty", None);
@@ -819,6 +850,44 @@ async fn lease_refund(
     with_log(resp, &account, Some(&rid))
 }
 
+// ---------------------------------------------------------------- /v1 middleware
+
+/// `/v1/*` needs the service token when one is configured (section 1.2).
+async fn service_auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    match st.check_service_token(req.headers()) {
+        Some(rejected) => rejected,
+        None => next.run(req).await,
+    }
+}
+
+/// Counts every call of a `/v1/*` route for `/admin/stats`, rejected ones
+/// included; authorizes also by the account they resolved to.
+async fn count_calls(
+    State(st): State<Shared>,
+    path: MatchedPath,
+    req: Request,
+    next: Next,
+) -> Response {
+    let s = &st.stats;
+    let counter = match path.as_str() {
+        "/v1/authorize" => &s.authorize_calls,
+        "/v1/refund" => &s.refund_calls,
+        "/v1/leases" => &s.lease_calls,
+        "/v1/leases/{lease_id}/settle" => &s.settle_calls,
+        "/v1/leases/cancel" => &s.cancel_calls,
+        "/v1/leases/{lease_id}/refund" => &s.lease_refund_calls,
+        "/v1/usage" => &s.usage_calls,
+        _ => return next.run(req).await,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let resp = next.run(req).await;
+    if path.as_str() == "/v1/authorize" {
+        let info = resp.extensions().get::<LogInfo>();
+        s.count_account(info.map_or(UNKNOWN, |i| i.account.as_str()));
+    }
+    resp
+}
+
 // ---------------------------------------------------------------- admin
 
 async fn admin_auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
@@ -829,11 +898,6 @@ async fn admin_auth(State(st): State<Shared>, req: Request, next: Next) -> Respo
         return error(StatusCode::UNAUTHORIZED, "admin token required");
     }
     next.run(req).await
-}
-
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
-    serde_json::from_slice(body)
-        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("invalid body: {e}"))))
 }
 
 /// Account ids appear in URL paths and logs: 1-128 characters from
@@ -857,11 +921,7 @@ struct CreateReq {
     disabled: bool,
 }
 
-async fn create_account(State(st): State<Shared>, body: Bytes) -> Response {
-    let req: CreateReq = match parse_body(&body) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
+async fn create_account(State(st): State<Shared>, JsonBody(req): JsonBody<CreateReq>) -> Response {
     if !valid_account_id(&req.account_id) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -900,11 +960,11 @@ struct TopupReq {
     topup_id: Option<String>,
 }
 
-async fn topup(State(st): State<Shared>, Path(id): Path<String>, body: Bytes) -> Response {
-    let req: TopupReq = match parse_body(&body) {
-        Ok(r) => r,
-        Err(resp) => return with_log(*resp, &id, None),
-    };
+async fn topup(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<TopupReq>,
+) -> Response {
     let amount = match i64::try_from(req.amount) {
         Ok(a) if a > 0 => a,
         _ => {
@@ -1087,12 +1147,11 @@ async fn access_log(State(st): State<Shared>, req: Request, next: Next) -> Respo
     let info = resp.extensions().get::<LogInfo>();
     let account = info.map_or("-", |i| i.account.as_str());
     let rid = info.and_then(|i| i.request_id.as_deref()).unwrap_or("-");
-    let line = format!(
-        "farebox-balance: {method} {path} {} account={account} request_id={rid:?} {}us\n",
+    tracing::info!(
+        "{method} {path} {} account={account} request_id={rid:?} {}us",
         resp.status().as_u16(),
         start.elapsed().as_micros()
     );
-    let _ = std::io::stderr().write_all(line.as_bytes());
     resp
 }
 
@@ -1113,7 +1172,7 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/admin/stats", get(stats))
         .route("/admin/stats/reset", post(stats_reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/authorize", post(authorize))
         .route("/v1/refund", post(refund))
         .route("/v1/leases", post(lease))
@@ -1121,6 +1180,10 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/v1/leases/{lease_id}/settle", post(settle))
         .route("/v1/leases/{lease_id}/refund", post(lease_refund))
         .route("/v1/usage", post(usage::usage))
+        .route_layer(middleware::from_fn_with_state(state.clone(), service_auth))
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_calls));
+    Router::new()
+        .merge(v1)
         .route("/healthz", get(healthz))
         .merge(admin)
         .merge(crate::ext_authz::router(state.store.clone(), &state.cfg))
@@ -1148,10 +1211,10 @@ async fn sweep_expired_leases(store: Arc<Store>, quiet: bool) {
             Ok(0) => {}
             Ok(n) => {
                 if !quiet {
-                    eprintln!("farebox-balance: expired {n} lease(s)");
+                    tracing::info!("expired {n} lease(s)");
                 }
             }
-            Err(e) => eprintln!("farebox-balance: lease expiry failed: {e}"),
+            Err(e) => tracing::error!(cause = %e, "lease expiry failed"),
         }
     }
 }
@@ -1164,7 +1227,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot open {}: {e}", url.display()))?;
     if let Some(w) = store.warning() {
-        eprintln!("farebox-balance: warning: {w}");
+        tracing::warn!("{w}");
     }
     let store = store.with_lease_settings(LeaseSettings {
         ttl_ms: i64::try_from(cfg.lease_ttl_ms).unwrap_or(i64::MAX),
@@ -1178,10 +1241,10 @@ pub async fn run(cfg: Config) -> Result<(), String> {
             .seed_demo()
             .await
             .map_err(|e| format!("cannot seed demo accounts: {e}"))?;
-        eprintln!("farebox-balance: demo accounts created: {n}");
+        tracing::info!("demo accounts created: {n}");
     }
     if cfg.admin_token.is_none() {
-        eprintln!("farebox-balance: no admin token: the admin API answers 503");
+        tracing::info!("no admin token: the admin API answers 503");
     }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -1207,6 +1270,6 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("server error: {e}"))?;
     sweeper.abort();
-    eprintln!("farebox-balance: shut down");
+    tracing::info!("shut down");
     Ok(())
 }

@@ -5,29 +5,22 @@
 //! This file is a child module of `service` (declared there with `#[path]`),
 //! so it shares the service's private helpers and state.
 
-use super::{bad_request, error, reply, stored, with_log, Shared, UNKNOWN};
+use super::{bad_request, error, reply, stored, with_log, JsonBody, Shared, UNKNOWN};
 use crate::store::UsageOutcome;
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
 
 #[derive(Deserialize)]
-struct UsageReq {
+pub(super) struct UsageReq {
     request_id: String,
     account: String,
     actual: u64,
 }
 
-pub(super) async fn usage(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    st.stats.usage_calls.fetch_add(1, Ordering::Relaxed);
-    let req: UsageReq = match st.open_call(&headers, "usage", || serde_json::from_slice(&body)) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
-    };
+pub(super) async fn usage(State(st): State<Shared>, JsonBody(req): JsonBody<UsageReq>) -> Response {
     let rid = req.request_id.clone();
     if rid.is_empty() {
         return bad_request("request_id must not be empty", None);

@@ -29,6 +29,13 @@ pub const MAX_RETRIES: u32 = 8;
 const POOL_SIZE: usize = 16;
 /// Longest wait for a connection (also bounds connecting at start-up).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a connection on the request path: a call fails fast
+/// (503) while the database is down, well within the filter's timeout.
+const REQUEST_TIMEOUTS: deadpool_postgres::Timeouts = deadpool_postgres::Timeouts {
+    wait: Some(Duration::from_secs(2)),
+    create: Some(Duration::from_secs(1)),
+    recycle: Some(Duration::from_secs(1)),
+};
 /// Key of the advisory lock that serialises migrations across replicas.
 const MIGRATION_LOCK: i64 = 0x0066_6172_6562_6f78; // "farebox"
 
@@ -202,7 +209,7 @@ impl Db {
 
     pub async fn client(&self) -> Result<deadpool_postgres::Client> {
         self.pool
-            .get()
+            .timeout_get(&REQUEST_TIMEOUTS)
             .await
             .map_err(|e| StoreError::Unavailable(pool_error(e)))
     }
