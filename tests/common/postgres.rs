@@ -78,8 +78,15 @@ fn say_skipped(why: &str) {
     ONCE.call_once(|| {
         let exe = std::env::current_exe()
             .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .and_then(|p| p.file_stem().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_default();
+        // Cargo names a test binary `<file>-<hash>`.
+        let exe = match exe.rsplit_once('-') {
+            Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => {
+                format!("tests/{name}.rs")
+            }
+            _ => exe,
+        };
         let line = format!(
             "SKIPPED the PostgreSQL tests of {exe}: {why}; start a server at {DEFAULT_URL} \
              (or set FAREBOX_TEST_DATABASE_URL) to run them; FAREBOX_REQUIRE_POSTGRES=1 makes \
