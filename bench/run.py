@@ -31,6 +31,10 @@ Environment (all optional):
   BENCH_ENVOY_CPU=0      core of the Envoys;  BENCH_LOAD_CPU=1  core of wrk and the services
   BENCH_OUT_DIR=bench    where results.json and RESULTS.md go
   BENCH_KEEP=1           keep the work directory (configs, logs) even on success
+  BENCH_DATABASE_URL     PostgreSQL server of the authorize_pg scenario (default
+                         $FAREBOX_TEST_DATABASE_URL, else postgres://postgres@127.0.0.1:5432/test);
+                         the bench creates a database fb_bench_<random> there (with psql) and
+                         drops it at the end; without a server (or psql) the scenario is skipped
   ENVOY, FAREBOX_WASM, BENCH_BIN_DIR (default target/release), WRK, WASM_OPT
 """
 
@@ -100,6 +104,10 @@ BIN_DIR = env_path("BENCH_BIN_DIR", os.path.join(os.environ.get("CARGO_TARGET_DI
 WRK = os.environ.get("WRK", "").strip() or "wrk"
 WASM_OPT = os.environ.get("WASM_OPT", "").strip() or "wasm-opt"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PG_SERVER_URL = (os.environ.get("BENCH_DATABASE_URL", "").strip()
+                 or os.environ.get("FAREBOX_TEST_DATABASE_URL", "").strip()
+                 or "postgres://postgres@127.0.0.1:5432/test")
+PSQL = os.environ.get("PSQL", "").strip() or "psql"
 
 HUGE = 10**12  # balance of the accounts that pay on every request
 CHECK_TIMEOUT = 10.0  # seconds for one check request
@@ -112,7 +120,8 @@ MIB = 1024 * 1024
 # ---------------------------------------------------------------------------------------
 
 # service "cached": decisions may be cached (allow, 402 and 401 for 300 s).
-# service "live":   nothing is cached; every authorize is a ledger transaction.
+# service "live":   nothing is cached; every authorize is a ledger transaction (SQLite).
+# service "live_pg": the same on a PostgreSQL ledger (a database of the bench's own).
 SCENARIOS = [
     dict(name="nofilter", title="Envoy, no filter", filters="none", service="cached",
          key="bench-allow", path="/v1/bench", expect=200),
@@ -124,6 +133,8 @@ SCENARIOS = [
          service="cached", key="bench-broke", path="/v1/bench", expect=402),
     dict(name="authorize", title="farebox authorize, callout/request", filters="farebox",
          service="live", key="bench-authorize", path="/v1/bench", expect=200),
+    dict(name="authorize_pg", title="farebox authorize, PostgreSQL ledger", filters="farebox",
+         service="live_pg", key="bench-authorize-pg", path="/v1/bench", expect=200),
     dict(name="lease", title="farebox lease (lease_want 1000)", filters="farebox", service="live",
          key="bench-lease", path="/v1/bench", expect=200, mode="lease"),
     dict(name="ext_authz", title="Envoy ext_authz (HTTP) -> ledger", filters="ext_authz",
@@ -138,6 +149,7 @@ ACCOUNTS = [
     ("live", "bench_lease", "bench-lease", HUGE),
     ("live", "bench_extauthz", "bench-extauthz", HUGE),
     ("live", "bench_fleet", "bench-fleet", HUGE),
+    ("live_pg", "bench_authorize_pg", "bench-authorize-pg", HUGE),
 ]
 
 
@@ -429,6 +441,58 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def redact(url: str) -> str:
+    """The URL with its password (if any) hidden."""
+    return re.sub(r"^([a-z]+://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def with_database(url: str, db: str) -> str:
+    base, sep, query = url.partition("?")
+    scheme, _, rest = base.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{scheme}://{host}/{db}" + (sep + query if sep else "")
+
+
+class PgDatabase:
+    """A database of the bench's own on the PostgreSQL server, made and dropped with psql."""
+
+    def __init__(self) -> None:
+        self.name = f"fb_bench_{secrets.token_hex(6)}"
+        self.url = with_database(PG_SERVER_URL, self.name)
+        self.created = False
+
+    def psql(self, sql: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PSQL, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", PG_SERVER_URL,
+                               "-c", sql], capture_output=True, text=True, timeout=30,
+                              env=dict(os.environ, PGCONNECT_TIMEOUT="5"))
+
+    def create(self) -> str | None:
+        """None when it worked, else why not."""
+        if not shutil.which(PSQL):
+            return f"{PSQL} (the PostgreSQL client) is not installed"
+        try:
+            p = self.psql(f"CREATE DATABASE {self.name}")
+        except subprocess.TimeoutExpired:
+            return f"no answer from PostgreSQL at {redact(PG_SERVER_URL)}"
+        if p.returncode != 0:
+            return f"cannot create a database at {redact(PG_SERVER_URL)}: {p.stderr.strip()[:200]}"
+        self.created = True
+        return None
+
+    def drop(self) -> None:
+        if self.created:
+            try:
+                p = self.psql(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+                if p.returncode != 0:
+                    log(f"could not drop database {self.name}: {p.stderr.strip()[:200]}")
+            except subprocess.TimeoutExpired:
+                log(f"could not drop database {self.name}: no answer")
+            self.created = False
+
+
+PG_DATABASES: list[PgDatabase] = []
+
+
 # ---------------------------------------------------------------------------------------
 # Load
 # ---------------------------------------------------------------------------------------
@@ -641,6 +705,8 @@ def main() -> int:
         ok = True
     finally:
         PROCS.stop_all()
+        for db in PG_DATABASES:
+            db.drop()
         if ok and not KEEP:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
@@ -659,27 +725,49 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
     log(f"starting the echo upstream and the balance services on CPU {LOAD_CPU}")
     echo_proc, echo_port = start_service("farebox-echo", os.path.join(BIN_DIR, "farebox-echo"),
                                  ["--listen", "127.0.0.1:0"], workdir)
+    live = ["--allow-max-age", "0", "--deny-max-age", "0", "--auth-max-age", "0"]
     service_flags = {
         "cached": ["--allow-max-age", "300", "--deny-max-age", "300", "--auth-max-age", "300"],
-        "live": ["--allow-max-age", "0", "--deny-max-age", "0", "--auth-max-age", "0"],
+        "live": live,
+        "live_pg": live,
     }
     services = {}
+    pg_skip = None
+    if any(sc["service"] == "live_pg" for sc in scenarios):
+        db = PgDatabase()
+        PG_DATABASES.append(db)
+        pg_skip = db.create()
     for sname, flags in service_flags.items():
-        args = ["--listen", "127.0.0.1:0", "--db", os.path.join(workdir, f"{sname}.sqlite"),
-                "--quiet"] + flags
+        if sname == "live_pg":
+            if pg_skip is not None or not any(sc["service"] == sname for sc in scenarios):
+                continue
+            ledger = ["--database-url", PG_DATABASES[0].url]
+        else:
+            ledger = ["--db", os.path.join(workdir, f"{sname}.sqlite")]
+        args = ["--listen", "127.0.0.1:0", *ledger, "--quiet"] + flags
         proc, port = start_service(f"farebox-balance-{sname}", bal, args, workdir, env=svc_env)
-        services[sname] = {"port": port, "flags": flags, "pid": proc.pid}
+        services[sname] = {"port": port, "flags": flags, "pid": proc.pid,
+                           "ledger": "postgres" if sname == "live_pg" else "sqlite"}
+    if pg_skip is not None:
+        notes.append(f"authorize_pg skipped: {pg_skip}")
+    for sc in scenarios:
+        if sc["service"] not in services:
+            sc["skipped"] = pg_skip or f"service {sc['service']} not started"
+            log(f"SKIP {sc['name']}: {sc['skipped']}")
     # Everything that runs on the load CPU besides wrk.
     load_pids = [echo_proc.pid] + [v["pid"] for v in services.values()]
     for sname, acct, key, balance in ACCOUNTS:
-        admin(services[sname]["port"], admin_token, "POST", "/admin/accounts",
-              {"account_id": acct, "key": key, "balance": balance})
+        if sname in services:
+            admin(services[sname]["port"], admin_token, "POST", "/admin/accounts",
+                  {"account_id": acct, "key": key, "balance": balance})
 
     # One Envoy per scenario, all started before any load, all pinned to ENVOY_CPU.
     envoys: dict[str, Envoy] = {}
     account_of = {key: acct for _, acct, key, _ in ACCOUNTS}
     for sc in scenarios:
         sc["account"] = account_of[sc["key"]]
+        if sc.get("skipped"):
+            continue
         plugin = plugin_config(sc.get("mode", "authorize")) if sc["filters"] == "farebox" else None
         sc["plugin_config"] = plugin
         yaml_text = envoy_yaml(sc["filters"], services[sc["service"]]["port"], echo_port, plugin)
@@ -690,6 +778,8 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
     # callout that fills the cache; the first cached-deny request the one that caches the 402.)
     active = []
     for sc in scenarios:
+        if sc["name"] not in envoys:
+            continue
         e = envoys[sc["name"]]
         try:
             status, headers, body = http_call(e.port, "GET", sc["path"], {"x-api-key": sc["key"]})
@@ -733,6 +823,8 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
             label = f"round {r + 1}/{ROUNDS} {sc['name']}"
             others_before = {n: cpu_ticks(p) for n, p in all_pids.items() if n != sc["name"]}
             load_before = sum(cpu_ticks(p) for p in load_pids)
+            service_pid = services[sc["service"]]["pid"] if sc["filters"] != "none" else None
+            service_before = cpu_ticks(service_pid) if service_pid else 0
             sys_before = cpu_times()
             before = e.cpu_ticks()
             t0 = time.monotonic()
@@ -743,6 +835,7 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
             envoy_core = cpu_shares(sys_before, sys_after, ENVOY_CPU)
             load_core = cpu_shares(sys_before, sys_after, LOAD_CPU)
             load_ticks = sum(cpu_ticks(p) for p in load_pids) - load_before
+            service_ticks = cpu_ticks(service_pid) - service_before if service_pid else 0
             others = sum(cpu_ticks(p) - others_before[n] for n, p in all_pids.items()
                          if n != sc["name"])
             n = res["requests"]
@@ -752,6 +845,11 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
                 "rps": n / (res["duration_us"] / 1e6) if res["duration_us"] else 0.0,
                 "cpu_ticks": after - before,
                 "cpu_us_per_req": cpu_us / n if n else None,
+                # The balance service's own CPU (/proc/<pid>/stat) per request: per
+                # authorize in the authorize scenarios (one callout per request). Not the
+                # PostgreSQL server's, which runs in its own processes.
+                "service_cpu_us_per_req": (service_ticks * 1e6 / CLK_TCK / n
+                                           if n and service_pid else None),
                 "envoy_cpu_util": cpu_us / 1e6 / wall if wall else None,
                 "other_envoys_cpu_ms": others * 1000 / CLK_TCK,
                 # The load CPU: wrk, the echo upstream and the balance services.
@@ -780,12 +878,16 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
 
     # RSS after the same load, and counters.
     for sc in scenarios:
+        if sc["name"] not in envoys:
+            continue
         e = envoys[sc["name"]]
         sc["rss_kib"] = e.rss_kib()
         sc["counters"] = e.counters()
     service_stats = {s: admin(v["port"], admin_token, "GET", "/admin/stats") for s, v in services.items()}
     # What the ledger recorded for each scenario's account (proof that the work was done).
     for sc in scenarios:
+        if sc["service"] not in services:
+            continue
         a = admin(services[sc["service"]]["port"], admin_token, "GET", f"/admin/accounts/{sc['account']}")
         sc["ledger"] = {k: a.get(k) for k in ("balance", "charged", "charges", "leases", "reserved")}
     for s in service_stats.values():
@@ -810,7 +912,8 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
             "services_cpu": LOAD_CPU,
         },
         "machine": info,
-        "services": {k: {"flags": v["flags"]} for k, v in services.items()},
+        "services": {k: {"flags": v["flags"], "ledger": v["ledger"]} for k, v in services.items()},
+        "postgres": {"server": redact(PG_SERVER_URL), "skipped": pg_skip},
         "service_stats": service_stats,
         "scenarios": [
             {k: sc.get(k) for k in ("name", "title", "filters", "service", "key", "account", "path", "expect",
@@ -844,6 +947,7 @@ def summarize(active: list[dict], runs: dict[str, list[dict]]) -> dict:
         s = {
             "rps": spread([r["rps"] for r in rs]),
             "cpu_us_per_req": spread([r["cpu_us_per_req"] for r in rs]),
+            "service_cpu_us_per_req": spread([r.get("service_cpu_us_per_req") for r in rs]),
             "lat_p50_ms": spread([r["lat_p50_us"] / 1000 for r in rs]),
             "lat_p99_ms": spread([r["lat_p99_us"] / 1000 for r in rs]),
             "envoy_cpu_util": spread([r["envoy_cpu_util"] for r in rs]),
@@ -881,6 +985,9 @@ def summarize(active: list[dict], runs: dict[str, list[dict]]) -> dict:
     ratios["lease_rps_vs_ext_authz"] = paired("lease", "ext_authz", "rps", div)
     ratios["lease_cpu_vs_ext_authz"] = paired("lease", "ext_authz", "cpu_us_per_req", div)
     ratios["lease_p99_vs_nofilter"] = paired("lease", "nofilter", "lat_p99_us", div)
+    ratios["authorize_pg_rps_vs_sqlite"] = paired("authorize_pg", "authorize", "rps", div)
+    ratios["authorize_pg_service_cpu_vs_sqlite"] = paired(
+        "authorize_pg", "authorize", "service_cpu_us_per_req", div)
     out["_ratios"] = {k: v for k, v in ratios.items() if v is not None}
     return out
 
@@ -1123,11 +1230,11 @@ def targets(results: dict, summary: dict) -> list[dict]:
 def table_rows(results: dict) -> list[list[str]]:
     rows = [["scenario", "req/s median (min–max)", "× no filter", "Envoy CPU µs/req (min–max)",
              "Δ µs vs no filter", "p50 ms", "p99 ms", "Envoy CPU", "load CPU", "foreign max",
-             "RSS MiB"]]
+             "RSS MiB", "service CPU µs/req"]]
     for sc in results["scenarios"]:
         s = sc.get("summary")
         if sc.get("skipped") or not s:
-            rows.append([sc["title"], f"skipped: {sc.get('skipped') or 'not run'}"[:160]] + [""] * 9)
+            rows.append([sc["title"], f"skipped: {sc.get('skipped') or 'not run'}"[:160]] + [""] * 10)
             continue
         rows.append([
             sc["title"],
@@ -1141,6 +1248,7 @@ def table_rows(results: dict) -> list[list[str]]:
             f"{s['load_cpu_util']['median'] * 100:.0f}%",
             f"{pct(s['foreign_envoy_core_max'])}/{pct(s['foreign_load_core_max'])}",
             fmt(sc["rss_kib"] / 1024, 1) if sc.get("rss_kib") else "n/a",
+            fmt_spread(s["service_cpu_us_per_req"], 1) if sc["filters"] != "none" else "—",
         ])
     return rows
 
@@ -1186,6 +1294,9 @@ def ratio_lines(results: dict) -> list[str]:
         "lease_rps_vs_ext_authz": ("lease / ext_authz, requests/s", 2),
         "lease_cpu_vs_ext_authz": ("lease / ext_authz, Envoy CPU per request", 2),
         "lease_p99_vs_nofilter": ("lease / no filter, p99 latency", 2),
+        "authorize_pg_rps_vs_sqlite": ("authorize, PostgreSQL / SQLite ledger, requests/s", 2),
+        "authorize_pg_service_cpu_vs_sqlite": (
+            "authorize, PostgreSQL / SQLite ledger, balance-service CPU per authorize", 2),
     }
     out = []
     for sc in results["scenarios"]:
@@ -1197,6 +1308,24 @@ def ratio_lines(results: dict) -> list[str]:
         v = results["ratios"].get(k)
         if v:
             out.append(f"{title}: {fmt_spread(v, d)}")
+    return out
+
+
+def backend_lines(results: dict) -> list[str]:
+    """Authorize (one ledger transaction per request) on each backend, same run."""
+    out = []
+    for sc in results["scenarios"]:
+        if sc["name"] not in ("authorize", "authorize_pg"):
+            continue
+        ledger = "PostgreSQL" if sc["service"] == "live_pg" else "SQLite"
+        s = sc.get("summary")
+        if sc.get("skipped") or not s:
+            out.append(f"{ledger}: skipped ({sc.get('skipped') or 'not run'})")
+            continue
+        out.append(f"{ledger}: {fmt_spread(s['rps'], 0)} authorizes/s, balance service "
+                   f"{fmt_spread(s['service_cpu_us_per_req'], 1)} µs CPU per authorize, "
+                   f"p50 {fmt(s['lat_p50_ms']['median'], 2)} ms, p99 "
+                   f"{fmt(s['lat_p99_ms']['median'], 2)} ms")
     return out
 
 
@@ -1256,6 +1385,10 @@ def write_outputs(results: dict) -> None:
     for line in fleet_lines(results):
         print(f"  {line}")
     print()
+    print("Ledger backends (authorize mode, release build of the service):")
+    for line in backend_lines(results):
+        print(f"  {line}")
+    print()
     print("Memory and size:")
     for line in memory_lines(results):
         print(f"  {line}")
@@ -1302,6 +1435,11 @@ def write_outputs(results: dict) -> None:
         "",
     ]
     md += [f"- {line}" for line in ratio_lines(results)]
+    md += ["", "## Ledger backends (same run)", "",
+           "Authorize mode: one `/v1/authorize` ledger transaction per request. Balance-service "
+           "CPU is that process's utime+stime per request; PostgreSQL's own CPU (its server "
+           "processes, not pinned) is not included.", ""]
+    md += [f"- {line}" for line in backend_lines(results)]
     md += ["", "## Targets", "", "| | target | measured |", "|---|---|---|"]
     md += [f"| {t['status']} | {t['target']} | {fmt_measured(t)} |" for t in results["targets"]]
     md += ["", "## Fleet (lease mode, Envoys sharing one account)", ""]

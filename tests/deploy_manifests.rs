@@ -18,6 +18,10 @@
 //!   the policy's target, the balance service's route, Service and cluster name.
 //! - Kong (deploy/kong): the declarative config against deploy/kong/declarative.schema.json,
 //!   plus the settings farebox needs in kong.conf.
+//! - The balance service (deploy/balance-service): what running two replicas on
+//!   PostgreSQL needs (replicas, probes, the database URL from a Secret, the migration
+//!   Job, Services that select the pods). `make k8s-check` validates the same files against
+//!   Kubernetes' own schemas (strict) from a package registry.
 //!
 //! The CRD folders sit beside the project's own checkout only. Elsewhere the CRD checks are
 //! SKIPPED with a message, except under `CI=true`, where they FAIL: a check that cannot run
@@ -1019,5 +1023,185 @@ fn kong_filter_chain_is_wired_for_farebox() {
     assert_eq!(
         settings.get("declarative_config").map(String::as_str),
         Some("/etc/kong/kong.yaml")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The balance service on Kubernetes
+// ---------------------------------------------------------------------------------------
+
+fn balance_docs() -> Vec<(String, Value)> {
+    let dir = root().join("deploy/balance-service");
+    let mut out = Vec::new();
+    for f in files(&dir, &["yaml"]) {
+        let name = rel(&f);
+        for doc in yaml_docs(&read(&f), &name) {
+            out.push((name.clone(), doc));
+        }
+    }
+    out
+}
+
+fn one_of_kind<'a>(docs: &'a [(String, Value)], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"] == kind)
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "deploy/balance-service: want exactly one {kind}"
+    );
+    found[0]
+}
+
+/// The container's env var `name`, which must come from the Secret `secret`, key `key`.
+fn assert_secret_env(container: &Value, name: &str, secret: &str, key: &str) {
+    let env = container["env"].as_array().expect("container env");
+    let var = env
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("{} has no env {name}", container["name"]));
+    assert!(
+        var.get("value").is_none(),
+        "{name} must not be a literal value in the manifest"
+    );
+    assert_eq!(
+        var["valueFrom"]["secretKeyRef"],
+        json!({"name": secret, "key": key}),
+        "{name} comes from the Secret"
+    );
+}
+
+#[test]
+fn balance_service_manifests_run_two_replicas_on_a_secret_database_url() {
+    let docs = balance_docs();
+    let deployment = one_of_kind(&docs, "Deployment");
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], json!(2), "two replicas");
+    assert_eq!(
+        spec["strategy"]["rollingUpdate"]["maxUnavailable"],
+        json!(0),
+        "a rollout never drops below two serving replicas"
+    );
+    let pod_labels = &spec["template"]["metadata"]["labels"];
+    let selector = &spec["selector"]["matchLabels"];
+    for (k, v) in selector.as_object().expect("matchLabels") {
+        assert_eq!(&pod_labels[k], v, "the Deployment selects its own pods");
+    }
+    let containers = spec["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers");
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let port = c["ports"][0]["containerPort"].as_u64().expect("port");
+    let port_name = c["ports"][0]["name"].as_str().expect("port name");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["path"], json!("/healthz"), "{probe} on /healthz");
+        assert!(
+            get["port"] == json!(port_name) || get["port"] == json!(port),
+            "{probe} probes the service's port: {get}"
+        );
+    }
+    assert!(
+        c["resources"]["requests"]["cpu"].is_string()
+            && c["resources"]["requests"]["memory"].is_string(),
+        "resource requests are set"
+    );
+    let listen = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "FAREBOX_BALANCE_LISTEN")
+        .and_then(|e| e["value"].as_str())
+        .expect("FAREBOX_BALANCE_LISTEN");
+    assert_eq!(
+        listen,
+        format!("0.0.0.0:{port}"),
+        "the service listens on the pod's address (its default is loopback)"
+    );
+    assert_secret_env(
+        c,
+        "FAREBOX_BALANCE_DATABASE_URL",
+        "farebox-balance",
+        "database-url",
+    );
+    assert_secret_env(
+        c,
+        "FAREBOX_BALANCE_ADMIN_TOKEN",
+        "farebox-balance",
+        "admin-token",
+    );
+
+    // The Secret the env vars name, with those keys (a placeholder in the repository).
+    let secret = one_of_kind(&docs, "Secret");
+    assert_eq!(secret["metadata"]["name"], json!("farebox-balance"));
+    for key in ["database-url", "admin-token"] {
+        let value = secret["stringData"][key].as_str().unwrap_or_default();
+        assert!(
+            value.contains("CHANGE-ME"),
+            "the committed Secret is a placeholder ({key})"
+        );
+    }
+    assert!(
+        secret["stringData"]["database-url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("postgres://")),
+        "the database URL selects PostgreSQL"
+    );
+
+    // The migration step: `farebox-balance migrate` with the same database URL.
+    let job = one_of_kind(&docs, "Job");
+    let jc = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        jc["image"], c["image"],
+        "the Job migrates with the service's image"
+    );
+    assert_eq!(
+        jc["args"],
+        json!(["migrate"]),
+        "the Job runs `farebox-balance migrate`"
+    );
+    assert_secret_env(
+        jc,
+        "FAREBOX_BALANCE_DATABASE_URL",
+        "farebox-balance",
+        "database-url",
+    );
+    assert_eq!(
+        job["spec"]["template"]["spec"]["restartPolicy"],
+        json!("Never")
+    );
+
+    // Services: both select the pods and reach the container port; one is headless (for
+    // Envoy's STRICT_DNS cluster of envoy/envoy-replicas.yaml).
+    let services: Vec<&Value> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"] == "Service")
+        .map(|(_, d)| d)
+        .collect();
+    assert!(!services.is_empty(), "a Service");
+    for svc in &services {
+        for (k, v) in svc["spec"]["selector"].as_object().expect("selector") {
+            assert_eq!(
+                &pod_labels[k], v,
+                "{} selects the pods",
+                svc["metadata"]["name"]
+            );
+        }
+        let target = &svc["spec"]["ports"][0]["targetPort"];
+        assert!(
+            *target == json!(port_name) || *target == json!(port),
+            "{} targets the container port",
+            svc["metadata"]["name"]
+        );
+    }
+    assert!(
+        services
+            .iter()
+            .any(|s| s["spec"]["clusterIP"] == json!("None")),
+        "a headless Service, so that Envoy sees every replica"
     );
 }

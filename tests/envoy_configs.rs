@@ -9,8 +9,8 @@
 //! - each file, rendered for this machine (absolute wasm path, the real SHA-256 of the
 //!   module, a CA made with `openssl` at test time), passes `envoy --mode validate`, which
 //!   also loads the filter and runs its `on_configure` for local modules;
-//! - the per-route opt-out, the remote (sha256-pinned) module and TLS with a service token
-//!   are run end to end.
+//! - the per-route opt-out, the remote (sha256-pinned) module, TLS with a service token
+//!   and the two-replica setup (round-robin, retry on the other replica) are run end to end.
 //!
 //! `make test` runs this file against the Envoy in `.venv` (`$ENVOY`), and `make
 //! envoy-compat` runs it again against the oldest supported Envoy (`.venv-1.36`).
@@ -236,6 +236,7 @@ fn every_envoy_config_passes_validate() {
         "envoy-tls.yaml",
         "envoy-per-route.yaml",
         "envoy-remote.yaml",
+        "envoy-replicas.yaml",
     ] {
         assert!(names.iter().any(|n| n == want), "envoy/{want} is missing");
     }
@@ -565,5 +566,64 @@ fn tls_to_the_balance_service_with_a_service_token() {
         &unknown,
         401,
         "unknown key, answered by the service over TLS",
+    );
+}
+
+/// envoy/envoy-replicas.yaml: the callouts go round-robin over both replicas (through the
+/// internal listener that carries the retry policy), and when one replica is killed the
+/// other one answers every call, without a single failed request. The two replicas share
+/// one SQLite file here, so this runs on every Envoy without PostgreSQL; tests/replicas.rs
+/// runs the same config on PostgreSQL under load.
+#[test]
+fn replicas_config_round_robin_and_retry_on_the_other_replica() {
+    let ledger_dir = TempDir::new("replicas-ledger");
+    let ledger = BalanceOpts {
+        db_path: Some(ledger_dir.join("ledger.sqlite")),
+        extra_args: vec!["--quiet".into()],
+        ..BalanceOpts::default()
+    };
+    let plugin = envoy_plugin_config("envoy-replicas.yaml");
+    let mut stack = ReplicaStack::start("replicas-config", &ledger, &plugin, 1, 1, &[]);
+    stack.admin().create_account(ACCOUNT, KEY, 100);
+    let envoy = stack.envoys[0].addr;
+    let get = || http(envoy, "GET", "/v1/data", &[("x-api-key", KEY)], b"");
+
+    for i in 0..20 {
+        assert_status(&get(), 200, &format!("request {i} with both replicas up"));
+    }
+    let calls = stack.authorize_calls();
+    assert_eq!(
+        calls.iter().sum::<u64>(),
+        20,
+        "one authorize per request: {calls:?}"
+    );
+    assert!(
+        calls.iter().all(|&c| c >= 5),
+        "round-robin uses both replicas: {calls:?}"
+    );
+
+    stack.replicas[1].stop();
+    for i in 0..20 {
+        assert_status(
+            &get(),
+            200,
+            &format!("request {i} after replica B was killed"),
+        );
+    }
+    assert_eq!(
+        stack.replicas[0].authorize_calls(),
+        calls[0] + 20,
+        "replica A answered every call once B was gone"
+    );
+    let acct = stack.admin().account(ACCOUNT);
+    assert_eq!(
+        (acct["balance"].as_i64(), acct["charged"].as_i64()),
+        (Some(60), Some(40)),
+        "40 requests, 40 units: {acct}"
+    );
+    assert_eq!(
+        stack.admin().charges(ACCOUNT).len(),
+        40,
+        "one charge per request"
     );
 }

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 mod skip;
 #[allow(unused_imports)]
 pub use skip::*;
+pub mod postgres;
 
 /// Admin token of every reference balance service the harness starts.
 pub const ADMIN_TOKEN: &str = "test-admin";
@@ -98,23 +99,35 @@ pub fn service_bin(name: &str) -> PathBuf {
 }
 
 pub fn demo_envoy_yaml() -> String {
-    let path = repo_root().join("envoy/envoy.yaml");
+    envoy_yaml_file("envoy.yaml")
+}
+
+/// The text of `envoy/<file>`.
+pub fn envoy_yaml_file(file: &str) -> String {
+    let path = repo_root().join("envoy").join(file);
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 /// The plugin configuration of the demo (`envoy/envoy.yaml`, between the markers).
 pub fn demo_plugin_config() -> Value {
-    let yaml = demo_envoy_yaml();
+    envoy_plugin_config("envoy.yaml")
+}
+
+/// The plugin configuration of `envoy/<file>`, between the farebox-config markers.
+pub fn envoy_plugin_config(file: &str) -> Value {
+    let path = repo_root().join("envoy").join(file);
+    let yaml =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let (begin, end) = config_block(&yaml);
     let block: Vec<&str> = yaml.lines().skip(begin + 1).take(end - begin - 1).collect();
     let first = block.first().map(|l| l.trim()).unwrap_or_default();
     assert_eq!(
         first, "value: |",
-        "envoy/envoy.yaml: the plugin config block must start with `value: |`"
+        "envoy/{file}: the plugin config block must start with `value: |`"
     );
     let text: String = block.iter().skip(1).map(|l| format!("{l}\n")).collect();
     serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("envoy/envoy.yaml: plugin config is not JSON: {e}\n{text}"))
+        .unwrap_or_else(|e| panic!("envoy/{file}: plugin config is not JSON: {e}\n{text}"))
 }
 
 /// Line indexes of the begin and end markers.
@@ -400,6 +413,10 @@ pub struct BalanceOpts {
     pub extra_args: Vec<String>,
     /// Where to listen (default: a free loopback port), e.g. to restart on the same port.
     pub listen: Option<SocketAddr>,
+    /// `--database-url` (e.g. a [`postgres::TestDatabase`]'s URL); when set, no `--db`.
+    pub database_url: Option<String>,
+    /// The SQLite file (default `<dir>/balance.sqlite`), e.g. one shared by two replicas.
+    pub db_path: Option<PathBuf>,
 }
 
 /// The reference balance service (`farebox-balance`).
@@ -410,16 +427,23 @@ pub struct BalanceService {
 
 impl BalanceService {
     pub fn start(dir: &Path, opts: &BalanceOpts) -> BalanceService {
-        let db = dir.join("balance.sqlite");
         let mut args = vec![
             "--listen".to_string(),
             opts.listen
                 .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string()),
-            "--db".to_string(),
-            db.display().to_string(),
             "--admin-token".to_string(),
             ADMIN_TOKEN.to_string(),
         ];
+        match &opts.database_url {
+            Some(url) => args.extend(["--database-url".to_string(), url.clone()]),
+            None => {
+                let db = opts
+                    .db_path
+                    .clone()
+                    .unwrap_or_else(|| dir.join("balance.sqlite"));
+                args.extend(["--db".to_string(), db.display().to_string()]);
+            }
+        }
         if let Some(t) = &opts.service_token {
             args.push("--service-token".into());
             args.push(t.clone());
@@ -440,9 +464,14 @@ impl BalanceService {
         BalanceService { proc, addr }
     }
 
-    /// Kills the service (e.g. to test the filter's failure modes).
+    /// Kills the service (SIGKILL: no drain, no graceful shutdown), e.g. to test the
+    /// filter's failure modes.
     pub fn stop(&mut self) {
         self.proc.stop();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     pub fn log(&self) -> String {
@@ -619,8 +648,12 @@ pub struct EnvoyOpts {
     pub wasm: Option<PathBuf>,
     /// More command-line arguments, e.g. `--component-log-level wasm:debug`.
     pub extra_args: Vec<String>,
-    /// The config to render instead of `envoy/envoy.yaml` (same markers and ports).
+    /// The config to render instead of `envoy/envoy.yaml` (same markers and ports), e.g.
+    /// `envoy_yaml_file("envoy-replicas.yaml")`.
     pub base_yaml: Option<String>,
+    /// More `(from, to)` text substitutions, each of which must match exactly once, e.g.
+    /// the second replica's port of `envoy/envoy-replicas.yaml`.
+    pub replacements: Vec<(String, String)>,
 }
 
 impl EnvoyOpts {
@@ -634,6 +667,7 @@ impl EnvoyOpts {
             wasm: None,
             extra_args: Vec::new(),
             base_yaml: None,
+            replacements: Vec::new(),
         }
     }
 }
@@ -725,7 +759,7 @@ impl Envoy {
     fn command(dir: &Path, opts: &EnvoyOpts) -> (Command, PathBuf, PathBuf) {
         let wasm = opts.wasm.clone().unwrap_or_else(wasm_path);
         let base = opts.base_yaml.clone().unwrap_or_else(demo_envoy_yaml);
-        let yaml = render_envoy_yaml(
+        let mut yaml = render_envoy_yaml(
             &base,
             &wasm,
             Some(&opts.plugin_config),
@@ -733,6 +767,9 @@ impl Envoy {
             Some(opts.upstream_addr),
             true,
         );
+        for (from, to) in &opts.replacements {
+            yaml = replace_once(&yaml, from, to);
+        }
         Envoy::command_for_yaml(dir, &yaml, opts)
     }
 
@@ -1106,6 +1143,104 @@ impl Stack {
 }
 
 // ---------------------------------------------------------------------------------------
+// Two balance-service replicas behind envoy/envoy-replicas.yaml
+// ---------------------------------------------------------------------------------------
+
+/// The second replica's port line in `envoy/envoy-replicas.yaml` (the first one is the
+/// demo's balance port, 8081).
+pub const REPLICA_B_PORT_LINE: &str = "port_value: 8083";
+
+/// Envoy options for `envoy/envoy-replicas.yaml` in front of `replicas`.
+pub fn replicas_envoy_opts(
+    plugin: &Value,
+    replicas: [SocketAddr; 2],
+    upstream: SocketAddr,
+) -> EnvoyOpts {
+    let mut opts = EnvoyOpts::new(plugin, replicas[0], upstream);
+    opts.base_yaml = Some(envoy_yaml_file("envoy-replicas.yaml"));
+    opts.replacements = vec![(
+        REPLICA_B_PORT_LINE.to_string(),
+        format!("port_value: {}", replicas[1].port()),
+    )];
+    opts
+}
+
+/// Two reference balance services on one ledger (`ledger`: its `database_url`, or a
+/// shared SQLite `db_path`), the echo upstream, and `envoys` Envoys running
+/// `envoy/envoy-replicas.yaml` in front of both replicas (with `replacements` of its text,
+/// each matching exactly once).
+pub struct ReplicaStack {
+    /// Field order matters: the Envoys go first, the temporary directory last.
+    pub envoys: Vec<Envoy>,
+    pub replicas: Vec<BalanceService>,
+    pub echo: Echo,
+    pub plugin: Value,
+    pub dir: TempDir,
+}
+
+impl ReplicaStack {
+    pub fn start(
+        label: &str,
+        ledger: &BalanceOpts,
+        plugin: &Value,
+        envoys: usize,
+        concurrency: u32,
+        replacements: &[(&str, &str)],
+    ) -> ReplicaStack {
+        let dir = TempDir::new(label);
+        let replicas: Vec<BalanceService> = ["replica-a", "replica-b"]
+            .iter()
+            .map(|name| {
+                let sub = dir.join(name);
+                fs::create_dir_all(&sub).expect("create replica dir");
+                BalanceService::start(&sub, ledger)
+            })
+            .collect();
+        let echo = Echo::start(dir.path());
+        let envoys = (0..envoys)
+            .map(|i| {
+                let sub = dir.join(&format!("envoy-{i}"));
+                fs::create_dir_all(&sub).expect("create envoy dir");
+                let mut opts =
+                    replicas_envoy_opts(plugin, [replicas[0].addr, replicas[1].addr], echo.addr);
+                opts.concurrency = concurrency;
+                opts.replacements.extend(
+                    replacements
+                        .iter()
+                        .map(|(from, to)| (from.to_string(), to.to_string())),
+                );
+                Envoy::start(&sub, &opts)
+            })
+            .collect();
+        ReplicaStack {
+            envoys,
+            replicas,
+            echo,
+            plugin: plugin.clone(),
+            dir,
+        }
+    }
+
+    /// The client-facing addresses of the Envoys.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.envoys.iter().map(|e| e.addr).collect()
+    }
+
+    /// A replica for admin calls (the ledger is the same through either).
+    pub fn admin(&self) -> &BalanceService {
+        &self.replicas[0]
+    }
+
+    /// `authorize_calls` of each replica.
+    pub fn authorize_calls(&self) -> Vec<u64> {
+        self.replicas
+            .iter()
+            .map(BalanceService::authorize_calls)
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // A minimal blocking HTTP/1.1 client
 // ---------------------------------------------------------------------------------------
 
@@ -1445,29 +1580,145 @@ pub fn load(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Vec<Response> {
-    let owned: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let handles: Vec<_> = (0..connections)
-        .map(|i| {
-            let share = total / connections + usize::from(i < total % connections);
-            let (owned, method, path) = (owned.clone(), method.to_string(), path.to_string());
-            thread::spawn(move || {
-                let hs: Vec<(&str, &str)> = owned
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                (0..share)
-                    .map(|_| http(addr, &method, &path, &hs, b""))
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    handles
+    load_spread(&[addr], total, connections, method, path, headers)
+}
+
+/// [`load`] over several gateways: connection `i` talks to `addrs[i % addrs.len()]`.
+pub fn load_spread(
+    addrs: &[SocketAddr],
+    total: usize,
+    connections: usize,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Vec<Response> {
+    LoadRun::start(addrs, total, connections, method, path, headers)
+        .join()
         .into_iter()
-        .flat_map(|h| h.join().expect("load thread panicked"))
+        .map(|t| t.response)
         .collect()
+}
+
+/// One answer of a [`LoadRun`], with when its request was sent and answered.
+#[derive(Clone, Debug)]
+pub struct Timed {
+    pub sent: Instant,
+    pub answered: Instant,
+    pub response: Response,
+}
+
+/// A load running in the background: `total` requests at most, over `connections`
+/// threads (connection `i` talks to `addrs[i % addrs.len()]`), each sending its share one
+/// after another, until its share is done or [`LoadRun::stop`]. The test can watch it
+/// while it runs (e.g. to kill something mid-load on a positive signal).
+pub struct LoadRun {
+    threads: Vec<thread::JoinHandle<Vec<Timed>>>,
+    /// (answered at, status) of every answer so far.
+    seen: Arc<Mutex<Vec<(Instant, u16)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LoadRun {
+    pub fn start(
+        addrs: &[SocketAddr],
+        total: usize,
+        connections: usize,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> LoadRun {
+        assert!(!addrs.is_empty(), "a load needs at least one address");
+        let owned: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..connections)
+            .map(|i| {
+                let share = total / connections + usize::from(i < total % connections);
+                let addr = addrs[i % addrs.len()];
+                let (owned, method, path) = (owned.clone(), method.to_string(), path.to_string());
+                let (seen, stop) = (seen.clone(), stop.clone());
+                thread::spawn(move || {
+                    let hs: Vec<(&str, &str)> = owned
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    let mut out = Vec::with_capacity(share);
+                    for _ in 0..share {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let sent = Instant::now();
+                        let response = http(addr, &method, &path, &hs, b"");
+                        let answered = Instant::now();
+                        if let Ok(mut s) = seen.lock() {
+                            s.push((answered, response.status));
+                        }
+                        out.push(Timed {
+                            sent,
+                            answered,
+                            response,
+                        });
+                    }
+                    out
+                })
+            })
+            .collect();
+        LoadRun {
+            threads,
+            seen,
+            stop,
+        }
+    }
+
+    /// Answers so far.
+    pub fn completed(&self) -> usize {
+        self.seen.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Answers with `status` answered at or after `since`.
+    pub fn count_since(&self, status: u16, since: Instant) -> usize {
+        self.seen
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .filter(|(at, st)| *st == status && *at >= since)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// When the first answer with `status` at or after `since` came, if one did.
+    pub fn first_since(&self, status: u16, since: Instant) -> Option<Instant> {
+        self.seen.lock().ok().and_then(|s| {
+            s.iter()
+                .filter(|(at, st)| *st == status && *at >= since)
+                .map(|(at, _)| *at)
+                .min()
+        })
+    }
+
+    /// No new requests after the ones in flight.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for every connection to finish; the answers, in no particular order.
+    pub fn join(mut self) -> Vec<Timed> {
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .flat_map(|h| h.join().expect("load thread panicked"))
+            .collect()
+    }
+}
+
+impl Drop for LoadRun {
+    fn drop(&mut self) {
+        // A test that panics mid-load must not leave threads sending requests.
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 pub fn parallel_requests(
