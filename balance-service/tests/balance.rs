@@ -866,3 +866,29 @@ fn a_newer_schema_is_refused() {
         assert!(out.stdout.is_empty(), "never listening: {out:?}");
     }
 }
+
+#[test]
+fn a_database_password_is_never_printed() {
+    // Port 1 on loopback refuses at once: every call fails and names the URL.
+    let bin = env!("CARGO_BIN_EXE_farebox-balance");
+    for url in [
+        "postgres://farebox@127.0.0.1:1/ledger?password=hunter2",
+        "postgres://farebox:hunter1@127.0.0.1:1/ledger?sslmode=disable&password=hunter2",
+        "postgresql://farebox:hunter2@127.0.0.1:1/ledger",
+    ] {
+        for args in [
+            vec!["migrate", "--database-url", url],
+            vec!["--listen", "127.0.0.1:0", "--database-url", url],
+        ] {
+            let out = Command::new(bin).args(&args).output().unwrap();
+            assert_eq!(out.status.code(), Some(1), "{out:?}");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(text.contains("127.0.0.1:1"), "{text}");
+            assert!(!text.contains("hunter"), "{text}");
+        }
+    }
+}

@@ -688,29 +688,37 @@ impl DatabaseUrl {
     }
 }
 
-/// `scheme://user:password@host…` → `scheme://user:***@host…`.
+/// The URL with every password masked, for messages:
+/// `scheme://user:password@host…` → `scheme://user:***@host…`, and a
+/// `password=` query parameter → `password=***` (the client accepts both).
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (auth, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let (head, query) = match rest.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (rest, None),
     };
-    match auth.rsplit_once('@') {
+    // The user info ends at the last `@` (a password may hold `@` or `/`).
+    let mut out = match head.rsplit_once('@') {
         Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{scheme}://{name}:***@{host}{tail}"),
-            None => url.to_owned(),
+            Some((name, _)) => format!("{scheme}://{name}:***@{host}"),
+            None => format!("{scheme}://{head}"),
         },
-        None => {
-            // A password may also come as a query parameter.
-            if tail.contains("password=") {
-                format!("{scheme}://{auth}{}", tail.split('?').next().unwrap_or(""))
-            } else {
-                url.to_owned()
-            }
-        }
+        None => format!("{scheme}://{head}"),
+    };
+    if let Some(query) = query {
+        let params: Vec<&str> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => "password=***",
+                _ => p,
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 enum Backend {
@@ -976,6 +984,15 @@ mod tests {
             "postgres://u:***@h:5432/db"
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact("postgres://u@h/db?password=hunter2"),
+            "postgres://u@h/db?password=***"
+        );
+        assert_eq!(
+            redact("postgres://u:hunter1@h/db?sslmode=disable&password=hunter2"),
+            "postgres://u:***@h/db?sslmode=disable&password=***"
+        );
+        assert_eq!(redact("postgres://u:p/w@h/db"), "postgres://u:***@h/db");
     }
 
     #[test]
