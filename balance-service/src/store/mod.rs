@@ -18,6 +18,7 @@
 pub mod migrations;
 mod ops;
 pub mod postgres;
+mod rows;
 pub mod rules;
 pub mod sqlite;
 
@@ -543,6 +544,47 @@ pub(crate) struct ChargeRec {
     pub status: ChargeStatus,
 }
 
+/// An account to insert, with its API key unless it has none.
+pub(crate) struct NewAccount<'a> {
+    pub account_id: &'a str,
+    pub key_hash: Option<&'a str>,
+    pub balance: i64,
+    pub disabled: bool,
+    pub at: i64,
+}
+
+/// The refund of a charge, to record on it.
+pub(crate) struct ChargeRefund<'a> {
+    pub request_id: &'a str,
+    /// The upstream's status that caused it, if the filter sent one.
+    pub status: Option<u16>,
+    pub at: i64,
+}
+
+/// A usage settlement to insert.
+pub(crate) struct NewUsage<'a> {
+    pub request_id: &'a str,
+    pub account_id: &'a str,
+    pub estimate: Option<i64>,
+    pub actual: i64,
+    pub at: i64,
+}
+
+/// A top-up to insert.
+pub(crate) struct NewTopup<'a> {
+    pub topup_id: Option<&'a str>,
+    pub account_id: &'a str,
+    pub amount: i64,
+    pub at: i64,
+}
+
+/// A lease refund to insert.
+pub(crate) struct NewLeaseRefund<'a> {
+    pub input: &'a LeaseRefundInput,
+    pub account_id: &'a str,
+    pub at: i64,
+}
+
 /// A charge to insert.
 pub(crate) struct NewCharge<'a> {
     pub request_id: &'a str,
@@ -579,43 +621,18 @@ pub(crate) trait Tx {
     /// Adds `delta` to the balance; returns the new balance.
     async fn add_balance(&mut self, account_id: &str, delta: i64) -> Result<i64>;
     async fn key_exists(&mut self, key_hash: &str) -> Result<bool>;
-    async fn insert_account(
-        &mut self,
-        account_id: &str,
-        key_hash: Option<&str>,
-        balance: i64,
-        disabled: bool,
-        now: i64,
-    ) -> Result<()>;
+    async fn insert_account(&mut self, a: &NewAccount<'_>) -> Result<()>;
     async fn set_disabled(&mut self, account_id: &str, disabled: bool) -> Result<bool>;
 
     async fn charge(&mut self, request_id: &str) -> Result<Option<ChargeRec>>;
     async fn insert_charge(&mut self, c: &NewCharge<'_>) -> Result<()>;
-    async fn mark_refunded(
-        &mut self,
-        request_id: &str,
-        status: Option<u16>,
-        now: i64,
-    ) -> Result<()>;
+    async fn mark_refunded(&mut self, r: &ChargeRefund<'_>) -> Result<()>;
     async fn set_charge_cost(&mut self, request_id: &str, cost: i64) -> Result<()>;
     async fn usage_actual(&mut self, request_id: &str) -> Result<Option<i64>>;
-    async fn insert_usage(
-        &mut self,
-        request_id: &str,
-        account_id: &str,
-        estimate: Option<i64>,
-        actual: i64,
-        now: i64,
-    ) -> Result<()>;
+    async fn insert_usage(&mut self, u: &NewUsage<'_>) -> Result<()>;
 
     async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>>;
-    async fn insert_topup(
-        &mut self,
-        topup_id: Option<&str>,
-        account_id: &str,
-        amount: i64,
-        now: i64,
-    ) -> Result<()>;
+    async fn insert_topup(&mut self, t: &NewTopup<'_>) -> Result<()>;
 
     /// Σ granted over the account's open leases.
     async fn reserved(&mut self, account_id: &str) -> Result<i64>;
@@ -638,12 +655,7 @@ pub(crate) trait Tx {
     async fn recall_others(&mut self, account_id: &str, holder: &str, now: i64) -> Result<u64>;
     /// The (lease id, units) of the lease refund recorded for `request_id`.
     async fn lease_refund(&mut self, request_id: &str) -> Result<Option<(String, i64)>>;
-    async fn insert_lease_refund(
-        &mut self,
-        input: &LeaseRefundInput,
-        account_id: &str,
-        now: i64,
-    ) -> Result<()>;
+    async fn insert_lease_refund(&mut self, r: &NewLeaseRefund<'_>) -> Result<()>;
     /// The account's open leases with `expires_at <= now`, oldest first.
     async fn due_leases(&mut self, account_id: &str, now: i64) -> Result<Vec<LeaseRow>>;
     /// Accounts that have open leases with `expires_at <= now`.
