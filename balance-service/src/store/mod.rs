@@ -49,7 +49,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Unavailable(_) => true,
-            StoreError::Postgres(e) => e.is_closed() || e.code().is_none(),
+            StoreError::Postgres(e) => postgres::connection_lost(e) || e.code().is_none(),
             StoreError::Sqlite(_)
             | StoreError::Overflow(_)
             | StoreError::Corrupt(_)

@@ -46,14 +46,29 @@ pub struct Db {
     pool: Pool,
 }
 
-/// Whether a failed call may be run again (it was rolled back).
+/// Whether the connection is gone: it broke, or the server ended the
+/// session (shutdown, restart, failover, `pg_terminate_backend`: SQLSTATE
+/// 57P01–57P03, sent to a call in flight). Either way its open transaction
+/// was rolled back.
+pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || matches!(
+            e.code(),
+            Some(c) if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+        )
+}
+
+/// Whether a failed call may be run again (it was rolled back). Only
+/// failures inside the transaction come here, never a failed commit (whose
+/// outcome is unknown).
 pub fn retryable(e: &StoreError) -> bool {
     let StoreError::Postgres(e) = e else {
         return false;
     };
-    if e.is_closed() {
-        // A pooled connection broke (e.g. the server restarted): the
-        // transaction never committed; run it on a fresh connection.
+    if connection_lost(e) {
+        // The transaction never committed; run it on a fresh connection.
         return true;
     }
     matches!(
