@@ -13,7 +13,7 @@
 
 use super::migrations;
 use super::rows::{
-    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, LEASE_COLUMNS,
+    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, LEASE_COLUMNS, TOTALS,
 };
 use super::{
     AccountRow, ChargeRec, ChargeRefund, ChargeRow, LeaseRow, NewAccount, NewCharge,
@@ -480,41 +480,7 @@ impl Tx for PgTx<'_> {
     }
 
     async fn totals(&mut self, account_id: &str) -> Result<Totals> {
-        let c = self
-            .one(
-                "SELECT COALESCE(SUM(CASE WHEN status = 'charged' THEN cost END), 0)::BIGINT,
-                        COALESCE(SUM(CASE WHEN status = 'refunded' THEN cost END), 0)::BIGINT,
-                        COUNT(*)::BIGINT
-                 FROM charges WHERE account_id = $1",
-                &[&account_id],
-            )
-            .await?;
-        let l = self
-            .one(
-                "SELECT COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0)::BIGINT,
-                        COALESCE(SUM(charged), 0)::BIGINT,
-                        COALESCE(SUM(refunded), 0)::BIGINT,
-                        COUNT(*)::BIGINT
-                 FROM leases WHERE account_id = $1",
-                &[&account_id],
-            )
-            .await?;
-        let topups = self
-            .value(
-                "SELECT COALESCE(SUM(amount), 0)::BIGINT FROM topups WHERE account_id = $1",
-                &[&account_id],
-            )
-            .await?;
-        Ok(Totals {
-            charged: c.try_get(0)?,
-            refunded: c.try_get(1)?,
-            charges: c.try_get(2)?,
-            reserved: l.try_get(0)?,
-            lease_charged: l.try_get(1)?,
-            lease_refunded: l.try_get(2)?,
-            leases: l.try_get(3)?,
-            topups,
-        })
+        rows::totals(&self.one(TOTALS, &[&account_id]).await?)
     }
 
     async fn charges_of(&mut self, account_id: &str) -> Result<Vec<ChargeRow>> {

@@ -1,7 +1,7 @@
 //! Result rows read the same way on both backends: each kind of row is
 //! mapped from its columns once, here, next to the column list it reads.
 
-use super::{AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRow, LeaseState, Result};
+use super::{AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRow, LeaseState, Result, Totals};
 
 /// One result row of a backend, read by column position.
 pub(crate) trait Columns {
@@ -76,5 +76,38 @@ pub(crate) fn lease(r: &impl Columns) -> Result<LeaseRow> {
         refund_pending: r.int(12)?,
         settle_seq: r.int(13)?,
         recalled_at: r.opt_int(14)?,
+    })
+}
+
+/// One account's sums for the admin summary, as the one row [`totals`]
+/// reads (`$1`: the account id; aggregates without `GROUP BY` always give
+/// one row).
+pub(crate) const TOTALS: &str = "
+    SELECT c.charged, c.refunded, c.n, l.reserved, l.charged, l.refunded, l.n, t.amount
+    FROM (SELECT CAST(COALESCE(SUM(CASE WHEN status = 'charged' THEN cost END), 0)
+                      AS BIGINT) AS charged,
+                 CAST(COALESCE(SUM(CASE WHEN status = 'refunded' THEN cost END), 0)
+                      AS BIGINT) AS refunded,
+                 COUNT(*) AS n
+          FROM charges WHERE account_id = $1) c,
+         (SELECT CAST(COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0)
+                      AS BIGINT) AS reserved,
+                 CAST(COALESCE(SUM(charged), 0) AS BIGINT) AS charged,
+                 CAST(COALESCE(SUM(refunded), 0) AS BIGINT) AS refunded,
+                 COUNT(*) AS n
+          FROM leases WHERE account_id = $1) l,
+         (SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS amount
+          FROM topups WHERE account_id = $1) t";
+
+pub(crate) fn totals(r: &impl Columns) -> Result<Totals> {
+    Ok(Totals {
+        charged: r.int(0)?,
+        refunded: r.int(1)?,
+        charges: r.int(2)?,
+        reserved: r.int(3)?,
+        lease_charged: r.int(4)?,
+        lease_refunded: r.int(5)?,
+        leases: r.int(6)?,
+        topups: r.int(7)?,
     })
 }

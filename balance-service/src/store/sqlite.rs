@@ -5,7 +5,7 @@
 
 use super::migrations::{self, Migration};
 use super::rows::{
-    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, LEASE_COLUMNS,
+    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, LEASE_COLUMNS, TOTALS,
 };
 use super::{
     AccountRow, ChargeRec, ChargeRefund, ChargeRow, LeaseRow, NewAccount, NewCharge,
@@ -380,37 +380,8 @@ impl Tx for SqliteTx<'_> {
     }
 
     async fn totals(&mut self, account_id: &str) -> Result<Totals> {
-        let (charged, refunded, charges) = self.one(
-            "SELECT COALESCE(SUM(CASE WHEN status = 'charged' THEN cost END), 0),
-                    COALESCE(SUM(CASE WHEN status = 'refunded' THEN cost END), 0),
-                    COUNT(*)
-             FROM charges WHERE account_id = ?1",
-            params![account_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
-        let (reserved, lease_charged, lease_refunded, leases) = self.one(
-            "SELECT COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0),
-                    COALESCE(SUM(charged), 0),
-                    COALESCE(SUM(refunded), 0),
-                    COUNT(*)
-             FROM leases WHERE account_id = ?1",
-            params![account_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )?;
-        let topups = self.value(
-            "SELECT COALESCE(SUM(amount), 0) FROM topups WHERE account_id = ?1",
-            params![account_id],
-        )?;
-        Ok(Totals {
-            charged,
-            refunded,
-            charges,
-            reserved,
-            lease_charged,
-            lease_refunded,
-            leases,
-            topups,
-        })
+        // `$1` is SQLite's named parameter 1 here: it binds the same way.
+        self.one(TOTALS, params![account_id], |r| rows::totals(r))
     }
 
     async fn charges_of(&mut self, account_id: &str) -> Result<Vec<ChargeRow>> {
