@@ -18,15 +18,9 @@ fn main() -> ExitCode {
         }
     };
     farebox_balance::logging::init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("farebox-balance: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(farebox_balance::service::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -37,17 +31,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Builds the tokio runtime; a failure is reported here and becomes the exit
+/// status.
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("farebox-balance: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 /// `farebox-balance migrate`: applies the pending migrations and exits.
 fn migrate(url: &farebox_balance::store::DatabaseUrl) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("farebox-balance: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(farebox_balance::store::Store::migrate(url)) {
         Ok((before, after)) => {

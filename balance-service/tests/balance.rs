@@ -866,3 +866,98 @@ fn a_newer_schema_is_refused() {
         assert!(out.stdout.is_empty(), "never listening: {out:?}");
     }
 }
+
+#[test]
+fn a_database_password_is_never_printed() {
+    // Port 1 on loopback refuses at once: every call fails and names the URL.
+    let bin = env!("CARGO_BIN_EXE_farebox-balance");
+    for url in [
+        "postgres://farebox@127.0.0.1:1/ledger?password=hunter2",
+        "postgres://farebox:hunter1@127.0.0.1:1/ledger?sslmode=disable&password=hunter2",
+        "postgresql://farebox:hunter2@127.0.0.1:1/ledger",
+    ] {
+        for args in [
+            vec!["migrate", "--database-url", url],
+            vec!["--listen", "127.0.0.1:0", "--database-url", url],
+        ] {
+            let out = Command::new(bin).args(&args).output().unwrap();
+            assert_eq!(out.status.code(), Some(1), "{out:?}");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(text.contains("127.0.0.1:1"), "{text}");
+            assert!(!text.contains("hunter"), "{text}");
+        }
+    }
+}
+
+/// A call whose database connection the server ends mid-transaction (a
+/// restart, a failover, `pg_terminate_backend`: SQLSTATE 57P01) was rolled
+/// back, so it is run again on a fresh connection: it charges once and
+/// answers 200, not 500. On SQLite the call just waits for the lock.
+#[test]
+fn a_call_whose_connection_the_server_ends_is_run_again() {
+    let b = Balance::start(&["--admin-token", ADMIN]);
+    let a = b.addr();
+    assert_eq!(create_account(a, "acct_cut", "key-cut", 10).status, 201);
+    // Hold the account's row (SQLite: the write lock) so the authorize waits.
+    let holder = match &b.dir.1 {
+        Some(pg) => {
+            let mut c = postgres::Client::connect(&pg.url, postgres::NoTls).unwrap();
+            c.batch_execute(
+                "BEGIN; SELECT 1 FROM accounts WHERE account_id = 'acct_cut' FOR UPDATE",
+            )
+            .unwrap();
+            Ok(c)
+        }
+        None => {
+            let c = rusqlite::Connection::open(b.dir.path("ledger.sqlite")).unwrap();
+            c.execute_batch("BEGIN IMMEDIATE").unwrap();
+            Err(c)
+        }
+    };
+    let call = std::thread::spawn(move || authorize(a, "key-cut", 4, "cut-1"));
+    match holder {
+        Ok(mut c) => {
+            // Wait (bounded) until the service's backend waits on our lock, then end it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let pid: i32 = loop {
+                let rows = c
+                    .query(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = 'farebox-balance'
+                         AND wait_event_type = 'Lock' AND datname = current_database()",
+                        &[],
+                    )
+                    .unwrap();
+                if let Some(r) = rows.first() {
+                    break r.get(0);
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the call never waited"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            let ended: bool = c
+                .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+                .unwrap()
+                .get(0);
+            assert!(ended);
+            c.batch_execute("COMMIT").unwrap();
+        }
+        Err(c) => c.execute_batch("COMMIT").unwrap(),
+    }
+    let r = call.join().unwrap();
+    assert_eq!(
+        (r.status, r.json()["balance"].clone()),
+        (200, json!(6)),
+        "{r:?}"
+    );
+    let acct = account(a, "acct_cut");
+    assert_eq!(
+        (acct["balance"].clone(), acct["charges"].clone()),
+        (json!(6), json!(1))
+    );
+}

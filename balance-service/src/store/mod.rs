@@ -18,6 +18,7 @@
 pub mod migrations;
 mod ops;
 pub mod postgres;
+mod rows;
 pub mod rules;
 pub mod sqlite;
 
@@ -48,7 +49,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Unavailable(_) => true,
-            StoreError::Postgres(e) => e.is_closed() || e.code().is_none(),
+            StoreError::Postgres(e) => postgres::connection_lost(e) || e.code().is_none(),
             StoreError::Sqlite(_)
             | StoreError::Overflow(_)
             | StoreError::Corrupt(_)
@@ -543,6 +544,47 @@ pub(crate) struct ChargeRec {
     pub status: ChargeStatus,
 }
 
+/// An account to insert, with its API key unless it has none.
+pub(crate) struct NewAccount<'a> {
+    pub account_id: &'a str,
+    pub key_hash: Option<&'a str>,
+    pub balance: i64,
+    pub disabled: bool,
+    pub at: i64,
+}
+
+/// The refund of a charge, to record on it.
+pub(crate) struct ChargeRefund<'a> {
+    pub request_id: &'a str,
+    /// The upstream's status that caused it, if the filter sent one.
+    pub status: Option<u16>,
+    pub at: i64,
+}
+
+/// A usage settlement to insert.
+pub(crate) struct NewUsage<'a> {
+    pub request_id: &'a str,
+    pub account_id: &'a str,
+    pub estimate: Option<i64>,
+    pub actual: i64,
+    pub at: i64,
+}
+
+/// A top-up to insert.
+pub(crate) struct NewTopup<'a> {
+    pub topup_id: Option<&'a str>,
+    pub account_id: &'a str,
+    pub amount: i64,
+    pub at: i64,
+}
+
+/// A lease refund to insert.
+pub(crate) struct NewLeaseRefund<'a> {
+    pub input: &'a LeaseRefundInput,
+    pub account_id: &'a str,
+    pub at: i64,
+}
+
 /// A charge to insert.
 pub(crate) struct NewCharge<'a> {
     pub request_id: &'a str,
@@ -579,43 +621,18 @@ pub(crate) trait Tx {
     /// Adds `delta` to the balance; returns the new balance.
     async fn add_balance(&mut self, account_id: &str, delta: i64) -> Result<i64>;
     async fn key_exists(&mut self, key_hash: &str) -> Result<bool>;
-    async fn insert_account(
-        &mut self,
-        account_id: &str,
-        key_hash: Option<&str>,
-        balance: i64,
-        disabled: bool,
-        now: i64,
-    ) -> Result<()>;
+    async fn insert_account(&mut self, a: &NewAccount<'_>) -> Result<()>;
     async fn set_disabled(&mut self, account_id: &str, disabled: bool) -> Result<bool>;
 
     async fn charge(&mut self, request_id: &str) -> Result<Option<ChargeRec>>;
     async fn insert_charge(&mut self, c: &NewCharge<'_>) -> Result<()>;
-    async fn mark_refunded(
-        &mut self,
-        request_id: &str,
-        status: Option<u16>,
-        now: i64,
-    ) -> Result<()>;
+    async fn mark_refunded(&mut self, r: &ChargeRefund<'_>) -> Result<()>;
     async fn set_charge_cost(&mut self, request_id: &str, cost: i64) -> Result<()>;
     async fn usage_actual(&mut self, request_id: &str) -> Result<Option<i64>>;
-    async fn insert_usage(
-        &mut self,
-        request_id: &str,
-        account_id: &str,
-        estimate: Option<i64>,
-        actual: i64,
-        now: i64,
-    ) -> Result<()>;
+    async fn insert_usage(&mut self, u: &NewUsage<'_>) -> Result<()>;
 
     async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>>;
-    async fn insert_topup(
-        &mut self,
-        topup_id: Option<&str>,
-        account_id: &str,
-        amount: i64,
-        now: i64,
-    ) -> Result<()>;
+    async fn insert_topup(&mut self, t: &NewTopup<'_>) -> Result<()>;
 
     /// Σ granted over the account's open leases.
     async fn reserved(&mut self, account_id: &str) -> Result<i64>;
@@ -638,12 +655,7 @@ pub(crate) trait Tx {
     async fn recall_others(&mut self, account_id: &str, holder: &str, now: i64) -> Result<u64>;
     /// The (lease id, units) of the lease refund recorded for `request_id`.
     async fn lease_refund(&mut self, request_id: &str) -> Result<Option<(String, i64)>>;
-    async fn insert_lease_refund(
-        &mut self,
-        input: &LeaseRefundInput,
-        account_id: &str,
-        now: i64,
-    ) -> Result<()>;
+    async fn insert_lease_refund(&mut self, r: &NewLeaseRefund<'_>) -> Result<()>;
     /// The account's open leases with `expires_at <= now`, oldest first.
     async fn due_leases(&mut self, account_id: &str, now: i64) -> Result<Vec<LeaseRow>>;
     /// Accounts that have open leases with `expires_at <= now`.
@@ -688,29 +700,37 @@ impl DatabaseUrl {
     }
 }
 
-/// `scheme://user:password@host…` → `scheme://user:***@host…`.
+/// The URL with every password masked, for messages:
+/// `scheme://user:password@host…` → `scheme://user:***@host…`, and a
+/// `password=` query parameter → `password=***` (the client accepts both).
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (auth, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let (head, query) = match rest.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (rest, None),
     };
-    match auth.rsplit_once('@') {
+    // The user info ends at the last `@` (a password may hold `@` or `/`).
+    let mut out = match head.rsplit_once('@') {
         Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{scheme}://{name}:***@{host}{tail}"),
-            None => url.to_owned(),
+            Some((name, _)) => format!("{scheme}://{name}:***@{host}"),
+            None => format!("{scheme}://{head}"),
         },
-        None => {
-            // A password may also come as a query parameter.
-            if tail.contains("password=") {
-                format!("{scheme}://{auth}{}", tail.split('?').next().unwrap_or(""))
-            } else {
-                url.to_owned()
-            }
-        }
+        None => format!("{scheme}://{head}"),
+    };
+    if let Some(query) = query {
+        let params: Vec<&str> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => "password=***",
+                _ => p,
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 enum Backend {
@@ -976,6 +996,15 @@ mod tests {
             "postgres://u:***@h:5432/db"
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact("postgres://u@h/db?password=hunter2"),
+            "postgres://u@h/db?password=***"
+        );
+        assert_eq!(
+            redact("postgres://u:hunter1@h/db?sslmode=disable&password=hunter2"),
+            "postgres://u:***@h/db?sslmode=disable&password=***"
+        );
+        assert_eq!(redact("postgres://u:p/w@h/db"), "postgres://u:***@h/db");
     }
 
     #[test]

@@ -9,10 +9,11 @@
 
 use super::rules::{self, AuthorizeStep, SeqRule};
 use super::{
-    AccountSummary, AuthorizeInput, AuthorizeOutcome, CancelOutcome, ChargeRow, ChargeStatus,
-    CreateOutcome, LeaseInput, LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseRefunded,
-    LeaseRow, LeaseSettings, LeaseState, NewCharge, PaidOutcome, RefundOutcome, Result,
-    SettleOutcome, Settled, StoreError, TopupOutcome, Tx, UsageOutcome, DEMO_PAYER, USAGE_ROUTE,
+    AccountSummary, AuthorizeInput, AuthorizeOutcome, CancelOutcome, ChargeRefund, ChargeRow,
+    ChargeStatus, CreateOutcome, LeaseInput, LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome,
+    LeaseRefunded, LeaseRow, LeaseSettings, LeaseState, NewAccount, NewCharge, NewLeaseRefund,
+    NewTopup, NewUsage, PaidOutcome, RefundOutcome, Result, SettleOutcome, Settled, StoreError,
+    TopupOutcome, Tx, UsageOutcome, DEMO_PAYER, USAGE_ROUTE,
 };
 use crate::config::ExpiryPolicy;
 use crate::util::{now_ms, random_hex, sha256_hex};
@@ -117,8 +118,12 @@ pub async fn refund<T: Tx>(
         return Ok(RefundOutcome::Overflow { account_id });
     }
     let balance = credit(tx, &account_id, acct.balance, charge.cost).await?;
-    tx.mark_refunded(request_id, upstream_status, now_ms())
-        .await?;
+    tx.mark_refunded(&ChargeRefund {
+        request_id,
+        status: upstream_status,
+        at: now_ms(),
+    })
+    .await?;
     Ok(RefundOutcome::Refunded {
         account_id,
         balance,
@@ -138,8 +143,14 @@ async fn create_in<T: Tx>(
     if tx.key_exists(key_hash).await? {
         return Ok(CreateOutcome::KeyExists);
     }
-    tx.insert_account(account_id, Some(key_hash), balance, disabled, now_ms())
-        .await?;
+    tx.insert_account(&NewAccount {
+        account_id,
+        key_hash: Some(key_hash),
+        balance,
+        disabled,
+        at: now_ms(),
+    })
+    .await?;
     Ok(CreateOutcome::Created)
 }
 
@@ -193,8 +204,13 @@ pub async fn topup<T: Tx>(
     if rules::credit_within(acct.balance, amount, reserved).is_none() {
         return Ok(TopupOutcome::Overflow);
     }
-    tx.insert_topup(topup_id, account_id, amount, now_ms())
-        .await?;
+    tx.insert_topup(&NewTopup {
+        topup_id,
+        account_id,
+        amount,
+        at: now_ms(),
+    })
+    .await?;
     let balance = tx.add_balance(account_id, amount).await?;
     Ok(TopupOutcome::Done {
         balance,
@@ -566,12 +582,13 @@ pub async fn lease_refund<T: Tx>(
         }
         None => {}
     }
-    Ok(match l.state {
+    let balance = match l.state {
         LeaseState::Settled | LeaseState::Expired if input.units > l.charged => {
-            LeaseRefundOutcome::ExceedsCharge {
+            return Ok(LeaseRefundOutcome::ExceedsCharge {
                 account_id: l.account_id,
-            }
+            });
         }
+        // Closed: credited back at once.
         LeaseState::Settled | LeaseState::Expired => {
             let reserved = tx.reserved(&l.account_id).await?;
             if rules::credit_within(balance, input.units, reserved).is_none() {
@@ -583,23 +600,29 @@ pub async fn lease_refund<T: Tx>(
             l.charged -= input.units;
             l.refunded += input.units;
             tx.update_lease(&l).await?;
-            tx.insert_lease_refund(input, &l.account_id, now).await?;
-            answer(&l, balance, false)
+            balance
         }
         // A lease never charges more than it granted.
         LeaseState::Open if l.refund_pending.saturating_add(input.units) > l.granted => {
-            LeaseRefundOutcome::ExceedsCharge {
+            return Ok(LeaseRefundOutcome::ExceedsCharge {
                 account_id: l.account_id,
-            }
+            });
         }
-        LeaseState::Open => {
-            tx.insert_lease_refund(input, &l.account_id, now).await?;
-            answer(&l, balance, false)
+        // Open: pending, applied when the lease closes.
+        LeaseState::Open => balance,
+        LeaseState::Cancelled => {
+            return Ok(LeaseRefundOutcome::Cancelled {
+                account_id: l.account_id,
+            })
         }
-        LeaseState::Cancelled => LeaseRefundOutcome::Cancelled {
-            account_id: l.account_id,
-        },
+    };
+    tx.insert_lease_refund(&NewLeaseRefund {
+        input,
+        account_id: &l.account_id,
+        at: now,
     })
+    .await?;
+    Ok(answer(&l, balance, false))
 }
 
 // ------------------------------------------------------------ usage and payments
@@ -661,8 +684,14 @@ pub async fn usage<T: Tx>(
         })
         .await?;
     }
-    tx.insert_usage(request_id, &account_id, estimate, actual, now)
-        .await?;
+    tx.insert_usage(&NewUsage {
+        request_id,
+        account_id: &account_id,
+        estimate,
+        actual,
+        at: now,
+    })
+    .await?;
     let balance = if delta == 0 {
         acct.balance
     } else {
@@ -687,7 +716,14 @@ pub async fn pay_demo<T: Tx>(
     let acct = match tx.account(DEMO_PAYER).await? {
         Some(a) => a,
         None => {
-            tx.insert_account(DEMO_PAYER, None, 0, false, now).await?;
+            tx.insert_account(&NewAccount {
+                account_id: DEMO_PAYER,
+                key_hash: None,
+                balance: 0,
+                disabled: false,
+                at: now,
+            })
+            .await?;
             tx.account(DEMO_PAYER)
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("payer account vanished".to_owned()))?
@@ -704,7 +740,13 @@ pub async fn pay_demo<T: Tx>(
     };
     if !replay && cost > 0 {
         // The payment is a top-up and the charge spends it: balance unchanged.
-        tx.insert_topup(None, DEMO_PAYER, cost, now).await?;
+        tx.insert_topup(&NewTopup {
+            topup_id: None,
+            account_id: DEMO_PAYER,
+            amount: cost,
+            at: now,
+        })
+        .await?;
         tx.insert_charge(&NewCharge {
             request_id,
             account_id: DEMO_PAYER,

@@ -12,15 +12,18 @@
 //! sees the winner's row and answers as a replay.
 
 use super::migrations;
+use super::rows::{
+    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, LEASE_COLUMNS, TOTALS,
+};
 use super::{
-    AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRefundInput, LeaseRow, LeaseState,
-    NewCharge, Result, StoreError, Totals, Tx,
+    AccountRow, ChargeRec, ChargeRefund, ChargeRow, LeaseRow, NewAccount, NewCharge,
+    NewLeaseRefund, NewTopup, NewUsage, Result, StoreError, Totals, Tx,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::str::FromStr;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{NoTls, Row};
 
 /// How often a call is run again after a retryable failure.
@@ -43,14 +46,29 @@ pub struct Db {
     pool: Pool,
 }
 
-/// Whether a failed call may be run again (it was rolled back).
+/// Whether the connection is gone: it broke, or the server ended the
+/// session (shutdown, restart, failover, `pg_terminate_backend`: SQLSTATE
+/// 57P01–57P03, sent to a call in flight). Either way its open transaction
+/// was rolled back.
+pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || matches!(
+            e.code(),
+            Some(c) if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+        )
+}
+
+/// Whether a failed call may be run again (it was rolled back). Only
+/// failures inside the transaction come here, never a failed commit (whose
+/// outcome is unknown).
 pub fn retryable(e: &StoreError) -> bool {
     let StoreError::Postgres(e) = e else {
         return false;
     };
-    if e.is_closed() {
-        // A pooled connection broke (e.g. the server restarted): the
-        // transaction never committed; run it on a fresh connection.
+    if connection_lost(e) {
+        // The transaction never committed; run it on a fresh connection.
         return true;
     }
     matches!(
@@ -221,39 +239,19 @@ pub struct PgTx<'c> {
 
 type Params<'a> = [&'a (dyn ToSql + Sync)];
 
-/// The lease columns, with the pending refunds of an open lease.
-const LEASE_COLUMNS: &str = "lease_id, account_id, holder, request_id, granted, used, state, \
-     charged, created_at, expires_at, closed_at, refunded, \
-     CASE WHEN state = 'open' THEN (SELECT COALESCE(SUM(units), 0)::BIGINT FROM lease_refunds r \
-     WHERE r.lease_id = leases.lease_id) ELSE 0 END, settle_seq, recalled_at";
-
-fn lease_row(r: &Row) -> Result<LeaseRow> {
-    Ok(LeaseRow {
-        lease_id: r.try_get(0)?,
-        account_id: r.try_get(1)?,
-        holder: r.try_get(2)?,
-        request_id: r.try_get(3)?,
-        granted: r.try_get(4)?,
-        used: r.try_get(5)?,
-        state: LeaseState::parse(r.try_get(6)?)?,
-        charged: r.try_get(7)?,
-        created_at: r.try_get(8)?,
-        expires_at: r.try_get(9)?,
-        closed_at: r.try_get(10)?,
-        refunded: r.try_get(11)?,
-        refund_pending: r.try_get(12)?,
-        settle_seq: r.try_get(13)?,
-        recalled_at: r.try_get(14)?,
-    })
-}
-
-fn account_row(r: &Row) -> Result<AccountRow> {
-    Ok(AccountRow {
-        account_id: r.try_get(0)?,
-        balance: r.try_get(1)?,
-        initial_balance: r.try_get(2)?,
-        disabled: r.try_get(3)?,
-    })
+impl Columns for Row {
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.try_get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.try_get(i)?)
+    }
+    fn flag(&self, i: usize) -> Result<bool> {
+        Ok(self.try_get(i)?)
+    }
 }
 
 impl<'c> PgTx<'c> {
@@ -282,6 +280,31 @@ impl<'c> PgTx<'c> {
         Ok(self.tx.query(&stmt, p).await?)
     }
 
+    /// The first column of the one row `sql` returns.
+    async fn value<T: for<'r> FromSql<'r>>(&self, sql: &str, p: &Params<'_>) -> Result<T> {
+        Ok(self.one(sql, p).await?.try_get(0)?)
+    }
+
+    /// The first column of the row `sql` returns, if there is one.
+    async fn opt_value<T: for<'r> FromSql<'r>>(
+        &self,
+        sql: &str,
+        p: &Params<'_>,
+    ) -> Result<Option<T>> {
+        self.opt(sql, p)
+            .await?
+            .map(|r| r.try_get(0).map_err(StoreError::from))
+            .transpose()
+    }
+
+    async fn account_query(&self, sql: &str, key: &str) -> Result<Option<AccountRow>> {
+        self.opt(sql, &[&key])
+            .await?
+            .as_ref()
+            .map(rows::account)
+            .transpose()
+    }
+
     async fn exec(&self, sql: &str, p: &Params<'_>) -> Result<u64> {
         let stmt = self.tx.prepare_cached(sql).await?;
         Ok(self.tx.execute(&stmt, p).await?)
@@ -289,7 +312,7 @@ impl<'c> PgTx<'c> {
 
     async fn leases_where(&self, cond: &str, p: &Params<'_>) -> Result<Vec<LeaseRow>> {
         let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE {cond} ORDER BY seq");
-        self.all(&sql, p).await?.iter().map(lease_row).collect()
+        self.all(&sql, p).await?.iter().map(rows::lease).collect()
     }
 
     async fn lease_where(&self, cond: &str, key: &str) -> Result<Option<LeaseRow>> {
@@ -297,47 +320,38 @@ impl<'c> PgTx<'c> {
         self.opt(&sql, &[&key])
             .await?
             .as_ref()
-            .map(lease_row)
+            .map(rows::lease)
             .transpose()
     }
 }
 
 impl Tx for PgTx<'_> {
     async fn account_by_key(&mut self, key_hash: &str) -> Result<Option<AccountRow>> {
-        self.opt(
+        self.account_query(
             "SELECT a.account_id, a.balance, a.initial_balance, a.disabled
              FROM keys k JOIN accounts a ON a.account_id = k.account_id
              WHERE k.key_hash = $1
              FOR UPDATE OF a",
-            &[&key_hash],
+            key_hash,
         )
-        .await?
-        .as_ref()
-        .map(account_row)
-        .transpose()
+        .await
     }
 
     async fn account(&mut self, account_id: &str) -> Result<Option<AccountRow>> {
-        self.opt(
-            "SELECT account_id, balance, initial_balance, disabled
-             FROM accounts WHERE account_id = $1 FOR UPDATE",
-            &[&account_id],
+        self.account_query(
+            &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1 FOR UPDATE"),
+            account_id,
         )
-        .await?
-        .as_ref()
-        .map(account_row)
-        .transpose()
+        .await
     }
 
     async fn add_balance(&mut self, account_id: &str, delta: i64) -> Result<i64> {
-        Ok(self
-            .one(
-                "UPDATE accounts SET balance = balance + $1 WHERE account_id = $2
-                 RETURNING balance",
-                &[&delta, &account_id],
-            )
-            .await?
-            .try_get(0)?)
+        self.value(
+            "UPDATE accounts SET balance = balance + $1 WHERE account_id = $2
+             RETURNING balance",
+            &[&delta, &account_id],
+        )
+        .await
     }
 
     async fn key_exists(&mut self, key_hash: &str) -> Result<bool> {
@@ -347,24 +361,17 @@ impl Tx for PgTx<'_> {
             .is_some())
     }
 
-    async fn insert_account(
-        &mut self,
-        account_id: &str,
-        key_hash: Option<&str>,
-        balance: i64,
-        disabled: bool,
-        now: i64,
-    ) -> Result<()> {
+    async fn insert_account(&mut self, a: &NewAccount<'_>) -> Result<()> {
         self.exec(
             "INSERT INTO accounts (account_id, balance, initial_balance, disabled, created_at)
              VALUES ($1, $2, $2, $3, $4)",
-            &[&account_id, &balance, &disabled, &now],
+            &[&a.account_id, &a.balance, &a.disabled, &a.at],
         )
         .await?;
-        if let Some(key_hash) = key_hash {
+        if let Some(key_hash) = a.key_hash {
             self.exec(
                 "INSERT INTO keys (key_hash, account_id) VALUES ($1, $2)",
-                &[&key_hash, &account_id],
+                &[&key_hash, &a.account_id],
             )
             .await?;
         }
@@ -382,20 +389,12 @@ impl Tx for PgTx<'_> {
     }
 
     async fn charge(&mut self, request_id: &str) -> Result<Option<ChargeRec>> {
-        let Some(r) = self
-            .opt(
-                "SELECT account_id, cost, status FROM charges WHERE request_id = $1",
-                &[&request_id],
-            )
+        let sql = format!("SELECT {CHARGE_REC_COLUMNS} FROM charges WHERE request_id = $1");
+        self.opt(&sql, &[&request_id])
             .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(ChargeRec {
-            account_id: r.try_get(0)?,
-            cost: r.try_get(1)?,
-            status: ChargeStatus::parse(r.try_get(2)?)?,
-        }))
+            .as_ref()
+            .map(rows::charge_rec)
+            .transpose()
     }
 
     async fn insert_charge(&mut self, c: &NewCharge<'_>) -> Result<()> {
@@ -416,17 +415,12 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    async fn mark_refunded(
-        &mut self,
-        request_id: &str,
-        status: Option<u16>,
-        now: i64,
-    ) -> Result<()> {
-        let status = status.map(i64::from);
+    async fn mark_refunded(&mut self, r: &ChargeRefund<'_>) -> Result<()> {
+        let status = r.status.map(i64::from);
         self.exec(
             "UPDATE charges SET status = 'refunded', refund_status = $1, refunded_at = $2
              WHERE request_id = $3",
-            &[&status, &now, &request_id],
+            &[&status, &r.at, &r.request_id],
         )
         .await?;
         Ok(())
@@ -442,127 +436,60 @@ impl Tx for PgTx<'_> {
     }
 
     async fn usage_actual(&mut self, request_id: &str) -> Result<Option<i64>> {
-        self.opt(
+        self.opt_value(
             "SELECT actual FROM usages WHERE request_id = $1",
             &[&request_id],
         )
-        .await?
-        .map(|r| r.try_get(0).map_err(StoreError::from))
-        .transpose()
+        .await
     }
 
-    async fn insert_usage(
-        &mut self,
-        request_id: &str,
-        account_id: &str,
-        estimate: Option<i64>,
-        actual: i64,
-        now: i64,
-    ) -> Result<()> {
+    async fn insert_usage(&mut self, u: &NewUsage<'_>) -> Result<()> {
         self.exec(
             "INSERT INTO usages (request_id, account_id, estimate, actual, at)
              VALUES ($1, $2, $3, $4, $5)",
-            &[&request_id, &account_id, &estimate, &actual, &now],
+            &[&u.request_id, &u.account_id, &u.estimate, &u.actual, &u.at],
         )
         .await?;
         Ok(())
     }
 
     async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>> {
-        self.opt(
+        self.opt_value(
             "SELECT account_id FROM topups WHERE topup_id = $1",
             &[&topup_id],
         )
-        .await?
-        .map(|r| r.try_get(0).map_err(StoreError::from))
-        .transpose()
+        .await
     }
 
-    async fn insert_topup(
-        &mut self,
-        topup_id: Option<&str>,
-        account_id: &str,
-        amount: i64,
-        now: i64,
-    ) -> Result<()> {
+    async fn insert_topup(&mut self, t: &NewTopup<'_>) -> Result<()> {
         self.exec(
             "INSERT INTO topups (topup_id, account_id, amount, at) VALUES ($1, $2, $3, $4)",
-            &[&topup_id, &account_id, &amount, &now],
+            &[&t.topup_id, &t.account_id, &t.amount, &t.at],
         )
         .await?;
         Ok(())
     }
 
     async fn reserved(&mut self, account_id: &str) -> Result<i64> {
-        Ok(self
-            .one(
-                "SELECT COALESCE(SUM(granted), 0)::BIGINT FROM leases
-                 WHERE account_id = $1 AND state = 'open'",
-                &[&account_id],
-            )
-            .await?
-            .try_get(0)?)
+        self.value(
+            "SELECT COALESCE(SUM(granted), 0)::BIGINT FROM leases
+             WHERE account_id = $1 AND state = 'open'",
+            &[&account_id],
+        )
+        .await
     }
 
     async fn totals(&mut self, account_id: &str) -> Result<Totals> {
-        let c = self
-            .one(
-                "SELECT COALESCE(SUM(CASE WHEN status = 'charged' THEN cost END), 0)::BIGINT,
-                        COALESCE(SUM(CASE WHEN status = 'refunded' THEN cost END), 0)::BIGINT,
-                        COUNT(*)::BIGINT
-                 FROM charges WHERE account_id = $1",
-                &[&account_id],
-            )
-            .await?;
-        let l = self
-            .one(
-                "SELECT COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0)::BIGINT,
-                        COALESCE(SUM(charged), 0)::BIGINT,
-                        COALESCE(SUM(refunded), 0)::BIGINT,
-                        COUNT(*)::BIGINT
-                 FROM leases WHERE account_id = $1",
-                &[&account_id],
-            )
-            .await?;
-        let t = self
-            .one(
-                "SELECT COALESCE(SUM(amount), 0)::BIGINT FROM topups WHERE account_id = $1",
-                &[&account_id],
-            )
-            .await?;
-        Ok(Totals {
-            charged: c.try_get(0)?,
-            refunded: c.try_get(1)?,
-            charges: c.try_get(2)?,
-            reserved: l.try_get(0)?,
-            lease_charged: l.try_get(1)?,
-            lease_refunded: l.try_get(2)?,
-            leases: l.try_get(3)?,
-            topups: t.try_get(0)?,
-        })
+        rows::totals(&self.one(TOTALS, &[&account_id]).await?)
     }
 
     async fn charges_of(&mut self, account_id: &str) -> Result<Vec<ChargeRow>> {
-        let rows = self
-            .all(
-                "SELECT request_id, cost, route, method, path, status, refund_status, at
-                 FROM charges WHERE account_id = $1 ORDER BY seq",
-                &[&account_id],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ChargeRow {
-                    request_id: r.try_get(0)?,
-                    cost: r.try_get(1)?,
-                    route: r.try_get(2)?,
-                    method: r.try_get(3)?,
-                    path: r.try_get(4)?,
-                    status: ChargeStatus::parse(r.try_get(5)?)?,
-                    refund_status: r.try_get(6)?,
-                    at: r.try_get(7)?,
-                })
-            })
+        let sql =
+            format!("SELECT {CHARGE_COLUMNS} FROM charges WHERE account_id = $1 ORDER BY seq");
+        self.all(&sql, &[&account_id])
+            .await?
+            .iter()
+            .map(rows::charge)
             .collect()
     }
 
@@ -625,14 +552,12 @@ impl Tx for PgTx<'_> {
     }
 
     async fn other_holders(&mut self, account_id: &str, holder: &str) -> Result<i64> {
-        Ok(self
-            .one(
-                "SELECT COUNT(DISTINCT holder)::BIGINT FROM leases
-                 WHERE account_id = $1 AND state = 'open' AND holder <> $2",
-                &[&account_id, &holder],
-            )
-            .await?
-            .try_get(0)?)
+        self.value(
+            "SELECT COUNT(DISTINCT holder)::BIGINT FROM leases
+             WHERE account_id = $1 AND state = 'open' AND holder <> $2",
+            &[&account_id, &holder],
+        )
+        .await
     }
 
     async fn recall_others(&mut self, account_id: &str, holder: &str, now: i64) -> Result<u64> {
@@ -657,23 +582,18 @@ impl Tx for PgTx<'_> {
         Ok(Some((r.try_get(0)?, r.try_get(1)?)))
     }
 
-    async fn insert_lease_refund(
-        &mut self,
-        input: &LeaseRefundInput,
-        account_id: &str,
-        now: i64,
-    ) -> Result<()> {
-        let status = input.status.map(i64::from);
+    async fn insert_lease_refund(&mut self, r: &NewLeaseRefund<'_>) -> Result<()> {
+        let status = r.input.status.map(i64::from);
         self.exec(
             "INSERT INTO lease_refunds (request_id, lease_id, account_id, units, status, at)
              VALUES ($1, $2, $3, $4, $5, $6)",
             &[
-                &input.request_id,
-                &input.lease_id,
-                &account_id,
-                &input.units,
+                &r.input.request_id,
+                &r.input.lease_id,
+                &r.account_id,
+                &r.input.units,
                 &status,
-                &now,
+                &r.at,
             ],
         )
         .await?;

@@ -4,12 +4,16 @@
 //! tokio's blocking pool.
 
 use super::migrations::{self, Migration};
+use super::rows::{
+    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, LEASE_COLUMNS, TOTALS,
+};
 use super::{
-    AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRefundInput, LeaseRow, LeaseState,
-    NewCharge, Result, StoreError, Totals, Tx,
+    AccountRow, ChargeRec, ChargeRefund, ChargeRow, LeaseRow, NewAccount, NewCharge,
+    NewLeaseRefund, NewTopup, NewUsage, Result, StoreError, Totals, Tx,
 };
 use crate::config::SyncMode;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::types::FromSql;
+use rusqlite::{params, Connection, Params, TransactionBehavior};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
@@ -169,81 +173,82 @@ pub struct SqliteTx<'c> {
     tx: rusqlite::Transaction<'c>,
 }
 
-/// The lease columns, with the pending refunds of an open lease.
-const LEASE_COLUMNS: &str = "lease_id, account_id, holder, request_id, granted, used, state, \
-     charged, created_at, expires_at, closed_at, refunded, \
-     CASE WHEN state = 'open' THEN (SELECT COALESCE(SUM(units), 0) FROM lease_refunds r \
-     WHERE r.lease_id = leases.lease_id) ELSE 0 END, settle_seq, recalled_at";
-
-fn lease_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(LeaseRow, String)> {
-    Ok((
-        LeaseRow {
-            lease_id: r.get(0)?,
-            account_id: r.get(1)?,
-            holder: r.get(2)?,
-            request_id: r.get(3)?,
-            granted: r.get(4)?,
-            used: r.get(5)?,
-            state: LeaseState::Open,
-            charged: r.get(7)?,
-            created_at: r.get(8)?,
-            expires_at: r.get(9)?,
-            closed_at: r.get(10)?,
-            refunded: r.get(11)?,
-            refund_pending: r.get(12)?,
-            settle_seq: r.get(13)?,
-            recalled_at: r.get(14)?,
-        },
-        r.get(6)?,
-    ))
+impl Columns for rusqlite::Row<'_> {
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.get(i)?)
+    }
+    fn flag(&self, i: usize) -> Result<bool> {
+        Ok(self.get(i)?)
+    }
 }
 
-fn with_state((mut l, state): (LeaseRow, String)) -> Result<LeaseRow> {
-    l.state = LeaseState::parse(&state)?;
-    Ok(l)
-}
+/// Reads one result row into a value.
+type RowFn<T> = fn(&rusqlite::Row<'_>) -> Result<T>;
 
 impl SqliteTx<'_> {
-    fn leases_where(&self, cond: &str, p: impl rusqlite::Params) -> Result<Vec<LeaseRow>> {
-        let mut stmt = self.tx.prepare_cached(&format!(
-            "SELECT {LEASE_COLUMNS} FROM leases WHERE {cond} ORDER BY created_at, rowid"
-        ))?;
-        let rows = stmt.query_map(p, lease_row)?;
+    /// Runs `sql`; returns how many rows it changed.
+    fn exec(&self, sql: &str, p: impl Params) -> Result<usize> {
+        Ok(self.tx.prepare_cached(sql)?.execute(p)?)
+    }
+
+    /// The one row `sql` returns.
+    fn one<T>(&self, sql: &str, p: impl Params, f: RowFn<T>) -> Result<T> {
+        self.opt(sql, p, f)?
+            .ok_or(StoreError::Sqlite(rusqlite::Error::QueryReturnedNoRows))
+    }
+
+    /// The one row `sql` returns, if there is one.
+    fn opt<T>(&self, sql: &str, p: impl Params, f: RowFn<T>) -> Result<Option<T>> {
+        let mut stmt = self.tx.prepare_cached(sql)?;
+        let mut rows = stmt.query(p)?;
+        rows.next()?.map(f).transpose()
+    }
+
+    fn all<T>(&self, sql: &str, p: impl Params, f: RowFn<T>) -> Result<Vec<T>> {
+        let mut stmt = self.tx.prepare_cached(sql)?;
+        let mut rows = stmt.query(p)?;
         let mut out = Vec::new();
-        for row in rows {
-            out.push(with_state(row?)?);
+        while let Some(row) = rows.next()? {
+            out.push(f(row)?);
         }
         Ok(out)
     }
 
-    fn lease_where(&self, cond: &str, key: &str) -> Result<Option<LeaseRow>> {
-        let row = self
-            .tx
-            .prepare_cached(&format!("SELECT {LEASE_COLUMNS} FROM leases WHERE {cond}"))?
-            .query_row(params![key], lease_row)
-            .optional()?;
-        row.map(with_state).transpose()
+    /// The first column of the one row `sql` returns.
+    fn value<T: FromSql>(&self, sql: &str, p: impl Params) -> Result<T> {
+        self.one(sql, p, |r| Ok(r.get(0)?))
     }
 
-    fn account_row(&self, sql: &str, key: &str) -> Result<Option<AccountRow>> {
-        Ok(self
-            .tx
-            .prepare_cached(sql)?
-            .query_row(params![key], |r| {
-                Ok(AccountRow {
-                    account_id: r.get(0)?,
-                    balance: r.get(1)?,
-                    initial_balance: r.get(2)?,
-                    disabled: r.get(3)?,
-                })
-            })
-            .optional()?)
+    /// The first column of the row `sql` returns, if there is one.
+    fn opt_value<T: FromSql>(&self, sql: &str, p: impl Params) -> Result<Option<T>> {
+        self.opt(sql, p, |r| Ok(r.get(0)?))
+    }
+
+    fn leases_where(&self, cond: &str, p: impl Params) -> Result<Vec<LeaseRow>> {
+        let sql =
+            format!("SELECT {LEASE_COLUMNS} FROM leases WHERE {cond} ORDER BY created_at, rowid");
+        self.all(&sql, p, |r| rows::lease(r))
+    }
+
+    fn lease_where(&self, cond: &str, key: &str) -> Result<Option<LeaseRow>> {
+        let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE {cond}");
+        self.opt(&sql, params![key], |r| rows::lease(r))
+    }
+
+    fn account_query(&self, sql: &str, key: &str) -> Result<Option<AccountRow>> {
+        self.opt(sql, params![key], |r| rows::account(r))
     }
 }
 
 impl Tx for SqliteTx<'_> {
     async fn account_by_key(&mut self, key_hash: &str) -> Result<Option<AccountRow>> {
-        self.account_row(
+        self.account_query(
             "SELECT a.account_id, a.balance, a.initial_balance, a.disabled
              FROM keys k JOIN accounts a ON a.account_id = k.account_id
              WHERE k.key_hash = ?1",
@@ -252,21 +257,18 @@ impl Tx for SqliteTx<'_> {
     }
 
     async fn account(&mut self, account_id: &str) -> Result<Option<AccountRow>> {
-        self.account_row(
-            "SELECT account_id, balance, initial_balance, disabled
-             FROM accounts WHERE account_id = ?1",
+        self.account_query(
+            &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ?1"),
             account_id,
         )
     }
 
     async fn add_balance(&mut self, account_id: &str, delta: i64) -> Result<i64> {
-        Ok(self
-            .tx
-            .prepare_cached(
-                "UPDATE accounts SET balance = balance + ?1 WHERE account_id = ?2
-                 RETURNING balance",
-            )?
-            .query_row(params![delta, account_id], |r| r.get(0))?)
+        self.value(
+            "UPDATE accounts SET balance = balance + ?1 WHERE account_id = ?2
+             RETURNING balance",
+            params![delta, account_id],
+        )
     }
 
     async fn key_exists(&mut self, key_hash: &str) -> Result<bool> {
@@ -276,61 +278,39 @@ impl Tx for SqliteTx<'_> {
             .exists(params![key_hash])?)
     }
 
-    async fn insert_account(
-        &mut self,
-        account_id: &str,
-        key_hash: Option<&str>,
-        balance: i64,
-        disabled: bool,
-        now: i64,
-    ) -> Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO accounts (account_id, balance, initial_balance, disabled, created_at)
-                 VALUES (?1, ?2, ?2, ?3, ?4)",
-            )?
-            .execute(params![account_id, balance, disabled, now])?;
-        if let Some(key_hash) = key_hash {
-            self.tx
-                .prepare_cached("INSERT INTO keys (key_hash, account_id) VALUES (?1, ?2)")?
-                .execute(params![key_hash, account_id])?;
+    async fn insert_account(&mut self, a: &NewAccount<'_>) -> Result<()> {
+        self.exec(
+            "INSERT INTO accounts (account_id, balance, initial_balance, disabled, created_at)
+             VALUES (?1, ?2, ?2, ?3, ?4)",
+            params![a.account_id, a.balance, a.disabled, a.at],
+        )?;
+        if let Some(key_hash) = a.key_hash {
+            self.exec(
+                "INSERT INTO keys (key_hash, account_id) VALUES (?1, ?2)",
+                params![key_hash, a.account_id],
+            )?;
         }
         Ok(())
     }
 
     async fn set_disabled(&mut self, account_id: &str, disabled: bool) -> Result<bool> {
-        let n = self
-            .tx
-            .prepare_cached("UPDATE accounts SET disabled = ?1 WHERE account_id = ?2")?
-            .execute(params![disabled, account_id])?;
+        let n = self.exec(
+            "UPDATE accounts SET disabled = ?1 WHERE account_id = ?2",
+            params![disabled, account_id],
+        )?;
         Ok(n > 0)
     }
 
     async fn charge(&mut self, request_id: &str) -> Result<Option<ChargeRec>> {
-        let row: Option<(String, i64, String)> = self
-            .tx
-            .prepare_cached("SELECT account_id, cost, status FROM charges WHERE request_id = ?1")?
-            .query_row(params![request_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
-        row.map(|(account_id, cost, status)| {
-            Ok(ChargeRec {
-                account_id,
-                cost,
-                status: ChargeStatus::parse(&status)?,
-            })
-        })
-        .transpose()
+        let sql = format!("SELECT {CHARGE_REC_COLUMNS} FROM charges WHERE request_id = ?1");
+        self.opt(&sql, params![request_id], |r| rows::charge_rec(r))
     }
 
     async fn insert_charge(&mut self, c: &NewCharge<'_>) -> Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO charges (request_id, account_id, cost, route, method, path, status, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'charged', ?7)",
-            )?
-            .execute(params![
+        self.exec(
+            "INSERT INTO charges (request_id, account_id, cost, route, method, path, status, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'charged', ?7)",
+            params![
                 c.request_id,
                 c.account_id,
                 c.cost,
@@ -338,149 +318,77 @@ impl Tx for SqliteTx<'_> {
                 c.method,
                 c.path,
                 c.at
-            ])?;
+            ],
+        )?;
         Ok(())
     }
 
-    async fn mark_refunded(
-        &mut self,
-        request_id: &str,
-        status: Option<u16>,
-        now: i64,
-    ) -> Result<()> {
-        self.tx
-            .prepare_cached(
-                "UPDATE charges SET status = 'refunded', refund_status = ?1, refunded_at = ?2
-                 WHERE request_id = ?3",
-            )?
-            .execute(params![status, now, request_id])?;
+    async fn mark_refunded(&mut self, r: &ChargeRefund<'_>) -> Result<()> {
+        self.exec(
+            "UPDATE charges SET status = 'refunded', refund_status = ?1, refunded_at = ?2
+             WHERE request_id = ?3",
+            params![r.status, r.at, r.request_id],
+        )?;
         Ok(())
     }
 
     async fn set_charge_cost(&mut self, request_id: &str, cost: i64) -> Result<()> {
-        self.tx
-            .prepare_cached("UPDATE charges SET cost = ?1 WHERE request_id = ?2")?
-            .execute(params![cost, request_id])?;
+        self.exec(
+            "UPDATE charges SET cost = ?1 WHERE request_id = ?2",
+            params![cost, request_id],
+        )?;
         Ok(())
     }
 
     async fn usage_actual(&mut self, request_id: &str) -> Result<Option<i64>> {
-        Ok(self
-            .tx
-            .prepare_cached("SELECT actual FROM usages WHERE request_id = ?1")?
-            .query_row(params![request_id], |r| r.get(0))
-            .optional()?)
+        self.opt_value(
+            "SELECT actual FROM usages WHERE request_id = ?1",
+            params![request_id],
+        )
     }
 
-    async fn insert_usage(
-        &mut self,
-        request_id: &str,
-        account_id: &str,
-        estimate: Option<i64>,
-        actual: i64,
-        now: i64,
-    ) -> Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO usages (request_id, account_id, estimate, actual, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![request_id, account_id, estimate, actual, now])?;
+    async fn insert_usage(&mut self, u: &NewUsage<'_>) -> Result<()> {
+        self.exec(
+            "INSERT INTO usages (request_id, account_id, estimate, actual, at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![u.request_id, u.account_id, u.estimate, u.actual, u.at],
+        )?;
         Ok(())
     }
 
     async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>> {
-        Ok(self
-            .tx
-            .prepare_cached("SELECT account_id FROM topups WHERE topup_id = ?1")?
-            .query_row(params![topup_id], |r| r.get(0))
-            .optional()?)
+        self.opt_value(
+            "SELECT account_id FROM topups WHERE topup_id = ?1",
+            params![topup_id],
+        )
     }
 
-    async fn insert_topup(
-        &mut self,
-        topup_id: Option<&str>,
-        account_id: &str,
-        amount: i64,
-        now: i64,
-    ) -> Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO topups (topup_id, account_id, amount, at) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![topup_id, account_id, amount, now])?;
+    async fn insert_topup(&mut self, t: &NewTopup<'_>) -> Result<()> {
+        self.exec(
+            "INSERT INTO topups (topup_id, account_id, amount, at) VALUES (?1, ?2, ?3, ?4)",
+            params![t.topup_id, t.account_id, t.amount, t.at],
+        )?;
         Ok(())
     }
 
     async fn reserved(&mut self, account_id: &str) -> Result<i64> {
-        Ok(self
-            .tx
-            .prepare_cached(
-                "SELECT COALESCE(SUM(granted), 0) FROM leases
-                 WHERE account_id = ?1 AND state = 'open'",
-            )?
-            .query_row(params![account_id], |r| r.get(0))?)
+        self.value(
+            "SELECT COALESCE(SUM(granted), 0) FROM leases
+             WHERE account_id = ?1 AND state = 'open'",
+            params![account_id],
+        )
     }
 
     async fn totals(&mut self, account_id: &str) -> Result<Totals> {
-        let mut t = Totals::default();
-        (t.charged, t.refunded, t.charges) = self
-            .tx
-            .prepare_cached(
-                "SELECT COALESCE(SUM(CASE WHEN status = 'charged' THEN cost END), 0),
-                        COALESCE(SUM(CASE WHEN status = 'refunded' THEN cost END), 0),
-                        COUNT(*)
-                 FROM charges WHERE account_id = ?1",
-            )?
-            .query_row(params![account_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?;
-        (t.reserved, t.lease_charged, t.lease_refunded, t.leases) = self
-            .tx
-            .prepare_cached(
-                "SELECT COALESCE(SUM(CASE WHEN state = 'open' THEN granted END), 0),
-                        COALESCE(SUM(charged), 0),
-                        COALESCE(SUM(refunded), 0),
-                        COUNT(*)
-                 FROM leases WHERE account_id = ?1",
-            )?
-            .query_row(params![account_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?;
-        t.topups = self
-            .tx
-            .prepare_cached("SELECT COALESCE(SUM(amount), 0) FROM topups WHERE account_id = ?1")?
-            .query_row(params![account_id], |r| r.get(0))?;
-        Ok(t)
+        // `$1` is SQLite's named parameter 1 here: it binds the same way.
+        self.one(TOTALS, params![account_id], |r| rows::totals(r))
     }
 
     async fn charges_of(&mut self, account_id: &str) -> Result<Vec<ChargeRow>> {
-        let mut stmt = self.tx.prepare_cached(
-            "SELECT request_id, cost, route, method, path, status, refund_status, at
-             FROM charges WHERE account_id = ?1 ORDER BY at, rowid",
-        )?;
-        let rows = stmt.query_map(params![account_id], |r| {
-            Ok((
-                ChargeRow {
-                    request_id: r.get(0)?,
-                    cost: r.get(1)?,
-                    route: r.get(2)?,
-                    method: r.get(3)?,
-                    path: r.get(4)?,
-                    status: ChargeStatus::Charged,
-                    refund_status: r.get(6)?,
-                    at: r.get(7)?,
-                },
-                r.get::<_, String>(5)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (mut c, status) = row?;
-            c.status = ChargeStatus::parse(&status)?;
-            out.push(c);
-        }
-        Ok(out)
+        let sql = format!(
+            "SELECT {CHARGE_COLUMNS} FROM charges WHERE account_id = ?1 ORDER BY at, rowid"
+        );
+        self.all(&sql, params![account_id], |r| rows::charge(r))
     }
 
     async fn leases_of(&mut self, account_id: &str) -> Result<Vec<LeaseRow>> {
@@ -496,14 +404,12 @@ impl Tx for SqliteTx<'_> {
     }
 
     async fn insert_lease(&mut self, l: &LeaseRow) -> Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO leases (lease_id, account_id, holder, request_id, granted, used,
-                                     state, charged, created_at, expires_at, closed_at,
-                                     refunded, settle_seq, recalled_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            )?
-            .execute(params![
+        self.exec(
+            "INSERT INTO leases (lease_id, account_id, holder, request_id, granted, used,
+                                 state, charged, created_at, expires_at, closed_at,
+                                 refunded, settle_seq, recalled_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
                 l.lease_id,
                 l.account_id,
                 l.holder,
@@ -518,18 +424,17 @@ impl Tx for SqliteTx<'_> {
                 l.refunded,
                 l.settle_seq,
                 l.recalled_at
-            ])?;
+            ],
+        )?;
         Ok(())
     }
 
     async fn update_lease(&mut self, l: &LeaseRow) -> Result<()> {
-        self.tx
-            .prepare_cached(
-                "UPDATE leases SET used = ?1, state = ?2, charged = ?3, closed_at = ?4,
-                                   refunded = ?5, settle_seq = ?6
-                 WHERE lease_id = ?7",
-            )?
-            .execute(params![
+        self.exec(
+            "UPDATE leases SET used = ?1, state = ?2, charged = ?3, closed_at = ?4,
+                               refunded = ?5, settle_seq = ?6
+             WHERE lease_id = ?7",
+            params![
                 l.used,
                 l.state.as_str(),
                 l.charged,
@@ -537,58 +442,49 @@ impl Tx for SqliteTx<'_> {
                 l.refunded,
                 l.settle_seq,
                 l.lease_id
-            ])?;
+            ],
+        )?;
         Ok(())
     }
 
     async fn other_holders(&mut self, account_id: &str, holder: &str) -> Result<i64> {
-        Ok(self
-            .tx
-            .prepare_cached(
-                "SELECT COUNT(DISTINCT holder) FROM leases
-                 WHERE account_id = ?1 AND state = 'open' AND holder <> ?2",
-            )?
-            .query_row(params![account_id, holder], |r| r.get(0))?)
+        self.value(
+            "SELECT COUNT(DISTINCT holder) FROM leases
+             WHERE account_id = ?1 AND state = 'open' AND holder <> ?2",
+            params![account_id, holder],
+        )
     }
 
     async fn recall_others(&mut self, account_id: &str, holder: &str, now: i64) -> Result<u64> {
-        let n = self
-            .tx
-            .prepare_cached(
-                "UPDATE leases SET recalled_at = COALESCE(recalled_at, ?3)
-                 WHERE account_id = ?1 AND state = 'open' AND holder <> ?2 AND used < granted",
-            )?
-            .execute(params![account_id, holder, now])?;
+        let n = self.exec(
+            "UPDATE leases SET recalled_at = COALESCE(recalled_at, ?3)
+             WHERE account_id = ?1 AND state = 'open' AND holder <> ?2 AND used < granted",
+            params![account_id, holder, now],
+        )?;
         Ok(u64::try_from(n).unwrap_or(u64::MAX))
     }
 
     async fn lease_refund(&mut self, request_id: &str) -> Result<Option<(String, i64)>> {
-        Ok(self
-            .tx
-            .prepare_cached("SELECT lease_id, units FROM lease_refunds WHERE request_id = ?1")?
-            .query_row(params![request_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?)
+        self.opt(
+            "SELECT lease_id, units FROM lease_refunds WHERE request_id = ?1",
+            params![request_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
     }
 
-    async fn insert_lease_refund(
-        &mut self,
-        input: &LeaseRefundInput,
-        account_id: &str,
-        now: i64,
-    ) -> Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO lease_refunds (request_id, lease_id, account_id, units, status, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                input.request_id,
-                input.lease_id,
-                account_id,
-                input.units,
-                input.status,
-                now
-            ])?;
+    async fn insert_lease_refund(&mut self, r: &NewLeaseRefund<'_>) -> Result<()> {
+        self.exec(
+            "INSERT INTO lease_refunds (request_id, lease_id, account_id, units, status, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                r.input.request_id,
+                r.input.lease_id,
+                r.account_id,
+                r.input.units,
+                r.input.status,
+                r.at
+            ],
+        )?;
         Ok(())
     }
 
@@ -600,14 +496,10 @@ impl Tx for SqliteTx<'_> {
     }
 
     async fn accounts_with_due_leases(&mut self, now: i64) -> Result<Vec<String>> {
-        let mut stmt = self.tx.prepare_cached(
+        self.all(
             "SELECT DISTINCT account_id FROM leases WHERE state = 'open' AND expires_at <= ?1",
-        )?;
-        let rows = stmt.query_map(params![now], |r| r.get(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row?);
-        }
-        Ok(out)
+            params![now],
+            |r| Ok(r.get(0)?),
+        )
     }
 }
