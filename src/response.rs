@@ -173,9 +173,13 @@ pub fn too_large(cfg: &Config, detail: &str) -> Reply {
     )
 }
 
-/// The same refusal with a JSON-RPC error body (MCP clients show `error.message`).
+/// The same refusal as a JSON-RPC answer (see [`crate::mcp::refusal_body`]), with HTTP
+/// status 200: MCP clients read the JSON-RPC answer only from a 2xx (the TypeScript SDK
+/// turns any other status into a transport error that has lost the body). The refusal's
+/// status stays in the body; its headers (`retry-after`, `payment-required`) are kept.
 pub fn as_json_rpc(reply: &Reply, body: &[u8]) -> Reply {
     let mut out = reply.clone();
+    out.status = 200;
     for (k, v) in out.headers.iter_mut() {
         if *k == "content-type" {
             *v = "application/json".to_string();
