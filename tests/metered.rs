@@ -86,9 +86,9 @@ fn charges_by_id(s: &Stack) -> std::collections::HashMap<String, Value> {
     ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
 )]
 fn mcp_session_is_priced_per_tool_and_method() {
-    let routes = json!([{"name": "mcp", "methods": ["POST"], "exact": "/mcp", "cost": 1,
-        "mcp": {"methods": {"initialize": 0, "notifications/initialized": 0, "tools/list": 0},
-                "tools": {"search": 5, "fetch": 2}}}]);
+    // The README's rule: plumbing, discovery and listing are free without naming them.
+    let routes = json!([{"name": "mcp", "exact": "/mcp", "cost": 1,
+        "mcp": {"tools": {"search": 5, "fetch": 2}}}]);
     let (s, _mcp) =
         stack_with_upstream("mcp", "farebox-mcp", plugin(routes), BalanceOpts::default());
     s.balance().create_account(ACCOUNT, KEY, 100);
@@ -123,6 +123,16 @@ fn mcp_session_is_priced_per_tool_and_method() {
         None,
     );
     assert_eq!(list.status, 200, "{}", list.text());
+    // ping, discovery (the mock answers -32601), the event stream (405 here) and
+    // closing the session: all free, with or without a credential.
+    for (method, key) in [("ping", None), ("server/discover", Some(KEY))] {
+        let r = rpc(json!({"jsonrpc": "2.0", "id": 3, "method": method}), key);
+        assert_eq!(r.status, 200, "{method}: {}", r.text());
+    }
+    for method in ["GET", "DELETE"] {
+        let r = s.request(method, "/mcp", &[("x-api-key", KEY)], b"");
+        assert_eq!(r.status, 405, "{method} reaches the server: {}", r.text());
+    }
     assert_eq!(s.balance().authorize_calls(), 0);
 
     // Priced tools: 3 × search (5), 2 × fetch (2), 1 × echo (the rule's 1).
@@ -163,18 +173,58 @@ fn mcp_session_is_priced_per_tool_and_method() {
         "{routes:?}"
     );
 
-    // A call the account cannot pay: 402, with a JSON-RPC error the MCP client can show.
+    // A paid call the server answers with a JSON-RPC error (an unknown tool: -32602)
+    // is charged, then given back.
+    let r = rpc(call(50, "nope"), Some(KEY));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], -32602);
+    let acct = wait_until_account(&s, |a| num(a, "refunded") == 1);
+    assert_eq!(
+        (
+            num(&acct, "charged"),
+            num(&acct, "refunded"),
+            num(&acct, "balance")
+        ),
+        (20, 1, 80),
+        "{acct}: charged is net of refunds"
+    );
+
+    // A tool call the account cannot pay: HTTP 200 (MCP clients read only a 2xx) and a
+    // tool result with isError, the PaymentRequired in structuredContent (x402's MCP
+    // transport); the text says price, balance and why.
     s.balance().create_account("acct-poor", "fbk-poor", 3);
     let r = rpc(call(99, "search"), Some("fbk-poor"));
-    assert_eq!(r.status, 402);
+    assert_eq!(r.status, 200, "{}", r.text());
     let body = r.json();
     assert_eq!(
         (body["jsonrpc"].clone(), body["id"].clone()),
         (json!("2.0"), json!(99))
     );
-    assert_eq!(body["error"]["code"], -32042);
-    assert_eq!(body["error"]["data"]["price"], 5);
-    assert_eq!(body["error"]["data"]["route"], "mcp/tools/call:search");
+    assert_eq!(body["result"]["isError"], true, "{body}");
+    let text = body["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("Payment Required: ") && text.ends_with("(price 5, balance 3)"),
+        "{text}"
+    );
+    let problem = &body["result"]["structuredContent"];
+    assert_eq!(
+        (problem["status"].clone(), problem["price"].clone()),
+        (json!(402), json!(5))
+    );
+    assert_eq!(problem["route"], "mcp/tools/call:search");
+    // Other refusals are JSON-RPC errors whose code is the refusal's HTTP status (402
+    // for payment, 401 here for an unknown key): outside JSON-RPC's and MCP's ranges.
+    let r = rpc(
+        json!({"jsonrpc": "2.0", "id": 100, "method": "resources/read", "params": {"uri": "x"}}),
+        Some("fbk-poor-none"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let err = &r.json()["error"];
+    assert_eq!(err["code"], 401, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().starts_with("Unauthorized"),
+        "{err}"
+    );
 
     // A body over max_body_bytes (default 64 KiB) is refused before any callout.
     let huge = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "search", "arguments": {"q": "x".repeat(70_000)}}});
@@ -186,6 +236,17 @@ fn mcp_session_is_priced_per_tool_and_method() {
         20,
         "the ledger is exact"
     );
+}
+
+/// Polls the account until `done` holds (refunds reach the ledger asynchronously).
+fn wait_until_account(s: &Stack, done: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    let ok = wait_until(Duration::from_secs(5), || {
+        last = s.balance().account(ACCOUNT);
+        done(&last)
+    });
+    assert!(ok, "account never got there: {last}");
+    last
 }
 
 fn chat(s: &Stack, body: Value, extra: &[(&str, &str)]) -> Response {
