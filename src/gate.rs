@@ -210,6 +210,8 @@ pub struct Gate {
     mcp_answer: Option<mcp::AnswerWatch>,
     /// x402's `PaymentRequired` of a 402 with offers, for an MCP tool result.
     x402_required: Option<Value>,
+    /// A usage-priced (LLM) route: refusals carry OpenAI's `error` object too.
+    openai_errors: bool,
     /// Index of the route rule that prices this request by usage.
     usage_rule: Option<usize>,
     /// The request headers went on before the decision (MCP pricing reads the body
@@ -250,6 +252,7 @@ impl Gate {
             mcp_watch_id: None,
             mcp_answer: None,
             x402_required: None,
+            openai_errors: false,
             usage_rule: None,
             headers_gone: false,
             kept_headers: Vec::new(),
@@ -471,6 +474,11 @@ impl Gate {
         cost: u64,
     ) -> Flow {
         self.access.priced(&route, cost);
+        let metered = req
+            .rule
+            .and_then(|i| cfg.pricing.routes.get(i))
+            .is_some_and(|r| r.usage.is_some());
+        self.openai_errors = metered;
         if cost == 0 {
             host.count(Metric::Free);
             self.access.decided(Outcome::Free);
@@ -516,10 +524,6 @@ impl Gate {
                 }
             }
         };
-        let metered = req
-            .rule
-            .and_then(|i| cfg.pricing.routes.get(i))
-            .is_some_and(|r| r.usage.is_some());
         self.usage_rule = if metered && credential.is_some() {
             req.rule
         } else {
@@ -1359,6 +1363,7 @@ impl Gate {
                 ),
             )),
             None if html => host.send_reply(&response::as_html(reply)),
+            None if self.openai_errors => host.send_reply(&response::with_openai_error(reply)),
             None => host.send_reply(reply),
         }
         Flow::Pause

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use crate::response;
+
 /// JSON-RPC error code of an unpaid call that is not a tool call: x402's MCP
 /// convention (402, as HTTP's status). It lies outside the range JSON-RPC reserves
 /// (-32768 to -32000), which MCP uses for its own errors (-32042 is MCP's "URL
@@ -229,7 +231,7 @@ impl AnswerWatch {
 pub fn refusal_body(id: &Value, tool_call: bool, problem: &[u8], x402: Option<&Value>) -> Vec<u8> {
     let data = serde_json::from_slice::<Value>(problem).unwrap_or(Value::Object(Map::new()));
     let status = data.get("status").and_then(Value::as_u64).unwrap_or(500);
-    let message = refusal_message(&data);
+    let message = response::summary(&data);
     let answer = if tool_call && status == 402 {
         let mut structured = match &data {
             Value::Object(m) => m.clone(),
@@ -250,29 +252,6 @@ pub fn refusal_body(id: &Value, tool_call: bool, problem: &[u8], x402: Option<&V
                "error": {"code": status, "message": message, "data": data}})
     };
     answer.to_string().into_bytes()
-}
-
-/// "Payment Required: <detail> (price 5, balance 1)": what a person reads.
-fn refusal_message(problem: &Value) -> String {
-    let text = |k: &str| problem.get(k).and_then(Value::as_str);
-    let mut message = text("title").unwrap_or("Refused").to_string();
-    if let Some(detail) = text("detail") {
-        message.push_str(": ");
-        message.push_str(detail);
-    }
-    let numbers: Vec<String> = ["price", "balance"]
-        .iter()
-        .filter_map(|k| {
-            problem
-                .get(*k)
-                .and_then(Value::as_i64)
-                .map(|n| format!("{k} {n}"))
-        })
-        .collect();
-    if !numbers.is_empty() {
-        message.push_str(&format!(" ({})", numbers.join(", ")));
-    }
-    message
 }
 
 #[cfg(test)]

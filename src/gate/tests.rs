@@ -1212,6 +1212,55 @@ mod metered_and_paid {
     }
 
     #[test]
+    fn usage_routes_answer_openai_errors_beside_the_problem() {
+        let fx = Fixture::new(CFG);
+        let host = FakeHost::request("POST", "/v1/chat/completions", &[("x-api-key", "k")]);
+        let (host, _) = with_answer(
+            &fx,
+            host,
+            answer(
+                402,
+                &[],
+                json!({"balance": 7, "price": 100, "detail": "top up"}),
+            ),
+        );
+        assert_eq!(host.reply().unwrap().status, 402);
+        let body = reply_body(&host);
+        assert_eq!(
+            (body["status"].clone(), body["price"].clone()),
+            (json!(402), json!(100))
+        );
+        assert_eq!(
+            body["error"],
+            json!({"message": "Payment Required: top up (price 100, balance 7)",
+                   "type": "insufficient_quota", "code": "payment_required"})
+        );
+        let host = FakeHost::request("POST", "/v1/chat/completions", &[]);
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        let body = reply_body(&host);
+        assert_eq!(host.reply().unwrap().status, 401);
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Unauthorized: "));
+        // Other routes keep the plain problem.
+        let fx = Fixture::new(CONFIG);
+        let (host, _) = with_answer(
+            &fx,
+            keyed("/anything", "k"),
+            answer(
+                402,
+                &[],
+                json!({"balance": 0, "price": 1, "detail": "top up"}),
+            ),
+        );
+        assert_eq!(host.reply().unwrap().status, 402);
+        assert!(reply_body(&host).get("error").is_none());
+    }
+
+    #[test]
     fn mcp_body_over_the_limit_is_413() {
         let fx = Fixture::new(CFG);
         let host = FakeHost::request("POST", "/mcp", &[("x-api-key", "k")]);
