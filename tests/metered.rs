@@ -545,3 +545,67 @@ fn browsers_get_a_page_for_402() {
     let r = s.get("/v1/data", &[("x-api-key", KEY)]);
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
 }
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn llm_refusals_are_openai_errors_and_carry_the_request_id() {
+    let routes = json!([{"name": "chat", "exact": "/v1/chat/completions",
+        "usage": {"json_pointer": "/usage/total_tokens", "unit_cost": 2, "estimate": 1000}}]);
+    let (s, _llm) = stack_with_upstream(
+        "llm-errors",
+        "farebox-llm",
+        plugin(routes),
+        BalanceOpts::default(),
+    );
+    s.balance().create_account(ACCOUNT, KEY, 100);
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let r = chat(&s, body.clone(), &[]);
+    assert_eq!(r.status, 402, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["status"].clone(), v["price"].clone()),
+        (json!(402), json!(1000))
+    );
+    assert_eq!(v["error"]["type"], "insufficient_quota");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Payment Required: ") && message.ends_with("(price 1000, balance 100)"),
+        "{message}"
+    );
+    assert!(
+        r.header("x-request-id").is_some_and(|id| !id.is_empty()),
+        "{:?}",
+        r.headers
+    );
+    // A served call's x-request-id is its ledger row's.
+    s.balance().create_account("acct-rich", "fbk-rich", 100_000);
+    let r = s.request(
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("x-api-key", "fbk-rich"),
+            ("content-type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.header("x-request-id").unwrap().to_string();
+    let ok = wait_until(Duration::from_secs(5), || {
+        s.balance()
+            .charges("acct-rich")
+            .iter()
+            .any(|c| c["request_id"] == id.as_str())
+    });
+    assert!(ok, "no ledger row for request {id}");
+    let r = s.request(
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        b"{}",
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+}
