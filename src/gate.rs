@@ -212,6 +212,8 @@ pub struct Gate {
     x402_required: Option<Value>,
     /// A usage-priced (LLM) route: refusals carry OpenAI's `error` object too.
     openai_errors: bool,
+    /// The x402 payment in an MCP call's `params._meta` (never logged).
+    mcp_payment: Option<payments::Payment>,
     /// Index of the route rule that prices this request by usage.
     usage_rule: Option<usize>,
     /// The request headers went on before the decision (MCP pricing reads the body
@@ -253,6 +255,7 @@ impl Gate {
             mcp_answer: None,
             x402_required: None,
             openai_errors: false,
+            mcp_payment: None,
             usage_rule: None,
             headers_gone: false,
             kept_headers: Vec::new(),
@@ -456,6 +459,10 @@ impl Gate {
         };
         let price = pricing.price(body, rule.cost);
         self.mcp_tool_call = price.tool_call;
+        self.mcp_payment = price
+            .payment
+            .as_ref()
+            .and_then(payments::payment_in_mcp_meta);
         if price.single && price.cost > 0 {
             self.mcp_watch_id = Some(price.id.clone());
         }
@@ -498,7 +505,7 @@ impl Gate {
             }
             Err(e) => {
                 let payment = if cfg.accept_payments {
-                    payments::payment_in(|n| self.header(host, n))
+                    payments::payment_in(|n| self.header(host, n)).or(self.mcp_payment.take())
                 } else {
                     None
                 };

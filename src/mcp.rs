@@ -52,6 +52,9 @@ pub struct McpPrice {
     pub tool_call: bool,
     /// One request with an id: its answer can be read for a JSON-RPC error.
     pub single: bool,
+    /// x402's payment of a single call, from `params._meta["x402/payment"]` (x402's MCP
+    /// transport: the `PaymentPayload` object).
+    pub payment: Option<Value>,
 }
 
 impl McpPricing {
@@ -78,6 +81,7 @@ impl McpPricing {
                     id,
                     tool_call: false,
                     single: false,
+                    payment: None,
                 }
             }
             Ok(call @ Value::Object(_)) => {
@@ -86,6 +90,7 @@ impl McpPricing {
                 McpPrice {
                     cost,
                     what,
+                    payment: call.pointer("/params/_meta/x402~1payment").cloned(),
                     single: !id.is_null(),
                     tool_call: call.get("method").and_then(Value::as_str) == Some("tools/call"),
                     id,
@@ -97,6 +102,7 @@ impl McpPricing {
                 id: Value::Null,
                 tool_call: false,
                 single: false,
+                payment: None,
             },
         }
     }
@@ -379,6 +385,9 @@ mod tests {
             1,
         );
         assert!(!batch.single && !batch.tool_call);
+        let paid = p.price(br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"search","_meta":{"x402/payment":{"x402Version":2}}}}"#, 1);
+        assert_eq!(paid.payment, Some(json!({"x402Version": 2})));
+        assert_eq!(one.payment, None);
     }
 
     fn watch(kind: AnswerKind, id: Value, chunks: &[&str]) -> bool {

@@ -84,6 +84,19 @@ pub fn payment_in(header: impl Fn(&str) -> Option<Vec<u8>>) -> Option<Payment> {
     })
 }
 
+/// The payment of an MCP call (x402's MCP transport puts the `PaymentPayload` object in
+/// `params._meta["x402/payment"]`), as the `PAYMENT-SIGNATURE` header would carry it.
+pub fn payment_in_mcp_meta(payload: &Value) -> Option<Payment> {
+    if !payload.is_object() {
+        return None;
+    }
+    let value = encode_x402(payload);
+    (value.len() <= MAX_PAYMENT_LEN).then_some(Payment {
+        scheme: "x402",
+        value,
+    })
+}
+
 /// The `PAYMENT-REQUIRED` header value: base64 of the x402 v2 `PaymentRequired` object.
 pub fn x402_header(offer: &Offer, url: &str, route: &str, error: &str) -> Option<String> {
     x402_required(offer, url, route, error).map(|required| encode_x402(&required))

@@ -609,3 +609,61 @@ fn llm_refusals_are_openai_errors_and_carry_the_request_id() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "invalid_api_key");
 }
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn mcp_pays_with_x402_in_meta() {
+    // x402's MCP transport: the offer in the tool result's structuredContent, the payment
+    // in params._meta["x402/payment"].
+    let routes = json!([{"name": "mcp", "exact": "/mcp", "cost": 1,
+        "mcp": {"tools": {"search": 5}}}]);
+    let mut c = plugin(routes);
+    c["anonymous"] = json!(true);
+    let x402 = [
+        "--x402-pay-to",
+        "0xPayTo",
+        "--x402-network",
+        "base-sepolia",
+        "--x402-asset",
+        "0xUSDC",
+        "--x402-amount-per-unit",
+        "1000",
+    ];
+    let opts = BalanceOpts {
+        extra_args: x402.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let (s, _mcp) = stack_with_upstream("mcp-x402", "farebox-mcp", c, opts);
+    let call = |meta: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+            "params": {"name": "search", "arguments": {"query": "x"}, "_meta": meta}});
+        s.request(
+            "POST",
+            "/mcp",
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let r = call(json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let result = &r.json()["result"];
+    assert_eq!(result["isError"], true, "{result}");
+    let required = &result["structuredContent"];
+    assert_eq!(required["x402Version"], 2, "{required}");
+    assert_eq!(required["accepts"][0]["payTo"], "0xPayTo", "{required}");
+    assert_eq!(required["accepts"][0]["amount"], "5000", "{required}");
+    assert_eq!(required["price"], 5, "{required}");
+
+    let r = call(json!({"x402/payment": {"x402Version": 2, "payload": {"demo": "paid"}}}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["result"]["isError"], false, "{}", r.text());
+    let settlement: Value = serde_json::from_slice(&base64_decode(
+        r.header("payment-response").expect("PAYMENT-RESPONSE"),
+    ))
+    .unwrap();
+    assert_eq!(settlement["success"], true);
+    assert_eq!(num(&s.balance().account("payer_demo"), "charged"), 5);
+}
