@@ -88,19 +88,26 @@ fn plugin(routes: Value) -> Value {
 
 /// Envoy and farebox in front of the mock MCP server, the README's MCP rule, and the
 /// accounts: one with credit, one empty.
-fn mcp_stack(label: &str) -> (Stack, Proc, std::net::SocketAddr) {
+/// Also a second Envoy in front of the same server whose balance service is down (503).
+fn mcp_stack(label: &str) -> (Stack, Stack, Proc, std::net::SocketAddr) {
     let dir = TempDir::new(&format!("{label}-upstream"));
     let (proc, addr) = start_service("farebox-mcp", dir.path());
     std::mem::forget(dir);
     let routes = json!([{"name": "mcp", "exact": "/mcp", "cost": 1,
         "mcp": {"tools": {"search": 5, "fetch": 2, "echo": 0}}}]);
+    let down_routes = routes.clone();
     let s = stack(label)
         .plugin(|c| *c = plugin(routes))
         .upstream_addr(addr)
         .start();
     s.balance().create_account(RICH.0, RICH.1, 100);
     s.balance().create_account(EMPTY.0, EMPTY.1, 0);
-    (s, proc, addr)
+    let down = stack(&format!("{label}-down"))
+        .plugin(|c| *c = plugin(down_routes))
+        .balance_addr(closed_port_addr())
+        .upstream_addr(addr)
+        .start();
+    (s, down, proc, addr)
 }
 
 /// The plumbing reached the server (so the ledger's silence about it means it was free).
@@ -183,11 +190,12 @@ fn python_mcp_sdk_whole_session() {
     let Some(python) = interop_python("python_mcp_sdk_whole_session") else {
         return;
     };
-    let (s, _mcp, mcp) = mcp_stack("interop-py-mcp");
+    let (s, down, _mcp, mcp) = mcp_stack("interop-py-mcp");
     let url = format!("http://{}/mcp", s.envoy.addr);
+    let down_url = format!("http://{}/mcp", down.envoy.addr);
     let mut cmd = Command::new(python);
     cmd.arg(repo_root().join("tests/interop/mcp_session.py"))
-        .args([&url, RICH.1, EMPTY.1, BAD_KEY]);
+        .args([&url, RICH.1, EMPTY.1, BAD_KEY, &down_url]);
     let out = run_client(cmd);
     assert_session_seen(&out);
     // A refusal that is not a payment: the SDK raises MCPError with farebox's code and text.
@@ -203,6 +211,19 @@ fn python_mcp_sdk_whole_session() {
             .unwrap()
             .starts_with("Unauthorized: "),
         "{unauth}"
+    );
+    let down = &out["unavailable"];
+    assert_eq!(
+        (down["class"].clone(), down["code"].clone()),
+        (json!("MCPError"), json!(503)),
+        "{out}"
+    );
+    assert!(
+        down["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Service Unavailable: "),
+        "{down}"
     );
     assert_plumbing_served(
         mcp,
@@ -227,12 +248,13 @@ fn typescript_mcp_sdk_whole_session() {
     let Some(dir) = interop_node("typescript_mcp_sdk_whole_session") else {
         return;
     };
-    let (s, _mcp, mcp) = mcp_stack("interop-ts-mcp");
+    let (s, down, _mcp, mcp) = mcp_stack("interop-ts-mcp");
     let url = format!("http://{}/mcp", s.envoy.addr);
+    let down_url = format!("http://{}/mcp", down.envoy.addr);
     let mut cmd = Command::new("node");
     cmd.current_dir(&dir)
         .arg("mcp_session.mjs")
-        .args([&url, RICH.1, EMPTY.1, BAD_KEY]);
+        .args([&url, RICH.1, EMPTY.1, BAD_KEY, &down_url]);
     let out = run_client(cmd);
     assert_session_seen(&out);
     let unauth = &out["unauthorized"];
@@ -247,6 +269,19 @@ fn typescript_mcp_sdk_whole_session() {
             .unwrap()
             .contains("Unauthorized: "),
         "{unauth}"
+    );
+    let down = &out["unavailable"];
+    assert_eq!(
+        (down["class"].clone(), down["code"].clone()),
+        (json!("McpError"), json!(503)),
+        "{out}"
+    );
+    assert!(
+        down["message"]
+            .as_str()
+            .unwrap()
+            .contains("Service Unavailable: "),
+        "{down}"
     );
     assert_plumbing_served(
         mcp,

@@ -1,7 +1,8 @@
 """One MCP session per account through farebox with the official Python SDK (`mcp`),
 as tests/interop.rs asks: prints one JSON object with what the SDK handed the caller.
 
-usage: mcp_session.py URL KEY EMPTY_KEY BAD_KEY
+usage: mcp_session.py URL KEY EMPTY_KEY BAD_KEY DOWN_URL
+(DOWN_URL: the same server behind a farebox whose balance service is down)
 """
 
 import asyncio
@@ -36,7 +37,7 @@ def client(url: str, key: str) -> Client:
     return Client(streamable_http_client(url, http_client=http))
 
 
-async def main(url: str, key: str, empty_key: str, bad_key: str) -> dict:
+async def main(url: str, key: str, empty_key: str, bad_key: str, down_url: str) -> dict:
     out = {"sdk": "mcp", "version": version("mcp")}
     # A whole session: initialize (the SDK probes server/discover first), list, ping,
     # a free call, two paid calls, close.
@@ -60,9 +61,14 @@ async def main(url: str, key: str, empty_key: str, bad_key: str) -> dict:
             out["unauthorized"] = tool_result(await c.call_tool("search", {"query": "x"}))
         except Exception as e:
             out["unauthorized"] = caught(e)
+    # The balance service is down: 503 (free plumbing still works).
+    async with client(down_url, key) as c:
+        try:
+            out["unavailable"] = tool_result(await c.call_tool("search", {"query": "x"}))
+        except Exception as e:
+            out["unavailable"] = caught(e)
     return out
 
 
 if __name__ == "__main__":
-    url, key, empty_key, bad_key = sys.argv[1:5]
-    print(json.dumps(asyncio.run(main(url, key, empty_key, bad_key)), default=str))
+    print(json.dumps(asyncio.run(main(*sys.argv[1:6])), default=str))

@@ -1,19 +1,20 @@
 // One MCP session per account through farebox with the official TypeScript SDK, as
 // tests/interop.rs asks: prints one JSON object with what the SDK handed the caller.
 //
-// usage: node mcp_session.mjs URL KEY EMPTY_KEY BAD_KEY
+// usage: node mcp_session.mjs URL KEY EMPTY_KEY BAD_KEY DOWN_URL
+// (DOWN_URL: the same server behind a farebox whose balance service is down)
 import { readFileSync } from "node:fs";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 
-const [url, key, emptyKey, badKey] = process.argv.slice(2);
+const [url, key, emptyKey, badKey, downUrl] = process.argv.slice(2);
 const version = JSON.parse(
   readFileSync(new URL("./node_modules/@modelcontextprotocol/sdk/package.json", import.meta.url)),
 ).version;
 
-async function connect(apiKey) {
+async function connect(apiKey, at = url) {
   const client = new Client({ name: "farebox-interop", version: "1.0.0" });
-  const transport = new StreamableHTTPClientTransport(new URL(url), {
+  const transport = new StreamableHTTPClientTransport(new URL(at), {
     requestInit: { headers: { "x-api-key": apiKey } },
   });
   await client.connect(transport);
@@ -54,5 +55,9 @@ await c.close();
 // An unknown key: 401.
 c = await connect(badKey);
 out.unauthorized = await attempt(() => c.callTool({ name: "search", arguments: { query: "x" } }));
+await c.close();
+// The balance service is down: 503 (free plumbing still works).
+c = await connect(key, downUrl);
+out.unavailable = await attempt(() => c.callTool({ name: "search", arguments: { query: "x" } }));
 await c.close();
 console.log(JSON.stringify(out));
