@@ -667,3 +667,67 @@ fn mcp_pays_with_x402_in_meta() {
     assert_eq!(settlement["success"], true);
     assert_eq!(num(&s.balance().account("payer_demo"), "charged"), 5);
 }
+
+/// The README's recipe: farebox pays with the client's key, then Envoy's credential
+/// injector replaces it with the upstream's own, so the client's key never reaches it.
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn the_upstream_key_replaces_the_clients() {
+    let dir = TempDir::new("key-injector");
+    let balance = BalanceService::start(dir.path(), &BalanceOpts::default());
+    balance.create_account(ACCOUNT, KEY, 100);
+    let echo = Echo::start(dir.path());
+    let mut cfg = plugin(json!([{"name": "chat", "exact": "/v1/chat/completions", "cost": 3}]));
+    cfg["credential"] = json!({"source": "bearer"});
+    let mut opts = EnvoyOpts::new(&cfg, balance.addr, echo.addr);
+    opts.replacements = vec![
+        (
+            "static_resources:\n".to_string(),
+            "static_resources:\n  secrets:\n    - name: upstream-llm-key\n      generic_secret: {secret: {inline_string: \"Bearer sk-upstream-example\"}}\n".to_string(),
+        ),
+        (
+            "                  - name: envoy.filters.http.router\n".to_string(),
+            r#"                  - name: envoy.filters.http.credential_injector
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector
+                      overwrite: true
+                      credential:
+                        name: envoy.http.injected_credentials.generic
+                        typed_config:
+                          "@type": type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic
+                          credential: {name: upstream-llm-key}
+                          header: Authorization
+                  - name: envoy.filters.http.router
+"#
+            .to_string(),
+        ),
+    ];
+    let envoy = Envoy::start(dir.path(), &opts);
+    let bearer = format!("Bearer {KEY}");
+    let r = http(
+        envoy.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        echoed_header_values(&r, "authorization"),
+        vec!["Bearer sk-upstream-example".to_string()],
+        "the upstream sees its own key only"
+    );
+    assert_eq!(
+        num(&balance.account(ACCOUNT), "charged"),
+        3,
+        "paid with the client's key"
+    );
+    let r = http(envoy.addr, "POST", "/v1/chat/completions", &[], b"{}");
+    assert_eq!(r.status, 401, "no key: farebox refuses before the injector");
+}
