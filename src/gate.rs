@@ -200,8 +200,20 @@ pub struct Gate {
     cfg: Option<Rc<Config>>,
     worker: Rc<Worker>,
     stage: Stage,
-    /// JSON-RPC id of an MCP call: refusals are JSON-RPC errors for it.
+    /// JSON-RPC id of an MCP call: refusals are JSON-RPC answers for it.
     mcp_id: Option<Value>,
+    /// The MCP call is one `tools/call` (refused with a tool result).
+    mcp_tool_call: bool,
+    /// A paid single MCP call: its answer is read for a JSON-RPC error, which is
+    /// given back. The id until the response headers, then the watch.
+    mcp_watch_id: Option<Value>,
+    mcp_answer: Option<mcp::AnswerWatch>,
+    /// x402's `PaymentRequired` of a 402 with offers, for an MCP tool result.
+    x402_required: Option<Value>,
+    /// A usage-priced (LLM) route: refusals carry OpenAI's `error` object too.
+    openai_errors: bool,
+    /// The x402 payment in an MCP call's `params._meta` (never logged).
+    mcp_payment: Option<payments::Payment>,
     /// Index of the route rule that prices this request by usage.
     usage_rule: Option<usize>,
     /// The request headers went on before the decision (MCP pricing reads the body
@@ -238,6 +250,12 @@ impl Gate {
             worker,
             stage: Stage::Start,
             mcp_id: None,
+            mcp_tool_call: false,
+            mcp_watch_id: None,
+            mcp_answer: None,
+            x402_required: None,
+            openai_errors: false,
+            mcp_payment: None,
             usage_rule: None,
             headers_gone: false,
             kept_headers: Vec::new(),
@@ -323,12 +341,20 @@ impl Gate {
             price.cost,
             price.rule.is_some_and(|r| r.mcp.is_some()),
         );
+        // MCP's GET (the server's event stream), DELETE (closing the session) and
+        // the rest of the transport are plumbing: free on an MCP rule. A rule placed
+        // before it can still price them.
+        let plumbing = wants_body && method != "POST";
         let req = Request {
             method,
             raw_path,
             path,
             rule,
         };
+        if plumbing {
+            let route = format!("{route}/{}", req.method);
+            return self.proceed(host, &cfg, req, route, 0);
+        }
         if wants_body {
             // The headers may go on before the decision: no client copy of the account
             // header goes with them.
@@ -432,6 +458,14 @@ impl Gate {
             return self.proceed(host, cfg, req, rule.name.clone(), rule.cost);
         };
         let price = pricing.price(body, rule.cost);
+        self.mcp_tool_call = price.tool_call;
+        self.mcp_payment = price
+            .payment
+            .as_ref()
+            .and_then(payments::payment_in_mcp_meta);
+        if price.single && price.cost > 0 {
+            self.mcp_watch_id = Some(price.id.clone());
+        }
         self.mcp_id = Some(price.id);
         let route = format!("{}/{}", rule.name, price.what);
         self.proceed(host, cfg, req, route, price.cost)
@@ -447,6 +481,11 @@ impl Gate {
         cost: u64,
     ) -> Flow {
         self.access.priced(&route, cost);
+        let metered = req
+            .rule
+            .and_then(|i| cfg.pricing.routes.get(i))
+            .is_some_and(|r| r.usage.is_some());
+        self.openai_errors = metered;
         if cost == 0 {
             host.count(Metric::Free);
             self.access.decided(Outcome::Free);
@@ -466,7 +505,7 @@ impl Gate {
             }
             Err(e) => {
                 let payment = if cfg.accept_payments {
-                    payments::payment_in(|n| self.header(host, n))
+                    payments::payment_in(|n| self.header(host, n)).or(self.mcp_payment.take())
                 } else {
                     None
                 };
@@ -492,10 +531,6 @@ impl Gate {
                 }
             }
         };
-        let metered = req
-            .rule
-            .and_then(|i| cfg.pricing.routes.get(i))
-            .is_some_and(|r| r.usage.is_some());
         self.usage_rule = if metered && credential.is_some() {
             req.rule
         } else {
@@ -1006,43 +1041,15 @@ impl Gate {
         });
         if let Some(status) = status.filter(|s| cfg.no_charge_statuses.contains(*s)) {
             f.usage = None;
-            match f.charge.take() {
-                Some(Charge::Authorized {
-                    request_id,
-                    credential,
-                    cost,
-                }) => {
-                    let job = Job::Refund {
-                        request_id,
-                        account: credential,
-                        cost,
-                        status,
-                        undo: false,
-                    };
-                    self.worker.outbox.borrow_mut().push(host, job);
-                    self.access.decided(Outcome::Refunded);
-                }
-                Some(Charge::Leased {
-                    key,
-                    lease_id,
-                    request_id,
-                    cost,
-                    ..
-                }) => {
-                    refund_leased(
-                        &self.worker,
-                        host,
-                        &key,
-                        &lease_id,
-                        request_id,
-                        cost,
-                        status,
-                    );
-                    // Given back to the lease, or queued for the lease refund call.
-                    self.access.decided(Outcome::Refunded);
-                }
-                None => {}
+            if let Some(charge) = f.charge.take() {
+                give_back(&self.worker, &mut self.access, host, charge, status);
             }
+        }
+        if let Some(id) = self.mcp_watch_id.take().filter(|_| f.charge.is_some()) {
+            self.mcp_answer = host
+                .response_header("content-type")
+                .and_then(|ct| mcp::AnswerKind::from_content_type(&String::from_utf8_lossy(&ct)))
+                .map(|kind| mcp::AnswerWatch::new(kind, id));
         }
         if let Some(usage) = &mut f.usage {
             let kind = host
@@ -1079,6 +1086,30 @@ impl Gate {
         let Stage::Forwarded(f) = &mut self.stage else {
             return;
         };
+        if let Some(watch) = &mut self.mcp_answer {
+            if body_size > 0 {
+                if let Some(chunk) = host.response_body(body_size) {
+                    watch.feed(&chunk);
+                }
+            }
+            if end_of_stream {
+                let errored = watch.is_error();
+                self.mcp_answer = None;
+                if errored {
+                    if let Some(charge) = f.charge.take() {
+                        log::info!("the MCP server answered with a JSON-RPC error: not charged");
+                        host.count(Metric::McpErrorRefunds);
+                        give_back(
+                            &self.worker,
+                            &mut self.access,
+                            host,
+                            charge,
+                            MCP_ERROR_STATUS,
+                        );
+                    }
+                }
+            }
+        }
         let Some(usage) = &mut f.usage else { return };
         if let Some(meter) = &mut usage.meter {
             if body_size > 0 {
@@ -1259,7 +1290,7 @@ impl Gate {
 
     /// Adds the machine-payable challenges the service offered to a 402.
     fn with_offer(
-        &self,
+        &mut self,
         host: &impl HttpHost,
         cfg: &Config,
         route: &str,
@@ -1280,8 +1311,13 @@ impl Gate {
                 );
             let path = normalize_path(&text(self.header(host, ":path")));
             let url = format!("{scheme}://{authority}{path}");
-            if let Some(h) = payments::x402_header(&denial.offer, &url, route, &denial.detail) {
-                reply.headers.push(("payment-required", h));
+            if let Some(required) =
+                payments::x402_required(&denial.offer, &url, route, &denial.detail)
+            {
+                reply
+                    .headers
+                    .push(("payment-required", payments::encode_x402(&required)));
+                self.x402_required = Some(required);
             }
         }
         if cfg.challenges.payment {
@@ -1326,9 +1362,15 @@ impl Gate {
         match &self.mcp_id {
             Some(id) => host.send_reply(&response::as_json_rpc(
                 reply,
-                &mcp::error_body(id, &reply.body),
+                &mcp::refusal_body(
+                    id,
+                    self.mcp_tool_call,
+                    &reply.body,
+                    self.x402_required.as_ref(),
+                ),
             )),
             None if html => host.send_reply(&response::as_html(reply)),
+            None if self.openai_errors => host.send_reply(&response::with_openai_error(reply)),
             None => host.send_reply(reply),
         }
         Flow::Pause
@@ -1701,6 +1743,47 @@ fn forget(host: &impl Host, cfg: &Config, key: Option<&CacheKey>) {
             host.shared_set(&slot, &[], cas);
         }
     }
+}
+
+/// Status recorded on the refund of an MCP call answered with a JSON-RPC error:
+/// the upstream's HTTP status, which for such an answer is 200.
+const MCP_ERROR_STATUS: u16 = 200;
+
+/// Gives a charge back: to the service (a refund job) or to the lease it came from.
+fn give_back(
+    worker: &Worker,
+    access: &mut Record,
+    host: &impl HttpHost,
+    charge: Charge,
+    status: u16,
+) {
+    match charge {
+        Charge::Authorized {
+            request_id,
+            credential,
+            cost,
+        } => {
+            let job = Job::Refund {
+                request_id,
+                account: credential,
+                cost,
+                status,
+                undo: false,
+            };
+            worker.outbox.borrow_mut().push(host, job);
+        }
+        Charge::Leased {
+            key,
+            lease_id,
+            request_id,
+            cost,
+            ..
+        } => {
+            // Given back to the lease, or queued for the lease refund call.
+            refund_leased(worker, host, &key, &lease_id, request_id, cost, status);
+        }
+    }
+    access.decided(Outcome::Refunded);
 }
 
 /// Gives a request's units back: to the current lease locally, else through

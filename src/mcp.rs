@@ -1,14 +1,37 @@
 //! Prices for MCP (JSON-RPC 2.0 over HTTP POST): by method, and for
 //! `tools/call` by tool name. The request body is read (up to a limit) to
-//! find them.
+//! find them. Transport plumbing, discovery and listing are free unless the
+//! rule prices them, and a call the server answers with a JSON-RPC error is
+//! given back ([`AnswerWatch`]).
 
 use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-/// JSON-RPC error code of an unpaid call: in the range JSON-RPC leaves to
-/// implementations (-32000 to -32099), and easy to tell from HTTP's 402.
-pub const PAYMENT_REQUIRED_CODE: i64 = -32042;
+use crate::response;
+
+/// JSON-RPC error code of an unpaid call that is not a tool call: x402's MCP
+/// convention (402, as HTTP's status). It lies outside the range JSON-RPC reserves
+/// (-32768 to -32000), which MCP uses for its own errors (-32042 is MCP's "URL
+/// elicitation required"). Other refusals carry their HTTP status as the code too.
+pub const PAYMENT_REQUIRED_CODE: i64 = 402;
+
+/// Methods that are session plumbing, discovery or listing: free on an MCP rule
+/// unless its `methods` table prices them (as are all `notifications/*` and the
+/// client's own responses). A session then pays for its tool calls only.
+pub const FREE_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "server/discover",
+    "tools/list",
+    "resources/list",
+    "resources/templates/list",
+    "prompts/list",
+];
+
+/// Most of an MCP answer kept to find a JSON-RPC error in it: an error answer is
+/// small, and in an event stream the answer to the call comes last.
+pub const ANSWER_TAIL_BYTES: usize = 8192;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct McpPricing {
@@ -25,6 +48,13 @@ pub struct McpPrice {
     /// `"tools/call:search"`, `"tools/list"`, …: what was priced, for the route name.
     pub what: String,
     pub id: Value,
+    /// One `tools/call` (its refusal is a tool result, per x402's MCP transport).
+    pub tool_call: bool,
+    /// One request with an id: its answer can be read for a JSON-RPC error.
+    pub single: bool,
+    /// x402's payment of a single call, from `params._meta["x402/payment"]` (x402's MCP
+    /// transport: the `PaymentPayload` object).
+    pub payment: Option<Value>,
 }
 
 impl McpPricing {
@@ -49,20 +79,30 @@ impl McpPricing {
                     cost,
                     what: format!("batch({})", what.join(",")),
                     id,
+                    tool_call: false,
+                    single: false,
+                    payment: None,
                 }
             }
             Ok(call @ Value::Object(_)) => {
                 let (cost, what) = self.price_one(&call, default);
+                let id = call.get("id").cloned().unwrap_or(Value::Null);
                 McpPrice {
                     cost,
                     what,
-                    id: call.get("id").cloned().unwrap_or(Value::Null),
+                    payment: call.pointer("/params/_meta/x402~1payment").cloned(),
+                    single: !id.is_null(),
+                    tool_call: call.get("method").and_then(Value::as_str) == Some("tools/call"),
+                    id,
                 }
             }
             _ => McpPrice {
                 cost: default,
                 what: "not-json-rpc".into(),
                 id: Value::Null,
+                tool_call: false,
+                single: false,
+                payment: None,
             },
         }
     }
@@ -75,37 +115,149 @@ impl McpPricing {
                 return (cost, format!("tools/call:{tool}"));
             }
         }
-        match self.methods.get(method) {
-            Some(cost) => (*cost, method.to_string()),
-            None => (
-                default,
-                if method.is_empty() {
-                    "unknown".into()
-                } else {
-                    method.to_string()
-                },
-            ),
+        if let Some(cost) = self.methods.get(method) {
+            return (*cost, method.to_string());
+        }
+        if method.is_empty() {
+            // The client answering a server's request (sampling, elicitation, roots).
+            let is_response = call.get("id").is_some()
+                && (call.get("result").is_some() || call.get("error").is_some());
+            return if is_response {
+                (0, "response".into())
+            } else {
+                (default, "unknown".into())
+            };
+        }
+        if FREE_METHODS.contains(&method) || method.starts_with("notifications/") {
+            return (0, method.to_string());
+        }
+        (default, method.to_string())
+    }
+}
+
+/// How an MCP answer is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerKind {
+    Json,
+    EventStream,
+}
+
+impl AnswerKind {
+    pub fn from_content_type(ct: &str) -> Option<AnswerKind> {
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if essence.eq_ignore_ascii_case("application/json") {
+            Some(AnswerKind::Json)
+        } else if essence.eq_ignore_ascii_case("text/event-stream") {
+            Some(AnswerKind::EventStream)
+        } else {
+            None
         }
     }
 }
 
-/// The body of an MCP refusal: a JSON-RPC error response an MCP client can show,
-/// with the problem details (RFC 9457) in `error.data`.
-pub fn error_body(id: &Value, problem: &[u8]) -> Vec<u8> {
+/// Reads the answer to one paid call for a JSON-RPC error (method not found,
+/// invalid params, …): the call was not served, so it is not charged. Only the
+/// last [`ANSWER_TAIL_BYTES`] are kept.
+#[derive(Debug)]
+pub struct AnswerWatch {
+    kind: AnswerKind,
+    id: Value,
+    tail: Vec<u8>,
+    /// More than the tail came: a JSON answer that long is not an error.
+    overflowed: bool,
+}
+
+impl AnswerWatch {
+    pub fn new(kind: AnswerKind, id: Value) -> AnswerWatch {
+        AnswerWatch {
+            kind,
+            id,
+            tail: Vec::new(),
+            overflowed: false,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.tail.extend_from_slice(chunk);
+        if self.tail.len() > ANSWER_TAIL_BYTES {
+            let cut = self.tail.len() - ANSWER_TAIL_BYTES;
+            self.tail.drain(..cut);
+            self.overflowed = true;
+        }
+    }
+
+    /// Whether the answer to the call was a JSON-RPC error.
+    pub fn is_error(&self) -> bool {
+        match self.kind {
+            AnswerKind::Json => {
+                !self.overflowed
+                    && serde_json::from_slice::<Value>(&self.tail)
+                        .is_ok_and(|v| self.is_error_answer(&v))
+            }
+            AnswerKind::EventStream => {
+                let text = String::from_utf8_lossy(&self.tail);
+                // The answer is the last message for this id; a cut-off first event
+                // simply fails to parse.
+                let mut last = None;
+                for event in text.split("\n\n").flat_map(|e| e.split("\r\n\r\n")) {
+                    let data: Vec<&str> = event
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("data:"))
+                        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                        .collect();
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if let Ok(v) = serde_json::from_str::<Value>(&data.join("\n")) {
+                        if v.get("id") == Some(&self.id)
+                            && (v.get("result").is_some() || v.get("error").is_some())
+                        {
+                            last = Some(v);
+                        }
+                    }
+                }
+                last.is_some_and(|v| self.is_error_answer(&v))
+            }
+        }
+    }
+
+    fn is_error_answer(&self, v: &Value) -> bool {
+        v.get("id") == Some(&self.id) && v.get("error").is_some() && v.get("result").is_none()
+    }
+}
+
+/// The body of an MCP refusal, answered with HTTP 200 so that clients read it (the
+/// TypeScript SDK turns any other status into a transport error without the body):
+/// - an unpaid `tools/call` gets a tool result with `isError: true`, its text saying
+///   the price, the balance and what to do, and `structuredContent` holding the
+///   problem (RFC 9457) with x402's `PaymentRequired` fields when payments are offered
+///   (x402's MCP transport);
+/// - any other refusal is a JSON-RPC error, code [`PAYMENT_REQUIRED_CODE`] or the
+///   HTTP status, its message saying the same, the problem in `error.data`.
+pub fn refusal_body(id: &Value, tool_call: bool, problem: &[u8], x402: Option<&Value>) -> Vec<u8> {
     let data = serde_json::from_slice::<Value>(problem).unwrap_or(Value::Object(Map::new()));
-    let message = data
-        .get("title")
-        .and_then(Value::as_str)
-        .unwrap_or("Payment Required")
-        .to_string();
-    let code = match data.get("status").and_then(Value::as_u64) {
-        Some(402) => PAYMENT_REQUIRED_CODE,
-        // Other refusals (401, 403, 429, 503) use the generic server-error code.
-        _ => -32000,
+    let status = data.get("status").and_then(Value::as_u64).unwrap_or(500);
+    let message = response::summary(&data);
+    let answer = if tool_call && status == 402 {
+        let mut structured = match &data {
+            Value::Object(m) => m.clone(),
+            _ => Map::new(),
+        };
+        if let Some(Value::Object(required)) = x402 {
+            for (k, v) in required {
+                structured.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        json!({"jsonrpc": "2.0", "id": id, "result": {
+            "content": [{"type": "text", "text": message}],
+            "structuredContent": structured,
+            "isError": true,
+        }})
+    } else {
+        json!({"jsonrpc": "2.0", "id": id,
+               "error": {"code": status, "message": message, "data": data}})
     };
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message, "data": data}})
-        .to_string()
-        .into_bytes()
+    answer.to_string().into_bytes()
 }
 
 #[cfg(test)]
@@ -177,19 +329,151 @@ mod tests {
     }
 
     #[test]
-    fn error_body_is_json_rpc_with_the_problem() {
-        let problem = br#"{"type": "t", "title": "Payment Required", "status": 402, "detail": "top up", "price": 5}"#;
-        let v: Value = serde_json::from_slice(&error_body(&json!(9), problem)).unwrap();
-        assert_eq!(v["jsonrpc"], "2.0");
-        assert_eq!(v["id"], 9);
+    fn plumbing_is_free_unless_priced() {
+        let empty = McpPricing::default();
+        for method in [
+            "initialize",
+            "ping",
+            "server/discover",
+            "tools/list",
+            "resources/list",
+            "resources/templates/list",
+            "prompts/list",
+            "notifications/initialized",
+            "notifications/cancelled",
+        ] {
+            let body = json!({"jsonrpc": "2.0", "id": 1, "method": method});
+            let p = empty.price(body.to_string().as_bytes(), 3);
+            assert_eq!((p.cost, p.what.as_str()), (0, method), "{method}");
+        }
+        // The client's answer to a server request is free; a message that is neither
+        // request nor answer is not.
+        let answer = json!({"jsonrpc": "2.0", "id": 4, "result": {}});
+        assert_eq!(empty.price(answer.to_string().as_bytes(), 3).cost, 0);
+        assert_eq!(empty.price(br#"{"id": 4}"#, 3).cost, 3);
+        // Not plumbing: priced at the rule's cost.
+        for method in ["resources/read", "prompts/get", "completion/complete"] {
+            let body = json!({"jsonrpc": "2.0", "id": 1, "method": method});
+            assert_eq!(empty.price(body.to_string().as_bytes(), 3).cost, 3);
+        }
+        // An explicit price wins.
+        let priced = McpPricing {
+            methods: [("ping".to_string(), 2), ("tools/list".to_string(), 1)].into(),
+            tools: BTreeMap::new(),
+        };
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"});
+        assert_eq!(priced.price(body.to_string().as_bytes(), 3).cost, 2);
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+        assert_eq!(priced.price(body.to_string().as_bytes(), 3).cost, 1);
+    }
+
+    #[test]
+    fn single_calls_and_tool_calls_are_told_apart() {
+        let p = pricing();
+        let one = p.price(
+            br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"search"}}"#,
+            1,
+        );
+        assert!(one.single && one.tool_call);
+        let note = p.price(
+            br#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"search"}}"#,
+            1,
+        );
+        assert!(!note.single, "no id: nothing answers it");
+        let batch = p.price(
+            br#"[{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"search"}}]"#,
+            1,
+        );
+        assert!(!batch.single && !batch.tool_call);
+        let paid = p.price(br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"search","_meta":{"x402/payment":{"x402Version":2}}}}"#, 1);
+        assert_eq!(paid.payment, Some(json!({"x402Version": 2})));
+        assert_eq!(one.payment, None);
+    }
+
+    fn watch(kind: AnswerKind, id: Value, chunks: &[&str]) -> bool {
+        let mut w = AnswerWatch::new(kind, id);
+        for c in chunks {
+            w.feed(c.as_bytes());
+        }
+        w.is_error()
+    }
+
+    #[test]
+    fn error_answers_are_found_in_json_and_event_streams() {
+        let err =
+            r#"{"jsonrpc":"2.0","id":7,"error":{"code":-32601,"message":"Method not found"}}"#;
+        let ok = r#"{"jsonrpc":"2.0","id":7,"result":{"content":[],"isError":false}}"#;
+        assert!(watch(AnswerKind::Json, json!(7), &[&err[..20], &err[20..]]));
+        assert!(!watch(AnswerKind::Json, json!(7), &[ok]));
+        assert!(!watch(AnswerKind::Json, json!(8), &[err]), "another id");
+        assert!(!watch(AnswerKind::Json, json!(7), &["not json"]));
+        // A tool that failed is still a served call.
+        let tool_error = r#"{"jsonrpc":"2.0","id":7,"result":{"content":[],"isError":true}}"#;
+        assert!(!watch(AnswerKind::Json, json!(7), &[tool_error]));
+        let sse = format!(
+            "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}}\n\nevent: message\ndata: {err}\n\n"
+        );
+        assert!(watch(AnswerKind::EventStream, json!(7), &[&sse]));
+        let sse_ok = format!("data: {ok}\r\n\r\n");
+        assert!(!watch(AnswerKind::EventStream, json!(7), &[&sse_ok]));
+        // A long answer keeps only its tail: a long JSON answer is no error.
+        let long = format!(
+            r#"{{"jsonrpc":"2.0","id":7,"error":{{"code":-32602,"message":"{}"}}}}"#,
+            "x".repeat(ANSWER_TAIL_BYTES)
+        );
+        assert!(!watch(AnswerKind::Json, json!(7), &[&long]));
+        let mut w = AnswerWatch::new(AnswerKind::EventStream, json!(7));
+        for _ in 0..100 {
+            w.feed(format!("data: {}\n\n", "y".repeat(500)).as_bytes());
+        }
+        w.feed(format!("data: {err}\n\n").as_bytes());
+        assert!(w.is_error() && w.tail.len() <= ANSWER_TAIL_BYTES);
+        assert_eq!(
+            AnswerKind::from_content_type("text/event-stream; charset=utf-8"),
+            Some(AnswerKind::EventStream)
+        );
+        assert_eq!(AnswerKind::from_content_type("text/html"), None);
+    }
+
+    #[test]
+    fn refusals_are_tool_results_or_json_rpc_errors() {
+        let problem = br#"{"type": "t", "title": "Payment Required", "status": 402, "detail": "top up", "price": 5, "balance": 1}"#;
+        let x402 = json!({"x402Version": 2, "accepts": [{"scheme": "exact"}]});
+        let v: Value =
+            serde_json::from_slice(&refusal_body(&json!(9), true, problem, Some(&x402))).unwrap();
+        assert_eq!(
+            (v["jsonrpc"].clone(), v["id"].clone()),
+            (json!("2.0"), json!(9))
+        );
+        assert_eq!(v["result"]["isError"], true);
+        let text = "Payment Required: top up (price 5, balance 1)";
+        assert_eq!(v["result"]["content"][0]["text"], text);
+        assert_eq!(v["result"]["structuredContent"]["price"], 5);
+        assert_eq!(v["result"]["structuredContent"]["x402Version"], 2);
+        assert_eq!(
+            v["result"]["structuredContent"]["accepts"][0]["scheme"],
+            "exact"
+        );
+
+        let v: Value =
+            serde_json::from_slice(&refusal_body(&json!("r"), false, problem, None)).unwrap();
         assert_eq!(v["error"]["code"], PAYMENT_REQUIRED_CODE);
-        assert_eq!(v["error"]["message"], "Payment Required");
-        assert_eq!(v["error"]["data"]["price"], 5);
-        let v: Value = serde_json::from_slice(&error_body(
+        assert_eq!(v["error"]["message"], text);
+        assert_eq!(v["error"]["data"]["balance"], 1);
+
+        let v: Value = serde_json::from_slice(&refusal_body(
             &Value::Null,
-            br#"{"status": 503, "title": "Service Unavailable"}"#,
+            true,
+            br#"{"status": 503, "title": "Service Unavailable", "detail": "try again later"}"#,
+            None,
         ))
         .unwrap();
-        assert_eq!(v["error"]["code"], -32000);
+        assert_eq!(v["error"]["code"], 503);
+        assert_eq!(
+            v["error"]["message"],
+            "Service Unavailable: try again later"
+        );
+        // The codes stay out of the range JSON-RPC and MCP reserve.
+        assert!(!(-32768..=-32000).contains(&PAYMENT_REQUIRED_CODE));
     }
 }

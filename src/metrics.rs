@@ -50,6 +50,8 @@ metrics! {
     Refunds => "farebox_refunds",
     /// Refund attempts that failed (each attempt counts).
     RefundFailures => "farebox_refund_failures",
+    /// Paid MCP calls the server answered with a JSON-RPC error, given back.
+    McpErrorRefunds => "farebox_mcp_error_refunds",
     /// Leases granted (lease mode).
     LeasesTaken => "farebox_leases_taken",
     /// Leases granted that replaced a lease still held (exhausted or expiring).

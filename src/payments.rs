@@ -84,8 +84,31 @@ pub fn payment_in(header: impl Fn(&str) -> Option<Vec<u8>>) -> Option<Payment> {
     })
 }
 
+/// The payment of an MCP call (x402's MCP transport puts the `PaymentPayload` object in
+/// `params._meta["x402/payment"]`), as the `PAYMENT-SIGNATURE` header would carry it.
+pub fn payment_in_mcp_meta(payload: &Value) -> Option<Payment> {
+    if !payload.is_object() {
+        return None;
+    }
+    let value = encode_x402(payload);
+    (value.len() <= MAX_PAYMENT_LEN).then_some(Payment {
+        scheme: "x402",
+        value,
+    })
+}
+
 /// The `PAYMENT-REQUIRED` header value: base64 of the x402 v2 `PaymentRequired` object.
 pub fn x402_header(offer: &Offer, url: &str, route: &str, error: &str) -> Option<String> {
+    x402_required(offer, url, route, error).map(|required| encode_x402(&required))
+}
+
+/// The `PAYMENT-REQUIRED` header value of a `PaymentRequired` document.
+pub fn encode_x402(required: &Value) -> String {
+    base64(required.to_string().as_bytes(), STANDARD, true)
+}
+
+/// x402's `PaymentRequired` document (the header's content; MCP carries it as is).
+pub fn x402_required(offer: &Offer, url: &str, route: &str, error: &str) -> Option<Value> {
     if offer.accepts.is_empty() {
         return None;
     }
@@ -102,9 +125,7 @@ pub fn x402_header(offer: &Offer, url: &str, route: &str, error: &str) -> Option
         "description": field("description").unwrap_or_else(|| format!("farebox route {route}")),
         "mimeType": field("mimeType").unwrap_or_else(|| "application/json".to_string()),
     });
-    let required =
-        json!({"x402Version": 2, "error": error, "resource": resource, "accepts": offer.accepts});
-    Some(base64(required.to_string().as_bytes(), STANDARD, true))
+    Some(json!({"x402Version": 2, "error": error, "resource": resource, "accepts": offer.accepts}))
 }
 
 /// One `WWW-Authenticate: Payment …` value per challenge the service gave, per

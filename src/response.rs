@@ -173,9 +173,62 @@ pub fn too_large(cfg: &Config, detail: &str) -> Reply {
     )
 }
 
-/// The same refusal with a JSON-RPC error body (MCP clients show `error.message`).
+/// "Payment Required: <detail> (price 5, balance 1)": a refusal in one line for a
+/// person, as clients that show only a message (MCP's, OpenAI's) display it.
+pub fn summary(problem: &Value) -> String {
+    let text = |k: &str| problem.get(k).and_then(Value::as_str);
+    let mut message = text("title").unwrap_or("Refused").to_string();
+    if let Some(detail) = text("detail") {
+        message.push_str(": ");
+        message.push_str(detail);
+    }
+    let numbers: Vec<String> = ["price", "balance"]
+        .iter()
+        .filter_map(|k| {
+            problem
+                .get(*k)
+                .and_then(Value::as_i64)
+                .map(|n| format!("{k} {n}"))
+        })
+        .collect();
+    if !numbers.is_empty() {
+        message.push_str(&format!(" ({})", numbers.join(", ")));
+    }
+    message
+}
+
+/// The same refusal with OpenAI's `error: {message, type, code}` beside the problem
+/// fields (RFC 9457 allows extension members): OpenAI's SDKs build the exception's
+/// message, `type` and `code` from `error`, and show only the status without it.
+pub fn with_openai_error(reply: &Reply) -> Reply {
+    let Ok(Value::Object(mut problem)) = serde_json::from_slice::<Value>(&reply.body) else {
+        return reply.clone();
+    };
+    let (kind, code) = match reply.status {
+        401 => ("invalid_request_error", "invalid_api_key"),
+        402 => ("insufficient_quota", "payment_required"),
+        403 => ("permission_error", "forbidden"),
+        413 => ("invalid_request_error", "content_too_large"),
+        429 => ("rate_limit_error", "rate_limit_exceeded"),
+        _ => ("server_error", "service_unavailable"),
+    };
+    let message = summary(&Value::Object(problem.clone()));
+    problem.insert(
+        "error".into(),
+        serde_json::json!({"message": message, "type": kind, "code": code}),
+    );
+    let mut out = reply.clone();
+    out.body = Value::Object(problem).to_string().into_bytes();
+    out
+}
+
+/// The same refusal as a JSON-RPC answer (see [`crate::mcp::refusal_body`]), with HTTP
+/// status 200: MCP clients read the JSON-RPC answer only from a 2xx (the TypeScript SDK
+/// turns any other status into a transport error that has lost the body). The refusal's
+/// status stays in the body; its headers (`retry-after`, `payment-required`) are kept.
 pub fn as_json_rpc(reply: &Reply, body: &[u8]) -> Reply {
     let mut out = reply.clone();
+    out.status = 200;
     for (k, v) in out.headers.iter_mut() {
         if *k == "content-type" {
             *v = "application/json".to_string();

@@ -735,6 +735,7 @@ fn shipped_configs_keep_the_billing_settings() {
             "merge_slashes: true",
             "use_remote_address: true",
             "preserve_external_request_id: false",
+            "always_set_request_id_in_response: true",
         ] {
             assert!(has(line), "{name}: missing `{line}`");
         }

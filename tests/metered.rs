@@ -86,9 +86,9 @@ fn charges_by_id(s: &Stack) -> std::collections::HashMap<String, Value> {
     ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
 )]
 fn mcp_session_is_priced_per_tool_and_method() {
-    let routes = json!([{"name": "mcp", "methods": ["POST"], "exact": "/mcp", "cost": 1,
-        "mcp": {"methods": {"initialize": 0, "notifications/initialized": 0, "tools/list": 0},
-                "tools": {"search": 5, "fetch": 2}}}]);
+    // The README's rule: plumbing, discovery and listing are free without naming them.
+    let routes = json!([{"name": "mcp", "exact": "/mcp", "cost": 1,
+        "mcp": {"tools": {"search": 5, "fetch": 2}}}]);
     let (s, _mcp) =
         stack_with_upstream("mcp", "farebox-mcp", plugin(routes), BalanceOpts::default());
     s.balance().create_account(ACCOUNT, KEY, 100);
@@ -123,6 +123,16 @@ fn mcp_session_is_priced_per_tool_and_method() {
         None,
     );
     assert_eq!(list.status, 200, "{}", list.text());
+    // ping, discovery (the mock answers -32601), the event stream (405 here) and
+    // closing the session: all free, with or without a credential.
+    for (method, key) in [("ping", None), ("server/discover", Some(KEY))] {
+        let r = rpc(json!({"jsonrpc": "2.0", "id": 3, "method": method}), key);
+        assert_eq!(r.status, 200, "{method}: {}", r.text());
+    }
+    for method in ["GET", "DELETE"] {
+        let r = s.request(method, "/mcp", &[("x-api-key", KEY)], b"");
+        assert_eq!(r.status, 405, "{method} reaches the server: {}", r.text());
+    }
     assert_eq!(s.balance().authorize_calls(), 0);
 
     // Priced tools: 3 × search (5), 2 × fetch (2), 1 × echo (the rule's 1).
@@ -163,18 +173,58 @@ fn mcp_session_is_priced_per_tool_and_method() {
         "{routes:?}"
     );
 
-    // A call the account cannot pay: 402, with a JSON-RPC error the MCP client can show.
+    // A paid call the server answers with a JSON-RPC error (an unknown tool: -32602)
+    // is charged, then given back.
+    let r = rpc(call(50, "nope"), Some(KEY));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], -32602);
+    let acct = wait_until_account(&s, |a| num(a, "refunded") == 1);
+    assert_eq!(
+        (
+            num(&acct, "charged"),
+            num(&acct, "refunded"),
+            num(&acct, "balance")
+        ),
+        (20, 1, 80),
+        "{acct}: charged is net of refunds"
+    );
+
+    // A tool call the account cannot pay: HTTP 200 (MCP clients read only a 2xx) and a
+    // tool result with isError, the PaymentRequired in structuredContent (x402's MCP
+    // transport); the text says price, balance and why.
     s.balance().create_account("acct-poor", "fbk-poor", 3);
     let r = rpc(call(99, "search"), Some("fbk-poor"));
-    assert_eq!(r.status, 402);
+    assert_eq!(r.status, 200, "{}", r.text());
     let body = r.json();
     assert_eq!(
         (body["jsonrpc"].clone(), body["id"].clone()),
         (json!("2.0"), json!(99))
     );
-    assert_eq!(body["error"]["code"], -32042);
-    assert_eq!(body["error"]["data"]["price"], 5);
-    assert_eq!(body["error"]["data"]["route"], "mcp/tools/call:search");
+    assert_eq!(body["result"]["isError"], true, "{body}");
+    let text = body["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("Payment Required: ") && text.ends_with("(price 5, balance 3)"),
+        "{text}"
+    );
+    let problem = &body["result"]["structuredContent"];
+    assert_eq!(
+        (problem["status"].clone(), problem["price"].clone()),
+        (json!(402), json!(5))
+    );
+    assert_eq!(problem["route"], "mcp/tools/call:search");
+    // Other refusals are JSON-RPC errors whose code is the refusal's HTTP status (402
+    // for payment, 401 here for an unknown key): outside JSON-RPC's and MCP's ranges.
+    let r = rpc(
+        json!({"jsonrpc": "2.0", "id": 100, "method": "resources/read", "params": {"uri": "x"}}),
+        Some("fbk-poor-none"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let err = &r.json()["error"];
+    assert_eq!(err["code"], 401, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().starts_with("Unauthorized"),
+        "{err}"
+    );
 
     // A body over max_body_bytes (default 64 KiB) is refused before any callout.
     let huge = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "search", "arguments": {"q": "x".repeat(70_000)}}});
@@ -186,6 +236,17 @@ fn mcp_session_is_priced_per_tool_and_method() {
         20,
         "the ledger is exact"
     );
+}
+
+/// Polls the account until `done` holds (refunds reach the ledger asynchronously).
+fn wait_until_account(s: &Stack, done: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    let ok = wait_until(Duration::from_secs(5), || {
+        last = s.balance().account(ACCOUNT);
+        done(&last)
+    });
+    assert!(ok, "account never got there: {last}");
+    last
 }
 
 fn chat(s: &Stack, body: Value, extra: &[(&str, &str)]) -> Response {
@@ -483,4 +544,190 @@ fn browsers_get_a_page_for_402() {
     );
     let r = s.get("/v1/data", &[("x-api-key", KEY)]);
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
+}
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn llm_refusals_are_openai_errors_and_carry_the_request_id() {
+    let routes = json!([{"name": "chat", "exact": "/v1/chat/completions",
+        "usage": {"json_pointer": "/usage/total_tokens", "unit_cost": 2, "estimate": 1000}}]);
+    let (s, _llm) = stack_with_upstream(
+        "llm-errors",
+        "farebox-llm",
+        plugin(routes),
+        BalanceOpts::default(),
+    );
+    s.balance().create_account(ACCOUNT, KEY, 100);
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let r = chat(&s, body.clone(), &[]);
+    assert_eq!(r.status, 402, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["status"].clone(), v["price"].clone()),
+        (json!(402), json!(1000))
+    );
+    assert_eq!(v["error"]["type"], "insufficient_quota");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Payment Required: ") && message.ends_with("(price 1000, balance 100)"),
+        "{message}"
+    );
+    assert!(
+        r.header("x-request-id").is_some_and(|id| !id.is_empty()),
+        "{:?}",
+        r.headers
+    );
+    // A served call's x-request-id is its ledger row's.
+    s.balance().create_account("acct-rich", "fbk-rich", 100_000);
+    let r = s.request(
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("x-api-key", "fbk-rich"),
+            ("content-type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.header("x-request-id").unwrap().to_string();
+    let ok = wait_until(Duration::from_secs(5), || {
+        s.balance()
+            .charges("acct-rich")
+            .iter()
+            .any(|c| c["request_id"] == id.as_str())
+    });
+    assert!(ok, "no ledger row for request {id}");
+    let r = s.request(
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        b"{}",
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+}
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn mcp_pays_with_x402_in_meta() {
+    // x402's MCP transport: the offer in the tool result's structuredContent, the payment
+    // in params._meta["x402/payment"].
+    let routes = json!([{"name": "mcp", "exact": "/mcp", "cost": 1,
+        "mcp": {"tools": {"search": 5}}}]);
+    let mut c = plugin(routes);
+    c["anonymous"] = json!(true);
+    let x402 = [
+        "--x402-pay-to",
+        "0xPayTo",
+        "--x402-network",
+        "base-sepolia",
+        "--x402-asset",
+        "0xUSDC",
+        "--x402-amount-per-unit",
+        "1000",
+    ];
+    let opts = BalanceOpts {
+        extra_args: x402.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let (s, _mcp) = stack_with_upstream("mcp-x402", "farebox-mcp", c, opts);
+    let call = |meta: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+            "params": {"name": "search", "arguments": {"query": "x"}, "_meta": meta}});
+        s.request(
+            "POST",
+            "/mcp",
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let r = call(json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let result = &r.json()["result"];
+    assert_eq!(result["isError"], true, "{result}");
+    let required = &result["structuredContent"];
+    assert_eq!(required["x402Version"], 2, "{required}");
+    assert_eq!(required["accepts"][0]["payTo"], "0xPayTo", "{required}");
+    assert_eq!(required["accepts"][0]["amount"], "5000", "{required}");
+    assert_eq!(required["price"], 5, "{required}");
+
+    let r = call(json!({"x402/payment": {"x402Version": 2, "payload": {"demo": "paid"}}}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["result"]["isError"], false, "{}", r.text());
+    let settlement: Value = serde_json::from_slice(&base64_decode(
+        r.header("payment-response").expect("PAYMENT-RESPONSE"),
+    ))
+    .unwrap();
+    assert_eq!(settlement["success"], true);
+    assert_eq!(num(&s.balance().account("payer_demo"), "charged"), 5);
+}
+
+/// The README's recipe: farebox pays with the client's key, then Envoy's credential
+/// injector replaces it with the upstream's own, so the client's key never reaches it.
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn the_upstream_key_replaces_the_clients() {
+    let dir = TempDir::new("key-injector");
+    let balance = BalanceService::start(dir.path(), &BalanceOpts::default());
+    balance.create_account(ACCOUNT, KEY, 100);
+    let echo = Echo::start(dir.path());
+    let mut cfg = plugin(json!([{"name": "chat", "exact": "/v1/chat/completions", "cost": 3}]));
+    cfg["credential"] = json!({"source": "bearer"});
+    let mut opts = EnvoyOpts::new(&cfg, balance.addr, echo.addr);
+    opts.replacements = vec![
+        (
+            "static_resources:\n".to_string(),
+            "static_resources:\n  secrets:\n    - name: upstream-llm-key\n      generic_secret: {secret: {inline_string: \"Bearer sk-upstream-example\"}}\n".to_string(),
+        ),
+        (
+            "                  - name: envoy.filters.http.router\n".to_string(),
+            r#"                  - name: envoy.filters.http.credential_injector
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector
+                      overwrite: true
+                      credential:
+                        name: envoy.http.injected_credentials.generic
+                        typed_config:
+                          "@type": type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic
+                          credential: {name: upstream-llm-key}
+                          header: Authorization
+                  - name: envoy.filters.http.router
+"#
+            .to_string(),
+        ),
+    ];
+    let envoy = Envoy::start(dir.path(), &opts);
+    let bearer = format!("Bearer {KEY}");
+    let r = http(
+        envoy.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        echoed_header_values(&r, "authorization"),
+        vec!["Bearer sk-upstream-example".to_string()],
+        "the upstream sees its own key only"
+    );
+    assert_eq!(
+        num(&balance.account(ACCOUNT), "charged"),
+        3,
+        "paid with the client's key"
+    );
+    let r = http(envoy.addr, "POST", "/v1/chat/completions", &[], b"{}");
+    assert_eq!(r.status, 401, "no key: farebox refuses before the injector");
 }

@@ -1082,7 +1082,7 @@ mod metered_and_paid {
             (call.body["cost"].clone(), call.body["route"].clone()),
             (json!(5), json!("mcp/tools/call:search"))
         );
-        // Refused: a 402 whose body is a JSON-RPC error an MCP client can show.
+        // Refused: HTTP 200 with a tool result an MCP client shows (x402's MCP transport).
         gate.on_callout_response(
             &host,
             call.token,
@@ -1093,7 +1093,7 @@ mod metered_and_paid {
             ),
         );
         let reply = host.reply().unwrap();
-        assert_eq!(reply.status, 402);
+        assert_eq!(reply.status, 200, "MCP clients read only a 2xx");
         assert_eq!(
             reply_header(&host, "content-type").as_deref(),
             Some("application/json")
@@ -1101,8 +1101,163 @@ mod metered_and_paid {
         let body = reply_body(&host);
         assert_eq!(body["jsonrpc"], "2.0");
         assert_eq!(body["id"], 42);
+        assert_eq!(body["result"]["isError"], true);
+        assert_eq!(
+            body["result"]["content"][0]["text"],
+            "Payment Required: top up (price 5, balance 1)"
+        );
+        assert_eq!(body["result"]["structuredContent"]["status"], 402);
+        assert_eq!(body["result"]["structuredContent"]["price"], 5);
+
+        // Another priced method: a JSON-RPC error, code 402.
+        let read = json!({"jsonrpc": "2.0", "id": "r1", "method": "resources/read"});
+        let (host, mut gate, _) = mcp_call(&fx, read);
+        let call = host.last_call();
+        gate.on_callout_response(
+            &host,
+            call.token,
+            &answer(
+                402,
+                &[],
+                json!({"balance": 0, "price": 1, "detail": "top up"}),
+            ),
+        );
+        let body = reply_body(&host);
+        assert_eq!(host.reply().unwrap().status, 200);
+        assert_eq!(body["id"], "r1");
         assert_eq!(body["error"]["code"], crate::mcp::PAYMENT_REQUIRED_CODE);
-        assert_eq!(body["error"]["data"]["price"], 5);
+        assert_eq!(
+            body["error"]["message"],
+            "Payment Required: top up (price 1, balance 0)"
+        );
+        assert_eq!(body["error"]["data"]["price"], 1);
+    }
+
+    #[test]
+    fn mcp_plumbing_is_free() {
+        let fx = Fixture::new(
+            r#"{"cluster": "balance", "routes": [
+            {"name": "mcp", "exact": "/mcp", "cost": 1, "mcp": {"tools": {"search": 5}}}]}"#,
+        );
+        // GET (the event stream) and DELETE (closing the session) need no credential.
+        for method in ["GET", "DELETE"] {
+            let host = FakeHost::request(method, "/mcp", &[]);
+            let mut gate = fx.gate();
+            assert_eq!(gate.on_request_headers(&host), Flow::Continue, "{method}");
+            assert!(host.calls.borrow().is_empty(), "{method}: no callout");
+            assert_eq!(host.count_of(Metric::Free), 1);
+        }
+        for method in [
+            "ping",
+            "server/discover",
+            "initialize",
+            "prompts/list",
+            "notifications/initialized",
+        ] {
+            let (host, _, flow) =
+                mcp_call(&fx, json!({"jsonrpc": "2.0", "id": 1, "method": method}));
+            assert_eq!(flow, Flow::Continue, "{method}");
+            assert!(host.calls.borrow().is_empty(), "{method}: no callout");
+        }
+        // A rule before the MCP rule prices GET when an operator wants it priced.
+        let fx = Fixture::new(
+            r#"{"cluster": "balance", "routes": [
+            {"name": "mcp-stream", "methods": ["GET"], "exact": "/mcp", "cost": 2},
+            {"name": "mcp", "exact": "/mcp", "cost": 1, "mcp": {"methods": {"ping": 1}}}]}"#,
+        );
+        let host = FakeHost::request("GET", "/mcp", &[("x-api-key", "k")]);
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        assert_eq!(host.last_call().body["cost"], 2);
+        let (host, _, flow) = mcp_call(&fx, json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}));
+        assert_eq!(flow, Flow::Pause, "ping priced explicitly");
+        assert_eq!(host.last_call().body["cost"], 1);
+    }
+
+    /// A paid MCP call, allowed, then answered by the upstream with `body`.
+    fn mcp_answered(fx: &Fixture, content_type: &str, body: &str) -> FakeHost {
+        let call = json!({"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {"name": "search"}});
+        let (host, mut gate, flow) = mcp_call(fx, call);
+        assert_eq!(flow, Flow::Pause);
+        respond(&mut gate, &host, host.last_call().token, &allow("acct", 95));
+        host.set_status(200);
+        host.response_headers
+            .borrow_mut()
+            .push(("content-type".into(), content_type.as_bytes().to_vec()));
+        gate.on_response_headers(&host);
+        let bytes = body.as_bytes();
+        let half = bytes.len() / 2;
+        for (chunk, eos) in [(&bytes[..half], false), (&bytes[half..], true)] {
+            *host.response_chunk.borrow_mut() = chunk.to_vec();
+            gate.on_response_body(&host, chunk.len(), eos);
+        }
+        host
+    }
+
+    #[test]
+    fn mcp_json_rpc_errors_are_not_charged() {
+        let fx = Fixture::new(CFG);
+        let err = r#"{"jsonrpc":"2.0","id":42,"error":{"code":-32602,"message":"Unknown tool"}}"#;
+        let host = mcp_answered(&fx, "application/json", err);
+        assert_eq!(fx.queued_refunds(), 1);
+        assert_eq!(host.count_of(Metric::McpErrorRefunds), 1);
+        let sse = format!("event: message\ndata: {err}\n\n");
+        mcp_answered(&fx, "text/event-stream", &sse);
+        assert_eq!(fx.queued_refunds(), 2);
+        // Served calls, even a tool's own error, are charged.
+        let ok = r#"{"jsonrpc":"2.0","id":42,"result":{"content":[],"isError":true}}"#;
+        let host = mcp_answered(&fx, "application/json", ok);
+        assert_eq!(fx.queued_refunds(), 2);
+        assert_eq!(host.count_of(Metric::McpErrorRefunds), 0);
+    }
+
+    #[test]
+    fn usage_routes_answer_openai_errors_beside_the_problem() {
+        let fx = Fixture::new(CFG);
+        let host = FakeHost::request("POST", "/v1/chat/completions", &[("x-api-key", "k")]);
+        let (host, _) = with_answer(
+            &fx,
+            host,
+            answer(
+                402,
+                &[],
+                json!({"balance": 7, "price": 100, "detail": "top up"}),
+            ),
+        );
+        assert_eq!(host.reply().unwrap().status, 402);
+        let body = reply_body(&host);
+        assert_eq!(
+            (body["status"].clone(), body["price"].clone()),
+            (json!(402), json!(100))
+        );
+        assert_eq!(
+            body["error"],
+            json!({"message": "Payment Required: top up (price 100, balance 7)",
+                   "type": "insufficient_quota", "code": "payment_required"})
+        );
+        let host = FakeHost::request("POST", "/v1/chat/completions", &[]);
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        let body = reply_body(&host);
+        assert_eq!(host.reply().unwrap().status, 401);
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Unauthorized: "));
+        // Other routes keep the plain problem.
+        let fx = Fixture::new(CONFIG);
+        let (host, _) = with_answer(
+            &fx,
+            keyed("/anything", "k"),
+            answer(
+                402,
+                &[],
+                json!({"balance": 0, "price": 1, "detail": "top up"}),
+            ),
+        );
+        assert_eq!(host.reply().unwrap().status, 402);
+        assert!(reply_body(&host).get("error").is_none());
     }
 
     #[test]

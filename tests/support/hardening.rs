@@ -180,6 +180,7 @@ pub fn listener(port: u16, plugin: &Value, hcm: &Hcm) -> Value {
                 "use_remote_address": true,
                 "preserve_external_request_id": false,
                 "generate_request_id": true,
+                "always_set_request_id_in_response": true,
                 "internal_address_config": {"unix_sockets": false, "cidr_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 32}]},
                 "route_config": {"name": "local_route", "virtual_hosts": [{"name": "all", "domains": ["*"],
                     "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "15s"}}]}]},
