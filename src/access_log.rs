@@ -34,6 +34,8 @@ pub enum Outcome {
     Refunded,
     /// Answered 413: the body to price was too large.
     TooLarge,
+    /// Answered 400: the request names a model the route's price table refuses.
+    UnknownModel,
     /// The filter has no valid configuration: answered 503.
     Unconfigured,
 }
@@ -52,11 +54,12 @@ impl Outcome {
             Outcome::FailClosed => "fail-closed",
             Outcome::Refunded => "refunded",
             Outcome::TooLarge => "too-large",
+            Outcome::UnknownModel => "unknown-model",
             Outcome::Unconfigured => "unconfigured",
         }
     }
 
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Allow,
         Outcome::Cached,
         Outcome::Deny,
@@ -68,6 +71,7 @@ impl Outcome {
         Outcome::FailClosed,
         Outcome::Refunded,
         Outcome::TooLarge,
+        Outcome::UnknownModel,
         Outcome::Unconfigured,
     ];
 }

@@ -12,6 +12,7 @@ use crate::identity::CredentialSource;
 use crate::mcp::McpPricing;
 use crate::pricing::{PathPattern, Pricing, Route};
 use crate::sha256;
+use crate::tokens::{Api, ModelFrom, PriceTable, Prices, UnknownModel, MAX_MODEL_LEN};
 use crate::usage::UsageSpec;
 
 /// Largest integer every JSON implementation reads exactly (2^53 - 1).
@@ -196,6 +197,20 @@ pub const USAGE_FIELDS: &[&str] = &[
     "output_pointer",
     "output_unit_cost",
     "estimate",
+    "api",
+    "per_tokens",
+    "models",
+    "default_prices",
+    "model_from",
+    "max_hold",
+];
+/// Fields of a model's prices (`usage.models.NAME`, `usage.default_prices`).
+pub const PRICE_FIELDS: &[&str] = &[
+    "input",
+    "cached_input",
+    "cache_creation_input",
+    "output",
+    "reasoning",
 ];
 /// Fields of a route's `mcp`.
 pub const MCP_FIELDS: &[&str] = &["methods", "tools"];
@@ -702,6 +717,45 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
             None => err(obj.field(key), "is required"),
         }
     };
+    let estimate_of = |obj: &Obj| match obj.u64("estimate", 1, MAX_AMOUNT)? {
+        Some(e) => Ok(e),
+        None => err(
+            obj.field("estimate"),
+            "is required (the units held until the response is in)",
+        ),
+    };
+    if obj.get("api").is_some() {
+        if let Some(k) = ["json_pointer", "input_pointer", "output_pointer"]
+            .iter()
+            .find(|k| obj.get(k).is_some())
+        {
+            return err(
+                obj.field(k),
+                "leave it out with api: the api says where usage is",
+            );
+        }
+        let table = parse_price_table(&obj)?;
+        return Ok(UsageSpec {
+            parts: Vec::new(),
+            estimate: estimate_of(&obj)?,
+            table: Some(std::rc::Rc::new(table)),
+        });
+    }
+    if let Some(k) = [
+        "per_tokens",
+        "models",
+        "default_prices",
+        "model_from",
+        "max_hold",
+    ]
+    .iter()
+    .find(|k| obj.get(k).is_some())
+    {
+        return err(
+            obj.field(k),
+            "needs api (the usage shape the prices apply to)",
+        );
+    }
     let parts = if obj.get("json_pointer").is_some() {
         vec![(
             json_pointer(obj.field("json_pointer"), obj.str("json_pointer")?)?,
@@ -739,16 +793,99 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
             );
         }
     }
-    let estimate = match obj.u64("estimate", 1, MAX_AMOUNT)? {
-        Some(e) => e,
-        None => {
+    let estimate = estimate_of(&obj)?;
+    Ok(UsageSpec {
+        parts,
+        estimate,
+        table: None,
+    })
+}
+
+fn parse_price_table(obj: &Obj) -> Result<PriceTable, ConfigError> {
+    let api = match obj.str("api")? {
+        Some(name) => match Api::parse(name) {
+            Some(a) => a,
+            None => {
+                return err(
+                    obj.field("api"),
+                    format!(
+                        "{name:?} is not one of \"openai_chat\", \"openai_responses\", \"openai_embeddings\", \"anthropic_messages\""
+                    ),
+                )
+            }
+        },
+        None => return err(obj.field("api"), "is required"),
+    };
+    let per_tokens = obj.u64("per_tokens", 1, 1_000_000_000)?.unwrap_or(1);
+    let mut models = BTreeMap::new();
+    match obj.get("models") {
+        None => {}
+        Some(Value::Object(m)) => {
+            for (name, prices) in m {
+                let field = format!("{}.{name}", obj.field("models"));
+                if name.is_empty() || name.len() > MAX_MODEL_LEN {
+                    return err(field, format!("a model name is 1 to {MAX_MODEL_LEN} bytes"));
+                }
+                models.insert(name.clone(), parse_prices(prices, &field)?);
+            }
+        }
+        Some(v) => {
             return err(
-                obj.field("estimate"),
-                "is required (the units held until the response is in)",
+                obj.field("models"),
+                format!("must be an object of model: prices, not {}", kind(v)),
+            )
+        }
+    }
+    let unknown = match obj.get("default_prices") {
+        Some(v) => UnknownModel::Default(parse_prices(v, &obj.field("default_prices"))?),
+        None => UnknownModel::Refuse,
+    };
+    if models.is_empty() && unknown == UnknownModel::Refuse {
+        return err(
+            obj.field("models"),
+            "is required with api (or give default_prices)",
+        );
+    }
+    let model_from = match obj.str("model_from")? {
+        None | Some("request") => ModelFrom::Request,
+        Some("response") => ModelFrom::Response,
+        Some(other) => {
+            return err(
+                obj.field("model_from"),
+                format!("{other:?} is not \"request\" or \"response\""),
             )
         }
     };
-    Ok(UsageSpec { parts, estimate })
+    let max_hold = obj.u64("max_hold", 1, MAX_AMOUNT)?.unwrap_or(MAX_AMOUNT);
+    Ok(PriceTable {
+        api,
+        per_tokens,
+        models,
+        unknown,
+        model_from,
+        max_hold,
+    })
+}
+
+/// A model's prices: `input` and `output` required; cached and cache-creation input
+/// cost what input does unless given, reasoning what output does.
+fn parse_prices(v: &Value, path: &str) -> Result<Prices, ConfigError> {
+    let obj = Obj::new(v, path, PRICE_FIELDS)?;
+    let need = |key: &str| match obj.u64(key, 0, MAX_AMOUNT)? {
+        Some(n) => Ok(n),
+        None => err(obj.field(key), "is required"),
+    };
+    let input = need("input")?;
+    let output = need("output")?;
+    Ok(Prices {
+        input,
+        output,
+        cached_input: obj.u64("cached_input", 0, MAX_AMOUNT)?.unwrap_or(input),
+        cache_creation_input: obj
+            .u64("cache_creation_input", 0, MAX_AMOUNT)?
+            .unwrap_or(input),
+        reasoning: obj.u64("reasoning", 0, MAX_AMOUNT)?.unwrap_or(output),
+    })
 }
 
 fn parse_mcp(v: &Value, path: &str) -> Result<McpPricing, ConfigError> {
