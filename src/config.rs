@@ -725,9 +725,16 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
         ),
     };
     if obj.get("api").is_some() {
-        if let Some(k) = ["json_pointer", "input_pointer", "output_pointer"]
-            .iter()
-            .find(|k| obj.get(k).is_some())
+        if let Some(k) = [
+            "json_pointer",
+            "input_pointer",
+            "output_pointer",
+            "unit_cost",
+            "input_unit_cost",
+            "output_unit_cost",
+        ]
+        .iter()
+        .find(|k| obj.get(k).is_some())
         {
             return err(
                 obj.field(k),
@@ -1117,6 +1124,108 @@ mod tests {
         assert_eq!(
             field_of(r#"{"cluster": "b", "anonymous": "yes"}"#),
             "anonymous"
+        );
+    }
+
+    #[test]
+    fn token_price_tables() {
+        let c = parse(
+            r#"{"cluster": "b", "routes": [
+                {"name": "claude", "prefix": "/v1/messages", "usage": {"api": "anthropic_messages", "per_tokens": 1000000,
+                 "models": {"claude-x": {"input": 3000000, "output": 15000000, "cached_input": 300000}},
+                 "max_hold": 5000, "estimate": 100}},
+                {"name": "emb", "prefix": "/v1/embeddings", "usage": {"api": "openai_embeddings",
+                 "default_prices": {"input": 1, "output": 0}, "model_from": "response", "estimate": 1}}
+            ]}"#,
+        )
+        .unwrap();
+        let t = c.pricing.routes[0]
+            .usage
+            .as_ref()
+            .unwrap()
+            .table
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (t.api, t.per_tokens, t.max_hold),
+            (Api::Anthropic, 1_000_000, 5000)
+        );
+        let p = t.models["claude-x"];
+        assert_eq!(
+            (
+                p.input,
+                p.cached_input,
+                p.cache_creation_input,
+                p.output,
+                p.reasoning
+            ),
+            (3_000_000, 300_000, 3_000_000, 15_000_000, 15_000_000),
+            "unset classes default to input and output"
+        );
+        assert_eq!(t.unknown, UnknownModel::Refuse);
+        let e = c.pricing.routes[1]
+            .usage
+            .as_ref()
+            .unwrap()
+            .table
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (e.model_from, e.max_hold),
+            (ModelFrom::Response, MAX_AMOUNT)
+        );
+        assert!(matches!(e.unknown, UnknownModel::Default(_)));
+        assert_eq!(c.pricing.routes[1].cost, 1);
+
+        let r = |usage: &str| {
+            field_of(&format!(
+                r#"{{"cluster": "b", "routes": [{{"name": "a", "prefix": "/", "usage": {usage}}}]}}"#
+            ))
+        };
+        let m = r#""models": {"x": {"input": 1, "output": 1}}"#;
+        assert_eq!(
+            r(&format!(r#"{{"api": "gemini", {m}, "estimate": 1}}"#)),
+            "routes[0].usage.api"
+        );
+        assert_eq!(
+            r(r#"{"api": "openai_chat", "estimate": 1}"#),
+            "routes[0].usage.models"
+        );
+        assert_eq!(
+            r(r#"{"api": "openai_chat", "models": {"x": {"input": 1}}, "estimate": 1}"#),
+            "routes[0].usage.models.x.output"
+        );
+        assert_eq!(
+            r(
+                r#"{"api": "openai_chat", "models": {"x": {"input": 1, "output": 1, "audio": 2}}, "estimate": 1}"#
+            ),
+            "routes[0].usage.models.x.audio"
+        );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_chat", {m}, "unit_cost": 1, "estimate": 1}}"#
+            )),
+            "routes[0].usage.unit_cost"
+        );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_chat", {m}, "model_from": "body", "estimate": 1}}"#
+            )),
+            "routes[0].usage.model_from"
+        );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_chat", {m}, "per_tokens": 0, "estimate": 1}}"#
+            )),
+            "routes[0].usage.per_tokens"
+        );
+        assert_eq!(
+            r(&format!(r#"{{"api": "openai_chat", {m}}}"#)),
+            "routes[0].usage.estimate"
+        );
+        assert_eq!(
+            r(r#"{"json_pointer": "/u", "unit_cost": 1, "models": {}, "estimate": 1}"#),
+            "routes[0].usage.models"
         );
     }
 
