@@ -87,7 +87,9 @@ pub struct Meter {
     buf: Vec<u8>,
     /// The whole JSON body so far fits in `buf`.
     whole: bool,
-    /// SSE: the line being read is longer than `limit`, and is skipped.
+    /// SSE: the line being read is longer than `limit`; `buf` keeps its last `limit`
+    /// bytes, where its usage is read (the Responses API's final event carries the
+    /// whole output before its usage).
     skipping: bool,
     /// SSE: the cost of the last event that carried usage.
     last: Option<u64>,
@@ -139,22 +141,35 @@ impl Meter {
             BodyKind::EventStream => {
                 for piece in chunk.split_inclusive(|b| *b == b'\n') {
                     let complete = piece.last() == Some(&b'\n');
-                    if !self.skipping {
-                        self.buf.extend_from_slice(piece);
-                        if self.buf.len() > self.limit {
-                            self.buf.clear();
-                            self.skipping = true;
-                        }
+                    let keep = piece
+                        .get(piece.len().saturating_sub(self.limit)..)
+                        .unwrap_or(piece);
+                    self.buf.extend_from_slice(keep);
+                    if keep.len() < piece.len() {
+                        self.skipping = true;
+                    }
+                    if self.buf.len() > self.limit {
+                        let cut = self.buf.len() - self.limit;
+                        self.buf.drain(..cut);
+                        self.skipping = true;
                     }
                     if complete {
-                        if !self.skipping {
-                            let line = std::mem::take(&mut self.buf);
-                            self.event_line(&line);
-                        }
-                        self.skipping = false;
+                        let line = std::mem::take(&mut self.buf);
+                        self.end_line(&line);
                     }
                 }
             }
+        }
+    }
+
+    /// A whole line, or the tail of one longer than the limit.
+    fn end_line(&mut self, line: &[u8]) {
+        if std::mem::take(&mut self.skipping) {
+            if let Some(cost) = self.tail_cost(line) {
+                self.last = Some(cost);
+            }
+        } else {
+            self.event_line(line);
         }
     }
 
@@ -234,9 +249,7 @@ impl Meter {
         match self.kind {
             BodyKind::EventStream => {
                 let rest = std::mem::take(&mut self.buf);
-                if !self.skipping {
-                    self.event_line(&rest);
-                }
+                self.end_line(&rest);
                 if self.spec.table.is_some() {
                     return self.table_cost();
                 }
@@ -252,20 +265,21 @@ impl Meter {
                         return self.spec.cost_of(&doc);
                     }
                 }
-                self.read_tail()
+                let tail = std::mem::take(&mut self.buf);
+                self.tail_cost(&tail)
             }
         }
     }
 
-    /// The body was larger than the tail: find the last `"usage":` in it and read
-    /// just that value, then the rest of each pointer inside it.
-    fn read_tail(&mut self) -> Option<u64> {
-        let value = value_after(&self.buf, self.anchor.as_bytes())?;
+    /// The body (or an event line) was larger than the tail: find the last `"usage":`
+    /// in it and read just that value, then the rest of each pointer inside it.
+    fn tail_cost(&mut self, tail: &[u8]) -> Option<u64> {
+        let value = value_after(tail, self.anchor.as_bytes())?;
         let key = self.anchor.trim_matches('"').to_string();
         let mut doc = serde_json::Map::new();
         doc.insert(key, value);
         if self.spec.table.is_some() {
-            if let Some(model) = value_after(&self.buf, b"\"model\"") {
+            if let Some(model) = value_after(tail, b"\"model\"") {
                 doc.insert("model".to_string(), model);
             }
             self.take_doc(&Value::Object(doc));
@@ -278,6 +292,9 @@ impl Meter {
 /// The JSON value after the last `key` (a quoted member name) in `buf`.
 fn value_after(buf: &[u8], key: &[u8]) -> Option<Value> {
     let at = rfind(buf, key)?;
+    if at > 0 && buf.get(at - 1) == Some(&b'\\') {
+        return None; // inside a string: `\"usage\"`
+    }
     let after = buf.get(at + key.len()..)?;
     let colon = after.iter().position(|b| !b.is_ascii_whitespace())?;
     if after.get(colon) != Some(&b':') {
@@ -588,6 +605,18 @@ mod tests {
             json!({"id": "r", "object": "response", "model": "m", "output": [], "usage": usage})
                 .to_string();
         same_whatever_the_chunking(&spec, BodyKind::Json, &json_body, "m", Some(want));
+        // A final event larger than the limit (its output is 300 KB): read from its tail.
+        let big = sse(&[(
+            "response.completed",
+            json!({"type": "response.completed", "response": {"model": "m", "output": [{"text": "w".repeat(300_000)}], "usage": usage}}),
+        )]);
+        for piece in [1000, 65_536, big.len()] {
+            let mut m =
+                Meter::for_model(BodyKind::EventStream, spec.clone(), 4096, Some("m".into()));
+            feed_in_pieces(&mut m, big.as_bytes(), piece);
+            assert!(m.buf.len() <= 4096);
+            assert_eq!(m.finish(), Some(want), "piece {piece}");
+        }
         // Interrupted before the final event: nothing reported.
         let cut = sse(&[(
             "response.created",
