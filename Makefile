@@ -14,6 +14,7 @@
 #   make istio-check   deploy/istio against Istio's resource models (registry package)
 #   make k8s-check     deploy/balance-service against Kubernetes' schemas (registry package)
 #   make kong-meta     deploy/kong/farebox.meta.json from schema/farebox.schema.json
+#   make llm-clients  the official anthropic and openai Python clients in .venv-llm (for tests/llm_apis.rs)
 #   make lint      rustfmt and clippy (host and wasm targets)
 #   make fuzz      the cargo-fuzz targets in fuzz/, FUZZ_TIME seconds each (not in `make test`)
 #   make clean     build outputs (make distclean also removes .venv)
@@ -42,6 +43,13 @@ ISTIO_MODELS_STAMP := $(VENV)/.cloudcoil-models-istio-$(ISTIO_MODELS_VERSION)
 K8S_VALIDATE_VERSION := 1.37.0
 K8S_VALIDATE_STAMP := $(VENV)/.kubernetes-validate-$(K8S_VALIDATE_VERSION)
 
+# The official LLM API clients that tests/llm_apis.rs drives through Envoy, in their own
+# venv. A failed install fails `make test` under CI=true; elsewhere it is said in one line
+# and the test reports itself SKIPPED.
+VENV_LLM := .venv-llm
+VENV_LLM_STAMP := $(VENV_LLM)/.llm-clients-anthropic-2.15.0-openai-3.57.0
+LLM_CLIENTS := anthropic==2.15.0 openai==3.57.0
+
 # The OCI image: tag (default: the crate version) and where it will be pushed (only used
 # to render build/oci/wasmplugin.yaml).
 CRATE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
@@ -55,6 +63,7 @@ else
 ENVOY_BIN := $(ENVOY)
 endif
 
+.PHONY: llm-clients
 .PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench clean distclean \
 	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz
 
@@ -121,7 +130,19 @@ run-func-e: build services
 	  \`make run\`" >&2; exit 1; }
 	env -u ENVOY -u ENVOY_BIN ./scripts/run-demo.sh
 
-test: build envoy services
+$(VENV_LLM_STAMP):
+	@if { test -x $(VENV_LLM)/bin/python || $(PYTHON) -m venv $(VENV_LLM); } && \
+	    $(VENV_LLM)/bin/pip install --disable-pip-version-check --quiet $(LLM_CLIENTS); then \
+	  touch $@; \
+	elif [ "$${CI:-}" = true ]; then \
+	  echo "llm-clients: FAILED to install $(LLM_CLIENTS) into $(VENV_LLM)" >&2; exit 1; \
+	else \
+	  echo "llm-clients: could not install $(LLM_CLIENTS) into $(VENV_LLM); tests/llm_apis.rs will be SKIPPED"; \
+	fi
+
+llm-clients: $(VENV_LLM_STAMP)
+
+test: build envoy services llm-clients
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" FAREBOX_PYTHON="$(PYTHON)" \
 	  $(CARGO) test --workspace
 	@$(MAKE) --no-print-directory test-postgres envoy-compat istio-check k8s-check
@@ -245,4 +266,4 @@ clean:
 	rm -rf build
 
 distclean: clean
-	rm -rf $(VENV) $(VENV_COMPAT)
+	rm -rf $(VENV) $(VENV_COMPAT) $(VENV_LLM)
