@@ -242,7 +242,7 @@ bench: build envoy
 # fuzz/corpus (seeded from fuzz/seeds), each run's log is fuzz/out/<target>.log, and a
 # crash stops the run with its input in fuzz/artifacts/<target>/.
 FUZZ_TIME ?= 60
-FUZZ_TARGETS ?= config_parse balance_answer routes shared_data
+FUZZ_TARGETS ?= config_parse balance_answer routes shared_data usage_meter
 FUZZ_SANITIZER ?= address
 
 fuzz:

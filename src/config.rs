@@ -745,7 +745,7 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
         return Ok(UsageSpec {
             parts: Vec::new(),
             estimate: estimate_of(&obj)?,
-            table: Some(std::rc::Rc::new(table)),
+            table: Some(std::sync::Arc::new(table)),
         });
     }
     if let Some(k) = [

@@ -3,7 +3,7 @@
 //! that carries it. The body streams to the client untouched; the meter keeps
 //! only a bounded tail (JSON) or the current line (SSE).
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -17,8 +17,9 @@ pub struct UsageSpec {
     pub parts: Vec<(String, u64)>,
     /// Held at request time, and charged as is when no usage can be read.
     pub estimate: u64,
-    /// Token classes priced per model (src/tokens.rs); `parts` is then empty.
-    pub table: Option<Rc<PriceTable>>,
+    /// Token classes priced per model (src/tokens.rs); `parts` is then empty. Shared, not
+    /// copied, by each response's meter (and `Arc` keeps `Config` `Sync` for the fuzzers).
+    pub table: Option<Arc<PriceTable>>,
 }
 
 impl UsageSpec {
@@ -227,6 +228,11 @@ impl Meter {
         };
         let prices = table.prices(model.map(String::as_str))?;
         Some(table.cost(prices, &self.reported.tokens(table.api)))
+    }
+
+    /// Bytes the meter holds (its memory bound is the limit).
+    pub fn kept(&self) -> usize {
+        self.buf.len()
     }
 
     /// The model the charge was priced by, once known (for the log).
@@ -455,7 +461,7 @@ mod tests {
         UsageSpec {
             parts: Vec::new(),
             estimate: 100,
-            table: Some(Rc::new(PriceTable {
+            table: Some(Arc::new(PriceTable {
                 api,
                 per_tokens: 1,
                 models,
@@ -652,6 +658,63 @@ mod tests {
         let junk = "data: {\"usage\": 5}\ndata: {\"message\": {\"usage\": []}}\ndata: {\"usage\": {\"input_tokens\": -1}}\n\u{1}\r\r\ndata:\ndata: {\"usage\"";
         same_whatever_the_chunking(&spec, BodyKind::EventStream, junk, "m", None);
         same_whatever_the_chunking(&spec, BodyKind::Json, junk, "m", None);
+    }
+
+    /// Bodies made of pieces of real events and junk, cut at pseudo-random points: the
+    /// same total as the whole body, and a bounded buffer (the native half of
+    /// fuzz/fuzz_targets/usage_meter.rs).
+    #[test]
+    fn random_bodies_and_chunkings_agree() {
+        use crate::tokens::Api;
+        let pieces: &[&str] = &[
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"model\":\"big\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n",
+            "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":2}}}\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n",
+            "{\"usage\": {\"input_tokens\": 8, \"prompt_tokens\": 8}, \"model\": \"m\"}",
+            "\n", "\r\n", "data: ", "\"usage\"", ":", "{", "}", "data: [DONE]\n",
+            "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        ];
+        let mut seed: u64 = 0x5eed;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            usize::try_from(seed >> 33).unwrap_or(0) % n.max(1)
+        };
+        let apis = [
+            Api::OpenAiChat,
+            Api::OpenAiResponses,
+            Api::Embeddings,
+            Api::Anthropic,
+        ];
+        for round in 0..400 {
+            let mut body = String::new();
+            for _ in 0..next(40) {
+                body.push_str(pieces[next(pieces.len())]);
+            }
+            let from = if round % 2 == 0 {
+                ModelFrom::Request
+            } else {
+                ModelFrom::Response
+            };
+            let spec = table(apis[round % apis.len()], from);
+            for kind in [BodyKind::Json, BodyKind::EventStream] {
+                let mut whole = Meter::for_model(kind, spec.clone(), 128, Some("m".into()));
+                whole.feed(body.as_bytes());
+                let want = whole.finish();
+                let mut m = Meter::for_model(kind, spec.clone(), 128, Some("m".into()));
+                let mut rest = body.as_bytes();
+                while !rest.is_empty() {
+                    let (chunk, tail) = rest.split_at((next(50) + 1).min(rest.len()));
+                    m.feed(chunk);
+                    assert!(m.kept() <= 128);
+                    rest = tail;
+                }
+                assert_eq!(m.finish(), want, "round {round} {kind:?}: {body:?}");
+            }
+        }
     }
 
     #[test]
