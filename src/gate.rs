@@ -1158,10 +1158,11 @@ impl Gate {
             return;
         };
         let charge = f.charge.take();
-        match meter.and_then(Meter::finish) {
-            Some(actual) => {
+        match meter.and_then(Meter::finish_metered) {
+            Some(m) => {
                 host.count(Metric::UsageMetered);
-                self.settle_usage(host, charge, hold, actual);
+                self.access.metered(&m);
+                self.settle_usage(host, charge, hold, m.cost);
             }
             None => {
                 host.count(Metric::UsageUnread);
@@ -1245,9 +1246,11 @@ impl Gate {
                     Some(Metering { hold, meter }) => (hold, meter),
                     None => return,
                 };
-                match meter.and_then(Meter::finish) {
-                    Some(actual) if actual < hold => {
+                match meter.and_then(Meter::finish_metered) {
+                    Some(m) if m.cost < hold => {
+                        let actual = m.cost;
                         host.count(Metric::UsageMetered);
+                        self.access.metered(&m);
                         log::info!("an interrupted response: charged the usage it reported, {actual} units");
                         self.settle_usage(host, f.charge.take(), hold, actual);
                     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::config::MAX_AMOUNT;
-use crate::tokens::{self, ModelFrom, PriceTable, Reported};
+use crate::tokens::{self, ModelFrom, PriceTable, Reported, Tokens};
 
 /// How a route's usage is priced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +75,14 @@ impl BodyKind {
             _ => None,
         }
     }
+}
+
+/// What a metered response cost, and (priced by a table) its tokens and model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metered {
+    pub cost: u64,
+    pub tokens: Option<Tokens>,
+    pub model: Option<String>,
 }
 
 /// Reads usage out of a response body fed to it chunk by chunk.
@@ -251,7 +259,28 @@ impl Meter {
     }
 
     /// The actual cost, once the body is complete; `None` if no usage was found.
-    pub fn finish(mut self) -> Option<u64> {
+    pub fn finish(self) -> Option<u64> {
+        self.finish_metered().map(|m| m.cost)
+    }
+
+    /// The actual cost with what it was worked out from (the token classes and the
+    /// model on a table-priced route), for the access log.
+    pub fn finish_metered(mut self) -> Option<Metered> {
+        let cost = self.finish_cost()?;
+        let tokens = self
+            .spec
+            .table
+            .as_ref()
+            .map(|t| self.reported.tokens(t.api));
+        let model = tokens.and(self.model()).map(str::to_string);
+        Some(Metered {
+            cost,
+            tokens,
+            model,
+        })
+    }
+
+    fn finish_cost(&mut self) -> Option<u64> {
         match self.kind {
             BodyKind::EventStream => {
                 let rest = std::mem::take(&mut self.buf);

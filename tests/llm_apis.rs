@@ -175,7 +175,13 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     }
     let dir = TempDir::new("llm-apis-upstream");
     let (_llm, addr) = start_service("farebox-llm", dir.path());
+    // envoy/envoy-access-log.yaml, logging to a file: the usage fields are checked too.
+    let log = dir.join("access.log");
+    let yaml = std::fs::read_to_string(repo_root().join("envoy/envoy-access-log.yaml"))
+        .expect("read envoy/envoy-access-log.yaml")
+        .replace("path: /dev/stdout", &format!("path: {}", log.display()));
     let s = stack("llm-apis")
+        .envoy_yaml(yaml)
         .plugin(|c| {
             c["timeout_ms"] = json!(3000);
             c["routes"] = routes();
@@ -357,6 +363,68 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     assert_eq!(num(&acct, "charged"), total, "{acct}");
     assert_eq!(num(&acct, "balance"), BALANCE - total, "{acct}");
     expect_metrics(&s.envoy, &[("unknown_model", 1)], Duration::from_secs(5));
+
+    // The access log: each metered line's usage_cost is its ledger charge, with its model
+    // and tokens; the refused request says unknown-model.
+    let mut lines: Vec<Value> = Vec::new();
+    let logged = wait_until(Duration::from_secs(10), || {
+        lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        lines.len() >= calls.len()
+    });
+    assert!(
+        logged,
+        "{} access-log lines for {} calls",
+        lines.len(),
+        calls.len()
+    );
+    let mut logged_costs: Vec<(String, i64)> = lines
+        .iter()
+        .filter(|l| l["decision"] == "allow")
+        .map(|l| {
+            let cost = l["usage_cost"]
+                .as_str()
+                .or(l["cost"].as_str())
+                .unwrap_or("-");
+            (
+                l["route"].as_str().unwrap_or("-").to_string(),
+                cost.parse::<i64>().unwrap_or(-1),
+            )
+        })
+        .collect();
+    logged_costs.sort();
+    // The interrupted Responses stream kept its hold (no usage_cost): its line shows the hold.
+    assert_eq!(logged_costs, want, "access log {lines:?}");
+    let first = lines
+        .iter()
+        .find(|l| l["usage_cost"] == "112")
+        .unwrap_or_else(|| panic!("no line with usage_cost 112: {lines:?}"));
+    assert_eq!(
+        (
+            &first["model"],
+            &first["input_tokens"],
+            &first["cached_input_tokens"],
+            &first["cache_creation_input_tokens"],
+            &first["output_tokens"]
+        ),
+        (
+            &json!("claude-test"),
+            &json!("4"),
+            &json!("7"),
+            &json!("2"),
+            &json!("6")
+        ),
+        "{first}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["decision"] == "unknown-model" && l["status"] == 400),
+        "{lines:?}"
+    );
     let by_route: BTreeMap<&str, i64> = want.iter().fold(BTreeMap::new(), |mut m, (r, c)| {
         *m.entry(r.as_str()).or_default() += c;
         m
