@@ -521,7 +521,9 @@ fn words_of(v: Option<&Value>) -> Result<u64, String> {
             for item in items {
                 n += match item {
                     Value::Object(o) if o.contains_key("content") => words_of(o.get("content"))?,
-                    other => words_in(other)?,
+                    Value::Object(o) => words_of(o.get("text"))?,
+                    Value::String(_) => words_of(Some(item))?,
+                    _ => return Err("content parts must be objects or strings".into()),
                 };
             }
             Ok(n)
@@ -917,6 +919,32 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn anthropic_and_responses_shapes_count_words() {
+        let sh = parse_shape(
+            br#"{"model":"c","max_tokens":4,"system":"be brief","messages":[{"role":"user","content":[{"type":"text","text":"a b c"}]}]}"#,
+            &["system", "messages"],
+            "max_tokens",
+        )
+        .unwrap();
+        assert_eq!(
+            (sh.model.as_str(), sh.input_tokens, sh.output_tokens),
+            ("c", 5, 4)
+        );
+        let sh = parse_shape(
+            br#"{"input":[{"role":"user","content":"one two"}],"instructions":"x"}"#,
+            &["instructions", "input"],
+            "max_output_tokens",
+        )
+        .unwrap();
+        assert_eq!(
+            (sh.input_tokens, sh.output_tokens),
+            (3, DEFAULT_COMPLETION_TOKENS)
+        );
+        assert!(parse_shape(br#"{"input": 5}"#, &["input"], "max_output_tokens").is_err());
+        assert!(parse_shape(br#"{"max_tokens": -1}"#, &["messages"], "max_tokens").is_err());
     }
 
     #[test]
