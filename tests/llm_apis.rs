@@ -49,7 +49,10 @@ fn routes() -> Value {
         {"name": "embeddings", "methods": ["POST"], "exact": "/v1/embeddings", "usage": {
             "api": "openai_embeddings",
             "models": {"emb-test": {"input": 2, "output": 0}},
-            "default_prices": {"input": 1, "output": 0}, "estimate": 50}}
+            "default_prices": {"input": 1, "output": 0}, "estimate": 50}},
+        {"name": "chat", "methods": ["POST"], "exact": "/v1/chat/completions", "usage": {
+            "api": "openai_chat", "models": {"chat-test": {"input": 1, "output": 4}},
+            "estimate": 500}}
     ])
 }
 
@@ -65,6 +68,7 @@ fn prices(route: &str, model: &str) -> (u128, [u128; 5]) {
         ("responses", _) => (1, [5, 5, 5, 20, 20]),
         ("embeddings", "emb-test") => (1, [2, 2, 2, 0, 0]),
         ("embeddings", _) => (1, [1, 1, 1, 0, 0]),
+        ("chat", "chat-test") => (1, [1, 1, 1, 4, 4]),
         other => panic!("no prices for {other:?}"),
     }
 }
@@ -82,6 +86,14 @@ fn expected_cost(route: &str, model: &str, usage: &Value) -> i64 {
                 + n(usage, "/cache_read_input_tokens") * cached
                 + n(usage, "/cache_creation_input_tokens") * creation
                 + n(usage, "/output_tokens") * output
+        }
+        "chat" => {
+            let c = n(usage, "/prompt_tokens_details/cached_tokens");
+            let r = n(usage, "/completion_tokens_details/reasoning_tokens");
+            (n(usage, "/prompt_tokens") - c) * input
+                + c * cached
+                + (n(usage, "/completion_tokens") - r) * output
+                + r * reasoning
         }
         "responses" => {
             let c = n(usage, "/input_tokens_details/cached_tokens");
@@ -273,6 +285,21 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             "embeddings",
             "emb-other",
             "embeddings, a model priced by default_prices",
+        ),
+        (
+            json!({"api": "chat", "params": {"model": "chat-test", "max_tokens": 6,
+                "messages": [{"role": "user", "content": PROMPT}]}}),
+            "chat",
+            "chat-test",
+            "chat completions JSON",
+        ),
+        (
+            json!({"api": "chat", "stream": true, "params": {"model": "chat-test", "max_tokens": 3,
+                "stream_options": {"include_usage": true},
+                "messages": [{"role": "user", "content": PROMPT}]}}),
+            "chat",
+            "chat-test",
+            "chat completions stream",
         ),
     ];
     let mut calls: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();

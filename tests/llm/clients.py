@@ -2,7 +2,7 @@
 
 usage: clients.py BASE_URL API_KEY CALLS_JSON
 
-CALLS_JSON is a list of {"api": "anthropic" | "responses" | "embeddings",
+CALLS_JSON is a list of {"api": "anthropic" | "responses" | "embeddings" | "chat",
 "stream": bool, "params": {...}}; the extra_body of each call carries the mock's
 knobs. Prints one JSON list: per call, the usage the client saw (as the API's own
 field names), or {"status": N, "error": ...} for an HTTP error, or
@@ -16,7 +16,7 @@ import anthropic
 import openai
 
 KNOWN = {"model", "max_tokens", "messages", "system", "input", "instructions",
-         "max_output_tokens", "encoding_format"}
+         "max_output_tokens", "encoding_format", "stream_options"}
 
 
 def split(params):
@@ -65,6 +65,20 @@ def run_responses(client, stream, params):
     return out
 
 
+def run_chat(client, stream, params):
+    known, extra = split(params)
+    if not stream:
+        r = client.chat.completions.create(extra_body=extra, **known)
+        return {"usage": dump(r.usage), "text_len": len(r.choices[0].message.content)}
+    out = {"usage": None, "text_len": 0}
+    for chunk in client.chat.completions.create(stream=True, extra_body=extra, **known):
+        if chunk.choices:
+            out["text_len"] += len(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            out["usage"] = dump(chunk.usage)
+    return out
+
+
 def run_embeddings(client, _stream, params):
     known, extra = split(params)
     r = client.embeddings.create(extra_body=extra, **known)
@@ -87,6 +101,8 @@ def main():
                 results.append(run_anthropic(a, stream, params))
             elif api == "responses":
                 results.append(run_responses(o, stream, params))
+            elif api == "chat":
+                results.append(run_chat(o, stream, params))
             else:
                 results.append(run_embeddings(o, stream, params))
         except (anthropic.APIStatusError, openai.APIStatusError) as e:
