@@ -461,3 +461,94 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
         table.join("\n")
     );
 }
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn lease_mode_charges_the_same_tokens_times_prices() {
+    let python = llm_python();
+    if !python.exists() {
+        cannot_run(
+            "llm_apis (lease mode)",
+            &format!("{} is missing: run `make llm-clients`", python.display()),
+        );
+        return;
+    }
+    let dir = TempDir::new("llm-apis-lease-upstream");
+    let (_llm, addr) = start_service("farebox-llm", dir.path());
+    let s = stack("llm-apis-lease")
+        .plugin(|c| {
+            c["timeout_ms"] = json!(3000);
+            c["routes"] = routes();
+            c["mode"] = json!("lease");
+            c["lease_want"] = json!(20_000);
+            c["settle_interval_ms"] = json!(200);
+        })
+        // A short lease: it expires soon after the calls and is settled for good.
+        .balance_opts(BalanceOpts {
+            extra_args: vec!["--lease-ttl-ms".into(), "3000".into()],
+            ..Default::default()
+        })
+        .upstream_addr(addr)
+        .concurrency(1)
+        .start();
+    s.balance().create_account(ACCOUNT, KEY, BALANCE);
+    let base = format!("http://{}", s.envoy.addr);
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            anthropic(
+                "claude-test",
+                6,
+                false,
+                json!({"x_cache_read": 7, "x_cache_creation": 2}),
+            ),
+            "claude",
+            "claude-test",
+        ),
+        (
+            anthropic("claude-test", 9, true, json!({"x_cache_read": 7})),
+            "claude",
+            "claude-test",
+        ),
+        (
+            responses(
+                "gpt-test",
+                7,
+                true,
+                json!({"x_cached": 1, "x_reasoning": 3}),
+            ),
+            "responses",
+            "gpt-test",
+        ),
+        (
+            json!({"api": "embeddings", "params": {"model": "emb-test", "input": ["one two", "three"]}}),
+            "embeddings",
+            "emb-test",
+        ),
+    ];
+    let calls: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
+    let results = run_clients(&python, &base, &json!(calls));
+    let mut total = 0;
+    for (i, (_, route, model)) in cases.iter().enumerate() {
+        let usage = &results[i]["usage"];
+        assert!(usage.is_object(), "{}", results[i]);
+        total += expected_cost(route, model, usage);
+    }
+    assert_eq!(total, 112 + 150 + 67 + 6);
+    // The lease settles what was spent from it (holds given back to it, usage kept): once
+    // it is settled for good, the account's charged total is the tokens × prices, to the
+    // unit, and nothing is lost.
+    let mut acct = Value::Null;
+    let settled = wait_until(Duration::from_secs(20), || {
+        acct = s.balance().account(ACCOUNT);
+        num(&acct, "reserved") == 0 && num(&acct, "charged") == total
+    });
+    assert!(settled, "charged {} want {total}: {acct}", acct["charged"]);
+    assert_eq!(
+        num(&acct, "balance") + num(&acct, "reserved") + num(&acct, "charged"),
+        BALANCE,
+        "{acct}"
+    );
+}
