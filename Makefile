@@ -8,7 +8,7 @@
 #   make test      everything above, then all the tests (unit + end-to-end), the Envoy
 #                  configs against the newest and oldest supported Envoy, the deploy checks
 #   make test-postgres  the balance service's ledger tests on PostgreSQL (part of `make test`)
-#   make interop-clients  the real MCP and OpenAI clients for tests/interop.rs (part of `make test`)
+#   make interop-clients  the real MCP, OpenAI and Anthropic clients for tests/interop.rs and tests/llm_apis.rs (part of `make test`)
 #   make run-func-e  the demo with `func-e run` instead of the wheel's Envoy (needs func-e)
 #   make oci       a Wasm OCI image (compat variant) of the filter in build/oci
 #   make envoy-compat  envoy/*.yaml against Envoy 1.36.2, the oldest supported (.venv-1.36)
@@ -49,6 +49,10 @@ ISTIO_MODELS_STAMP := $(VENV)/.cloudcoil-models-istio-$(ISTIO_MODELS_VERSION)
 # Kubernetes' JSON Schemas (strict: unknown fields refused) for `make k8s-check`.
 K8S_VALIDATE_VERSION := 1.37.0
 K8S_VALIDATE_STAMP := $(VENV)/.kubernetes-validate-$(K8S_VALIDATE_VERSION)
+
+# The official LLM API clients that tests/llm_apis.rs drives through Envoy, in their own
+# venv. A failed install fails `make test` under CI=true; elsewhere it is said in one line
+# and the test reports itself SKIPPED.
 
 # The OCI image: tag (default: the crate version) and where it will be pushed (only used
 # to render build/oci/wasmplugin.yaml).
@@ -246,7 +250,7 @@ bench: build envoy
 # fuzz/corpus (seeded from fuzz/seeds), each run's log is fuzz/out/<target>.log, and a
 # crash stops the run with its input in fuzz/artifacts/<target>/.
 FUZZ_TIME ?= 60
-FUZZ_TARGETS ?= config_parse balance_answer routes shared_data
+FUZZ_TARGETS ?= config_parse balance_answer routes shared_data usage_meter
 FUZZ_SANITIZER ?= address
 
 fuzz:

@@ -34,6 +34,8 @@ pub enum Outcome {
     Refunded,
     /// Answered 413: the body to price was too large.
     TooLarge,
+    /// Answered 400: the request names a model the route's price table refuses.
+    UnknownModel,
     /// The filter has no valid configuration: answered 503.
     Unconfigured,
 }
@@ -52,11 +54,12 @@ impl Outcome {
             Outcome::FailClosed => "fail-closed",
             Outcome::Refunded => "refunded",
             Outcome::TooLarge => "too-large",
+            Outcome::UnknownModel => "unknown-model",
             Outcome::Unconfigured => "unconfigured",
         }
     }
 
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Allow,
         Outcome::Cached,
         Outcome::Deny,
@@ -68,6 +71,7 @@ impl Outcome {
         Outcome::FailClosed,
         Outcome::Refunded,
         Outcome::TooLarge,
+        Outcome::UnknownModel,
         Outcome::Unconfigured,
     ];
 }
@@ -88,6 +92,19 @@ const COST: u8 = 1 << 2;
 const DECISION: u8 = 1 << 3;
 const CACHE: u8 = 1 << 4;
 const LEASE: u8 = 1 << 5;
+const USAGE: u8 = 1 << 6;
+
+/// Published at the end of a metered response: its final price, and on a route priced
+/// by a token table the model and the tokens of each class.
+pub const USAGE_FIELDS: [&str; 7] = [
+    "farebox.usage_cost",
+    "farebox.model",
+    "farebox.input_tokens",
+    "farebox.cached_input_tokens",
+    "farebox.cache_creation_input_tokens",
+    "farebox.output_tokens",
+    "farebox.reasoning_tokens",
+];
 
 /// One request's access-log fields, and which of them changed since the last
 /// [`Record::changes`].
@@ -101,6 +118,7 @@ pub struct Record {
     decision: Option<Outcome>,
     cache_hit: bool,
     lease_id: Option<String>,
+    usage: Option<crate::usage::Metered>,
     dirty: u8,
 }
 
@@ -148,6 +166,14 @@ impl Record {
         if !self.off && self.lease_id.as_deref() != Some(lease_id) {
             self.lease_id = Some(lease_id.to_string());
             self.dirty |= LEASE;
+        }
+    }
+
+    /// The final price of a metered response.
+    pub fn metered(&mut self, m: &crate::usage::Metered) {
+        if !self.off && self.usage.as_ref() != Some(m) {
+            self.usage = Some(m.clone());
+            self.dirty |= USAGE;
         }
     }
 
@@ -203,6 +229,24 @@ impl Record {
                 out.push((name, value));
             }
         }
+        if let (true, Some(m)) = (dirty & USAGE != 0, &self.usage) {
+            let [cost, model, input, cached, creation, output, reasoning] = USAGE_FIELDS;
+            out.push((cost, m.cost.to_string()));
+            if let Some(name) = &m.model {
+                out.push((model, name.clone()));
+            }
+            if let Some(t) = &m.tokens {
+                for (field, n) in [
+                    (input, t.input),
+                    (cached, t.cached_input),
+                    (creation, t.cache_creation_input),
+                    (output, t.output),
+                    (reasoning, t.reasoning),
+                ] {
+                    out.push((field, n.to_string()));
+                }
+            }
+        }
         out
     }
 }
@@ -210,6 +254,35 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metered_response_publishes_its_price_model_and_tokens() {
+        let mut r = Record::default();
+        r.priced("claude/m", 500);
+        r.changes();
+        let m = crate::usage::Metered {
+            cost: 112,
+            model: Some("m".into()),
+            tokens: Some(crate::tokens::Tokens {
+                input: 4,
+                cached_input: 7,
+                cache_creation_input: 2,
+                output: 6,
+                reasoning: 0,
+            }),
+        };
+        r.metered(&m);
+        let got = r.changes();
+        assert_eq!(got.len(), 7);
+        assert_eq!(got[0], ("farebox.usage_cost", "112".to_string()));
+        assert_eq!(got[1], ("farebox.model", "m".to_string()));
+        assert_eq!(got[3], ("farebox.cached_input_tokens", "7".to_string()));
+        r.metered(&m);
+        assert!(r.changes().is_empty(), "published once");
+        let mut off = Record::off();
+        off.metered(&m);
+        assert!(off.changes().is_empty());
+    }
 
     #[test]
     fn fields_are_published_once_and_again_when_they_change() {

@@ -12,6 +12,7 @@ use crate::identity::CredentialSource;
 use crate::mcp::McpPricing;
 use crate::pricing::{PathPattern, Pricing, Route};
 use crate::sha256;
+use crate::tokens::{Api, ModelFrom, PriceTable, Prices, UnknownModel, MAX_MODEL_LEN};
 use crate::usage::UsageSpec;
 
 /// Largest integer every JSON implementation reads exactly (2^53 - 1).
@@ -196,6 +197,20 @@ pub const USAGE_FIELDS: &[&str] = &[
     "output_pointer",
     "output_unit_cost",
     "estimate",
+    "api",
+    "per_tokens",
+    "models",
+    "default_prices",
+    "model_from",
+    "max_hold",
+];
+/// Fields of a model's prices (`usage.models.NAME`, `usage.default_prices`).
+pub const PRICE_FIELDS: &[&str] = &[
+    "input",
+    "cached_input",
+    "cache_creation_input",
+    "output",
+    "reasoning",
 ];
 /// Fields of a route's `mcp`.
 pub const MCP_FIELDS: &[&str] = &["methods", "tools"];
@@ -702,6 +717,52 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
             None => err(obj.field(key), "is required"),
         }
     };
+    let estimate_of = |obj: &Obj| match obj.u64("estimate", 1, MAX_AMOUNT)? {
+        Some(e) => Ok(e),
+        None => err(
+            obj.field("estimate"),
+            "is required (the units held until the response is in)",
+        ),
+    };
+    if obj.get("api").is_some() {
+        if let Some(k) = [
+            "json_pointer",
+            "input_pointer",
+            "output_pointer",
+            "unit_cost",
+            "input_unit_cost",
+            "output_unit_cost",
+        ]
+        .iter()
+        .find(|k| obj.get(k).is_some())
+        {
+            return err(
+                obj.field(k),
+                "leave it out with api: the api says where usage is",
+            );
+        }
+        let table = parse_price_table(&obj)?;
+        return Ok(UsageSpec {
+            parts: Vec::new(),
+            estimate: estimate_of(&obj)?,
+            table: Some(std::sync::Arc::new(table)),
+        });
+    }
+    if let Some(k) = [
+        "per_tokens",
+        "models",
+        "default_prices",
+        "model_from",
+        "max_hold",
+    ]
+    .iter()
+    .find(|k| obj.get(k).is_some())
+    {
+        return err(
+            obj.field(k),
+            "needs api (the usage shape the prices apply to)",
+        );
+    }
     let parts = if obj.get("json_pointer").is_some() {
         vec![(
             json_pointer(obj.field("json_pointer"), obj.str("json_pointer")?)?,
@@ -739,16 +800,99 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
             );
         }
     }
-    let estimate = match obj.u64("estimate", 1, MAX_AMOUNT)? {
-        Some(e) => e,
-        None => {
+    let estimate = estimate_of(&obj)?;
+    Ok(UsageSpec {
+        parts,
+        estimate,
+        table: None,
+    })
+}
+
+fn parse_price_table(obj: &Obj) -> Result<PriceTable, ConfigError> {
+    let api = match obj.str("api")? {
+        Some(name) => match Api::parse(name) {
+            Some(a) => a,
+            None => {
+                return err(
+                    obj.field("api"),
+                    format!(
+                        "{name:?} is not one of \"openai_chat\", \"openai_responses\", \"openai_embeddings\", \"anthropic_messages\""
+                    ),
+                )
+            }
+        },
+        None => return err(obj.field("api"), "is required"),
+    };
+    let per_tokens = obj.u64("per_tokens", 1, 1_000_000_000)?.unwrap_or(1);
+    let mut models = BTreeMap::new();
+    match obj.get("models") {
+        None => {}
+        Some(Value::Object(m)) => {
+            for (name, prices) in m {
+                let field = format!("{}.{name}", obj.field("models"));
+                if name.is_empty() || name.len() > MAX_MODEL_LEN {
+                    return err(field, format!("a model name is 1 to {MAX_MODEL_LEN} bytes"));
+                }
+                models.insert(name.clone(), parse_prices(prices, &field)?);
+            }
+        }
+        Some(v) => {
             return err(
-                obj.field("estimate"),
-                "is required (the units held until the response is in)",
+                obj.field("models"),
+                format!("must be an object of model: prices, not {}", kind(v)),
+            )
+        }
+    }
+    let unknown = match obj.get("default_prices") {
+        Some(v) => UnknownModel::Default(parse_prices(v, &obj.field("default_prices"))?),
+        None => UnknownModel::Refuse,
+    };
+    if models.is_empty() && unknown == UnknownModel::Refuse {
+        return err(
+            obj.field("models"),
+            "is required with api (or give default_prices)",
+        );
+    }
+    let model_from = match obj.str("model_from")? {
+        None | Some("request") => ModelFrom::Request,
+        Some("response") => ModelFrom::Response,
+        Some(other) => {
+            return err(
+                obj.field("model_from"),
+                format!("{other:?} is not \"request\" or \"response\""),
             )
         }
     };
-    Ok(UsageSpec { parts, estimate })
+    let max_hold = obj.u64("max_hold", 1, MAX_AMOUNT)?.unwrap_or(MAX_AMOUNT);
+    Ok(PriceTable {
+        api,
+        per_tokens,
+        models,
+        unknown,
+        model_from,
+        max_hold,
+    })
+}
+
+/// A model's prices: `input` and `output` required; cached and cache-creation input
+/// cost what input does unless given, reasoning what output does.
+fn parse_prices(v: &Value, path: &str) -> Result<Prices, ConfigError> {
+    let obj = Obj::new(v, path, PRICE_FIELDS)?;
+    let need = |key: &str| match obj.u64(key, 0, MAX_AMOUNT)? {
+        Some(n) => Ok(n),
+        None => err(obj.field(key), "is required"),
+    };
+    let input = need("input")?;
+    let output = need("output")?;
+    Ok(Prices {
+        input,
+        output,
+        cached_input: obj.u64("cached_input", 0, MAX_AMOUNT)?.unwrap_or(input),
+        cache_creation_input: obj
+            .u64("cache_creation_input", 0, MAX_AMOUNT)?
+            .unwrap_or(input),
+        reasoning: obj.u64("reasoning", 0, MAX_AMOUNT)?.unwrap_or(output),
+    })
 }
 
 fn parse_mcp(v: &Value, path: &str) -> Result<McpPricing, ConfigError> {
@@ -980,6 +1124,108 @@ mod tests {
         assert_eq!(
             field_of(r#"{"cluster": "b", "anonymous": "yes"}"#),
             "anonymous"
+        );
+    }
+
+    #[test]
+    fn token_price_tables() {
+        let c = parse(
+            r#"{"cluster": "b", "routes": [
+                {"name": "claude", "prefix": "/v1/messages", "usage": {"api": "anthropic_messages", "per_tokens": 1000000,
+                 "models": {"claude-x": {"input": 3000000, "output": 15000000, "cached_input": 300000}},
+                 "max_hold": 5000, "estimate": 100}},
+                {"name": "emb", "prefix": "/v1/embeddings", "usage": {"api": "openai_embeddings",
+                 "default_prices": {"input": 1, "output": 0}, "model_from": "response", "estimate": 1}}
+            ]}"#,
+        )
+        .unwrap();
+        let t = c.pricing.routes[0]
+            .usage
+            .as_ref()
+            .unwrap()
+            .table
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (t.api, t.per_tokens, t.max_hold),
+            (Api::Anthropic, 1_000_000, 5000)
+        );
+        let p = t.models["claude-x"];
+        assert_eq!(
+            (
+                p.input,
+                p.cached_input,
+                p.cache_creation_input,
+                p.output,
+                p.reasoning
+            ),
+            (3_000_000, 300_000, 3_000_000, 15_000_000, 15_000_000),
+            "unset classes default to input and output"
+        );
+        assert_eq!(t.unknown, UnknownModel::Refuse);
+        let e = c.pricing.routes[1]
+            .usage
+            .as_ref()
+            .unwrap()
+            .table
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (e.model_from, e.max_hold),
+            (ModelFrom::Response, MAX_AMOUNT)
+        );
+        assert!(matches!(e.unknown, UnknownModel::Default(_)));
+        assert_eq!(c.pricing.routes[1].cost, 1);
+
+        let r = |usage: &str| {
+            field_of(&format!(
+                r#"{{"cluster": "b", "routes": [{{"name": "a", "prefix": "/", "usage": {usage}}}]}}"#
+            ))
+        };
+        let m = r#""models": {"x": {"input": 1, "output": 1}}"#;
+        assert_eq!(
+            r(&format!(r#"{{"api": "gemini", {m}, "estimate": 1}}"#)),
+            "routes[0].usage.api"
+        );
+        assert_eq!(
+            r(r#"{"api": "openai_chat", "estimate": 1}"#),
+            "routes[0].usage.models"
+        );
+        assert_eq!(
+            r(r#"{"api": "openai_chat", "models": {"x": {"input": 1}}, "estimate": 1}"#),
+            "routes[0].usage.models.x.output"
+        );
+        assert_eq!(
+            r(
+                r#"{"api": "openai_chat", "models": {"x": {"input": 1, "output": 1, "audio": 2}}, "estimate": 1}"#
+            ),
+            "routes[0].usage.models.x.audio"
+        );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_chat", {m}, "unit_cost": 1, "estimate": 1}}"#
+            )),
+            "routes[0].usage.unit_cost"
+        );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_chat", {m}, "model_from": "body", "estimate": 1}}"#
+            )),
+            "routes[0].usage.model_from"
+        );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_chat", {m}, "per_tokens": 0, "estimate": 1}}"#
+            )),
+            "routes[0].usage.per_tokens"
+        );
+        assert_eq!(
+            r(&format!(r#"{{"api": "openai_chat", {m}}}"#)),
+            "routes[0].usage.estimate"
+        );
+        assert_eq!(
+            r(r#"{"json_pointer": "/u", "unit_cost": 1, "models": {}, "estimate": 1}"#),
+            "routes[0].usage.models"
         );
     }
 

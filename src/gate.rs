@@ -26,6 +26,7 @@ use crate::outbox::{Finished, Job, Outbox};
 use crate::payments::{self, Payment};
 use crate::pricing::normalize_path;
 use crate::response::{self, AuthProblem, Freshness, Reply};
+use crate::tokens::{ModelFrom, PriceTable, MAX_MODEL_LEN};
 use crate::usage::{BodyKind, Meter};
 
 /// What the host should do with the request after a callback.
@@ -216,6 +217,8 @@ pub struct Gate {
     mcp_payment: Option<payments::Payment>,
     /// Index of the route rule that prices this request by usage.
     usage_rule: Option<usize>,
+    /// The model a token-table route's request named.
+    request_model: Option<String>,
     /// The request headers went on before the decision (MCP pricing reads the body
     /// first), so they can no longer carry the account.
     headers_gone: bool,
@@ -257,6 +260,7 @@ impl Gate {
             openai_errors: false,
             mcp_payment: None,
             usage_rule: None,
+            request_model: None,
             headers_gone: false,
             kept_headers: Vec::new(),
             kept_credential: None,
@@ -339,7 +343,9 @@ impl Gate {
         let (route, cost, wants_body) = (
             price.route.to_string(),
             price.cost,
-            price.rule.is_some_and(|r| r.mcp.is_some()),
+            price.rule.is_some_and(|r| {
+                r.mcp.is_some() || r.usage.as_ref().is_some_and(|u| u.table.is_some())
+            }),
         );
         // MCP's GET (the server's event stream), DELETE (closing the session) and
         // the rest of the transport are plumbing: free on an MCP rule. A rule placed
@@ -454,6 +460,18 @@ impl Gate {
                 cfg.pricing.default_cost,
             );
         };
+        if let Some(spec) = &rule.usage {
+            if let Some(table) = &spec.table {
+                return self.priced_by_tokens(
+                    host,
+                    cfg,
+                    req,
+                    (&rule.name, spec.estimate),
+                    table,
+                    body,
+                );
+            }
+        }
         let Some(pricing) = &rule.mcp else {
             return self.proceed(host, cfg, req, rule.name.clone(), rule.cost);
         };
@@ -469,6 +487,49 @@ impl Gate {
         self.mcp_id = Some(price.id);
         let route = format!("{}/{}", rule.name, price.what);
         self.proceed(host, cfg, req, route, price.cost)
+    }
+
+    /// A route priced by a token table: the model the request names picks the prices
+    /// (or is refused with 400), and the hold fits the request where it bounds its
+    /// output. The route the ledger sees is `NAME/MODEL`, so a bill can be itemised.
+    fn priced_by_tokens(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        req: Request,
+        (name, estimate): (&str, u64),
+        table: &PriceTable,
+        body: &[u8],
+    ) -> Flow {
+        let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let model = doc
+            .get("model")
+            .and_then(Value::as_str)
+            .filter(|m| m.len() <= MAX_MODEL_LEN && !m.is_empty())
+            .map(str::to_string);
+        let prices = table.prices(model.as_deref());
+        if prices.is_none() && table.model_from == ModelFrom::Request {
+            host.count(Metric::UnknownModel);
+            self.access.decided(Outcome::UnknownModel);
+            log::info!(
+                "400 on {} {}: model {:?} has no price",
+                req.method,
+                req.path,
+                model
+            );
+            // A usage route: refused in OpenAI's error shape too, like its other refusals.
+            self.openai_errors = true;
+            return self.reply(host, &response::unknown_model(cfg, model.as_deref()));
+        }
+        let hold = prices
+            .and_then(|p| table.hold(p, &doc, body.len()))
+            .unwrap_or(estimate);
+        let route = match &model {
+            Some(m) => format!("{name}/{m}"),
+            None => name.to_string(),
+        };
+        self.request_model = model;
+        self.proceed(host, cfg, req, route, hold)
     }
 
     /// A priced request: identify the caller and find a decision.
@@ -1061,7 +1122,12 @@ impl Gate {
                 .and_then(|r| r.usage.clone());
             match (kind, spec) {
                 (Some(kind), Some(spec)) => {
-                    usage.meter = Some(Meter::new(kind, spec, cfg.usage_tail_bytes))
+                    usage.meter = Some(Meter::for_model(
+                        kind,
+                        spec,
+                        cfg.usage_tail_bytes,
+                        self.request_model.clone(),
+                    ))
                 }
                 _ => {
                     // Not a body we can read usage from: the hold is the price.
@@ -1125,10 +1191,11 @@ impl Gate {
             return;
         };
         let charge = f.charge.take();
-        match meter.and_then(Meter::finish) {
-            Some(actual) => {
+        match meter.and_then(Meter::finish_metered) {
+            Some(m) => {
                 host.count(Metric::UsageMetered);
-                self.settle_usage(host, charge, hold, actual);
+                self.access.metered(&m);
+                self.settle_usage(host, charge, hold, m.cost);
             }
             None => {
                 host.count(Metric::UsageUnread);
@@ -1205,7 +1272,24 @@ impl Gate {
                     },
                 );
             }
-            Stage::Forwarded(f) if f.usage.is_some() => host.count(Metric::UsageUnread),
+            // Cut short (upstream reset, client gone): charged by the usage the body
+            // reported so far if it reported any (Anthropic's message_start), else the hold.
+            Stage::Forwarded(mut f) if f.usage.is_some() => {
+                let (hold, meter) = match f.usage.take() {
+                    Some(Metering { hold, meter }) => (hold, meter),
+                    None => return,
+                };
+                match meter.and_then(Meter::finish_metered) {
+                    Some(m) if m.cost < hold => {
+                        let actual = m.cost;
+                        host.count(Metric::UsageMetered);
+                        self.access.metered(&m);
+                        log::info!("an interrupted response: charged the usage it reported, {actual} units");
+                        self.settle_usage(host, f.charge.take(), hold, actual);
+                    }
+                    _ => host.count(Metric::UsageUnread),
+                }
+            }
             _ => {}
         }
     }

@@ -476,6 +476,9 @@ impl HttpContext for Stream {
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let Ok(mut gate) = self.gate.try_borrow_mut() {
             gate.on_response_body(&self.host, body_size, end_of_stream);
+            if end_of_stream {
+                publish_access_log(&mut gate);
+            }
         }
         Action::Continue
     }

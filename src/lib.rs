@@ -28,6 +28,7 @@ pub mod payments;
 pub mod pricing;
 pub mod response;
 pub mod sha256;
+pub mod tokens;
 pub mod usage;
 
 #[cfg(test)]

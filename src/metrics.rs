@@ -82,6 +82,8 @@ metrics! {
     LeaseRecalls => "farebox_lease_recalls",
     /// Leases renewed ahead of need (nobody waited for them).
     LeaseAheadRenewals => "farebox_lease_ahead_renewals",
+    /// Requests refused 400 for a model missing from the route's price table.
+    UnknownModel => "farebox_unknown_model",
 }
 
 impl Metric {

@@ -226,6 +226,30 @@ pub fn with_openai_error(reply: &Reply) -> Reply {
 /// status 200: MCP clients read the JSON-RPC answer only from a 2xx (the TypeScript SDK
 /// turns any other status into a transport error that has lost the body). The refusal's
 /// status stays in the body; its headers (`retry-after`, `payment-required`) are kept.
+/// 400 for a model the route's price table has no prices for (`model` is bounded
+/// and JSON-escaped; `null` when the request named none).
+pub fn unknown_model(cfg: &Config, model: Option<&str>) -> Reply {
+    let detail = match model {
+        Some(m) => format!("the model {m:?} has no price on this route"),
+        None => "the request names no model, and this route prices by model".to_string(),
+    };
+    let mut extra = Map::new();
+    extra.insert(
+        "model".into(),
+        model.map_or(Value::Null, |m| Value::String(m.into())),
+    );
+    problem(
+        cfg,
+        400,
+        "unknown-model",
+        "Bad Request",
+        &detail,
+        extra,
+        Freshness::NoStore,
+    )
+}
+
+/// The same refusal with a JSON-RPC error body (MCP clients show `error.message`).
 pub fn as_json_rpc(reply: &Reply, body: &[u8]) -> Reply {
     let mut out = reply.clone();
     out.status = 200;

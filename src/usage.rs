@@ -3,9 +3,12 @@
 //! that carries it. The body streams to the client untouched; the meter keeps
 //! only a bounded tail (JSON) or the current line (SSE).
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use crate::config::MAX_AMOUNT;
+use crate::tokens::{self, ModelFrom, PriceTable, Reported, Tokens};
 
 /// How a route's usage is priced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,11 +17,17 @@ pub struct UsageSpec {
     pub parts: Vec<(String, u64)>,
     /// Held at request time, and charged as is when no usage can be read.
     pub estimate: u64,
+    /// Token classes priced per model (src/tokens.rs); `parts` is then empty. Shared, not
+    /// copied, by each response's meter (and `Arc` keeps `Config` `Sync` for the fuzzers).
+    pub table: Option<Arc<PriceTable>>,
 }
 
 impl UsageSpec {
     /// The key the meter looks for before it parses anything: the pointer's first segment.
     fn anchor(&self) -> Option<String> {
+        if self.table.is_some() {
+            return Some("\"usage\"".to_string());
+        }
         let first = self
             .parts
             .first()?
@@ -68,6 +77,14 @@ impl BodyKind {
     }
 }
 
+/// What a metered response cost, and (priced by a table) its tokens and model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metered {
+    pub cost: u64,
+    pub tokens: Option<Tokens>,
+    pub model: Option<String>,
+}
+
 /// Reads usage out of a response body fed to it chunk by chunk.
 #[derive(Debug)]
 pub struct Meter {
@@ -79,16 +96,36 @@ pub struct Meter {
     buf: Vec<u8>,
     /// The whole JSON body so far fits in `buf`.
     whole: bool,
-    /// SSE: the line being read is longer than `limit`, and is skipped.
+    /// SSE: the line being read is longer than `limit`; `buf` keeps its last `limit`
+    /// bytes, where its usage is read (the Responses API's final event carries the
+    /// whole output before its usage).
     skipping: bool,
     /// SSE: the cost of the last event that carried usage.
     last: Option<u64>,
+    /// Priced by a table: the usage fields seen so far (latest value of each).
+    reported: Reported,
+    /// The model the request named, and the one the response names.
+    request_model: Option<String>,
+    response_model: Option<String>,
 }
 
 impl Meter {
     pub fn new(kind: BodyKind, spec: UsageSpec, limit: usize) -> Meter {
+        Meter::for_model(kind, spec, limit, None)
+    }
+
+    /// A meter for a table-priced route, told the model the request named.
+    pub fn for_model(
+        kind: BodyKind,
+        spec: UsageSpec,
+        limit: usize,
+        request_model: Option<String>,
+    ) -> Meter {
         let anchor = spec.anchor().unwrap_or_default();
         Meter {
+            reported: Reported::default(),
+            request_model,
+            response_model: None,
             kind,
             spec,
             anchor,
@@ -113,22 +150,35 @@ impl Meter {
             BodyKind::EventStream => {
                 for piece in chunk.split_inclusive(|b| *b == b'\n') {
                     let complete = piece.last() == Some(&b'\n');
-                    if !self.skipping {
-                        self.buf.extend_from_slice(piece);
-                        if self.buf.len() > self.limit {
-                            self.buf.clear();
-                            self.skipping = true;
-                        }
+                    let keep = piece
+                        .get(piece.len().saturating_sub(self.limit)..)
+                        .unwrap_or(piece);
+                    self.buf.extend_from_slice(keep);
+                    if keep.len() < piece.len() {
+                        self.skipping = true;
+                    }
+                    if self.buf.len() > self.limit {
+                        let cut = self.buf.len() - self.limit;
+                        self.buf.drain(..cut);
+                        self.skipping = true;
                     }
                     if complete {
-                        if !self.skipping {
-                            let line = std::mem::take(&mut self.buf);
-                            self.event_line(&line);
-                        }
-                        self.skipping = false;
+                        let line = std::mem::take(&mut self.buf);
+                        self.end_line(&line);
                     }
                 }
             }
+        }
+    }
+
+    /// A whole line, or the tail of one longer than the limit.
+    fn end_line(&mut self, line: &[u8]) {
+        if std::mem::take(&mut self.skipping) {
+            if let Some(cost) = self.tail_cost(line) {
+                self.last = Some(cost);
+            }
+        } else {
+            self.event_line(line);
         }
     }
 
@@ -137,56 +187,159 @@ impl Meter {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        if !contains(data, self.anchor.as_bytes()) {
+        let wants_model = self.wants_model() && contains(data, b"\"model\"");
+        if !wants_model && !contains(data, self.anchor.as_bytes()) {
             return;
         }
         if let Ok(doc) = serde_json::from_slice::<Value>(data) {
-            if let Some(cost) = self.spec.cost_of(&doc) {
+            if self.spec.table.is_some() {
+                self.take_doc(&doc);
+            } else if let Some(cost) = self.spec.cost_of(&doc) {
                 self.last = Some(cost);
             }
         }
     }
 
+    /// Table pricing by the response's model, not seen yet.
+    fn wants_model(&self) -> bool {
+        self.response_model.is_none()
+            && self
+                .spec
+                .table
+                .as_ref()
+                .is_some_and(|t| t.model_from == ModelFrom::Response)
+    }
+
+    /// A response document (or event) of a table-priced route.
+    fn take_doc(&mut self, doc: &Value) {
+        let Some(table) = &self.spec.table else {
+            return;
+        };
+        if let Some(usage) = tokens::usage_in(doc) {
+            self.reported.update(table.api, usage);
+        }
+        if self.wants_model() {
+            self.response_model = tokens::model_in(doc).map(str::to_string);
+        }
+    }
+
+    /// The cost of the usage seen, by the model's prices; `None` without usage, or
+    /// for a model the table refuses (the hold is then the price).
+    fn table_cost(&self) -> Option<u64> {
+        let table = self.spec.table.as_ref()?;
+        if !self.reported.any() {
+            return None;
+        }
+        let model = match table.model_from {
+            ModelFrom::Response => self.response_model.as_ref().or(self.request_model.as_ref()),
+            ModelFrom::Request => self.request_model.as_ref(),
+        };
+        let prices = table.prices(model.map(String::as_str))?;
+        Some(table.cost(prices, &self.reported.tokens(table.api)))
+    }
+
+    /// Bytes the meter holds (its memory bound is the limit).
+    pub fn kept(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The model the charge was priced by, once known (for the log).
+    pub fn model(&self) -> Option<&str> {
+        let from_response = self
+            .spec
+            .table
+            .as_ref()
+            .is_some_and(|t| t.model_from == ModelFrom::Response);
+        if from_response {
+            if let Some(m) = &self.response_model {
+                return Some(m);
+            }
+        }
+        self.request_model.as_deref()
+    }
+
     /// The actual cost, once the body is complete; `None` if no usage was found.
-    pub fn finish(mut self) -> Option<u64> {
+    pub fn finish(self) -> Option<u64> {
+        self.finish_metered().map(|m| m.cost)
+    }
+
+    /// The actual cost with what it was worked out from (the token classes and the
+    /// model on a table-priced route), for the access log.
+    pub fn finish_metered(mut self) -> Option<Metered> {
+        let cost = self.finish_cost()?;
+        let tokens = self
+            .spec
+            .table
+            .as_ref()
+            .map(|t| self.reported.tokens(t.api));
+        let model = tokens.and(self.model()).map(str::to_string);
+        Some(Metered {
+            cost,
+            tokens,
+            model,
+        })
+    }
+
+    fn finish_cost(&mut self) -> Option<u64> {
         match self.kind {
             BodyKind::EventStream => {
                 let rest = std::mem::take(&mut self.buf);
-                if !self.skipping {
-                    self.event_line(&rest);
+                self.end_line(&rest);
+                if self.spec.table.is_some() {
+                    return self.table_cost();
                 }
                 self.last
             }
             BodyKind::Json => {
                 if self.whole {
                     if let Ok(doc) = serde_json::from_slice::<Value>(&self.buf) {
+                        if self.spec.table.is_some() {
+                            self.take_doc(&doc);
+                            return self.table_cost();
+                        }
                         return self.spec.cost_of(&doc);
                     }
                 }
-                self.read_tail()
+                let tail = std::mem::take(&mut self.buf);
+                self.tail_cost(&tail)
             }
         }
     }
 
-    /// The body was larger than the tail: find the last `"usage":` in it and read
-    /// just that value, then the rest of each pointer inside it.
-    fn read_tail(&self) -> Option<u64> {
-        let at = rfind(&self.buf, self.anchor.as_bytes())?;
-        let after = self.buf.get(at + self.anchor.len()..)?;
-        let colon = after.iter().position(|b| !b.is_ascii_whitespace())?;
-        if after.get(colon) != Some(&b':') {
-            return None;
-        }
-        let value_bytes = after.get(colon + 1..)?;
-        let value = serde_json::Deserializer::from_slice(value_bytes)
-            .into_iter::<Value>()
-            .next()?
-            .ok()?;
+    /// The body (or an event line) was larger than the tail: find the last `"usage":`
+    /// in it and read just that value, then the rest of each pointer inside it.
+    fn tail_cost(&mut self, tail: &[u8]) -> Option<u64> {
+        let value = value_after(tail, self.anchor.as_bytes())?;
         let key = self.anchor.trim_matches('"').to_string();
         let mut doc = serde_json::Map::new();
         doc.insert(key, value);
+        if self.spec.table.is_some() {
+            if let Some(model) = value_after(tail, b"\"model\"") {
+                doc.insert("model".to_string(), model);
+            }
+            self.take_doc(&Value::Object(doc));
+            return self.table_cost();
+        }
         self.spec.cost_of(&Value::Object(doc))
     }
+}
+
+/// The JSON value after the last `key` (a quoted member name) in `buf`.
+fn value_after(buf: &[u8], key: &[u8]) -> Option<Value> {
+    let at = rfind(buf, key)?;
+    if at > 0 && buf.get(at - 1) == Some(&b'\\') {
+        return None; // inside a string: `\"usage\"`
+    }
+    let after = buf.get(at + key.len()..)?;
+    let colon = after.iter().position(|b| !b.is_ascii_whitespace())?;
+    if after.get(colon) != Some(&b':') {
+        return None;
+    }
+    let value_bytes = after.get(colon + 1..)?;
+    serde_json::Deserializer::from_slice(value_bytes)
+        .into_iter::<Value>()
+        .next()?
+        .ok()
 }
 
 fn trim_line(mut l: &[u8]) -> &[u8] {
@@ -221,6 +374,7 @@ mod tests {
         UsageSpec {
             parts: vec![("/usage/total_tokens".into(), unit)],
             estimate: 100,
+            table: None,
         }
     }
 
@@ -231,6 +385,7 @@ mod tests {
                 ("/usage/completion_tokens".into(), output),
             ],
             estimate: 100,
+            table: None,
         }
     }
 
@@ -318,6 +473,277 @@ mod tests {
         let mut m = Meter::new(BodyKind::EventStream, total(1), 128);
         m.feed(b"data: {\"choices\": [{\"delta\": {}}]}\n\ndata: {\"usa");
         assert_eq!(m.finish(), None);
+    }
+
+    fn table(api: crate::tokens::Api, model_from: ModelFrom) -> UsageSpec {
+        use crate::tokens::{Prices, UnknownModel};
+        let mut models = std::collections::BTreeMap::new();
+        let p = |i, c, w, o, r| Prices {
+            input: i,
+            cached_input: c,
+            cache_creation_input: w,
+            output: o,
+            reasoning: r,
+        };
+        models.insert("m".to_string(), p(3, 1, 4, 15, 20));
+        models.insert("big".to_string(), p(30, 10, 40, 150, 200));
+        UsageSpec {
+            parts: Vec::new(),
+            estimate: 100,
+            table: Some(Arc::new(PriceTable {
+                api,
+                per_tokens: 1,
+                models,
+                unknown: UnknownModel::Refuse,
+                model_from,
+                max_hold: 1_000,
+            })),
+        }
+    }
+
+    /// The body cut at every chunk size, and at every single split point: one total.
+    fn same_whatever_the_chunking(
+        spec: &UsageSpec,
+        kind: BodyKind,
+        body: &str,
+        model: &str,
+        want: Option<u64>,
+    ) {
+        let b = body.as_bytes();
+        for piece in [1, 2, 3, 7, 64, 1000, b.len().max(1)] {
+            let mut m = Meter::for_model(kind, spec.clone(), 4096, Some(model.into()));
+            feed_in_pieces(&mut m, b, piece);
+            assert_eq!(m.finish(), want, "piece {piece}");
+        }
+        for cut in 0..=b.len() {
+            let mut m = Meter::for_model(kind, spec.clone(), 4096, Some(model.into()));
+            m.feed(&b[..cut]);
+            m.feed(&b[cut..]);
+            assert_eq!(m.finish(), want, "cut at {cut}");
+        }
+    }
+
+    fn sse(events: &[(&str, Value)]) -> String {
+        events
+            .iter()
+            .map(|(e, d)| format!("event: {e}\ndata: {d}\n\n"))
+            .collect()
+    }
+
+    #[test]
+    fn anthropic_stream_takes_the_latest_of_each_field() {
+        use crate::tokens::Api;
+        let spec = table(Api::Anthropic, ModelFrom::Request);
+        let body = sse(&[
+            (
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg", "model": "m", "content": [],
+                "usage": {"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20, "output_tokens": 1}}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+            ),
+            ("ping", json!({"type": "ping"})),
+            (
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}),
+            ),
+            ("message_stop", json!({"type": "message_stop"})),
+        ]);
+        // 5×3 + 100×1 + 20×4 + 9×15: the message_delta's output replaces message_start's 1.
+        let want = 5 * 3 + 100 + 20 * 4 + 9 * 15;
+        same_whatever_the_chunking(&spec, BodyKind::EventStream, &body, "m", Some(want));
+        // Cut after message_start: its usage is what was reported.
+        let cut = body.find("event: content_block_delta").unwrap();
+        same_whatever_the_chunking(
+            &spec,
+            BodyKind::EventStream,
+            &body[..cut],
+            "m",
+            Some(5 * 3 + 100 + 80 + 15),
+        );
+        // Priced by the other model's table.
+        let mut m = Meter::for_model(
+            BodyKind::EventStream,
+            spec.clone(),
+            4096,
+            Some("big".into()),
+        );
+        m.feed(body.as_bytes());
+        assert_eq!(m.finish(), Some(want * 10));
+        // A model the table refuses: no cost (the hold stands).
+        let mut m = Meter::for_model(BodyKind::EventStream, spec, 4096, Some("nope".into()));
+        m.feed(body.as_bytes());
+        assert_eq!(m.finish(), None);
+    }
+
+    #[test]
+    fn anthropic_json_and_model_from_the_response() {
+        use crate::tokens::Api;
+        let body = json!({"id": "msg", "type": "message", "model": "big", "content": [{"type": "text", "text": "x"}],
+            "usage": {"input_tokens": 7, "output_tokens": 2, "cache_read_input_tokens": 0}}).to_string();
+        let by_request = table(Api::Anthropic, ModelFrom::Request);
+        same_whatever_the_chunking(
+            &by_request,
+            BodyKind::Json,
+            &body,
+            "m",
+            Some(7 * 3 + 2 * 15),
+        );
+        let by_response = table(Api::Anthropic, ModelFrom::Response);
+        same_whatever_the_chunking(
+            &by_response,
+            BodyKind::Json,
+            &body,
+            "m",
+            Some(7 * 30 + 2 * 150),
+        );
+        // Past the tail: the model and usage are still read from the end.
+        let padded = json!({"content": [{"text": "w ".repeat(50_000)}], "model": "big",
+            "usage": {"input_tokens": 7, "output_tokens": 2}})
+        .to_string();
+        let mut m = Meter::for_model(BodyKind::Json, by_response, 256, None);
+        feed_in_pieces(&mut m, padded.as_bytes(), 999);
+        assert_eq!(m.finish(), Some(7 * 30 + 2 * 150));
+    }
+
+    #[test]
+    fn responses_api_stream_json_and_embeddings() {
+        use crate::tokens::Api;
+        let spec = table(Api::OpenAiResponses, ModelFrom::Request);
+        let usage = json!({"input_tokens": 10, "input_tokens_details": {"cached_tokens": 4},
+            "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 17});
+        let want = 6 * 3 + 4 + 2 * 15 + 5 * 20;
+        for end in [
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+        ] {
+            let body = sse(&[
+                (
+                    "response.created",
+                    json!({"type": "response.created", "response": {"id": "r", "model": "m", "usage": null}}),
+                ),
+                (
+                    "response.output_text.delta",
+                    json!({"type": "response.output_text.delta", "delta": "hi"}),
+                ),
+                (
+                    end,
+                    json!({"type": end, "response": {"id": "r", "model": "m", "usage": usage}}),
+                ),
+            ]);
+            same_whatever_the_chunking(&spec, BodyKind::EventStream, &body, "m", Some(want));
+        }
+        let json_body =
+            json!({"id": "r", "object": "response", "model": "m", "output": [], "usage": usage})
+                .to_string();
+        same_whatever_the_chunking(&spec, BodyKind::Json, &json_body, "m", Some(want));
+        // A final event larger than the limit (its output is 300 KB): read from its tail.
+        let big = sse(&[(
+            "response.completed",
+            json!({"type": "response.completed", "response": {"model": "m", "output": [{"text": "w".repeat(300_000)}], "usage": usage}}),
+        )]);
+        for piece in [1000, 65_536, big.len()] {
+            let mut m =
+                Meter::for_model(BodyKind::EventStream, spec.clone(), 4096, Some("m".into()));
+            feed_in_pieces(&mut m, big.as_bytes(), piece);
+            assert!(m.buf.len() <= 4096);
+            assert_eq!(m.finish(), Some(want), "piece {piece}");
+        }
+        // Interrupted before the final event: nothing reported.
+        let cut = sse(&[(
+            "response.created",
+            json!({"type": "response.created", "response": {"usage": null}}),
+        )]);
+        same_whatever_the_chunking(&spec, BodyKind::EventStream, &cut, "m", None);
+
+        let spec = table(Api::Embeddings, ModelFrom::Request);
+        let body = json!({"object": "list", "data": [{"embedding": [0.1]}], "model": "m",
+            "usage": {"prompt_tokens": 8, "total_tokens": 8}})
+        .to_string();
+        same_whatever_the_chunking(&spec, BodyKind::Json, &body, "m", Some(24));
+        // Chat with cached tokens inside prompt_tokens.
+        let spec = table(Api::OpenAiChat, ModelFrom::Request);
+        let body = format!(
+            "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
+            json!({"choices": [{"delta": {"content": "x"}}], "usage": null}),
+            json!({"choices": [], "usage": {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 8}, "completion_tokens": 3}})
+        );
+        same_whatever_the_chunking(
+            &spec,
+            BodyKind::EventStream,
+            &body,
+            "m",
+            Some(2 * 3 + 8 + 3 * 15),
+        );
+    }
+
+    #[test]
+    fn malformed_events_never_panic() {
+        use crate::tokens::Api;
+        let spec = table(Api::Anthropic, ModelFrom::Response);
+        let junk = "data: {\"usage\": 5}\ndata: {\"message\": {\"usage\": []}}\ndata: {\"usage\": {\"input_tokens\": -1}}\n\u{1}\r\r\ndata:\ndata: {\"usage\"";
+        same_whatever_the_chunking(&spec, BodyKind::EventStream, junk, "m", None);
+        same_whatever_the_chunking(&spec, BodyKind::Json, junk, "m", None);
+    }
+
+    /// Bodies made of pieces of real events and junk, cut at pseudo-random points: the
+    /// same total as the whole body, and a bounded buffer (the native half of
+    /// fuzz/fuzz_targets/usage_meter.rs).
+    #[test]
+    fn random_bodies_and_chunkings_agree() {
+        use crate::tokens::Api;
+        let pieces: &[&str] = &[
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"model\":\"big\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n",
+            "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":2}}}\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n",
+            "{\"usage\": {\"input_tokens\": 8, \"prompt_tokens\": 8}, \"model\": \"m\"}",
+            "\n", "\r\n", "data: ", "\"usage\"", ":", "{", "}", "data: [DONE]\n",
+            "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        ];
+        let mut seed: u64 = 0x5eed;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            usize::try_from(seed >> 33).unwrap_or(0) % n.max(1)
+        };
+        let apis = [
+            Api::OpenAiChat,
+            Api::OpenAiResponses,
+            Api::Embeddings,
+            Api::Anthropic,
+        ];
+        for round in 0..400 {
+            let mut body = String::new();
+            for _ in 0..next(40) {
+                body.push_str(pieces[next(pieces.len())]);
+            }
+            let from = if round % 2 == 0 {
+                ModelFrom::Request
+            } else {
+                ModelFrom::Response
+            };
+            let spec = table(apis[round % apis.len()], from);
+            for kind in [BodyKind::Json, BodyKind::EventStream] {
+                let mut whole = Meter::for_model(kind, spec.clone(), 128, Some("m".into()));
+                whole.feed(body.as_bytes());
+                let want = whole.finish();
+                let mut m = Meter::for_model(kind, spec.clone(), 128, Some("m".into()));
+                let mut rest = body.as_bytes();
+                while !rest.is_empty() {
+                    let (chunk, tail) = rest.split_at((next(50) + 1).min(rest.len()));
+                    m.feed(chunk);
+                    assert!(m.kept() <= 128);
+                    rest = tail;
+                }
+                assert_eq!(m.finish(), want, "round {round} {kind:?}: {body:?}");
+            }
+        }
     }
 
     #[test]

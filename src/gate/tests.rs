@@ -1597,3 +1597,75 @@ fn a_repeated_credential_reaches_the_upstream_as_the_one_that_pays() {
         .collect();
     assert_eq!(keys, vec!["k1".to_string()]);
 }
+
+mod token_tables {
+    use super::*;
+
+    const CFG: &str = r#"{"cluster": "balance", "routes": [
+        {"name": "claude", "methods": ["POST"], "exact": "/v1/messages", "usage": {
+         "api": "anthropic_messages", "models": {"m": {"input": 3, "output": 15}}, "estimate": 100}}
+    ]}"#;
+
+    /// A request for `body` up to its decision: the host and the gate.
+    fn message(fx: &Fixture, body: &Value) -> (FakeHost, Gate) {
+        let host = FakeHost::request(
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", "k"), ("x-request-id", "req-1")],
+        );
+        *host.request_body.borrow_mut() = body.to_string().into_bytes();
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers_eos(&host, false), Flow::Continue);
+        host.headers_locked.set(true);
+        let size = host.request_body.borrow().len();
+        gate.on_request_body(&host, size, true);
+        (host, gate)
+    }
+
+    #[test]
+    fn the_hold_fits_the_request_and_the_route_names_the_model() {
+        let fx = Fixture::new(CFG);
+        let body = json!({"model": "m", "max_tokens": 10, "messages": []});
+        let len = body.to_string().len() as u64;
+        let (host, mut gate) = message(&fx, &body);
+        let call = host.last_call();
+        assert_eq!(call.body["cost"], json!(10 * 15 + len * 3));
+        assert_eq!(call.body["route"], "claude/m");
+        respond(&mut gate, &host, call.token, &allow("acct", 900));
+        host.set_status(200);
+        host.response_headers
+            .borrow_mut()
+            .push(("content-type".into(), b"text/event-stream".to_vec()));
+        gate.on_response_headers(&host);
+        // The stream breaks off after message_start: charged what it reported.
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n";
+        *host.response_chunk.borrow_mut() = start.as_bytes().to_vec();
+        gate.on_response_body(&host, start.len(), false);
+        gate.on_log(&host);
+        assert_eq!(host.count_of(Metric::UsageMetered), 1);
+        let root = FakeHost::request("GET", "/", &[]);
+        fx.worker.tick(&root, &fx.cfg);
+        let usage = root.last_call();
+        assert_eq!(usage.header(":path"), Some("/v1/usage"));
+        assert_eq!(usage.body["actual"], json!(4 * 3 + 15));
+    }
+
+    #[test]
+    fn a_model_missing_from_the_table_is_refused_with_400() {
+        let fx = Fixture::new(CFG);
+        let (host, _) = message(&fx, &json!({"model": "other", "max_tokens": 1}));
+        let reply = host.reply().expect("a reply");
+        assert_eq!(reply.status, 400);
+        let body: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["model"], "other");
+        assert!(
+            host.calls.borrow().is_empty(),
+            "nothing asked, nothing charged"
+        );
+        assert_eq!(host.count_of(Metric::UnknownModel), 1);
+        // No bound on the output: the estimate is held.
+        let fx = Fixture::new(CFG);
+        let (host, _) = message(&fx, &json!({"model": "m"}));
+        assert_eq!(host.last_call().body["cost"], 100);
+    }
+}

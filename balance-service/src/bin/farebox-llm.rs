@@ -48,6 +48,24 @@ A mock OpenAI-compatible upstream:
   \"x_abort_after\": k (stream: k events, then the connection is dropped),
   \"x_delay_ms\": n (pause between events, default 1); header
   x-mock-status: NNN (answer NNN with an OpenAI-style JSON error).
+  POST /v1/messages (Anthropic Messages)  {\"model\", \"max_tokens\", \"messages\", \"system\",
+                              \"stream\"}: input_tokens = words in system and messages,
+     output_tokens = max_tokens; body knobs \"x_cache_read\": n, \"x_cache_creation\": n
+     (cache_read_input_tokens / cache_creation_input_tokens, not counted in input_tokens).
+     stream: message_start (message.usage with output_tokens 1), content_block_start,
+     ping, one content_block_delta per output token, content_block_stop, message_delta
+     (usage.output_tokens, the cumulative count), message_stop.
+  POST /v1/responses (OpenAI Responses)  {\"model\", \"input\", \"instructions\",
+                              \"max_output_tokens\", \"stream\"}: input_tokens = words,
+     output_tokens = max_output_tokens or 10; knobs \"x_cached\": n (input_tokens_details.
+     cached_tokens, inside input_tokens), \"x_reasoning\": n (output_tokens_details.
+     reasoning_tokens, inside output_tokens), \"x_end\": \"incomplete\" | \"failed\".
+     stream: response.created, response.output_text.delta per token, then
+     response.completed (or .incomplete / .failed) with response.usage; no [DONE].
+  POST /v1/embeddings  {\"model\", \"input\": string or strings}: usage.prompt_tokens =
+     total_tokens = words; three-dimensional zero vectors (base64 when encoding_format
+     is \"base64\", as the openai client asks by default).
+  On the three: \"x_pad_bytes\", \"x_abort_after\", \"x_delay_ms\" and x-mock-status as above.
   GET /v1/models, GET /healthz, GET /stats, POST /stats/reset.
 ";
 
@@ -482,6 +500,338 @@ fn stream_response(
     resp
 }
 
+/// The knobs and counts the Anthropic, Responses and embeddings mocks share.
+struct Shape {
+    model: String,
+    input_tokens: u64,
+    output_tokens: u64,
+    stream: bool,
+    pad: String,
+    abort_after: Option<u64>,
+    delay: Duration,
+    obj: serde_json::Map<String, Value>,
+}
+
+fn words_of(v: Option<&Value>) -> Result<u64, String> {
+    match v {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::String(s)) => Ok(s.split_whitespace().count() as u64),
+        Some(Value::Array(items)) => {
+            let mut n = 0u64;
+            for item in items {
+                n += match item {
+                    Value::Object(o) if o.contains_key("content") => words_of(o.get("content"))?,
+                    Value::Object(o) => words_of(o.get("text"))?,
+                    Value::String(_) => words_of(Some(item))?,
+                    _ => return Err("content parts must be objects or strings".into()),
+                };
+            }
+            Ok(n)
+        }
+        Some(_) => Err("content must be a string or an array".into()),
+    }
+}
+
+fn parse_shape(body: &[u8], input_fields: &[&str], max_field: &str) -> Result<Shape, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
+    let Value::Object(obj) = v else {
+        return Err("the body must be a JSON object".into());
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(s)) => s.clone(),
+        _ => DEFAULT_MODEL.to_owned(),
+    };
+    let mut input_tokens = 0;
+    for f in input_fields {
+        input_tokens += words_of(obj.get(*f))?;
+    }
+    let output_tokens = opt_u64(&obj, max_field)?.unwrap_or(DEFAULT_COMPLETION_TOKENS);
+    if output_tokens > MAX_COMPLETION_TOKENS {
+        return Err(format!(
+            "{max_field} must be at most {MAX_COMPLETION_TOKENS}"
+        ));
+    }
+    let pad = opt_u64(&obj, "x_pad_bytes")?.unwrap_or(0);
+    if pad > MAX_PAD_BYTES {
+        return Err(format!("x_pad_bytes must be at most {MAX_PAD_BYTES}"));
+    }
+    let delay_ms = opt_u64(&obj, "x_delay_ms")?.unwrap_or(DEFAULT_DELAY_MS);
+    if delay_ms > MAX_DELAY_MS {
+        return Err(format!("x_delay_ms must be at most {MAX_DELAY_MS}"));
+    }
+    Ok(Shape {
+        model,
+        input_tokens,
+        output_tokens,
+        stream: opt_bool(&obj, "stream")?,
+        pad: filler(usize::try_from(pad).map_err(|_| "x_pad_bytes too large".to_owned())?),
+        abort_after: opt_u64(&obj, "x_abort_after")?,
+        delay: Duration::from_millis(delay_ms),
+        obj,
+    })
+}
+
+/// An event-stream answer whose events a producer sends; `abort` ends it by
+/// dropping the connection.
+fn event_stream(
+    st: Shared,
+    events: Vec<(String, Value)>,
+    abort_after: Option<usize>,
+    delay: Duration,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    tokio::spawn(async move {
+        for (i, (name, data)) in events.into_iter().enumerate() {
+            if abort_after == Some(i) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                st.aborted.fetch_add(1, Ordering::Relaxed);
+                let _ = tx
+                    .send(Err(std::io::Error::other(
+                        "x_abort_after: connection dropped",
+                    )))
+                    .await;
+                return;
+            }
+            let text = if name.is_empty() {
+                format!("data: {data}\n\n")
+            } else {
+                format!("event: {name}\ndata: {data}\n\n")
+            };
+            if tx.send(Ok(Bytes::from(text))).await.is_err() {
+                return;
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(Events(rx)));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn refuse_by_header(st: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let status = mock_status(headers).filter(|s| *s != StatusCode::OK)?;
+    st.mock_status.fetch_add(1, Ordering::Relaxed);
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    Some(api_error(
+        status,
+        kind,
+        &format!("mock status {} (x-mock-status)", status.as_u16()),
+    ))
+}
+
+/// The completion text: the tokens, then the padding.
+fn completion_text(n: u64, pad: &str) -> String {
+    let mut text: String = (0..n).map(token).collect();
+    text.push_str(pad);
+    text
+}
+
+async fn anthropic_messages(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    st.chat_completions.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = refuse_by_header(&st, &headers) {
+        return r;
+    }
+    let sh = match parse_shape(&body, &["system", "messages"], "max_tokens") {
+        Ok(s) => s,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", &e),
+    };
+    let (cache_read, cache_creation) = match (
+        opt_u64(&sh.obj, "x_cache_read"),
+        opt_u64(&sh.obj, "x_cache_creation"),
+    ) {
+        (Ok(r), Ok(c)) => (r.unwrap_or(0), c.unwrap_or(0)),
+        (Err(e), _) | (_, Err(e)) => {
+            return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", &e)
+        }
+    };
+    let id = format!("msg_{}", farebox_balance::util::random_hex(12));
+    let usage = |output: u64| {
+        json!({"input_tokens": sh.input_tokens, "cache_creation_input_tokens": cache_creation,
+               "cache_read_input_tokens": cache_read, "output_tokens": output})
+    };
+    if !sh.stream {
+        let mut doc = serde_json::Map::new();
+        doc.insert("id".into(), json!(id));
+        doc.insert("type".into(), json!("message"));
+        doc.insert("role".into(), json!("assistant"));
+        doc.insert("model".into(), json!(sh.model));
+        doc.insert(
+            "content".into(),
+            json!([{"type": "text", "text": completion_text(sh.output_tokens, &sh.pad)}]),
+        );
+        doc.insert("stop_reason".into(), json!("max_tokens"));
+        doc.insert("stop_sequence".into(), Value::Null);
+        doc.insert("usage".into(), usage(sh.output_tokens));
+        return json_response(StatusCode::OK, Value::Object(doc).to_string());
+    }
+    st.streamed.fetch_add(1, Ordering::Relaxed);
+    let mut events = vec![
+        (
+            "message_start".to_string(),
+            json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant",
+                "model": sh.model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": usage(1)}}),
+        ),
+        (
+            "content_block_start".to_string(),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ("ping".to_string(), json!({"type": "ping"})),
+    ];
+    for i in 0..sh.output_tokens {
+        let mut text = token(i);
+        if i == 0 {
+            text.push_str(&sh.pad);
+        }
+        events.push((
+            "content_block_delta".to_string(),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        ));
+    }
+    events.push((
+        "content_block_stop".to_string(),
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push((
+        "message_delta".to_string(),
+        json!({"type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": null},
+               "usage": {"output_tokens": sh.output_tokens}}),
+    ));
+    events.push(("message_stop".to_string(), json!({"type": "message_stop"})));
+    // x_abort_after counts content deltas, after the three opening events.
+    let abort = sh
+        .abort_after
+        .map(|k| usize::try_from(k.saturating_add(3)).unwrap_or(usize::MAX));
+    event_stream(st, events, abort, sh.delay)
+}
+
+async fn responses(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    st.chat_completions.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = refuse_by_header(&st, &headers) {
+        return r;
+    }
+    let sh = match parse_shape(&body, &["instructions", "input"], "max_output_tokens") {
+        Ok(s) => s,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", &e),
+    };
+    let (cached, reasoning) = match (
+        opt_u64(&sh.obj, "x_cached"),
+        opt_u64(&sh.obj, "x_reasoning"),
+    ) {
+        (Ok(c), Ok(r)) => (
+            c.unwrap_or(0).min(sh.input_tokens),
+            r.unwrap_or(0).min(sh.output_tokens),
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", &e)
+        }
+    };
+    let end = match sh.obj.get("x_end").and_then(Value::as_str) {
+        None => "completed",
+        Some(e @ ("incomplete" | "failed")) => e,
+        Some(_) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "x_end must be \"incomplete\" or \"failed\"",
+            )
+        }
+    };
+    let id = format!("resp_{}", farebox_balance::util::random_hex(12));
+    let created = unix_seconds();
+    let usage = json!({"input_tokens": sh.input_tokens, "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": sh.output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": sh.input_tokens + sh.output_tokens});
+    let text = completion_text(sh.output_tokens, &sh.pad);
+    let response = |status: &str, text: &str, usage: Value| {
+        let mut doc = serde_json::Map::new();
+        doc.insert("id".into(), json!(id));
+        doc.insert("object".into(), json!("response"));
+        doc.insert("created_at".into(), json!(created));
+        doc.insert("status".into(), json!(status));
+        doc.insert("model".into(), json!(sh.model));
+        let output = if text.is_empty() {
+            json!([])
+        } else {
+            json!([{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}])
+        };
+        doc.insert("output".into(), output);
+        doc.insert("parallel_tool_calls".into(), json!(true));
+        doc.insert("tool_choice".into(), json!("auto"));
+        doc.insert("tools".into(), json!([]));
+        doc.insert("usage".into(), usage);
+        Value::Object(doc)
+    };
+    if !sh.stream {
+        return json_response(StatusCode::OK, response(end, &text, usage).to_string());
+    }
+    st.streamed.fetch_add(1, Ordering::Relaxed);
+    let mut events = vec![(
+        "response.created".to_string(),
+        json!({"type": "response.created", "sequence_number": 0, "response": response("in_progress", "", Value::Null)}),
+    )];
+    for i in 0..sh.output_tokens {
+        let mut delta = token(i);
+        if i == 0 {
+            delta.push_str(&sh.pad);
+        }
+        events.push((
+            "response.output_text.delta".to_string(),
+            json!({"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "msg_1",
+                   "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),
+        ));
+    }
+    let name = format!("response.{end}");
+    events.push((
+        name.clone(),
+        json!({"type": name, "sequence_number": sh.output_tokens + 1, "response": response(end, &text, usage)}),
+    ));
+    let abort = sh
+        .abort_after
+        .map(|k| usize::try_from(k.saturating_add(1)).unwrap_or(usize::MAX));
+    event_stream(st, events, abort, sh.delay)
+}
+
+async fn embeddings(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    st.chat_completions.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = refuse_by_header(&st, &headers) {
+        return r;
+    }
+    let sh = match parse_shape(&body, &["input"], "x_unused") {
+        Ok(s) => s,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_request_error", &e),
+    };
+    let inputs = match sh.obj.get("input") {
+        Some(Value::Array(items)) => items.len(),
+        _ => 1,
+    };
+    // Three float32 zeros, as the client decodes them.
+    let vector = match sh.obj.get("encoding_format").and_then(Value::as_str) {
+        Some("base64") => json!("AAAAAAAAAAAAAAAA"),
+        _ => json!([0.0, 0.0, 0.0]),
+    };
+    let data: Vec<Value> = (0..inputs)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": vector}))
+        .collect();
+    let mut doc = serde_json::Map::new();
+    doc.insert("object".into(), json!("list"));
+    doc.insert("data".into(), json!(data));
+    doc.insert("model".into(), json!(sh.model));
+    doc.insert(
+        "usage".into(),
+        json!({"prompt_tokens": sh.input_tokens, "total_tokens": sh.input_tokens}),
+    );
+    json_response(StatusCode::OK, Value::Object(doc).to_string())
+}
+
 async fn models() -> Response {
     let body = json!({
         "object": "list",
@@ -506,6 +856,9 @@ async fn not_found() -> Response {
 fn app() -> Router {
     let api = Router::<Shared>::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(anthropic_messages))
+        .route("/v1/responses", post(responses))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models));
     with_admin_routes(api, stats, stats_reset, not_found)
 }
@@ -566,6 +919,32 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn anthropic_and_responses_shapes_count_words() {
+        let sh = parse_shape(
+            br#"{"model":"c","max_tokens":4,"system":"be brief","messages":[{"role":"user","content":[{"type":"text","text":"a b c"}]}]}"#,
+            &["system", "messages"],
+            "max_tokens",
+        )
+        .unwrap();
+        assert_eq!(
+            (sh.model.as_str(), sh.input_tokens, sh.output_tokens),
+            ("c", 5, 4)
+        );
+        let sh = parse_shape(
+            br#"{"input":[{"role":"user","content":"one two"}],"instructions":"x"}"#,
+            &["instructions", "input"],
+            "max_output_tokens",
+        )
+        .unwrap();
+        assert_eq!(
+            (sh.input_tokens, sh.output_tokens),
+            (3, DEFAULT_COMPLETION_TOKENS)
+        );
+        assert!(parse_shape(br#"{"input": 5}"#, &["input"], "max_output_tokens").is_err());
+        assert!(parse_shape(br#"{"max_tokens": -1}"#, &["messages"], "max_tokens").is_err());
     }
 
     #[test]
