@@ -287,7 +287,7 @@ pub enum LeaseOutcome {
         replay: bool,
     },
     /// Available balance below `min`; nothing reserved. `recall`: other
-    /// holders' open leases with unspent units were marked recalled (the
+    /// open leases with unspent units were marked recalled (the
     /// caller should retry shortly); otherwise the denial is final.
     Denied {
         account_id: String,
@@ -650,9 +650,10 @@ pub(crate) trait Tx {
     /// the account.
     async fn other_holders(&mut self, account_id: &str, holder: &str) -> Result<i64>;
     /// Marks recalled (keeping the first mark's time) the account's open
-    /// leases of other holders with unspent units (`used < granted`);
+    /// leases with unspent units (`used < granted`), the asking holder's own
+    /// included (a lease it replaced may still await its final settle);
     /// returns how many there are.
-    async fn recall_others(&mut self, account_id: &str, holder: &str, now: i64) -> Result<u64>;
+    async fn recall_unspent(&mut self, account_id: &str, now: i64) -> Result<u64>;
     /// The (lease id, units) of the lease refund recorded for `request_id`.
     async fn lease_refund(&mut self, request_id: &str) -> Result<Option<(String, i64)>>;
     async fn insert_lease_refund(&mut self, r: &NewLeaseRefund<'_>) -> Result<()>;

@@ -366,7 +366,7 @@ pub async fn lease<T: Tx>(
         return Ok(LeaseOutcome::Disabled { account_id });
     }
     if balance < input.min {
-        let recall = tx.recall_others(&account_id, &input.holder, now).await? > 0;
+        let recall = tx.recall_unspent(&account_id, now).await? > 0;
         return Ok(LeaseOutcome::Denied {
             account_id,
             balance,

@@ -455,11 +455,11 @@ impl Tx for SqliteTx<'_> {
         )
     }
 
-    async fn recall_others(&mut self, account_id: &str, holder: &str, now: i64) -> Result<u64> {
+    async fn recall_unspent(&mut self, account_id: &str, now: i64) -> Result<u64> {
         let n = self.exec(
-            "UPDATE leases SET recalled_at = COALESCE(recalled_at, ?3)
-             WHERE account_id = ?1 AND state = 'open' AND holder <> ?2 AND used < granted",
-            params![account_id, holder, now],
+            "UPDATE leases SET recalled_at = COALESCE(recalled_at, ?2)
+             WHERE account_id = ?1 AND state = 'open' AND used < granted",
+            params![account_id, now],
         )?;
         Ok(u64::try_from(n).unwrap_or(u64::MAX))
     }
