@@ -15,6 +15,8 @@
 #   make istio-check   deploy/istio against Istio's resource models (registry package)
 #   make k8s-check     deploy/balance-service against Kubernetes' schemas (registry package)
 #   make kong-meta     deploy/kong/farebox.meta.json from schema/farebox.schema.json
+#   make bench     farebox against no filter and ext_authz (CPU time, requests/s)
+#   make bench-instructions  instructions per request under callgrind (deterministic)
 #   make lint      rustfmt and clippy (host and wasm targets)
 #   make fuzz      the cargo-fuzz targets in fuzz/, FUZZ_TIME seconds each (not in `make test`)
 #   make clean     build outputs (make distclean also removes .venv)
@@ -67,7 +69,7 @@ else
 ENVOY_BIN := $(ENVOY)
 endif
 
-.PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench clean distclean interop-clients \
+.PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench bench-instructions floor clean distclean interop-clients \
 	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz
 
 all: build
@@ -242,6 +244,29 @@ bench: build envoy
 	@$(MAKE) --no-print-directory apt-tools APT_TOOLS=wrk:wrk
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" \
 	  BENCH_BIN_DIR="$${CARGO_TARGET_DIR:-$(CURDIR)/target}/release" $(PYTHON) bench/run.py
+
+# The floor of the bench: bench/floor, an empty Rust proxy-wasm filter (its own Cargo
+# project, not a workspace member) -> build/floor.wasm, wasm-opt'ed like the filter.
+floor: wasm-target apt-tools
+	$(CARGO) build --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml \
+	  --target-dir "$${CARGO_TARGET_DIR:-$(CURDIR)/target}/floor"
+	@mkdir -p build
+	wasm-opt -Oz $(WASM_OPT_FEATURES) \
+	  "$${CARGO_TARGET_DIR:-$(CURDIR)/target}/floor/$(WASM_TARGET)/release/farebox_floor.wasm" \
+	  -o build/floor.wasm
+	@echo "build/floor.wasm: $$(wc -c < build/floor.wasm) bytes (wasm-opt -Oz)"
+
+# Instructions per request under callgrind (not part of `make test`; deterministic, unlike
+# CPU time): no filter, the floor and the farebox paths, one Envoy under valgrind at a time;
+# writes bench/instructions.json and bench/INSTRUCTIONS.md. BENCH_INSTR_* variables in
+# bench/instructions.py override the defaults. valgrind is installed with apt-get when it is
+# missing and we are root.
+bench-instructions: build floor envoy
+	$(CARGO) build --release -p farebox-balance --bins
+	@$(MAKE) --no-print-directory apt-tools APT_TOOLS=valgrind:valgrind
+	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" \
+	  FLOOR_WASM="$(CURDIR)/build/floor.wasm" \
+	  BENCH_BIN_DIR="$${CARGO_TARGET_DIR:-$(CURDIR)/target}/release" $(PYTHON) bench/instructions.py
 
 # Fuzzing (not part of `make test`): every target in fuzz/ for FUZZ_TIME seconds with
 # libFuzzer (FUZZ_TARGETS to pick some). No nightly toolchain is needed: RUSTC_BOOTSTRAP=1
