@@ -15,11 +15,13 @@ This is the portable counterpart of the CRD-schema check in tests/deploy_manifes
 which needs Istio's CRDs beside the checkout.
 """
 import copy
-import os
 import pathlib
 import sys
 
 import yaml
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import manifest_check  # noqa: E402
 
 try:
     from cloudcoil.models.istio.extensions import v1alpha1 as extensions_v1alpha1
@@ -36,12 +38,6 @@ MODELS = {
     ("extensions.istio.io/v1alpha1", "WasmPlugin"): extensions_v1alpha1.WasmPlugin,
     ("networking.istio.io/v1", "ServiceEntry"): networking_v1.ServiceEntry,
 }
-
-
-def render(text):
-    for name, stand_in in STAND_INS.items():
-        text = text.replace("${%s}" % name, os.environ.get(name) or stand_in)
-    return text
 
 
 def dropped(original, dumped, path=""):
@@ -97,47 +93,17 @@ def self_test(doc):
     ]
 
 
+def skip(doc):
+    if (doc.get("apiVersion"), doc.get("kind")) in NEWER_THAN_MODELS:
+        return "no model in this package (checked against the CRD by tests/deploy_manifests.rs)"
+    return None
+
+
 def main(args):
-    targets = [pathlib.Path(a) for a in args] or [ROOT / "deploy" / "istio"]
-    files = []
-    for t in targets:
-        files.extend(sorted(t.glob("*.yaml")) if t.is_dir() else [t])
-    passed, failed = 0, 0
-    plugin = None
-    for f in files:
-        text = render(f.read_text())
-        body = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
-        if "${" in body:
-            print(f"FAIL {f}: a placeholder is left after rendering")
-            failed += 1
-            continue
-        for doc in yaml.safe_load_all(text):
-            if not doc:
-                continue
-            name = f"{f.name}: {doc.get('kind')} {doc.get('metadata', {}).get('name')}"
-            if (doc.get("apiVersion"), doc.get("kind")) in NEWER_THAN_MODELS:
-                print(f"not covered {name}: no model in this package (checked against the CRD by tests/deploy_manifests.rs)")
-                continue
-            problems = check(doc)
-            if problems:
-                failed += 1
-                print(f"FAIL {name}")
-                for p in problems:
-                    print(f"  {p}")
-            else:
-                passed += 1
-                print(f"ok   {name}")
-            if doc.get("kind") == "WasmPlugin" and plugin is None:
-                plugin = doc
-    if plugin is None:
-        print("FAIL no WasmPlugin found")
-        failed += 1
-    else:
-        for p in self_test(plugin):
-            print(f"FAIL {p}")
-            failed += 1
-    print(f"istio-check: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return manifest_check.run(
+        "istio-check", args, ROOT / "deploy" / "istio", STAND_INS, check, self_test, "WasmPlugin",
+        ok_note="", skip=skip,
+    )
 
 
 if __name__ == "__main__":

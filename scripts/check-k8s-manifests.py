@@ -13,11 +13,13 @@ Placeholders (${FAREBOX_BALANCE_IMAGE}) are filled from the environment when set
 with stand-ins, so both the templates and rendered copies can be checked.
 """
 import copy
-import os
 import pathlib
 import sys
 
 import yaml
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import manifest_check  # noqa: E402
 
 try:
     import kubernetes_validate
@@ -30,12 +32,6 @@ VERSIONS = ["1.30.0", "1.37.0"]
 STAND_INS = {
     "FAREBOX_BALANCE_IMAGE": "registry.example.com/farebox-balance:0.1.0",
 }
-
-
-def render(text):
-    for name, stand_in in STAND_INS.items():
-        text = text.replace("${%s}" % name, os.environ.get(name) or stand_in)
-    return text
 
 
 def check(doc):
@@ -70,43 +66,10 @@ def self_test(deployment):
 
 
 def main(args):
-    targets = [pathlib.Path(a) for a in args] or [ROOT / "deploy" / "balance-service"]
-    files = []
-    for t in targets:
-        files.extend(sorted(t.glob("*.yaml")) if t.is_dir() else [t])
-    passed, failed = 0, 0
-    deployment = None
-    for f in files:
-        text = render(f.read_text())
-        body = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
-        if "${" in body:
-            print(f"FAIL {f.name}: a placeholder is left after rendering")
-            failed += 1
-            continue
-        for doc in yaml.safe_load_all(text):
-            if not doc:
-                continue
-            name = f"{f.name}: {doc.get('kind')} {doc.get('metadata', {}).get('name')}"
-            problems = check(doc)
-            if problems:
-                failed += 1
-                print(f"FAIL {name}")
-                for p in problems:
-                    print(f"  {p}")
-            else:
-                passed += 1
-                print(f"ok   {name} (Kubernetes {', '.join(VERSIONS)}, strict)")
-            if doc.get("kind") == "Deployment" and deployment is None:
-                deployment = doc
-    if deployment is None:
-        print("FAIL no Deployment found")
-        failed += 1
-    else:
-        for p in self_test(deployment):
-            print(f"FAIL {p}")
-            failed += 1
-    print(f"k8s-check: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return manifest_check.run(
+        "k8s-check", args, ROOT / "deploy" / "balance-service", STAND_INS, check, self_test, "Deployment",
+        ok_note=" (Kubernetes " + ", ".join(VERSIONS) + ", strict)",
+    )
 
 
 if __name__ == "__main__":

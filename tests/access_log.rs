@@ -30,17 +30,6 @@ const BOB_KEY: &str = "fbk-alog-bob-secret";
 const CAROL_KEY: &str = "fbk-alog-carol-secret";
 const LOG_WAIT: Duration = Duration::from_secs(20);
 
-fn access_log_yaml(log: &Path) -> String {
-    let yaml = fs::read_to_string(repo_root().join("envoy/envoy-access-log.yaml"))
-        .expect("read envoy/envoy-access-log.yaml");
-    assert_eq!(
-        yaml.matches("path: /dev/stdout").count(),
-        1,
-        "envoy/envoy-access-log.yaml: one access log to /dev/stdout"
-    );
-    yaml.replace("path: /dev/stdout", &format!("path: {}", log.display()))
-}
-
 /// The log's lines as JSON objects.
 fn read_lines(log: &Path) -> Vec<Value> {
     fs::read_to_string(log)
@@ -120,7 +109,7 @@ fn access_log_shows_who_paid_what_and_why() {
             deny_max_age: Some(30),
             ..BalanceOpts::default()
         })
-        .envoy_yaml(access_log_yaml(&log))
+        .envoy_yaml(access_log_envoy_yaml(&log))
         .concurrency(1)
         .start();
     let balance = stack.balance();
@@ -243,7 +232,7 @@ fn access_log_names_the_lease_that_paid() {
             p["mode"] = json!("lease");
             p["lease_want"] = json!(10);
         })
-        .envoy_yaml(access_log_yaml(&log))
+        .envoy_yaml(access_log_envoy_yaml(&log))
         .concurrency(1)
         .start();
     let balance = stack.balance();
@@ -285,7 +274,7 @@ fn access_log_false_leaves_the_fields_unset() {
     let log = log_dir.join("access.log");
     let stack = stack("access-log-off")
         .plugin(|p| p["access_log"] = json!(false))
-        .envoy_yaml(access_log_yaml(&log))
+        .envoy_yaml(access_log_envoy_yaml(&log))
         .concurrency(1)
         .start();
     stack

@@ -181,6 +181,19 @@ fn assert_session_seen(out: &Value) {
     assert_eq!(unpaid["structured"]["balance"], 0, "{client}: {unpaid}");
 }
 
+/// The client's report `out[what]` of a refusal that is not a payment: the exception class,
+/// the code farebox chose, and a message that starts with `prefix` (farebox's title).
+fn assert_refusal(out: &Value, what: &str, class: &str, code: i64, prefix: &str) {
+    let r = &out[what];
+    assert_eq!(
+        (r["class"].clone(), r["code"].clone()),
+        (json!(class), json!(code)),
+        "{what}: {out}"
+    );
+    let message = r["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with(prefix), "{what}: {r}");
+}
+
 #[test]
 #[cfg_attr(
     not(farebox_e2e),
@@ -199,31 +212,13 @@ fn python_mcp_sdk_whole_session() {
     let out = run_client(cmd);
     assert_session_seen(&out);
     // A refusal that is not a payment: the SDK raises MCPError with farebox's code and text.
-    let unauth = &out["unauthorized"];
-    assert_eq!(
-        (unauth["class"].clone(), unauth["code"].clone()),
-        (json!("MCPError"), json!(401)),
-        "{out}"
-    );
-    assert!(
-        unauth["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("Unauthorized: "),
-        "{unauth}"
-    );
-    let down = &out["unavailable"];
-    assert_eq!(
-        (down["class"].clone(), down["code"].clone()),
-        (json!("MCPError"), json!(503)),
-        "{out}"
-    );
-    assert!(
-        down["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("Service Unavailable: "),
-        "{down}"
+    assert_refusal(&out, "unauthorized", "MCPError", 401, "Unauthorized: ");
+    assert_refusal(
+        &out,
+        "unavailable",
+        "MCPError",
+        503,
+        "Service Unavailable: ",
     );
     assert_plumbing_served(
         mcp,
@@ -257,31 +252,20 @@ fn typescript_mcp_sdk_whole_session() {
         .args([&url, RICH.1, EMPTY.1, BAD_KEY, &down_url]);
     let out = run_client(cmd);
     assert_session_seen(&out);
-    let unauth = &out["unauthorized"];
-    assert_eq!(
-        (unauth["class"].clone(), unauth["code"].clone()),
-        (json!("McpError"), json!(401)),
-        "{out}"
+    // The TypeScript SDK prefixes the message with "MCP error <code>: ".
+    assert_refusal(
+        &out,
+        "unauthorized",
+        "McpError",
+        401,
+        "MCP error 401: Unauthorized: ",
     );
-    assert!(
-        unauth["message"]
-            .as_str()
-            .unwrap()
-            .contains("Unauthorized: "),
-        "{unauth}"
-    );
-    let down = &out["unavailable"];
-    assert_eq!(
-        (down["class"].clone(), down["code"].clone()),
-        (json!("McpError"), json!(503)),
-        "{out}"
-    );
-    assert!(
-        down["message"]
-            .as_str()
-            .unwrap()
-            .contains("Service Unavailable: "),
-        "{down}"
+    assert_refusal(
+        &out,
+        "unavailable",
+        "McpError",
+        503,
+        "MCP error 503: Service Unavailable: ",
     );
     assert_plumbing_served(
         mcp,

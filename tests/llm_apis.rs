@@ -26,13 +26,25 @@ const ACCOUNT: &str = "acct-llm-apis";
 const KEY: &str = "fbk-llm-apis-5eed";
 const BALANCE: i64 = 1_000_000;
 
-/// The Python with the official clients: $FAREBOX_INTEROP_PYTHON, else .venv-interop's
-/// (the one `make interop-clients` fills for tests/interop.rs too).
-fn llm_python() -> PathBuf {
-    match std::env::var_os("FAREBOX_INTEROP_PYTHON") {
+/// The Python with the official clients ($FAREBOX_INTEROP_PYTHON, else .venv-interop's, the
+/// one `make interop-clients` fills for tests/interop.rs too), or `None` when `test` cannot
+/// run for want of it (a failure under CI=true).
+fn llm_python(test: &str) -> Option<PathBuf> {
+    let python = match std::env::var_os("FAREBOX_INTEROP_PYTHON") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => repo_root().join(".venv-interop/bin/python"),
+    };
+    if python.exists() {
+        return Some(python);
     }
+    cannot_run(
+        test,
+        &format!(
+            "{} is missing: run `make interop-clients` (it installs the anthropic and openai clients)",
+            python.display()
+        ),
+    );
+    None
 }
 
 fn routes() -> Value {
@@ -175,24 +187,14 @@ fn responses(model: &str, max_output: u64, stream: bool, extra: Value) -> Value 
     ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
 )]
 fn official_clients_are_charged_tokens_times_the_models_prices() {
-    let python = llm_python();
-    if !python.exists() {
-        cannot_run(
-            "llm_apis",
-            &format!(
-                "{} is missing: run `make interop-clients` (it installs the anthropic and openai clients)",
-                python.display()
-            ),
-        );
+    let Some(python) = llm_python("llm_apis") else {
         return;
-    }
+    };
     let dir = TempDir::new("llm-apis-upstream");
     let (_llm, addr) = start_service("farebox-llm", dir.path());
     // envoy/envoy-access-log.yaml, logging to a file: the usage fields are checked too.
     let log = dir.join("access.log");
-    let yaml = std::fs::read_to_string(repo_root().join("envoy/envoy-access-log.yaml"))
-        .expect("read envoy/envoy-access-log.yaml")
-        .replace("path: /dev/stdout", &format!("path: {}", log.display()));
+    let yaml = access_log_envoy_yaml(&log);
     let s = stack("llm-apis")
         .envoy_yaml(yaml)
         .plugin(|c| {
@@ -469,17 +471,9 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
 )]
 fn lease_mode_charges_the_same_tokens_times_prices() {
-    let python = llm_python();
-    if !python.exists() {
-        cannot_run(
-            "llm_apis (lease mode)",
-            &format!(
-                "{} is missing: run `make interop-clients`",
-                python.display()
-            ),
-        );
+    let Some(python) = llm_python("llm_apis (lease mode)") else {
         return;
-    }
+    };
     let dir = TempDir::new("llm-apis-lease-upstream");
     let (_llm, addr) = start_service("farebox-llm", dir.path());
     let s = stack("llm-apis-lease")

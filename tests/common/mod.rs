@@ -102,6 +102,17 @@ pub fn demo_envoy_yaml() -> String {
     envoy_yaml_file("envoy.yaml")
 }
 
+/// `envoy/envoy-access-log.yaml` with its one access log (to stdout) written to `log`.
+pub fn access_log_envoy_yaml(log: &Path) -> String {
+    let yaml = envoy_yaml_file("envoy-access-log.yaml");
+    assert_eq!(
+        yaml.matches("path: /dev/stdout").count(),
+        1,
+        "envoy/envoy-access-log.yaml: one access log to /dev/stdout"
+    );
+    yaml.replace("path: /dev/stdout", &format!("path: {}", log.display()))
+}
+
 /// The text of `envoy/<file>`.
 pub fn envoy_yaml_file(file: &str) -> String {
     let path = repo_root().join("envoy").join(file);
