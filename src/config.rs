@@ -242,6 +242,14 @@ impl<'a> Obj<'a> {
         join(&self.path, key)
     }
 
+    /// Refuses the first of `keys` that is present, naming it, for `reason`.
+    fn refuse_any(&self, keys: &[&str], reason: &str) -> Result<(), ConfigError> {
+        match keys.iter().find(|k| self.get(k).is_some()) {
+            Some(k) => err(self.field(k), reason),
+            None => Ok(()),
+        }
+    }
+
     fn get(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key).filter(|v| !v.is_null())
     }
@@ -725,22 +733,17 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
         ),
     };
     if obj.get("api").is_some() {
-        if let Some(k) = [
-            "json_pointer",
-            "input_pointer",
-            "output_pointer",
-            "unit_cost",
-            "input_unit_cost",
-            "output_unit_cost",
-        ]
-        .iter()
-        .find(|k| obj.get(k).is_some())
-        {
-            return err(
-                obj.field(k),
-                "leave it out with api: the api says where usage is",
-            );
-        }
+        obj.refuse_any(
+            &[
+                "json_pointer",
+                "input_pointer",
+                "output_pointer",
+                "unit_cost",
+                "input_unit_cost",
+                "output_unit_cost",
+            ],
+            "leave it out with api: the api says where usage is",
+        )?;
         let table = parse_price_table(&obj)?;
         return Ok(UsageSpec {
             parts: Vec::new(),
@@ -748,21 +751,16 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
             table: Some(std::sync::Arc::new(table)),
         });
     }
-    if let Some(k) = [
-        "per_tokens",
-        "models",
-        "default_prices",
-        "model_from",
-        "max_hold",
-    ]
-    .iter()
-    .find(|k| obj.get(k).is_some())
-    {
-        return err(
-            obj.field(k),
-            "needs api (the usage shape the prices apply to)",
-        );
-    }
+    obj.refuse_any(
+        &[
+            "per_tokens",
+            "models",
+            "default_prices",
+            "model_from",
+            "max_hold",
+        ],
+        "needs api (the usage shape the prices apply to)",
+    )?;
     let parts = if obj.get("json_pointer").is_some() {
         vec![(
             json_pointer(obj.field("json_pointer"), obj.str("json_pointer")?)?,

@@ -80,6 +80,24 @@ fn charges_by_id(s: &Stack) -> std::collections::HashMap<String, Value> {
         .collect()
 }
 
+/// The reference service with its demo x402 payments on (1,000 atomic units per unit).
+fn x402_balance_opts() -> BalanceOpts {
+    let x402 = [
+        "--x402-pay-to",
+        "0xPayTo",
+        "--x402-network",
+        "base-sepolia",
+        "--x402-asset",
+        "0xUSDC",
+        "--x402-amount-per-unit",
+        "1000",
+    ];
+    BalanceOpts {
+        extra_args: x402.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(farebox_e2e),
@@ -407,20 +425,7 @@ fn llm_usage_is_charged_exactly_in_json_and_sse() {
 fn machine_payable_402_and_paying_with_x402() {
     let mut c = plugin(json!([]));
     c["anonymous"] = json!(true);
-    let x402 = [
-        "--x402-pay-to",
-        "0xPayTo",
-        "--x402-network",
-        "base-sepolia",
-        "--x402-asset",
-        "0xUSDC",
-        "--x402-amount-per-unit",
-        "1000",
-    ];
-    let opts = BalanceOpts {
-        extra_args: x402.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
+    let opts = x402_balance_opts();
     let s = stack("x402").plugin(|p| *p = c).balance_opts(opts).start();
 
     // No credential, no payment: the 402 says how to pay, in both schemes.
@@ -622,20 +627,7 @@ fn mcp_pays_with_x402_in_meta() {
         "mcp": {"tools": {"search": 5}}}]);
     let mut c = plugin(routes);
     c["anonymous"] = json!(true);
-    let x402 = [
-        "--x402-pay-to",
-        "0xPayTo",
-        "--x402-network",
-        "base-sepolia",
-        "--x402-asset",
-        "0xUSDC",
-        "--x402-amount-per-unit",
-        "1000",
-    ];
-    let opts = BalanceOpts {
-        extra_args: x402.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
+    let opts = x402_balance_opts();
     let (s, _mcp) = stack_with_upstream("mcp-x402", "farebox-mcp", c, opts);
     let call = |meta: Value| {
         let body = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
