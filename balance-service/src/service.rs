@@ -3,9 +3,9 @@
 
 use crate::config::Config;
 use crate::store::{
-    AuthorizeInput, AuthorizeOutcome, CancelOutcome, CreateOutcome, LeaseInput, LeaseOutcome,
-    LeaseRefundInput, LeaseRefundOutcome, LeaseSettings, LeaseState, RefundOutcome, SettleOutcome,
-    Store, StoreError, TopupOutcome,
+    AuthorizeInput, AuthorizeOutcome, BudgetState, CancelOutcome, CreateOutcome, LeaseInput,
+    LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseSettings, LeaseState, RefundOutcome,
+    SettleOutcome, Store, StoreError, TopupOutcome,
 };
 use crate::util::{bearer_token, ct_eq, shutdown_signal};
 use axum::body::Bytes;
@@ -277,6 +277,11 @@ fn payment_required(
         "price": price,
         "detail": detail,
     });
+    deny_reply(cfg, body)
+}
+
+/// A 402 with the deny answers' caching and `Retry-After` (if set).
+fn deny_reply(cfg: &Config, body: Value) -> Response {
     let mut resp = reply(StatusCode::PAYMENT_REQUIRED, body, cfg.deny_max_age);
     if let Some(n) = cfg.deny_retry_after {
         resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(n));
@@ -301,6 +306,55 @@ fn recall_required(cfg: &Config, account_id: &str, balance: i64, min: i64) -> Re
         "retry_after_ms": cfg.lease_recall_retry_ms,
     });
     reply(StatusCode::PAYMENT_REQUIRED, body, 0)
+}
+
+/// A budget as the answers show it (`budget` of authorize, lease and the
+/// admin API; docs/balance-service.md).
+pub(crate) fn budget_json(b: &BudgetState) -> Value {
+    json!({
+        "limit": b.limit,
+        "spent": b.spent,
+        "remaining": b.remaining,
+        "period": b.period.as_str(),
+        "time_zone": b.time_zone,
+        "period_start": b.period_start,
+        "resets_at": b.resets_at,
+    })
+}
+
+/// The `detail` of a 402 for a budget that cannot cover `what`: names the
+/// limit and when it resets.
+pub(crate) fn budget_detail(b: &BudgetState, what: &str) -> String {
+    format!(
+        "the budget of {} units per {} ({}) has {} left, below {what}; it resets at {}",
+        b.limit,
+        b.period.as_str(),
+        b.time_zone,
+        b.remaining,
+        b.resets_at
+    )
+}
+
+/// The 402 answer of an authorize or lease the budget cannot cover: the
+/// balance 402 with `reason` and the `budget`.
+fn budget_required(
+    cfg: &Config,
+    account_id: &str,
+    balance: i64,
+    price: impl serde::Serialize,
+    budget: &BudgetState,
+    what: &str,
+) -> Response {
+    let body = json!({
+        "allow": false,
+        "account_id": account_id,
+        "balance": balance,
+        "price": price,
+        "detail": budget_detail(budget, what),
+        "reason": "budget",
+        "budget": budget_json(budget),
+    });
+    deny_reply(cfg, body)
 }
 
 fn unknown_credential(cfg: &Config) -> Response {
@@ -390,12 +444,25 @@ async fn authorize(State(st): State<Shared>, JsonBody(req): JsonBody<AuthorizeRe
             account_id,
             balance,
             replay,
+            budget,
         } => {
             let mut body = json!({ "allow": true, "account_id": account_id, "balance": balance });
             if replay {
                 body["replay"] = Value::Bool(true);
             }
+            if let Some(b) = &budget {
+                body["budget"] = budget_json(b);
+            }
             (reply(StatusCode::OK, body, cfg.allow_max_age), account_id)
+        }
+        AuthorizeOutcome::BudgetExceeded {
+            account_id,
+            balance,
+            budget,
+        } => {
+            let what = format!("the price {price} of route {route:?}");
+            let resp = budget_required(cfg, &account_id, balance, price, &budget, &what);
+            (resp, account_id)
         }
         AuthorizeOutcome::Denied {
             account_id,
@@ -534,6 +601,7 @@ async fn lease(State(st): State<Shared>, JsonBody(req): JsonBody<LeaseReq>) -> R
             account_id,
             balance,
             replay,
+            budget,
         } => {
             let mut body = json!({
                 "lease_id": lease_id,
@@ -545,7 +613,19 @@ async fn lease(State(st): State<Shared>, JsonBody(req): JsonBody<LeaseReq>) -> R
             if replay {
                 body["replay"] = Value::Bool(true);
             }
+            if let Some(b) = &budget {
+                body["budget"] = budget_json(b);
+            }
             (reply(StatusCode::OK, body, 0), account_id)
+        }
+        LeaseOutcome::BudgetExceeded {
+            account_id,
+            balance,
+            budget,
+        } => {
+            let what = format!("the minimum lease of {min} units");
+            let resp = budget_required(cfg, &account_id, balance, min, &budget, &what);
+            (resp, account_id)
         }
         LeaseOutcome::Denied {
             account_id,
