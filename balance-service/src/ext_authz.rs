@@ -279,7 +279,10 @@ async fn check(
             StatusCode::PAYMENT_REQUIRED,
             "payment-required",
             "Payment Required",
-            &crate::service::budget_detail(&budget, &format!("the price {cost} of route {route:?}")),
+            &crate::service::budget_detail(
+                &budget,
+                &format!("the price {cost} of route {route:?}"),
+            ),
             json!({
                 "balance": balance,
                 "price": cost,

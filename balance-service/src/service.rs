@@ -3,9 +3,9 @@
 
 use crate::config::Config;
 use crate::store::{
-    AuthorizeInput, AuthorizeOutcome, BudgetState, CancelOutcome, CreateOutcome, LeaseInput,
-    LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseSettings, LeaseState, RefundOutcome,
-    SettleOutcome, Store, StoreError, TopupOutcome,
+    AlertSettings, AuthorizeInput, AuthorizeOutcome, BudgetState, CancelOutcome, CreateOutcome,
+    LeaseInput, LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseSettings, LeaseState,
+    RefundOutcome, SettleOutcome, Store, StoreError, TopupOutcome,
 };
 use crate::util::{bearer_token, ct_eq, shutdown_signal};
 use axum::body::Bytes;
@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 
 // `/v1/usage` and the payment middleware live in their own files, as child
 // modules so they share this module's private helpers.
+#[path = "budget_api.rs"]
+mod budget_api;
+#[path = "export.rs"]
+mod export;
 #[path = "payments.rs"]
 mod payments;
 #[path = "usage.rs"]
@@ -398,6 +402,7 @@ body_name! {
     CreateReq => "",
     TopupReq => "",
     usage::UsageReq => "usage",
+    budget_api::BudgetReq => "",
 }
 
 // ---------------------------------------------------------------- /v1/authorize
@@ -1253,6 +1258,13 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/admin/accounts/{id}/enable", post(enable))
         .route("/admin/accounts/{id}/charges", get(get_charges))
         .route("/admin/accounts/{id}/leases", get(get_leases))
+        .route(
+            "/admin/accounts/{id}/budget",
+            get(budget_api::get_budget)
+                .put(budget_api::put_budget)
+                .delete(budget_api::delete_budget),
+        )
+        .route("/admin/charges", get(export::charges))
         .route("/admin/stats", get(stats))
         .route("/admin/stats/reset", post(stats_reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
@@ -1320,6 +1332,14 @@ pub async fn run(cfg: Config) -> Result<(), String> {
             .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
         policy: cfg.lease_expiry_policy,
     });
+    let store = store.with_alerts(match &cfg.webhook {
+        Some(w) => AlertSettings {
+            enabled: true,
+            low_balance: w.low_balance.clone(),
+            budget_percent: w.budget_percent.clone(),
+        },
+        None => AlertSettings::default(),
+    });
     if cfg.seed_demo {
         let n = store
             .seed_demo()
@@ -1344,6 +1364,12 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     }
     let store = Arc::new(store);
     let sweeper = tokio::spawn(sweep_expired_leases(store.clone(), cfg.quiet));
+    // Webhook delivery runs on its own: a slow or failing receiver never
+    // holds up a debit (the debit only writes the outbox row).
+    let deliverer = cfg
+        .webhook
+        .as_ref()
+        .map(|w| tokio::spawn(crate::webhooks::run(store.clone(), (**w).clone())));
     let app = router(store, cfg);
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
@@ -1354,6 +1380,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("server error: {e}"))?;
     sweeper.abort();
+    if let Some(d) = deliverer {
+        d.abort();
+    }
     tracing::info!("shut down");
     Ok(())
 }

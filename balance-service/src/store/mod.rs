@@ -542,7 +542,6 @@ pub enum PaidOutcome {
     Conflict { account_id: String },
 }
 
-
 // ------------------------------------------------------------ budgets, webhooks, export
 
 pub use rules::Period;

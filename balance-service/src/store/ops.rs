@@ -16,9 +16,9 @@ use super::{
     RefundOutcome, Result, SettleOutcome, Settled, StoreError, TopupOutcome, Tx, UsageOutcome,
     DEMO_PAYER, USAGE_ROUTE,
 };
-use serde_json::json;
 use crate::config::ExpiryPolicy;
 use crate::util::{now_ms, random_hex, sha256_hex};
+use serde_json::json;
 
 /// The demo accounts created by `--seed-demo`: (account, key, balance, disabled).
 pub const DEMO_ACCOUNTS: &[(&str, &str, i64, bool)] = &[

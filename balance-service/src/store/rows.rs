@@ -163,8 +163,8 @@ pub(crate) const EXPORT: &str = "
 
 pub(crate) fn export_row(r: &impl Columns) -> Result<ExportRow> {
     let k = r.int(1)?;
-    let kind = ExportKind::from_order(k)
-        .ok_or_else(|| StoreError::Corrupt(format!("export kind {k}")))?;
+    let kind =
+        ExportKind::from_order(k).ok_or_else(|| StoreError::Corrupt(format!("export kind {k}")))?;
     Ok(ExportRow {
         key: ExportKey {
             at: r.int(0)?,

@@ -153,7 +153,9 @@ pub fn time_zone(name: &str) -> Option<jiff::tz::TimeZone> {
 /// range (years beyond ±9999).
 pub fn period_bounds(period: Period, tz: &jiff::tz::TimeZone, at_ms: i64) -> Option<(i64, i64)> {
     use jiff::ToSpan;
-    let now = jiff::Timestamp::from_millisecond(at_ms).ok()?.to_zoned(tz.clone());
+    let now = jiff::Timestamp::from_millisecond(at_ms)
+        .ok()?
+        .to_zoned(tz.clone());
     let date = now.date();
     let first = match period {
         Period::Day => date,
@@ -167,7 +169,11 @@ pub fn period_bounds(period: Period, tz: &jiff::tz::TimeZone, at_ms: i64) -> Opt
         Period::Week => first.checked_add(1.week()).ok()?,
         Period::Month => first.checked_add(1.month()).ok()?,
     };
-    let start = first.to_zoned(tz.clone()).ok()?.timestamp().as_millisecond();
+    let start = first
+        .to_zoned(tz.clone())
+        .ok()?
+        .timestamp()
+        .as_millisecond();
     let end = next.to_zoned(tz.clone()).ok()?.timestamp().as_millisecond();
     Some((start, end))
 }
@@ -335,8 +341,14 @@ mod tests {
         let santiago = time_zone("America/Santiago").unwrap();
         let (s, _) = period_bounds(Period::Day, &santiago, ms("2026-09-06T12:00:00Z")).unwrap();
         assert_eq!(rfc3339_in(s, &santiago), "2026-09-06T01:00:00-03:00");
-        assert_eq!(rfc3339_in(ms("2026-12-31T23:00:00Z"), &berlin), "2027-01-01T00:00:00+01:00");
-        assert_eq!(rfc3339(ms("2026-12-01T00:00:00.250Z")), "2026-12-01T00:00:00.25Z");
+        assert_eq!(
+            rfc3339_in(ms("2026-12-31T23:00:00Z"), &berlin),
+            "2027-01-01T00:00:00+01:00"
+        );
+        assert_eq!(
+            rfc3339(ms("2026-12-01T00:00:00.250Z")),
+            "2026-12-01T00:00:00.25Z"
+        );
         for p in [Period::Day, Period::Week, Period::Month] {
             assert_eq!(Period::parse(p.as_str()), Some(p));
         }
