@@ -1289,7 +1289,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.authority, "billing.internal");
-        assert_eq!(c.budget_header.as_deref(), Some("x-farebox-budget-remaining"));
+        assert_eq!(
+            c.budget_header.as_deref(),
+            Some("x-farebox-budget-remaining")
+        );
         assert_eq!(c.failure_mode, FailureMode::Open);
         assert_eq!(c.credential, CredentialSource::Query("api_key".into()));
         assert_eq!(c.pricing.routes.len(), 3);
