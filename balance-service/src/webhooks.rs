@@ -59,8 +59,7 @@ pub fn backoff_ms(base_ms: u64, attempt: i64) -> u64 {
     let shift = u32::try_from(attempt.saturating_sub(1).clamp(0, 40)).unwrap_or(40);
     base_ms
         .saturating_mul(1u64 << shift)
-        .min(MAX_BACKOFF_MS)
-        .max(1)
+        .clamp(1, MAX_BACKOFF_MS)
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;

@@ -228,6 +228,7 @@ pub fn crossed_percent(limit: i64, before: i64, after: i64, percents: &[u32]) ->
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
