@@ -344,6 +344,7 @@ body_name! {
     CreateReq => "",
     TopupReq => "",
     usage::UsageReq => "usage",
+    usage::LeaseUsageReq => "lease usage",
 }
 
 // ---------------------------------------------------------------- /v1/authorize
@@ -880,7 +881,7 @@ async fn count_calls(
         "/v1/leases/{lease_id}/settle" => &s.settle_calls,
         "/v1/leases/cancel" => &s.cancel_calls,
         "/v1/leases/{lease_id}/refund" => &s.lease_refund_calls,
-        "/v1/usage" => &s.usage_calls,
+        "/v1/usage" | "/v1/leases/{lease_id}/usage" => &s.usage_calls,
         _ => return next.run(req).await,
     };
     counter.fetch_add(1, Ordering::Relaxed);
@@ -1173,6 +1174,7 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/admin/accounts/{id}/enable", post(enable))
         .route("/admin/accounts/{id}/charges", get(get_charges))
         .route("/admin/accounts/{id}/leases", get(get_leases))
+        .route("/admin/accounts/{id}/usage", get(usage::get_usage))
         .route("/admin/stats", get(stats))
         .route("/admin/stats/reset", post(stats_reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
@@ -1183,6 +1185,7 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/v1/leases/cancel", post(cancel))
         .route("/v1/leases/{lease_id}/settle", post(settle))
         .route("/v1/leases/{lease_id}/refund", post(lease_refund))
+        .route("/v1/leases/{lease_id}/usage", post(usage::lease_usage))
         .route("/v1/usage", post(usage::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), service_auth))
         .route_layer(middleware::from_fn_with_state(state.clone(), count_calls));

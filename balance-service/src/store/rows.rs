@@ -1,13 +1,17 @@
 //! Result rows read the same way on both backends: each kind of row is
 //! mapped from its columns once, here, next to the column list it reads.
 
-use super::{AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRow, LeaseState, Result, Totals};
+use super::{
+    AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRow, LeaseState, Result, TokenCounts,
+    Totals, UsageItemRow, UsageLine,
+};
 
 /// One result row of a backend, read by column position.
 pub(crate) trait Columns {
     fn text(&self, i: usize) -> Result<String>;
     fn int(&self, i: usize) -> Result<i64>;
     fn opt_int(&self, i: usize) -> Result<Option<i64>>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>>;
     fn flag(&self, i: usize) -> Result<bool>;
 }
 
@@ -109,5 +113,31 @@ pub(crate) fn totals(r: &impl Columns) -> Result<Totals> {
         lease_refunded: r.int(5)?,
         leases: r.int(6)?,
         topups: r.int(7)?,
+    })
+}
+
+/// The columns [`usage_item`] reads, in order (also the insert's column order).
+pub(crate) const USAGE_ITEM_COLUMNS: &str = "request_id, account_id, lease_id, route, model, \
+     input_tokens, cached_input_tokens, cache_creation_input_tokens, output_tokens, \
+     reasoning_tokens, units, at";
+
+pub(crate) fn usage_item(r: &impl Columns) -> Result<UsageItemRow> {
+    Ok(UsageItemRow {
+        request_id: r.text(0)?,
+        account_id: r.text(1)?,
+        lease_id: r.opt_text(2)?,
+        line: UsageLine {
+            route: r.text(3)?,
+            model: r.opt_text(4)?,
+            tokens: TokenCounts {
+                input: r.int(5)?,
+                cached_input: r.int(6)?,
+                cache_creation_input: r.int(7)?,
+                output: r.int(8)?,
+                reasoning: r.int(9)?,
+            },
+        },
+        units: r.int(10)?,
+        at: r.int(11)?,
     })
 }
