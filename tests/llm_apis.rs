@@ -620,6 +620,65 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             .any(|l| l["decision"] == "unknown-model" && l["status"] == 400),
         "{lines:?}"
     );
+    // Dynamic metadata (the Lua bridge in envoy-access-log.yaml), with Envoy AI Gateway's
+    // key names: every metered response that ended cleanly carries its cost and inclusive
+    // token counts as numbers, equal to the filter state's.
+    let fs = |l: &Value, k: &str| -> u64 {
+        l[k].as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {l}"))
+    };
+    let mut with_metadata = 0;
+    for l in lines.iter().filter(|l| l["usage_cost"].is_string()) {
+        if l["md_cost"].is_null() {
+            // Only a response cut short has no metadata (its usage came in on_log).
+            assert!(
+                !(l["status"] == 200 && l["md_total_tokens"].is_number()),
+                "{l}"
+            );
+            continue;
+        }
+        with_metadata += 1;
+        let input = fs(l, "input_tokens")
+            + fs(l, "cached_input_tokens")
+            + fs(l, "cache_creation_input_tokens");
+        let output = fs(l, "output_tokens") + fs(l, "reasoning_tokens");
+        assert_eq!(
+            (
+                &l["md_cost"],
+                &l["md_model"],
+                &l["md_input_tokens"],
+                &l["md_cached_input_tokens"],
+                &l["md_cache_creation_input_tokens"],
+                &l["md_output_tokens"],
+                &l["md_reasoning_tokens"],
+                &l["md_total_tokens"],
+            ),
+            (
+                &json!(fs(l, "usage_cost")),
+                &l["model"],
+                &json!(input),
+                &json!(fs(l, "cached_input_tokens")),
+                &json!(fs(l, "cache_creation_input_tokens")),
+                &json!(output),
+                &json!(fs(l, "reasoning_tokens")),
+                &json!(input + output),
+            ),
+            "{l}"
+        );
+    }
+    // Every case above ended cleanly; the interrupted streams have none.
+    assert_eq!(with_metadata, n_cases, "{lines:?}");
+    let first = lines
+        .iter()
+        .find(|l| l["md_cost"] == json!(112))
+        .unwrap_or_else(|| panic!("no metadata cost 112: {lines:?}"));
+    eprintln!("llm_apis access-log line with dynamic metadata: {first}");
+    assert_eq!(
+        (&first["md_input_tokens"], &first["md_total_tokens"]),
+        (&json!(4 + 7 + 2), &json!(4 + 7 + 2 + 6)),
+        "{first}"
+    );
     let by_route: BTreeMap<&str, i64> = want.iter().fold(BTreeMap::new(), |mut m, (r, c)| {
         *m.entry(r.as_str()).or_default() += c;
         m
