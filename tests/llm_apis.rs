@@ -388,6 +388,12 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             "responses stream, usage after 300 KB",
         ),
         (
+            responses("gpt-test", 4, false, json!({"x_pad_bytes": 300_000})),
+            "responses",
+            "gpt-test",
+            "responses JSON, usage after 300 KB",
+        ),
+        (
             responses("gpt-unlisted", 4, false, json!({})),
             "responses",
             "gpt-unlisted",
@@ -420,6 +426,14 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             "chat-test",
             "chat completions stream",
         ),
+        (
+            json!({"api": "chat", "stream": true, "params": {"model": "chat-test", "max_tokens": 4,
+                "stream_options": {"include_usage": true}, "x_pad_bytes": 300_000,
+                "messages": [{"role": "user", "content": PROMPT}]}}),
+            "chat",
+            "chat-test",
+            "chat completions stream, usage after 300 KB",
+        ),
     ];
     let mut calls: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
     // Interrupted streams: Anthropic's after two deltas (message_start told the input and
@@ -434,6 +448,17 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     calls.push(responses("gpt-test", 5, true, json!({"x_abort_after": 2})));
     // A model missing from a table without default prices: 400 naming it, no charge.
     calls.push(anthropic("claude-unlisted", 3, false, json!({})));
+    // Chat Completions without a bound on the output, so the hold is the estimate (500):
+    // a stream with no usage (no include_usage) and one cut short are charged the hold;
+    // a model missing from its table (no default prices) is refused.
+    let chat_messages = json!([{"role": "user", "content": PROMPT}]);
+    calls.push(json!({"api": "chat", "stream": true,
+        "params": {"model": "chat-test", "messages": chat_messages}}));
+    calls.push(json!({"api": "chat", "stream": true,
+        "params": {"model": "chat-test", "messages": chat_messages,
+                   "stream_options": {"include_usage": true}, "x_abort_after": 2}}));
+    calls.push(json!({"api": "chat",
+        "params": {"model": "chat-unlisted", "max_tokens": 2, "messages": chat_messages}}));
 
     let results = run_clients(&python, &base, &json!(calls));
     assert_eq!(results.len(), calls.len(), "{results:?}");
@@ -481,6 +506,35 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
         "{refused}"
     );
 
+    let no_usage = &results[n_cases + 3];
+    assert!(
+        no_usage["usage"].is_null() && no_usage["text_len"].as_u64() > Some(0),
+        "a chat stream without usage reached the client: {no_usage}"
+    );
+    want.push(("chat/chat-test".into(), 500));
+    let cut = &results[n_cases + 4];
+    assert!(cut.get("interrupted").is_some(), "{cut}");
+    want.push(("chat/chat-test".into(), 500));
+    let refused_chat = &results[n_cases + 5];
+    assert_eq!(refused_chat["status"], 400, "{refused_chat}");
+    // OpenAI's client keeps the `error` object: its code says what OpenAI says for an
+    // unknown model, its message names it.
+    assert_eq!(
+        (
+            &refused_chat["error"]["type"],
+            &refused_chat["error"]["code"]
+        ),
+        (&json!("invalid_request_error"), &json!("model_not_found")),
+        "{refused_chat}"
+    );
+    assert!(
+        refused_chat["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("chat-unlisted"),
+        "{refused_chat}"
+    );
+
     // Spot checks against the mock's own counts (4 prompt words; 3 for responses).
     let first = &results[0]["usage"];
     assert_eq!(
@@ -516,7 +570,7 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     let acct = s.balance().account(ACCOUNT);
     assert_eq!(num(&acct, "charged"), total, "{acct}");
     assert_eq!(num(&acct, "balance"), BALANCE - total, "{acct}");
-    expect_metrics(&s.envoy, &[("unknown_model", 1)], Duration::from_secs(5));
+    expect_metrics(&s.envoy, &[("unknown_model", 2)], Duration::from_secs(5));
 
     // The itemised bill: one line per metered request, its tokens those the client saw,
     // its units the request's charge (the interrupted stream that reported nothing was
