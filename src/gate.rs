@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::access_log::{Outcome, Record};
 use crate::balance_api::{
     authorize_body, call, lease_body, parse_authorize, parse_lease, AuthorizeRequest,
-    CalloutResponse, LeaseAnswer, LeaseRequest, Verdict,
+    CalloutResponse, LeaseAnswer, LeaseRequest, UsageLine, Verdict,
 };
 use crate::cache::{self, CacheKey, Entry, Lookup};
 use crate::config::{Config, FailureMode, Mode};
@@ -27,7 +27,7 @@ use crate::payments::{self, Payment};
 use crate::pricing::normalize_path;
 use crate::response::{self, AuthProblem, Freshness, Reply};
 use crate::tokens::{ModelFrom, PriceTable, MAX_MODEL_LEN};
-use crate::usage::{BodyKind, Meter};
+use crate::usage::{BodyKind, Meter, Metered};
 
 /// What the host should do with the request after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1206,7 +1206,7 @@ impl Gate {
             Some(m) => {
                 host.count(Metric::UsageMetered);
                 self.access.metered(&m);
-                self.settle_usage(host, charge, hold, m.cost);
+                self.settle_usage(host, charge, hold, &m);
             }
             None => {
                 host.count(Metric::UsageUnread);
@@ -1215,18 +1215,41 @@ impl Gate {
         }
     }
 
+    /// The usage line of a table-priced response: route rule, model and tokens.
+    fn usage_line(&self, m: &Metered) -> Option<UsageLine> {
+        let tokens = m.tokens?;
+        let route = self
+            .cfg
+            .as_ref()?
+            .pricing
+            .routes
+            .get(self.usage_rule?)?
+            .name
+            .clone();
+        Some(UsageLine {
+            route,
+            model: m.model.clone(),
+            tokens,
+        })
+    }
+
     /// Turns the hold into the real price: the difference goes back, or is charged.
-    fn settle_usage(&self, host: &impl HttpHost, charge: Option<Charge>, hold: u64, actual: u64) {
+    /// A table-priced response's usage line goes to the ledger in both modes, so a bill
+    /// can be itemised: with the final price (authorize), or on its own (lease).
+    fn settle_usage(&self, host: &impl HttpHost, charge: Option<Charge>, hold: u64, m: &Metered) {
+        let actual = m.cost;
+        let line = self.usage_line(m);
         match charge {
             Some(Charge::Authorized {
                 request_id,
                 credential,
                 ..
-            }) if actual != hold => {
+            }) if actual != hold || line.is_some() => {
                 let job = Job::Usage {
                     request_id,
                     account: credential,
                     actual,
+                    line,
                 };
                 self.worker.outbox.borrow_mut().push(host, job);
             }
@@ -1237,6 +1260,15 @@ impl Gate {
                 credential,
                 ..
             }) => {
+                if let Some(line) = line {
+                    let job = Job::LeaseUsage {
+                        lease_id: lease_id.clone(),
+                        request_id: request_id.clone(),
+                        units: actual,
+                        line,
+                    };
+                    self.worker.outbox.borrow_mut().push(host, job);
+                }
                 if actual < hold {
                     // The usage was read from a served (2xx) response.
                     refund_leased(
@@ -1254,6 +1286,7 @@ impl Gate {
                         request_id: format!("{request_id}-overage"),
                         account: credential,
                         actual: actual - hold,
+                        line: None,
                     };
                     self.worker.outbox.borrow_mut().push(host, job);
                 }
@@ -1292,11 +1325,13 @@ impl Gate {
                 };
                 match meter.and_then(Meter::finish_metered) {
                     Some(m) if m.cost < hold => {
-                        let actual = m.cost;
                         host.count(Metric::UsageMetered);
                         self.access.metered(&m);
-                        log::info!("an interrupted response: charged the usage it reported, {actual} units");
-                        self.settle_usage(host, f.charge.take(), hold, actual);
+                        log::info!(
+                            "an interrupted response: charged the usage it reported, {} units",
+                            m.cost
+                        );
+                        self.settle_usage(host, f.charge.take(), hold, &m);
                     }
                     _ => host.count(Metric::UsageUnread),
                 }

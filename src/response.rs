@@ -205,6 +205,9 @@ pub fn with_openai_error(reply: &Reply) -> Reply {
         return reply.clone();
     };
     let (kind, code) = match reply.status {
+        // The one 400 farebox sends: a model the route's price table refuses (OpenAI's
+        // own answer for an unknown model has this type and code).
+        400 => ("invalid_request_error", "model_not_found"),
         401 => ("invalid_request_error", "invalid_api_key"),
         402 => ("insufficient_quota", "payment_required"),
         403 => ("permission_error", "forbidden"),

@@ -403,6 +403,7 @@ body_name! {
     TopupReq => "",
     usage::UsageReq => "usage",
     budget_api::BudgetReq => "",
+    usage::LeaseUsageReq => "lease usage",
 }
 
 // ---------------------------------------------------------------- /v1/authorize
@@ -965,7 +966,7 @@ async fn count_calls(
         "/v1/leases/{lease_id}/settle" => &s.settle_calls,
         "/v1/leases/cancel" => &s.cancel_calls,
         "/v1/leases/{lease_id}/refund" => &s.lease_refund_calls,
-        "/v1/usage" => &s.usage_calls,
+        "/v1/usage" | "/v1/leases/{lease_id}/usage" => &s.usage_calls,
         _ => return next.run(req).await,
     };
     counter.fetch_add(1, Ordering::Relaxed);
@@ -1265,6 +1266,7 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
                 .delete(budget_api::delete_budget),
         )
         .route("/admin/charges", get(export::charges))
+        .route("/admin/accounts/{id}/usage", get(usage::get_usage))
         .route("/admin/stats", get(stats))
         .route("/admin/stats/reset", post(stats_reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
@@ -1275,6 +1277,7 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/v1/leases/cancel", post(cancel))
         .route("/v1/leases/{lease_id}/settle", post(settle))
         .route("/v1/leases/{lease_id}/refund", post(lease_refund))
+        .route("/v1/leases/{lease_id}/usage", post(usage::lease_usage))
         .route("/v1/usage", post(usage::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), service_auth))
         .route_layer(middleware::from_fn_with_state(state.clone(), count_calls));

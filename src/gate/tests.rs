@@ -1313,6 +1313,7 @@ mod metered_and_paid {
                     request_id: c.body["request_id"].as_str().unwrap().into(),
                     account: c.body["account"].as_str().unwrap().into(),
                     actual: c.body["actual"].as_u64().unwrap(),
+                    line: None,
                 }
             })
             .collect();
@@ -1330,7 +1331,8 @@ mod metered_and_paid {
             vec![Job::Usage {
                 request_id: "req-1".into(),
                 account: "k".into(),
-                actual: 60
+                actual: 60,
+                line: None,
             }]
         );
     }
@@ -1345,7 +1347,8 @@ mod metered_and_paid {
             vec![Job::Usage {
                 request_id: "req-1".into(),
                 account: "k".into(),
-                actual: 140
+                actual: 140,
+                line: None,
             }]
         );
     }
@@ -1648,6 +1651,105 @@ mod token_tables {
         let usage = root.last_call();
         assert_eq!(usage.header(":path"), Some("/v1/usage"));
         assert_eq!(usage.body["actual"], json!(4 * 3 + 15));
+    }
+
+    /// A whole JSON answer to a request `message` started.
+    fn answer_json(gate: &mut Gate, host: &FakeHost, body: &Value) {
+        host.set_status(200);
+        host.response_headers
+            .borrow_mut()
+            .push(("content-type".into(), b"application/json".to_vec()));
+        gate.on_response_headers(host);
+        let bytes = body.to_string().into_bytes();
+        let len = bytes.len();
+        *host.response_chunk.borrow_mut() = bytes;
+        gate.on_response_body(host, len, true);
+    }
+
+    fn sent(fx: &Fixture) -> Vec<crate::fake::Call> {
+        let root = FakeHost::request("GET", "/", &[]);
+        fx.worker.tick(&root, &fx.cfg);
+        let calls = root.calls.borrow().clone();
+        calls
+    }
+
+    const USAGE: &str = r#"{"model": "m", "usage": {"input_tokens": 4, "cache_read_input_tokens": 2, "output_tokens": 6}}"#;
+
+    #[test]
+    fn the_usage_line_reaches_the_ledger_even_when_the_price_is_the_hold() {
+        let fx = Fixture::new(CFG);
+        // No max_tokens: the hold is the estimate, 100. (A cached token is priced like an
+        // input token when the table names no cached price.)
+        let (host, mut gate) = message(&fx, &json!({"model": "m", "messages": []}));
+        respond(
+            &mut gate,
+            &host,
+            host.last_call().token,
+            &allow("acct", 900),
+        );
+        let usage: Value =
+            serde_json::from_str(&USAGE.replace("\"output_tokens\": 6", "\"output_tokens\": 296"))
+                .unwrap();
+        answer_json(&mut gate, &host, &usage);
+        let calls = sent(&fx);
+        let [call] = calls.as_slice() else {
+            panic!("one usage call: {calls:?}")
+        };
+        assert_eq!(call.header(":path"), Some("/v1/usage"));
+        assert_eq!(
+            call.body,
+            json!({"request_id": "req-1", "account": "k", "actual": (4 + 2) * 3 + 296 * 15,
+                   "route": "claude", "model": "m",
+                   "tokens": {"input": 4, "cached_input": 2, "cache_creation_input": 0, "output": 296, "reasoning": 0}})
+        );
+        // Exactly the hold: the call is still sent, for its line.
+        let fx = Fixture::new(&CFG.replace("\"estimate\": 100", "\"estimate\": 108"));
+        let (host, mut gate) = message(&fx, &json!({"model": "m"}));
+        respond(
+            &mut gate,
+            &host,
+            host.last_call().token,
+            &allow("acct", 900),
+        );
+        answer_json(&mut gate, &host, &serde_json::from_str(USAGE).unwrap());
+        let calls = sent(&fx);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].body["actual"], (4 + 2) * 3 + 6 * 15);
+        assert_eq!(calls[0].body["route"], "claude");
+    }
+
+    #[test]
+    fn a_leased_request_sends_its_usage_line_to_its_lease() {
+        let fx = Fixture::new(&CFG.replace(
+            "\"routes\"",
+            "\"mode\": \"lease\", \"lease_want\": 1000, \"routes\"",
+        ));
+        *fx.worker.holder.borrow_mut() = "h".into();
+        let (host, mut gate) = message(&fx, &json!({"model": "m"}));
+        let grant = answer(
+            200,
+            &[],
+            json!({"lease_id": "ls_1", "granted": 1000, "expires_in_ms": 30000, "account_id": "a"}),
+        );
+        respond(&mut gate, &host, host.last_call().token, &grant);
+        answer_json(&mut gate, &host, &serde_json::from_str(USAGE).unwrap());
+        let calls = sent(&fx);
+        let line: Vec<_> = calls
+            .iter()
+            .filter(|c| c.header(":path") == Some("/v1/leases/ls_1/usage"))
+            .collect();
+        let [line] = line.as_slice() else {
+            panic!("one usage line: {calls:?}")
+        };
+        assert_eq!(
+            line.body,
+            json!({"request_id": "req-1", "units": (4 + 2) * 3 + 6 * 15, "route": "claude", "model": "m",
+                   "tokens": {"input": 4, "cached_input": 2, "cache_creation_input": 0, "output": 6, "reasoning": 0}})
+        );
+        assert!(
+            calls.iter().all(|c| c.header(":path") != Some("/v1/usage")),
+            "the lease pays: no usage charge"
+        );
     }
 
     #[test]

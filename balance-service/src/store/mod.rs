@@ -527,6 +527,59 @@ pub enum UsageOutcome {
     },
 }
 
+/// Tokens per class of a usage line (contract 9.1), each in 0..=i64::MAX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenCounts {
+    pub input: i64,
+    pub cached_input: i64,
+    pub cache_creation_input: i64,
+    pub output: i64,
+    pub reasoning: i64,
+}
+
+/// What one metered request is billed for: the route rule, the model it was
+/// priced by, and its tokens per class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageLine {
+    pub route: String,
+    pub model: Option<String>,
+    pub tokens: TokenCounts,
+}
+
+/// A stored usage line: one metered request of an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageItemRow {
+    pub request_id: String,
+    pub account_id: String,
+    /// The lease that paid for it; `None` when it came with `/v1/usage`.
+    pub lease_id: Option<String>,
+    pub line: UsageLine,
+    pub units: i64,
+    pub at: i64,
+}
+
+impl UsageItemRow {
+    /// The same request reported again with the same content (a retry).
+    fn same_as(&self, lease_id: Option<&str>, line: &UsageLine, units: i64) -> bool {
+        self.lease_id.as_deref() == lease_id && &self.line == line && self.units == units
+    }
+}
+
+/// `POST /v1/leases/{lease_id}/usage`: what was done with a usage line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseUsageOutcome {
+    /// Recorded now, or an identical line already was (`replay`).
+    Recorded {
+        account_id: String,
+        replay: bool,
+    },
+    UnknownLease,
+    /// The request id already has another line (or one of another lease).
+    Conflict {
+        account_id: String,
+    },
+}
+
 /// The account that pays for requests paid by a (demo) payment.
 pub const DEMO_PAYER: &str = "payer_demo";
 
@@ -796,6 +849,10 @@ pub(crate) trait Tx {
     async fn set_charge_cost(&mut self, request_id: &str, cost: i64) -> Result<()>;
     async fn usage_actual(&mut self, request_id: &str) -> Result<Option<i64>>;
     async fn insert_usage(&mut self, u: &NewUsage<'_>) -> Result<()>;
+    async fn usage_item(&mut self, request_id: &str) -> Result<Option<UsageItemRow>>;
+    async fn insert_usage_item(&mut self, item: &UsageItemRow) -> Result<()>;
+    /// The account's usage lines, oldest first.
+    async fn usage_items_of(&mut self, account_id: &str) -> Result<Vec<UsageItemRow>>;
 
     async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>>;
     async fn insert_topup(&mut self, t: &NewTopup<'_>) -> Result<()>;
@@ -1145,12 +1202,14 @@ impl Store {
         in_tx!(self, |tx| ops::leases(tx, &account_id, policy))
     }
 
-    /// `POST /v1/usage`: sets the final cost of `request_id` to `actual`.
+    /// `POST /v1/usage`: sets the final cost of `request_id` to `actual`, and
+    /// records its usage line if it has one.
     pub async fn usage(
         &self,
         request_id: String,
         credential: String,
         actual: i64,
+        line: Option<UsageLine>,
     ) -> Result<UsageOutcome> {
         let alerts = self.alerts.clone();
         in_tx!(self, |tx| ops::usage(
@@ -1158,8 +1217,32 @@ impl Store {
             &request_id,
             &credential,
             actual,
+            line.as_ref(),
             &alerts
         ))
+    }
+
+    /// `POST /v1/leases/{lease_id}/usage`: records the usage line of a request
+    /// paid from the lease. Idempotent by `request_id`; moves no money.
+    pub async fn lease_usage(
+        &self,
+        lease_id: String,
+        request_id: String,
+        units: i64,
+        line: UsageLine,
+    ) -> Result<LeaseUsageOutcome> {
+        in_tx!(self, |tx| ops::lease_usage(
+            tx,
+            &lease_id,
+            &request_id,
+            units,
+            &line
+        ))
+    }
+
+    /// The account's usage lines, oldest first; `None` if the account does not exist.
+    pub async fn usage_items(&self, account_id: String) -> Result<Option<Vec<UsageItemRow>>> {
+        in_tx!(self, |tx| ops::usage_items(tx, &account_id))
     }
 
     /// Records a request paid by a verified (demo) payment as a charge of

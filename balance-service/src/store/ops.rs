@@ -12,8 +12,8 @@ use super::{
     AccountSummary, AlertSettings, AuthorizeInput, AuthorizeOutcome, BudgetOutcome, BudgetSpec,
     BudgetState, CancelOutcome, ChargeRefund, ChargeRow, ChargeStatus, CreateOutcome, LeaseInput,
     LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseRefunded, LeaseRow, LeaseSettings,
-    LeaseState, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup, NewUsage, PaidOutcome,
-    RefundOutcome, Result, SettleOutcome, Settled, StoreError, TopupOutcome, Tx, UsageOutcome,
+    LeaseState, LeaseUsageOutcome, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup, NewUsage, PaidOutcome,
+    RefundOutcome, Result, SettleOutcome, Settled, StoreError, TopupOutcome, Tx, UsageItemRow, UsageLine, UsageOutcome,
     DEMO_PAYER, USAGE_ROUTE,
 };
 use crate::config::ExpiryPolicy;
@@ -860,11 +860,36 @@ pub async fn lease_refund<T: Tx>(
 
 // ------------------------------------------------------------ usage and payments
 
+/// Records `line` for `request_id` unless a line is recorded already (a retry, or
+/// a first call that carried none): the first line of a request stands.
+async fn record_line<T: Tx>(
+    tx: &mut T,
+    request_id: &str,
+    account_id: &str,
+    line: Option<&UsageLine>,
+    units: i64,
+) -> Result<()> {
+    let Some(line) = line else { return Ok(()) };
+    if tx.usage_item(request_id).await?.is_some() {
+        return Ok(());
+    }
+    tx.insert_usage_item(&UsageItemRow {
+        request_id: request_id.to_owned(),
+        account_id: account_id.to_owned(),
+        lease_id: None,
+        line: line.clone(),
+        units,
+        at: now_ms(),
+    })
+    .await
+}
+
 pub async fn usage<T: Tx>(
     tx: &mut T,
     request_id: &str,
     credential: &str,
     actual: i64,
+    line: Option<&UsageLine>,
     alerts: &AlertSettings,
 ) -> Result<UsageOutcome> {
     let key_hash = sha256_hex(credential.as_bytes());
@@ -883,6 +908,7 @@ pub async fn usage<T: Tx>(
         }
         Some(c) => match tx.usage_actual(request_id).await? {
             Some(done) if done == actual => {
+                record_line(tx, request_id, &account_id, line, actual).await?;
                 return Ok(UsageOutcome::Settled {
                     account_id,
                     balance: acct.balance,
@@ -930,6 +956,7 @@ pub async fn usage<T: Tx>(
         at: now,
     })
     .await?;
+    record_line(tx, request_id, &account_id, line, actual).await?;
     let balance = if delta == 0 {
         acct.balance
     } else {
@@ -950,6 +977,53 @@ pub async fn usage<T: Tx>(
         balance,
         replay: false,
     })
+}
+
+pub async fn lease_usage<T: Tx>(
+    tx: &mut T,
+    lease_id: &str,
+    request_id: &str,
+    units: i64,
+    line: &UsageLine,
+) -> Result<LeaseUsageOutcome> {
+    let Some(lease) = tx.lease_by_id(lease_id).await? else {
+        return Ok(LeaseUsageOutcome::UnknownLease);
+    };
+    // Lock the account row like every other write of its ledger.
+    let account_id = match tx.account(&lease.account_id).await? {
+        Some(a) => a.account_id,
+        None => return Ok(LeaseUsageOutcome::UnknownLease),
+    };
+    if let Some(done) = tx.usage_item(request_id).await? {
+        return Ok(if done.same_as(Some(lease_id), line, units) {
+            LeaseUsageOutcome::Recorded {
+                account_id,
+                replay: true,
+            }
+        } else {
+            LeaseUsageOutcome::Conflict { account_id }
+        });
+    }
+    tx.insert_usage_item(&UsageItemRow {
+        request_id: request_id.to_owned(),
+        account_id: account_id.clone(),
+        lease_id: Some(lease_id.to_owned()),
+        line: line.clone(),
+        units,
+        at: now_ms(),
+    })
+    .await?;
+    Ok(LeaseUsageOutcome::Recorded {
+        account_id,
+        replay: false,
+    })
+}
+
+pub async fn usage_items<T: Tx>(tx: &mut T, account_id: &str) -> Result<Option<Vec<UsageItemRow>>> {
+    if tx.account(account_id).await?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(tx.usage_items_of(account_id).await?))
 }
 
 pub async fn pay_demo<T: Tx>(

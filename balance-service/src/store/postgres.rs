@@ -14,12 +14,12 @@
 use super::migrations;
 use super::rows::{
     self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, EVENT_COLUMNS, EXPORT,
-    LEASE_COLUMNS, TOTALS,
+    LEASE_COLUMNS, TOTALS, USAGE_ITEM_COLUMNS,
 };
 use super::{
     AccountRow, BudgetSpec, ChargeRec, ChargeRefund, ChargeRow, EventRow, ExportQuery, ExportRow,
     LeaseRow, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup, NewUsage, Result,
-    StoreError, Totals, Tx,
+    StoreError, Totals, Tx, UsageItemRow,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::str::FromStr;
@@ -456,6 +456,52 @@ impl Tx for PgTx<'_> {
         )
         .await?;
         Ok(())
+    }
+
+    async fn usage_item(&mut self, request_id: &str) -> Result<Option<UsageItemRow>> {
+        let sql = format!("SELECT {USAGE_ITEM_COLUMNS} FROM usage_items WHERE request_id = $1");
+        self.opt(&sql, &[&request_id])
+            .await?
+            .as_ref()
+            .map(rows::usage_item)
+            .transpose()
+    }
+
+    async fn insert_usage_item(&mut self, u: &UsageItemRow) -> Result<()> {
+        let t = &u.line.tokens;
+        self.exec(
+            &format!(
+                "INSERT INTO usage_items ({USAGE_ITEM_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ),
+            &[
+                &u.request_id,
+                &u.account_id,
+                &u.lease_id,
+                &u.line.route,
+                &u.line.model,
+                &t.input,
+                &t.cached_input,
+                &t.cache_creation_input,
+                &t.output,
+                &t.reasoning,
+                &u.units,
+                &u.at,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn usage_items_of(&mut self, account_id: &str) -> Result<Vec<UsageItemRow>> {
+        let sql = format!(
+            "SELECT {USAGE_ITEM_COLUMNS} FROM usage_items WHERE account_id = $1 ORDER BY seq"
+        );
+        self.all(&sql, &[&account_id])
+            .await?
+            .iter()
+            .map(rows::usage_item)
+            .collect()
     }
 
     async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>> {

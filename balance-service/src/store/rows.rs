@@ -3,7 +3,7 @@
 
 use super::{
     AccountRow, ChargeRec, ChargeRow, ChargeStatus, EventRow, ExportKey, ExportKind, ExportRow,
-    LeaseRow, LeaseState, Result, StoreError, Totals,
+    LeaseRow, LeaseState, Result, StoreError, Totals, TokenCounts, UsageItemRow, UsageLine,
 };
 
 /// One result row of a backend, read by column position.
@@ -179,5 +179,31 @@ pub(crate) fn export_row(r: &impl Columns) -> Result<ExportRow> {
         path: r.text(8)?,
         units: r.int(9)?,
         upstream_status: r.opt_int(10)?,
+    })
+}
+
+/// The columns [`usage_item`] reads, in order (also the insert's column order).
+pub(crate) const USAGE_ITEM_COLUMNS: &str = "request_id, account_id, lease_id, route, model, \
+     input_tokens, cached_input_tokens, cache_creation_input_tokens, output_tokens, \
+     reasoning_tokens, units, at";
+
+pub(crate) fn usage_item(r: &impl Columns) -> Result<UsageItemRow> {
+    Ok(UsageItemRow {
+        request_id: r.text(0)?,
+        account_id: r.text(1)?,
+        lease_id: r.opt_text(2)?,
+        line: UsageLine {
+            route: r.text(3)?,
+            model: r.opt_text(4)?,
+            tokens: TokenCounts {
+                input: r.int(5)?,
+                cached_input: r.int(6)?,
+                cache_creation_input: r.int(7)?,
+                output: r.int(8)?,
+                reasoning: r.int(9)?,
+            },
+        },
+        units: r.int(10)?,
+        at: r.int(11)?,
     })
 }
