@@ -304,6 +304,16 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             "chat-test",
             "chat completions stream",
         ),
+        (
+            // The client's default: no stream_options. farebox adds include_usage (the
+            // route's stream_include_usage, on by default for openai_chat), so the stream
+            // reports its usage and is charged by it, not the hold of 500.
+            json!({"api": "chat", "stream": true, "params": {"model": "chat-test", "max_tokens": 3,
+                "messages": [{"role": "user", "content": PROMPT}]}}),
+            "chat",
+            "chat-test",
+            "chat completions stream, the client's default (no stream_options)",
+        ),
     ];
     let mut calls: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
     // Interrupted streams: Anthropic's after two deltas (message_start told the input and
@@ -392,7 +402,21 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     let acct = s.balance().account(ACCOUNT);
     assert_eq!(num(&acct, "charged"), total, "{acct}");
     assert_eq!(num(&acct, "balance"), BALANCE - total, "{acct}");
-    expect_metrics(&s.envoy, &[("unknown_model", 1)], Duration::from_secs(5));
+    // Only the stream that did not ask for usage was rewritten.
+    expect_metrics(
+        &s.envoy,
+        &[("unknown_model", 1), ("include_usage_added", 1)],
+        Duration::from_secs(5),
+    );
+    let default_stream = &results[n_cases - 1]["usage"];
+    assert_eq!(
+        (
+            n(default_stream, "/prompt_tokens"),
+            n(default_stream, "/completion_tokens")
+        ),
+        (4, 3),
+        "the mock's counts for the default stream"
+    );
 
     // The access log: each metered line's usage_cost is its ledger charge, with its model
     // and tokens; the refused request says unknown-model.
