@@ -439,10 +439,13 @@ pub fn refusal_body(id: &Value, tool_call: bool, problem: &[u8], x402: Option<&V
                 structured.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
+        // `resultType` is required on MCP's 2026-07-28 wire (its clients refuse a result
+        // without it); older clients ignore the member.
         json!({"jsonrpc": "2.0", "id": id, "result": {
             "content": [{"type": "text", "text": message}],
             "structuredContent": structured,
             "isError": true,
+            "resultType": "complete",
         }})
     } else {
         json!({"jsonrpc": "2.0", "id": id,
@@ -728,6 +731,7 @@ mod tests {
             (json!("2.0"), json!(9))
         );
         assert_eq!(v["result"]["isError"], true);
+        assert_eq!(v["result"]["resultType"], "complete");
         let text = "Payment Required: top up (price 5, balance 1)";
         assert_eq!(v["result"]["content"][0]["text"], text);
         assert_eq!(v["result"]["structuredContent"]["price"], 5);
