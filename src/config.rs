@@ -1236,6 +1236,44 @@ mod tests {
             "routes[0].usage.per_tokens"
         );
         assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_responses", {m}, "stream_include_usage": true, "estimate": 1}}"#
+            )),
+            "routes[0].usage.stream_include_usage"
+        );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_chat", {m}, "stream_include_usage": 1, "estimate": 1}}"#
+            )),
+            "routes[0].usage.stream_include_usage"
+        );
+        let include = |usage: &str| {
+            let raw = format!(
+                r#"{{"cluster": "b", "routes": [{{"name": "a", "prefix": "/", "usage": {usage}}}]}}"#
+            );
+            let c = Config::parse(raw.as_bytes()).unwrap();
+            c.pricing.routes[0]
+                .usage
+                .as_ref()
+                .unwrap()
+                .stream_include_usage
+        };
+        assert!(include(&format!(
+            r#"{{"api": "openai_chat", {m}, "estimate": 1}}"#
+        )));
+        assert!(!include(&format!(
+            r#"{{"api": "openai_chat", {m}, "stream_include_usage": false, "estimate": 1}}"#
+        )));
+        assert!(!include(&format!(
+            r#"{{"api": "anthropic_messages", {m}, "estimate": 1}}"#
+        )));
+        assert!(!include(
+            r#"{"json_pointer": "/u/t", "unit_cost": 1, "estimate": 1}"#
+        ));
+        assert!(include(
+            r#"{"json_pointer": "/u/t", "unit_cost": 1, "estimate": 1, "stream_include_usage": true}"#
+        ));
+        assert_eq!(
             r(&format!(r#"{{"api": "openai_chat", {m}}}"#)),
             "routes[0].usage.estimate"
         );
