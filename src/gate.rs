@@ -471,13 +471,7 @@ impl Gate {
             return Flow::Pause;
         };
         if body_size > cfg.max_body_bytes {
-            host.count(Metric::BodyTooLarge);
-            self.access.decided(Outcome::TooLarge);
-            let detail = format!(
-                "the request body is larger than {} bytes",
-                cfg.max_body_bytes
-            );
-            return self.reply(host, &response::too_large(&cfg, &detail));
+            return self.too_large(host, &cfg);
         }
         if !end_of_stream {
             return Flow::Pause;
@@ -505,15 +499,9 @@ impl Gate {
                 // Too large to rewrite: it goes as sent, charged at the hold if no usage comes.
                 return Flow::Continue;
             }
-            host.count(Metric::BodyTooLarge);
             self.deferred = None;
             self.give_back_held(host, 413);
-            self.access.decided(Outcome::TooLarge);
-            let detail = format!(
-                "the request body is larger than {} bytes",
-                cfg.max_body_bytes
-            );
-            return self.reply(host, &response::too_large(&cfg, &detail));
+            return self.too_large(host, &cfg);
         }
         if !end_of_stream {
             return Flow::Pause;
@@ -521,6 +509,17 @@ impl Gate {
         let body = host.request_body(body_size).unwrap_or_default();
         self.ask_for_usage(host, body_size, &body);
         self.check_claim(host, &cfg, &body)
+    }
+
+    /// 413: a body over `max_body_bytes`, which farebox would have to read whole.
+    fn too_large(&mut self, host: &impl HttpHost, cfg: &Config) -> Flow {
+        host.count(Metric::BodyTooLarge);
+        self.access.decided(Outcome::TooLarge);
+        let detail = format!(
+            "the request body is larger than {} bytes",
+            cfg.max_body_bytes
+        );
+        self.reply(host, &response::too_large(cfg, &detail))
     }
 
     /// Adds `stream_options.include_usage` to a streaming Chat Completions request

@@ -1420,6 +1420,20 @@ mod metered_and_paid {
     }
 
     #[test]
+    fn mcp_header_priced_body_over_the_limit_is_413_and_given_back() {
+        let fx = Fixture::new(CFG);
+        let claim = [("mcp-method", "tools/call"), ("mcp-name", "search")];
+        let (host, mut gate, _) = mcp_claimed(&fx, &claim, &search_call(5, "search"));
+        respond(&mut gate, &host, host.last_call().token, &allow("acct", 95));
+        host.headers_locked.set(true);
+        assert_eq!(gate.on_request_body(&host, 201, false), Flow::Pause);
+        assert_eq!(host.reply().unwrap().status, 413);
+        assert_eq!(host.count_of(Metric::BodyTooLarge), 1);
+        gate.on_log(&host);
+        assert_eq!(fx.queued_refunds(), 1, "given back once");
+    }
+
+    #[test]
     fn mcp_refusals_from_headers_answer_the_body_id() {
         let fx = Fixture::new(CFG);
         let claim = [("mcp-method", "tools/call"), ("mcp-name", "search")];
