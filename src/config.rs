@@ -207,6 +207,7 @@ pub const USAGE_FIELDS: &[&str] = &[
     "default_prices",
     "model_from",
     "max_hold",
+    "stream_include_usage",
 ];
 /// Fields of a model's prices (`usage.models.NAME`, `usage.default_prices`).
 pub const PRICE_FIELDS: &[&str] = &[
@@ -754,10 +755,24 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
             "leave it out with api: the api says where usage is",
         )?;
         let table = parse_price_table(&obj)?;
+        // On by default where it applies: Chat Completions streams report usage only
+        // when asked. The other APIs always report it, so there is nothing to ask.
+        let stream_include_usage = match (obj.bool("stream_include_usage")?, table.api) {
+            (Some(on), Api::OpenAiChat) => on,
+            (None, Api::OpenAiChat) => true,
+            (Some(_), _) => {
+                return err(
+                    obj.field("stream_include_usage"),
+                    "applies to api \"openai_chat\" only: the other APIs always report usage",
+                )
+            }
+            (None, _) => false,
+        };
         return Ok(UsageSpec {
             parts: Vec::new(),
             estimate: estimate_of(&obj)?,
             table: Some(std::sync::Arc::new(table)),
+            stream_include_usage,
         });
     }
     obj.refuse_any(
@@ -812,6 +827,9 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
         parts,
         estimate,
         table: None,
+        // Off by default: a route priced by pointers may be any API; on, it suits
+        // OpenAI-compatible Chat Completions.
+        stream_include_usage: obj.bool("stream_include_usage")?.unwrap_or(false),
     })
 }
 
@@ -1227,6 +1245,44 @@ mod tests {
             )),
             "routes[0].usage.per_tokens"
         );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_responses", {m}, "stream_include_usage": true, "estimate": 1}}"#
+            )),
+            "routes[0].usage.stream_include_usage"
+        );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_chat", {m}, "stream_include_usage": 1, "estimate": 1}}"#
+            )),
+            "routes[0].usage.stream_include_usage"
+        );
+        let include = |usage: &str| {
+            let raw = format!(
+                r#"{{"cluster": "b", "routes": [{{"name": "a", "prefix": "/", "usage": {usage}}}]}}"#
+            );
+            let c = Config::parse(raw.as_bytes()).unwrap();
+            c.pricing.routes[0]
+                .usage
+                .as_ref()
+                .unwrap()
+                .stream_include_usage
+        };
+        assert!(include(&format!(
+            r#"{{"api": "openai_chat", {m}, "estimate": 1}}"#
+        )));
+        assert!(!include(&format!(
+            r#"{{"api": "openai_chat", {m}, "stream_include_usage": false, "estimate": 1}}"#
+        )));
+        assert!(!include(&format!(
+            r#"{{"api": "anthropic_messages", {m}, "estimate": 1}}"#
+        )));
+        assert!(!include(
+            r#"{"json_pointer": "/u/t", "unit_cost": 1, "estimate": 1}"#
+        ));
+        assert!(include(
+            r#"{"json_pointer": "/u/t", "unit_cost": 1, "estimate": 1, "stream_include_usage": true}"#
+        ));
         assert_eq!(
             r(&format!(r#"{{"api": "openai_chat", {m}}}"#)),
             "routes[0].usage.estimate"

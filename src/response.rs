@@ -173,6 +173,19 @@ pub fn too_large(cfg: &Config, detail: &str) -> Reply {
     )
 }
 
+/// 400 for an MCP request whose `Mcp-Method`/`Mcp-Name` headers do not match its body.
+pub fn header_mismatch(cfg: &Config, detail: &str) -> Reply {
+    problem(
+        cfg,
+        400,
+        "header-mismatch",
+        "Bad Request",
+        detail,
+        Map::new(),
+        Freshness::NoStore,
+    )
+}
+
 /// "Payment Required: <detail> (price 5, balance 1)": a refusal in one line for a
 /// person, as clients that show only a message (MCP's, OpenAI's) display it.
 pub fn summary(problem: &Value) -> String {

@@ -434,6 +434,16 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             "chat-test",
             "chat completions stream, usage after 300 KB",
         ),
+        (
+            // The client's default: no stream_options. farebox adds include_usage (the
+            // route's stream_include_usage, on by default for openai_chat), so the stream
+            // reports its usage and is charged by it, not the hold of 500.
+            json!({"api": "chat", "stream": true, "params": {"model": "chat-test", "max_tokens": 3,
+                "messages": [{"role": "user", "content": PROMPT}]}}),
+            "chat",
+            "chat-test",
+            "chat completions stream, the client's default (no stream_options)",
+        ),
     ];
     let mut calls: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
     // Interrupted streams: Anthropic's after two deltas (message_start told the input and
@@ -449,11 +459,13 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     // A model missing from a table without default prices: 400 naming it, no charge.
     calls.push(anthropic("claude-unlisted", 3, false, json!({})));
     // Chat Completions without a bound on the output, so the hold is the estimate (500):
-    // a stream with no usage (no include_usage) and one cut short are charged the hold;
-    // a model missing from its table (no default prices) is refused.
+    // a stream with no usage (the client said include_usage: false, which farebox leaves
+    // alone) and one cut short are charged the hold; a model missing from its table (no
+    // default prices) is refused.
     let chat_messages = json!([{"role": "user", "content": PROMPT}]);
     calls.push(json!({"api": "chat", "stream": true,
-        "params": {"model": "chat-test", "messages": chat_messages}}));
+        "params": {"model": "chat-test", "messages": chat_messages,
+                   "stream_options": {"include_usage": false}}}));
     calls.push(json!({"api": "chat", "stream": true,
         "params": {"model": "chat-test", "messages": chat_messages,
                    "stream_options": {"include_usage": true}, "x_abort_after": 2}}));
@@ -570,7 +582,21 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     let acct = s.balance().account(ACCOUNT);
     assert_eq!(num(&acct, "charged"), total, "{acct}");
     assert_eq!(num(&acct, "balance"), BALANCE - total, "{acct}");
-    expect_metrics(&s.envoy, &[("unknown_model", 2)], Duration::from_secs(5));
+    // Only the stream that did not ask for usage was rewritten.
+    expect_metrics(
+        &s.envoy,
+        &[("unknown_model", 2), ("include_usage_added", 1)],
+        Duration::from_secs(5),
+    );
+    let default_stream = &results[n_cases - 1]["usage"];
+    assert_eq!(
+        (
+            n(default_stream, "/prompt_tokens"),
+            n(default_stream, "/completion_tokens")
+        ),
+        (4, 3),
+        "the mock's counts for the default stream"
+    );
 
     // The itemised bill: one line per metered request, its tokens those the client saw,
     // its units the request's charge (the interrupted stream that reported nothing was

@@ -12,9 +12,9 @@ use super::{
     AccountSummary, AlertSettings, AuthorizeInput, AuthorizeOutcome, BudgetOutcome, BudgetSpec,
     BudgetState, CancelOutcome, ChargeRefund, ChargeRow, ChargeStatus, CreateOutcome, LeaseInput,
     LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseRefunded, LeaseRow, LeaseSettings,
-    LeaseState, LeaseUsageOutcome, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup, NewUsage, PaidOutcome,
-    RefundOutcome, Result, SettleOutcome, Settled, StoreError, TopupOutcome, Tx, UsageItemRow, UsageLine, UsageOutcome,
-    DEMO_PAYER, USAGE_ROUTE,
+    LeaseState, LeaseUsageOutcome, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup,
+    NewUsage, PaidOutcome, RefundOutcome, Result, SettleOutcome, Settled, StoreError, TopupOutcome,
+    Tx, UsageItemRow, UsageLine, UsageOutcome, DEMO_PAYER, USAGE_ROUTE,
 };
 use crate::config::ExpiryPolicy;
 use crate::util::{now_ms, random_hex, sha256_hex};

@@ -3,7 +3,7 @@
 
 use super::{
     AccountRow, ChargeRec, ChargeRow, ChargeStatus, EventRow, ExportKey, ExportKind, ExportRow,
-    LeaseRow, LeaseState, Result, StoreError, Totals, TokenCounts, UsageItemRow, UsageLine,
+    LeaseRow, LeaseState, Result, StoreError, TokenCounts, Totals, UsageItemRow, UsageLine,
 };
 
 /// One result row of a backend, read by column position.
