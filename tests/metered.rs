@@ -84,11 +84,11 @@ fn charges_by_id(s: &Stack) -> std::collections::HashMap<String, Value> {
 fn x402_balance_opts() -> BalanceOpts {
     let x402 = [
         "--x402-pay-to",
-        "0xPayTo",
+        "0x00000000000000000000000000000000000000b0",
         "--x402-network",
-        "base-sepolia",
+        "eip155:84532",
         "--x402-asset",
-        "0xUSDC",
+        "0x00000000000000000000000000000000000000a0",
         "--x402-amount-per-unit",
         "1000",
     ];
@@ -455,10 +455,10 @@ fn machine_payable_402_and_paying_with_x402() {
         ),
         (
             json!("exact"),
-            json!("base-sepolia"),
+            json!("eip155:84532"),
             json!("1000"),
-            json!("0xUSDC"),
-            json!("0xPayTo")
+            json!("0x00000000000000000000000000000000000000a0"),
+            json!("0x00000000000000000000000000000000000000b0")
         )
     );
     assert!(a["maxTimeoutSeconds"].is_u64() && a["extra"].is_object());
@@ -487,7 +487,7 @@ fn machine_payable_402_and_paying_with_x402() {
     let request: Value = serde_json::from_slice(&base64_decode(request_b64)).unwrap();
     assert_eq!(
         (request["amount"].clone(), request["recipient"].clone()),
-        (json!("1000"), json!("0xPayTo"))
+        (json!("1000"), json!("0x00000000000000000000000000000000000000b0"))
     );
     assert_eq!(r.header("cache-control"), Some("no-store"));
     let problem = r.json();
@@ -506,7 +506,7 @@ fn machine_payable_402_and_paying_with_x402() {
         .as_str()
         .unwrap()
         .starts_with("0x"));
-    assert_eq!(settlement["network"], "base-sepolia");
+    assert_eq!(settlement["network"], "eip155:84532");
     assert_eq!(
         echoed_header_values(&r, "x-farebox-account"),
         vec!["payer_demo".to_string()]
@@ -645,7 +645,7 @@ fn mcp_pays_with_x402_in_meta() {
     assert_eq!(result["isError"], true, "{result}");
     let required = &result["structuredContent"];
     assert_eq!(required["x402Version"], 2, "{required}");
-    assert_eq!(required["accepts"][0]["payTo"], "0xPayTo", "{required}");
+    assert_eq!(required["accepts"][0]["payTo"], "0x00000000000000000000000000000000000000b0", "{required}");
     assert_eq!(required["accepts"][0]["amount"], "5000", "{required}");
     assert_eq!(required["price"], 5, "{required}");
 
