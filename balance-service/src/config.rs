@@ -91,9 +91,7 @@ pub fn is_caip2(v: &str) -> bool {
 
 /// An EVM address: `0x` and 40 hex digits.
 pub fn is_evm_address(v: &str) -> bool {
-    v.len() == 42
-        && v.starts_with("0x")
-        && v.bytes().skip(2).all(|b| b.is_ascii_hexdigit())
+    v.len() == 42 && v.starts_with("0x") && v.bytes().skip(2).all(|b| b.is_ascii_hexdigit())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,7 +262,10 @@ fn auth_header(v: &str) -> Result<(String, String), String> {
     match v.split_once(':') {
         Some((name, value))
             if !name.trim().is_empty()
-                && name.trim().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && name
+                    .trim()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !value.trim().is_empty() =>
         {
             Ok((name.trim().to_owned(), value.trim().to_owned()))
@@ -472,13 +473,14 @@ where
                 ));
             }
         }
-        let text = |values: &mut HashMap<&'static str, String>, flag: &str, default: &str| {
-            match values.remove(flag) {
+        let text =
+            |values: &mut HashMap<&'static str, String>, flag: &str, default: &str| match values
+                .remove(flag)
+            {
                 Some(v) if v.trim().is_empty() => Err(format!("--{flag} must not be empty")),
                 Some(v) => Ok(v.trim().to_owned()),
                 None => Ok(default.to_owned()),
-            }
-        };
+            };
         let asset_name = text(&mut values, "x402-asset-name", "USDC")?;
         let asset_version = text(&mut values, "x402-asset-version", "2")?;
         let facilitator = match values.remove("x402-facilitator-url") {
@@ -512,7 +514,11 @@ where
         );
     }
     // Left over: given without what they refine.
-    for flag in ["x402-asset-name", "x402-asset-version", "x402-facilitator-url"] {
+    for flag in [
+        "x402-asset-name",
+        "x402-asset-version",
+        "x402-facilitator-url",
+    ] {
         if values.contains_key(flag) {
             return Err(format!(
                 "--{flag} needs --x402-pay-to, --x402-network, --x402-asset and --x402-amount-per-unit"

@@ -63,7 +63,11 @@ impl Facilitator {
         self.call("GET", "/supported", None).await
     }
 
-    pub async fn verify(&self, payload: &Value, requirements: &Value) -> Result<Verified, CallError> {
+    pub async fn verify(
+        &self,
+        payload: &Value,
+        requirements: &Value,
+    ) -> Result<Verified, CallError> {
         let a = self
             .call("POST", "/verify", Some(body(payload, requirements)))
             .await?;
@@ -78,7 +82,11 @@ impl Facilitator {
         })
     }
 
-    pub async fn settle(&self, payload: &Value, requirements: &Value) -> Result<Settled, CallError> {
+    pub async fn settle(
+        &self,
+        payload: &Value,
+        requirements: &Value,
+    ) -> Result<Settled, CallError> {
         let a = self
             .call("POST", "/settle", Some(body(payload, requirements)))
             .await?;
@@ -94,7 +102,12 @@ impl Facilitator {
         })
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, CallError> {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CallError> {
         let limit = Duration::from_millis(self.timeout_ms);
         match tokio::time::timeout(limit, self.exchange(method, path, body)).await {
             Ok(r) => r,
@@ -102,7 +115,12 @@ impl Facilitator {
         }
     }
 
-    async fn exchange(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, CallError> {
+    async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CallError> {
         let rest = self.url.strip_prefix("http://").unwrap_or(&self.url);
         let (authority, prefix) = match rest.find('/') {
             Some(i) => rest.split_at(i),

@@ -27,8 +27,6 @@
 use super::{error, reply, request_id_conflict, stored, with_log, ApiError, Shared, UNKNOWN};
 use crate::config::X402;
 use crate::store::{PaidCharge, PaidOutcome, Payer, DEMO_PAYER};
-use std::collections::HashSet;
-use std::sync::Mutex;
 use crate::util::{now_ms, random_hex, sha256_hex};
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
@@ -38,7 +36,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 /// Largest request body the middleware buffers (as axum's default limit).
 const MAX_BODY: usize = 2 << 20;
@@ -297,7 +297,9 @@ async fn paid_authorize(
         }
         Some(f) => {
             if scheme != Scheme::X402 {
-                return required("payment invalid: this service settles x402 payments (PAYMENT-SIGNATURE)");
+                return required(
+                    "payment invalid: this service settles x402 payments (PAYMENT-SIGNATURE)",
+                );
             }
             let (requirements, _) = challenge_fields(x402, req.cost, &req.route);
             let requirements = requirements.get(0).cloned().unwrap_or(Value::Null);
@@ -317,8 +319,14 @@ async fn paid_authorize(
                 }
                 Ok(Some(true)) => {
                     st.settling.release(&p.id);
-                    let settled = json!({"success": true, "network": x402.network, "payer": p.payer});
-                    (keyed(format!("x402:{}", p.payer)), Some(p.id), settled, None)
+                    let settled =
+                        json!({"success": true, "network": x402.network, "payer": p.payer});
+                    (
+                        keyed(format!("x402:{}", p.payer)),
+                        Some(p.id),
+                        settled,
+                        None,
+                    )
                 }
                 Err(e) => {
                     st.settling.release(&p.id);
@@ -339,7 +347,12 @@ async fn paid_authorize(
                     match f.settle(&p.payload, &requirements).await {
                         Ok(s) if s.success => {
                             let payer = s.payer.clone().unwrap_or_else(|| p.payer.clone());
-                            (keyed(format!("x402:{}", payer.to_ascii_lowercase())), Some(p.id.clone()), s.answer, Some(p.id))
+                            (
+                                keyed(format!("x402:{}", payer.to_ascii_lowercase())),
+                                Some(p.id.clone()),
+                                s.answer,
+                                Some(p.id),
+                            )
                         }
                         Ok(s) => {
                             st.settling.release(&p.id);
@@ -347,12 +360,10 @@ async fn paid_authorize(
                         }
                         // The transaction may be on its way: the payment stays claimed
                         // (refused if sent again) until an operator reconciles it.
-                        Err(e) => {
-                            return unavailable(format!(
-                                "settlement outcome unknown ({e}); payment {} held for reconciliation",
-                                p.log_id()
-                            ))
-                        }
+                        Err(e) => return unavailable(format!(
+                            "settlement outcome unknown ({e}); payment {} held for reconciliation",
+                            p.log_id()
+                        )),
                     }
                 }
             }
@@ -397,13 +408,20 @@ async fn paid_authorize(
         PaidOutcome::PaymentUsed { account_id } => {
             st.stats.count_account(&account_id);
             return with_log(
-                required_body(x402, &req, "payment invalid: this payment already paid another request"),
+                required_body(
+                    x402,
+                    &req,
+                    "payment invalid: this payment already paid another request",
+                ),
                 &account_id,
                 Some(&rid),
             );
         }
         PaidOutcome::UnknownCredential => {
-            return unknown(error(StatusCode::UNAUTHORIZED, "unknown credential"), Some(&rid))
+            return unknown(
+                error(StatusCode::UNAUTHORIZED, "unknown credential"),
+                Some(&rid),
+            )
         }
     };
     st.stats.count_account(&account);
@@ -436,11 +454,16 @@ impl X402Payment {
         if payload.get("x402Version").and_then(Value::as_u64) != Some(2) {
             return Err("x402Version must be 2".into());
         }
-        let accepted = payload.get("accepted").ok_or("no 'accepted' requirements")?;
+        let accepted = payload
+            .get("accepted")
+            .ok_or("no 'accepted' requirements")?;
         for k in ["scheme", "network", "amount", "asset", "payTo"] {
             let (a, b) = (
                 accepted.get(k).and_then(Value::as_str).unwrap_or_default(),
-                requirements.get(k).and_then(Value::as_str).unwrap_or_default(),
+                requirements
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
             );
             if !a.eq_ignore_ascii_case(b) {
                 return Err(format!("'accepted.{k}' is not the offer's ({b})"));
@@ -463,7 +486,8 @@ impl X402Payment {
         if let Some(pid) = payload.pointer("/extensions/payment-identifier/info/id") {
             let ok = pid.as_str().is_some_and(|v| {
                 (16..=128).contains(&v.len())
-                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             });
             if !ok {
                 return Err("payment-identifier id must be 16-128 of [A-Za-z0-9_-]".into());
@@ -648,8 +672,10 @@ mod tests {
             other => unreachable!("{other:?}"),
         }
         // Environment fallbacks count.
-        let env = |k: &str| (k == "FAREBOX_BALANCE_X402_ASSET")
-                .then(|| "0x00000000000000000000000000000000000000a0".to_owned());
+        let env = |k: &str| {
+            (k == "FAREBOX_BALANCE_X402_ASSET")
+                .then(|| "0x00000000000000000000000000000000000000a0".to_owned())
+        };
         let mut partial: Vec<&str> = all.to_vec();
         partial.drain(3..5);
         match parse(args(&partial), env) {
@@ -679,10 +705,18 @@ mod tests {
         };
         refused(2, "--x402-network=base-sepolia", "--x402-network");
         refused(2, "--x402-network=eip155", "--x402-network");
-        refused(2, "--x402-network=solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp", "--x402-network");
+        refused(
+            2,
+            "--x402-network=solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp",
+            "--x402-network",
+        );
         refused(1, "0xpay", "--x402-pay-to");
         refused(4, "USDC", "--x402-asset");
-        refused(4, "0x00000000000000000000000000000000000000a", "--x402-asset");
+        refused(
+            4,
+            "0x00000000000000000000000000000000000000a",
+            "--x402-asset",
+        );
         refused(6, "1.5", "--x402-amount-per-unit");
         refused(6, "0x10", "--x402-amount-per-unit");
         let with = |extra: &[&'static str]| {
@@ -691,11 +725,25 @@ mod tests {
             parse(args(&a), |_| None)
         };
         for (extra, flag) in [
-            (&["--x402-facilitator-url", "https://f.example"][..], "--x402-facilitator-url"),
-            (&["--x402-facilitator-url", "http://"][..], "--x402-facilitator-url"),
-            (&["--x402-facilitator-auth", "X-Key: s"][..], "--x402-facilitator-auth"),
             (
-                &["--x402-facilitator-url", "http://127.0.0.1:1", "--x402-facilitator-auth", "nocolon"][..],
+                &["--x402-facilitator-url", "https://f.example"][..],
+                "--x402-facilitator-url",
+            ),
+            (
+                &["--x402-facilitator-url", "http://"][..],
+                "--x402-facilitator-url",
+            ),
+            (
+                &["--x402-facilitator-auth", "X-Key: s"][..],
+                "--x402-facilitator-auth",
+            ),
+            (
+                &[
+                    "--x402-facilitator-url",
+                    "http://127.0.0.1:1",
+                    "--x402-facilitator-auth",
+                    "nocolon",
+                ][..],
                 "--x402-facilitator-auth",
             ),
         ] {
@@ -704,7 +752,12 @@ mod tests {
                 other => unreachable!("{extra:?}: {other:?}"),
             }
         }
-        match with(&["--x402-facilitator-url", "http://127.0.0.1:4021/", "--x402-facilitator-auth", "X-Key: s3cret"]) {
+        match with(&[
+            "--x402-facilitator-url",
+            "http://127.0.0.1:4021/",
+            "--x402-facilitator-auth",
+            "X-Key: s3cret",
+        ]) {
             Ok(Parsed::Run(cfg)) => {
                 let f = cfg.x402.and_then(|x| x.facilitator).unwrap();
                 assert_eq!(f.url, "http://127.0.0.1:4021");

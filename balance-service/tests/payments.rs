@@ -266,7 +266,10 @@ fn demo_payments_are_recorded_for_payer_demo() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["account_id"], "acct_alice");
     assert_eq!(r.json()["payment_response"]["success"], true);
-    assert_eq!(check_ledger(a, "acct_alice")["balance"].as_i64().unwrap(), before);
+    assert_eq!(
+        check_ledger(a, "acct_alice")["balance"].as_i64().unwrap(),
+        before
+    );
     let r = post_json(
         a,
         "/v1/authorize",
@@ -319,7 +322,12 @@ fn x402_flags_go_together() {
     let out = Command::new(env!("CARGO_BIN_EXE_farebox-balance"))
         .args(["--listen", "127.0.0.1:0", "--db"])
         .arg(dir.path("db.sqlite"))
-        .args(["--x402-pay-to", "0x00000000000000000000000000000000000000b0", "--x402-network", "base"])
+        .args([
+            "--x402-pay-to",
+            "0x00000000000000000000000000000000000000b0",
+            "--x402-network",
+            "base",
+        ])
         .env_remove("FAREBOX_BALANCE_X402_ASSET")
         .env_remove("FAREBOX_BALANCE_X402_AMOUNT_PER_UNIT")
         .output()

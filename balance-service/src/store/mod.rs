@@ -977,7 +977,11 @@ impl Store {
 
     /// Whether payment `payment_id` paid already: `None` no, `Some(true)` this
     /// request (a retry), `Some(false)` another one.
-    pub async fn payment_use(&self, payment_id: String, request_id: String) -> Result<Option<bool>> {
+    pub async fn payment_use(
+        &self,
+        payment_id: String,
+        request_id: String,
+    ) -> Result<Option<bool>> {
         in_tx!(self, |tx| ops::payment_use(tx, &payment_id, &request_id))
     }
 

@@ -12,8 +12,8 @@ use super::{
     AccountSummary, AuthorizeInput, AuthorizeOutcome, CancelOutcome, ChargeRefund, ChargeRow,
     ChargeStatus, CreateOutcome, LeaseInput, LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome,
     LeaseRefunded, LeaseRow, LeaseSettings, LeaseState, NewAccount, NewCharge, NewLeaseRefund,
-    NewTopup, NewUsage, PaidOutcome, RefundOutcome, Result, SettleOutcome, Settled, StoreError,
-    TopupOutcome, Tx, UsageOutcome, USAGE_ROUTE, PaidCharge, Payer,
+    NewTopup, NewUsage, PaidCharge, PaidOutcome, Payer, RefundOutcome, Result, SettleOutcome,
+    Settled, StoreError, TopupOutcome, Tx, UsageOutcome, USAGE_ROUTE,
 };
 use crate::config::ExpiryPolicy;
 use crate::util::{now_ms, random_hex, sha256_hex};
@@ -723,7 +723,10 @@ pub async fn pay<T: Tx>(tx: &mut T, p: &PaidCharge) -> Result<PaidOutcome> {
     let now = now_ms();
     let acct = match &p.payer {
         Payer::Key(credential) => {
-            let Some(a) = tx.account_by_key(&sha256_hex(credential.as_bytes())).await? else {
+            let Some(a) = tx
+                .account_by_key(&sha256_hex(credential.as_bytes()))
+                .await?
+            else {
                 return Ok(PaidOutcome::UnknownCredential);
             };
             a
