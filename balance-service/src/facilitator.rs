@@ -182,8 +182,14 @@ fn text(a: &Value, k: &str) -> Option<String> {
     a.get(k).and_then(Value::as_str).map(str::to_owned)
 }
 
+/// The facilitator's reason: its code, and the first line of its message (bounded:
+/// it goes into a 402's `error`, and some facilitators put a whole stack there).
 fn reason(a: &Value, code: &str, message: &str) -> String {
-    match (text(a, code), text(a, message)) {
+    let message = text(a, message).map(|m| {
+        let line = m.lines().next().unwrap_or_default().trim();
+        line.chars().take(160).collect::<String>()
+    });
+    match (text(a, code), message.filter(|m| !m.is_empty())) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
         (Some(c), None) => c,
         (None, Some(m)) => m,

@@ -360,10 +360,12 @@ async fn paid_authorize(
                         }
                         // The transaction may be on its way: the payment stays claimed
                         // (refused if sent again) until an operator reconciles it.
-                        Err(e) => return unavailable(format!(
+                        Err(e) => {
+                            return unavailable(format!(
                             "settlement outcome unknown ({e}); payment {} held for reconciliation",
                             p.log_id()
-                        )),
+                        ))
+                        }
                     }
                 }
             }
