@@ -10,7 +10,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bin="${CARGO_TARGET_DIR:-target}/debug"
 x402=tests/x402
-for f in "$bin/farebox-balance" "$bin/farebox-echo" build/farebox.wasm "$x402/node_modules/.bin/anvil"; do
+# The platform's anvil binary itself (.bin/anvil is a Node wrapper whose child a kill
+# by PID would leave running).
+anvil=$(ls "$x402"/node_modules/@foundry-rs/anvil-*/bin/anvil 2>/dev/null | head -1)
+for f in "$bin/farebox-balance" "$bin/farebox-echo" build/farebox.wasm "$anvil"; do
     [[ -e "$f" ]] || { echo "run-x402: $f missing; run \`make run-x402\`" >&2; exit 1; }
 done
 mkdir -p build
@@ -29,7 +32,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-"$x402/node_modules/.bin/anvil" --host 127.0.0.1 --port 8545 --chain-id 31337 --silent &
+"$anvil" --host 127.0.0.1 --port 8545 --chain-id 31337 --silent &
 pids+=("$!")
 (cd "$x402" && exec node stack.mjs --rpc http://127.0.0.1:8545 --facilitator-port 4021) > build/x402-stack.json &
 pids+=("$!")

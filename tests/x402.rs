@@ -29,7 +29,7 @@ const KEYED_KEY: &str = "fbk-x402-keyed-5eed";
 /// tests/x402, if `make x402-clients` installed it and its anvil runs here.
 fn x402_dir(test: &str) -> Option<PathBuf> {
     let dir = repo_root().join("tests/x402");
-    let anvil = dir.join("node_modules/.bin/anvil");
+    let anvil = anvil_binary(&dir);
     let installed = ["@x402/fetch", "@x402/core", "@x402/evm", "solc", "viem"]
         .iter()
         .all(|p| {
@@ -50,6 +50,19 @@ fn x402_dir(test: &str) -> Option<PathBuf> {
         return None;
     }
     Some(dir)
+}
+
+/// The anvil binary itself, from the package for this platform: `.bin/anvil` is a Node
+/// wrapper that starts it as a child, which a kill by PID of the wrapper would leave running.
+fn anvil_binary(dir: &Path) -> PathBuf {
+    let scope = dir.join("node_modules/@foundry-rs");
+    std::fs::read_dir(&scope)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin/anvil"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| scope.join("anvil-PLATFORM/bin/anvil"))
 }
 
 /// Runs `node client.mjs ARGS`; its stdout is one JSON object. `allowed` is the
@@ -81,7 +94,7 @@ struct Chain {
 impl Chain {
     fn start(dir: &Path, tmp: &Path) -> Chain {
         let rpc_addr = closed_port_addr();
-        let mut cmd = Command::new(dir.join("node_modules/.bin/anvil"));
+        let mut cmd = Command::new(anvil_binary(dir));
         cmd.args(["--host", "127.0.0.1", "--port"])
             .arg(rpc_addr.port().to_string())
             .args(["--chain-id", "31337", "--silent"]);

@@ -185,9 +185,15 @@ fn text(a: &Value, k: &str) -> Option<String> {
 /// The facilitator's reason: its code, and the first line of its message (bounded:
 /// it goes into a 402's `error`, and some facilitators put a whole stack there).
 fn reason(a: &Value, code: &str, message: &str) -> String {
+    // Two lines: viem-based facilitators put the revert reason on the second.
     let message = text(a, message).map(|m| {
-        let line = m.lines().next().unwrap_or_default().trim();
-        line.chars().take(160).collect::<String>()
+        let lines: Vec<&str> = m
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .take(2)
+            .collect();
+        lines.join(" ").chars().take(200).collect::<String>()
     });
     match (text(a, code), message.filter(|m| !m.is_empty())) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
