@@ -382,7 +382,16 @@ async fn paid_authorize(
     }))
     .await;
     if let Some(id) = &claimed {
-        st.settling.release(id);
+        if outcome.is_err() {
+            // Settled on chain but not recorded: the id stays claimed (a resend is
+            // refused) and the operator is told which payment to reconcile.
+            tracing::error!(
+                "x402: request {rid:?}: payment {} settled but not recorded in the ledger",
+                sha256_hex(id.as_bytes()).get(..16).unwrap_or_default()
+            );
+        } else {
+            st.settling.release(id);
+        }
     }
     let outcome = match outcome {
         Ok(o) => o,
@@ -768,6 +777,59 @@ mod tests {
             other => unreachable!("{other:?}"),
         }
         assert!(parse(args(&["--x402-asset-name", "T"]), |_| None).is_err());
+    }
+
+    #[test]
+    fn x402_payments_are_checked_against_the_offer() {
+        let offer = json!({"scheme": "exact", "network": "eip155:31337", "amount": "1000",
+                           "asset": "0xAa", "payTo": "0xBb"});
+        let encode = |v: &Value| {
+            const A: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let bytes = v.to_string().into_bytes();
+            let mut out = String::new();
+            for c in bytes.chunks(3) {
+                let n = c
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+                for i in 0..=c.len() {
+                    out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+                }
+            }
+            out
+        };
+        let payload = |accepted: Value, ext: Value| {
+            json!({"x402Version": 2, "accepted": accepted, "extensions": ext,
+                   "payload": {"signature": "0x00", "authorization": {
+                       "from": "0xPAYER", "to": "0xbb", "value": "1000",
+                       "validAfter": "0", "validBefore": "9", "nonce": "0xN0NCE"}}})
+        };
+        // Addresses compare without case; the id is the payer's and the nonce's.
+        let mut accepted = offer.clone();
+        accepted["payTo"] = json!("0xBB");
+        let p = X402Payment::decode(&encode(&payload(accepted, json!({}))), &offer).unwrap();
+        assert_eq!(p.id, "x402:0xpayer:0xn0nce");
+        assert_eq!(p.payer, "0xpayer");
+        assert_eq!(p.log_id().len(), 16);
+        let mut cheaper = offer.clone();
+        cheaper["amount"] = json!("1");
+        let e = X402Payment::decode(&encode(&payload(cheaper, json!({}))), &offer)
+            .err()
+            .unwrap();
+        assert!(e.contains("accepted.amount"), "{e}");
+        let pid = |id: &str| json!({"payment-identifier": {"info": {"required": false, "id": id}}});
+        assert!(X402Payment::decode(
+            &encode(&payload(offer.clone(), pid("pay_7d5d747be160e280"))),
+            &offer
+        )
+        .is_ok());
+        let e = X402Payment::decode(&encode(&payload(offer.clone(), pid("short"))), &offer)
+            .err()
+            .unwrap();
+        assert!(e.contains("payment-identifier"), "{e}");
+        assert!(X402Payment::decode("demo-paid", &offer).is_err());
+        assert!(X402Payment::decode(&encode(&json!({"x402Version": 1})), &offer).is_err());
     }
 
     #[test]
