@@ -645,6 +645,47 @@ fn slow_balance_service_times_out() {
     not(farebox_e2e),
     ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
 )]
+fn budget_header_shows_what_is_left_and_the_402_names_the_reset() {
+    let s = relaxed("budget")
+        .plugin(|c| c["budget_header"] = json!("x-farebox-budget-remaining"))
+        .start();
+    s.balance().create_account(ACCOUNT, KEY, 100);
+    // No budget: no header.
+    let resp = s.get_with_key("/v1/things", KEY);
+    assert_eq!(resp.status, 200, "{}", resp.dump());
+    assert_eq!(resp.header("x-farebox-budget-remaining"), None);
+    s.balance().admin(
+        "PUT",
+        &format!("/admin/accounts/{ACCOUNT}/budget"),
+        Some(&json!({"limit": 3, "period": "day", "time_zone": "UTC"})),
+    );
+    for left in ["2", "1", "0"] {
+        let resp = s.get_with_key("/v1/things", KEY);
+        assert_eq!(resp.status, 200, "{}", resp.dump());
+        assert_eq!(
+            resp.header("x-farebox-budget-remaining"),
+            Some(left),
+            "{}",
+            resp.dump()
+        );
+    }
+    // The balance (96) could pay; the budget cannot.
+    let problem = assert_problem(&s.get_with_key("/v1/things", KEY), 402);
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("budget of 3 units per day (UTC)") && detail.contains("resets at "),
+        "{problem}"
+    );
+    let reset = detail.rsplit("resets at ").next().unwrap_or_default();
+    assert!(reset.ends_with("T00:00:00+00:00"), "{detail}");
+    assert_eq!(num(&s.balance().account(ACCOUNT), "balance"), 96);
+}
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn connection_closed_by_the_service_fails_closed() {
     let fake = FakeService::start(|_, _| FakeAction::Close);
     let s = relaxed("closed-conn").balance_addr(fake.addr).start();

@@ -2,14 +2,16 @@
 //! `POST /verify` and `POST /settle`, each with the body
 //! `{x402Version, paymentPayload, paymentRequirements}`.
 //!
-//! Plain HTTP/1.1, one connection per call: the reference service reaches a
-//! remote facilitator through a local TLS proxy (an Envoy cluster, say).
+//! Plain HTTP/1.1 with hyper-util's client (as the webhooks use): the reference
+//! service reaches a remote facilitator through a local TLS proxy (an Envoy
+//! cluster, say).
 
 use crate::config::Facilitator;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::Request;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use std::fmt;
 use std::time::Duration;
@@ -121,40 +123,24 @@ impl Facilitator {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, CallError> {
-        let rest = self.url.strip_prefix("http://").unwrap_or(&self.url);
-        let (authority, prefix) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        let addr = if authority.contains(':') {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
-        };
-        let stream = tokio::net::TcpStream::connect(&addr)
-            .await
-            .map_err(|e| CallError::Unreachable(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| CallError::Unreachable(e.to_string()))?;
-        tokio::spawn(conn);
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("{prefix}{path}"))
-            .header("host", authority)
-            .header("accept", "application/json");
+            .uri(format!("{}{path}", self.url))
+            .header("accept", "application/json")
+            .header("user-agent", "farebox-balance");
         if let Some((name, value)) = &self.auth_header {
             req = req.header(name.as_str(), value.as_str());
         }
-        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
         if method == "POST" {
             req = req.header("content-type", "application/json");
         }
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
         let req = req
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| CallError::BadAnswer(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
+        let resp = client
+            .request(req)
             .await
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
         let status = resp.status();
