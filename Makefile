@@ -43,6 +43,9 @@ VENV_INTEROP := .venv-interop
 INTEROP_PY_STAMP := $(VENV_INTEROP)/.installed
 INTEROP_NODE := tests/interop/node
 INTEROP_NODE_STAMP := $(INTEROP_NODE)/node_modules/.package-lock.json
+# The x402 chain test's parts (anvil, solc, the @x402 facilitator and client): tests/x402.
+X402_NODE := tests/x402
+X402_NODE_STAMP := $(X402_NODE)/node_modules/.package-lock.json
 
 # Istio's resource models (pydantic, generated from Istio's CRDs) for `make istio-check`.
 ISTIO_MODELS_VERSION := 1.24.2.1
@@ -69,7 +72,7 @@ else
 ENVOY_BIN := $(ENVOY)
 endif
 
-.PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench bench-instructions floor clean distclean interop-clients \
+.PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench bench-instructions floor clean distclean interop-clients x402-clients run-x402 \
 	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz
 
 all: build
@@ -127,6 +130,11 @@ services:
 run: build services envoy
 	ENVOY_BIN="$(ENVOY_BIN)" ./scripts/run-demo.sh
 
+# The demo paid with x402 for real: a fresh local chain, the test token, the x402
+# facilitator, and the reference service settling through it (README, "Paying with x402").
+run-x402: build services envoy x402-clients
+	ENVOY_BIN="$(ENVOY_BIN)" ./scripts/run-x402-demo.sh
+
 # The demo with func-e (https://func-e.io) running Envoy: func-e downloads Envoy on first
 # use, so it needs the internet; the wheel's Envoy (`make run`) needs nothing of the sort.
 run-func-e: build services
@@ -135,7 +143,7 @@ run-func-e: build services
 	  \`make run\`" >&2; exit 1; }
 	env -u ENVOY -u ENVOY_BIN ./scripts/run-demo.sh
 
-test: build envoy services interop-clients
+test: build envoy services interop-clients x402-clients
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" FAREBOX_PYTHON="$(PYTHON)" \
 	  $(CARGO) test --workspace
 	@$(MAKE) --no-print-directory test-postgres envoy-compat istio-check k8s-check
@@ -156,6 +164,18 @@ $(INTEROP_NODE_STAMP): $(INTEROP_NODE)/package.json $(INTEROP_NODE)/package-lock
 	fi
 
 interop-clients: $(INTEROP_PY_STAMP) $(INTEROP_NODE_STAMP)
+
+# Node.js is the machine's: without npm tests/x402.rs says SKIPPED, and fails under CI=true.
+$(X402_NODE_STAMP): $(X402_NODE)/package.json $(X402_NODE)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd $(X402_NODE) && npm ci --no-audit --no-fund --loglevel=error && ./node_modules/.bin/anvil --version | head -1; \
+	elif [ "$${CI:-}" = true ]; then \
+	  echo "x402-clients: FAILED: npm is not installed (the x402 chain test needs Node.js and npm)" >&2; exit 1; \
+	else \
+	  echo "x402-clients: npm is not installed: tests/x402.rs will skip the chain test"; \
+	fi
+
+x402-clients: $(X402_NODE_STAMP)
 
 # The balance service's ledger tests again, on PostgreSQL: each test creates its own
 # database on the server at FAREBOX_TEST_DATABASE_URL and drops it afterwards. Without a
@@ -299,4 +319,4 @@ clean:
 	rm -rf build
 
 distclean: clean
-	rm -rf $(VENV) $(VENV_COMPAT) $(VENV_INTEROP) $(INTEROP_NODE)/node_modules
+	rm -rf $(VENV) $(VENV_COMPAT) $(VENV_INTEROP) $(INTEROP_NODE)/node_modules $(X402_NODE)/node_modules

@@ -177,6 +177,9 @@ impl Pending {
     /// What this request paid through authorize, if it can be given back
     /// (anonymous payments are settled by the service and are not refunded here).
     fn authorized(self) -> Option<Charge> {
+        if self.payment.is_some() {
+            return None;
+        }
         let credential = self.credential?;
         Some(Charge::Authorized {
             request_id: self.request_id,
@@ -187,6 +190,11 @@ impl Pending {
 
     /// For a call that may have reached the service: undo whatever it did.
     fn undo(self, status: u16) -> Option<Job> {
+        // A payment the service may have settled is its to reconcile (the payment's
+        // nonce makes a retry safe): crediting the account would pay twice.
+        if self.payment.is_some() {
+            return None;
+        }
         let account = self.credential?;
         Some(Job::Refund {
             request_id: self.request_id,
@@ -310,6 +318,26 @@ impl Gate {
         if !self.headers_gone {
             host.set_request_header(&cfg.account_header, None);
         }
+        self.strip_payment(host);
+    }
+
+    /// A payment is for the gate: the upstream never sees one (it is a bearer
+    /// instrument until settled). `Authorization` goes only when it holds a payment.
+    fn strip_payment(&self, host: &impl HttpHost) {
+        if self.headers_gone {
+            return;
+        }
+        for name in payments::PAYMENT_HEADERS {
+            if host.request_header(name).is_some() {
+                host.set_request_header(name, None);
+            }
+        }
+        if host
+            .request_header("authorization")
+            .is_some_and(|v| payments::is_payment_authorization(&v))
+        {
+            host.set_request_header("authorization", None);
+        }
     }
 
     /// A repeated credential header reaches a filter as its first value, and the
@@ -387,10 +415,8 @@ impl Gate {
             self.include_usage = true;
         }
         if wants_body {
-            // The headers may go on before the decision: no client copy of the account
-            // header goes with them.
-            self.strip_account(host, &cfg);
             if end_of_stream {
+                // The headers are still held: stripped when the decision lets them go.
                 return self.priced_by_body(host, &cfg, req, &[]);
             }
             self.keep_headers(host, &cfg);
@@ -406,6 +432,9 @@ impl Gate {
             // headers go on (the upstream waits for a body it gets only once paid for)
             // and the body is held until the decision.
             log::debug!("{} {}: reading the body to price it", req.method, req.path);
+            // The headers go on before the decision: no client copy of the account
+            // header, and no payment, goes with them (both were kept above).
+            self.strip_account(host, &cfg);
             self.stage = Stage::AwaitingBody(Box::new(req));
             self.headers_gone = true;
             return Flow::Continue;
@@ -730,22 +759,23 @@ impl Gate {
             self.stage = Stage::Done;
             return Flow::Continue;
         }
-        // A caller with a credential pays from its account; only a caller without one
-        // is looked at for a payment (which keeps two header reads off the common path).
+        // A payment goes to the service whether or not a credential comes with it: a
+        // client that pays (say, on the retry of a 402 for its empty account) means it.
+        // When both could pay, the payment pays; the credential names the account.
+        let payment = if cfg.accept_payments {
+            payments::payment_in(|n| self.header(host, n)).or(self.mcp_payment.take())
+        } else {
+            None
+        };
         let (credential, payment) = match cfg
             .credential
             .extract(|name| self.header(host, name), &req.raw_path)
         {
             Ok(c) => {
                 self.pin_credential(host, cfg, &c);
-                (Some(c), None)
+                (Some(c), payment)
             }
             Err(e) => {
-                let payment = if cfg.accept_payments {
-                    payments::payment_in(|n| self.header(host, n)).or(self.mcp_payment.take())
-                } else {
-                    None
-                };
                 match (payment, e) {
                     // A payment stands in for a credential; so, when configured, does
                     // nothing at all (the service then answers with what to pay).
@@ -768,7 +798,8 @@ impl Gate {
                 }
             }
         };
-        self.usage_rule = if metered && credential.is_some() {
+        // A payment pays the price as quoted: usage is not metered against it.
+        self.usage_rule = if metered && credential.is_some() && payment.is_none() {
             req.rule
         } else {
             None
@@ -1543,6 +1574,7 @@ impl Gate {
                 if !self.headers_gone {
                     host.set_request_header(&cfg.account_header, Some(&account_id));
                 }
+                self.strip_payment(host);
                 let mut headers = Vec::new();
                 if let Some(settlement) = payment_response {
                     headers.push((
@@ -1669,6 +1701,9 @@ impl Gate {
             // which Envoy gives a filter only once the headers went on. They go on
             // (without the account), the body is held and never sent, and the refusal
             // answers it (the upstream request is reset).
+            if let Some(cfg) = self.cfg.clone() {
+                self.strip_account(host, &cfg);
+            }
             self.deferred = Some(reply.clone());
             return Flow::Continue;
         }

@@ -57,6 +57,16 @@ pub struct Payment {
     pub value: String,
 }
 
+/// Headers that only ever carry a payment (x402 v2, and v1's `X-PAYMENT`): never sent upstream.
+pub const PAYMENT_HEADERS: [&str; 2] = ["payment-signature", "x-payment"];
+
+/// Whether an `Authorization` value is a Payment-scheme credential.
+pub fn is_payment_authorization(value: &[u8]) -> bool {
+    let v = value.trim_ascii_start();
+    v.get(..8)
+        .is_some_and(|head| head.eq_ignore_ascii_case(b"payment "))
+}
+
 /// Largest payment header forwarded; x402 payloads are a few KB.
 const MAX_PAYMENT_LEN: usize = 16 * 1024;
 
@@ -352,6 +362,10 @@ mod tests {
             })
         );
         assert_eq!(payment_in(with(&[("authorization", "Bearer x")])), None);
+        assert!(is_payment_authorization(b"Payment abc"));
+        assert!(is_payment_authorization(b"payment abc"));
+        assert!(!is_payment_authorization(b"Bearer abc"));
+        assert!(!is_payment_authorization(b"Paymentabc"));
         assert_eq!(payment_in(with(&[("payment-signature", "  ")])), None);
         assert_eq!(payment_in(with(&[])), None);
     }

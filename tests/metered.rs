@@ -84,11 +84,11 @@ fn charges_by_id(s: &Stack) -> std::collections::HashMap<String, Value> {
 fn x402_balance_opts() -> BalanceOpts {
     let x402 = [
         "--x402-pay-to",
-        "0xPayTo",
+        "0x00000000000000000000000000000000000000b0",
         "--x402-network",
-        "base-sepolia",
+        "eip155:84532",
         "--x402-asset",
-        "0xUSDC",
+        "0x00000000000000000000000000000000000000a0",
         "--x402-amount-per-unit",
         "1000",
     ];
@@ -455,10 +455,10 @@ fn machine_payable_402_and_paying_with_x402() {
         ),
         (
             json!("exact"),
-            json!("base-sepolia"),
+            json!("eip155:84532"),
             json!("1000"),
-            json!("0xUSDC"),
-            json!("0xPayTo")
+            json!("0x00000000000000000000000000000000000000a0"),
+            json!("0x00000000000000000000000000000000000000b0")
         )
     );
     assert!(a["maxTimeoutSeconds"].is_u64() && a["extra"].is_object());
@@ -487,7 +487,10 @@ fn machine_payable_402_and_paying_with_x402() {
     let request: Value = serde_json::from_slice(&base64_decode(request_b64)).unwrap();
     assert_eq!(
         (request["amount"].clone(), request["recipient"].clone()),
-        (json!("1000"), json!("0xPayTo"))
+        (
+            json!("1000"),
+            json!("0x00000000000000000000000000000000000000b0")
+        )
     );
     assert_eq!(r.header("cache-control"), Some("no-store"));
     let problem = r.json();
@@ -506,7 +509,7 @@ fn machine_payable_402_and_paying_with_x402() {
         .as_str()
         .unwrap()
         .starts_with("0x"));
-    assert_eq!(settlement["network"], "base-sepolia");
+    assert_eq!(settlement["network"], "eip155:84532");
     assert_eq!(
         echoed_header_values(&r, "x-farebox-account"),
         vec!["payer_demo".to_string()]
@@ -521,6 +524,126 @@ fn machine_payable_402_and_paying_with_x402() {
     let r = s.get("/v1/data", &[("authorization", "Payment demo-paid")]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(num(&s.balance().account("payer_demo"), "charged"), 2);
+}
+
+/// A keyed client whose account is empty pays on the retry of its 402, keeping its
+/// key: the payment goes to the service with the key, pays, and the key names the
+/// account. No payment header reaches the upstream; neither the 402 nor the paid
+/// decision is cached.
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn a_keyed_client_pays_and_payments_stay_at_the_gate() {
+    let s = stack("x402-keyed")
+        .plugin(|p| *p = plugin(json!([])))
+        .balance_opts(x402_balance_opts())
+        .start();
+    s.balance().create_account(ACCOUNT, KEY, 0);
+    let paid_payload = "eyJ4NDAyVmVyc2lvbiI6MiwicGF5bG9hZCI6eyJkZW1vIjoicGFpZCJ9fQ=="; // {"x402Version":2,"payload":{"demo":"paid"}}
+
+    let r = s.get("/v1/data", &[("x-api-key", KEY)]);
+    assert_eq!(r.status, 402, "{}", r.text());
+    assert!(r.header("payment-required").is_some(), "an x402 offer");
+
+    // Paying with both headers a client may use; a v1 X-PAYMENT goes nowhere either.
+    let r = s.get(
+        "/v1/data",
+        &[
+            ("x-api-key", KEY),
+            ("payment-signature", paid_payload),
+            ("x-payment", "v1-payload"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("payment-response").is_some());
+    assert_eq!(
+        echoed_header_values(&r, "x-farebox-account"),
+        vec![ACCOUNT.to_string()]
+    );
+    for h in ["payment-signature", "x-payment"] {
+        assert_eq!(
+            echoed_header_values(&r, h),
+            Vec::<String>::new(),
+            "{h} reached the upstream"
+        );
+    }
+    assert_eq!(echoed_header_values(&r, "x-api-key"), vec![KEY.to_string()]);
+
+    // The Payment scheme's Authorization is a payment too: stripped.
+    let r = s.get(
+        "/v1/data",
+        &[("x-api-key", KEY), ("authorization", "Payment demo-paid")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        echoed_header_values(&r, "authorization"),
+        Vec::<String>::new()
+    );
+    // An Authorization that is no payment is the upstream's business.
+    let r = s.get(
+        "/v1/data",
+        &[("authorization", "Payment demo-paid"), ("x-api-key", KEY)],
+    );
+    assert_eq!(r.status, 200);
+
+    // The payments paid; the account's balance did not move.
+    let acct = s.balance().account(ACCOUNT);
+    assert_eq!(num(&acct, "charged"), 3, "{acct}");
+    assert_eq!(num(&acct, "balance"), 0, "{acct}");
+    // Nothing paid is remembered: the key alone is refused again, and the 402 was
+    // not served from a cache to the paying retries above (they were answered 200).
+    assert_eq!(s.get("/v1/data", &[("x-api-key", KEY)]).status, 402);
+    let r = s.get(
+        "/v1/data",
+        &[("x-api-key", KEY), ("payment-signature", "bm90LXBhaWQ=")],
+    );
+    assert_eq!(
+        r.status, 402,
+        "a bad payment with a key is the service's to refuse"
+    );
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+}
+
+/// A body-priced route lets the headers go on before the decision: the payment is
+/// kept for the decision and stripped before they go.
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn payments_do_not_go_up_with_early_headers() {
+    let routes = json!([{"name": "chat", "exact": "/v1/chat/completions",
+        "methods": ["POST"], "usage": {"api": "openai_chat",
+            "models": {"m": {"input": 1, "output": 4}}, "estimate": 5}}]);
+    let s = stack("x402-early")
+        .plugin(|p| *p = plugin(routes))
+        .balance_opts(x402_balance_opts())
+        .start();
+    s.balance().create_account(ACCOUNT, KEY, 0);
+    let paid_payload = "eyJ4NDAyVmVyc2lvbiI6MiwicGF5bG9hZCI6eyJkZW1vIjoicGFpZCJ9fQ==";
+    let r = s.request(
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("x-api-key", KEY),
+            ("content-type", "application/json"),
+            ("payment-signature", paid_payload),
+        ],
+        br#"{"model":"m","messages":[]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        echoed_header_values(&r, "payment-signature"),
+        Vec::<String>::new()
+    );
+    let acct = s.balance().account(ACCOUNT);
+    assert_eq!(
+        (num(&acct, "charged"), num(&acct, "balance")),
+        (5, 0),
+        "{acct}"
+    );
 }
 
 #[test]
@@ -645,7 +768,10 @@ fn mcp_pays_with_x402_in_meta() {
     assert_eq!(result["isError"], true, "{result}");
     let required = &result["structuredContent"];
     assert_eq!(required["x402Version"], 2, "{required}");
-    assert_eq!(required["accepts"][0]["payTo"], "0xPayTo", "{required}");
+    assert_eq!(
+        required["accepts"][0]["payTo"], "0x00000000000000000000000000000000000000b0",
+        "{required}"
+    );
     assert_eq!(required["accepts"][0]["amount"], "5000", "{required}");
     assert_eq!(required["price"], 5, "{required}");
 

@@ -44,18 +44,54 @@ impl ExpiryPolicy {
     }
 }
 
-/// Payment challenges and demo payments (`--x402-*`; reference-only, see
-/// `payments.rs`).
+/// Payment challenges and payments (`--x402-*`; see `payments.rs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct X402 {
     /// Recipient address (`payTo`, the challenge's `recipient`).
     pub pay_to: String,
-    /// Network name (e.g. `base-sepolia`).
+    /// CAIP-2 network id (e.g. `eip155:84532`, Base Sepolia).
     pub network: String,
     /// Asset (token contract) address (`asset`, the challenge's `currency`).
     pub asset: String,
     /// Atomic units of the asset per unit of price (>= 1).
     pub amount_per_unit: u64,
+    /// The token's EIP-712 domain name and version (the offer's `extra`), which
+    /// the client signs over: they must be the contract's.
+    pub asset_name: String,
+    pub asset_version: String,
+    /// The x402 facilitator that verifies and settles; `None`: demo payments only.
+    pub facilitator: Option<Facilitator>,
+}
+
+/// An x402 facilitator's HTTP API (`--x402-facilitator-url`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Facilitator {
+    /// `http://HOST:PORT[/PREFIX]`, without a trailing `/`.
+    pub url: String,
+    /// An extra request header (`Name: value`), e.g. the facilitator's API key.
+    pub auth_header: Option<(String, String)>,
+    /// How long one facilitator call may take, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// A CAIP-2 chain id: `namespace:reference` (`[-a-z0-9]{3,8}` and `[-_a-zA-Z0-9]{1,32}`).
+pub fn is_caip2(v: &str) -> bool {
+    let Some((ns, reference)) = v.split_once(':') else {
+        return false;
+    };
+    (3..=8).contains(&ns.len())
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && (1..=32).contains(&reference.len())
+        && reference
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// An EVM address: `0x` and 40 hex digits.
+pub fn is_evm_address(v: &str) -> bool {
+    v.len() == 42 && v.starts_with("0x") && v.bytes().skip(2).all(|b| b.is_ascii_hexdigit())
 }
 
 /// Webhook delivery (`--webhook-*`; docs/balance-service.md, README "Webhooks").
@@ -154,11 +190,22 @@ usage: farebox-balance [flags]
   --lease-recall-retry-ms N
                            retry_after_ms of a lease 402 that recalled other
                            holders' unspent leases (default 100)
-  --x402-pay-to ADDR --x402-network NAME --x402-asset ADDR --x402-amount-per-unit N
-                           (all four together; reference-only demo) 402 answers
-                           carry x402 'accepts' and Payment 'challenges' for
-                           price x N atomic units; an authorize with the payment
-                           'demo-paid' is accepted
+  --x402-pay-to ADDR --x402-network CAIP2 --x402-asset ADDR --x402-amount-per-unit N
+                           (all four together) 402 answers carry x402 'accepts'
+                           and Payment 'challenges' for price x N atomic units of
+                           the token ADDR (0x + 40 hex) on CAIP2 (eip155:CHAIN,
+                           e.g. eip155:84532); without a facilitator the demo
+                           payment 'demo-paid' is accepted (reference-only)
+  --x402-asset-name NAME --x402-asset-version V
+                           the token's EIP-712 domain (default USDC, 2)
+  --x402-facilitator-url URL
+                           verify and settle payments through this x402
+                           facilitator (http://HOST:PORT[/PATH]; /supported,
+                           /verify, /settle); offers follow its /supported
+  --x402-facilitator-auth 'NAME: VALUE'
+                           a header sent with every facilitator call
+  --x402-facilitator-timeout-ms N
+                           bound of one facilitator call (default 30000)
   --webhook-url URL        POST low-balance and budget-threshold events to this
                            http:// URL (signed; needs --webhook-secret)
   --webhook-secret SECRET  HMAC-SHA256 key of the farebox-signature header
@@ -203,6 +250,11 @@ const VALUE_FLAGS: &[&str] = &[
     "x402-network",
     "x402-asset",
     "x402-amount-per-unit",
+    "x402-asset-name",
+    "x402-asset-version",
+    "x402-facilitator-url",
+    "x402-facilitator-auth",
+    "x402-facilitator-timeout-ms",
     "webhook-url",
     "webhook-secret",
     "webhook-low-balance",
@@ -232,6 +284,38 @@ fn parse_u64(flag: &str, v: &str) -> Result<u64, String> {
     v.trim()
         .parse::<u64>()
         .map_err(|_| format!("--{flag}: expected a non-negative integer, got {v:?}"))
+}
+
+/// `--x402-facilitator-url`: plain `http://` (the reference service speaks no TLS:
+/// reach a remote facilitator through a local TLS proxy such as Envoy).
+fn facilitator_url(v: &str) -> Result<String, String> {
+    let rest = v.strip_prefix("http://").ok_or_else(|| {
+        format!("--x402-facilitator-url: expected http://HOST:PORT[/PATH], got {v:?}")
+    })?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || v.contains(['?', '#', ' ']) {
+        return Err(format!(
+            "--x402-facilitator-url: expected http://HOST:PORT[/PATH], got {v:?}"
+        ));
+    }
+    Ok(v.trim_end_matches('/').to_owned())
+}
+
+/// `--x402-facilitator-auth`: `Name: value` (the value is a secret: never echoed).
+fn auth_header(v: &str) -> Result<(String, String), String> {
+    match v.split_once(':') {
+        Some((name, value))
+            if !name.trim().is_empty()
+                && name
+                    .trim()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !value.trim().is_empty() =>
+        {
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err("--x402-facilitator-auth: expected 'Header-Name: value'".to_owned()),
+    }
 }
 
 /// A positive integer that also fits an `i64` (amounts and times are signed
@@ -415,20 +499,56 @@ where
     ]
     .map(|flag| values.remove(flag));
     if let [Some(pay_to), Some(network), Some(asset), Some(per_unit)] = &x402 {
-        for (flag, v) in [
-            ("x402-pay-to", pay_to),
-            ("x402-network", network),
-            ("x402-asset", asset),
-        ] {
-            if v.trim().is_empty() {
-                return Err(format!("--{flag} must not be empty"));
+        let (pay_to, network, asset) = (pay_to.trim(), network.trim(), asset.trim());
+        if !is_caip2(network) {
+            return Err(format!(
+                "--x402-network: expected a CAIP-2 chain id such as eip155:84532, got {network:?}"
+            ));
+        }
+        if !network.starts_with("eip155:") {
+            return Err(format!(
+                "--x402-network: the exact scheme here is EIP-3009 on EVM chains (eip155:*), got {network:?}"
+            ));
+        }
+        for (flag, v) in [("x402-pay-to", pay_to), ("x402-asset", asset)] {
+            if !is_evm_address(v) {
+                return Err(format!(
+                    "--{flag}: expected an address (0x and 40 hex digits), got {v:?}"
+                ));
             }
         }
+        let text =
+            |values: &mut HashMap<&'static str, String>, flag: &str, default: &str| match values
+                .remove(flag)
+            {
+                Some(v) if v.trim().is_empty() => Err(format!("--{flag} must not be empty")),
+                Some(v) => Ok(v.trim().to_owned()),
+                None => Ok(default.to_owned()),
+            };
+        let asset_name = text(&mut values, "x402-asset-name", "USDC")?;
+        let asset_version = text(&mut values, "x402-asset-version", "2")?;
+        let facilitator = match values.remove("x402-facilitator-url") {
+            None => None,
+            Some(url) => Some(Facilitator {
+                url: facilitator_url(url.trim())?,
+                auth_header: match values.remove("x402-facilitator-auth") {
+                    None => None,
+                    Some(h) => Some(auth_header(&h)?),
+                },
+                timeout_ms: match values.remove("x402-facilitator-timeout-ms") {
+                    None => 30_000,
+                    Some(v) => parse_positive("x402-facilitator-timeout-ms", &v)?,
+                },
+            }),
+        };
         cfg.x402 = Some(Box::new(X402 {
-            pay_to: pay_to.trim().to_owned(),
-            network: network.trim().to_owned(),
-            asset: asset.trim().to_owned(),
+            pay_to: pay_to.to_owned(),
+            network: network.to_owned(),
+            asset: asset.to_owned(),
             amount_per_unit: parse_positive("x402-amount-per-unit", per_unit)?,
+            asset_name,
+            asset_version,
+            facilitator,
         }));
     } else if x402.iter().any(Option::is_some) {
         return Err(
@@ -436,6 +556,23 @@ where
                     go together"
                 .to_owned(),
         );
+    }
+    // Left over: given without what they refine.
+    for flag in [
+        "x402-asset-name",
+        "x402-asset-version",
+        "x402-facilitator-url",
+    ] {
+        if values.contains_key(flag) {
+            return Err(format!(
+                "--{flag} needs --x402-pay-to, --x402-network, --x402-asset and --x402-amount-per-unit"
+            ));
+        }
+    }
+    for flag in ["x402-facilitator-auth", "x402-facilitator-timeout-ms"] {
+        if values.contains_key(flag) {
+            return Err(format!("--{flag} needs --x402-facilitator-url"));
+        }
     }
     cfg.webhook = webhook(&mut values)?;
     if let Some(v) = values.remove("export-settle-ms") {

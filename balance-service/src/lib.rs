@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod ext_authz;
+pub mod facilitator;
 pub mod logging;
 pub mod service;
 pub mod store;

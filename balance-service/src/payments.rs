@@ -1,8 +1,6 @@
-//! Payment challenges and demo payments (x402 and the `Payment` HTTP
+//! Payment challenges and payments (x402 and the `Payment` HTTP
 //! authentication scheme) in front of `/v1/authorize` and `/v1/leases`.
-//! **Reference-only behaviour** for demos: nothing here talks to a chain or a
-//! payment processor. Contract: `docs/balance-service.md`, "Payments (x402,
-//! Payment scheme)".
+//! Contract: `docs/balance-service.md`, "Payments (x402, Payment scheme)".
 //!
 //! Active only with the `--x402-*` flags. It is a middleware around the
 //! router (so the authorize and lease handlers stay untouched):
@@ -11,27 +9,36 @@
 //!   payment requirements) and `challenges` (Payment-scheme challenges) for
 //!   the price it names;
 //! - an authorize with a `payment` field, or without an account
-//!   (`"account": null`), is answered here: the literal payment `demo-paid`,
-//!   or base64 of a JSON object containing `"demo": "paid"`, counts as
-//!   verified and is recorded as a charge of the account `payer_demo`;
-//!   anything else is a `402` with the challenges.
+//!   (`"account": null`), is answered here. With `--x402-facilitator-url` an
+//!   x402 payment is verified, then settled, through the facilitator before
+//!   the answer allows the request (farebox cannot take a response back once
+//!   it is streaming, so it settles before it serves); without one, only the
+//!   demo payment `demo-paid` is accepted (reference-only).
+//!
+//! A paid request is recorded as a top-up of exactly its price and the charge
+//! that spends it: of the keyed account when the request also named one (the
+//! payment pays, the key names the account), else of the payer's own account
+//! (`x402:<payer address>`, or `payer_demo` for demo payments). The top-up's id
+//! is the payment's (EIP-3009 payer and nonce), so a payment pays one request.
 //!
 //! This file is a child module of `service` (declared there with `#[path]`),
 //! so it shares the service's private helpers and state.
 
-use super::{error, reply, request_id_conflict, stored, with_log, Shared, UNKNOWN};
+use super::{error, reply, request_id_conflict, stored, with_log, ApiError, Shared, UNKNOWN};
 use crate::config::X402;
-use crate::store::PaidOutcome;
+use crate::store::{PaidCharge, PaidOutcome, Payer, DEMO_PAYER};
 use crate::util::{now_ms, random_hex, sha256_hex};
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
 use axum::http::header::CONTENT_LENGTH;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 /// Largest request body the middleware buffers (as axum's default limit).
 const MAX_BODY: usize = 2 << 20;
@@ -109,7 +116,7 @@ fn challenge_fields(x402: &X402, price: u64, description: &str) -> (Value, Value
         "asset": x402.asset,
         "payTo": x402.pay_to,
         "maxTimeoutSeconds": MAX_TIMEOUT_SECONDS,
-        "extra": {"name": "USDC", "version": "2"},
+        "extra": {"name": x402.asset_name, "version": x402.asset_version},
     }]);
     let expires = rfc3339(now_ms() / 1000 + CHALLENGE_TTL_SECS);
     let challenges = json!([{
@@ -167,6 +174,57 @@ enum Scheme {
     Payment,
 }
 
+/// Payments in flight through `/settle`, and those whose settlement's outcome
+/// is unknown (the call timed out or broke): a second request with the same
+/// payment waits for neither, it is refused until the first is resolved.
+#[derive(Default)]
+pub(super) struct Settling(Mutex<HashSet<String>>);
+
+impl Settling {
+    /// Claims `id`; false if another request holds it.
+    fn claim(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned())
+    }
+    fn release(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+/// At start: the facilitator must settle `exact` on the configured network
+/// (the offers name only what `/supported` lists).
+pub(super) async fn check_supported(x402: &X402) -> Result<(), String> {
+    let Some(f) = &x402.facilitator else {
+        return Ok(());
+    };
+    let answer = f
+        .supported()
+        .await
+        .map_err(|e| format!("--x402-facilitator-url {}: GET /supported: {e}", f.url))?;
+    let kinds = answer.get("kinds").and_then(Value::as_array);
+    let listed = kinds.is_some_and(|k| {
+        k.iter().any(|kind| {
+            kind.get("x402Version").and_then(Value::as_u64) == Some(2)
+                && kind.get("scheme").and_then(Value::as_str) == Some("exact")
+                && kind.get("network").and_then(Value::as_str) == Some(x402.network.as_str())
+        })
+    });
+    if !listed {
+        return Err(format!(
+            "--x402-network {}: the facilitator at {} does not list x402 v2 'exact' on it in GET /supported",
+            x402.network, f.url
+        ));
+    }
+    tracing::info!(
+        "x402: verifying and settling through the facilitator at {} ({})",
+        f.url,
+        x402.network
+    );
+    Ok(())
+}
+
 /// An authorize paid by a payment (or anonymous, asking for one).
 async fn paid_authorize(
     st: Shared,
@@ -196,9 +254,6 @@ async fn paid_authorize(
     let Ok(cost) = i64::try_from(req.cost) else {
         return bad("cost out of range (max 9223372036854775807)");
     };
-    if req.account.is_some() && req.payment.is_some() {
-        return bad("account and payment are exclusive: send account null with a payment");
-    }
     let scheme = match req.payment_scheme.as_deref() {
         None => Scheme::X402,
         Some(s) if s.eq_ignore_ascii_case("x402") => Scheme::X402,
@@ -216,20 +271,129 @@ async fn paid_authorize(
         });
         unknown(reply(StatusCode::PAYMENT_REQUIRED, body, 0), Some(&rid))
     };
+    let unavailable = |detail: String| {
+        tracing::warn!("x402: request {rid:?}: {detail}");
+        unknown(error(StatusCode::SERVICE_UNAVAILABLE, detail), Some(&rid))
+    };
     let Some(payment) = req.payment.as_deref() else {
         return required("payment required: this route needs a payment or an API key");
     };
-    if !demo_verified(payment, scheme) {
-        return required("payment invalid");
+    let keyed = |fallback: String| match &req.account {
+        Some(key) => Payer::Key(key.clone()),
+        None => Payer::Account(fallback),
+    };
+    let (payer, payment_id, settled, claimed) = match &x402.facilitator {
+        None => {
+            if !demo_verified(payment, scheme) {
+                return required("payment invalid");
+            }
+            let tx = format!(
+                "0xdemo{}",
+                sha256_hex(rid.as_bytes()).get(..32).unwrap_or_default()
+            );
+            let settled = json!({"success": true, "transaction": tx, "network": x402.network,
+                                 "payer": DEMO_PAYER});
+            (keyed(DEMO_PAYER.to_owned()), None, settled, None)
+        }
+        Some(f) => {
+            if scheme != Scheme::X402 {
+                return required(
+                    "payment invalid: this service settles x402 payments (PAYMENT-SIGNATURE)",
+                );
+            }
+            let (requirements, _) = challenge_fields(x402, req.cost, &req.route);
+            let requirements = requirements.get(0).cloned().unwrap_or(Value::Null);
+            let p = match X402Payment::decode(payment, &requirements) {
+                Ok(p) => p,
+                Err(why) => return required(&format!("payment invalid: {why}")),
+            };
+            // Already recorded: the same request again is answered as before (below);
+            // another request with it is a replay.
+            if !st.settling.claim(&p.id) {
+                return required("payment invalid: this payment is already being settled, or its settlement is unresolved");
+            }
+            match st.store.payment_use(p.id.clone(), rid.clone()).await {
+                Ok(Some(false)) => {
+                    st.settling.release(&p.id);
+                    return required("payment invalid: this payment already paid another request");
+                }
+                Ok(Some(true)) => {
+                    st.settling.release(&p.id);
+                    let settled =
+                        json!({"success": true, "network": x402.network, "payer": p.payer});
+                    (
+                        keyed(format!("x402:{}", p.payer)),
+                        Some(p.id),
+                        settled,
+                        None,
+                    )
+                }
+                Err(e) => {
+                    st.settling.release(&p.id);
+                    return unknown(ApiError::Storage(e).into_response(), Some(&rid));
+                }
+                Ok(None) => {
+                    match f.verify(&p.payload, &requirements).await {
+                        Ok(v) if v.is_valid => {}
+                        Ok(v) => {
+                            st.settling.release(&p.id);
+                            return required(&format!("payment invalid: {}", v.reason));
+                        }
+                        Err(e) => {
+                            st.settling.release(&p.id);
+                            return unavailable(format!("payment not verified: {e}"));
+                        }
+                    }
+                    match f.settle(&p.payload, &requirements).await {
+                        Ok(s) if s.success => {
+                            let payer = s.payer.clone().unwrap_or_else(|| p.payer.clone());
+                            (
+                                keyed(format!("x402:{}", payer.to_ascii_lowercase())),
+                                Some(p.id.clone()),
+                                s.answer,
+                                Some(p.id),
+                            )
+                        }
+                        Ok(s) => {
+                            st.settling.release(&p.id);
+                            return required(&format!("payment not settled: {}", s.reason));
+                        }
+                        // The transaction may be on its way: the payment stays claimed
+                        // (refused if sent again) until an operator reconciles it.
+                        Err(e) => {
+                            return unavailable(format!(
+                            "settlement outcome unknown ({e}); payment {} held for reconciliation",
+                            p.log_id()
+                        ))
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let outcome = stored(st.store.pay(PaidCharge {
+        payer,
+        payment_id,
+        request_id: req.request_id.clone(),
+        cost,
+        route: req.route.clone(),
+        method: req.method.clone(),
+        path: req.path.clone(),
+    }))
+    .await;
+    if let Some(id) = &claimed {
+        if outcome.is_err() {
+            // Settled on chain but not recorded: the id stays claimed (a resend is
+            // refused) and the operator is told which payment to reconcile.
+            tracing::error!(
+                "x402: request {rid:?}: payment {} settled but not recorded in the ledger",
+                sha256_hex(id.as_bytes()).get(..16).unwrap_or_default()
+            );
+        } else {
+            st.settling.release(id);
+        }
     }
-    let store = st.store.clone();
-    let (route, method, path, request_id) = (
-        req.route.clone(),
-        req.method.clone(),
-        req.path.clone(),
-        req.request_id.clone(),
-    );
-    let outcome = match stored(store.pay_demo(request_id, cost, route, method, path)).await {
+    let outcome = match outcome {
         Ok(o) => o,
         Err(resp) => return unknown(resp, Some(&rid)),
     };
@@ -239,20 +403,11 @@ async fn paid_authorize(
             balance,
             replay,
         } => {
-            let tx = format!(
-                "0xdemo{}",
-                sha256_hex(rid.as_bytes()).get(..32).unwrap_or_default()
-            );
             let mut body = json!({
                 "allow": true,
                 "account_id": account_id,
                 "balance": balance,
-                "payment_response": {
-                    "success": true,
-                    "transaction": tx,
-                    "network": x402.network,
-                    "payer": account_id,
-                },
+                "payment_response": settled,
             });
             if replay {
                 body["replay"] = Value::Bool(true);
@@ -261,9 +416,108 @@ async fn paid_authorize(
             (reply(StatusCode::OK, body, 0), account_id)
         }
         PaidOutcome::Conflict { account_id } => (request_id_conflict(), account_id),
+        PaidOutcome::PaymentUsed { account_id } => {
+            st.stats.count_account(&account_id);
+            return with_log(
+                required_body(
+                    x402,
+                    &req,
+                    "payment invalid: this payment already paid another request",
+                ),
+                &account_id,
+                Some(&rid),
+            );
+        }
+        PaidOutcome::UnknownCredential => {
+            return unknown(
+                error(StatusCode::UNAUTHORIZED, "unknown credential"),
+                Some(&rid),
+            )
+        }
     };
     st.stats.count_account(&account);
     with_log(resp, &account, Some(&rid))
+}
+
+fn required_body(x402: &X402, req: &PaidReq, detail: &str) -> Response {
+    let (accepts, challenges) = challenge_fields(x402, req.cost, &req.route);
+    reply(
+        StatusCode::PAYMENT_REQUIRED,
+        json!({"allow": false, "price": req.cost, "detail": detail,
+               "accepts": accepts, "challenges": challenges}),
+        0,
+    )
+}
+
+/// An x402 v2 `PaymentPayload` of the `exact` EVM scheme, checked against the offer.
+struct X402Payment {
+    payload: Value,
+    /// The top-up id: `x402:<payer>:<nonce>` (EIP-3009 nonces are unique per payer).
+    id: String,
+    payer: String,
+}
+
+impl X402Payment {
+    fn decode(header: &str, requirements: &Value) -> Result<X402Payment, String> {
+        let bytes = base64_decode(header.trim()).ok_or("not base64")?;
+        let payload: Value =
+            serde_json::from_slice(&bytes).map_err(|_| "not a JSON PaymentPayload")?;
+        if payload.get("x402Version").and_then(Value::as_u64) != Some(2) {
+            return Err("x402Version must be 2".into());
+        }
+        let accepted = payload
+            .get("accepted")
+            .ok_or("no 'accepted' requirements")?;
+        for k in ["scheme", "network", "amount", "asset", "payTo"] {
+            let (a, b) = (
+                accepted.get(k).and_then(Value::as_str).unwrap_or_default(),
+                requirements
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+            );
+            if !a.eq_ignore_ascii_case(b) {
+                return Err(format!("'accepted.{k}' is not the offer's ({b})"));
+            }
+        }
+        let auth = payload
+            .pointer("/payload/authorization")
+            .ok_or("no EIP-3009 authorization")?;
+        let field = |k: &str| {
+            auth.get(k)
+                .and_then(Value::as_str)
+                .filter(|v| v.len() <= 80 && v.bytes().all(|b| b.is_ascii_alphanumeric()))
+                .map(str::to_ascii_lowercase)
+                .ok_or(format!("authorization.{k} missing or malformed"))
+        };
+        let (payer, nonce) = (field("from")?, field("nonce")?);
+        // x402's payment-identifier extension: the client's idempotency key.
+        // Checked for form here; the payment's nonce stays the key (one nonce
+        // settles once on chain, whatever id it comes with).
+        if let Some(pid) = payload.pointer("/extensions/payment-identifier/info/id") {
+            let ok = pid.as_str().is_some_and(|v| {
+                (16..=128).contains(&v.len())
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+            if !ok {
+                return Err("payment-identifier id must be 16-128 of [A-Za-z0-9_-]".into());
+            }
+        }
+        Ok(X402Payment {
+            id: format!("x402:{payer}:{nonce}"),
+            payload,
+            payer,
+        })
+    }
+
+    /// What a log line may say of the payment: a digest, not the payment.
+    fn log_id(&self) -> String {
+        sha256_hex(self.id.as_bytes())
+            .get(..16)
+            .unwrap_or_default()
+            .to_owned()
+    }
 }
 
 /// Whether a payment header value is the reference service's demo payment:
@@ -408,25 +662,31 @@ mod tests {
         let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let all = [
             "--x402-pay-to",
-            "0xpay",
-            "--x402-network=base-sepolia",
+            "0x00000000000000000000000000000000000000b0",
+            "--x402-network=eip155:84532",
             "--x402-asset",
-            "0xasset",
+            "0x00000000000000000000000000000000000000a0",
             "--x402-amount-per-unit",
             "10000",
         ];
         let want = X402 {
-            pay_to: "0xpay".into(),
-            network: "base-sepolia".into(),
-            asset: "0xasset".into(),
+            pay_to: "0x00000000000000000000000000000000000000b0".into(),
+            network: "eip155:84532".into(),
+            asset: "0x00000000000000000000000000000000000000a0".into(),
             amount_per_unit: 10_000,
+            asset_name: "USDC".into(),
+            asset_version: "2".into(),
+            facilitator: None,
         };
         match parse(args(&all), |_| None) {
             Ok(Parsed::Run(cfg)) => assert_eq!(cfg.x402.as_deref(), Some(&want)),
             other => unreachable!("{other:?}"),
         }
         // Environment fallbacks count.
-        let env = |k: &str| (k == "FAREBOX_BALANCE_X402_ASSET").then(|| "0xasset".to_owned());
+        let env = |k: &str| {
+            (k == "FAREBOX_BALANCE_X402_ASSET")
+                .then(|| "0x00000000000000000000000000000000000000a0".to_owned())
+        };
         let mut partial: Vec<&str> = all.to_vec();
         partial.drain(3..5);
         match parse(args(&partial), env) {
@@ -445,15 +705,143 @@ mod tests {
             Ok(Parsed::Run(cfg)) => assert_eq!(cfg.x402, None),
             other => unreachable!("{other:?}"),
         }
+        // Checked at start, each refusal naming its flag.
+        let refused = |i: usize, v: &'static str, flag: &str| {
+            let mut a = all.to_vec();
+            a[i] = v;
+            match parse(args(&a), |_| None) {
+                Err(e) => assert!(e.contains(flag), "{e}"),
+                other => unreachable!("{v}: {other:?}"),
+            }
+        };
+        refused(2, "--x402-network=base-sepolia", "--x402-network");
+        refused(2, "--x402-network=eip155", "--x402-network");
+        refused(
+            2,
+            "--x402-network=solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp",
+            "--x402-network",
+        );
+        refused(1, "0xpay", "--x402-pay-to");
+        refused(4, "USDC", "--x402-asset");
+        refused(
+            4,
+            "0x00000000000000000000000000000000000000a",
+            "--x402-asset",
+        );
+        refused(6, "1.5", "--x402-amount-per-unit");
+        refused(6, "0x10", "--x402-amount-per-unit");
+        let with = |extra: &[&'static str]| {
+            let mut a = all.to_vec();
+            a.extend_from_slice(extra);
+            parse(args(&a), |_| None)
+        };
+        for (extra, flag) in [
+            (
+                &["--x402-facilitator-url", "https://f.example"][..],
+                "--x402-facilitator-url",
+            ),
+            (
+                &["--x402-facilitator-url", "http://"][..],
+                "--x402-facilitator-url",
+            ),
+            (
+                &["--x402-facilitator-auth", "X-Key: s"][..],
+                "--x402-facilitator-auth",
+            ),
+            (
+                &[
+                    "--x402-facilitator-url",
+                    "http://127.0.0.1:1",
+                    "--x402-facilitator-auth",
+                    "nocolon",
+                ][..],
+                "--x402-facilitator-auth",
+            ),
+        ] {
+            match with(extra) {
+                Err(e) => assert!(e.contains(flag) && !e.contains(" s"), "{e}"),
+                other => unreachable!("{extra:?}: {other:?}"),
+            }
+        }
+        match with(&[
+            "--x402-facilitator-url",
+            "http://127.0.0.1:4021/",
+            "--x402-facilitator-auth",
+            "X-Key: s3cret",
+        ]) {
+            Ok(Parsed::Run(cfg)) => {
+                let f = cfg.x402.and_then(|x| x.facilitator).unwrap();
+                assert_eq!(f.url, "http://127.0.0.1:4021");
+                assert_eq!(f.auth_header, Some(("X-Key".into(), "s3cret".into())));
+            }
+            other => unreachable!("{other:?}"),
+        }
+        assert!(parse(args(&["--x402-asset-name", "T"]), |_| None).is_err());
+    }
+
+    #[test]
+    fn x402_payments_are_checked_against_the_offer() {
+        let offer = json!({"scheme": "exact", "network": "eip155:31337", "amount": "1000",
+                           "asset": "0xAa", "payTo": "0xBb"});
+        let encode = |v: &Value| {
+            const A: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let bytes = v.to_string().into_bytes();
+            let mut out = String::new();
+            for c in bytes.chunks(3) {
+                let n = c
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+                for i in 0..=c.len() {
+                    out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+                }
+            }
+            out
+        };
+        let payload = |accepted: Value, ext: Value| {
+            json!({"x402Version": 2, "accepted": accepted, "extensions": ext,
+                   "payload": {"signature": "0x00", "authorization": {
+                       "from": "0xPAYER", "to": "0xbb", "value": "1000",
+                       "validAfter": "0", "validBefore": "9", "nonce": "0xN0NCE"}}})
+        };
+        // Addresses compare without case; the id is the payer's and the nonce's.
+        let mut accepted = offer.clone();
+        accepted["payTo"] = json!("0xBB");
+        let p = X402Payment::decode(&encode(&payload(accepted, json!({}))), &offer).unwrap();
+        assert_eq!(p.id, "x402:0xpayer:0xn0nce");
+        assert_eq!(p.payer, "0xpayer");
+        assert_eq!(p.log_id().len(), 16);
+        let mut cheaper = offer.clone();
+        cheaper["amount"] = json!("1");
+        let e = X402Payment::decode(&encode(&payload(cheaper, json!({}))), &offer)
+            .err()
+            .unwrap();
+        assert!(e.contains("accepted.amount"), "{e}");
+        let pid = |id: &str| json!({"payment-identifier": {"info": {"required": false, "id": id}}});
+        assert!(X402Payment::decode(
+            &encode(&payload(offer.clone(), pid("pay_7d5d747be160e280"))),
+            &offer
+        )
+        .is_ok());
+        let e = X402Payment::decode(&encode(&payload(offer.clone(), pid("short"))), &offer)
+            .err()
+            .unwrap();
+        assert!(e.contains("payment-identifier"), "{e}");
+        assert!(X402Payment::decode("demo-paid", &offer).is_err());
+        assert!(X402Payment::decode(&encode(&json!({"x402Version": 1})), &offer).is_err());
     }
 
     #[test]
     fn amounts_do_not_overflow() {
         let x = X402 {
             pay_to: "0xpay".into(),
-            network: "base-sepolia".into(),
+            network: "eip155:84532".into(),
             asset: "0xasset".into(),
             amount_per_unit: u64::MAX,
+            asset_name: "USDC".into(),
+            asset_version: "2".into(),
+            facilitator: None,
         };
         assert_eq!(amount(&x, 2), "36893488147419103230");
         let (accepts, challenges) = challenge_fields(&x, 3, "inference");

@@ -101,6 +101,8 @@ pub struct AppState {
     store: Arc<Store>,
     cfg: Config,
     stats: Stats,
+    /// Payments being settled, or whose settlement's outcome is unknown (see payments.rs).
+    settling: payments::Settling,
 }
 
 type Shared = Arc<AppState>;
@@ -1250,6 +1252,7 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         store,
         cfg,
         stats: Stats::default(),
+        settling: payments::Settling::default(),
     });
     let admin = Router::new()
         .route("/admin/accounts", post(create_account))
@@ -1352,6 +1355,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     }
     if cfg.admin_token.is_none() {
         tracing::info!("no admin token: the admin API answers 503");
+    }
+    if let Some(x402) = &cfg.x402 {
+        payments::check_supported(x402).await?;
     }
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

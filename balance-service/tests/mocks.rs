@@ -342,13 +342,15 @@ fn mcp_session() {
     assert_eq!(
         s,
         json!({
+            // No call here carried x-farebox-account (only a gateway's allowed calls do).
+            "accounts": {},
             "calls": {"search": 2, "fetch": 1},
             "methods": {"initialize": 1, "notifications/initialized": 1, "tools/list": 1,
                         "tools/call": 4, "resources/list": 1},
         })
     );
     let s = request(a, "POST", "/stats/reset", &[], None).json();
-    assert_eq!(s, json!({"calls": {}, "methods": {}}));
+    assert_eq!(s, json!({"accounts": {}, "calls": {}, "methods": {}}));
 }
 
 #[test]

@@ -11,11 +11,11 @@ use std::process::Command;
 
 const X402: &[&str] = &[
     "--x402-pay-to",
-    "0xPayTo",
+    "0x00000000000000000000000000000000000000b0",
     "--x402-network",
-    "base-sepolia",
+    "eip155:84532",
     "--x402-asset",
-    "0xAsset",
+    "0x00000000000000000000000000000000000000a0",
     "--x402-amount-per-unit",
     "1000",
 ];
@@ -72,10 +72,10 @@ fn assert_challenges(j: &Value, amount: &str, description: &str) {
         j["accepts"],
         json!([{
             "scheme": "exact",
-            "network": "base-sepolia",
+            "network": "eip155:84532",
             "amount": amount,
-            "asset": "0xAsset",
-            "payTo": "0xPayTo",
+            "asset": "0x00000000000000000000000000000000000000a0",
+            "payTo": "0x00000000000000000000000000000000000000b0",
             "maxTimeoutSeconds": 60,
             "extra": {"name": "USDC", "version": "2"},
         }]),
@@ -88,7 +88,7 @@ fn assert_challenges(j: &Value, amount: &str, description: &str) {
     assert_eq!(c["intent"], "charge");
     assert_eq!(
         c["request"],
-        json!({"amount": amount, "currency": "0xAsset", "recipient": "0xPayTo"})
+        json!({"amount": amount, "currency": "0x00000000000000000000000000000000000000a0", "recipient": "0x00000000000000000000000000000000000000b0"})
     );
     assert_eq!(c["description"], description);
     let id = c["id"].as_str().unwrap();
@@ -192,7 +192,7 @@ fn demo_payments_are_recorded_for_payer_demo() {
     assert_eq!(j["balance"], 0);
     let pr = &j["payment_response"];
     assert_eq!(pr["success"], true);
-    assert_eq!(pr["network"], "base-sepolia");
+    assert_eq!(pr["network"], "eip155:84532");
     assert_eq!(pr["payer"], "payer_demo");
     let tx = pr["transaction"].as_str().unwrap();
     assert!(tx.starts_with("0xdemo") && tx.len() > 6, "{tx}");
@@ -254,14 +254,49 @@ fn demo_payments_are_recorded_for_payer_demo() {
         b[k] = v;
         post_json(a, "/v1/authorize", &[], &b)
     };
-    assert_eq!(with("account", json!("demo-key-alice")).status, 400);
     assert_eq!(with("payment_scheme", json!("card")).status, 400);
     assert_eq!(with("cost", json!(-1)).status, 400);
     assert_eq!(with("request_id", json!("")).status, 400);
     assert_eq!(with("route", Value::Null).status, 400);
 
+    // A keyed request with a payment: the payment pays, the key names the account,
+    // whose balance is left as it was (a top-up of the price, and its charge).
+    let before = check_ledger(a, "acct_alice")["balance"].as_i64().unwrap();
+    let r = with("account", json!("demo-key-alice"));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["account_id"], "acct_alice");
+    assert_eq!(r.json()["payment_response"]["success"], true);
+    assert_eq!(
+        check_ledger(a, "acct_alice")["balance"].as_i64().unwrap(),
+        before
+    );
+    let r = post_json(
+        a,
+        "/v1/authorize",
+        &[],
+        &json!({"account": "no-such-key", "cost": 1, "route": "r", "method": "GET", "path": "/",
+                "request_id": "p-9", "payment": "demo-paid"}),
+    );
+    assert_eq!(r.status, 401, "{r:?}");
     let s = admin_get(a, "/admin/stats").json();
     assert_eq!(s["authorize_by_account"]["payer_demo"], 5, "{s}");
+}
+
+#[test]
+fn malformed_payment_requests() {
+    let b = with_x402(&[]);
+    let a = b.addr();
+    let base = json!({"account": null, "cost": 1, "route": "r", "method": "GET", "path": "/",
+                      "request_id": "p-8", "payment": "demo-paid"});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        post_json(a, "/v1/authorize", &[], &b)
+    };
+    assert_eq!(with("payment_scheme", json!("card")).status, 400);
+    assert_eq!(with("cost", json!(-1)).status, 400);
+    assert_eq!(with("request_id", json!("")).status, 400);
+    assert_eq!(with("route", Value::Null).status, 400);
 }
 
 #[test]
@@ -287,7 +322,12 @@ fn x402_flags_go_together() {
     let out = Command::new(env!("CARGO_BIN_EXE_farebox-balance"))
         .args(["--listen", "127.0.0.1:0", "--db"])
         .arg(dir.path("db.sqlite"))
-        .args(["--x402-pay-to", "0xPayTo", "--x402-network", "base"])
+        .args([
+            "--x402-pay-to",
+            "0x00000000000000000000000000000000000000b0",
+            "--x402-network",
+            "base",
+        ])
         .env_remove("FAREBOX_BALANCE_X402_ASSET")
         .env_remove("FAREBOX_BALANCE_X402_AMOUNT_PER_UNIT")
         .output()

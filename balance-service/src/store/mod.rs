@@ -593,6 +593,33 @@ pub enum PaidOutcome {
     },
     /// The request id is charged to another account.
     Conflict { account_id: String },
+    /// The payment already paid another request (a replay).
+    PaymentUsed { account_id: String },
+    /// The credential that names the paying account is not known.
+    UnknownCredential,
+}
+
+/// Who a payment is recorded for.
+#[derive(Debug, Clone)]
+pub enum Payer {
+    /// The account of this API key (a keyed client that paid).
+    Key(String),
+    /// This account, created on first use (the payer's own, for anonymous payments).
+    Account(String),
+}
+
+/// A request paid by a payment: recorded as a top-up of exactly the cost and
+/// the charge that spends it.
+#[derive(Debug, Clone)]
+pub struct PaidCharge {
+    pub payer: Payer,
+    /// The payment's unique id (the top-up id): a second request with it is refused.
+    pub payment_id: Option<String>,
+    pub request_id: String,
+    pub cost: i64,
+    pub route: String,
+    pub method: String,
+    pub path: String,
 }
 
 // ------------------------------------------------------------ budgets, webhooks, export
@@ -1245,24 +1272,19 @@ impl Store {
         in_tx!(self, |tx| ops::usage_items(tx, &account_id))
     }
 
-    /// Records a request paid by a verified (demo) payment as a charge of
-    /// [`DEMO_PAYER`].
-    pub async fn pay_demo(
+    /// Whether payment `payment_id` paid already: `None` no, `Some(true)` this
+    /// request (a retry), `Some(false)` another one.
+    pub async fn payment_use(
         &self,
+        payment_id: String,
         request_id: String,
-        cost: i64,
-        route: String,
-        method: String,
-        path: String,
-    ) -> Result<PaidOutcome> {
-        in_tx!(self, |tx| ops::pay_demo(
-            tx,
-            &request_id,
-            cost,
-            &route,
-            &method,
-            &path
-        ))
+    ) -> Result<Option<bool>> {
+        in_tx!(self, |tx| ops::payment_use(tx, &payment_id, &request_id))
+    }
+
+    /// Records a request paid by a verified payment (see [`PaidCharge`]).
+    pub async fn pay(&self, paid: PaidCharge) -> Result<PaidOutcome> {
+        in_tx!(self, |tx| ops::pay(tx, &paid))
     }
 
     /// `PUT /admin/accounts/{id}/budget`: sets (or replaces) the budget.

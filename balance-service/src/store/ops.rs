@@ -13,8 +13,8 @@ use super::{
     BudgetState, CancelOutcome, ChargeRefund, ChargeRow, ChargeStatus, CreateOutcome, LeaseInput,
     LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseRefunded, LeaseRow, LeaseSettings,
     LeaseState, LeaseUsageOutcome, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup,
-    NewUsage, PaidOutcome, RefundOutcome, Result, SettleOutcome, Settled, StoreError, TopupOutcome,
-    Tx, UsageItemRow, UsageLine, UsageOutcome, DEMO_PAYER, USAGE_ROUTE,
+    NewUsage, PaidCharge, PaidOutcome, Payer, RefundOutcome, Result, SettleOutcome, Settled,
+    StoreError, TopupOutcome, Tx, UsageItemRow, UsageLine, UsageOutcome, USAGE_ROUTE,
 };
 use crate::config::ExpiryPolicy;
 use crate::util::{now_ms, random_hex, sha256_hex};
@@ -1026,33 +1026,53 @@ pub async fn usage_items<T: Tx>(tx: &mut T, account_id: &str) -> Result<Option<V
     Ok(Some(tx.usage_items_of(account_id).await?))
 }
 
-pub async fn pay_demo<T: Tx>(
+pub async fn payment_use<T: Tx>(
     tx: &mut T,
+    payment_id: &str,
     request_id: &str,
-    cost: i64,
-    route: &str,
-    method: &str,
-    path: &str,
-) -> Result<PaidOutcome> {
-    let now = now_ms();
-    let acct = match tx.account(DEMO_PAYER).await? {
-        Some(a) => a,
-        None => {
-            tx.insert_account(&NewAccount {
-                account_id: DEMO_PAYER,
-                key_hash: None,
-                balance: 0,
-                disabled: false,
-                at: now,
-            })
-            .await?;
-            tx.account(DEMO_PAYER)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt("payer account vanished".to_owned()))?
-        }
+) -> Result<Option<bool>> {
+    let Some(owner) = tx.topup_owner(payment_id).await? else {
+        return Ok(None);
     };
-    let replay = match tx.charge(request_id).await? {
-        Some(c) if c.account_id != DEMO_PAYER => {
+    Ok(Some(
+        tx.charge(request_id)
+            .await?
+            .is_some_and(|c| c.account_id == owner),
+    ))
+}
+
+pub async fn pay<T: Tx>(tx: &mut T, p: &PaidCharge) -> Result<PaidOutcome> {
+    let now = now_ms();
+    let acct = match &p.payer {
+        Payer::Key(credential) => {
+            let Some(a) = tx
+                .account_by_key(&sha256_hex(credential.as_bytes()))
+                .await?
+            else {
+                return Ok(PaidOutcome::UnknownCredential);
+            };
+            a
+        }
+        Payer::Account(id) => match tx.account(id).await? {
+            Some(a) => a,
+            None => {
+                tx.insert_account(&NewAccount {
+                    account_id: id.as_str(),
+                    key_hash: None,
+                    balance: 0,
+                    disabled: false,
+                    at: now,
+                })
+                .await?;
+                tx.account(id)
+                    .await?
+                    .ok_or_else(|| StoreError::Corrupt("payer account vanished".to_owned()))?
+            }
+        },
+    };
+    let account_id = acct.account_id.as_str();
+    let replay = match tx.charge(&p.request_id).await? {
+        Some(c) if c.account_id != account_id => {
             return Ok(PaidOutcome::Conflict {
                 account_id: c.account_id,
             });
@@ -1060,28 +1080,38 @@ pub async fn pay_demo<T: Tx>(
         Some(_) => true,
         None => false,
     };
-    if !replay && cost > 0 {
+    if !replay {
+        // One payment pays one request: its id is the top-up's, which is unique.
+        if let Some(pid) = p.payment_id.as_deref() {
+            if tx.topup_owner(pid).await?.is_some() {
+                return Ok(PaidOutcome::PaymentUsed {
+                    account_id: account_id.to_owned(),
+                });
+            }
+        }
+    }
+    if !replay && p.cost > 0 {
         // The payment is a top-up and the charge spends it: balance unchanged.
         tx.insert_topup(&NewTopup {
-            topup_id: None,
-            account_id: DEMO_PAYER,
-            amount: cost,
+            topup_id: p.payment_id.as_deref(),
+            account_id,
+            amount: p.cost,
             at: now,
         })
         .await?;
         tx.insert_charge(&NewCharge {
-            request_id,
-            account_id: DEMO_PAYER,
-            cost,
-            route,
-            method,
-            path,
+            request_id: &p.request_id,
+            account_id,
+            cost: p.cost,
+            route: &p.route,
+            method: &p.method,
+            path: &p.path,
             at: now,
         })
         .await?;
     }
     Ok(PaidOutcome::Paid {
-        account_id: DEMO_PAYER.to_owned(),
+        account_id: account_id.to_owned(),
         balance: acct.balance,
         replay,
     })
