@@ -274,6 +274,17 @@ impl Gate {
         self.access.changes()
     }
 
+    /// Hands the changed access-log fields to the host (one property each). Must run
+    /// with the stream as the effective context.
+    pub fn publish_access_log(&mut self, host: &impl HttpHost) {
+        if !self.access.is_dirty() {
+            return;
+        }
+        for (name, value) in self.access.changes() {
+            host.set_property(name, &value);
+        }
+    }
+
     /// A request header: from the host while the headers phase lasts, else as kept.
     fn header(&self, host: &impl HttpHost, name: &str) -> Option<Vec<u8>> {
         if !self.headers_gone {
@@ -1950,3 +1961,7 @@ mod tests;
 #[cfg(test)]
 #[path = "gate/access_log/tests.rs"]
 mod access_log_tests;
+
+#[cfg(test)]
+#[path = "gate/hostcall_budget/tests.rs"]
+mod hostcall_budget_tests;

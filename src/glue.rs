@@ -163,6 +163,15 @@ impl HttpHost for WasmHost {
             log::warn!("could not resume the request: {e:?}");
         }
     }
+
+    fn set_property(&self, name: &str, value: &str) {
+        // SAFETY: both buffers outlive the call, which only reads them.
+        let status =
+            unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+        if status != 0 {
+            log::debug!("access-log field {name} not set (status {status})");
+        }
+    }
 }
 
 // The SDK's `set_property` panics on any status but Ok (Envoy answers NotFound when the
@@ -176,19 +185,6 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
     ) -> u32;
-}
-
-/// Hands the stream's changed access-log fields to Envoy as filter state
-/// (`wasm.<name>`). Must run with the stream as the effective context.
-fn publish_access_log(gate: &mut Gate) {
-    for (name, value) in gate.access_log_changes() {
-        // SAFETY: both buffers outlive the call, which only reads them.
-        let status =
-            unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
-        if status != 0 {
-            log::debug!("access-log field {name} not set (status {status})");
-        }
-    }
 }
 
 fn callout_response(body_size: usize) -> CalloutResponse {
@@ -243,7 +239,7 @@ impl Root {
         hostcalls::set_effective_context(context_id).ok()?;
         let mut gate = gate.try_borrow_mut().ok()?;
         let flow = f(&mut gate);
-        publish_access_log(&mut gate);
+        gate.publish_access_log(&self.host);
         if flow == Flow::Continue {
             self.host.resume_request();
         }
@@ -430,7 +426,7 @@ impl Stream {
             return Action::Pause;
         };
         let flow = f(&mut gate);
-        publish_access_log(&mut gate);
+        gate.publish_access_log(&self.host);
         match flow {
             Flow::Continue => Action::Continue,
             Flow::Pause => Action::Pause,
@@ -477,7 +473,7 @@ impl HttpContext for Stream {
         if let Ok(mut gate) = self.gate.try_borrow_mut() {
             gate.on_response_body(&self.host, body_size, end_of_stream);
             if end_of_stream {
-                publish_access_log(&mut gate);
+                gate.publish_access_log(&self.host);
             }
         }
         Action::Continue
@@ -486,7 +482,7 @@ impl HttpContext for Stream {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Ok(mut gate) = self.gate.try_borrow_mut() {
             gate.on_response_headers(&self.host);
-            publish_access_log(&mut gate);
+            gate.publish_access_log(&self.host);
         }
         Action::Continue
     }
@@ -494,7 +490,7 @@ impl HttpContext for Stream {
     fn on_log(&mut self) {
         if let Ok(mut gate) = self.gate.try_borrow_mut() {
             gate.on_log(&self.host);
-            publish_access_log(&mut gate);
+            gate.publish_access_log(&self.host);
         }
     }
 }

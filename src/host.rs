@@ -41,4 +41,6 @@ pub trait HttpHost: Host {
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     fn send_reply(&self, reply: &Reply);
     fn resume_request(&self);
+    /// A stream property (filter state `wasm.<name>`), for the access log.
+    fn set_property(&self, name: &str, value: &str);
 }
