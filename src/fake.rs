@@ -237,6 +237,19 @@ impl HttpHost for FakeHost {
             .map(|(_, v)| v.clone())
     }
 
+    fn request_headers(&self) -> Option<Vec<u8>> {
+        self.called(HostCall::RequestHeaders);
+        if self.headers_locked.get() {
+            self.late_header_access
+                .set(self.late_header_access.get() + 1);
+            return None;
+        }
+        let headers = self.request_headers.borrow();
+        Some(crate::header_snapshot::HeaderMap::serialize(
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        ))
+    }
+
     fn set_request_header(&self, name: &str, value: Option<&str>) {
         self.called(HostCall::SetRequestHeader);
         if self.headers_locked.get() {
