@@ -196,6 +196,7 @@ pub fn parse_authorize(
             Decision::Allow {
                 account_id,
                 balance,
+                budget: budget_remaining(&body),
                 payment_response,
             }
         }
@@ -430,7 +431,16 @@ pub fn parse_lease(
         granted,
         expires_in_ms,
         balance,
+        budget: budget_remaining(&body),
     }))
+}
+
+/// `budget.remaining` of an allow or grant answer: only shown to the client,
+/// so anything but a whole number is left out rather than refused.
+fn budget_remaining(body: &serde_json::Map<String, Value>) -> Option<i64> {
+    body.get("budget")
+        .and_then(|b| b.get("remaining"))
+        .and_then(Value::as_i64)
 }
 
 /// A lease id goes into the settle URL, so it is kept to URL-safe characters.
@@ -515,6 +525,7 @@ mod tests {
             Decision::Allow {
                 account_id: "acct_a".into(),
                 balance: Some(93),
+                budget: None,
                 payment_response: None,
             }
         );
@@ -530,6 +541,7 @@ mod tests {
             Decision::Allow {
                 account_id: "a".into(),
                 balance: None,
+                budget: None,
                 payment_response: None,
             }
         );
@@ -545,9 +557,24 @@ mod tests {
             Decision::Allow {
                 account_id: "a".into(),
                 balance: Some(-5),
+                budget: None,
                 payment_response: None,
             }
         );
+        // The remaining budget, if the answer has one; a malformed one is
+        // only not shown.
+        for (budget, want) in [
+            (r#"{"remaining": 7, "limit": 10}"#, Some(7)),
+            (r#"{"remaining": "7"}"#, None),
+            (r#"{"remaining": 1.5}"#, None),
+            ("3", None),
+        ] {
+            let body = format!(r#"{{"allow": true, "account_id": "a", "budget": {budget}}}"#);
+            match parse(&resp(Some(200), &[], &body)).unwrap().decision {
+                Decision::Allow { budget, .. } => assert_eq!(budget, want, "{body}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -775,7 +802,8 @@ mod tests {
                 account_id: "a".into(),
                 granted: 100,
                 expires_in_ms: 30_000,
-                balance: Some(400)
+                balance: Some(400),
+                budget: None,
             })
         );
         let deny = resp(

@@ -95,6 +95,9 @@ pub struct Config {
     pub no_charge_statuses: StatusSet,
     pub account_header: String,
     pub balance_header: Option<String>,
+    /// Response header that tells the client what is left of its budget this
+    /// period (when the balance service answers one).
+    pub budget_header: Option<String>,
     pub cache_max_entries: u32,
     pub cache_max_ttl_s: u32,
     pub problem_type_base: String,
@@ -168,6 +171,7 @@ pub const TOP_FIELDS: &[&str] = &[
     "no_charge_statuses",
     "account_header",
     "balance_header",
+    "budget_header",
     "cache_max_entries",
     "cache_max_ttl_s",
     "problem_type_base",
@@ -459,6 +463,10 @@ impl Config {
             Some(h) => Some(header_name("balance_header".into(), h)?),
             None => None,
         };
+        let budget_header = match top.str("budget_header")? {
+            Some(h) => Some(header_name("budget_header".into(), h)?),
+            None => None,
+        };
         let cache_max_entries = top
             .u64("cache_max_entries", 0, MAX_CACHE_ENTRIES)?
             .unwrap_or(10_000) as u32;
@@ -561,6 +569,7 @@ impl Config {
             no_charge_statuses,
             account_header,
             balance_header,
+            budget_header,
             cache_max_entries,
             cache_max_ttl_s,
             problem_type_base,
@@ -1006,6 +1015,7 @@ mod tests {
         assert!(!c.no_charge_statuses.contains(499) && !c.no_charge_statuses.contains(200));
         assert_eq!(c.account_header, "x-farebox-account");
         assert_eq!(c.balance_header, None);
+        assert_eq!(c.budget_header, None);
         assert_eq!(c.cache_max_entries, 10_000);
         assert_eq!(c.service_token, None);
         assert_eq!(c.mode, Mode::Authorize);
@@ -1274,10 +1284,15 @@ mod tests {
                            {"name": "infer", "glob": "/v1/*/infer", "cost": 5},
                            {"name": "docs", "prefix": "/docs/", "cost": 0}],
                 "no_charge_statuses": [429, "5xx"], "balance_header": "x-farebox-balance",
+                "budget_header": "x-farebox-budget-remaining",
                 "cache_max_entries": 0, "account_header": "x-account"}"#,
         )
         .unwrap();
         assert_eq!(c.authority, "billing.internal");
+        assert_eq!(
+            c.budget_header.as_deref(),
+            Some("x-farebox-budget-remaining")
+        );
         assert_eq!(c.failure_mode, FailureMode::Open);
         assert_eq!(c.credential, CredentialSource::Query("api_key".into()));
         assert_eq!(c.pricing.routes.len(), 3);

@@ -144,6 +144,8 @@ struct Forwarded {
     /// Set while the money can still be given back or adjusted.
     charge: Option<Charge>,
     balance: Option<i64>,
+    /// The remaining budget the service answered, for `budget_header`.
+    budget: Option<i64>,
     /// Headers for the client's response (`PAYMENT-RESPONSE`).
     headers: Vec<(&'static str, String)>,
     /// Usage pricing: the hold, and the meter once the response type is known.
@@ -1049,7 +1051,12 @@ impl Gate {
                             credential,
                             cost: p.cost,
                         };
-                        let allow = Decision::allow(grant.account_id.clone(), grant.balance);
+                        let allow = Decision::Allow {
+                            account_id: grant.account_id.clone(),
+                            balance: grant.balance,
+                            budget: grant.budget,
+                            payment_response: None,
+                        };
                         self.act(host, cfg, &p.route, allow, Freshness::NoStore, Some(charge))
                     }
                     None => self.fail(host, cfg, None),
@@ -1158,7 +1165,8 @@ impl Gate {
         for (name, value) in f.headers.drain(..) {
             host.set_response_header(name, &value);
         }
-        let tell_balance = f.balance.is_some() && cfg.balance_header.is_some();
+        let tell_balance = (f.balance.is_some() && cfg.balance_header.is_some())
+            || (f.budget.is_some() && cfg.budget_header.is_some());
         if f.charge.is_none() && f.usage.is_none() && !tell_balance {
             return; // nothing to give back, meter or tell: skip the header reads
         }
@@ -1205,6 +1213,9 @@ impl Gate {
         }
         if let (Some(name), Some(balance)) = (&cfg.balance_header, f.balance) {
             host.set_response_header(name, &balance.to_string());
+        }
+        if let (Some(name), Some(budget)) = (&cfg.budget_header, f.budget) {
+            host.set_response_header(name, &budget.to_string());
         }
     }
 
@@ -1374,6 +1385,7 @@ impl Gate {
             Decision::Allow {
                 account_id,
                 balance,
+                budget,
                 payment_response,
             } => {
                 host.count(Metric::Allowed);
@@ -1402,6 +1414,7 @@ impl Gate {
                 self.stage = Stage::Forwarded(Box::new(Forwarded {
                     charge,
                     balance,
+                    budget,
                     headers,
                     usage,
                 }));

@@ -826,7 +826,7 @@ fn a_ledger_from_before_schema_versions_is_migrated() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(text.contains("schema version 2 (was 2)"), "{text}");
+    assert!(text.contains("schema version 3 (was 3)"), "{text}");
 }
 
 #[test]
@@ -860,7 +860,7 @@ fn a_newer_schema_is_refused() {
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
-            err.contains("schema version 99") && err.contains("version 2"),
+            err.contains("schema version 99") && err.contains("version 3"),
             "{err}"
         );
         assert!(out.stdout.is_empty(), "never listening: {out:?}");

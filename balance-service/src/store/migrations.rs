@@ -27,14 +27,16 @@ macro_rules! migration {
 pub const SQLITE: &[Migration] = &[
     migration!("sqlite", 1, "0001_init.sql"),
     migration!("sqlite", 2, "0002_fleet_leases.sql"),
+    migration!("sqlite", 3, "0003_budgets.sql"),
 ];
 pub const POSTGRES: &[Migration] = &[
     migration!("postgres", 1, "0001_init.sql"),
     migration!("postgres", 2, "0002_fleet_leases.sql"),
+    migration!("postgres", 3, "0003_budgets.sql"),
 ];
 
 /// The schema version this build knows (the same for both backends).
-pub const LATEST: i64 = 2;
+pub const LATEST: i64 = 3;
 
 /// The table that records applied migrations (same shape on both backends).
 pub const TABLE: &str = "farebox_migrations";
