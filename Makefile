@@ -104,9 +104,9 @@ apt-tools:
 
 # The shipped module is always the wasm-opt one: no silent fallback to the unoptimized file.
 build: wasm-target apt-tools
-	$(CARGO) build --release --target $(WASM_TARGET) -p farebox
+	$(CARGO) build --profile wasm --target $(WASM_TARGET) -p farebox
 	@mkdir -p build
-	cp target/$(WASM_TARGET)/release/farebox.wasm build/farebox.raw.wasm
+	cp "$${CARGO_TARGET_DIR:-target}/$(WASM_TARGET)/wasm/farebox.wasm" build/farebox.raw.wasm
 	wasm-opt -Oz $(WASM_OPT_FEATURES) build/farebox.raw.wasm -o build/farebox.wasm
 	@echo "build/farebox.wasm: $$(wc -c < build/farebox.wasm) bytes (wasm-opt -Oz; raw $$(wc -c < build/farebox.raw.wasm))"
 

@@ -30,6 +30,25 @@ impl Call {
 /// Shared data as Envoy keeps it: one map per process, with CAS tokens.
 pub type SharedData = Rc<RefCell<HashMap<String, (Vec<u8>, u32)>>>;
 
+/// The kinds of host call the filter makes (each one a crossing into Envoy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostCall {
+    SharedGet,
+    SharedSet,
+    Dispatch,
+    Clock,
+    RequestHeader,
+    RequestHeaders,
+    SetRequestHeader,
+    ResponseHeader,
+    SetResponseHeader,
+    RequestBody,
+    ResponseBody,
+    SendReply,
+    Resume,
+    SetProperty,
+}
+
 #[derive(Default)]
 pub struct FakeHost {
     pub request_headers: RefCell<Vec<(String, Vec<u8>)>>,
@@ -47,6 +66,10 @@ pub struct FakeHost {
     pub headers_locked: Cell<bool>,
     pub late_header_access: Cell<u32>,
     pub response_chunk: RefCell<Vec<u8>>,
+    /// Host calls made, by kind (metrics are not host calls: the glue batches them).
+    pub host_calls: RefCell<HashMap<HostCall, u32>>,
+    /// Properties set (the access-log fields), last value wins.
+    pub properties: RefCell<HashMap<String, String>>,
     next_token: Cell<u32>,
 }
 
@@ -113,6 +136,22 @@ impl FakeHost {
         header(&self.response_headers.borrow(), name)
     }
 
+    fn called(&self, kind: HostCall) {
+        *self.host_calls.borrow_mut().entry(kind).or_default() += 1;
+    }
+
+    /// The host calls made so far, by kind, in a stable order (for budget tests).
+    pub fn host_call_counts(&self) -> Vec<(HostCall, u32)> {
+        let mut counts: Vec<_> = self
+            .host_calls
+            .borrow()
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect();
+        counts.sort();
+        counts
+    }
+
     pub fn advance(&self, ms: u64) {
         self.now.set(self.now.get() + ms);
     }
@@ -126,6 +165,7 @@ fn header(list: &[(String, Vec<u8>)], name: &str) -> Option<String> {
 
 impl Host for FakeHost {
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, Option<u32>)> {
+        self.called(HostCall::SharedGet);
         self.shared
             .borrow()
             .get(key)
@@ -133,6 +173,7 @@ impl Host for FakeHost {
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        self.called(HostCall::SharedSet);
         let mut map = self.shared.borrow_mut();
         if let (Some(cas), Some((_, current))) = (cas, map.get(key)) {
             if cas != *current {
@@ -152,6 +193,7 @@ impl Host for FakeHost {
         body: &[u8],
         timeout: Duration,
     ) -> Result<u32, String> {
+        self.called(HostCall::Dispatch);
         if self.refuse_dispatch.get() {
             return Err("BadArgument".into());
         }
@@ -171,6 +213,7 @@ impl Host for FakeHost {
     }
 
     fn now_ms(&self) -> u64 {
+        self.called(HostCall::Clock);
         self.now.get()
     }
 
@@ -181,6 +224,7 @@ impl Host for FakeHost {
 
 impl HttpHost for FakeHost {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.called(HostCall::RequestHeader);
         if self.headers_locked.get() {
             self.late_header_access
                 .set(self.late_header_access.get() + 1);
@@ -193,7 +237,21 @@ impl HttpHost for FakeHost {
             .map(|(_, v)| v.clone())
     }
 
+    fn request_headers(&self) -> Option<Vec<u8>> {
+        self.called(HostCall::RequestHeaders);
+        if self.headers_locked.get() {
+            self.late_header_access
+                .set(self.late_header_access.get() + 1);
+            return None;
+        }
+        let headers = self.request_headers.borrow();
+        Some(crate::header_snapshot::HeaderMap::serialize(
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        ))
+    }
+
     fn set_request_header(&self, name: &str, value: Option<&str>) {
+        self.called(HostCall::SetRequestHeader);
         if self.headers_locked.get() {
             self.late_header_access
                 .set(self.late_header_access.get() + 1);
@@ -207,6 +265,7 @@ impl HttpHost for FakeHost {
     }
 
     fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.called(HostCall::ResponseHeader);
         self.response_headers
             .borrow()
             .iter()
@@ -215,12 +274,14 @@ impl HttpHost for FakeHost {
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
+        self.called(HostCall::SetResponseHeader);
         let mut headers = self.response_headers.borrow_mut();
         headers.retain(|(k, _)| k != name);
         headers.push((name.to_string(), value.as_bytes().to_vec()));
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.called(HostCall::RequestBody);
         let body = self.request_body.borrow();
         Some(body.get(..size.min(body.len()))?.to_vec())
     }
@@ -235,15 +296,25 @@ impl HttpHost for FakeHost {
     }
 
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.called(HostCall::ResponseBody);
         let chunk = self.response_chunk.borrow();
         Some(chunk.get(..size.min(chunk.len()))?.to_vec())
     }
 
     fn send_reply(&self, reply: &Reply) {
+        self.called(HostCall::SendReply);
         self.replies.borrow_mut().push(reply.clone());
     }
 
     fn resume_request(&self) {
+        self.called(HostCall::Resume);
         self.resumed.set(self.resumed.get() + 1);
+    }
+
+    fn set_property(&self, name: &str, value: &str) {
+        self.called(HostCall::SetProperty);
+        self.properties
+            .borrow_mut()
+            .insert(name.to_string(), value.to_string());
     }
 }

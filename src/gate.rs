@@ -20,6 +20,7 @@ use crate::host::{Host, HttpHost};
 use crate::identity::{CredentialSource, IdentityError};
 use crate::lease::{self, Grant, LeaseRecord, Step};
 use crate::lease::{LeaseKey, View};
+use crate::local_cache::{LocalCache, LocalKey};
 use crate::mcp;
 use crate::metrics::Metric;
 use crate::outbox::{Finished, Job, Outbox};
@@ -42,6 +43,8 @@ pub enum Flow {
 #[derive(Debug, Default)]
 pub struct Worker {
     pub outbox: RefCell<Outbox>,
+    /// Cached decisions (authorize mode), copied from shared data for this worker.
+    decisions: RefCell<LocalCache>,
     /// Leases this worker took and must settle.
     owned: RefCell<Vec<Owned>>,
     request_seq: Cell<u64>,
@@ -294,6 +297,17 @@ impl Gate {
     /// to publish (empty, and allocation-free, when nothing changed).
     pub fn access_log_changes(&mut self) -> Vec<(&'static str, String)> {
         self.access.changes()
+    }
+
+    /// Hands the changed access-log fields to the host (one property each). Must run
+    /// with the stream as the effective context.
+    pub fn publish_access_log(&mut self, host: &impl HttpHost) {
+        if !self.access.is_dirty() {
+            return;
+        }
+        for (name, value) in self.access.changes() {
+            host.set_property(name, &value);
+        }
     }
 
     /// A request header: from the host while the headers phase lasts, else as kept.
@@ -809,13 +823,23 @@ impl Gate {
         let leased = cfg.mode == Mode::Lease && credential.is_some() && payment.is_none();
         // Lease mode pays from the lease first and only looks at cached refusals when the
         // lease cannot pay (a hash and a shared-data read fewer on its common path).
-        let cache_key = match (&credential, &payment) {
+        let (cache_key, local_key) = match (&credential, &payment) {
             (Some(c), None) if cfg.cache_max_entries > 0 && !leased => {
-                Some(CacheKey::new(&cfg.fingerprint, &route, cost, c))
+                // The worker's own copy first: no shared-data read, no SHA-256.
+                let local = self.worker.decisions.borrow().key(&route, cost, c);
+                if let Some(flow) = self.serve_local(host, cfg, local, &route) {
+                    return flow;
+                }
+                (
+                    Some(CacheKey::new(&cfg.fingerprint, &route, cost, c)),
+                    Some(local),
+                )
             }
-            _ => None,
+            _ => (None, None),
         };
-        if let Some(flow) = self.serve_cached(host, cfg, cache_key.as_ref(), &route, true) {
+        if let Some(flow) =
+            self.serve_cached(host, cfg, cache_key.as_ref(), local_key, &route, true)
+        {
             return flow;
         }
         // A lease spend needs no request id unless the response is metered; a lease call
@@ -846,13 +870,55 @@ impl Gate {
         }
     }
 
+    /// Acts on a fresh decision in this worker's copy of the cache, if it has one.
+    /// Authorize mode only: in lease mode a cached refusal is cleared from shared data
+    /// when credit arrives, which a copy would not see.
+    fn serve_local(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        key: LocalKey,
+        route: &str,
+    ) -> Option<Flow> {
+        if cfg.mode != Mode::Authorize {
+            return None;
+        }
+        let (entry, now) = self
+            .worker
+            .decisions
+            .borrow_mut()
+            .get(&cfg.fingerprint, key, || host.now_ms())?;
+        Some(self.serve_entry(host, cfg, entry, now, route))
+    }
+
+    /// Acts on a cached decision (served from the cache: no balance shown again).
+    fn serve_entry(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        entry: Entry,
+        now: u64,
+        route: &str,
+    ) -> Flow {
+        host.count(Metric::CacheHits);
+        self.access.cache_hit();
+        let freshness = Freshness::Private(entry.remaining_s(now));
+        // A balance from when the decision was cached is stale: not shown again.
+        let decision = match entry.decision {
+            Decision::Allow { account_id, .. } => Decision::allow(account_id, None),
+            other => other,
+        };
+        self.act(host, cfg, route, decision, freshness, None)
+    }
+
     /// Acts on a fresh cached decision, if there is one (a cached 402 only
-    /// when `deny` says so).
+    /// when `deny` says so), and copies it to this worker's cache under `local`.
     fn serve_cached(
         &mut self,
         host: &impl HttpHost,
         cfg: &Config,
         key: Option<&CacheKey>,
+        local: Option<LocalKey>,
         route: &str,
         deny: bool,
     ) -> Option<Flow> {
@@ -862,15 +928,16 @@ impl Gate {
         let now = host.now_ms();
         match cache::lookup(key, &bytes, now) {
             Lookup::Fresh(entry) if deny || !matches!(entry.decision, Decision::Deny(_)) => {
-                host.count(Metric::CacheHits);
-                self.access.cache_hit();
-                let freshness = Freshness::Private(entry.remaining_s(now));
-                // A balance from when the decision was cached is stale: not shown again.
-                let decision = match entry.decision {
-                    Decision::Allow { account_id, .. } => Decision::allow(account_id, None),
-                    other => other,
-                };
-                Some(self.act(host, cfg, route, decision, freshness, None))
+                if let (Some(local), Mode::Authorize) = (local, cfg.mode) {
+                    self.worker.decisions.borrow_mut().put(
+                        &cfg.fingerprint,
+                        cfg.cache_max_entries,
+                        local,
+                        entry.clone(),
+                        now,
+                    );
+                }
+                Some(self.serve_entry(host, cfg, entry, now, route))
             }
             // Clearing frees the value's memory; losing a CAS race to a fresh write is fine.
             Lookup::Expired => {
@@ -1015,7 +1082,7 @@ impl Gate {
                     }
                     let waited = p.parked_since_ms != 0 && p.recall_since_ms == 0;
                     if let Some(flow) =
-                        self.serve_cached(host, cfg, p.cache_key.as_ref(), &p.route, waited)
+                        self.serve_cached(host, cfg, p.cache_key.as_ref(), None, &p.route, waited)
                     {
                         return flow;
                     }
@@ -2219,3 +2286,7 @@ mod tests;
 #[cfg(test)]
 #[path = "gate/access_log/tests.rs"]
 mod access_log_tests;
+
+#[cfg(test)]
+#[path = "gate/hostcall_budget/tests.rs"]
+mod hostcall_budget_tests;

@@ -14,6 +14,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::balance_api::{CalloutResponse, MAX_ANSWER_BYTES};
 use crate::config::{Config, Mode};
 use crate::gate::{Flow, Gate, Worker};
+use crate::header_snapshot::Snapshot;
 use crate::host::{Host, HttpHost};
 use crate::metrics::Metric;
 use crate::response::Reply;
@@ -59,6 +60,14 @@ impl WasmHost {
                 let _ = hostcalls::increment_metric(*id, i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
+    }
+}
+
+impl WasmHost {
+    /// The host as the gate and the worker see it outside the request-headers callback
+    /// (one host type for all of them: their generic code is compiled once).
+    fn stream(&self) -> Snapshot<'_, WasmHost> {
+        Snapshot::passthrough(self)
     }
 }
 
@@ -117,6 +126,25 @@ impl HttpHost for WasmHost {
             .flatten()
     }
 
+    fn request_headers(&self) -> Option<Vec<u8>> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the host writes a buffer it allocated through the module's
+        // `proxy_on_memory_allocate` (a `Vec<u8>` of `size` capacity, as the SDK
+        // allocates it), which is ours to free; on any status but Ok nothing is written.
+        unsafe {
+            if proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size)
+                != 0
+            {
+                return None;
+            }
+            if data.is_null() {
+                return Some(Vec::new());
+            }
+            Some(Vec::from_raw_parts(data, size, size))
+        }
+    }
+
     fn set_request_header(&self, name: &str, value: Option<&str>) {
         if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
             log::warn!("could not set request header {name}: {e:?}");
@@ -173,25 +201,8 @@ impl HttpHost for WasmHost {
             log::warn!("could not resume the request: {e:?}");
         }
     }
-}
 
-// The SDK's `set_property` panics on any status but Ok (Envoy answers NotFound when the
-// stream is gone, BadArgument for a value it will not take), so the hostcall is made
-// here and its status handled.
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_set_property(
-        path_data: *const u8,
-        path_size: usize,
-        value_data: *const u8,
-        value_size: usize,
-    ) -> u32;
-}
-
-/// Hands the stream's changed access-log fields to Envoy as filter state
-/// (`wasm.<name>`). Must run with the stream as the effective context.
-fn publish_access_log(gate: &mut Gate) {
-    for (name, value) in gate.access_log_changes() {
+    fn set_property(&self, name: &str, value: &str) {
         // SAFETY: both buffers outlive the call, which only reads them.
         let status =
             unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
@@ -199,6 +210,25 @@ fn publish_access_log(gate: &mut Gate) {
             log::debug!("access-log field {name} not set (status {status})");
         }
     }
+}
+
+// The SDK's `get_map_bytes` panics on a status but Ok and on a non-UTF-8 name, and
+// `set_property` on any status but Ok (Envoy answers NotFound when the
+// stream is gone, BadArgument for a value it will not take), so the hostcall is made
+// here and its status handled.
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
 }
 
 fn callout_response(body_size: usize) -> CalloutResponse {
@@ -253,7 +283,7 @@ impl Root {
         hostcalls::set_effective_context(context_id).ok()?;
         let mut gate = gate.try_borrow_mut().ok()?;
         let flow = f(&mut gate);
-        publish_access_log(&mut gate);
+        gate.publish_access_log(&self.host.stream());
         if flow == Flow::Continue {
             self.host.resume_request();
         }
@@ -264,7 +294,7 @@ impl Root {
         let parked = std::mem::take(&mut self.waiting.borrow_mut().parked);
         for (id, gate) in parked {
             let calls_before = self.host.calls_started.get();
-            match self.on_stream(id, &gate, |g| g.on_wake(&self.host)) {
+            match self.on_stream(id, &gate, |g| g.on_wake(&self.host.stream())) {
                 Some(Flow::Park) => self.waiting.borrow_mut().parked.push((id, gate)),
                 // A call made while the root is the active context answers to the root.
                 Some(Flow::Pause) if self.host.calls_started.get() != calls_before => {
@@ -302,7 +332,7 @@ impl Context for Root {
             Some((id, gate)) => {
                 // The answer belongs to the stream that made the call: read it as that stream.
                 let flow = self.on_stream(id, &gate, |g| {
-                    g.on_callout_response(&self.host, token, &callout_response(body_size))
+                    g.on_callout_response(&self.host.stream(), token, &callout_response(body_size))
                 });
                 // Parked again (waiting for recalled credit): the timer wakes it.
                 if flow == Some(Flow::Park) {
@@ -316,7 +346,7 @@ impl Context for Root {
                 if let Some(cfg) = &self.cfg {
                     let resp = callout_response(body_size);
                     self.worker
-                        .on_outbox_response(&self.host, cfg, token, &resp);
+                        .on_outbox_response(&self.host.stream(), cfg, token, &resp);
                 }
             }
         }
@@ -373,7 +403,7 @@ impl RootContext for Root {
             self.wake_parked();
         }
         if let Some(cfg) = &self.cfg {
-            self.worker.tick(&self.host, cfg);
+            self.worker.tick(&self.host.stream(), cfg);
         }
     }
 
@@ -440,7 +470,7 @@ impl Stream {
             return Action::Pause;
         };
         let flow = f(&mut gate);
-        publish_access_log(&mut gate);
+        gate.publish_access_log(&self.host.stream());
         match flow {
             Flow::Continue => Action::Continue,
             Flow::Pause => Action::Pause,
@@ -464,7 +494,9 @@ impl Context for Stream {
         _trailers: usize,
     ) {
         let resp = callout_response(body_size);
-        if self.run(|g| g.on_callout_response(&self.host, token, &resp)) == Action::Continue {
+        if self.run(|g| g.on_callout_response(&self.host.stream(), token, &resp))
+            == Action::Continue
+        {
             self.host.resume_request();
         }
     }
@@ -472,22 +504,24 @@ impl Context for Stream {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        self.run(|g| g.on_request_headers_eos(&self.host, end_of_stream))
+        // The headers are read in one call, for this callback only.
+        let host = Snapshot::new(&self.host);
+        self.run(|g| g.on_request_headers_eos(&host, end_of_stream))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.run(|g| g.on_request_body(&self.host, body_size, end_of_stream))
+        self.run(|g| g.on_request_body(&self.host.stream(), body_size, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.run(|g| g.on_request_trailers(&self.host))
+        self.run(|g| g.on_request_trailers(&self.host.stream()))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let Ok(mut gate) = self.gate.try_borrow_mut() {
-            gate.on_response_body(&self.host, body_size, end_of_stream);
+            gate.on_response_body(&self.host.stream(), body_size, end_of_stream);
             if end_of_stream {
-                publish_access_log(&mut gate);
+                gate.publish_access_log(&self.host.stream());
             }
         }
         Action::Continue
@@ -495,16 +529,16 @@ impl HttpContext for Stream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Ok(mut gate) = self.gate.try_borrow_mut() {
-            gate.on_response_headers(&self.host);
-            publish_access_log(&mut gate);
+            gate.on_response_headers(&self.host.stream());
+            gate.publish_access_log(&self.host.stream());
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
         if let Ok(mut gate) = self.gate.try_borrow_mut() {
-            gate.on_log(&self.host);
-            publish_access_log(&mut gate);
+            gate.on_log(&self.host.stream());
+            gate.publish_access_log(&self.host.stream());
         }
     }
 }

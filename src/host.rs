@@ -32,6 +32,9 @@ pub trait Host {
 pub trait HttpHost: Host {
     /// Raw bytes: clients may send anything, and a non-UTF-8 header must not crash us.
     fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// All request headers in one call, serialized as proxy-wasm serializes a header
+    /// map (see [`crate::header_snapshot::HeaderMap`]); `None` when the host refused.
+    fn request_headers(&self) -> Option<Vec<u8>>;
     fn set_request_header(&self, name: &str, value: Option<&str>);
     fn response_header(&self, name: &str) -> Option<Vec<u8>>;
     fn set_response_header(&self, name: &str, value: &str);
@@ -44,4 +47,6 @@ pub trait HttpHost: Host {
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     fn send_reply(&self, reply: &Reply);
     fn resume_request(&self);
+    /// A stream property (filter state `wasm.<name>`), for the access log.
+    fn set_property(&self, name: &str, value: &str);
 }
