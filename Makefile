@@ -19,6 +19,8 @@
 #   make bench-instructions  instructions per request under callgrind (deterministic)
 #   make lint      rustfmt and clippy (host and wasm targets)
 #   make fuzz      the cargo-fuzz targets in fuzz/, FUZZ_TIME seconds each (not in `make test`)
+#   make fuzz-long every fuzz target to FUZZ_RUNS (10 million) executions (not in `make test`)
+#   make mutants   cargo-mutants over the money modules, one at a time (not in `make test`)
 #   make clean     build outputs (make distclean also removes .venv)
 
 SHELL := /bin/bash
@@ -70,7 +72,7 @@ ENVOY_BIN := $(ENVOY)
 endif
 
 .PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench bench-instructions floor clean distclean interop-clients \
-	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz
+	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz fuzz-long mutants
 
 all: build
 
@@ -293,6 +295,29 @@ fuzz:
 	  fi; \
 	  grep -E '^#[0-9]+[[:space:]]+DONE' fuzz/out/$$t.log | tail -n 1; \
 	done
+
+# Mutation testing (not part of `make test`): cargo-mutants over the modules that decide
+# money (.cargo/mutants.toml: which files, `cargo test --lib` as the judge, the timeout),
+# one module at a time (MUTANTS_MODULES to pick some), MUTANTS_JOBS mutants at once.
+# Each module's results go to mutants.out/<module>/mutants.out (caught.txt, missed.txt,
+# timeout.txt, unviable.txt); a line a module gives caught/viable, and the target fails
+# when any mutant was missed.
+MUTANTS_MODULES ?= decision identity outbox cache pricing lease usage balance_api gate
+MUTANTS_JOBS ?= 1
+MUTANTS_ARGS ?= --copy-target=true
+
+mutants:
+	@command -v cargo-mutants >/dev/null 2>&1 || $(CARGO) install cargo-mutants --locked
+	@missed=0; for m in $(MUTANTS_MODULES); do \
+	  out=mutants.out/$$m; mkdir -p $$out; \
+	  echo "mutants: src/$$m.rs (log: $$out/mutants.out/)"; \
+	  $(CARGO) mutants -j $(MUTANTS_JOBS) --file src/$$m.rs -o $$out $(MUTANTS_ARGS) > $$out/run.log 2>&1; \
+	  rc=$$?; [ $$rc = 0 ] || [ $$rc = 2 ] || [ $$rc = 3 ] || { tail -n 30 $$out/run.log; exit 1; }; \
+	  n() { [ -f $$out/mutants.out/$$1.txt ] && grep -c . $$out/mutants.out/$$1.txt || echo 0; }; \
+	  c=$$(n caught); t=$$(n timeout); ms=$$(n missed); u=$$(n unviable); \
+	  echo "mutants: $$m: $$((c + t)) caught / $$((c + t + ms)) viable ($$t by timeout, $$u unviable)"; \
+	  [ $$ms = 0 ] || { sed 's/^/  missed: /' $$out/mutants.out/missed.txt; missed=1; }; \
+	done; exit $$missed
 
 clean:
 	$(CARGO) clean
