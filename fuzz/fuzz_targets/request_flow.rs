@@ -263,6 +263,8 @@ struct Stream {
     /// release counts as forwarding.
     body_priced: bool,
     logged: bool,
+    /// The gate had answered the request itself before the last callback.
+    replied_before: bool,
     /// The upstream served it (a status the gate charges for).
     served: bool,
     /// A paid MCP call answered with a JSON-RPC error, or a usage response: the gate
@@ -363,9 +365,11 @@ impl World {
 
     fn flow(&mut self, i: usize, flow: Flow, releases: bool) {
         let s = &mut self.streams[i];
-        if flow == Flow::Continue && releases && !s.logged {
+        // After a local reply Envoy forwards nothing, whatever the filter returns.
+        if flow == Flow::Continue && releases && !s.logged && !s.replied_before {
             s.forwarded = true;
         }
+        s.replied_before = s.host.inner.reply().is_some();
     }
 
     fn step(&mut self, op: &Op) {
@@ -402,6 +406,7 @@ impl World {
                     forwarded: false,
                     body_priced: body_priced && !end_of_stream,
                     logged: false,
+                    replied_before: false,
                     served: false,
                     adjusts: false,
                     ids: HashSet::new(),
