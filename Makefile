@@ -277,8 +277,13 @@ bench-instructions: build floor envoy
 # fuzz/corpus (seeded from fuzz/seeds), each run's log is fuzz/out/<target>.log, and a
 # crash stops the run with its input in fuzz/artifacts/<target>/.
 FUZZ_TIME ?= 60
-FUZZ_TARGETS ?= config_parse balance_answer routes shared_data usage_meter
+FUZZ_TARGETS ?= config_parse balance_answer routes shared_data usage_meter request_flow
 FUZZ_SANITIZER ?= address
+
+# FUZZ_LIMIT: how long each target runs (libFuzzer flags); `make fuzz-long` sets it to
+# FUZZ_RUNS executions each instead of FUZZ_TIME seconds.
+FUZZ_LIMIT ?= -max_total_time=$(FUZZ_TIME)
+FUZZ_RUNS ?= 10000000
 
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
@@ -287,14 +292,19 @@ fuzz:
 	  mkdir -p fuzz/corpus/$$t; \
 	  seeds=""; [ -d fuzz/seeds/$$t ] && seeds="fuzz/seeds/$$t"; \
 	  dict=""; [ -f fuzz/dicts/$$t.dict ] && dict="-dict=fuzz/dicts/$$t.dict"; \
-	  echo "fuzz: $$t for $(FUZZ_TIME) s (log: fuzz/out/$$t.log)"; \
+	  echo "fuzz: $$t, $(FUZZ_LIMIT) (log: fuzz/out/$$t.log)"; \
 	  if ! RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz -s $(FUZZ_SANITIZER) $$t \
-	      fuzz/corpus/$$t $$seeds -- -max_total_time=$(FUZZ_TIME) $$dict \
+	      fuzz/corpus/$$t $$seeds -- $(FUZZ_LIMIT) $$dict \
 	      > fuzz/out/$$t.log 2>&1; then \
 	    tail -n 60 fuzz/out/$$t.log; echo "fuzz: $$t FAILED (input in fuzz/artifacts/$$t/)" >&2; exit 1; \
 	  fi; \
 	  grep -E '^#[0-9]+[[:space:]]+DONE' fuzz/out/$$t.log | tail -n 1; \
 	done
+
+# Every target to at least FUZZ_RUNS executions (hours with AddressSanitizer; not part of
+# `make test`). The last line of each log gives the count reached.
+fuzz-long:
+	@$(MAKE) --no-print-directory fuzz FUZZ_LIMIT=-runs=$(FUZZ_RUNS)
 
 # Mutation testing (not part of `make test`): cargo-mutants over the modules that decide
 # money (.cargo/mutants.toml: which files, `cargo test --lib` as the judge, the timeout),

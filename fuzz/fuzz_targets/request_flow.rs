@@ -153,14 +153,28 @@ enum Fault {
 #[derive(Arbitrary, Debug)]
 enum Answer {
     /// What the service answers when all is well: allow, a grant, or done.
-    Ok { balance: i64, max_age: Option<u8> },
-    Deny { recall: bool, retry_after_ms: u16 },
-    Grant { granted: u8, expires_in_ms: u16 },
+    Ok {
+        balance: i64,
+        max_age: Option<u8>,
+    },
+    Deny {
+        recall: bool,
+        retry_after_ms: u16,
+    },
+    Grant {
+        granted: u8,
+        expires_in_ms: u16,
+    },
     Status(u16),
     /// No answer at all (timeout, reset); `processed`: the service did the work anyway.
-    Lost { processed: bool },
+    Lost {
+        processed: bool,
+    },
     TooLarge,
-    Json { status: u16, body: Json },
+    Json {
+        status: u16,
+        body: Json,
+    },
     Garbage(Vec<u8>),
 }
 
@@ -313,7 +327,13 @@ struct World {
     request_seq: u32,
 }
 
-fn fuzz_host(shared_with: &FakeHost, faults: &Rc<Faults>, headers: &[(&str, &str)], method: &str, path: &str) -> FuzzHost {
+fn fuzz_host(
+    shared_with: &FakeHost,
+    faults: &Rc<Faults>,
+    headers: &[(&str, &str)],
+    method: &str,
+    path: &str,
+) -> FuzzHost {
     FuzzHost {
         inner: shared_with.sibling(method, path, headers),
         faults: faults.clone(),
@@ -424,10 +444,12 @@ impl World {
             } => {
                 let Some(i) = self.stream(stream) else { return };
                 let bytes = match body {
-                    RequestBody::ToolCall => json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                    RequestBody::ToolCall => {
+                        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                         "params": {"name": "search", "arguments": {}}})
-                    .to_string()
-                    .into_bytes(),
+                        .to_string()
+                        .into_bytes()
+                    }
                     RequestBody::Initialize => {
                         json!({"jsonrpc": "2.0", "id": 1, "method": "initialize"})
                             .to_string()
@@ -442,7 +464,11 @@ impl World {
                 if s.logged {
                     return;
                 }
-                s.host.inner.request_body.borrow_mut().extend_from_slice(&bytes);
+                s.host
+                    .inner
+                    .request_body
+                    .borrow_mut()
+                    .extend_from_slice(&bytes);
                 let size = s.host.inner.request_body.borrow().len();
                 let flow = s.gate.on_request_body(&s.host, size, end_of_stream);
                 // Envoy forwards a body chunk the filter lets continue.
@@ -461,7 +487,9 @@ impl World {
                 if self.in_flight.is_empty() {
                     return;
                 }
-                let c = self.in_flight.remove(usize::from(call) % self.in_flight.len());
+                let c = self
+                    .in_flight
+                    .remove(usize::from(call) % self.in_flight.len());
                 let resp = self.service(&c, answer);
                 match c.owner {
                     None => self
@@ -580,7 +608,12 @@ impl World {
         {
             let calls = self.root.inner.calls.borrow();
             for c in calls.iter().skip(self.root_seen_calls) {
-                new.push((None, c.token, c.header(":path").unwrap_or("").to_string(), c.body.clone()));
+                new.push((
+                    None,
+                    c.token,
+                    c.header(":path").unwrap_or("").to_string(),
+                    c.body.clone(),
+                ));
             }
             self.root_seen_calls = calls.len();
             let r = self.root.refused.borrow();
@@ -590,7 +623,12 @@ impl World {
         for (i, s) in self.streams.iter_mut().enumerate() {
             let calls = s.host.inner.calls.borrow();
             for c in calls.iter().skip(s.seen_calls) {
-                new.push((Some(i), c.token, c.header(":path").unwrap_or("").to_string(), c.body.clone()));
+                new.push((
+                    Some(i),
+                    c.token,
+                    c.header(":path").unwrap_or("").to_string(),
+                    c.body.clone(),
+                ));
             }
             s.seen_calls = calls.len();
             let r = s.host.refused.borrow();
@@ -624,13 +662,20 @@ impl World {
                 self.streams[i].ids.insert(id.clone());
             }
             if let Some(prev) = self.ledger.asked.insert(id.clone(), cost) {
-                assert_eq!(prev, cost, "request {id} asked to be charged twice, differently");
+                assert_eq!(
+                    prev, cost,
+                    "request {id} asked to be charged twice, differently"
+                );
             }
         } else if path == self.cfg.refund_path {
             let Some(asked) = self.ledger.asked.get(&id) else {
                 panic!("refund of request {id}, which no authorize call named: {body}");
             };
-            assert_eq!(body.get("cost").and_then(Value::as_u64), Some(*asked), "refund {body} of a charge of {asked}");
+            assert_eq!(
+                body.get("cost").and_then(Value::as_u64),
+                Some(*asked),
+                "refund {body} of a charge of {asked}"
+            );
             match self.ledger.refund_of.get(&id) {
                 Some(first) => assert_eq!(first, body, "request {id} refunded twice, differently"),
                 None => {
@@ -638,10 +683,17 @@ impl World {
                 }
             }
         } else if path.ends_with("/settle") {
-            let lease_id = path.trim_end_matches("/settle").rsplit('/').next().unwrap_or("");
+            let lease_id = path
+                .trim_end_matches("/settle")
+                .rsplit('/')
+                .next()
+                .unwrap_or("");
             let used = body.get("used").and_then(Value::as_u64).unwrap_or(0);
             if let Some(granted) = self.ledger.granted.get(lease_id) {
-                assert!(used <= *granted, "lease {lease_id}: settle of {used} units, {granted} granted");
+                assert!(
+                    used <= *granted,
+                    "lease {lease_id}: settle of {used} units, {granted} granted"
+                );
             }
         }
     }
@@ -662,10 +714,16 @@ impl World {
             Answer::Ok { balance, max_age } => {
                 let mut resp = if is_lease {
                     let lease_id = self.grant(5);
-                    done(200, json!({"lease_id": lease_id, "granted": 5, "expires_in_ms": 30_000,
-                        "account_id": "acct", "balance": balance}))
+                    done(
+                        200,
+                        json!({"lease_id": lease_id, "granted": 5, "expires_in_ms": 30_000,
+                        "account_id": "acct", "balance": balance}),
+                    )
                 } else {
-                    done(200, json!({"allow": true, "account_id": "acct", "balance": balance}))
+                    done(
+                        200,
+                        json!({"allow": true, "account_id": "acct", "balance": balance}),
+                    )
                 };
                 if let Some(s) = max_age {
                     resp.headers
@@ -676,16 +734,22 @@ impl World {
             Answer::Deny {
                 recall,
                 retry_after_ms,
-            } => done(402, json!({"balance": 0, "price": 3, "recall": recall,
-                "retry_after_ms": retry_after_ms})),
+            } => done(
+                402,
+                json!({"balance": 0, "price": 3, "recall": recall,
+                "retry_after_ms": retry_after_ms}),
+            ),
             Answer::Grant {
                 granted,
                 expires_in_ms,
             } => {
                 let units = u64::from(*granted);
                 let lease_id = self.grant(units);
-                done(200, json!({"lease_id": lease_id, "granted": units,
-                    "expires_in_ms": expires_in_ms, "account_id": "acct"}))
+                done(
+                    200,
+                    json!({"lease_id": lease_id, "granted": units,
+                    "expires_in_ms": expires_in_ms, "account_id": "acct"}),
+                )
             }
             Answer::Status(s) => done(*s, Value::Null),
             Answer::Lost { .. } => CalloutResponse::default(),
@@ -753,7 +817,9 @@ impl World {
             }
         }
         for (key, (value, _)) in self.root.inner.shared.borrow().iter() {
-            let Some(rec) = LeaseRecord::decode(value) else { continue };
+            let Some(rec) = LeaseRecord::decode(value) else {
+                continue;
+            };
             assert!(
                 rec.used <= rec.granted,
                 "{key}: lease {} spent {} of {} units",
@@ -762,7 +828,11 @@ impl World {
                 rec.granted
             );
             if let Some(g) = self.ledger.granted.get(&rec.lease_id) {
-                assert_eq!(rec.granted, *g, "lease {}: granted {g}, recorded {}", rec.lease_id, rec.granted);
+                assert_eq!(
+                    rec.granted, *g,
+                    "lease {}: granted {g}, recorded {}",
+                    rec.lease_id, rec.granted
+                );
             }
         }
     }
@@ -782,7 +852,8 @@ impl World {
             while let Some(c) = self.in_flight.pop() {
                 let resp = self.service(&c, &Answer::Status(200));
                 if c.owner.is_none() {
-                    self.worker.on_outbox_response(&self.root, &self.cfg, c.token, &resp);
+                    self.worker
+                        .on_outbox_response(&self.root, &self.cfg, c.token, &resp);
                 }
                 self.collect_calls();
             }
@@ -793,11 +864,17 @@ impl World {
         }
         for s in &self.streams {
             for id in &s.ids {
-                let Some(cost) = self.ledger.charged.get(id) else { continue };
+                let Some(cost) = self.ledger.charged.get(id) else {
+                    continue;
+                };
                 let refunded = self.ledger.refunded.contains(id);
-                let gave_up = self.ledger.refund_failures.get(id).copied().unwrap_or(0) >= MAX_ATTEMPTS;
+                let gave_up =
+                    self.ledger.refund_failures.get(id).copied().unwrap_or(0) >= MAX_ATTEMPTS;
                 if !s.forwarded {
-                    assert!(refunded || gave_up, "request {id} charged {cost}, never forwarded, not refunded");
+                    assert!(
+                        refunded || gave_up,
+                        "request {id} charged {cost}, never forwarded, not refunded"
+                    );
                 }
                 if refunded && s.served && !s.adjusts {
                     panic!("request {id} served and charged {cost}, yet refunded");
@@ -808,7 +885,10 @@ impl World {
 }
 
 fn text(v: &Value, field: &str) -> String {
-    v.get(field).and_then(Value::as_str).unwrap_or_default().to_string()
+    v.get(field)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 fuzz_target!(|input: Input| {

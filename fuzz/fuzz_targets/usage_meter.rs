@@ -73,10 +73,16 @@ fuzz_target!(|input: Input| {
     let mut rest = input.body.as_slice();
     let mut cuts = input.cuts.iter().cycle();
     while !rest.is_empty() {
-        let n = usize::from(*cuts.next().unwrap_or(&0)).max(1).min(rest.len());
+        let n = usize::from(*cuts.next().unwrap_or(&0))
+            .max(1)
+            .min(rest.len());
         let (chunk, tail) = rest.split_at(n);
         chunked.feed(chunk);
-        assert!(chunked.kept() <= LIMIT + 1, "the meter keeps {} bytes", chunked.kept());
+        assert!(
+            chunked.kept() <= LIMIT + 1,
+            "the meter keeps {} bytes",
+            chunked.kept()
+        );
         rest = tail;
     }
     assert_eq!(chunked.finish(), want, "the chunking changed the total");
