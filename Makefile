@@ -323,7 +323,7 @@ mutants:
 	  echo "mutants: src/$$m.rs (log: $$out/mutants.out/)"; \
 	  $(CARGO) mutants -j $(MUTANTS_JOBS) --file src/$$m.rs -o $$out $(MUTANTS_ARGS) > $$out/run.log 2>&1; \
 	  rc=$$?; [ $$rc = 0 ] || [ $$rc = 2 ] || [ $$rc = 3 ] || { tail -n 30 $$out/run.log; exit 1; }; \
-	  n() { [ -f $$out/mutants.out/$$1.txt ] && grep -c . $$out/mutants.out/$$1.txt || echo 0; }; \
+	  n() { cat $$out/mutants.out/$$1.txt 2>/dev/null | wc -l; }; \
 	  c=$$(n caught); t=$$(n timeout); ms=$$(n missed); u=$$(n unviable); \
 	  echo "mutants: $$m: $$((c + t)) caught / $$((c + t + ms)) viable ($$t by timeout, $$u unviable)"; \
 	  [ $$ms = 0 ] || { sed 's/^/  missed: /' $$out/mutants.out/missed.txt; missed=1; }; \
