@@ -36,6 +36,8 @@ pub enum Outcome {
     TooLarge,
     /// Answered 400: the request names a model the route's price table refuses.
     UnknownModel,
+    /// Answered 400: an MCP request whose `Mcp-Method`/`Mcp-Name` headers did not match its body.
+    HeaderMismatch,
     /// The filter has no valid configuration: answered 503.
     Unconfigured,
 }
@@ -55,11 +57,12 @@ impl Outcome {
             Outcome::Refunded => "refunded",
             Outcome::TooLarge => "too-large",
             Outcome::UnknownModel => "unknown-model",
+            Outcome::HeaderMismatch => "header-mismatch",
             Outcome::Unconfigured => "unconfigured",
         }
     }
 
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Allow,
         Outcome::Cached,
         Outcome::Deny,
@@ -72,6 +75,7 @@ impl Outcome {
         Outcome::Refunded,
         Outcome::TooLarge,
         Outcome::UnknownModel,
+        Outcome::HeaderMismatch,
         Outcome::Unconfigured,
     ];
 }

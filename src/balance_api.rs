@@ -10,6 +10,7 @@ use crate::decision::{Decision, Denial};
 use crate::host::Host;
 use crate::lease::Grant;
 use crate::payments::{Offer, Payment};
+use crate::tokens::Tokens;
 
 /// Larger answers are not read: no sane decision needs more, and a lying
 /// service must not make us copy megabytes into the VM.
@@ -144,10 +145,57 @@ pub fn call(
     host.dispatch(&cfg.cluster, &headers, body, cfg.timeout)
 }
 
-pub fn usage_body(request_id: &str, account: &str, actual: u64) -> Vec<u8> {
-    json!({"request_id": request_id, "account": account, "actual": actual})
-        .to_string()
-        .into_bytes()
+/// What one metered response is billed for, so the ledger can itemise it (contract 9.1):
+/// the route rule's name, the model it was priced by, and its tokens per class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageLine {
+    pub route: String,
+    pub model: Option<String>,
+    pub tokens: Tokens,
+}
+
+impl UsageLine {
+    /// Adds the line's members to a usage body.
+    fn put(&self, body: &mut Value) {
+        let t = &self.tokens;
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("route".into(), Value::String(self.route.clone()));
+            obj.insert("model".into(), json!(self.model));
+            obj.insert(
+                "tokens".into(),
+                json!({
+                    "input": t.input,
+                    "cached_input": t.cached_input,
+                    "cache_creation_input": t.cache_creation_input,
+                    "output": t.output,
+                    "reasoning": t.reasoning,
+                }),
+            );
+        }
+    }
+}
+
+/// `POST /v1/usage`: the final cost of a request paid through authorize (or an overage),
+/// with its usage line when it has one.
+pub fn usage_body(
+    request_id: &str,
+    account: &str,
+    actual: u64,
+    line: Option<&UsageLine>,
+) -> Vec<u8> {
+    let mut body = json!({"request_id": request_id, "account": account, "actual": actual});
+    if let Some(line) = line {
+        line.put(&mut body);
+    }
+    body.to_string().into_bytes()
+}
+
+/// `POST /v1/leases/{id}/usage` (4.8): the usage line of a request paid from a lease.
+/// It records what the lease's settles pay for; it moves no money.
+pub fn lease_usage_body(request_id: &str, units: u64, line: &UsageLine) -> Vec<u8> {
+    let mut body = json!({"request_id": request_id, "units": units});
+    line.put(&mut body);
+    body.to_string().into_bytes()
 }
 
 pub fn refund_body(request_id: &str, account: &str, cost: u64, status: u16) -> Vec<u8> {
@@ -196,6 +244,7 @@ pub fn parse_authorize(
             Decision::Allow {
                 account_id,
                 balance,
+                budget: budget_remaining(&body),
                 payment_response,
             }
         }
@@ -430,7 +479,16 @@ pub fn parse_lease(
         granted,
         expires_in_ms,
         balance,
+        budget: budget_remaining(&body),
     }))
+}
+
+/// `budget.remaining` of an allow or grant answer: only shown to the client,
+/// so anything but a whole number is left out rather than refused.
+fn budget_remaining(body: &serde_json::Map<String, Value>) -> Option<i64> {
+    body.get("budget")
+        .and_then(|b| b.get("remaining"))
+        .and_then(Value::as_i64)
 }
 
 /// A lease id goes into the settle URL, so it is kept to URL-safe characters.
@@ -515,6 +573,7 @@ mod tests {
             Decision::Allow {
                 account_id: "acct_a".into(),
                 balance: Some(93),
+                budget: None,
                 payment_response: None,
             }
         );
@@ -530,6 +589,7 @@ mod tests {
             Decision::Allow {
                 account_id: "a".into(),
                 balance: None,
+                budget: None,
                 payment_response: None,
             }
         );
@@ -545,9 +605,24 @@ mod tests {
             Decision::Allow {
                 account_id: "a".into(),
                 balance: Some(-5),
+                budget: None,
                 payment_response: None,
             }
         );
+        // The remaining budget, if the answer has one; a malformed one is
+        // only not shown.
+        for (budget, want) in [
+            (r#"{"remaining": 7, "limit": 10}"#, Some(7)),
+            (r#"{"remaining": "7"}"#, None),
+            (r#"{"remaining": 1.5}"#, None),
+            ("3", None),
+        ] {
+            let body = format!(r#"{{"allow": true, "account_id": "a", "budget": {budget}}}"#);
+            match parse(&resp(Some(200), &[], &body)).unwrap().decision {
+                Decision::Allow { budget, .. } => assert_eq!(budget, want, "{body}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -742,8 +817,32 @@ mod tests {
             (v["payment"].as_str(), v["payment_scheme"].as_str()),
             (Some("eyJwYXkiOjF9"), Some("x402"))
         );
-        let v: Value = serde_json::from_slice(&usage_body("r1", "k", 42)).unwrap();
+        let v: Value = serde_json::from_slice(&usage_body("r1", "k", 42, None)).unwrap();
         assert_eq!(v, json!({"request_id": "r1", "account": "k", "actual": 42}));
+        let line = UsageLine {
+            route: "claude".into(),
+            model: Some("m".into()),
+            tokens: Tokens {
+                input: 1,
+                cached_input: 2,
+                cache_creation_input: 3,
+                output: 4,
+                reasoning: 5,
+            },
+        };
+        let tokens = json!({"input": 1, "cached_input": 2, "cache_creation_input": 3,
+            "output": 4, "reasoning": 5});
+        let v: Value = serde_json::from_slice(&usage_body("r1", "k", 42, Some(&line))).unwrap();
+        assert_eq!(
+            v,
+            json!({"request_id": "r1", "account": "k", "actual": 42, "route": "claude",
+                "model": "m", "tokens": tokens})
+        );
+        let v: Value = serde_json::from_slice(&lease_usage_body("r2", 9, &line)).unwrap();
+        assert_eq!(
+            v,
+            json!({"request_id": "r2", "units": 9, "route": "claude", "model": "m", "tokens": tokens})
+        );
         let v: Value = serde_json::from_slice(&refund_body("r1", "k", 5, 503)).unwrap();
         assert_eq!(
             v,
@@ -775,7 +874,8 @@ mod tests {
                 account_id: "a".into(),
                 granted: 100,
                 expires_in_ms: 30_000,
-                balance: Some(400)
+                balance: Some(400),
+                budget: None,
             })
         );
         let deny = resp(

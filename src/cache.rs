@@ -128,9 +128,12 @@ pub fn decode(key: &CacheKey, bytes: &[u8]) -> Option<Entry> {
     let decision = match r.u8()? {
         ALLOW => {
             let balance = r.opt_i64()?;
+            // The budget is not kept: a cached decision shows neither it nor the
+            // balance again.
             Decision::Allow {
                 account_id: r.string()?,
                 balance,
+                budget: None,
                 payment_response: None,
             }
         }
@@ -241,11 +244,13 @@ mod tests {
             Decision::Allow {
                 account_id: "acct_a".into(),
                 balance: Some(-3),
+                budget: None,
                 payment_response: None,
             },
             Decision::Allow {
                 account_id: "a".into(),
                 balance: None,
+                budget: None,
                 payment_response: None,
             },
             Decision::Deny(Denial {

@@ -95,6 +95,9 @@ pub struct Config {
     pub no_charge_statuses: StatusSet,
     pub account_header: String,
     pub balance_header: Option<String>,
+    /// Response header that tells the client what is left of its budget this
+    /// period (when the balance service answers one).
+    pub budget_header: Option<String>,
     pub cache_max_entries: u32,
     pub cache_max_ttl_s: u32,
     pub problem_type_base: String,
@@ -168,6 +171,7 @@ pub const TOP_FIELDS: &[&str] = &[
     "no_charge_statuses",
     "account_header",
     "balance_header",
+    "budget_header",
     "cache_max_entries",
     "cache_max_ttl_s",
     "problem_type_base",
@@ -203,6 +207,7 @@ pub const USAGE_FIELDS: &[&str] = &[
     "default_prices",
     "model_from",
     "max_hold",
+    "stream_include_usage",
 ];
 /// Fields of a model's prices (`usage.models.NAME`, `usage.default_prices`).
 pub const PRICE_FIELDS: &[&str] = &[
@@ -459,6 +464,10 @@ impl Config {
             Some(h) => Some(header_name("balance_header".into(), h)?),
             None => None,
         };
+        let budget_header = match top.str("budget_header")? {
+            Some(h) => Some(header_name("budget_header".into(), h)?),
+            None => None,
+        };
         let cache_max_entries = top
             .u64("cache_max_entries", 0, MAX_CACHE_ENTRIES)?
             .unwrap_or(10_000) as u32;
@@ -561,6 +570,7 @@ impl Config {
             no_charge_statuses,
             account_header,
             balance_header,
+            budget_header,
             cache_max_entries,
             cache_max_ttl_s,
             problem_type_base,
@@ -745,10 +755,24 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
             "leave it out with api: the api says where usage is",
         )?;
         let table = parse_price_table(&obj)?;
+        // On by default where it applies: Chat Completions streams report usage only
+        // when asked. The other APIs always report it, so there is nothing to ask.
+        let stream_include_usage = match (obj.bool("stream_include_usage")?, table.api) {
+            (Some(on), Api::OpenAiChat) => on,
+            (None, Api::OpenAiChat) => true,
+            (Some(_), _) => {
+                return err(
+                    obj.field("stream_include_usage"),
+                    "applies to api \"openai_chat\" only: the other APIs always report usage",
+                )
+            }
+            (None, _) => false,
+        };
         return Ok(UsageSpec {
             parts: Vec::new(),
             estimate: estimate_of(&obj)?,
             table: Some(std::sync::Arc::new(table)),
+            stream_include_usage,
         });
     }
     obj.refuse_any(
@@ -803,6 +827,9 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
         parts,
         estimate,
         table: None,
+        // Off by default: a route priced by pointers may be any API; on, it suits
+        // OpenAI-compatible Chat Completions.
+        stream_include_usage: obj.bool("stream_include_usage")?.unwrap_or(false),
     })
 }
 
@@ -1006,6 +1033,7 @@ mod tests {
         assert!(!c.no_charge_statuses.contains(499) && !c.no_charge_statuses.contains(200));
         assert_eq!(c.account_header, "x-farebox-account");
         assert_eq!(c.balance_header, None);
+        assert_eq!(c.budget_header, None);
         assert_eq!(c.cache_max_entries, 10_000);
         assert_eq!(c.service_token, None);
         assert_eq!(c.mode, Mode::Authorize);
@@ -1218,6 +1246,44 @@ mod tests {
             "routes[0].usage.per_tokens"
         );
         assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_responses", {m}, "stream_include_usage": true, "estimate": 1}}"#
+            )),
+            "routes[0].usage.stream_include_usage"
+        );
+        assert_eq!(
+            r(&format!(
+                r#"{{"api": "openai_chat", {m}, "stream_include_usage": 1, "estimate": 1}}"#
+            )),
+            "routes[0].usage.stream_include_usage"
+        );
+        let include = |usage: &str| {
+            let raw = format!(
+                r#"{{"cluster": "b", "routes": [{{"name": "a", "prefix": "/", "usage": {usage}}}]}}"#
+            );
+            let c = Config::parse(raw.as_bytes()).unwrap();
+            c.pricing.routes[0]
+                .usage
+                .as_ref()
+                .unwrap()
+                .stream_include_usage
+        };
+        assert!(include(&format!(
+            r#"{{"api": "openai_chat", {m}, "estimate": 1}}"#
+        )));
+        assert!(!include(&format!(
+            r#"{{"api": "openai_chat", {m}, "stream_include_usage": false, "estimate": 1}}"#
+        )));
+        assert!(!include(&format!(
+            r#"{{"api": "anthropic_messages", {m}, "estimate": 1}}"#
+        )));
+        assert!(!include(
+            r#"{"json_pointer": "/u/t", "unit_cost": 1, "estimate": 1}"#
+        ));
+        assert!(include(
+            r#"{"json_pointer": "/u/t", "unit_cost": 1, "estimate": 1, "stream_include_usage": true}"#
+        ));
+        assert_eq!(
             r(&format!(r#"{{"api": "openai_chat", {m}}}"#)),
             "routes[0].usage.estimate"
         );
@@ -1274,10 +1340,15 @@ mod tests {
                            {"name": "infer", "glob": "/v1/*/infer", "cost": 5},
                            {"name": "docs", "prefix": "/docs/", "cost": 0}],
                 "no_charge_statuses": [429, "5xx"], "balance_header": "x-farebox-balance",
+                "budget_header": "x-farebox-budget-remaining",
                 "cache_max_entries": 0, "account_header": "x-account"}"#,
         )
         .unwrap();
         assert_eq!(c.authority, "billing.internal");
+        assert_eq!(
+            c.budget_header.as_deref(),
+            Some("x-farebox-budget-remaining")
+        );
         assert_eq!(c.failure_mode, FailureMode::Open);
         assert_eq!(c.credential, CredentialSource::Query("api_key".into()));
         assert_eq!(c.pricing.routes.len(), 3);

@@ -11,6 +11,9 @@ pub enum Decision {
     Allow {
         account_id: String,
         balance: Option<i64>,
+        /// What is left of the account's budget this period (`budget.remaining`
+        /// of the answer), if it has one. Shown once, like the balance.
+        budget: Option<i64>,
         /// x402 settlement of a payment the request carried, for `PAYMENT-RESPONSE`.
         payment_response: Option<Value>,
     },
@@ -53,6 +56,7 @@ impl Decision {
         Decision::Allow {
             account_id: account_id.into(),
             balance,
+            budget: None,
             payment_response: None,
         }
     }

@@ -225,6 +225,15 @@ impl HttpHost for FakeHost {
         Some(body.get(..size.min(body.len()))?.to_vec())
     }
 
+    fn set_request_body(&self, size: usize, body: &[u8]) -> bool {
+        let mut current = self.request_body.borrow_mut();
+        if size < current.len() {
+            return false; // like Envoy: only the whole buffered body is replaced
+        }
+        *current = body.to_vec();
+        true
+    }
+
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
         let chunk = self.response_chunk.borrow();
         Some(chunk.get(..size.min(chunk.len()))?.to_vec())

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::access_log::{Outcome, Record};
 use crate::balance_api::{
     authorize_body, call, lease_body, parse_authorize, parse_lease, AuthorizeRequest,
-    CalloutResponse, LeaseAnswer, LeaseRequest, Verdict,
+    CalloutResponse, LeaseAnswer, LeaseRequest, UsageLine, Verdict,
 };
 use crate::cache::{self, CacheKey, Entry, Lookup};
 use crate::config::{Config, FailureMode, Mode};
@@ -27,7 +27,7 @@ use crate::payments::{self, Payment};
 use crate::pricing::normalize_path;
 use crate::response::{self, AuthProblem, Freshness, Reply};
 use crate::tokens::{ModelFrom, PriceTable, MAX_MODEL_LEN};
-use crate::usage::{BodyKind, Meter};
+use crate::usage::{BodyKind, Meter, Metered};
 
 /// What the host should do with the request after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +141,8 @@ struct Forwarded {
     /// Set while the money can still be given back or adjusted.
     charge: Option<Charge>,
     balance: Option<i64>,
+    /// The remaining budget the service answered, for `budget_header`.
+    budget: Option<i64>,
     /// Headers for the client's response (`PAYMENT-RESPONSE`).
     headers: Vec<(&'static str, String)>,
     /// Usage pricing: the hold, and the meter once the response type is known.
@@ -226,6 +228,15 @@ pub struct Gate {
     /// no longer lets a filter read them then.
     kept_headers: Vec<(&'static str, Option<Vec<u8>>)>,
     kept_credential: Option<(String, Option<Vec<u8>>)>,
+    /// An MCP request priced from its `Mcp-Method`/`Mcp-Name` headers, whose body is
+    /// still to be checked against them (it is held until then).
+    mcp_claim: Option<mcp::Claim>,
+    /// A refusal of such a request, waiting for the body: it answers the JSON-RPC id
+    /// there, which Envoy lets a filter read only once the headers went on.
+    deferred: Option<Reply>,
+    /// The request body is held to add `stream_options.include_usage` (its
+    /// `content-length` went with the headers).
+    include_usage: bool,
     /// What the access log is told about this request.
     access: Record,
 }
@@ -264,6 +275,9 @@ impl Gate {
             headers_gone: false,
             kept_headers: Vec::new(),
             kept_credential: None,
+            mcp_claim: None,
+            deferred: None,
+            include_usage: false,
             access,
         }
     }
@@ -351,6 +365,12 @@ impl Gate {
         // the rest of the transport are plumbing: free on an MCP rule. A rule placed
         // before it can still price them.
         let plumbing = wants_body && method != "POST";
+        let include_usage = !end_of_stream
+            && method == "POST"
+            && price
+                .rule
+                .and_then(|r| r.usage.as_ref())
+                .is_some_and(|u| u.stream_include_usage);
         let req = Request {
             method,
             raw_path,
@@ -361,6 +381,11 @@ impl Gate {
             let route = format!("{route}/{}", req.method);
             return self.proceed(host, &cfg, req, route, 0);
         }
+        if include_usage {
+            // The body may grow; the headers go on before it is whole.
+            host.set_request_header("content-length", None);
+            self.include_usage = true;
+        }
         if wants_body {
             // The headers may go on before the decision: no client copy of the account
             // header goes with them.
@@ -368,25 +393,63 @@ impl Gate {
             if end_of_stream {
                 return self.priced_by_body(host, &cfg, req, &[]);
             }
+            self.keep_headers(host, &cfg);
+            if let Some((claim, price, route)) = self.priced_by_claim(host, &cfg, &req) {
+                // Decided now, from the headers, which then carry the account; the body
+                // is held until it is checked against them.
+                log::debug!("{} {}: priced from its MCP headers", req.method, req.path);
+                self.mcp_tool_call = claim.method == "tools/call";
+                self.mcp_claim = Some(claim);
+                return self.proceed(host, &cfg, req, route, price);
+            }
             // Envoy delivers no body to a filter that paused on the headers, so the
             // headers go on (the upstream waits for a body it gets only once paid for)
             // and the body is held until the decision.
             log::debug!("{} {}: reading the body to price it", req.method, req.path);
-            let credential_header = match &cfg.credential {
-                CredentialSource::Header(name) => Some(name.as_str()),
-                _ => None,
-            };
-            for name in LATE_HEADERS.iter().copied() {
-                self.kept_headers.push((name, host.request_header(name)));
-            }
-            if let Some(name) = credential_header {
-                self.kept_credential = Some((name.to_string(), host.request_header(name)));
-            }
             self.stage = Stage::AwaitingBody(Box::new(req));
             self.headers_gone = true;
             return Flow::Continue;
         }
         self.proceed(host, &cfg, req, route, cost)
+    }
+
+    /// Keeps the request headers a decision made after the headers went on needs.
+    fn keep_headers(&mut self, host: &impl HttpHost, cfg: &Config) {
+        for name in LATE_HEADERS.iter().copied() {
+            self.kept_headers.push((name, host.request_header(name)));
+        }
+        if let CredentialSource::Header(name) = &cfg.credential {
+            self.kept_credential = Some((name.clone(), host.request_header(name)));
+        }
+    }
+
+    /// An MCP request that names its method (and target) in `Mcp-Method`/`Mcp-Name`:
+    /// its claim, price and route. `None` sends it the body way: an older client, or
+    /// a caller with no credential that may pay in `params._meta` (x402's MCP transport).
+    fn priced_by_claim(
+        &self,
+        host: &impl HttpHost,
+        cfg: &Config,
+        req: &Request,
+    ) -> Option<(mcp::Claim, u64, String)> {
+        let rule = req.rule.and_then(|i| cfg.pricing.routes.get(i))?;
+        let pricing = rule.mcp.as_ref()?;
+        let claim = mcp::Claim::from_headers(
+            host.request_header(mcp::METHOD_HEADER).as_deref(),
+            host.request_header(mcp::NAME_HEADER).as_deref(),
+        )?;
+        let may_pay_in_body = cfg.accept_payments
+            && cfg
+                .credential
+                .extract(|n| host.request_header(n), &req.raw_path)
+                .is_err()
+            && payments::payment_in(|n| host.request_header(n)).is_none();
+        if may_pay_in_body {
+            return None;
+        }
+        let price = pricing.price_claim(&claim, rule.cost);
+        let route = format!("{}/{}", rule.name, price.what);
+        Some((claim, price.cost, route))
     }
 
     /// Body and trailers wait while the decision is pending: letting them continue
@@ -399,21 +462,18 @@ impl Gate {
         end_of_stream: bool,
     ) -> Flow {
         match &self.stage {
-            Stage::AwaitingBody(_) => {}
             Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => return Flow::Pause,
+            Stage::AwaitingBody(_) => {}
+            _ if self.mcp_claim.is_some() || self.include_usage => {
+                return self.held_body(host, body_size, end_of_stream)
+            }
             _ => return Flow::Continue,
         }
         let Some(cfg) = self.cfg.clone() else {
             return Flow::Pause;
         };
         if body_size > cfg.max_body_bytes {
-            host.count(Metric::BodyTooLarge);
-            self.access.decided(Outcome::TooLarge);
-            let detail = format!(
-                "the request body is larger than {} bytes",
-                cfg.max_body_bytes
-            );
-            return self.reply(host, &response::too_large(&cfg, &detail));
+            return self.too_large(host, &cfg);
         }
         if !end_of_stream {
             return Flow::Pause;
@@ -422,11 +482,126 @@ impl Gate {
             return Flow::Pause;
         };
         let body = host.request_body(body_size).unwrap_or_default();
+        self.ask_for_usage(host, body_size, &body);
         self.priced_by_body(host, &cfg, *req, &body)
+    }
+
+    /// A body held after the decision went on with the headers: to check it against
+    /// its MCP headers, or to ask a stream for its usage. Held whole, up to
+    /// `max_body_bytes`.
+    fn held_body(&mut self, host: &impl HttpHost, body_size: usize, end_of_stream: bool) -> Flow {
+        // The headers went on: from now on they are read as kept.
+        self.headers_gone = true;
+        let Some(cfg) = self.cfg.clone() else {
+            return Flow::Pause;
+        };
+        if body_size > cfg.max_body_bytes {
+            self.include_usage = false;
+            if self.mcp_claim.take().is_none() {
+                // Too large to rewrite: it goes as sent, charged at the hold if no usage comes.
+                return Flow::Continue;
+            }
+            self.deferred = None;
+            self.give_back_held(host, 413);
+            return self.too_large(host, &cfg);
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        let body = host.request_body(body_size).unwrap_or_default();
+        self.ask_for_usage(host, body_size, &body);
+        self.check_claim(host, &cfg, &body)
+    }
+
+    /// 413: a body over `max_body_bytes`, which farebox would have to read whole.
+    fn too_large(&mut self, host: &impl HttpHost, cfg: &Config) -> Flow {
+        host.count(Metric::BodyTooLarge);
+        self.access.decided(Outcome::TooLarge);
+        let detail = format!(
+            "the request body is larger than {} bytes",
+            cfg.max_body_bytes
+        );
+        self.reply(host, &response::too_large(cfg, &detail))
+    }
+
+    /// Adds `stream_options.include_usage` to a streaming Chat Completions request
+    /// whose route asks for it (see [`crate::usage::with_include_usage`]).
+    fn ask_for_usage(&mut self, host: &impl HttpHost, body_size: usize, body: &[u8]) {
+        if !std::mem::take(&mut self.include_usage) {
+            return;
+        }
+        if let Some(rewritten) = crate::usage::with_include_usage(body) {
+            if host.set_request_body(body_size, &rewritten) {
+                host.count(Metric::IncludeUsageAdded);
+            }
+        }
+    }
+
+    /// The whole body of a request priced from its MCP headers: on if it says what
+    /// they said, else refused with 400 and given back.
+    fn check_claim(&mut self, host: &impl HttpHost, cfg: &Config, body: &[u8]) -> Flow {
+        let Some(claim) = self.mcp_claim.take() else {
+            return Flow::Continue;
+        };
+        match claim.check(body) {
+            Ok(checked) => {
+                let charged = matches!(&self.stage, Stage::Forwarded(f) if f.charge.is_some());
+                if charged && !checked.id.is_null() {
+                    self.mcp_watch_id = Some(checked.id.clone());
+                }
+                self.mcp_id = Some(checked.id);
+                match self.deferred.take() {
+                    Some(refusal) => self.reply(host, &refusal),
+                    None => Flow::Continue,
+                }
+            }
+            Err((mismatch, id)) => {
+                host.count(Metric::McpHeaderMismatch);
+                log::info!(
+                    "400 on an MCP request whose headers say {:?}: {mismatch}",
+                    claim.method
+                );
+                self.deferred = None;
+                self.give_back_held(host, 400);
+                self.access.decided(Outcome::HeaderMismatch);
+                let problem = response::header_mismatch(cfg, &mismatch.to_string());
+                let mut reply =
+                    response::as_json_rpc(&problem, &mcp::mismatch_body(&id, &problem.body));
+                // MCP's transport answers a mismatch with 400, which clients read as such.
+                reply.status = 400;
+                self.stage = Stage::Done;
+                host.send_reply(&reply);
+                Flow::Pause
+            }
+        }
+    }
+
+    /// Gives back what a request whose body is refused was charged (once: the charge
+    /// is taken). Its headers went upstream, its body never does: the upstream
+    /// request is reset with the local reply.
+    fn give_back_held(&mut self, host: &impl HttpHost, status: u16) {
+        if let Stage::Forwarded(f) = &mut self.stage {
+            if let Some(charge) = f.charge.take() {
+                give_back(&self.worker, &mut self.access, host, charge, status);
+            }
+        }
     }
 
     /// Trailers end the body: nothing is read from them.
     pub fn on_request_trailers(&mut self, host: &impl HttpHost) -> Flow {
+        let pending = matches!(
+            self.stage,
+            Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) | Stage::AwaitingBody(_)
+        );
+        if !pending && (self.mcp_claim.is_some() || self.include_usage) {
+            let Some(cfg) = self.cfg.clone() else {
+                return Flow::Pause;
+            };
+            self.headers_gone = true;
+            let body = host.request_body(cfg.max_body_bytes).unwrap_or_default();
+            self.ask_for_usage(host, body.len(), &body);
+            return self.check_claim(host, &cfg, &body);
+        }
         match &self.stage {
             Stage::AwaitingBody(_) => {
                 let Some(cfg) = self.cfg.clone() else {
@@ -437,6 +612,7 @@ impl Gate {
                     return Flow::Pause;
                 };
                 let body = host.request_body(cfg.max_body_bytes).unwrap_or_default();
+                self.ask_for_usage(host, body.len(), &body);
                 self.priced_by_body(host, &cfg, *req, &body)
             }
             Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => Flow::Pause,
@@ -988,7 +1164,12 @@ impl Gate {
                             credential,
                             cost: p.cost,
                         };
-                        let allow = Decision::allow(grant.account_id.clone(), grant.balance);
+                        let allow = Decision::Allow {
+                            account_id: grant.account_id.clone(),
+                            balance: grant.balance,
+                            budget: grant.budget,
+                            payment_response: None,
+                        };
                         self.act(host, cfg, &p.route, allow, Freshness::NoStore, Some(charge))
                     }
                     None => self.fail(host, cfg, None),
@@ -1097,7 +1278,8 @@ impl Gate {
         for (name, value) in f.headers.drain(..) {
             host.set_response_header(name, &value);
         }
-        let tell_balance = f.balance.is_some() && cfg.balance_header.is_some();
+        let tell_balance = (f.balance.is_some() && cfg.balance_header.is_some())
+            || (f.budget.is_some() && cfg.budget_header.is_some());
         if f.charge.is_none() && f.usage.is_none() && !tell_balance {
             return; // nothing to give back, meter or tell: skip the header reads
         }
@@ -1144,6 +1326,9 @@ impl Gate {
         }
         if let (Some(name), Some(balance)) = (&cfg.balance_header, f.balance) {
             host.set_response_header(name, &balance.to_string());
+        }
+        if let (Some(name), Some(budget)) = (&cfg.budget_header, f.budget) {
+            host.set_response_header(name, &budget.to_string());
         }
     }
 
@@ -1201,7 +1386,7 @@ impl Gate {
             Some(m) => {
                 host.count(Metric::UsageMetered);
                 self.access.metered(&m);
-                self.settle_usage(host, charge, hold, m.cost);
+                self.settle_usage(host, charge, hold, &m);
             }
             None => {
                 host.count(Metric::UsageUnread);
@@ -1210,18 +1395,41 @@ impl Gate {
         }
     }
 
+    /// The usage line of a table-priced response: route rule, model and tokens.
+    fn usage_line(&self, m: &Metered) -> Option<UsageLine> {
+        let tokens = m.tokens?;
+        let route = self
+            .cfg
+            .as_ref()?
+            .pricing
+            .routes
+            .get(self.usage_rule?)?
+            .name
+            .clone();
+        Some(UsageLine {
+            route,
+            model: m.model.clone(),
+            tokens,
+        })
+    }
+
     /// Turns the hold into the real price: the difference goes back, or is charged.
-    fn settle_usage(&self, host: &impl HttpHost, charge: Option<Charge>, hold: u64, actual: u64) {
+    /// A table-priced response's usage line goes to the ledger in both modes, so a bill
+    /// can be itemised: with the final price (authorize), or on its own (lease).
+    fn settle_usage(&self, host: &impl HttpHost, charge: Option<Charge>, hold: u64, m: &Metered) {
+        let actual = m.cost;
+        let line = self.usage_line(m);
         match charge {
             Some(Charge::Authorized {
                 request_id,
                 credential,
                 ..
-            }) if actual != hold => {
+            }) if actual != hold || line.is_some() => {
                 let job = Job::Usage {
                     request_id,
                     account: credential,
                     actual,
+                    line,
                 };
                 self.worker.outbox.borrow_mut().push(host, job);
             }
@@ -1232,6 +1440,15 @@ impl Gate {
                 credential,
                 ..
             }) => {
+                if let Some(line) = line {
+                    let job = Job::LeaseUsage {
+                        lease_id: lease_id.clone(),
+                        request_id: request_id.clone(),
+                        units: actual,
+                        line,
+                    };
+                    self.worker.outbox.borrow_mut().push(host, job);
+                }
                 if actual < hold {
                     // The usage was read from a served (2xx) response.
                     refund_leased(
@@ -1249,6 +1466,7 @@ impl Gate {
                         request_id: format!("{request_id}-overage"),
                         account: credential,
                         actual: actual - hold,
+                        line: None,
                     };
                     self.worker.outbox.borrow_mut().push(host, job);
                 }
@@ -1262,6 +1480,10 @@ impl Gate {
     /// response that never finished is charged at its hold.
     pub fn on_log(&mut self, host: &impl HttpHost) {
         let Some(cfg) = self.cfg.clone() else { return };
+        if self.mcp_claim.take().is_some() {
+            // Paid from its headers, but its body never came whole: never served.
+            self.give_back_held(host, CLIENT_GONE);
+        }
         match std::mem::replace(&mut self.stage, Stage::Done) {
             Stage::Authorizing(p) => {
                 if let Some(job) = p.undo(CLIENT_GONE) {
@@ -1287,11 +1509,13 @@ impl Gate {
                 };
                 match meter.and_then(Meter::finish_metered) {
                     Some(m) if m.cost < hold => {
-                        let actual = m.cost;
                         host.count(Metric::UsageMetered);
                         self.access.metered(&m);
-                        log::info!("an interrupted response: charged the usage it reported, {actual} units");
-                        self.settle_usage(host, f.charge.take(), hold, actual);
+                        log::info!(
+                            "an interrupted response: charged the usage it reported, {} units",
+                            m.cost
+                        );
+                        self.settle_usage(host, f.charge.take(), hold, &m);
                     }
                     _ => host.count(Metric::UsageUnread),
                 }
@@ -1313,6 +1537,7 @@ impl Gate {
             Decision::Allow {
                 account_id,
                 balance,
+                budget,
                 payment_response,
             } => {
                 host.count(Metric::Allowed);
@@ -1341,6 +1566,7 @@ impl Gate {
                 self.stage = Stage::Forwarded(Box::new(Forwarded {
                     charge,
                     balance,
+                    budget,
                     headers,
                     usage,
                 }));
@@ -1444,6 +1670,14 @@ impl Gate {
     /// when configured, else as the problem document it is.
     fn reply(&mut self, host: &impl HttpHost, reply: &Reply) -> Flow {
         self.stage = Stage::Done;
+        if self.mcp_claim.is_some() {
+            // Priced from its MCP headers: the JSON-RPC id to answer is in the body,
+            // which Envoy gives a filter only once the headers went on. They go on
+            // (without the account), the body is held and never sent, and the refusal
+            // answers it (the upstream request is reset).
+            self.deferred = Some(reply.clone());
+            return Flow::Continue;
+        }
         let html = reply.status == 402
             && self.cfg.as_ref().is_some_and(|c| c.html_402)
             && self

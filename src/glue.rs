@@ -141,6 +141,16 @@ impl HttpHost for WasmHost {
             .flatten()
     }
 
+    fn set_request_body(&self, size: usize, body: &[u8]) -> bool {
+        match hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("could not rewrite the request body: {e:?}");
+                false
+            }
+        }
+    }
+
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
         hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
             .ok()

@@ -37,6 +37,9 @@ pub trait HttpHost: Host {
     fn set_response_header(&self, name: &str, value: &str);
     /// The request body received so far (`size` bytes), while it is buffered.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Replaces the buffered request body (`size` bytes so far) with `body`;
+    /// `false` when the host refused.
+    fn set_request_body(&self, size: usize, body: &[u8]) -> bool;
     /// The response body chunk of this callback (`size` bytes).
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     fn send_reply(&self, reply: &Reply);

@@ -276,6 +276,9 @@ pub struct Grant {
     pub granted: u64,
     pub expires_in_ms: u64,
     pub balance: Option<i64>,
+    /// What is left of the account's budget after this grant, if it has one
+    /// (shown to the client of the request that took the grant).
+    pub budget: Option<i64>,
 }
 
 /// The new record (with the taker's own `cost` already spent; 0 for a renewal
@@ -407,6 +410,7 @@ mod tests {
             granted,
             expires_in_ms: 30_000,
             balance: Some(400),
+            budget: None,
         }
     }
 

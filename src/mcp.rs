@@ -3,6 +3,11 @@
 //! find them. Transport plumbing, discovery and listing are free unless the
 //! rule prices them, and a call the server answers with a JSON-RPC error is
 //! given back ([`AnswerWatch`]).
+//!
+//! A client of MCP's 2026-07-28 streamable HTTP transport mirrors the method in
+//! `Mcp-Method` and the tool name, prompt name or resource uri in `Mcp-Name`: such
+//! a request is priced from its headers ([`Claim`]), and its body is then checked
+//! against them before it goes upstream ([`Claim::check`]).
 
 use std::collections::BTreeMap;
 
@@ -32,6 +37,174 @@ pub const FREE_METHODS: &[&str] = &[
 /// Most of an MCP answer kept to find a JSON-RPC error in it: an error answer is
 /// small, and in an event stream the answer to the call comes last.
 pub const ANSWER_TAIL_BYTES: usize = 8192;
+
+/// The request header mirroring the JSON-RPC method (MCP 2026-07-28).
+pub const METHOD_HEADER: &str = "mcp-method";
+/// The request header mirroring the target's name (MCP 2026-07-28).
+pub const NAME_HEADER: &str = "mcp-name";
+
+/// Methods whose target `Mcp-Name` mirrors, and the parameter it mirrors.
+pub const NAME_BEARING: &[(&str, &str)] = &[
+    ("tools/call", "name"),
+    ("prompts/get", "name"),
+    ("resources/read", "uri"),
+];
+
+/// JSON-RPC code of a request whose headers do not match its body: MCP's
+/// "header mismatch" (2026-07-28), answered with HTTP 400 as the transport says.
+pub const HEADER_MISMATCH_CODE: i64 = -32020;
+
+/// What a request's `Mcp-Method` and `Mcp-Name` headers say it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub method: String,
+    /// `Mcp-Name`, decoded (`=?base64?…?=` wraps a value that is not plain ASCII).
+    pub name: Option<String>,
+}
+
+/// What the body of a request priced from its headers turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// The JSON-RPC id (`null` for a notification).
+    pub id: Value,
+}
+
+/// Why a body does not match its `Mcp-Method`/`Mcp-Name` headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mismatch {
+    /// Not one JSON-RPC request object.
+    NotOneRequest,
+    /// A JSON-RPC batch: the headers name one message (and MCP has no batches since 2025-06-18).
+    Batch,
+    Method {
+        header: String,
+        body: String,
+    },
+    /// `Mcp-Name` missing, or other than the body's target.
+    Name {
+        method: String,
+        param: &'static str,
+    },
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mismatch::NotOneRequest => {
+                write!(
+                    f,
+                    "the body is not one JSON-RPC request, as Mcp-Method says"
+                )
+            }
+            Mismatch::Batch => write!(
+                f,
+                "the body is a JSON-RPC batch; Mcp-Method names one request: send them one by one"
+            ),
+            Mismatch::Method { header, body } => write!(
+                f,
+                "the Mcp-Method header {header:?} does not match the body's method {body:?}"
+            ),
+            Mismatch::Name { method, param } => write!(
+                f,
+                "the Mcp-Name header is missing or does not match params.{param} of this {method}"
+            ),
+        }
+    }
+}
+
+/// Longest `Mcp-Method`/`Mcp-Name` value read; a longer one is not trusted and the
+/// request is priced by its body.
+const MAX_CLAIM_LEN: usize = 1024;
+
+impl Claim {
+    /// The claim of a request's headers; `None` without a usable `Mcp-Method` (an
+    /// older client: its body prices it).
+    pub fn from_headers(method: Option<&[u8]>, name: Option<&[u8]>) -> Option<Claim> {
+        let method = std::str::from_utf8(method?).ok()?.trim();
+        if method.is_empty() || method.len() > MAX_CLAIM_LEN {
+            return None;
+        }
+        let name = match name {
+            Some(raw) if raw.len() <= MAX_CLAIM_LEN => {
+                Some(decode_header_value(std::str::from_utf8(raw).ok()?))
+            }
+            Some(_) => return None,
+            None => None,
+        };
+        Some(Claim {
+            method: method.to_string(),
+            name,
+        })
+    }
+
+    /// The parameter `Mcp-Name` mirrors for this method, if it names a target.
+    fn name_param(&self) -> Option<&'static str> {
+        NAME_BEARING
+            .iter()
+            .find(|(m, _)| *m == self.method)
+            .map(|(_, p)| *p)
+    }
+
+    /// Checks a body against the claim: the same method and, for the methods
+    /// that name a target, the same target. Headers never lower a price: whatever
+    /// differs is refused, a body priced higher than its headers included.
+    pub fn check(&self, body: &[u8]) -> Result<Checked, (Mismatch, Value)> {
+        let msg = match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Array(_)) => return Err((Mismatch::Batch, Value::Null)),
+            Ok(msg @ Value::Object(_)) => msg,
+            _ => return Err((Mismatch::NotOneRequest, Value::Null)),
+        };
+        let id = msg.get("id").cloned().unwrap_or(Value::Null);
+        let Some(method) = msg.get("method").and_then(Value::as_str) else {
+            return Err((Mismatch::NotOneRequest, id));
+        };
+        if method != self.method {
+            let mismatch = Mismatch::Method {
+                header: self.method.clone(),
+                body: method.to_string(),
+            };
+            return Err((mismatch, id));
+        }
+        if let Some(param) = self.name_param() {
+            let target = msg
+                .get("params")
+                .and_then(|p| p.get(param))
+                .and_then(Value::as_str);
+            if target != self.name.as_deref() {
+                let mismatch = Mismatch::Name {
+                    method: self.method.clone(),
+                    param,
+                };
+                return Err((mismatch, id));
+            }
+        }
+        Ok(Checked { id })
+    }
+}
+
+/// An `Mcp-Name` value as sent: verbatim, or `=?base64?…?=` around the UTF-8 bytes of
+/// a value a header cannot carry as is. A wrapper that does not decode is kept as
+/// sent, so it matches no body but one naming it literally.
+fn decode_header_value(raw: &str) -> String {
+    use base64::Engine;
+    let decoded = raw
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    decoded.unwrap_or_else(|| raw.to_string())
+}
+
+/// The JSON-RPC error answering a request whose headers do not match its body:
+/// HTTP 400, code [`HEADER_MISMATCH_CODE`], the problem (RFC 9457) in `error.data`.
+pub fn mismatch_body(id: &Value, problem: &[u8]) -> Vec<u8> {
+    let data = serde_json::from_slice::<Value>(problem).unwrap_or(Value::Object(Map::new()));
+    let message = response::summary(&data);
+    json!({"jsonrpc": "2.0", "id": id,
+           "error": {"code": HEADER_MISMATCH_CODE, "message": message, "data": data}})
+    .to_string()
+    .into_bytes()
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct McpPricing {
@@ -104,6 +277,24 @@ impl McpPricing {
                 single: false,
                 payment: None,
             },
+        }
+    }
+
+    /// Prices a request from its `Mcp-Method`/`Mcp-Name` headers, as its body would
+    /// be priced if it matches them (which is checked before it goes upstream).
+    pub fn price_claim(&self, claim: &Claim, default: u64) -> McpPrice {
+        let call = match claim.name_param() {
+            Some(param) => json!({"method": claim.method, "id": 0, "params": {param: claim.name}}),
+            None => json!({"method": claim.method, "id": 0}),
+        };
+        let (cost, what) = self.price_one(&call, default);
+        McpPrice {
+            cost,
+            what,
+            id: Value::Null,
+            tool_call: claim.method == "tools/call",
+            single: true,
+            payment: None,
         }
     }
 
@@ -248,10 +439,13 @@ pub fn refusal_body(id: &Value, tool_call: bool, problem: &[u8], x402: Option<&V
                 structured.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
+        // `resultType` is required on MCP's 2026-07-28 wire (its clients refuse a result
+        // without it); older clients ignore the member.
         json!({"jsonrpc": "2.0", "id": id, "result": {
             "content": [{"type": "text", "text": message}],
             "structuredContent": structured,
             "isError": true,
+            "resultType": "complete",
         }})
     } else {
         json!({"jsonrpc": "2.0", "id": id,
@@ -390,6 +584,97 @@ mod tests {
         assert_eq!(one.payment, None);
     }
 
+    #[test]
+    fn claims_from_headers_are_priced_and_checked_against_the_body() {
+        let claim = |m: &str, n: Option<&str>| {
+            Claim::from_headers(Some(m.as_bytes()), n.map(str::as_bytes)).unwrap()
+        };
+        assert_eq!(
+            Claim::from_headers(None, Some(b"search")),
+            None,
+            "an older client"
+        );
+        assert_eq!(Claim::from_headers(Some(b" "), None), None);
+        assert_eq!(Claim::from_headers(Some(&[0xff]), None), None);
+        let p = pricing();
+        let search = claim("tools/call", Some("search"));
+        let price = p.price_claim(&search, 1);
+        assert_eq!(
+            (price.cost, price.what.as_str(), price.tool_call),
+            (5, "tools/call:search", true)
+        );
+        assert_eq!(
+            p.price_claim(&claim("tools/call", None), 1).cost,
+            1,
+            "no name: the route's cost"
+        );
+        assert_eq!(p.price_claim(&claim("tools/list", None), 1).cost, 0);
+        assert_eq!(p.price_claim(&claim("ping", Some("x")), 1).cost, 0);
+        assert_eq!(
+            p.price_claim(&claim("resources/read", Some("file:///a")), 1)
+                .cost,
+            1
+        );
+
+        let body = |v: Value| v.to_string().into_bytes();
+        let call = body(
+            json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "search"}}),
+        );
+        assert_eq!(search.check(&call), Ok(Checked { id: json!(7) }));
+        let wrong = |c: &Claim, b: &[u8]| c.check(b).err();
+        assert!(
+            matches!(wrong(&claim("tools/call", Some("fetch")), &call), Some((Mismatch::Name { .. }, id)) if id == json!(7))
+        );
+        assert!(matches!(
+            wrong(&claim("tools/call", None), &call),
+            Some((Mismatch::Name { .. }, _))
+        ));
+        assert!(matches!(
+            wrong(&claim("ping", None), &call),
+            Some((Mismatch::Method { .. }, _))
+        ));
+        assert!(matches!(wrong(&search, b"[]"), Some((Mismatch::Batch, _))));
+        assert!(matches!(
+            wrong(&search, b"{"),
+            Some((Mismatch::NotOneRequest, _))
+        ));
+        assert!(matches!(
+            wrong(&search, &body(json!({"id": 1, "result": {}}))),
+            Some((Mismatch::NotOneRequest, _))
+        ));
+        // Other methods' Mcp-Name is not compared; resources/read compares the uri.
+        let ping = body(json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}));
+        assert!(claim("ping", Some("anything")).check(&ping).is_ok());
+        let read = body(
+            json!({"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": "file:///a"}}),
+        );
+        assert!(claim("resources/read", Some("file:///a"))
+            .check(&read)
+            .is_ok());
+        assert!(claim("resources/read", Some("file:///b"))
+            .check(&read)
+            .is_err());
+        // Base64-wrapped names decode; a broken wrapper is kept as sent.
+        let uni = body(
+            json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "suche\u{e4}"}}),
+        );
+        assert!(claim("tools/call", Some("=?base64?c3VjaGXDpA==?="))
+            .check(&uni)
+            .is_ok());
+        assert_eq!(
+            claim("tools/call", Some("=?base64?!!?=")).name.as_deref(),
+            Some("=?base64?!!?=")
+        );
+        let v: Value = serde_json::from_slice(&mismatch_body(
+            &json!(3),
+            br#"{"title": "Bad Request", "status": 400, "detail": "d"}"#,
+        ))
+        .unwrap();
+        assert_eq!(v["error"]["code"], HEADER_MISMATCH_CODE);
+        assert_eq!(v["error"]["message"], "Bad Request: d");
+        assert_eq!(v["id"], 3);
+    }
+
     fn watch(kind: AnswerKind, id: Value, chunks: &[&str]) -> bool {
         let mut w = AnswerWatch::new(kind, id);
         for c in chunks {
@@ -446,6 +731,7 @@ mod tests {
             (json!("2.0"), json!(9))
         );
         assert_eq!(v["result"]["isError"], true);
+        assert_eq!(v["result"]["resultType"], "complete");
         let text = "Payment Required: top up (price 5, balance 1)";
         assert_eq!(v["result"]["content"][0]["text"], text);
         assert_eq!(v["result"]["structuredContent"]["price"], 5);

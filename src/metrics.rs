@@ -84,6 +84,10 @@ metrics! {
     LeaseAheadRenewals => "farebox_lease_ahead_renewals",
     /// Requests refused 400 for a model missing from the route's price table.
     UnknownModel => "farebox_unknown_model",
+    /// MCP requests refused 400 because their `Mcp-Method`/`Mcp-Name` headers did not match the body.
+    McpHeaderMismatch => "farebox_mcp_header_mismatch",
+    /// Streaming Chat Completions requests sent with `stream_options.include_usage` added.
+    IncludeUsageAdded => "farebox_include_usage_added",
 }
 
 impl Metric {

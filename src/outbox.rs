@@ -8,8 +8,8 @@
 use std::collections::VecDeque;
 
 use crate::balance_api::{
-    call, cancel_body, classify_outcome, lease_refund_body, refund_body, settle_body,
-    settle_recalls, usage_body, CallOutcome, CalloutResponse,
+    call, cancel_body, classify_outcome, lease_refund_body, lease_usage_body, refund_body,
+    settle_body, settle_recalls, usage_body, CallOutcome, CalloutResponse, UsageLine,
 };
 use crate::config::Config;
 use crate::host::Host;
@@ -55,11 +55,20 @@ pub enum Job {
     },
     /// Release a lease whose grant we never saw (the answer was lost).
     Cancel { request_id: String },
-    /// The final price of a usage-priced request (its hold was the estimate).
+    /// The final price of a usage-priced request (its hold was the estimate), with its
+    /// usage line so the ledger can itemise it.
     Usage {
         request_id: String,
         account: String,
         actual: u64,
+        line: Option<UsageLine>,
+    },
+    /// The usage line of a request paid from a lease: what the lease's settles pay for.
+    LeaseUsage {
+        lease_id: String,
+        request_id: String,
+        units: u64,
+        line: UsageLine,
     },
 }
 
@@ -67,7 +76,7 @@ impl Job {
     fn failure_metric(&self) -> Metric {
         match self {
             Job::Refund { .. } | Job::LeaseRefund { .. } => Metric::RefundFailures,
-            Job::Usage { .. } => Metric::UsageAdjustFailures,
+            Job::Usage { .. } | Job::LeaseUsage { .. } => Metric::UsageAdjustFailures,
             Job::Settle { .. } | Job::Cancel { .. } => Metric::SettleFailures,
         }
     }
@@ -75,7 +84,7 @@ impl Job {
     fn success_metric(&self) -> Metric {
         match self {
             Job::Refund { .. } | Job::LeaseRefund { .. } => Metric::Refunds,
-            Job::Usage { .. } => Metric::UsageAdjusted,
+            Job::Usage { .. } | Job::LeaseUsage { .. } => Metric::UsageAdjusted,
             Job::Settle { .. } | Job::Cancel { .. } => Metric::Settles,
         }
     }
@@ -122,6 +131,12 @@ impl Job {
             } => {
                 format!("usage of request {request_id} ({actual} units)")
             }
+            Job::LeaseUsage {
+                lease_id,
+                request_id,
+                units,
+                ..
+            } => format!("usage line of request {request_id} on lease {lease_id} ({units} units)"),
         }
     }
 }
@@ -218,9 +233,20 @@ impl Outbox {
                     request_id,
                     account,
                     actual,
+                    line,
                 } => (
                     cfg.usage_path.clone(),
-                    usage_body(request_id, account, *actual),
+                    usage_body(request_id, account, *actual, line.as_ref()),
+                    format!("{request_id}-usage"),
+                ),
+                Job::LeaseUsage {
+                    lease_id,
+                    request_id,
+                    units,
+                    line,
+                } => (
+                    format!("{}/{lease_id}/usage", cfg.lease.path),
+                    lease_usage_body(request_id, *units, line),
                     format!("{request_id}-usage"),
                 ),
                 Job::Cancel { request_id } => (
@@ -276,7 +302,10 @@ impl Outbox {
             }
             // 404 on a refund or cancel: nothing was charged or granted; nothing is lost.
             CallOutcome::Rejected(404)
-                if !matches!(task.job, Job::Settle { .. } | Job::LeaseRefund { .. }) =>
+                if !matches!(
+                    task.job,
+                    Job::Settle { .. } | Job::LeaseRefund { .. } | Job::LeaseUsage { .. }
+                ) =>
             {
                 log::debug!("{}: nothing to undo", task.job.describe());
                 Some(Finished {

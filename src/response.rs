@@ -173,6 +173,19 @@ pub fn too_large(cfg: &Config, detail: &str) -> Reply {
     )
 }
 
+/// 400 for an MCP request whose `Mcp-Method`/`Mcp-Name` headers do not match its body.
+pub fn header_mismatch(cfg: &Config, detail: &str) -> Reply {
+    problem(
+        cfg,
+        400,
+        "header-mismatch",
+        "Bad Request",
+        detail,
+        Map::new(),
+        Freshness::NoStore,
+    )
+}
+
 /// "Payment Required: <detail> (price 5, balance 1)": a refusal in one line for a
 /// person, as clients that show only a message (MCP's, OpenAI's) display it.
 pub fn summary(problem: &Value) -> String {
@@ -205,6 +218,9 @@ pub fn with_openai_error(reply: &Reply) -> Reply {
         return reply.clone();
     };
     let (kind, code) = match reply.status {
+        // The one 400 farebox sends: a model the route's price table refuses (OpenAI's
+        // own answer for an unknown model has this type and code).
+        400 => ("invalid_request_error", "model_not_found"),
         401 => ("invalid_request_error", "invalid_api_key"),
         402 => ("insufficient_quota", "payment_required"),
         403 => ("permission_error", "forbidden"),

@@ -20,6 +20,39 @@ pub struct UsageSpec {
     /// Token classes priced per model (src/tokens.rs); `parts` is then empty. Shared, not
     /// copied, by each response's meter (and `Arc` keeps `Config` `Sync` for the fuzzers).
     pub table: Option<Arc<PriceTable>>,
+    /// Streaming Chat Completions requests are sent with `stream_options.include_usage`
+    /// (see [`with_include_usage`]), so that their stream reports the usage they are
+    /// charged by instead of the hold.
+    pub stream_include_usage: bool,
+}
+
+/// A Chat Completions request body that streams (`"stream": true`) without asking
+/// for usage, rewritten to ask for it: `stream_options.include_usage: true` is added,
+/// every other member kept. `None` when nothing is to change: not JSON, not
+/// streaming, usage already asked for, or refused by the client with an explicit
+/// `"include_usage": false` (its stream is then charged at the hold, as it asked
+/// for no usage chunk, which clients that read `choices[0]` of every chunk may not
+/// expect). A `stream_options` that is not an object is left to the upstream to refuse.
+pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let mut doc = serde_json::from_slice::<Value>(body).ok()?;
+    let req = doc.as_object_mut()?;
+    if req.get("stream") != Some(&Value::Bool(true)) {
+        return None;
+    }
+    let options = req
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if options.is_null() {
+        *options = Value::Object(serde_json::Map::new());
+    }
+    let options = options.as_object_mut()?;
+    match options.get("include_usage") {
+        None | Some(Value::Null) => {
+            options.insert("include_usage".into(), Value::Bool(true));
+            serde_json::to_vec(&doc).ok()
+        }
+        Some(_) => None,
+    }
 }
 
 impl UsageSpec {
@@ -375,6 +408,7 @@ mod tests {
             parts: vec![("/usage/total_tokens".into(), unit)],
             estimate: 100,
             table: None,
+            stream_include_usage: false,
         }
     }
 
@@ -386,6 +420,7 @@ mod tests {
             ],
             estimate: 100,
             table: None,
+            stream_include_usage: false,
         }
     }
 
@@ -475,6 +510,48 @@ mod tests {
         assert_eq!(m.finish(), None);
     }
 
+    #[test]
+    fn streams_are_made_to_report_usage() {
+        let rewrite = |body: Value| {
+            with_include_usage(body.to_string().as_bytes())
+                .map(|b| serde_json::from_slice::<Value>(&b).unwrap())
+        };
+        let messages = json!([{"role": "user", "content": "hi"}]);
+        let asked = rewrite(
+            json!({"model": "m", "messages": messages, "stream": true, "temperature": 0.5}),
+        )
+        .unwrap();
+        assert_eq!(
+            asked,
+            json!({"model": "m", "messages": messages, "stream": true, "temperature": 0.5,
+                   "stream_options": {"include_usage": true}}),
+            "the option added, every other member kept"
+        );
+        let other =
+            rewrite(json!({"stream": true, "stream_options": {"include_obfuscation": false}}));
+        assert_eq!(
+            other.unwrap()["stream_options"],
+            json!({"include_obfuscation": false, "include_usage": true})
+        );
+        assert_eq!(
+            rewrite(json!({"stream": true, "stream_options": null})).unwrap()["stream_options"],
+            json!({"include_usage": true})
+        );
+        // Nothing to change: not streaming, already asked, refused by the client, not JSON.
+        for body in [
+            json!({"messages": []}),
+            json!({"stream": false}),
+            json!({"stream": "true"}),
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+            json!({"stream": true, "stream_options": {"include_usage": false}}),
+            json!({"stream": true, "stream_options": "x"}),
+            json!([{"stream": true}]),
+        ] {
+            assert_eq!(rewrite(body.clone()), None, "{body}");
+        }
+        assert_eq!(with_include_usage(b"{\"stream\": tru"), None);
+    }
+
     fn table(api: crate::tokens::Api, model_from: ModelFrom) -> UsageSpec {
         use crate::tokens::{Prices, UnknownModel};
         let mut models = std::collections::BTreeMap::new();
@@ -498,6 +575,7 @@ mod tests {
                 model_from,
                 max_hold: 1_000,
             })),
+            stream_include_usage: false,
         }
     }
 

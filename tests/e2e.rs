@@ -645,6 +645,47 @@ fn slow_balance_service_times_out() {
     not(farebox_e2e),
     ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
 )]
+fn budget_header_shows_what_is_left_and_the_402_names_the_reset() {
+    let s = relaxed("budget")
+        .plugin(|c| c["budget_header"] = json!("x-farebox-budget-remaining"))
+        .start();
+    s.balance().create_account(ACCOUNT, KEY, 100);
+    // No budget: no header.
+    let resp = s.get_with_key("/v1/things", KEY);
+    assert_eq!(resp.status, 200, "{}", resp.dump());
+    assert_eq!(resp.header("x-farebox-budget-remaining"), None);
+    s.balance().admin(
+        "PUT",
+        &format!("/admin/accounts/{ACCOUNT}/budget"),
+        Some(&json!({"limit": 3, "period": "day", "time_zone": "UTC"})),
+    );
+    for left in ["2", "1", "0"] {
+        let resp = s.get_with_key("/v1/things", KEY);
+        assert_eq!(resp.status, 200, "{}", resp.dump());
+        assert_eq!(
+            resp.header("x-farebox-budget-remaining"),
+            Some(left),
+            "{}",
+            resp.dump()
+        );
+    }
+    // The balance (96) could pay; the budget cannot.
+    let problem = assert_problem(&s.get_with_key("/v1/things", KEY), 402);
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("budget of 3 units per day (UTC)") && detail.contains("resets at "),
+        "{problem}"
+    );
+    let reset = detail.rsplit("resets at ").next().unwrap_or_default();
+    assert!(reset.ends_with("T00:00:00+00:00"), "{detail}");
+    assert_eq!(num(&s.balance().account(ACCOUNT), "balance"), 96);
+}
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn connection_closed_by_the_service_fails_closed() {
     let fake = FakeService::start(|_, _| FakeAction::Close);
     let s = relaxed("closed-conn").balance_addr(fake.addr).start();
@@ -682,9 +723,23 @@ fn garbage_answer_fails_closed_and_the_vm_survives() {
     );
     assert_eq!(resp.header("x-farebox-balance"), Some("41"));
 
-    // The callout itself follows the contract.
-    let reqs = fake.requests();
+    // The callout itself follows the contract. The garbage answer may have charged, so the
+    // outbox also sends an undo refund for the first request; it arrives on the root timer, at
+    // a time of its own, so only the authorize calls are counted here.
+    let reqs: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/v1/authorize")
+        .collect();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
+    let first_id = reqs[0].json()["request_id"].clone();
+    assert!(
+        wait_until(REFUND_WAIT, || fake.requests().iter().any(|r| r.path
+            == "/v1/refund"
+            && r.json()["request_id"] == first_id)),
+        "no undo refund for the garbage-answered call {first_id}: {:?}",
+        fake.requests()
+    );
     let r = &reqs[1];
     assert_eq!(r.method, "POST");
     assert_eq!(r.path, "/v1/authorize");

@@ -121,6 +121,11 @@ fn assert_plumbing_served(mcp: std::net::SocketAddr, methods: &[&str]) {
     }
 }
 
+/// The `x-farebox-account` values the server saw on the tool calls it served, counted.
+fn upstream_accounts(mcp: std::net::SocketAddr) -> Value {
+    http(mcp, "GET", "/stats", &[], b"").json()["accounts"].clone()
+}
+
 /// The ledger after a whole session on each account: exactly the two paid tools (5 + 2).
 fn assert_session_ledger(s: &Stack, client: &str) {
     let charges = s.balance().charges(RICH.0);
@@ -220,15 +225,15 @@ fn python_mcp_sdk_whole_session() {
         503,
         "Service Unavailable: ",
     );
-    assert_plumbing_served(
-        mcp,
-        &[
-            "server/discover",
-            "initialize",
-            "notifications/initialized",
-            "tools/list",
-            "ping",
-        ],
+    // mcp 2.3.0 speaks MCP 2026-07-28 to a server that answers server/discover (the mock
+    // does): no initialize, and every POST carries Mcp-Method (and Mcp-Name on tools/call).
+    assert_plumbing_served(mcp, &["server/discover", "tools/list", "ping"]);
+    // So farebox priced its calls from the headers, before their bodies, and the paid
+    // calls reached the server with the account (the body path cannot send it).
+    assert_eq!(
+        upstream_accounts(mcp),
+        json!({RICH.0: 2}),
+        "search and fetch went the header path"
     );
     wait_for_ledger(&s);
     assert_session_ledger(&s, "python mcp");
@@ -276,6 +281,9 @@ fn typescript_mcp_sdk_whole_session() {
             "ping",
         ],
     );
+    // @modelcontextprotocol/sdk 1.32.2 sends no Mcp-Method: its calls are priced by
+    // their bodies, and the headers went on before the decision, without the account.
+    assert_eq!(upstream_accounts(mcp), json!({}));
     wait_for_ledger(&s);
     assert_session_ledger(&s, "typescript mcp");
 }

@@ -50,6 +50,40 @@ fn wait_account(service: &BalanceService, what: &str, cond: impl Fn(&Value) -> b
     not(farebox_e2e),
     ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
 )]
+fn a_lease_grant_reserves_budget_and_shows_what_is_left() {
+    let s = stack("lease-budget")
+        .plugin(|c| {
+            *c = lease_plugin(10, 200);
+            c["budget_header"] = json!("x-farebox-budget-remaining");
+        })
+        .start();
+    s.balance().create_account(ACCOUNT, KEY, 500);
+    s.balance().admin(
+        "PUT",
+        &format!("/admin/accounts/{ACCOUNT}/budget"),
+        Some(&json!({"limit": 25, "period": "month", "time_zone": "Europe/Berlin"})),
+    );
+    // The request that takes the grant shows the budget after the
+    // reservation of 10 units.
+    let resp = s.get_with_key("/v1/data", KEY);
+    assert_eq!(resp.status, 200, "{}", resp.dump());
+    assert_eq!(
+        resp.header("x-farebox-budget-remaining"),
+        Some("15"),
+        "{}",
+        resp.dump()
+    );
+    let budget = s
+        .balance()
+        .admin("GET", &format!("/admin/accounts/{ACCOUNT}/budget"), None);
+    assert_eq!(budget["budget"]["remaining"], 15, "{budget}");
+}
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
 fn exact_money_under_concurrency_with_few_callouts() {
     let s = stack("lease-exact")
         .plugin(|c| *c = lease_plugin(100, 200))

@@ -90,35 +90,151 @@ fn n(v: &Value, p: &str) -> u128 {
     u128::from(v.pointer(p).and_then(Value::as_u64).unwrap_or(0))
 }
 
-/// Tokens per class, as the client saw them, × the prices, rounded up once.
-fn expected_cost(route: &str, model: &str, usage: &Value) -> i64 {
-    let (per, [input, cached, creation, output, reasoning]) = prices(route, model);
-    let sum = match route {
-        "claude" => {
-            n(usage, "/input_tokens") * input
-                + n(usage, "/cache_read_input_tokens") * cached
-                + n(usage, "/cache_creation_input_tokens") * creation
-                + n(usage, "/output_tokens") * output
-        }
+/// Tokens per class as the client saw them: [input, cached input, cache-creation
+/// input, output, reasoning], disjoint (OpenAI counts cached and reasoning tokens inside
+/// its totals; Anthropic's input excludes the cache).
+fn classes(route: &str, usage: &Value) -> [u128; 5] {
+    match route {
+        "claude" => [
+            n(usage, "/input_tokens"),
+            n(usage, "/cache_read_input_tokens"),
+            n(usage, "/cache_creation_input_tokens"),
+            n(usage, "/output_tokens"),
+            0,
+        ],
         "chat" => {
             let c = n(usage, "/prompt_tokens_details/cached_tokens");
             let r = n(usage, "/completion_tokens_details/reasoning_tokens");
-            (n(usage, "/prompt_tokens") - c) * input
-                + c * cached
-                + (n(usage, "/completion_tokens") - r) * output
-                + r * reasoning
+            [
+                n(usage, "/prompt_tokens") - c,
+                c,
+                0,
+                n(usage, "/completion_tokens") - r,
+                r,
+            ]
         }
         "responses" => {
             let c = n(usage, "/input_tokens_details/cached_tokens");
             let r = n(usage, "/output_tokens_details/reasoning_tokens");
-            (n(usage, "/input_tokens") - c) * input
-                + c * cached
-                + (n(usage, "/output_tokens") - r) * output
-                + r * reasoning
+            [
+                n(usage, "/input_tokens") - c,
+                c,
+                0,
+                n(usage, "/output_tokens") - r,
+                r,
+            ]
         }
-        _ => n(usage, "/prompt_tokens") * input,
-    };
+        _ => [n(usage, "/prompt_tokens"), 0, 0, 0, 0],
+    }
+}
+
+/// Tokens per class, as the client saw them, × the prices, rounded up once.
+fn expected_cost(route: &str, model: &str, usage: &Value) -> i64 {
+    let (per, price) = prices(route, model);
+    let sum: u128 = classes(route, usage)
+        .iter()
+        .zip(price)
+        .map(|(t, p)| t * p)
+        .sum();
     i64::try_from(sum.div_ceil(per)).unwrap()
+}
+
+/// A usage line as the test expects it: (route, model, tokens per class, units).
+type Line = (String, String, [u128; 5], i64);
+
+fn expected_line(route: &str, model: &str, usage: &Value) -> Line {
+    (
+        route.to_string(),
+        model.to_string(),
+        classes(route, usage),
+        expected_cost(route, model, usage),
+    )
+}
+
+/// The ledger's itemised bill (`GET /admin/accounts/{id}/usage`) once it holds `want`
+/// lines (the filter sends them after each response): its items as [`Line`]s, sorted,
+/// and the whole answer.
+fn itemised(s: &Stack, want: usize) -> (Vec<Line>, Value) {
+    let mut bill = Value::Null;
+    let read = |bill: &Value| -> Vec<Line> {
+        let mut lines: Vec<Line> = bill["items"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|i| {
+                let t = &i["tokens"];
+                (
+                    i["route"].as_str().unwrap_or("-").to_string(),
+                    i["model"].as_str().unwrap_or("-").to_string(),
+                    [
+                        n(t, "/input"),
+                        n(t, "/cached_input"),
+                        n(t, "/cache_creation_input"),
+                        n(t, "/output"),
+                        n(t, "/reasoning"),
+                    ],
+                    i["units"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect();
+        lines.sort();
+        lines
+    };
+    let complete = wait_until(Duration::from_secs(10), || {
+        bill = s
+            .balance()
+            .admin("GET", &format!("/admin/accounts/{ACCOUNT}/usage"), None);
+        bill["items"].as_array().map_or(0, Vec::len) >= want
+    });
+    assert!(
+        complete,
+        "the ledger holds fewer than {want} usage lines: {bill}"
+    );
+    (read(&bill), bill)
+}
+
+/// Per route and model: the bill's sums are its lines' sums.
+fn check_sums(lines: &[Line], bill: &Value) {
+    let mut sums: BTreeMap<(String, String), ([u128; 5], i64, i64)> = BTreeMap::new();
+    for (route, model, tokens, units) in lines {
+        let e = sums
+            .entry((route.clone(), model.clone()))
+            .or_insert(([0; 5], 0, 0));
+        for (acc, t) in e.0.iter_mut().zip(tokens) {
+            *acc += t;
+        }
+        e.1 += units;
+        e.2 += 1;
+    }
+    let got: BTreeMap<(String, String), ([u128; 5], i64, i64)> = bill["by_route_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let t = &g["tokens"];
+            (
+                (
+                    g["route"].as_str().unwrap().to_string(),
+                    g["model"].as_str().unwrap_or("-").to_string(),
+                ),
+                (
+                    [
+                        n(t, "/input"),
+                        n(t, "/cached_input"),
+                        n(t, "/cache_creation_input"),
+                        n(t, "/output"),
+                        n(t, "/reasoning"),
+                    ],
+                    g["units"].as_i64().unwrap(),
+                    g["requests"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(got, sums, "{bill}");
+    let total: i64 = lines.iter().map(|l| l.3).sum();
+    assert_eq!(bill["units"], json!(total), "{bill}");
 }
 
 fn run_clients(python: &PathBuf, base: &str, calls: &Value) -> Vec<Value> {
@@ -272,6 +388,12 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             "responses stream, usage after 300 KB",
         ),
         (
+            responses("gpt-test", 4, false, json!({"x_pad_bytes": 300_000})),
+            "responses",
+            "gpt-test",
+            "responses JSON, usage after 300 KB",
+        ),
+        (
             responses("gpt-unlisted", 4, false, json!({})),
             "responses",
             "gpt-unlisted",
@@ -304,6 +426,24 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             "chat-test",
             "chat completions stream",
         ),
+        (
+            json!({"api": "chat", "stream": true, "params": {"model": "chat-test", "max_tokens": 4,
+                "stream_options": {"include_usage": true}, "x_pad_bytes": 300_000,
+                "messages": [{"role": "user", "content": PROMPT}]}}),
+            "chat",
+            "chat-test",
+            "chat completions stream, usage after 300 KB",
+        ),
+        (
+            // The client's default: no stream_options. farebox adds include_usage (the
+            // route's stream_include_usage, on by default for openai_chat), so the stream
+            // reports its usage and is charged by it, not the hold of 500.
+            json!({"api": "chat", "stream": true, "params": {"model": "chat-test", "max_tokens": 3,
+                "messages": [{"role": "user", "content": PROMPT}]}}),
+            "chat",
+            "chat-test",
+            "chat completions stream, the client's default (no stream_options)",
+        ),
     ];
     let mut calls: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
     // Interrupted streams: Anthropic's after two deltas (message_start told the input and
@@ -318,11 +458,25 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     calls.push(responses("gpt-test", 5, true, json!({"x_abort_after": 2})));
     // A model missing from a table without default prices: 400 naming it, no charge.
     calls.push(anthropic("claude-unlisted", 3, false, json!({})));
+    // Chat Completions without a bound on the output, so the hold is the estimate (500):
+    // a stream with no usage (the client said include_usage: false, which farebox leaves
+    // alone) and one cut short are charged the hold; a model missing from its table (no
+    // default prices) is refused.
+    let chat_messages = json!([{"role": "user", "content": PROMPT}]);
+    calls.push(json!({"api": "chat", "stream": true,
+        "params": {"model": "chat-test", "messages": chat_messages,
+                   "stream_options": {"include_usage": false}}}));
+    calls.push(json!({"api": "chat", "stream": true,
+        "params": {"model": "chat-test", "messages": chat_messages,
+                   "stream_options": {"include_usage": true}, "x_abort_after": 2}}));
+    calls.push(json!({"api": "chat",
+        "params": {"model": "chat-unlisted", "max_tokens": 2, "messages": chat_messages}}));
 
     let results = run_clients(&python, &base, &json!(calls));
     assert_eq!(results.len(), calls.len(), "{results:?}");
 
     let mut want: Vec<(String, i64)> = Vec::new();
+    let mut want_lines: Vec<Line> = Vec::new();
     let mut table = Vec::new();
     for (i, (_, route, model, what)) in cases.iter().enumerate() {
         let usage = &results[i]["usage"];
@@ -334,12 +488,19 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
         let cost = expected_cost(route, model, usage);
         table.push(format!("{what}: {usage} -> {cost}"));
         want.push((format!("{route}/{model}"), cost));
+        want_lines.push(expected_line(route, model, usage));
     }
     let n_cases = cases.len();
     let interrupted = &results[n_cases];
     assert!(interrupted.get("interrupted").is_some(), "{interrupted}");
     // message_start's usage: 4 input tokens at 3, 1 output token at 15.
     want.push(("claude/claude-test".into(), 4 * 3 + 15));
+    want_lines.push((
+        "claude".into(),
+        "claude-test".into(),
+        [4, 0, 0, 1, 0],
+        4 * 3 + 15,
+    ));
     assert!(
         results[n_cases + 1].get("interrupted").is_some(),
         "{}",
@@ -355,6 +516,35 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             .unwrap_or("")
             .contains("claude-unlisted"),
         "{refused}"
+    );
+
+    let no_usage = &results[n_cases + 3];
+    assert!(
+        no_usage["usage"].is_null() && no_usage["text_len"].as_u64() > Some(0),
+        "a chat stream without usage reached the client: {no_usage}"
+    );
+    want.push(("chat/chat-test".into(), 500));
+    let cut = &results[n_cases + 4];
+    assert!(cut.get("interrupted").is_some(), "{cut}");
+    want.push(("chat/chat-test".into(), 500));
+    let refused_chat = &results[n_cases + 5];
+    assert_eq!(refused_chat["status"], 400, "{refused_chat}");
+    // OpenAI's client keeps the `error` object: its code says what OpenAI says for an
+    // unknown model, its message names it.
+    assert_eq!(
+        (
+            &refused_chat["error"]["type"],
+            &refused_chat["error"]["code"]
+        ),
+        (&json!("invalid_request_error"), &json!("model_not_found")),
+        "{refused_chat}"
+    );
+    assert!(
+        refused_chat["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("chat-unlisted"),
+        "{refused_chat}"
     );
 
     // Spot checks against the mock's own counts (4 prompt words; 3 for responses).
@@ -392,7 +582,62 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
     let acct = s.balance().account(ACCOUNT);
     assert_eq!(num(&acct, "charged"), total, "{acct}");
     assert_eq!(num(&acct, "balance"), BALANCE - total, "{acct}");
-    expect_metrics(&s.envoy, &[("unknown_model", 1)], Duration::from_secs(5));
+    // Only the stream that did not ask for usage was rewritten.
+    expect_metrics(
+        &s.envoy,
+        &[("unknown_model", 2), ("include_usage_added", 1)],
+        Duration::from_secs(5),
+    );
+    let default_stream = &results[n_cases - 1]["usage"];
+    assert_eq!(
+        (
+            n(default_stream, "/prompt_tokens"),
+            n(default_stream, "/completion_tokens")
+        ),
+        (4, 3),
+        "the mock's counts for the default stream"
+    );
+
+    // The itemised bill: one line per metered request, its tokens those the client saw,
+    // its units the request's charge (the interrupted stream that reported nothing was
+    // charged its hold and has no line).
+    want_lines.sort();
+    let (lines, bill) = itemised(&s, want_lines.len());
+    assert_eq!(lines, want_lines, "{bill}");
+    let charges: BTreeMap<String, (String, i64)> = s
+        .balance()
+        .charges(ACCOUNT)
+        .into_iter()
+        .map(|c| {
+            (
+                c["request_id"].as_str().unwrap().to_string(),
+                (
+                    c["route"].as_str().unwrap().to_string(),
+                    c["cost"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    for item in bill["items"].as_array().unwrap() {
+        let rid = item["request_id"].as_str().unwrap();
+        let route = format!(
+            "{}/{}",
+            item["route"].as_str().unwrap(),
+            item["model"].as_str().unwrap()
+        );
+        assert_eq!(
+            charges.get(rid),
+            Some(&(route, item["units"].as_i64().unwrap())),
+            "line {item} against its charge"
+        );
+        assert!(item["lease_id"].is_null(), "{item}");
+    }
+    check_sums(&lines, &bill);
+    let mut by_line = String::new();
+    for (route, model, t, units) in &lines {
+        by_line.push_str(&format!("  {route}/{model} tokens {t:?} -> {units}\n"));
+    }
+    eprintln!("llm_apis itemised (authorize mode):\n{by_line}");
 
     // The access log: each metered line's usage_cost is its ledger charge, with its model
     // and tokens; the refused request says unknown-model.
@@ -454,6 +699,65 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             .iter()
             .any(|l| l["decision"] == "unknown-model" && l["status"] == 400),
         "{lines:?}"
+    );
+    // Dynamic metadata (the Lua bridge in envoy-access-log.yaml), with Envoy AI Gateway's
+    // key names: every metered response that ended cleanly carries its cost and inclusive
+    // token counts as numbers, equal to the filter state's.
+    let fs = |l: &Value, k: &str| -> u64 {
+        l[k].as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {l}"))
+    };
+    let mut with_metadata = 0;
+    for l in lines.iter().filter(|l| l["usage_cost"].is_string()) {
+        if l["md_cost"].is_null() {
+            // Only a response cut short has no metadata (its usage came in on_log).
+            assert!(
+                !(l["status"] == 200 && l["md_total_tokens"].is_number()),
+                "{l}"
+            );
+            continue;
+        }
+        with_metadata += 1;
+        let input = fs(l, "input_tokens")
+            + fs(l, "cached_input_tokens")
+            + fs(l, "cache_creation_input_tokens");
+        let output = fs(l, "output_tokens") + fs(l, "reasoning_tokens");
+        assert_eq!(
+            (
+                &l["md_cost"],
+                &l["md_model"],
+                &l["md_input_tokens"],
+                &l["md_cached_input_tokens"],
+                &l["md_cache_creation_input_tokens"],
+                &l["md_output_tokens"],
+                &l["md_reasoning_tokens"],
+                &l["md_total_tokens"],
+            ),
+            (
+                &json!(fs(l, "usage_cost")),
+                &l["model"],
+                &json!(input),
+                &json!(fs(l, "cached_input_tokens")),
+                &json!(fs(l, "cache_creation_input_tokens")),
+                &json!(output),
+                &json!(fs(l, "reasoning_tokens")),
+                &json!(input + output),
+            ),
+            "{l}"
+        );
+    }
+    // Every case above ended cleanly; the interrupted streams have none.
+    assert_eq!(with_metadata, n_cases, "{lines:?}");
+    let first = lines
+        .iter()
+        .find(|l| l["md_cost"] == json!(112))
+        .unwrap_or_else(|| panic!("no metadata cost 112: {lines:?}"));
+    eprintln!("llm_apis access-log line with dynamic metadata: {first}");
+    assert_eq!(
+        (&first["md_input_tokens"], &first["md_total_tokens"]),
+        (&json!(4 + 7 + 2), &json!(4 + 7 + 2 + 6)),
+        "{first}"
     );
     let by_route: BTreeMap<&str, i64> = want.iter().fold(BTreeMap::new(), |mut m, (r, c)| {
         *m.entry(r.as_str()).or_default() += c;
@@ -529,11 +833,14 @@ fn lease_mode_charges_the_same_tokens_times_prices() {
     let calls: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
     let results = run_clients(&python, &base, &json!(calls));
     let mut total = 0;
+    let mut want_lines: Vec<Line> = Vec::new();
     for (i, (_, route, model)) in cases.iter().enumerate() {
         let usage = &results[i]["usage"];
         assert!(usage.is_object(), "{}", results[i]);
         total += expected_cost(route, model, usage);
+        want_lines.push(expected_line(route, model, usage));
     }
+    want_lines.sort();
     assert_eq!(total, 112 + 150 + 67 + 6);
     // The lease settles what was spent from it (holds given back to it, usage kept): once
     // it is settled for good, the account's charged total is the tokens × prices, to the
@@ -549,4 +856,30 @@ fn lease_mode_charges_the_same_tokens_times_prices() {
         BALANCE,
         "{acct}"
     );
+    // The lease's settles carry totals; each request's usage line went to its lease, so
+    // the bill is itemised all the same, and its lines add up to what the lease charged.
+    let (lines, bill) = itemised(&s, want_lines.len());
+    assert_eq!(lines, want_lines, "{bill}");
+    assert_eq!(
+        lines.iter().map(|l| l.3).sum::<i64>(),
+        num(&acct, "charged")
+    );
+    let leases = s
+        .balance()
+        .admin("GET", &format!("/admin/accounts/{ACCOUNT}/leases"), None);
+    let lease_ids: Vec<&Value> = leases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["lease_id"])
+        .collect();
+    for item in bill["items"].as_array().unwrap() {
+        assert!(lease_ids.contains(&&item["lease_id"]), "{item} on {leases}");
+    }
+    check_sums(&lines, &bill);
+    let mut by_line = String::new();
+    for (route, model, t, units) in &lines {
+        by_line.push_str(&format!("  {route}/{model} tokens {t:?} -> {units}\n"));
+    }
+    eprintln!("llm_apis itemised (lease mode):\n{by_line}");
 }

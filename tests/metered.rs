@@ -141,7 +141,7 @@ fn mcp_session_is_priced_per_tool_and_method() {
         None,
     );
     assert_eq!(list.status, 200, "{}", list.text());
-    // ping, discovery (the mock answers -32601), the event stream (405 here) and
+    // ping, discovery (server/discover: MCP 2026-07-28), the event stream (405 here) and
     // closing the session: all free, with or without a credential.
     for (method, key) in [("ping", None), ("server/discover", Some(KEY))] {
         let r = rpc(json!({"jsonrpc": "2.0", "id": 3, "method": method}), key);

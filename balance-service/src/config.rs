@@ -58,6 +58,23 @@ pub struct X402 {
     pub amount_per_unit: u64,
 }
 
+/// Webhook delivery (`--webhook-*`; docs/balance-service.md, README "Webhooks").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    /// Where events are POSTed (`http://…`).
+    pub url: String,
+    /// The HMAC-SHA256 key of the `farebox-signature` header.
+    pub secret: String,
+    /// `balance.low` thresholds (units).
+    pub low_balance: Vec<i64>,
+    /// `budget.threshold` thresholds (percent of the limit, 1-100).
+    pub budget_percent: Vec<u32>,
+    /// First retry delay; doubles per failed attempt (capped at an hour).
+    pub retry_base_ms: u64,
+    /// Attempts before an event is given up.
+    pub max_attempts: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub listen: String,
@@ -82,6 +99,11 @@ pub struct Config {
     /// Payment challenges on 402s and demo payments; `None`: off. (Boxed:
     /// rarely set, and keeps `Config` small.)
     pub x402: Option<Box<X402>>,
+    /// Webhook events; `None`: off (no events are recorded).
+    pub webhook: Option<Box<Webhook>>,
+    /// `GET /admin/charges` leaves out rows younger than this (ms), so a
+    /// transaction that committed late cannot slip behind a cursor.
+    pub export_settle_ms: u64,
 }
 
 impl Default for Config {
@@ -103,6 +125,8 @@ impl Default for Config {
             lease_expiry_policy: ExpiryPolicy::Full,
             lease_recall_retry_ms: 100,
             x402: None,
+            webhook: None,
+            export_settle_ms: 2_000,
         }
     }
 }
@@ -135,6 +159,19 @@ usage: farebox-balance [flags]
                            carry x402 'accepts' and Payment 'challenges' for
                            price x N atomic units; an authorize with the payment
                            'demo-paid' is accepted
+  --webhook-url URL        POST low-balance and budget-threshold events to this
+                           http:// URL (signed; needs --webhook-secret)
+  --webhook-secret SECRET  HMAC-SHA256 key of the farebox-signature header
+  --webhook-low-balance N[,N...]
+                           balance.low when a debit takes the balance below N
+  --webhook-budget-thresholds P[,P...]
+                           budget.threshold when a period's spend reaches P % of
+                           the budget (default 80,100)
+  --webhook-retry-base-ms N
+                           first retry after N ms, doubling (default 1000, max 1 h)
+  --webhook-max-attempts N attempts before an event is given up (default 15)
+  --export-settle-ms N     GET /admin/charges leaves out rows younger than N ms
+                           (default 2000)
   --seed-demo              create the demo accounts (idempotent)
   --quiet                  do not log one line per request to stderr
   --help                   print this help
@@ -166,6 +203,13 @@ const VALUE_FLAGS: &[&str] = &[
     "x402-network",
     "x402-asset",
     "x402-amount-per-unit",
+    "webhook-url",
+    "webhook-secret",
+    "webhook-low-balance",
+    "webhook-budget-thresholds",
+    "webhook-retry-base-ms",
+    "webhook-max-attempts",
+    "export-settle-ms",
 ];
 const BOOL_FLAGS: &[&str] = &["seed-demo", "quiet"];
 
@@ -393,9 +437,78 @@ where
                 .to_owned(),
         );
     }
+    cfg.webhook = webhook(&mut values)?;
+    if let Some(v) = values.remove("export-settle-ms") {
+        cfg.export_settle_ms = parse_u64("export-settle-ms", &v)?;
+    }
     cfg.seed_demo = bools.get("seed-demo").copied().unwrap_or(false);
     cfg.quiet = bools.get("quiet").copied().unwrap_or(false);
     Ok(Parsed::Run(Box::new(cfg)))
+}
+
+/// The `--webhook-*` flags: all but the URL need it, the URL needs a secret.
+fn webhook(values: &mut HashMap<&'static str, String>) -> Result<Option<Box<Webhook>>, String> {
+    let url = values.remove("webhook-url");
+    let secret = values.remove("webhook-secret");
+    let low = values.remove("webhook-low-balance");
+    let pct = values.remove("webhook-budget-thresholds");
+    let base = values.remove("webhook-retry-base-ms");
+    let attempts = values.remove("webhook-max-attempts");
+    let Some(url) = url else {
+        if [&secret, &low, &pct, &base, &attempts]
+            .iter()
+            .any(|v| v.is_some())
+        {
+            return Err("--webhook-* flags need --webhook-url".to_owned());
+        }
+        return Ok(None);
+    };
+    let url = url.trim().to_owned();
+    if !url.starts_with("http://") || url.len() <= "http://".len() {
+        return Err(format!(
+            "--webhook-url: expected an http:// URL (put a TLS proxy in front for https), got {url:?}"
+        ));
+    }
+    let secret = match secret {
+        Some(s) if !s.is_empty() => s,
+        _ => return Err("--webhook-url needs --webhook-secret (the signing key)".to_owned()),
+    };
+    let list = |flag: &str, v: Option<String>| -> Result<Vec<u64>, String> {
+        let Some(v) = v else { return Ok(Vec::new()) };
+        v.split(',')
+            .map(|n| parse_u64(flag, n))
+            .collect::<Result<Vec<u64>, String>>()
+    };
+    let low_balance = list("webhook-low-balance", low)?
+        .into_iter()
+        .map(|n| i64::try_from(n).map_err(|_| "--webhook-low-balance: too large".to_owned()))
+        .collect::<Result<Vec<i64>, String>>()?;
+    let budget_percent = match pct {
+        None => vec![80, 100],
+        Some(v) => list("webhook-budget-thresholds", Some(v))?
+            .into_iter()
+            .map(|p| match u32::try_from(p) {
+                Ok(p) if (1..=100).contains(&p) => Ok(p),
+                _ => Err(format!(
+                    "--webhook-budget-thresholds: expected percentages 1-100, got {p}"
+                )),
+            })
+            .collect::<Result<Vec<u32>, String>>()?,
+    };
+    Ok(Some(Box::new(Webhook {
+        url,
+        secret,
+        low_balance,
+        budget_percent,
+        retry_base_ms: match base {
+            Some(v) => parse_positive("webhook-retry-base-ms", &v)?,
+            None => 1_000,
+        },
+        max_attempts: match attempts {
+            Some(v) => parse_positive("webhook-max-attempts", &v)?,
+            None => 15,
+        },
+    })))
 }
 
 /// `--db PATH`: a SQLite file.
@@ -470,6 +583,8 @@ mod tests {
             lease_expiry_policy: ExpiryPolicy::Reported,
             lease_recall_retry_ms: 250,
             x402: None,
+            webhook: None,
+            export_settle_ms: 2_000,
         };
         assert_eq!(p, Ok(Parsed::Run(Box::new(want))));
     }
@@ -516,6 +631,52 @@ mod tests {
         assert_eq!(parse(args(&["--help"]), no_env), Ok(Parsed::Help));
         assert!(parse(args(&["--database-url", "mysql://x"]), no_env).is_err());
         assert!(parse(args(&["--database-url", "sqlite:a", "--db", "b"]), no_env).is_err());
+        for bad in [
+            &["--webhook-secret", "s"][..],
+            &["--webhook-url", "http://127.0.0.1:1/h"],
+            &["--webhook-url", "https://x/h", "--webhook-secret", "s"],
+            &[
+                "--webhook-url",
+                "http://x/h",
+                "--webhook-secret",
+                "s",
+                "--webhook-budget-thresholds",
+                "0",
+            ],
+            &[
+                "--webhook-url",
+                "http://x/h",
+                "--webhook-secret",
+                "s",
+                "--webhook-low-balance",
+                "a",
+            ],
+        ] {
+            assert!(parse(args(bad), no_env).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn webhook_flags() {
+        let Ok(Parsed::Run(cfg)) = parse(
+            args(&[
+                "--webhook-url",
+                "http://127.0.0.1:9/hook",
+                "--webhook-secret",
+                "whsec",
+                "--webhook-low-balance",
+                "50,10",
+                "--webhook-retry-base-ms=20",
+            ]),
+            no_env,
+        ) else {
+            unreachable!()
+        };
+        let w = cfg.webhook.unwrap_or_else(|| unreachable!());
+        assert_eq!(w.url, "http://127.0.0.1:9/hook");
+        assert_eq!(w.low_balance, vec![50, 10]);
+        assert_eq!(w.budget_percent, vec![80, 100]);
+        assert_eq!((w.retry_base_ms, w.max_attempts), (20, 15));
     }
 
     #[test]

@@ -273,6 +273,23 @@ async fn check(
             ),
             json!({ "balance": balance, "price": cost, "route": route }),
         ),
+        AuthorizeOutcome::BudgetExceeded {
+            balance, budget, ..
+        } => problem(
+            StatusCode::PAYMENT_REQUIRED,
+            "payment-required",
+            "Payment Required",
+            &crate::service::budget_detail(
+                &budget,
+                &format!("the price {cost} of route {route:?}"),
+            ),
+            json!({
+                "balance": balance,
+                "price": cost,
+                "route": route,
+                "budget": crate::service::budget_json(&budget),
+            }),
+        ),
         AuthorizeOutcome::UnknownCredential => unauthorized("unknown credential"),
         AuthorizeOutcome::Disabled { .. } => problem(
             StatusCode::FORBIDDEN,

@@ -10,3 +10,4 @@ pub mod logging;
 pub mod service;
 pub mod store;
 pub mod util;
+pub mod webhooks;

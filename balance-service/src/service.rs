@@ -3,9 +3,9 @@
 
 use crate::config::Config;
 use crate::store::{
-    AuthorizeInput, AuthorizeOutcome, CancelOutcome, CreateOutcome, LeaseInput, LeaseOutcome,
-    LeaseRefundInput, LeaseRefundOutcome, LeaseSettings, LeaseState, RefundOutcome, SettleOutcome,
-    Store, StoreError, TopupOutcome,
+    AlertSettings, AuthorizeInput, AuthorizeOutcome, BudgetState, CancelOutcome, CreateOutcome,
+    LeaseInput, LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseSettings, LeaseState,
+    RefundOutcome, SettleOutcome, Store, StoreError, TopupOutcome,
 };
 use crate::util::{bearer_token, ct_eq, shutdown_signal};
 use axum::body::Bytes;
@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 
 // `/v1/usage` and the payment middleware live in their own files, as child
 // modules so they share this module's private helpers.
+#[path = "budget_api.rs"]
+mod budget_api;
+#[path = "export.rs"]
+mod export;
 #[path = "payments.rs"]
 mod payments;
 #[path = "usage.rs"]
@@ -277,6 +281,11 @@ fn payment_required(
         "price": price,
         "detail": detail,
     });
+    deny_reply(cfg, body)
+}
+
+/// A 402 with the deny answers' caching and `Retry-After` (if set).
+fn deny_reply(cfg: &Config, body: Value) -> Response {
     let mut resp = reply(StatusCode::PAYMENT_REQUIRED, body, cfg.deny_max_age);
     if let Some(n) = cfg.deny_retry_after {
         resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(n));
@@ -301,6 +310,55 @@ fn recall_required(cfg: &Config, account_id: &str, balance: i64, min: i64) -> Re
         "retry_after_ms": cfg.lease_recall_retry_ms,
     });
     reply(StatusCode::PAYMENT_REQUIRED, body, 0)
+}
+
+/// A budget as the answers show it (`budget` of authorize, lease and the
+/// admin API; docs/balance-service.md).
+pub(crate) fn budget_json(b: &BudgetState) -> Value {
+    json!({
+        "limit": b.limit,
+        "spent": b.spent,
+        "remaining": b.remaining,
+        "period": b.period.as_str(),
+        "time_zone": b.time_zone,
+        "period_start": b.period_start,
+        "resets_at": b.resets_at,
+    })
+}
+
+/// The `detail` of a 402 for a budget that cannot cover `what`: names the
+/// limit and when it resets.
+pub(crate) fn budget_detail(b: &BudgetState, what: &str) -> String {
+    format!(
+        "the budget of {} units per {} ({}) has {} left, below {what}; it resets at {}",
+        b.limit,
+        b.period.as_str(),
+        b.time_zone,
+        b.remaining,
+        b.resets_at
+    )
+}
+
+/// The 402 answer of an authorize or lease the budget cannot cover: the
+/// balance 402 with `reason` and the `budget`.
+fn budget_required(
+    cfg: &Config,
+    account_id: &str,
+    balance: i64,
+    price: impl serde::Serialize,
+    budget: &BudgetState,
+    what: &str,
+) -> Response {
+    let body = json!({
+        "allow": false,
+        "account_id": account_id,
+        "balance": balance,
+        "price": price,
+        "detail": budget_detail(budget, what),
+        "reason": "budget",
+        "budget": budget_json(budget),
+    });
+    deny_reply(cfg, body)
 }
 
 fn unknown_credential(cfg: &Config) -> Response {
@@ -344,6 +402,8 @@ body_name! {
     CreateReq => "",
     TopupReq => "",
     usage::UsageReq => "usage",
+    budget_api::BudgetReq => "",
+    usage::LeaseUsageReq => "lease usage",
 }
 
 // ---------------------------------------------------------------- /v1/authorize
@@ -390,12 +450,25 @@ async fn authorize(State(st): State<Shared>, JsonBody(req): JsonBody<AuthorizeRe
             account_id,
             balance,
             replay,
+            budget,
         } => {
             let mut body = json!({ "allow": true, "account_id": account_id, "balance": balance });
             if replay {
                 body["replay"] = Value::Bool(true);
             }
+            if let Some(b) = &budget {
+                body["budget"] = budget_json(b);
+            }
             (reply(StatusCode::OK, body, cfg.allow_max_age), account_id)
+        }
+        AuthorizeOutcome::BudgetExceeded {
+            account_id,
+            balance,
+            budget,
+        } => {
+            let what = format!("the price {price} of route {route:?}");
+            let resp = budget_required(cfg, &account_id, balance, price, &budget, &what);
+            (resp, account_id)
         }
         AuthorizeOutcome::Denied {
             account_id,
@@ -534,6 +607,7 @@ async fn lease(State(st): State<Shared>, JsonBody(req): JsonBody<LeaseReq>) -> R
             account_id,
             balance,
             replay,
+            budget,
         } => {
             let mut body = json!({
                 "lease_id": lease_id,
@@ -545,7 +619,19 @@ async fn lease(State(st): State<Shared>, JsonBody(req): JsonBody<LeaseReq>) -> R
             if replay {
                 body["replay"] = Value::Bool(true);
             }
+            if let Some(b) = &budget {
+                body["budget"] = budget_json(b);
+            }
             (reply(StatusCode::OK, body, 0), account_id)
+        }
+        LeaseOutcome::BudgetExceeded {
+            account_id,
+            balance,
+            budget,
+        } => {
+            let what = format!("the minimum lease of {min} units");
+            let resp = budget_required(cfg, &account_id, balance, min, &budget, &what);
+            (resp, account_id)
         }
         LeaseOutcome::Denied {
             account_id,
@@ -880,7 +966,7 @@ async fn count_calls(
         "/v1/leases/{lease_id}/settle" => &s.settle_calls,
         "/v1/leases/cancel" => &s.cancel_calls,
         "/v1/leases/{lease_id}/refund" => &s.lease_refund_calls,
-        "/v1/usage" => &s.usage_calls,
+        "/v1/usage" | "/v1/leases/{lease_id}/usage" => &s.usage_calls,
         _ => return next.run(req).await,
     };
     counter.fetch_add(1, Ordering::Relaxed);
@@ -1173,6 +1259,14 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/admin/accounts/{id}/enable", post(enable))
         .route("/admin/accounts/{id}/charges", get(get_charges))
         .route("/admin/accounts/{id}/leases", get(get_leases))
+        .route(
+            "/admin/accounts/{id}/budget",
+            get(budget_api::get_budget)
+                .put(budget_api::put_budget)
+                .delete(budget_api::delete_budget),
+        )
+        .route("/admin/charges", get(export::charges))
+        .route("/admin/accounts/{id}/usage", get(usage::get_usage))
         .route("/admin/stats", get(stats))
         .route("/admin/stats/reset", post(stats_reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
@@ -1183,6 +1277,7 @@ pub fn router(store: Arc<Store>, cfg: Config) -> Router {
         .route("/v1/leases/cancel", post(cancel))
         .route("/v1/leases/{lease_id}/settle", post(settle))
         .route("/v1/leases/{lease_id}/refund", post(lease_refund))
+        .route("/v1/leases/{lease_id}/usage", post(usage::lease_usage))
         .route("/v1/usage", post(usage::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), service_auth))
         .route_layer(middleware::from_fn_with_state(state.clone(), count_calls));
@@ -1240,6 +1335,14 @@ pub async fn run(cfg: Config) -> Result<(), String> {
             .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
         policy: cfg.lease_expiry_policy,
     });
+    let store = store.with_alerts(match &cfg.webhook {
+        Some(w) => AlertSettings {
+            enabled: true,
+            low_balance: w.low_balance.clone(),
+            budget_percent: w.budget_percent.clone(),
+        },
+        None => AlertSettings::default(),
+    });
     if cfg.seed_demo {
         let n = store
             .seed_demo()
@@ -1264,6 +1367,12 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     }
     let store = Arc::new(store);
     let sweeper = tokio::spawn(sweep_expired_leases(store.clone(), cfg.quiet));
+    // Webhook delivery runs on its own: a slow or failing receiver never
+    // holds up a debit (the debit only writes the outbox row).
+    let deliverer = cfg
+        .webhook
+        .as_ref()
+        .map(|w| tokio::spawn(crate::webhooks::run(store.clone(), (**w).clone())));
     let app = router(store, cfg);
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
@@ -1274,6 +1383,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("server error: {e}"))?;
     sweeper.abort();
+    if let Some(d) = deliverer {
+        d.abort();
+    }
     tracing::info!("shut down");
     Ok(())
 }

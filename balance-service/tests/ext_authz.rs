@@ -179,3 +179,37 @@ fn ext_authz_requires_the_service_token_when_configured() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(account(a, "acct_t")["balance"], 9);
 }
+
+#[test]
+fn ext_authz_enforces_the_budget_with_a_problem_naming_the_reset() {
+    let b = Balance::start(&["--admin-token", ADMIN]);
+    let a = b.addr();
+    assert_eq!(create_account(a, "acct_eb", "key-eb", 50).status, 201);
+    let auth = admin_auth();
+    let r = request(
+        a,
+        "PUT",
+        "/admin/accounts/acct_eb/budget",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        Some(&json!({"limit": 1, "period": "week", "time_zone": "UTC"}).to_string()),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let h = |rid: &'static str| [("x-api-key", "key-eb"), ("x-request-id", rid)];
+    assert_eq!(check(a, "GET", "/ext_authz/v1/a", &h("eb-1")).status, 200);
+    let r = check(a, "GET", "/ext_authz/v1/a", &h("eb-2"));
+    assert_eq!(r.status, 402, "{r:?}");
+    let p = r.json();
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.contains("budget of 1 units per week (UTC)"), "{p}");
+    assert_eq!(p["budget"]["remaining"], 0, "{p}");
+    assert_eq!(
+        p["budget"]["resets_at"]
+            .as_str()
+            .map(|s| detail.ends_with(s)),
+        Some(true)
+    );
+    assert_eq!(account(a, "acct_eb")["balance"], 49);
+}

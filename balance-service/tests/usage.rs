@@ -322,3 +322,178 @@ fn invariant_under_concurrent_authorize_usage_refund_and_leases() {
     let s = admin_get(a, "/admin/stats").json();
     assert!(s["usage_calls"].as_u64().unwrap() > 0);
 }
+
+/// A usage line's tokens: input, cached input, cache-creation input, output, reasoning.
+fn tokens(t: [u64; 5]) -> Value {
+    json!({"input": t[0], "cached_input": t[1], "cache_creation_input": t[2],
+           "output": t[3], "reasoning": t[4]})
+}
+
+fn usage_line(
+    addr: SocketAddr,
+    request_id: &str,
+    actual: u64,
+    (route, model, t): (&str, Option<&str>, [u64; 5]),
+) -> Resp {
+    post_json(
+        addr,
+        "/v1/usage",
+        &[("x-request-id", request_id)],
+        &json!({"request_id": request_id, "account": "demo-key-alice", "actual": actual,
+                "route": route, "model": model, "tokens": tokens(t)}),
+    )
+}
+
+fn lease_line(
+    addr: SocketAddr,
+    lease_id: &str,
+    request_id: &str,
+    units: u64,
+    (route, model, t): (&str, Option<&str>, [u64; 5]),
+) -> Resp {
+    post_json(
+        addr,
+        &format!("/v1/leases/{lease_id}/usage"),
+        &[("x-request-id", request_id)],
+        &json!({"request_id": request_id, "units": units, "route": route, "model": model,
+                "tokens": tokens(t)}),
+    )
+}
+
+fn itemised(addr: SocketAddr, id: &str) -> Value {
+    let r = admin_get(addr, &format!("/admin/accounts/{id}/usage"));
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()
+}
+
+#[test]
+fn usage_lines_itemise_the_bill_once_per_request_in_both_modes() {
+    let b = seeded(&[]);
+    let a = b.addr();
+    // Authorize mode: the line rides on the usage call, also when the price is the hold.
+    assert_eq!(authorize(a, "demo-key-alice", 10, "i-1").status, 200);
+    assert_eq!(authorize(a, "demo-key-alice", 10, "i-2").status, 200);
+    assert_eq!(authorize(a, "demo-key-alice", 10, "i-3").status, 200);
+    let claude = ("claude", Some("sonnet"), [4, 7, 2, 6, 0]);
+    for _ in 0..3 {
+        // Retried: one line, one adjustment.
+        let r = usage_line(a, "i-1", 8, claude);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(usage_line(a, "i-2", 10, claude).status, 200);
+    let gpt = ("gpt", Some("mini"), [3, 1, 0, 7, 3]);
+    assert_eq!(usage_line(a, "i-3", 12, gpt).status, 200);
+    // A later call with another line changes nothing: the first line stands.
+    let r = usage_line(a, "i-3", 12, ("gpt", Some("other"), [1, 0, 0, 0, 0]));
+    assert_eq!(
+        (r.status, r.json()["replay"].clone()),
+        (200, json!(true)),
+        "{r:?}"
+    );
+    // Lease mode: the line is recorded against the lease and moves no money.
+    let lease = lease_id(a, "demo-key-alice", 40, 1, "l-1");
+    let before = account(a, "acct_alice")["balance"].clone();
+    for _ in 0..2 {
+        let r = lease_line(a, &lease, "i-4", 5, gpt);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["units"], 5);
+    }
+    assert!(r_json_replay(&lease_line(a, &lease, "i-4", 5, gpt)));
+    let r = lease_line(a, &lease, "i-4", 6, gpt);
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (409, json!("usage_recorded"))
+    );
+    assert_eq!(account(a, "acct_alice")["balance"], before);
+    let r = lease_line(a, "ls_nope", "i-5", 5, gpt);
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(settle(a, &lease, 5, true).status, 200);
+
+    let bill = itemised(a, "acct_alice");
+    let items = bill["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4, "{bill}");
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| (
+                i["request_id"].clone(),
+                i["units"].clone(),
+                i["lease_id"].clone()
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            (json!("i-1"), json!(8), Value::Null),
+            (json!("i-2"), json!(10), Value::Null),
+            (json!("i-3"), json!(12), Value::Null),
+            (json!("i-4"), json!(5), json!(lease)),
+        ]
+    );
+    assert_eq!(
+        bill["by_route_model"],
+        json!([
+            {"route": "claude", "model": "sonnet", "requests": 2, "units": 18,
+             "tokens": tokens([8, 14, 4, 12, 0])},
+            {"route": "gpt", "model": "mini", "requests": 2, "units": 17,
+             "tokens": tokens([6, 2, 0, 14, 6])},
+        ])
+    );
+    assert_eq!(bill["units"], 35);
+    // The lines equal what the ledger charged: 8 + 10 + 12 by usage, 5 by the lease.
+    let acct = invariant(a, "acct_alice");
+    assert_eq!(acct["charged"], 35, "{acct}");
+    assert_eq!(
+        admin_get(a, "/admin/accounts/acct_nope/usage").status,
+        404,
+        "unknown account"
+    );
+}
+
+fn r_json_replay(r: &Resp) -> bool {
+    r.json()["replay"] == json!(true)
+}
+
+#[test]
+fn usage_lines_are_checked() {
+    let b = seeded(&[]);
+    let a = b.addr();
+    assert_eq!(authorize(a, "demo-key-alice", 10, "c-1").status, 200);
+    let post = |body: Value| post_json(a, "/v1/usage", &[("x-request-id", "c-1")], &body);
+    let base = json!({"request_id": "c-1", "account": "demo-key-alice", "actual": 3});
+    let with = |extra: Value| {
+        let mut b = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    for bad in [
+        json!({"route": "r"}),
+        json!({"tokens": tokens([1, 0, 0, 0, 0])}),
+        json!({"model": "m"}),
+        json!({"route": "", "tokens": tokens([1, 0, 0, 0, 0])}),
+        json!({"route": "r", "tokens": {"input": -1}}),
+        json!({"route": "r", "tokens": {"input": 9223372036854775808u64}}),
+        json!({"route": "r", "model": "m".repeat(257), "tokens": {}}),
+    ] {
+        let r = post(with(bad.clone()));
+        assert_eq!(r.status, 400, "{bad}: {r:?}");
+        assert!(r.json()["error"].is_string(), "{r:?}");
+    }
+    // Nothing changed: the charge is still the hold, no line recorded.
+    assert_eq!(charge(a, "acct_alice", "c-1")["cost"], 10);
+    assert_eq!(itemised(a, "acct_alice")["items"], json!([]));
+    // A class left out is 0; a line with no model is kept as null.
+    let r = post(with(json!({"route": "r", "tokens": {"output": 3}})));
+    assert_eq!(r.status, 200, "{r:?}");
+    let bill = itemised(a, "acct_alice");
+    assert_eq!(bill["items"][0]["tokens"], tokens([0, 0, 0, 3, 0]));
+    assert_eq!(bill["items"][0]["model"], Value::Null);
+    let lease = lease_id(a, "demo-key-alice", 5, 1, "l-c");
+    let r = post_json(
+        a,
+        &format!("/v1/leases/{lease}/usage"),
+        &[("x-request-id", "c-2")],
+        &json!({"request_id": "c-2", "units": 1}),
+    );
+    assert_eq!(r.status, 400, "a lease usage call needs its line: {r:?}");
+}

@@ -1260,6 +1260,293 @@ mod metered_and_paid {
         assert!(reply_body(&host).get("error").is_none());
     }
 
+    /// An MCP request with 2026-07-28 headers; `body` is what it really sends.
+    fn mcp_claimed(fx: &Fixture, headers: &[(&str, &str)], body: &Value) -> (FakeHost, Gate, Flow) {
+        let mut all = vec![("x-api-key", "k"), ("x-request-id", "req-1")];
+        all.extend_from_slice(headers);
+        let host = FakeHost::request("POST", "/mcp", &all);
+        host.add_request_header("x-farebox-account", b"forged");
+        *host.request_body.borrow_mut() = body.to_string().into_bytes();
+        let mut gate = fx.gate();
+        let flow = gate.on_request_headers_eos(&host, false);
+        (host, gate, flow)
+    }
+
+    /// The body arrives after the headers went on: held in two chunks, then judged.
+    fn send_body(host: &FakeHost, gate: &mut Gate) -> Flow {
+        host.headers_locked.set(true);
+        let size = host.request_body.borrow().len();
+        assert_eq!(
+            gate.on_request_body(host, size / 2, false),
+            Flow::Pause,
+            "held"
+        );
+        let flow = gate.on_request_body(host, size, true);
+        assert_eq!(
+            host.late_header_access.get(),
+            0,
+            "no header access after the headers went on"
+        );
+        flow
+    }
+
+    fn search_call(id: u64, name: &str) -> Value {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": name, "arguments": {}}})
+    }
+
+    #[test]
+    fn mcp_headers_price_the_call_before_its_body() {
+        let fx = Fixture::new(CFG);
+        let claim = [("mcp-method", "tools/call"), ("mcp-name", "search")];
+        let (host, mut gate, flow) = mcp_claimed(&fx, &claim, &search_call(42, "search"));
+        assert_eq!(flow, Flow::Pause, "decided at the headers");
+        let call = host.last_call();
+        assert_eq!(
+            (call.body["cost"].clone(), call.body["route"].clone()),
+            (json!(5), json!("mcp/tools/call:search"))
+        );
+        respond(&mut gate, &host, call.token, &allow("acct_7", 95));
+        assert_eq!(host.resumed.get(), 1);
+        assert_eq!(
+            host.upstream_header("x-farebox-account").as_deref(),
+            Some("acct_7"),
+            "the upstream learns the account, as on any other route"
+        );
+        assert_eq!(send_body(&host, &mut gate), Flow::Continue);
+        assert!(host.reply().is_none());
+        // The answer is still read for a JSON-RPC error, given back.
+        host.set_status(200);
+        host.response_headers
+            .borrow_mut()
+            .push(("content-type".into(), b"application/json".to_vec()));
+        gate.on_response_headers(&host);
+        let err = r#"{"jsonrpc":"2.0","id":42,"error":{"code":-32602,"message":"bad"}}"#;
+        *host.response_chunk.borrow_mut() = err.as_bytes().to_vec();
+        gate.on_response_body(&host, err.len(), true);
+        assert_eq!(host.count_of(Metric::McpErrorRefunds), 1);
+        assert_eq!(fx.queued_refunds(), 1);
+
+        // A free method is let through at once, and its body still checked.
+        let ping = json!({"jsonrpc": "2.0", "id": 3, "method": "ping"});
+        let (host, mut gate, flow) = mcp_claimed(&fx, &[("mcp-method", "ping")], &ping);
+        assert_eq!(flow, Flow::Continue);
+        assert!(host.calls.borrow().is_empty());
+        assert_eq!(
+            host.upstream_header("x-farebox-account"),
+            None,
+            "a forged copy is dropped"
+        );
+        assert_eq!(send_body(&host, &mut gate), Flow::Continue);
+        // A name that is not plain ASCII comes base64-wrapped.
+        let wrapped = "=?base64?c2VhcmNo?="; // "search"
+        let (host, _, _) = mcp_claimed(
+            &fx,
+            &[("mcp-method", "tools/call"), ("mcp-name", wrapped)],
+            &search_call(1, "search"),
+        );
+        assert_eq!(host.last_call().body["cost"], 5);
+    }
+
+    #[test]
+    fn mcp_headers_that_disagree_with_the_body_are_refused_and_given_back() {
+        let fx = Fixture::new(CFG);
+        // Headers claiming a free method do not get a paid call served free.
+        let (host, mut gate, flow) = mcp_claimed(
+            &fx,
+            &[("mcp-method", "tools/list")],
+            &search_call(9, "search"),
+        );
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(send_body(&host, &mut gate), Flow::Pause);
+        let reply = host.reply().unwrap();
+        assert_eq!(reply.status, 400);
+        let body = reply_body(&host);
+        assert_eq!(body["id"], 9);
+        assert_eq!(body["error"]["code"], crate::mcp::HEADER_MISMATCH_CODE);
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Mcp-Method"));
+        assert_eq!(body["error"]["data"]["status"], 400);
+        assert_eq!(host.count_of(Metric::McpHeaderMismatch), 1);
+        assert_eq!(fx.queued_refunds(), 0, "nothing was charged");
+
+        // A cheaper tool named in the headers: charged 1 (the route's cost), refused,
+        // given back once.
+        let (host, mut gate, _) = mcp_claimed(
+            &fx,
+            &[("mcp-method", "tools/call"), ("mcp-name", "cheap")],
+            &search_call(9, "search"),
+        );
+        assert_eq!(host.last_call().body["cost"], 1);
+        respond(&mut gate, &host, host.last_call().token, &allow("acct", 99));
+        assert_eq!(send_body(&host, &mut gate), Flow::Pause);
+        assert_eq!(host.reply().unwrap().status, 400);
+        assert!(reply_body(&host)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Mcp-Name"));
+        gate.on_response_headers(&host);
+        gate.on_log(&host);
+        assert_eq!(fx.queued_refunds(), 1, "given back exactly once");
+        let root = FakeHost::request("GET", "/", &[]);
+        fx.worker.tick(&root, &fx.cfg);
+        let refund = root.last_call().body;
+        assert_eq!(
+            (
+                refund["cost"].clone(),
+                refund["status"].clone(),
+                refund["request_id"].clone()
+            ),
+            (json!(1), json!(400), json!("req-1"))
+        );
+
+        // No Mcp-Name where the method needs one; a batch; not JSON-RPC at all.
+        for (headers, body) in [
+            (vec![("mcp-method", "tools/call")], search_call(1, "search")),
+            (
+                vec![("mcp-method", "ping")],
+                json!([{"jsonrpc": "2.0", "id": 1, "method": "ping"}]),
+            ),
+            (vec![("mcp-method", "ping")], json!("ping")),
+        ] {
+            let (host, mut gate, _) = mcp_claimed(&fx, &headers, &body);
+            if let Some(call) = host.calls.borrow().last() {
+                gate.on_callout_response(&host, call.token, &allow("acct", 99));
+            }
+            assert_eq!(send_body(&host, &mut gate), Flow::Pause, "{body}");
+            assert_eq!(host.reply().unwrap().status, 400, "{body}");
+        }
+    }
+
+    #[test]
+    fn mcp_header_priced_body_over_the_limit_is_413_and_given_back() {
+        let fx = Fixture::new(CFG);
+        let claim = [("mcp-method", "tools/call"), ("mcp-name", "search")];
+        let (host, mut gate, _) = mcp_claimed(&fx, &claim, &search_call(5, "search"));
+        respond(&mut gate, &host, host.last_call().token, &allow("acct", 95));
+        host.headers_locked.set(true);
+        assert_eq!(gate.on_request_body(&host, 201, false), Flow::Pause);
+        assert_eq!(host.reply().unwrap().status, 413);
+        assert_eq!(host.count_of(Metric::BodyTooLarge), 1);
+        gate.on_log(&host);
+        assert_eq!(fx.queued_refunds(), 1, "given back once");
+    }
+
+    #[test]
+    fn mcp_refusals_from_headers_answer_the_body_id() {
+        let fx = Fixture::new(CFG);
+        let claim = [("mcp-method", "tools/call"), ("mcp-name", "search")];
+        let (host, mut gate, _) = mcp_claimed(&fx, &claim, &search_call(77, "search"));
+        let deny = answer(
+            402,
+            &[],
+            json!({"balance": 1, "price": 5, "detail": "top up"}),
+        );
+        assert_eq!(
+            gate.on_callout_response(&host, host.last_call().token, &deny),
+            Flow::Continue,
+            "the headers go on to let the body in"
+        );
+        assert!(host.reply().is_none());
+        assert_eq!(host.upstream_header("x-farebox-account"), None);
+        assert_eq!(
+            send_body(&host, &mut gate),
+            Flow::Pause,
+            "the body never goes on"
+        );
+        let reply = host.reply().unwrap();
+        assert_eq!(reply.status, 200);
+        let body = reply_body(&host);
+        assert_eq!(
+            (body["id"].clone(), body["result"]["isError"].clone()),
+            (json!(77), json!(true))
+        );
+        assert_eq!(body["result"]["structuredContent"]["price"], 5);
+
+        // Without a credential, where payments are accepted, the body may pay: body path.
+        let fx = Fixture::new(&CFG.replace(
+            r#""html_402": true"#,
+            r#""html_402": true, "accept_payments": true"#,
+        ));
+        let host = FakeHost::request(
+            "POST",
+            "/mcp",
+            &[("mcp-method", "tools/call"), ("mcp-name", "search")],
+        );
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers_eos(&host, false), Flow::Continue);
+        assert!(host.calls.borrow().is_empty(), "waits for the body");
+    }
+
+    #[test]
+    fn streaming_chat_requests_ask_for_usage() {
+        let fx = Fixture::new(
+            r#"{"cluster": "balance", "routes": [
+            {"name": "chat", "prefix": "/v1/chat/", "usage": {"api": "openai_chat", "estimate": 4000,
+             "models": {"m": {"input": 1, "output": 2}}}},
+            {"name": "ptr", "prefix": "/v2/", "usage": {"json_pointer": "/usage/total_tokens", "unit_cost": 1,
+             "estimate": 50, "stream_include_usage": true}}]}"#,
+        );
+        let stream = json!({"model": "m", "messages": [], "stream": true, "max_tokens": 3});
+        // A token-table route reads the body anyway.
+        let host = FakeHost::request(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-api-key", "k"), ("content-length", "60")],
+        );
+        *host.request_body.borrow_mut() = stream.to_string().into_bytes();
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers_eos(&host, false), Flow::Continue);
+        assert_eq!(
+            host.upstream_header("content-length"),
+            None,
+            "the body may grow"
+        );
+        host.headers_locked.set(true);
+        let size = host.request_body.borrow().len();
+        assert_eq!(gate.on_request_body(&host, size, true), Flow::Pause);
+        let sent: Value = serde_json::from_slice(&host.request_body.borrow()).unwrap();
+        assert_eq!(sent["stream_options"], json!({"include_usage": true}));
+        assert_eq!(
+            (sent["model"].clone(), sent["max_tokens"].clone()),
+            (json!("m"), json!(3))
+        );
+        assert_eq!(host.count_of(Metric::IncludeUsageAdded), 1);
+        assert_eq!(host.last_call().body["route"], "chat/m");
+
+        // A pointer route that asks for it: decided at the headers, the body held after.
+        let host = FakeHost::request("POST", "/v2/chat", &[("x-api-key", "k")]);
+        *host.request_body.borrow_mut() = stream.to_string().into_bytes();
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers_eos(&host, false), Flow::Pause);
+        respond(
+            &mut gate,
+            &host,
+            host.last_call().token,
+            &allow("acct", 100),
+        );
+        host.headers_locked.set(true);
+        assert_eq!(gate.on_request_body(&host, 10, false), Flow::Pause);
+        assert_eq!(gate.on_request_body(&host, size, true), Flow::Continue);
+        let sent: Value = serde_json::from_slice(&host.request_body.borrow()).unwrap();
+        assert_eq!(sent["stream_options"]["include_usage"], true);
+
+        // Off for a route that does not ask, and for a request that streams not.
+        let fx = Fixture::new(CFG);
+        let host = FakeHost::request(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-api-key", "k"), ("content-length", "60")],
+        );
+        let mut gate = fx.gate();
+        gate.on_request_headers_eos(&host, false);
+        assert_eq!(
+            host.upstream_header("content-length").as_deref(),
+            Some("60")
+        );
+    }
+
     #[test]
     fn mcp_body_over_the_limit_is_413() {
         let fx = Fixture::new(CFG);
@@ -1313,6 +1600,7 @@ mod metered_and_paid {
                     request_id: c.body["request_id"].as_str().unwrap().into(),
                     account: c.body["account"].as_str().unwrap().into(),
                     actual: c.body["actual"].as_u64().unwrap(),
+                    line: None,
                 }
             })
             .collect();
@@ -1330,7 +1618,8 @@ mod metered_and_paid {
             vec![Job::Usage {
                 request_id: "req-1".into(),
                 account: "k".into(),
-                actual: 60
+                actual: 60,
+                line: None,
             }]
         );
     }
@@ -1345,7 +1634,8 @@ mod metered_and_paid {
             vec![Job::Usage {
                 request_id: "req-1".into(),
                 account: "k".into(),
-                actual: 140
+                actual: 140,
+                line: None,
             }]
         );
     }
@@ -1648,6 +1938,105 @@ mod token_tables {
         let usage = root.last_call();
         assert_eq!(usage.header(":path"), Some("/v1/usage"));
         assert_eq!(usage.body["actual"], json!(4 * 3 + 15));
+    }
+
+    /// A whole JSON answer to a request `message` started.
+    fn answer_json(gate: &mut Gate, host: &FakeHost, body: &Value) {
+        host.set_status(200);
+        host.response_headers
+            .borrow_mut()
+            .push(("content-type".into(), b"application/json".to_vec()));
+        gate.on_response_headers(host);
+        let bytes = body.to_string().into_bytes();
+        let len = bytes.len();
+        *host.response_chunk.borrow_mut() = bytes;
+        gate.on_response_body(host, len, true);
+    }
+
+    fn sent(fx: &Fixture) -> Vec<crate::fake::Call> {
+        let root = FakeHost::request("GET", "/", &[]);
+        fx.worker.tick(&root, &fx.cfg);
+        let calls = root.calls.borrow().clone();
+        calls
+    }
+
+    const USAGE: &str = r#"{"model": "m", "usage": {"input_tokens": 4, "cache_read_input_tokens": 2, "output_tokens": 6}}"#;
+
+    #[test]
+    fn the_usage_line_reaches_the_ledger_even_when_the_price_is_the_hold() {
+        let fx = Fixture::new(CFG);
+        // No max_tokens: the hold is the estimate, 100. (A cached token is priced like an
+        // input token when the table names no cached price.)
+        let (host, mut gate) = message(&fx, &json!({"model": "m", "messages": []}));
+        respond(
+            &mut gate,
+            &host,
+            host.last_call().token,
+            &allow("acct", 900),
+        );
+        let usage: Value =
+            serde_json::from_str(&USAGE.replace("\"output_tokens\": 6", "\"output_tokens\": 296"))
+                .unwrap();
+        answer_json(&mut gate, &host, &usage);
+        let calls = sent(&fx);
+        let [call] = calls.as_slice() else {
+            panic!("one usage call: {calls:?}")
+        };
+        assert_eq!(call.header(":path"), Some("/v1/usage"));
+        assert_eq!(
+            call.body,
+            json!({"request_id": "req-1", "account": "k", "actual": (4 + 2) * 3 + 296 * 15,
+                   "route": "claude", "model": "m",
+                   "tokens": {"input": 4, "cached_input": 2, "cache_creation_input": 0, "output": 296, "reasoning": 0}})
+        );
+        // Exactly the hold: the call is still sent, for its line.
+        let fx = Fixture::new(&CFG.replace("\"estimate\": 100", "\"estimate\": 108"));
+        let (host, mut gate) = message(&fx, &json!({"model": "m"}));
+        respond(
+            &mut gate,
+            &host,
+            host.last_call().token,
+            &allow("acct", 900),
+        );
+        answer_json(&mut gate, &host, &serde_json::from_str(USAGE).unwrap());
+        let calls = sent(&fx);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].body["actual"], (4 + 2) * 3 + 6 * 15);
+        assert_eq!(calls[0].body["route"], "claude");
+    }
+
+    #[test]
+    fn a_leased_request_sends_its_usage_line_to_its_lease() {
+        let fx = Fixture::new(&CFG.replace(
+            "\"routes\"",
+            "\"mode\": \"lease\", \"lease_want\": 1000, \"routes\"",
+        ));
+        *fx.worker.holder.borrow_mut() = "h".into();
+        let (host, mut gate) = message(&fx, &json!({"model": "m"}));
+        let grant = answer(
+            200,
+            &[],
+            json!({"lease_id": "ls_1", "granted": 1000, "expires_in_ms": 30000, "account_id": "a"}),
+        );
+        respond(&mut gate, &host, host.last_call().token, &grant);
+        answer_json(&mut gate, &host, &serde_json::from_str(USAGE).unwrap());
+        let calls = sent(&fx);
+        let line: Vec<_> = calls
+            .iter()
+            .filter(|c| c.header(":path") == Some("/v1/leases/ls_1/usage"))
+            .collect();
+        let [line] = line.as_slice() else {
+            panic!("one usage line: {calls:?}")
+        };
+        assert_eq!(
+            line.body,
+            json!({"request_id": "req-1", "units": (4 + 2) * 3 + 6 * 15, "route": "claude", "model": "m",
+                   "tokens": {"input": 4, "cached_input": 2, "cache_creation_input": 0, "output": 6, "reasoning": 0}})
+        );
+        assert!(
+            calls.iter().all(|c| c.header(":path") != Some("/v1/usage")),
+            "the lease pays: no usage charge"
+        );
     }
 
     #[test]

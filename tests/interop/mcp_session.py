@@ -39,7 +39,8 @@ def client(url: str, key: str) -> Client:
 
 async def main(url: str, key: str, empty_key: str, bad_key: str, down_url: str) -> dict:
     out = {"sdk": "mcp", "version": version("mcp")}
-    # A whole session: initialize (the SDK probes server/discover first), list, ping,
+    # A whole session: server/discover (MCP 2026-07-28, whose requests carry Mcp-Method
+    # and Mcp-Name; an older server gets initialize instead), list, ping,
     # a free call, two paid calls, close.
     async with client(url, key) as c:
         out["tools"] = sorted(t.name for t in (await c.list_tools()).tools)

@@ -24,18 +24,26 @@ usage: farebox-mcp [--listen ADDR]
   --listen ADDR   listen address (default 127.0.0.1:8084; port 0 picks one);
                   falls back to the environment variable FAREBOX_MCP_LISTEN
 
-A mock MCP server (streamable HTTP, JSON answers):
+A mock MCP server (streamable HTTP, JSON answers), of both protocol eras:
   POST /mcp   one JSON-RPC 2.0 message or a batch (array):
-              initialize, notifications/* (202, no body), ping, tools/list,
+              initialize (2025-06-18), server/discover (2026-07-28; such a
+              request's Mcp-Method/Mcp-Name headers must match its body, else
+              400 with -32020), notifications/* (202, no body), ping, tools/list,
               tools/call {name, arguments} for the tools search, fetch, echo
               (result text \"<name> ok: <arguments json>\"); anything else -32601.
               Header x-mock-status: NNN answers NNN instead.
-  GET /stats  {\"calls\": {tool: n}, \"methods\": {method: n}}; POST /stats/reset
+  GET /stats  {\"calls\": {tool: n}, \"methods\": {method: n},
+              \"accounts\": {x-farebox-account of tool calls: n}}; POST /stats/reset
   GET /healthz
 ";
 
-/// The protocol revision this mock speaks.
+/// The protocol revision this mock speaks to `initialize`.
 const PROTOCOL_VERSION: &str = "2025-06-18";
+/// The revision it speaks to `server/discover` (no sessions; every POST carries
+/// `Mcp-Method`, and `Mcp-Name` for the methods that name a target).
+const MODERN_VERSION: &str = "2026-07-28";
+/// MCP 2026-07-28: headers that do not match the body.
+const HEADER_MISMATCH: i64 = -32020;
 
 const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
@@ -53,6 +61,8 @@ const TOOLS: &[(&str, &str, &str)] = &[
 struct Counters {
     calls: BTreeMap<String, u64>,
     methods: BTreeMap<String, u64>,
+    /// The `x-farebox-account` header of the tool calls served, by value.
+    accounts: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -69,7 +79,7 @@ impl Mcp {
     }
 
     fn snapshot(&self) -> Value {
-        self.with(|c| json!({"calls": c.calls, "methods": c.methods}))
+        self.with(|c| json!({"calls": c.calls, "methods": c.methods, "accounts": c.accounts}))
     }
 }
 
@@ -145,6 +155,18 @@ fn handle(mcp: &Mcp, msg: &Value) -> Option<Value> {
                 "serverInfo": {"name": "farebox-mcp", "version": env!("CARGO_PKG_VERSION")},
             }),
         ),
+        "server/discover" => rpc_result(
+            id,
+            json!({
+                "supportedVersions": [MODERN_VERSION],
+                "capabilities": {"tools": {}},
+                "ttlMs": 0,
+                "cacheScope": "private",
+                "resultType": "complete",
+                "_meta": {"io.modelcontextprotocol/serverInfo":
+                          {"name": "farebox-mcp", "version": env!("CARGO_PKG_VERSION")}},
+            }),
+        ),
         "ping" => rpc_result(id, json!({})),
         "tools/list" => rpc_result(id, tools_list()),
         "tools/call" => {
@@ -199,6 +221,17 @@ async fn post_mcp(State(mcp): State<Shared>, headers: HeaderMap, body: Bytes) ->
             return json_response(StatusCode::BAD_REQUEST, &err);
         }
     };
+    if let Some(err) = header_mismatch(&headers, &msg) {
+        return json_response(StatusCode::BAD_REQUEST, &err);
+    }
+    if msg.get("method").and_then(Value::as_str) == Some("tools/call") {
+        if let Some(account) = headers
+            .get("x-farebox-account")
+            .and_then(|v| v.to_str().ok())
+        {
+            mcp.with(|c| bump(&mut c.accounts, account));
+        }
+    }
     let answer = match &msg {
         Value::Array(items) if items.is_empty() => {
             let err = rpc_error(Value::Null, INVALID_REQUEST, "Invalid Request: empty batch");
@@ -208,12 +241,62 @@ async fn post_mcp(State(mcp): State<Shared>, headers: HeaderMap, body: Bytes) ->
             let answers: Vec<Value> = items.iter().filter_map(|m| handle(&mcp, m)).collect();
             (!answers.is_empty()).then_some(Value::Array(answers))
         }
-        single => handle(&mcp, single),
+        single => handle(&mcp, single).map(|a| {
+            if headers.contains_key("mcp-method") {
+                modern_result(a, single.get("method").and_then(Value::as_str))
+            } else {
+                a
+            }
+        }),
     };
     match answer {
         Some(a) => json_response(StatusCode::OK, &a),
         None => StatusCode::ACCEPTED.into_response(),
     }
+}
+
+/// A result as the 2026-07-28 wire has it: `resultType` always, and the caching
+/// fields on the results clients may cache (the listings).
+fn modern_result(mut answer: Value, method: Option<&str>) -> Value {
+    if let Some(Value::Object(result)) = answer.get_mut("result") {
+        result
+            .entry("resultType")
+            .or_insert_with(|| json!("complete"));
+        if method.is_some_and(|m| m.ends_with("/list")) {
+            result.entry("ttlMs").or_insert_with(|| json!(0));
+            result
+                .entry("cacheScope")
+                .or_insert_with(|| json!("private"));
+        }
+    }
+    answer
+}
+
+/// A 2026-07-28 request (it carries `Mcp-Method`) whose headers do not match its body:
+/// the error to answer with 400, as the transport requires of servers.
+fn header_mismatch(headers: &HeaderMap, msg: &Value) -> Option<Value> {
+    let header = |n: &str| headers.get(n).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let claimed = header("mcp-method")?;
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let method = msg.get("method").and_then(Value::as_str);
+    if method != Some(claimed) {
+        return Some(rpc_error(
+            id,
+            HEADER_MISMATCH,
+            "Mcp-Method does not match the body",
+        ));
+    }
+    let param = match claimed {
+        "tools/call" | "prompts/get" => "name",
+        "resources/read" => "uri",
+        _ => return None,
+    };
+    let target = msg
+        .pointer(&format!("/params/{param}"))
+        .and_then(Value::as_str);
+    // Plain ASCII names only here: the mock's tools have such names.
+    (target != header("mcp-name"))
+        .then(|| rpc_error(id, HEADER_MISMATCH, "Mcp-Name does not match the body"))
 }
 
 /// `GET /mcp` would open a server-to-client event stream; this mock has none.
@@ -298,11 +381,34 @@ mod tests {
         let r = handle(&mcp, &json!({"id": 4, "method": "ping"})).unwrap();
         assert_eq!(r["error"]["code"], INVALID_REQUEST);
         assert!(handle(&mcp, &json!({"jsonrpc": "2.0", "id": 5, "result": {}})).is_none());
+        let r = handle(
+            &mcp,
+            &json!({"jsonrpc": "2.0", "id": 6, "method": "server/discover"}),
+        )
+        .unwrap();
+        assert_eq!(r["result"]["supportedVersions"], json!([MODERN_VERSION]));
         assert_eq!(
             mcp.snapshot(),
             json!({"calls": {"echo": 1},
                    "methods": {"initialize": 1, "notifications/initialized": 1,
-                               "tools/call": 2, "x/y": 1}})
+                               "server/discover": 1, "tools/call": 2, "x/y": 1},
+                   "accounts": {}})
         );
+    }
+
+    #[test]
+    fn modern_headers_must_match_the_body() {
+        let mut h = HeaderMap::new();
+        let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search"}});
+        assert!(header_mismatch(&h, &call).is_none(), "an older client");
+        h.insert("mcp-method", HeaderValue::from_static("tools/call"));
+        assert_eq!(
+            header_mismatch(&h, &call).unwrap()["error"]["code"],
+            HEADER_MISMATCH
+        );
+        h.insert("mcp-name", HeaderValue::from_static("search"));
+        assert!(header_mismatch(&h, &call).is_none());
+        h.insert("mcp-method", HeaderValue::from_static("ping"));
+        assert_eq!(header_mismatch(&h, &call).unwrap()["id"], 1);
     }
 }

@@ -27,14 +27,18 @@ macro_rules! migration {
 pub const SQLITE: &[Migration] = &[
     migration!("sqlite", 1, "0001_init.sql"),
     migration!("sqlite", 2, "0002_fleet_leases.sql"),
+    migration!("sqlite", 3, "0003_budgets.sql"),
+    migration!("sqlite", 4, "0004_usage_items.sql"),
 ];
 pub const POSTGRES: &[Migration] = &[
     migration!("postgres", 1, "0001_init.sql"),
     migration!("postgres", 2, "0002_fleet_leases.sql"),
+    migration!("postgres", 3, "0003_budgets.sql"),
+    migration!("postgres", 4, "0004_usage_items.sql"),
 ];
 
 /// The schema version this build knows (the same for both backends).
-pub const LATEST: i64 = 2;
+pub const LATEST: i64 = 4;
 
 /// The table that records applied migrations (same shape on both backends).
 pub const TABLE: &str = "farebox_migrations";

@@ -168,11 +168,20 @@ pub enum AuthorizeOutcome {
         account_id: String,
         balance: i64,
         replay: bool,
+        /// The account's budget after the debit, if it has one.
+        budget: Option<BudgetState>,
     },
     /// Balance below cost; nothing written.
     Denied {
         account_id: String,
         balance: i64,
+    },
+    /// The cost exceeds what is left of the account's budget this period;
+    /// nothing written.
+    BudgetExceeded {
+        account_id: String,
+        balance: i64,
+        budget: BudgetState,
     },
     UnknownCredential,
     Disabled {
@@ -285,6 +294,14 @@ pub enum LeaseOutcome {
         account_id: String,
         balance: i64,
         replay: bool,
+        budget: Option<BudgetState>,
+    },
+    /// What is left of the budget this period is below `min` (and no
+    /// unspent lease could be recalled); nothing reserved.
+    BudgetExceeded {
+        account_id: String,
+        balance: i64,
+        budget: BudgetState,
     },
     /// Available balance below `min`; nothing reserved. `recall`: other
     /// open leases with unspent units were marked recalled (the
@@ -510,6 +527,59 @@ pub enum UsageOutcome {
     },
 }
 
+/// Tokens per class of a usage line (contract 9.1), each in 0..=i64::MAX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenCounts {
+    pub input: i64,
+    pub cached_input: i64,
+    pub cache_creation_input: i64,
+    pub output: i64,
+    pub reasoning: i64,
+}
+
+/// What one metered request is billed for: the route rule, the model it was
+/// priced by, and its tokens per class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageLine {
+    pub route: String,
+    pub model: Option<String>,
+    pub tokens: TokenCounts,
+}
+
+/// A stored usage line: one metered request of an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageItemRow {
+    pub request_id: String,
+    pub account_id: String,
+    /// The lease that paid for it; `None` when it came with `/v1/usage`.
+    pub lease_id: Option<String>,
+    pub line: UsageLine,
+    pub units: i64,
+    pub at: i64,
+}
+
+impl UsageItemRow {
+    /// The same request reported again with the same content (a retry).
+    fn same_as(&self, lease_id: Option<&str>, line: &UsageLine, units: i64) -> bool {
+        self.lease_id.as_deref() == lease_id && &self.line == line && self.units == units
+    }
+}
+
+/// `POST /v1/leases/{lease_id}/usage`: what was done with a usage line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseUsageOutcome {
+    /// Recorded now, or an identical line already was (`replay`).
+    Recorded {
+        account_id: String,
+        replay: bool,
+    },
+    UnknownLease,
+    /// The request id already has another line (or one of another lease).
+    Conflict {
+        account_id: String,
+    },
+}
+
 /// The account that pays for requests paid by a (demo) payment.
 pub const DEMO_PAYER: &str = "payer_demo";
 
@@ -523,6 +593,154 @@ pub enum PaidOutcome {
     },
     /// The request id is charged to another account.
     Conflict { account_id: String },
+}
+
+// ------------------------------------------------------------ budgets, webhooks, export
+
+pub use rules::Period;
+
+/// A budget as the admin API sets it (validated: `limit >= 0`, a known
+/// IANA time zone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetSpec {
+    pub limit: i64,
+    pub period: Period,
+    pub time_zone: String,
+}
+
+/// A budget in the period that contains a given time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetState {
+    pub limit: i64,
+    /// Units counted against the budget in this period (may exceed `limit`
+    /// after usage beyond an estimate).
+    pub spent: i64,
+    /// `max(limit - spent, 0)`.
+    pub remaining: i64,
+    pub period: Period,
+    pub time_zone: String,
+    /// The period's start and end (the reset) as RFC 3339 with the zone's
+    /// offset.
+    pub period_start: String,
+    pub resets_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BudgetOutcome {
+    Budget(BudgetState),
+    NoBudget,
+    UnknownAccount,
+}
+
+/// What raises webhook events, from the `--webhook-*` flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertSettings {
+    /// Write events to the outbox at all (a webhook URL is configured).
+    pub enabled: bool,
+    /// `balance.low` when a debit takes the balance from `>= t` to `< t`.
+    pub low_balance: Vec<i64>,
+    /// `budget.threshold` when the period's spend reaches `p` % of the limit.
+    pub budget_percent: Vec<u32>,
+}
+
+/// A webhook event to write to the outbox.
+pub(crate) struct NewEvent<'a> {
+    pub event_id: &'a str,
+    pub kind: &'a str,
+    pub account_id: &'a str,
+    pub body: &'a str,
+    pub at: i64,
+}
+
+/// An outbox event claimed for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub event_id: String,
+    pub body: String,
+    /// Delivery attempts before this one.
+    pub attempts: i64,
+}
+
+/// `GET /admin/charges`: rows with `from <= at < to`, optionally of one
+/// account, after `after` in the export order, at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportQuery {
+    pub from: i64,
+    pub to: i64,
+    pub account: Option<String>,
+    pub after: Option<ExportKey>,
+    pub limit: i64,
+}
+
+/// A row's place in the export order: `(at, kind, id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportKey {
+    pub at: i64,
+    pub kind: ExportKind,
+    pub id: String,
+}
+
+/// What an export row records. Stored nowhere: derived from the table the
+/// row comes from; `order` breaks ties of `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    /// A charge (`/v1/authorize`, or an overage from `/v1/usage`): `units` > 0.
+    Charge,
+    /// A charge given back by `/v1/refund`: `units` < 0.
+    Refund,
+    /// A settled or expired lease: `units` = what it charged when it closed.
+    Lease,
+    /// A lease refund (`/v1/leases/{id}/refund`): `units` < 0.
+    LeaseRefund,
+}
+
+impl ExportKind {
+    pub fn order(self) -> i64 {
+        match self {
+            ExportKind::Charge => 0,
+            ExportKind::Refund => 1,
+            ExportKind::Lease => 2,
+            ExportKind::LeaseRefund => 3,
+        }
+    }
+
+    pub fn from_order(n: i64) -> Option<ExportKind> {
+        [
+            ExportKind::Charge,
+            ExportKind::Refund,
+            ExportKind::Lease,
+            ExportKind::LeaseRefund,
+        ]
+        .into_iter()
+        .find(|k| k.order() == n)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExportKind::Charge => "charge",
+            ExportKind::Refund => "refund",
+            ExportKind::Lease => "lease",
+            ExportKind::LeaseRefund => "lease_refund",
+        }
+    }
+}
+
+/// One row of the usage export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRow {
+    pub key: ExportKey,
+    pub account_id: String,
+    pub request_id: String,
+    /// The lease of a lease or lease-refund row.
+    pub lease_id: Option<String>,
+    pub route: String,
+    pub method: String,
+    pub path: String,
+    /// Signed: refunds are negative.
+    pub units: i64,
+    /// The upstream status recorded with a refund.
+    pub upstream_status: Option<i64>,
 }
 
 // ------------------------------------------------------------ the storage interface
@@ -542,6 +760,7 @@ pub(crate) struct ChargeRec {
     pub account_id: String,
     pub cost: i64,
     pub status: ChargeStatus,
+    pub at: i64,
 }
 
 /// An account to insert, with its API key unless it has none.
@@ -630,6 +849,10 @@ pub(crate) trait Tx {
     async fn set_charge_cost(&mut self, request_id: &str, cost: i64) -> Result<()>;
     async fn usage_actual(&mut self, request_id: &str) -> Result<Option<i64>>;
     async fn insert_usage(&mut self, u: &NewUsage<'_>) -> Result<()>;
+    async fn usage_item(&mut self, request_id: &str) -> Result<Option<UsageItemRow>>;
+    async fn insert_usage_item(&mut self, item: &UsageItemRow) -> Result<()>;
+    /// The account's usage lines, oldest first.
+    async fn usage_items_of(&mut self, account_id: &str) -> Result<Vec<UsageItemRow>>;
 
     async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>>;
     async fn insert_topup(&mut self, t: &NewTopup<'_>) -> Result<()>;
@@ -661,6 +884,37 @@ pub(crate) trait Tx {
     async fn due_leases(&mut self, account_id: &str, now: i64) -> Result<Vec<LeaseRow>>;
     /// Accounts that have open leases with `expires_at <= now`.
     async fn accounts_with_due_leases(&mut self, now: i64) -> Result<Vec<String>>;
+
+    /// The account's budget: (limit, period, time zone) as stored.
+    async fn budget(&mut self, account_id: &str) -> Result<Option<(i64, String, String)>>;
+    async fn put_budget(&mut self, account_id: &str, b: &BudgetSpec, at: i64) -> Result<()>;
+    /// Deletes the budget and its spend rows; false if there was none.
+    async fn delete_budget(&mut self, account_id: &str) -> Result<bool>;
+    async fn budget_spent(&mut self, account_id: &str, period_start: i64) -> Result<i64>;
+    /// Adds `delta` to the period's spend (never below 0); returns the new spend.
+    async fn add_budget_spent(
+        &mut self,
+        account_id: &str,
+        period_start: i64,
+        delta: i64,
+    ) -> Result<i64>;
+
+    async fn insert_event(&mut self, e: &NewEvent<'_>) -> Result<()>;
+    /// Claims up to `limit` undelivered events due at `now` (oldest first)
+    /// by moving their next attempt to `until`, so no other delivery task
+    /// takes them meanwhile.
+    async fn claim_events(&mut self, now: i64, until: i64, limit: i64) -> Result<Vec<EventRow>>;
+    async fn event_delivered(&mut self, seq: i64, at: i64) -> Result<()>;
+    /// Records a failed attempt: retried at `next`, or given up (`None`).
+    async fn event_failed(
+        &mut self,
+        seq: i64,
+        next: Option<i64>,
+        error: &str,
+        at: i64,
+    ) -> Result<()>;
+
+    async fn export(&mut self, q: &ExportQuery) -> Result<Vec<ExportRow>>;
 }
 
 // ------------------------------------------------------------ the store
@@ -743,6 +997,7 @@ enum Backend {
 pub struct Store {
     db: Backend,
     leases: LeaseSettings,
+    alerts: std::sync::Arc<AlertSettings>,
 }
 
 /// Runs `$body` (an `ops::…` future using `$tx: &mut impl Tx`) in one
@@ -785,6 +1040,7 @@ impl Store {
         Ok(Store {
             db,
             leases: LeaseSettings::default(),
+            alerts: Default::default(),
         })
     }
 
@@ -810,8 +1066,15 @@ impl Store {
         self
     }
 
+    /// Sets what raises webhook events.
+    pub fn with_alerts(mut self, alerts: AlertSettings) -> Store {
+        self.alerts = std::sync::Arc::new(alerts);
+        self
+    }
+
     pub async fn authorize(&self, input: AuthorizeInput) -> Result<AuthorizeOutcome> {
-        in_tx!(self, |tx| ops::authorize(tx, &input))
+        let alerts = self.alerts.clone();
+        in_tx!(self, |tx| ops::authorize(tx, &input, &alerts))
     }
 
     pub async fn refund(
@@ -886,7 +1149,8 @@ impl Store {
     /// `POST /v1/leases`: reserves part of the balance.
     pub async fn lease(&self, input: LeaseInput) -> Result<LeaseOutcome> {
         let settings = self.leases;
-        in_tx!(self, |tx| ops::lease(tx, &input, settings))
+        let alerts = self.alerts.clone();
+        in_tx!(self, |tx| ops::lease(tx, &input, settings, &alerts))
     }
 
     /// `POST /v1/leases/{lease_id}/settle`. `used` is the total spent so far;
@@ -938,14 +1202,47 @@ impl Store {
         in_tx!(self, |tx| ops::leases(tx, &account_id, policy))
     }
 
-    /// `POST /v1/usage`: sets the final cost of `request_id` to `actual`.
+    /// `POST /v1/usage`: sets the final cost of `request_id` to `actual`, and
+    /// records its usage line if it has one.
     pub async fn usage(
         &self,
         request_id: String,
         credential: String,
         actual: i64,
+        line: Option<UsageLine>,
     ) -> Result<UsageOutcome> {
-        in_tx!(self, |tx| ops::usage(tx, &request_id, &credential, actual))
+        let alerts = self.alerts.clone();
+        in_tx!(self, |tx| ops::usage(
+            tx,
+            &request_id,
+            &credential,
+            actual,
+            line.as_ref(),
+            &alerts
+        ))
+    }
+
+    /// `POST /v1/leases/{lease_id}/usage`: records the usage line of a request
+    /// paid from the lease. Idempotent by `request_id`; moves no money.
+    pub async fn lease_usage(
+        &self,
+        lease_id: String,
+        request_id: String,
+        units: i64,
+        line: UsageLine,
+    ) -> Result<LeaseUsageOutcome> {
+        in_tx!(self, |tx| ops::lease_usage(
+            tx,
+            &lease_id,
+            &request_id,
+            units,
+            &line
+        ))
+    }
+
+    /// The account's usage lines, oldest first; `None` if the account does not exist.
+    pub async fn usage_items(&self, account_id: String) -> Result<Option<Vec<UsageItemRow>>> {
+        in_tx!(self, |tx| ops::usage_items(tx, &account_id))
     }
 
     /// Records a request paid by a verified (demo) payment as a charge of
@@ -966,6 +1263,46 @@ impl Store {
             &method,
             &path
         ))
+    }
+
+    /// `PUT /admin/accounts/{id}/budget`: sets (or replaces) the budget.
+    pub async fn set_budget(&self, account_id: String, spec: BudgetSpec) -> Result<BudgetOutcome> {
+        in_tx!(self, |tx| ops::set_budget(tx, &account_id, &spec))
+    }
+
+    /// The budget in the current period.
+    pub async fn budget(&self, account_id: String) -> Result<BudgetOutcome> {
+        in_tx!(self, |tx| ops::get_budget(tx, &account_id))
+    }
+
+    /// Removes the budget; answers it as it was.
+    pub async fn clear_budget(&self, account_id: String) -> Result<BudgetOutcome> {
+        in_tx!(self, |tx| ops::clear_budget(tx, &account_id))
+    }
+
+    /// Claims up to `limit` due webhook events for delivery until `until`.
+    pub async fn claim_events(&self, now: i64, until: i64, limit: i64) -> Result<Vec<EventRow>> {
+        in_tx!(self, |tx| tx.claim_events(now, until, limit))
+    }
+
+    pub async fn event_delivered(&self, seq: i64, at: i64) -> Result<()> {
+        in_tx!(self, |tx| tx.event_delivered(seq, at))
+    }
+
+    /// A failed delivery: retried at `next`, or given up (`None`).
+    pub async fn event_failed(
+        &self,
+        seq: i64,
+        next: Option<i64>,
+        error: String,
+        at: i64,
+    ) -> Result<()> {
+        in_tx!(self, |tx| tx.event_failed(seq, next, &error, at))
+    }
+
+    /// One page of the usage export.
+    pub async fn export(&self, q: ExportQuery) -> Result<Vec<ExportRow>> {
+        in_tx!(self, |tx| tx.export(&q))
     }
 }
 

@@ -7,16 +7,18 @@
 //! ([`Tx::account_by_key`] / [`Tx::account`]), then reads what it decides
 //! on, so its reads see every transaction that committed before it.
 
-use super::rules::{self, AuthorizeStep, SeqRule};
+use super::rules::{self, AuthorizeStep, Period, SeqRule};
 use super::{
-    AccountSummary, AuthorizeInput, AuthorizeOutcome, CancelOutcome, ChargeRefund, ChargeRow,
-    ChargeStatus, CreateOutcome, LeaseInput, LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome,
-    LeaseRefunded, LeaseRow, LeaseSettings, LeaseState, NewAccount, NewCharge, NewLeaseRefund,
-    NewTopup, NewUsage, PaidOutcome, RefundOutcome, Result, SettleOutcome, Settled, StoreError,
-    TopupOutcome, Tx, UsageOutcome, DEMO_PAYER, USAGE_ROUTE,
+    AccountSummary, AlertSettings, AuthorizeInput, AuthorizeOutcome, BudgetOutcome, BudgetSpec,
+    BudgetState, CancelOutcome, ChargeRefund, ChargeRow, ChargeStatus, CreateOutcome, LeaseInput,
+    LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseRefunded, LeaseRow, LeaseSettings,
+    LeaseState, LeaseUsageOutcome, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup,
+    NewUsage, PaidOutcome, RefundOutcome, Result, SettleOutcome, Settled, StoreError, TopupOutcome,
+    Tx, UsageItemRow, UsageLine, UsageOutcome, DEMO_PAYER, USAGE_ROUTE,
 };
 use crate::config::ExpiryPolicy;
 use crate::util::{now_ms, random_hex, sha256_hex};
+use serde_json::json;
 
 /// The demo accounts created by `--seed-demo`: (account, key, balance, disabled).
 pub const DEMO_ACCOUNTS: &[(&str, &str, i64, bool)] = &[
@@ -36,7 +38,11 @@ async fn credit<T: Tx>(tx: &mut T, account_id: &str, balance: i64, amount: i64) 
     tx.add_balance(account_id, amount).await
 }
 
-pub async fn authorize<T: Tx>(tx: &mut T, input: &AuthorizeInput) -> Result<AuthorizeOutcome> {
+pub async fn authorize<T: Tx>(
+    tx: &mut T,
+    input: &AuthorizeInput,
+    alerts: &AlertSettings,
+) -> Result<AuthorizeOutcome> {
     let key_hash = sha256_hex(input.credential.as_bytes());
     let Some(acct) = tx.account_by_key(&key_hash).await? else {
         return Ok(AuthorizeOutcome::UnknownCredential);
@@ -45,44 +51,59 @@ pub async fn authorize<T: Tx>(tx: &mut T, input: &AuthorizeInput) -> Result<Auth
     let same = existing.map(|c| c.account_id == acct.account_id);
     let account_id = acct.account_id;
     let balance = acct.balance;
-    Ok(
-        match rules::authorize_step(same, acct.disabled, balance, input.cost) {
-            AuthorizeStep::Replay => AuthorizeOutcome::Allowed {
-                account_id,
-                balance,
-                replay: true,
-            },
-            AuthorizeStep::Conflict => AuthorizeOutcome::Conflict { account_id },
-            AuthorizeStep::Disabled => AuthorizeOutcome::Disabled { account_id },
-            AuthorizeStep::Denied => AuthorizeOutcome::Denied {
-                account_id,
-                balance,
-            },
-            AuthorizeStep::Free => AuthorizeOutcome::Allowed {
-                account_id,
-                balance,
-                replay: false,
-            },
-            AuthorizeStep::Debit => {
-                tx.insert_charge(&NewCharge {
-                    request_id: &input.request_id,
-                    account_id: &account_id,
-                    cost: input.cost,
-                    route: &input.route,
-                    method: &input.method,
-                    path: &input.path,
-                    at: now_ms(),
-                })
-                .await?;
-                let balance = tx.add_balance(&account_id, -input.cost).await?;
-                AuthorizeOutcome::Allowed {
+    let now = now_ms();
+    let step = rules::authorize_step(same, acct.disabled, balance, input.cost);
+    let budget = match step {
+        AuthorizeStep::Replay | AuthorizeStep::Free | AuthorizeStep::Debit => {
+            budget_at(tx, &account_id, now).await?
+        }
+        AuthorizeStep::Conflict | AuthorizeStep::Disabled | AuthorizeStep::Denied => None,
+    };
+    Ok(match step {
+        AuthorizeStep::Replay | AuthorizeStep::Free => AuthorizeOutcome::Allowed {
+            account_id,
+            balance,
+            replay: step == AuthorizeStep::Replay,
+            budget: budget.map(|b| b.state()),
+        },
+        AuthorizeStep::Conflict => AuthorizeOutcome::Conflict { account_id },
+        AuthorizeStep::Disabled => AuthorizeOutcome::Disabled { account_id },
+        AuthorizeStep::Denied => AuthorizeOutcome::Denied {
+            account_id,
+            balance,
+        },
+        AuthorizeStep::Debit => {
+            if let Some(b) = budget.as_ref().filter(|b| input.cost > b.left()) {
+                return Ok(AuthorizeOutcome::BudgetExceeded {
                     account_id,
                     balance,
-                    replay: false,
-                }
+                    budget: b.state(),
+                });
             }
-        },
-    )
+            tx.insert_charge(&NewCharge {
+                request_id: &input.request_id,
+                account_id: &account_id,
+                cost: input.cost,
+                route: &input.route,
+                method: &input.method,
+                path: &input.path,
+                at: now,
+            })
+            .await?;
+            let after = tx.add_balance(&account_id, -input.cost).await?;
+            let budget = match budget {
+                Some(b) => Some(spend(tx, alerts, b, input.cost, now).await?.state()),
+                None => None,
+            };
+            low_balance(tx, alerts, &account_id, balance, after, now).await?;
+            AuthorizeOutcome::Allowed {
+                account_id,
+                balance: after,
+                replay: false,
+                budget,
+            }
+        }
+    })
 }
 
 pub async fn refund<T: Tx>(
@@ -118,6 +139,7 @@ pub async fn refund<T: Tx>(
         return Ok(RefundOutcome::Overflow { account_id });
     }
     let balance = credit(tx, &account_id, acct.balance, charge.cost).await?;
+    give_back(tx, &account_id, charge.at, charge.cost).await?;
     tx.mark_refunded(&ChargeRefund {
         request_id,
         status: upstream_status,
@@ -269,6 +291,187 @@ pub async fn leases<T: Tx>(
     Ok(Some(tx.leases_of(account_id).await?))
 }
 
+// ------------------------------------------------------------ budgets and events
+
+/// An account's budget in the period that contains a given time.
+struct Budget {
+    account_id: String,
+    limit: i64,
+    period: Period,
+    time_zone: String,
+    tz: jiff::tz::TimeZone,
+    start: i64,
+    end: i64,
+    spent: i64,
+}
+
+impl Budget {
+    fn left(&self) -> i64 {
+        rules::budget_left(self.limit, self.spent)
+    }
+
+    fn state(&self) -> BudgetState {
+        BudgetState {
+            limit: self.limit,
+            spent: self.spent,
+            remaining: self.left(),
+            period: self.period,
+            time_zone: self.time_zone.clone(),
+            period_start: rules::rfc3339_in(self.start, &self.tz),
+            resets_at: rules::rfc3339_in(self.end, &self.tz),
+        }
+    }
+}
+
+/// The account's budget in the period containing `at`, with that period's
+/// spend; `None` without a budget.
+async fn budget_at<T: Tx>(tx: &mut T, account_id: &str, at: i64) -> Result<Option<Budget>> {
+    let Some((limit, period, time_zone)) = tx.budget(account_id).await? else {
+        return Ok(None);
+    };
+    let period = Period::parse(&period)
+        .ok_or_else(|| StoreError::Corrupt(format!("budget period {period:?}")))?;
+    let tz = rules::time_zone(&time_zone)
+        .ok_or_else(|| StoreError::Corrupt(format!("budget time zone {time_zone:?}")))?;
+    let (start, end) = rules::period_bounds(period, &tz, at)
+        .ok_or_else(|| StoreError::Corrupt(format!("time {at} out of range")))?;
+    let spent = tx.budget_spent(account_id, start).await?;
+    Ok(Some(Budget {
+        account_id: account_id.to_owned(),
+        limit,
+        period,
+        time_zone,
+        tz,
+        start,
+        end,
+        spent,
+    }))
+}
+
+/// Counts `units` against the budget's period and raises the
+/// `budget.threshold` events the spend reached.
+async fn spend<T: Tx>(
+    tx: &mut T,
+    alerts: &AlertSettings,
+    mut b: Budget,
+    units: i64,
+    now: i64,
+) -> Result<Budget> {
+    if units <= 0 {
+        return Ok(b);
+    }
+    let before = b.spent;
+    b.spent = tx.add_budget_spent(&b.account_id, b.start, units).await?;
+    for p in rules::crossed_percent(b.limit, before, b.spent, &alerts.budget_percent) {
+        let state = b.state();
+        let data = json!({
+            "account_id": b.account_id,
+            "threshold_percent": p,
+            "limit": state.limit,
+            "spent": state.spent,
+            "remaining": state.remaining,
+            "period": state.period.as_str(),
+            "time_zone": state.time_zone,
+            "period_start": state.period_start,
+            "resets_at": state.resets_at,
+        });
+        emit(tx, alerts, "budget.threshold", &b.account_id, data, now).await?;
+    }
+    Ok(b)
+}
+
+/// Gives `units` back to the budget period that contains `charged_at` (the
+/// time they were counted), if the account has a budget.
+async fn give_back<T: Tx>(tx: &mut T, account_id: &str, charged_at: i64, units: i64) -> Result<()> {
+    if units <= 0 {
+        return Ok(());
+    }
+    if let Some(b) = budget_at(tx, account_id, charged_at).await? {
+        tx.add_budget_spent(account_id, b.start, -units).await?;
+    }
+    Ok(())
+}
+
+/// Raises a `balance.low` event for each threshold a debit from `before` to
+/// `after` crossed.
+async fn low_balance<T: Tx>(
+    tx: &mut T,
+    alerts: &AlertSettings,
+    account_id: &str,
+    before: i64,
+    after: i64,
+    now: i64,
+) -> Result<()> {
+    for t in rules::crossed_down(before, after, &alerts.low_balance) {
+        let data = json!({ "account_id": account_id, "balance": after, "threshold": t });
+        emit(tx, alerts, "balance.low", account_id, data, now).await?;
+    }
+    Ok(())
+}
+
+/// Writes one webhook event to the outbox (in the caller's transaction).
+async fn emit<T: Tx>(
+    tx: &mut T,
+    alerts: &AlertSettings,
+    kind: &str,
+    account_id: &str,
+    data: serde_json::Value,
+    now: i64,
+) -> Result<()> {
+    if !alerts.enabled {
+        return Ok(());
+    }
+    let event_id = format!("evt_{}", random_hex(16));
+    let body = json!({
+        "id": event_id,
+        "type": kind,
+        "created_at": rules::rfc3339(now),
+        "data": data,
+    })
+    .to_string();
+    tx.insert_event(&NewEvent {
+        event_id: &event_id,
+        kind,
+        account_id,
+        body: &body,
+        at: now,
+    })
+    .await
+}
+
+pub async fn set_budget<T: Tx>(
+    tx: &mut T,
+    account_id: &str,
+    spec: &BudgetSpec,
+) -> Result<BudgetOutcome> {
+    if tx.account(account_id).await?.is_none() {
+        return Ok(BudgetOutcome::UnknownAccount);
+    }
+    let now = now_ms();
+    tx.put_budget(account_id, spec, now).await?;
+    get_budget(tx, account_id).await
+}
+
+pub async fn get_budget<T: Tx>(tx: &mut T, account_id: &str) -> Result<BudgetOutcome> {
+    if tx.account(account_id).await?.is_none() {
+        return Ok(BudgetOutcome::UnknownAccount);
+    }
+    Ok(match budget_at(tx, account_id, now_ms()).await? {
+        Some(b) => BudgetOutcome::Budget(b.state()),
+        None => BudgetOutcome::NoBudget,
+    })
+}
+
+/// Removes the budget and its spend counts; `NoBudget` if there was none.
+pub async fn clear_budget<T: Tx>(tx: &mut T, account_id: &str) -> Result<BudgetOutcome> {
+    if tx.account(account_id).await?.is_none() {
+        return Ok(BudgetOutcome::UnknownAccount);
+    }
+    let before = get_budget(tx, account_id).await?;
+    tx.delete_budget(account_id).await?;
+    Ok(before)
+}
+
 // ------------------------------------------------------------ leases
 
 /// Expires the account's open leases whose `expires_at <= now`, applying the
@@ -305,6 +508,9 @@ async fn close_lease<T: Tx>(
 ) -> Result<i64> {
     let (charged, refunded) = rules::close_charge(base, l.refund_pending);
     let balance = credit(tx, &l.account_id, balance, l.granted - charged).await?;
+    // The grant counted in full against the budget of its period; what it
+    // did not charge goes back there.
+    give_back(tx, &l.account_id, l.created_at, l.granted - charged).await?;
     l.state = state;
     l.charged = charged;
     l.refunded = refunded;
@@ -328,6 +534,7 @@ pub async fn lease<T: Tx>(
     tx: &mut T,
     input: &LeaseInput,
     settings: LeaseSettings,
+    alerts: &AlertSettings,
 ) -> Result<LeaseOutcome> {
     let key_hash = sha256_hex(input.credential.as_bytes());
     let now = now_ms();
@@ -340,6 +547,7 @@ pub async fn lease<T: Tx>(
         return Ok(LeaseOutcome::UnknownCredential);
     };
     let balance = acct.balance;
+    let budget = budget_at(tx, &account_id, now).await?;
     if let Some(l) = tx.lease_by_request(&input.request_id).await? {
         return Ok(if l.account_id != account_id {
             LeaseOutcome::Conflict { account_id }
@@ -359,23 +567,40 @@ pub async fn lease<T: Tx>(
                 account_id,
                 balance,
                 replay: true,
+                budget: budget.map(|b| b.state()),
             }
         });
     }
     if acct.disabled {
         return Ok(LeaseOutcome::Disabled { account_id });
     }
-    if balance < input.min {
+    // A grant reserves budget as it reserves balance: both must cover `min`.
+    let left = budget.as_ref().map_or(i64::MAX, Budget::left);
+    if balance < input.min || left < input.min {
+        // Unspent units of open leases come back to the balance and to the
+        // budget when their holders settle: worth a retry.
         let recall = tx.recall_unspent(&account_id, now).await? > 0;
-        return Ok(LeaseOutcome::Denied {
-            account_id,
-            balance,
-            recall,
+        return Ok(match budget {
+            Some(b) if !recall && balance >= input.min => LeaseOutcome::BudgetExceeded {
+                account_id,
+                balance,
+                budget: b.state(),
+            },
+            _ => LeaseOutcome::Denied {
+                account_id,
+                balance,
+                recall,
+            },
         });
     }
     let others = tx.other_holders(&account_id, &input.holder).await?;
-    let granted =
-        rules::fair_share_grant(input.want, input.min, balance, settings.max_units, others);
+    let granted = rules::fair_share_grant(
+        input.want,
+        input.min,
+        balance.min(left),
+        settings.max_units,
+        others,
+    );
     let lease_id = new_lease_id(tx).await?;
     let expires_at = now.saturating_add(settings.ttl_ms);
     tx.insert_lease(&LeaseRow {
@@ -396,14 +621,20 @@ pub async fn lease<T: Tx>(
         recalled_at: None,
     })
     .await?;
-    let balance = tx.add_balance(&account_id, -granted).await?;
+    let after = tx.add_balance(&account_id, -granted).await?;
+    let budget = match budget {
+        Some(b) => Some(spend(tx, alerts, b, granted, now).await?.state()),
+        None => None,
+    };
+    low_balance(tx, alerts, &account_id, balance, after, now).await?;
     Ok(LeaseOutcome::Granted {
         lease_id,
         granted,
         expires_in_ms: expires_at - now,
         account_id,
-        balance,
+        balance: after,
         replay: false,
+        budget,
     })
 }
 
@@ -526,6 +757,7 @@ pub async fn cancel<T: Tx>(
         },
         LeaseState::Open if l.used == 0 && l.refund_pending == 0 => {
             let balance = credit(tx, &l.account_id, balance, l.granted).await?;
+            give_back(tx, &l.account_id, l.created_at, l.granted).await?;
             l.state = LeaseState::Cancelled;
             l.charged = 0;
             l.closed_at = Some(now);
@@ -597,6 +829,7 @@ pub async fn lease_refund<T: Tx>(
                 });
             }
             let balance = credit(tx, &l.account_id, balance, input.units).await?;
+            give_back(tx, &l.account_id, l.created_at, input.units).await?;
             l.charged -= input.units;
             l.refunded += input.units;
             tx.update_lease(&l).await?;
@@ -627,17 +860,45 @@ pub async fn lease_refund<T: Tx>(
 
 // ------------------------------------------------------------ usage and payments
 
+/// Records `line` for `request_id` unless a line is recorded already (a retry, or
+/// a first call that carried none): the first line of a request stands.
+async fn record_line<T: Tx>(
+    tx: &mut T,
+    request_id: &str,
+    account_id: &str,
+    line: Option<&UsageLine>,
+    units: i64,
+) -> Result<()> {
+    let Some(line) = line else { return Ok(()) };
+    if tx.usage_item(request_id).await?.is_some() {
+        return Ok(());
+    }
+    tx.insert_usage_item(&UsageItemRow {
+        request_id: request_id.to_owned(),
+        account_id: account_id.to_owned(),
+        lease_id: None,
+        line: line.clone(),
+        units,
+        at: now_ms(),
+    })
+    .await
+}
+
 pub async fn usage<T: Tx>(
     tx: &mut T,
     request_id: &str,
     credential: &str,
     actual: i64,
+    line: Option<&UsageLine>,
+    alerts: &AlertSettings,
 ) -> Result<UsageOutcome> {
     let key_hash = sha256_hex(credential.as_bytes());
     let Some(acct) = tx.account_by_key(&key_hash).await? else {
         return Ok(UsageOutcome::UnknownCredential);
     };
     let account_id = acct.account_id;
+    let now = now_ms();
+    let mut charged_at = now;
     let estimate = match tx.charge(request_id).await? {
         Some(c) if c.account_id != account_id => {
             return Ok(UsageOutcome::Conflict { account_id });
@@ -647,6 +908,7 @@ pub async fn usage<T: Tx>(
         }
         Some(c) => match tx.usage_actual(request_id).await? {
             Some(done) if done == actual => {
+                record_line(tx, request_id, &account_id, line, actual).await?;
                 return Ok(UsageOutcome::Settled {
                     account_id,
                     balance: acct.balance,
@@ -659,7 +921,10 @@ pub async fn usage<T: Tx>(
                     cost: done,
                 });
             }
-            None => Some(c.cost),
+            None => {
+                charged_at = c.at;
+                Some(c.cost)
+            }
         },
         None => None,
     };
@@ -669,7 +934,6 @@ pub async fn usage<T: Tx>(
     if rules::usage_adjusted(acct.balance, delta, reserved).is_none() {
         return Ok(UsageOutcome::Overflow { account_id });
     }
-    let now = now_ms();
     if estimate.is_some() {
         tx.set_charge_cost(request_id, actual).await?;
     } else {
@@ -692,16 +956,74 @@ pub async fn usage<T: Tx>(
         at: now,
     })
     .await?;
+    record_line(tx, request_id, &account_id, line, actual).await?;
     let balance = if delta == 0 {
         acct.balance
     } else {
         tx.add_balance(&account_id, delta).await?
     };
+    // The budget follows the cost, in the period the charge was made: usage
+    // beyond the estimate is owed, so it counts even past the limit.
+    if delta < 0 {
+        if let Some(b) = budget_at(tx, &account_id, charged_at).await? {
+            spend(tx, alerts, b, -delta, now).await?;
+        }
+        low_balance(tx, alerts, &account_id, acct.balance, balance, now).await?;
+    } else {
+        give_back(tx, &account_id, charged_at, delta).await?;
+    }
     Ok(UsageOutcome::Settled {
         account_id,
         balance,
         replay: false,
     })
+}
+
+pub async fn lease_usage<T: Tx>(
+    tx: &mut T,
+    lease_id: &str,
+    request_id: &str,
+    units: i64,
+    line: &UsageLine,
+) -> Result<LeaseUsageOutcome> {
+    let Some(lease) = tx.lease_by_id(lease_id).await? else {
+        return Ok(LeaseUsageOutcome::UnknownLease);
+    };
+    // Lock the account row like every other write of its ledger.
+    let account_id = match tx.account(&lease.account_id).await? {
+        Some(a) => a.account_id,
+        None => return Ok(LeaseUsageOutcome::UnknownLease),
+    };
+    if let Some(done) = tx.usage_item(request_id).await? {
+        return Ok(if done.same_as(Some(lease_id), line, units) {
+            LeaseUsageOutcome::Recorded {
+                account_id,
+                replay: true,
+            }
+        } else {
+            LeaseUsageOutcome::Conflict { account_id }
+        });
+    }
+    tx.insert_usage_item(&UsageItemRow {
+        request_id: request_id.to_owned(),
+        account_id: account_id.clone(),
+        lease_id: Some(lease_id.to_owned()),
+        line: line.clone(),
+        units,
+        at: now_ms(),
+    })
+    .await?;
+    Ok(LeaseUsageOutcome::Recorded {
+        account_id,
+        replay: false,
+    })
+}
+
+pub async fn usage_items<T: Tx>(tx: &mut T, account_id: &str) -> Result<Option<Vec<UsageItemRow>>> {
+    if tx.account(account_id).await?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(tx.usage_items_of(account_id).await?))
 }
 
 pub async fn pay_demo<T: Tx>(

@@ -13,11 +13,13 @@
 
 use super::migrations;
 use super::rows::{
-    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, LEASE_COLUMNS, TOTALS,
+    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, EVENT_COLUMNS, EXPORT,
+    LEASE_COLUMNS, TOTALS, USAGE_ITEM_COLUMNS,
 };
 use super::{
-    AccountRow, ChargeRec, ChargeRefund, ChargeRow, LeaseRow, NewAccount, NewCharge,
-    NewLeaseRefund, NewTopup, NewUsage, Result, StoreError, Totals, Tx,
+    AccountRow, BudgetSpec, ChargeRec, ChargeRefund, ChargeRow, EventRow, ExportQuery, ExportRow,
+    LeaseRow, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup, NewUsage, Result,
+    StoreError, Totals, Tx, UsageItemRow,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::str::FromStr;
@@ -249,6 +251,9 @@ impl Columns for Row {
     fn opt_int(&self, i: usize) -> Result<Option<i64>> {
         Ok(self.try_get(i)?)
     }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        Ok(self.try_get(i)?)
+    }
     fn flag(&self, i: usize) -> Result<bool> {
         Ok(self.try_get(i)?)
     }
@@ -453,6 +458,52 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    async fn usage_item(&mut self, request_id: &str) -> Result<Option<UsageItemRow>> {
+        let sql = format!("SELECT {USAGE_ITEM_COLUMNS} FROM usage_items WHERE request_id = $1");
+        self.opt(&sql, &[&request_id])
+            .await?
+            .as_ref()
+            .map(rows::usage_item)
+            .transpose()
+    }
+
+    async fn insert_usage_item(&mut self, u: &UsageItemRow) -> Result<()> {
+        let t = &u.line.tokens;
+        self.exec(
+            &format!(
+                "INSERT INTO usage_items ({USAGE_ITEM_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ),
+            &[
+                &u.request_id,
+                &u.account_id,
+                &u.lease_id,
+                &u.line.route,
+                &u.line.model,
+                &t.input,
+                &t.cached_input,
+                &t.cache_creation_input,
+                &t.output,
+                &t.reasoning,
+                &u.units,
+                &u.at,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn usage_items_of(&mut self, account_id: &str) -> Result<Vec<UsageItemRow>> {
+        let sql = format!(
+            "SELECT {USAGE_ITEM_COLUMNS} FROM usage_items WHERE account_id = $1 ORDER BY seq"
+        );
+        self.all(&sql, &[&account_id])
+            .await?
+            .iter()
+            .map(rows::usage_item)
+            .collect()
+    }
+
     async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>> {
         self.opt_value(
             "SELECT account_id FROM topups WHERE topup_id = $1",
@@ -617,5 +668,142 @@ impl Tx for PgTx<'_> {
         .iter()
         .map(|r| r.try_get(0).map_err(StoreError::from))
         .collect()
+    }
+
+    async fn budget(&mut self, account_id: &str) -> Result<Option<(i64, String, String)>> {
+        let Some(r) = self
+            .opt(
+                "SELECT limit_units, period, time_zone FROM budgets WHERE account_id = $1",
+                &[&account_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+    }
+
+    async fn put_budget(&mut self, account_id: &str, b: &BudgetSpec, at: i64) -> Result<()> {
+        self.exec(
+            "INSERT INTO budgets (account_id, limit_units, period, time_zone, updated_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (account_id) DO UPDATE SET limit_units = $2, period = $3,
+                 time_zone = $4, updated_at = $5",
+            &[&account_id, &b.limit, &b.period.as_str(), &b.time_zone, &at],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_budget(&mut self, account_id: &str) -> Result<bool> {
+        self.exec(
+            "DELETE FROM budget_spend WHERE account_id = $1",
+            &[&account_id],
+        )
+        .await?;
+        let n = self
+            .exec("DELETE FROM budgets WHERE account_id = $1", &[&account_id])
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn budget_spent(&mut self, account_id: &str, period_start: i64) -> Result<i64> {
+        Ok(self
+            .opt_value(
+                "SELECT spent FROM budget_spend WHERE account_id = $1 AND period_start = $2",
+                &[&account_id, &period_start],
+            )
+            .await?
+            .unwrap_or(0))
+    }
+
+    async fn add_budget_spent(
+        &mut self,
+        account_id: &str,
+        period_start: i64,
+        delta: i64,
+    ) -> Result<i64> {
+        self.value(
+            "INSERT INTO budget_spend (account_id, period_start, spent)
+             VALUES ($1, $2, GREATEST($3::BIGINT, 0))
+             ON CONFLICT (account_id, period_start)
+                 DO UPDATE SET spent = GREATEST(budget_spend.spent + $3::BIGINT, 0)
+             RETURNING spent",
+            &[&account_id, &period_start, &delta],
+        )
+        .await
+    }
+
+    async fn insert_event(&mut self, e: &NewEvent<'_>) -> Result<()> {
+        self.exec(
+            "INSERT INTO webhook_events (event_id, kind, account_id, body, created_at,
+                                         next_attempt_at)
+             VALUES ($1, $2, $3, $4, $5, $5)",
+            &[&e.event_id, &e.kind, &e.account_id, &e.body, &e.at],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn claim_events(&mut self, now: i64, until: i64, limit: i64) -> Result<Vec<EventRow>> {
+        // SKIP LOCKED: replicas delivering at once each take other events.
+        let sql = format!(
+            "UPDATE webhook_events SET next_attempt_at = $2
+             WHERE seq IN (SELECT seq FROM webhook_events
+                           WHERE delivered_at IS NULL AND gave_up_at IS NULL
+                                 AND next_attempt_at <= $1
+                           ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)
+             RETURNING {EVENT_COLUMNS}"
+        );
+        let mut out = self
+            .all(&sql, &[&now, &until, &limit])
+            .await?
+            .iter()
+            .map(rows::event)
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
+
+    async fn event_delivered(&mut self, seq: i64, at: i64) -> Result<()> {
+        self.exec(
+            "UPDATE webhook_events SET delivered_at = $2, attempts = attempts + 1,
+                                       last_error = NULL
+             WHERE seq = $1",
+            &[&seq, &at],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn event_failed(
+        &mut self,
+        seq: i64,
+        next: Option<i64>,
+        error: &str,
+        at: i64,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE webhook_events SET attempts = attempts + 1, last_error = $2,
+                   next_attempt_at = COALESCE($3::BIGINT, next_attempt_at),
+                   gave_up_at = CASE WHEN $3::BIGINT IS NULL THEN $4::BIGINT END
+             WHERE seq = $1",
+            &[&seq, &error, &next, &at],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn export(&mut self, q: &ExportQuery) -> Result<Vec<ExportRow>> {
+        let (at, k, id) = match &q.after {
+            Some(key) => (key.at, key.kind.order(), key.id.as_str()),
+            None => (i64::MIN, -1, ""),
+        };
+        let account = q.account.as_deref().unwrap_or("");
+        self.all(EXPORT, &[&q.from, &q.to, &account, &at, &k, &id, &q.limit])
+            .await?
+            .iter()
+            .map(rows::export_row)
+            .collect()
     }
 }

@@ -1,13 +1,17 @@
 //! Result rows read the same way on both backends: each kind of row is
 //! mapped from its columns once, here, next to the column list it reads.
 
-use super::{AccountRow, ChargeRec, ChargeRow, ChargeStatus, LeaseRow, LeaseState, Result, Totals};
+use super::{
+    AccountRow, ChargeRec, ChargeRow, ChargeStatus, EventRow, ExportKey, ExportKind, ExportRow,
+    LeaseRow, LeaseState, Result, StoreError, TokenCounts, Totals, UsageItemRow, UsageLine,
+};
 
 /// One result row of a backend, read by column position.
 pub(crate) trait Columns {
     fn text(&self, i: usize) -> Result<String>;
     fn int(&self, i: usize) -> Result<i64>;
     fn opt_int(&self, i: usize) -> Result<Option<i64>>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>>;
     fn flag(&self, i: usize) -> Result<bool>;
 }
 
@@ -24,13 +28,14 @@ pub(crate) fn account(r: &impl Columns) -> Result<AccountRow> {
 }
 
 /// The columns [`charge_rec`] reads, in order.
-pub(crate) const CHARGE_REC_COLUMNS: &str = "account_id, cost, status";
+pub(crate) const CHARGE_REC_COLUMNS: &str = "account_id, cost, status, at";
 
 pub(crate) fn charge_rec(r: &impl Columns) -> Result<ChargeRec> {
     Ok(ChargeRec {
         account_id: r.text(0)?,
         cost: r.int(1)?,
         status: ChargeStatus::parse(&r.text(2)?)?,
+        at: r.int(3)?,
     })
 }
 
@@ -109,5 +114,96 @@ pub(crate) fn totals(r: &impl Columns) -> Result<Totals> {
         lease_refunded: r.int(5)?,
         leases: r.int(6)?,
         topups: r.int(7)?,
+    })
+}
+
+/// The columns [`event`] reads, in order.
+pub(crate) const EVENT_COLUMNS: &str = "seq, event_id, body, attempts";
+
+pub(crate) fn event(r: &impl Columns) -> Result<EventRow> {
+    Ok(EventRow {
+        seq: r.int(0)?,
+        event_id: r.text(1)?,
+        body: r.text(2)?,
+        attempts: r.int(3)?,
+    })
+}
+
+/// The usage export (`GET /admin/charges`), the same SQL on both backends:
+/// charges, refunded charges (a row of their own at the refund's time),
+/// closed leases that charged something and lease refunds, in the order
+/// `(at, k, id)`. Parameters: `$1` from, `$2` to (exclusive), `$3` the
+/// account (empty: all), `$4 $5 $6` the key to start after, `$7` the limit.
+/// (On SQLite `$N` are named parameters numbered by first appearance, so
+/// they must first appear in this order.)
+pub(crate) const EXPORT: &str = "
+    SELECT at, k, id, account_id, request_id, lease_id, route, method, path, units, upstream
+    FROM (SELECT at, CAST(0 AS BIGINT) AS k, request_id AS id, account_id, request_id,
+                 CAST(NULL AS TEXT) AS lease_id, route, method, path, cost AS units,
+                 CAST(NULL AS BIGINT) AS upstream
+          FROM charges
+          UNION ALL
+          SELECT refunded_at, CAST(1 AS BIGINT), request_id, account_id, request_id,
+                 CAST(NULL AS TEXT), route, method, path, -cost, refund_status
+          FROM charges WHERE status = 'refunded' AND refunded_at IS NOT NULL
+          UNION ALL
+          SELECT closed_at, CAST(2 AS BIGINT), lease_id, account_id, request_id, lease_id,
+                 'lease', '-', '-', charged + refunded, CAST(NULL AS BIGINT)
+          FROM leases
+          WHERE state IN ('settled', 'expired') AND closed_at IS NOT NULL
+                AND charged + refunded > 0
+          UNION ALL
+          SELECT at, CAST(3 AS BIGINT), request_id, account_id, request_id, lease_id,
+                 'lease', '-', '-', -units, status
+          FROM lease_refunds) x
+    WHERE at >= $1 AND at < $2 AND ($3 = '' OR account_id = $3)
+          AND (at > $4 OR (at = $4 AND (k > $5 OR (k = $5 AND id > $6))))
+    ORDER BY at, k, id
+    LIMIT $7";
+
+pub(crate) fn export_row(r: &impl Columns) -> Result<ExportRow> {
+    let k = r.int(1)?;
+    let kind =
+        ExportKind::from_order(k).ok_or_else(|| StoreError::Corrupt(format!("export kind {k}")))?;
+    Ok(ExportRow {
+        key: ExportKey {
+            at: r.int(0)?,
+            kind,
+            id: r.text(2)?,
+        },
+        account_id: r.text(3)?,
+        request_id: r.text(4)?,
+        lease_id: r.opt_text(5)?,
+        route: r.text(6)?,
+        method: r.text(7)?,
+        path: r.text(8)?,
+        units: r.int(9)?,
+        upstream_status: r.opt_int(10)?,
+    })
+}
+
+/// The columns [`usage_item`] reads, in order (also the insert's column order).
+pub(crate) const USAGE_ITEM_COLUMNS: &str = "request_id, account_id, lease_id, route, model, \
+     input_tokens, cached_input_tokens, cache_creation_input_tokens, output_tokens, \
+     reasoning_tokens, units, at";
+
+pub(crate) fn usage_item(r: &impl Columns) -> Result<UsageItemRow> {
+    Ok(UsageItemRow {
+        request_id: r.text(0)?,
+        account_id: r.text(1)?,
+        lease_id: r.opt_text(2)?,
+        line: UsageLine {
+            route: r.text(3)?,
+            model: r.opt_text(4)?,
+            tokens: TokenCounts {
+                input: r.int(5)?,
+                cached_input: r.int(6)?,
+                cache_creation_input: r.int(7)?,
+                output: r.int(8)?,
+                reasoning: r.int(9)?,
+            },
+        },
+        units: r.int(10)?,
+        at: r.int(11)?,
     })
 }

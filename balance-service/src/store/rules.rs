@@ -109,7 +109,126 @@ pub fn usage_adjusted(balance: i64, delta: i64, reserved: i64) -> Option<i64> {
         .filter(|b| delta <= 0 || b.checked_add(reserved).is_some())
 }
 
+// ------------------------------------------------------------ budgets
+
+/// The length of a budget period. Stored as its lower-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    /// Monday to Monday.
+    Week,
+    Month,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Period> {
+        match s {
+            "day" => Some(Period::Day),
+            "week" => Some(Period::Week),
+            "month" => Some(Period::Month),
+            _ => None,
+        }
+    }
+}
+
+/// The IANA time zone `name` (from the bundled zone database, so the answer
+/// does not depend on the host's tzdata).
+pub fn time_zone(name: &str) -> Option<jiff::tz::TimeZone> {
+    jiff::tz::TimeZone::get(name).ok()
+}
+
+/// The period of `period` in `tz` that contains `at_ms`: `(start, end)` in
+/// Unix ms, `start <= at_ms < end`. A period starts at local midnight (a
+/// week on Monday, a month on its first day); where a DST change skips
+/// midnight, at the first local time after the gap. So a day is 23 or 25
+/// hours long across a DST change. `None` only for times outside jiff's
+/// range (years beyond ±9999).
+pub fn period_bounds(period: Period, tz: &jiff::tz::TimeZone, at_ms: i64) -> Option<(i64, i64)> {
+    use jiff::ToSpan;
+    let now = jiff::Timestamp::from_millisecond(at_ms)
+        .ok()?
+        .to_zoned(tz.clone());
+    let date = now.date();
+    let first = match period {
+        Period::Day => date,
+        Period::Week => date
+            .checked_sub(i64::from(date.weekday().to_monday_zero_offset()).days())
+            .ok()?,
+        Period::Month => date.first_of_month(),
+    };
+    let next = match period {
+        Period::Day => first.checked_add(1.day()).ok()?,
+        Period::Week => first.checked_add(1.week()).ok()?,
+        Period::Month => first.checked_add(1.month()).ok()?,
+    };
+    let start = first
+        .to_zoned(tz.clone())
+        .ok()?
+        .timestamp()
+        .as_millisecond();
+    let end = next.to_zoned(tz.clone()).ok()?.timestamp().as_millisecond();
+    Some((start, end))
+}
+
+/// `ms` as RFC 3339 with the UTC offset `tz` has then (e.g.
+/// `2026-11-01T00:00:00+01:00`); UTC if out of range.
+pub fn rfc3339_in(ms: i64, tz: &jiff::tz::TimeZone) -> String {
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => t.display_with_offset(tz.to_offset(t)).to_string(),
+        Err(_) => rfc3339(ms),
+    }
+}
+
+/// `ms` as RFC 3339 in UTC (`…Z`, with milliseconds when not whole seconds).
+pub fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// What is left of a budget of `limit` with `spent` counted (never below 0:
+/// usage beyond an estimate may take `spent` over the limit).
+pub fn budget_left(limit: i64, spent: i64) -> i64 {
+    limit.saturating_sub(spent).max(0)
+}
+
+/// The low-balance thresholds a debit from `before` to `after` crossed
+/// (`before >= t > after`), in the order given.
+pub fn crossed_down(before: i64, after: i64, thresholds: &[i64]) -> Vec<i64> {
+    thresholds
+        .iter()
+        .copied()
+        .filter(|t| before >= *t && after < *t)
+        .collect()
+}
+
+/// The budget thresholds (percent of `limit`) that spend going from
+/// `before` to `after` reached: the level `ceil(limit × p / 100)` with
+/// `before < level <= after`. A limit of 0 has no levels.
+pub fn crossed_percent(limit: i64, before: i64, after: i64, percents: &[u32]) -> Vec<u32> {
+    if limit <= 0 {
+        return Vec::new();
+    }
+    percents
+        .iter()
+        .copied()
+        .filter(|p| {
+            let level = (i128::from(limit) * i128::from(*p) + 99) / 100;
+            i128::from(before) < level && level <= i128::from(after)
+        })
+        .collect()
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -176,5 +295,80 @@ mod tests {
         assert_eq!(usage_adjusted(5, -10, i64::MAX), Some(-5));
         assert_eq!(usage_adjusted(i64::MAX - 1, 1, 1), None);
         assert_eq!(usage_adjusted(i64::MIN, -1, 0), None);
+    }
+
+    fn ms(s: &str) -> i64 {
+        s.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+    }
+
+    #[test]
+    fn periods_in_time_zones() {
+        let berlin = time_zone("Europe/Berlin").unwrap();
+        let utc = time_zone("UTC").unwrap();
+        assert!(time_zone("Mars/Olympus").is_none());
+        let at = ms("2026-12-01T13:06:29Z");
+        assert_eq!(
+            period_bounds(Period::Day, &utc, at),
+            Some((ms("2026-12-01T00:00:00Z"), ms("2026-12-02T00:00:00Z")))
+        );
+        // Berlin is UTC+1 in winter.
+        assert_eq!(
+            period_bounds(Period::Month, &berlin, at),
+            Some((ms("2026-11-30T23:00:00Z"), ms("2026-12-31T23:00:00Z")))
+        );
+        // 2026-12-01 is a Tuesday: the week began on Monday 2026-11-30.
+        assert_eq!(
+            period_bounds(Period::Week, &berlin, at),
+            Some((ms("2026-11-29T23:00:00Z"), ms("2026-12-06T23:00:00Z")))
+        );
+        // Just before local midnight is still the old day.
+        let late = ms("2026-12-01T22:59:59.999Z");
+        assert_eq!(
+            period_bounds(Period::Day, &berlin, late).map(|b| b.1),
+            Some(ms("2026-12-01T23:00:00Z"))
+        );
+        // DST: 2026-03-29 in Berlin has 23 hours, 2026-10-25 has 25; the
+        // month of March ends at CEST midnight.
+        let (s, e) = period_bounds(Period::Day, &berlin, ms("2026-03-29T12:00:00Z")).unwrap();
+        assert_eq!((s, e - s), (ms("2026-03-28T23:00:00Z"), 23 * 3_600_000));
+        let (s, e) = period_bounds(Period::Day, &berlin, ms("2026-10-25T12:00:00Z")).unwrap();
+        assert_eq!((s, e - s), (ms("2026-10-24T22:00:00Z"), 25 * 3_600_000));
+        assert_eq!(
+            period_bounds(Period::Month, &berlin, ms("2026-03-15T00:00:00Z")),
+            Some((ms("2026-02-28T23:00:00Z"), ms("2026-03-31T22:00:00Z")))
+        );
+        // A zone whose DST change skips midnight (Santiago, 2026-09-06
+        // 00:00 -> 01:00): the day starts at 01:00 local.
+        let santiago = time_zone("America/Santiago").unwrap();
+        let (s, _) = period_bounds(Period::Day, &santiago, ms("2026-09-06T12:00:00Z")).unwrap();
+        assert_eq!(rfc3339_in(s, &santiago), "2026-09-06T01:00:00-03:00");
+        assert_eq!(
+            rfc3339_in(ms("2026-12-31T23:00:00Z"), &berlin),
+            "2027-01-01T00:00:00+01:00"
+        );
+        assert_eq!(
+            rfc3339(ms("2026-12-01T00:00:00.250Z")),
+            "2026-12-01T00:00:00.25Z"
+        );
+        for p in [Period::Day, Period::Week, Period::Month] {
+            assert_eq!(Period::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(Period::parse("year"), None);
+    }
+
+    #[test]
+    fn thresholds() {
+        assert_eq!(budget_left(10, 3), 7);
+        assert_eq!(budget_left(10, 12), 0);
+        assert_eq!(crossed_down(12, 8, &[10, 5]), vec![10]);
+        assert_eq!(crossed_down(10, 4, &[10, 5]), vec![10, 5]);
+        assert_eq!(crossed_down(9, 4, &[10, 5]), vec![5]);
+        assert_eq!(crossed_down(4, 1, &[10, 5]), Vec::<i64>::new());
+        // 80 % of 7 is 5.6: reached at 6.
+        assert_eq!(crossed_percent(7, 5, 6, &[80, 100]), vec![80]);
+        assert_eq!(crossed_percent(7, 6, 7, &[80, 100]), vec![100]);
+        assert_eq!(crossed_percent(10, 0, 10, &[50, 100]), vec![50, 100]);
+        assert_eq!(crossed_percent(10, 8, 12, &[50]), Vec::<u32>::new());
+        assert_eq!(crossed_percent(0, 0, 5, &[50]), Vec::<u32>::new());
     }
 }

@@ -5,11 +5,13 @@
 
 use super::migrations::{self, Migration};
 use super::rows::{
-    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, LEASE_COLUMNS, TOTALS,
+    self, Columns, ACCOUNT_COLUMNS, CHARGE_COLUMNS, CHARGE_REC_COLUMNS, EVENT_COLUMNS, EXPORT,
+    LEASE_COLUMNS, TOTALS, USAGE_ITEM_COLUMNS,
 };
 use super::{
-    AccountRow, ChargeRec, ChargeRefund, ChargeRow, LeaseRow, NewAccount, NewCharge,
-    NewLeaseRefund, NewTopup, NewUsage, Result, StoreError, Totals, Tx,
+    AccountRow, BudgetSpec, ChargeRec, ChargeRefund, ChargeRow, EventRow, ExportQuery, ExportRow,
+    LeaseRow, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup, NewUsage, Result,
+    StoreError, Totals, Tx, UsageItemRow,
 };
 use crate::config::SyncMode;
 use rusqlite::types::FromSql;
@@ -181,6 +183,9 @@ impl Columns for rusqlite::Row<'_> {
         Ok(self.get(i)?)
     }
     fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>> {
         Ok(self.get(i)?)
     }
     fn flag(&self, i: usize) -> Result<bool> {
@@ -356,6 +361,43 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    async fn usage_item(&mut self, request_id: &str) -> Result<Option<UsageItemRow>> {
+        let sql = format!("SELECT {USAGE_ITEM_COLUMNS} FROM usage_items WHERE request_id = ?1");
+        self.opt(&sql, params![request_id], |r| rows::usage_item(r))
+    }
+
+    async fn insert_usage_item(&mut self, u: &UsageItemRow) -> Result<()> {
+        let t = &u.line.tokens;
+        self.exec(
+            &format!(
+                "INSERT INTO usage_items ({USAGE_ITEM_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ),
+            params![
+                u.request_id,
+                u.account_id,
+                u.lease_id,
+                u.line.route,
+                u.line.model,
+                t.input,
+                t.cached_input,
+                t.cache_creation_input,
+                t.output,
+                t.reasoning,
+                u.units,
+                u.at
+            ],
+        )?;
+        Ok(())
+    }
+
+    async fn usage_items_of(&mut self, account_id: &str) -> Result<Vec<UsageItemRow>> {
+        let sql = format!(
+            "SELECT {USAGE_ITEM_COLUMNS} FROM usage_items WHERE account_id = ?1 ORDER BY at, rowid"
+        );
+        self.all(&sql, params![account_id], |r| rows::usage_item(r))
+    }
+
     async fn topup_owner(&mut self, topup_id: &str) -> Result<Option<String>> {
         self.opt_value(
             "SELECT account_id FROM topups WHERE topup_id = ?1",
@@ -500,6 +542,126 @@ impl Tx for SqliteTx<'_> {
             "SELECT DISTINCT account_id FROM leases WHERE state = 'open' AND expires_at <= ?1",
             params![now],
             |r| Ok(r.get(0)?),
+        )
+    }
+
+    async fn budget(&mut self, account_id: &str) -> Result<Option<(i64, String, String)>> {
+        self.opt(
+            "SELECT limit_units, period, time_zone FROM budgets WHERE account_id = ?1",
+            params![account_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    }
+
+    async fn put_budget(&mut self, account_id: &str, b: &BudgetSpec, at: i64) -> Result<()> {
+        self.exec(
+            "INSERT INTO budgets (account_id, limit_units, period, time_zone, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (account_id) DO UPDATE SET limit_units = ?2, period = ?3,
+                 time_zone = ?4, updated_at = ?5",
+            params![account_id, b.limit, b.period.as_str(), b.time_zone, at],
+        )?;
+        Ok(())
+    }
+
+    async fn delete_budget(&mut self, account_id: &str) -> Result<bool> {
+        self.exec(
+            "DELETE FROM budget_spend WHERE account_id = ?1",
+            params![account_id],
+        )?;
+        let n = self.exec(
+            "DELETE FROM budgets WHERE account_id = ?1",
+            params![account_id],
+        )?;
+        Ok(n > 0)
+    }
+
+    async fn budget_spent(&mut self, account_id: &str, period_start: i64) -> Result<i64> {
+        Ok(self
+            .opt_value(
+                "SELECT spent FROM budget_spend WHERE account_id = ?1 AND period_start = ?2",
+                params![account_id, period_start],
+            )?
+            .unwrap_or(0))
+    }
+
+    async fn add_budget_spent(
+        &mut self,
+        account_id: &str,
+        period_start: i64,
+        delta: i64,
+    ) -> Result<i64> {
+        self.value(
+            "INSERT INTO budget_spend (account_id, period_start, spent)
+             VALUES (?1, ?2, MAX(?3, 0))
+             ON CONFLICT (account_id, period_start)
+                 DO UPDATE SET spent = MAX(budget_spend.spent + ?3, 0)
+             RETURNING spent",
+            params![account_id, period_start, delta],
+        )
+    }
+
+    async fn insert_event(&mut self, e: &NewEvent<'_>) -> Result<()> {
+        self.exec(
+            "INSERT INTO webhook_events (event_id, kind, account_id, body, created_at,
+                                         next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            params![e.event_id, e.kind, e.account_id, e.body, e.at],
+        )?;
+        Ok(())
+    }
+
+    async fn claim_events(&mut self, now: i64, until: i64, limit: i64) -> Result<Vec<EventRow>> {
+        let sql = format!(
+            "UPDATE webhook_events SET next_attempt_at = ?2
+             WHERE seq IN (SELECT seq FROM webhook_events
+                           WHERE delivered_at IS NULL AND gave_up_at IS NULL
+                                 AND next_attempt_at <= ?1
+                           ORDER BY seq LIMIT ?3)
+             RETURNING {EVENT_COLUMNS}"
+        );
+        let mut out = self.all(&sql, params![now, until, limit], |r| rows::event(r))?;
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
+
+    async fn event_delivered(&mut self, seq: i64, at: i64) -> Result<()> {
+        self.exec(
+            "UPDATE webhook_events SET delivered_at = ?2, attempts = attempts + 1,
+                                       last_error = NULL
+             WHERE seq = ?1",
+            params![seq, at],
+        )?;
+        Ok(())
+    }
+
+    async fn event_failed(
+        &mut self,
+        seq: i64,
+        next: Option<i64>,
+        error: &str,
+        at: i64,
+    ) -> Result<()> {
+        self.exec(
+            "UPDATE webhook_events SET attempts = attempts + 1, last_error = ?2,
+                   next_attempt_at = COALESCE(?3, next_attempt_at),
+                   gave_up_at = CASE WHEN ?3 IS NULL THEN ?4 END
+             WHERE seq = ?1",
+            params![seq, error, next, at],
+        )?;
+        Ok(())
+    }
+
+    async fn export(&mut self, q: &ExportQuery) -> Result<Vec<ExportRow>> {
+        let (at, k, id) = match &q.after {
+            Some(key) => (key.at, key.kind.order(), key.id.as_str()),
+            None => (i64::MIN, -1, ""),
+        };
+        let account = q.account.as_deref().unwrap_or("");
+        self.all(
+            EXPORT,
+            params![q.from, q.to, account, at, k, id, q.limit],
+            |r| rows::export_row(r),
         )
     }
 }
