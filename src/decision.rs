@@ -74,6 +74,7 @@ mod tests {
         let paid = Decision::Allow {
             account_id: "acct".into(),
             balance: None,
+            budget: None,
             payment_response: Some(json!({"success": true})),
         };
         assert!(!paid.cacheable());
@@ -101,6 +102,7 @@ mod tests {
             Decision::Allow {
                 account_id: "acct_1".into(),
                 balance: Some(-3),
+                budget: None,
                 payment_response: None,
             }
         );

@@ -577,6 +577,7 @@ mod tests {
                 request_id: "r4".into(),
                 account: "k".into(),
                 actual: 7,
+                line: None,
             },
         ];
         for (job, needle) in jobs.iter().zip(["r1", "ls_9", "r2", "r3", "r4"]) {
