@@ -254,6 +254,9 @@ impl HttpHost for FuzzHost {
         }
         self.inner.request_body(size)
     }
+    fn set_request_body(&self, size: usize, body: &[u8]) -> bool {
+        !self.faults.on(Fault::RequestBody) && self.inner.set_request_body(size, body)
+    }
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
         if self.faults.on(Fault::ResponseBody) {
             return None;
