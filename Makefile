@@ -19,6 +19,8 @@
 #   make bench-instructions  instructions per request under callgrind (deterministic)
 #   make lint      rustfmt and clippy (host and wasm targets)
 #   make fuzz      the cargo-fuzz targets in fuzz/, FUZZ_TIME seconds each (not in `make test`)
+#   make fuzz-long every fuzz target to FUZZ_RUNS (10 million) executions (not in `make test`)
+#   make mutants   cargo-mutants over the money modules, one at a time (not in `make test`)
 #   make clean     build outputs (make distclean also removes .venv)
 
 SHELL := /bin/bash
@@ -73,7 +75,7 @@ ENVOY_BIN := $(ENVOY)
 endif
 
 .PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench bench-instructions floor clean distclean interop-clients x402-clients run-x402 \
-	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz
+	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz fuzz-long mutants
 
 all: build
 
@@ -295,8 +297,13 @@ bench-instructions: build floor envoy
 # fuzz/corpus (seeded from fuzz/seeds), each run's log is fuzz/out/<target>.log, and a
 # crash stops the run with its input in fuzz/artifacts/<target>/.
 FUZZ_TIME ?= 60
-FUZZ_TARGETS ?= config_parse balance_answer routes shared_data usage_meter
+FUZZ_TARGETS ?= config_parse balance_answer routes shared_data usage_meter request_flow
 FUZZ_SANITIZER ?= address
+
+# FUZZ_LIMIT: how long each target runs (libFuzzer flags); `make fuzz-long` sets it to
+# FUZZ_RUNS executions each instead of FUZZ_TIME seconds.
+FUZZ_LIMIT ?= -max_total_time=$(FUZZ_TIME)
+FUZZ_RUNS ?= 10000000
 
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
@@ -305,14 +312,42 @@ fuzz:
 	  mkdir -p fuzz/corpus/$$t; \
 	  seeds=""; [ -d fuzz/seeds/$$t ] && seeds="fuzz/seeds/$$t"; \
 	  dict=""; [ -f fuzz/dicts/$$t.dict ] && dict="-dict=fuzz/dicts/$$t.dict"; \
-	  echo "fuzz: $$t for $(FUZZ_TIME) s (log: fuzz/out/$$t.log)"; \
+	  echo "fuzz: $$t, $(FUZZ_LIMIT) (log: fuzz/out/$$t.log)"; \
 	  if ! RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz -s $(FUZZ_SANITIZER) $$t \
-	      fuzz/corpus/$$t $$seeds -- -max_total_time=$(FUZZ_TIME) $$dict \
+	      fuzz/corpus/$$t $$seeds -- $(FUZZ_LIMIT) $$dict \
 	      > fuzz/out/$$t.log 2>&1; then \
 	    tail -n 60 fuzz/out/$$t.log; echo "fuzz: $$t FAILED (input in fuzz/artifacts/$$t/)" >&2; exit 1; \
 	  fi; \
 	  grep -E '^#[0-9]+[[:space:]]+DONE' fuzz/out/$$t.log | tail -n 1; \
 	done
+
+# Every target to at least FUZZ_RUNS executions (hours with AddressSanitizer; not part of
+# `make test`). The last line of each log gives the count reached.
+fuzz-long:
+	@$(MAKE) --no-print-directory fuzz FUZZ_LIMIT=-runs=$(FUZZ_RUNS)
+
+# Mutation testing (not part of `make test`): cargo-mutants over the modules that decide
+# money (.cargo/mutants.toml: which files, `cargo test --lib` as the judge, the timeout),
+# one module at a time (MUTANTS_MODULES to pick some), MUTANTS_JOBS mutants at once.
+# Each module's results go to mutants.out/<module>/mutants.out (caught.txt, missed.txt,
+# timeout.txt, unviable.txt); a line a module gives caught/viable, and the target fails
+# when any mutant was missed.
+MUTANTS_MODULES ?= decision identity outbox cache pricing lease usage balance_api gate
+MUTANTS_JOBS ?= 1
+MUTANTS_ARGS ?= --copy-target=true
+
+mutants:
+	@command -v cargo-mutants >/dev/null 2>&1 || $(CARGO) install cargo-mutants --locked
+	@missed=0; for m in $(MUTANTS_MODULES); do \
+	  out=mutants.out/$$m; mkdir -p $$out; \
+	  echo "mutants: src/$$m.rs (log: $$out/mutants.out/)"; \
+	  $(CARGO) mutants -j $(MUTANTS_JOBS) --file src/$$m.rs -o $$out $(MUTANTS_ARGS) > $$out/run.log 2>&1; \
+	  rc=$$?; [ $$rc = 0 ] || [ $$rc = 2 ] || [ $$rc = 3 ] || { tail -n 30 $$out/run.log; exit 1; }; \
+	  n() { cat $$out/mutants.out/$$1.txt 2>/dev/null | wc -l; }; \
+	  c=$$(n caught); t=$$(n timeout); ms=$$(n missed); u=$$(n unviable); \
+	  echo "mutants: $$m: $$((c + t)) caught / $$((c + t + ms)) viable ($$t by timeout, $$u unviable)"; \
+	  [ $$ms = 0 ] || { sed 's/^/  missed: /' $$out/mutants.out/missed.txt; missed=1; }; \
+	done; exit $$missed
 
 clean:
 	$(CARGO) clean

@@ -61,3 +61,50 @@ impl Decision {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn only_decisions_without_a_payment_or_a_challenge_are_cached() {
+        assert!(Decision::allow("acct", Some(5)).cacheable());
+        let paid = Decision::Allow {
+            account_id: "acct".into(),
+            balance: None,
+            budget: None,
+            payment_response: Some(json!({"success": true})),
+        };
+        assert!(!paid.cacheable());
+        assert!(Decision::Deny(Denial::default()).cacheable());
+        let offer = Offer {
+            accepts: vec![json!({"scheme": "exact"})],
+            ..Offer::default()
+        };
+        let with_offer = Decision::Deny(Denial {
+            offer,
+            ..Denial::default()
+        });
+        assert!(!with_offer.cacheable());
+        assert!(Decision::Unauthenticated.cacheable());
+        assert!(Decision::RateLimited {
+            retry_after_s: None
+        }
+        .cacheable());
+    }
+
+    #[test]
+    fn allow_names_the_account_and_carries_no_payment() {
+        assert_eq!(
+            Decision::allow("acct_1", Some(-3)),
+            Decision::Allow {
+                account_id: "acct_1".into(),
+                balance: Some(-3),
+                budget: None,
+                payment_response: None,
+            }
+        );
+    }
+}

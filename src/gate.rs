@@ -1138,8 +1138,14 @@ impl Gate {
         let Some(cfg) = self.cfg.clone() else {
             return Flow::Pause;
         };
-        let Stage::Parked(p) = std::mem::replace(&mut self.stage, Stage::Done) else {
-            return Flow::Pause;
+        // A wake for a stream that is not parked (a stale timer) leaves it as it is: a
+        // pending decision dropped here would let the request through unpaid.
+        let p = match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Parked(p) => p,
+            other => {
+                self.stage = other;
+                return Flow::Pause;
+            }
         };
         let now = host.now_ms();
         if now < p.wake_at_ms {

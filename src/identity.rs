@@ -200,4 +200,15 @@ mod tests {
             Err(IdentityError::Missing)
         );
     }
+
+    /// The reason is what a client reads in the 401's detail: each error says its own.
+    #[test]
+    fn each_error_says_what_is_wrong() {
+        assert_eq!(
+            IdentityError::Missing.to_string(),
+            "no credential in the request"
+        );
+        assert!(IdentityError::WrongScheme.to_string().contains("Bearer"));
+        assert!(IdentityError::Malformed.to_string().contains("malformed"));
+    }
 }

@@ -33,8 +33,9 @@ pub mod sha256;
 pub mod tokens;
 pub mod usage;
 
-#[cfg(test)]
-mod fake;
+/// The in-memory host: native tests, and the fuzz crate (feature `fake`).
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 
 #[cfg(target_arch = "wasm32")]
 mod glue;

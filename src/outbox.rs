@@ -369,3 +369,219 @@ impl Outbox {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeHost;
+
+    fn cfg() -> Config {
+        Config::parse(br#"{"cluster": "balance"}"#).unwrap()
+    }
+
+    fn refund(id: &str, undo: bool) -> Job {
+        Job::Refund {
+            request_id: id.into(),
+            account: "k".into(),
+            cost: 3,
+            status: 503,
+            undo,
+        }
+    }
+
+    fn status(s: Option<u16>) -> CalloutResponse {
+        CalloutResponse {
+            status: s,
+            ..CalloutResponse::default()
+        }
+    }
+
+    /// Sends what is due and answers it with `s`; the tokens sent.
+    fn answer_all(outbox: &mut Outbox, host: &FakeHost, s: Option<u16>) -> Vec<Finished> {
+        let before = host.calls.borrow().len();
+        outbox.flush(host, &cfg());
+        let tokens: Vec<u32> = host.calls.borrow()[before..]
+            .iter()
+            .map(|c| c.token)
+            .collect();
+        tokens
+            .into_iter()
+            .filter_map(|t| outbox.on_response(host, t, &status(s)))
+            .collect()
+    }
+
+    #[test]
+    fn a_full_queue_drops_its_oldest_job_and_counts_it() {
+        let host = FakeHost::request("GET", "/", &[]);
+        let mut outbox = Outbox::default();
+        for i in 0..MAX_QUEUED {
+            outbox.push(&host, refund(&format!("r{i}"), false));
+        }
+        assert_eq!(outbox.len(), MAX_QUEUED);
+        assert_eq!(host.count_of(Metric::RefundFailures), 0);
+        outbox.push(&host, refund("newest", false));
+        assert_eq!(outbox.len(), MAX_QUEUED);
+        assert_eq!(host.count_of(Metric::RefundFailures), 1);
+        assert_eq!(
+            outbox.waiting.front().map(|t| &t.job),
+            Some(&refund("r1", false))
+        );
+        assert_eq!(
+            outbox.waiting.back().map(|t| &t.job),
+            Some(&refund("newest", false))
+        );
+    }
+
+    #[test]
+    fn at_most_max_in_flight_are_sent_at_once() {
+        let host = FakeHost::request("GET", "/", &[]);
+        let mut outbox = Outbox::default();
+        for i in 0..MAX_IN_FLIGHT + 3 {
+            outbox.push(&host, refund(&format!("r{i}"), false));
+        }
+        outbox.flush(&host, &cfg());
+        assert_eq!(host.calls.borrow().len(), MAX_IN_FLIGHT);
+        assert_eq!(outbox.len(), MAX_IN_FLIGHT + 3);
+        assert!(!outbox.is_empty());
+    }
+
+    #[test]
+    fn retries_back_off_1_2_4_seconds_then_give_up() {
+        let host = FakeHost::request("GET", "/", &[]);
+        let mut outbox = Outbox::default();
+        outbox.push(&host, refund("r", false));
+        let start = host.now_ms();
+        let mut waits = Vec::new();
+        let mut finished = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            finished = answer_all(&mut outbox, &host, Some(503));
+            if let Some(due) = outbox.waiting.front().map(|t| t.due_ms) {
+                waits.push(due - host.now_ms());
+                // Not sent before it is due.
+                host.now.set(due - 1);
+                assert!(answer_all(&mut outbox, &host, Some(200)).is_empty());
+                assert_eq!(outbox.len(), 1);
+                host.now.set(due);
+            }
+        }
+        assert_eq!(waits, vec![1_000, 2_000, 4_000, 8_000, 16_000, 32_000]);
+        assert_eq!(host.now_ms() - start, 63_000);
+        assert_eq!(finished.len(), 1);
+        assert!(!finished[0].ok);
+        assert!(outbox.is_empty());
+        assert_eq!(
+            host.count_of(Metric::RefundFailures),
+            u64::from(MAX_ATTEMPTS)
+        );
+        assert_eq!(host.count_of(Metric::Refunds), 0);
+    }
+
+    #[test]
+    fn an_undo_answered_404_is_asked_again_with_backoff_until_the_last_attempt() {
+        let host = FakeHost::request("GET", "/", &[]);
+        let mut outbox = Outbox::default();
+        outbox.push(&host, refund("r", true));
+        let mut waits = Vec::new();
+        let mut finished = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            finished = answer_all(&mut outbox, &host, Some(404));
+            if let Some(due) = outbox.waiting.front().map(|t| t.due_ms) {
+                waits.push(due - host.now_ms());
+                host.now.set(due);
+            }
+        }
+        assert_eq!(waits, vec![1_000, 2_000, 4_000, 8_000, 16_000, 32_000]);
+        // The last 404 is believed: nothing was charged.
+        assert_eq!(finished.len(), 1);
+        assert!(finished[0].ok);
+        assert!(outbox.is_empty());
+        assert_eq!(host.count_of(Metric::RefundFailures), 0);
+        // A plain refund's 404 is believed at once.
+        outbox.push(&host, refund("p", false));
+        let done = answer_all(&mut outbox, &host, Some(404));
+        assert!(done.len() == 1 && done[0].ok);
+    }
+
+    #[test]
+    fn a_periodic_settle_is_never_retried_and_a_404_on_it_is_a_failure() {
+        let host = FakeHost::request("GET", "/", &[]);
+        let mut outbox = Outbox::default();
+        let settle = |last| Job::Settle {
+            lease_key: "k".into(),
+            lease_id: "ls_1".into(),
+            used: 2,
+            last,
+            seq: 1,
+        };
+        outbox.push(&host, settle(false));
+        let done = answer_all(&mut outbox, &host, None);
+        assert!(done.len() == 1 && !done[0].ok);
+        assert!(outbox.is_empty());
+        assert_eq!(host.count_of(Metric::SettleFailures), 1);
+        outbox.push(&host, settle(true));
+        assert!(answer_all(&mut outbox, &host, None).is_empty());
+        assert_eq!(outbox.len(), 1, "a final settle is retried");
+        host.advance(1_000);
+        let done = answer_all(&mut outbox, &host, Some(404));
+        assert!(done.len() == 1 && !done[0].ok);
+        assert_eq!(host.count_of(Metric::SettleFailures), 3);
+        outbox.push(
+            &host,
+            Job::Cancel {
+                request_id: "c".into(),
+            },
+        );
+        let done = answer_all(&mut outbox, &host, Some(200));
+        assert!(done.len() == 1 && done[0].ok);
+        assert_eq!(host.count_of(Metric::Settles), 1);
+    }
+
+    #[test]
+    fn an_answer_for_another_call_is_not_taken() {
+        let host = FakeHost::request("GET", "/", &[]);
+        let mut outbox = Outbox::default();
+        outbox.push(&host, refund("r", false));
+        outbox.flush(&host, &cfg());
+        let token = host.last_call().token;
+        assert_eq!(
+            outbox.on_response(&host, token + 1, &status(Some(200))),
+            None
+        );
+        assert_eq!(outbox.len(), 1);
+        let done = outbox.on_response(&host, token, &status(Some(200)));
+        assert!(done.is_some_and(|f| f.ok && f.job == refund("r", false)));
+        assert_eq!(host.count_of(Metric::Refunds), 1);
+    }
+
+    #[test]
+    fn every_job_names_itself_in_the_log() {
+        let jobs = [
+            refund("r1", false),
+            Job::Settle {
+                lease_key: "k".into(),
+                lease_id: "ls_9".into(),
+                used: 4,
+                last: true,
+                seq: 2,
+            },
+            Job::LeaseRefund {
+                lease_id: "ls_9".into(),
+                request_id: "r2".into(),
+                units: 1,
+                status: 500,
+            },
+            Job::Cancel {
+                request_id: "r3".into(),
+            },
+            Job::Usage {
+                request_id: "r4".into(),
+                account: "k".into(),
+                actual: 7,
+                line: None,
+            },
+        ];
+        for (job, needle) in jobs.iter().zip(["r1", "ls_9", "r2", "r3", "r4"]) {
+            assert!(job.describe().contains(needle), "{}", job.describe());
+        }
+    }
+}

@@ -2058,3 +2058,25 @@ mod token_tables {
         assert_eq!(host.last_call().body["cost"], 100);
     }
 }
+
+/// Found by fuzz/fuzz_targets/request_flow.rs: a wake for a stream that was not parked
+/// dropped its pending authorization, and the request's trailers then let it through
+/// unpaid. A stale wake must leave the request waiting for its answer.
+#[test]
+fn a_wake_while_authorizing_keeps_the_request_paused() {
+    let fx = Fixture::new(CONFIG);
+    let host = FakeHost::request("POST", "/v1/models/m/infer", &[("x-api-key", "key-1")]);
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers_eos(&host, false), Flow::Pause);
+    let token = host.last_call().token;
+    assert_eq!(gate.on_wake(&host), Flow::Pause);
+    assert_eq!(gate.on_request_trailers(&host), Flow::Pause);
+    assert_eq!(gate.on_request_body(&host, 0, true), Flow::Pause);
+    assert_eq!(host.count_of(Metric::Allowed), 0);
+    // The answer still finds its request.
+    assert_eq!(
+        gate.on_callout_response(&host, token, &allow("acct_a", 5)),
+        Flow::Continue
+    );
+    assert_eq!(host.count_of(Metric::Allowed), 1);
+}

@@ -1350,12 +1350,72 @@ pub fn try_http(
     try_http_raw(addr, &raw)
 }
 
-/// Sends raw bytes (a complete request, any headers) and reads the answer to EOF.
+/// Sends raw bytes (a complete request, any headers) and reads the answer.
 pub fn http_raw(addr: SocketAddr, raw: &[u8]) -> Response {
     try_http_raw(addr, raw).unwrap_or_else(|e| panic!("raw HTTP to {addr} failed: {e}"))
 }
 
 pub fn try_http_raw(addr: SocketAddr, raw: &[u8]) -> Result<Response, String> {
+    let buf = exchange(addr, raw, false)?;
+    match parse_response(&buf, false) {
+        Some(r) => r,
+        None => Err(format!(
+            "incomplete response: {:?}",
+            String::from_utf8_lossy(&buf)
+        )),
+    }
+}
+
+/// What came back for a raw request: the status, and the parsed answer when its body could
+/// be read (never for HEAD, which has none).
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub response: Option<Response>,
+}
+
+/// Sends `METHOD TARGET HTTP/1.1` with exactly these header lines (any bytes, in order),
+/// plus Host and `Connection: close`, and reads the answer. Works for HEAD (no body is
+/// expected).
+pub fn raw_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &[u8])],
+) -> RawAnswer {
+    let mut req =
+        format!("{method} {target} HTTP/1.1\r\nHost: farebox.test\r\nConnection: close\r\n")
+            .into_bytes();
+    for (k, v) in headers {
+        req.extend_from_slice(k.as_bytes());
+        req.extend_from_slice(b": ");
+        req.extend_from_slice(v);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    let head_only = method == "HEAD";
+    let buf = exchange(addr, &req, head_only)
+        .unwrap_or_else(|e| panic!("{method} {target}: no HTTP answer: {e}"));
+    let status = split_head(&buf)
+        .and_then(|(start, _, _)| start.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{method} {target}: no HTTP answer: {:?}",
+                String::from_utf8_lossy(&buf)
+            )
+        });
+    let response = if head_only {
+        None
+    } else {
+        parse_response(&buf, false).and_then(Result::ok)
+    };
+    RawAnswer { status, response }
+}
+
+/// The one raw-bytes sender: writes `raw` and reads until the answer is complete by its
+/// framing (Envoy may keep the connection open after an error of its own; with
+/// `head_only`, as soon as the head is in), EOF, or a reset after some bytes.
+fn exchange(addr: SocketAddr, raw: &[u8], head_only: bool) -> Result<Vec<u8>, String> {
     let mut stream =
         TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
     stream
@@ -1366,29 +1426,26 @@ pub fn try_http_raw(addr: SocketAddr, raw: &[u8]) -> Result<Response, String> {
         .map_err(|e| e.to_string())?;
     stream.write_all(raw).map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
+    let mut chunk = [0u8; 16 * 1024];
     loop {
         match stream.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                // Stop as soon as a complete response is there (do not rely on the peer
-                // closing promptly).
-                if let Some(Ok(resp)) = parse_response(&buf, true) {
-                    return Ok(resp);
+                let complete = if head_only {
+                    find(&buf, b"\r\n\r\n").is_some()
+                } else {
+                    matches!(parse_response(&buf, true), Some(Ok(_)))
+                };
+                if complete {
+                    break;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !buf.is_empty() => break,
             Err(e) => return Err(format!("read after {} bytes: {e}", buf.len())),
         }
     }
-    match parse_response(&buf, false) {
-        Some(r) => r,
-        None => Err(format!(
-            "incomplete response: {:?}",
-            String::from_utf8_lossy(&buf)
-        )),
-    }
+    Ok(buf)
 }
 
 /// Asserts an RFC 9457 problem answer from the filter and returns its body.

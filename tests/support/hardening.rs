@@ -6,13 +6,12 @@
 //! - small assertion helpers shared by the suites.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{admin_stats, find, parse_response, wasm_path, Envoy, Response};
+use crate::common::{admin_stats, wasm_path, Envoy};
 
 // ---------------------------------------------------------------------------------------
 // Assertions
@@ -219,71 +218,4 @@ pub fn static_bootstrap(
             "clusters": [cluster("balance", balance), cluster("upstream", upstream)]
         }
     })
-}
-
-// ---------------------------------------------------------------------------------------
-// Raw requests with arbitrary bytes
-// ---------------------------------------------------------------------------------------
-
-/// What came back for a raw request: `Ok` with the status and the parsed answer (if the
-/// body could be read), or the I/O error.
-#[derive(Debug, Clone)]
-pub struct RawAnswer {
-    pub status: u16,
-    pub response: Option<Response>,
-}
-
-/// Sends `METHOD TARGET HTTP/1.1` with exactly these header lines (any bytes), plus Host and
-/// `Connection: close`, and reads the answer. Works for HEAD (no body is expected).
-pub fn raw_request(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &[u8])],
-) -> RawAnswer {
-    let mut req =
-        format!("{method} {target} HTTP/1.1\r\nHost: farebox.test\r\nConnection: close\r\n")
-            .into_bytes();
-    for (k, v) in headers {
-        req.extend_from_slice(k.as_bytes());
-        req.extend_from_slice(b": ");
-        req.extend_from_slice(v);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"\r\n");
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream.write_all(&req).expect("write");
-    // Read until the answer is complete by its framing (Envoy may keep the connection open
-    // after an error of its own), or EOF, or the read timeout.
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        let done = if method == "HEAD" {
-            find(&buf, b"\r\n\r\n").is_some()
-        } else {
-            matches!(parse_response(&buf, true), Some(Ok(_)))
-        };
-        if done {
-            break;
-        }
-    }
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{method} {target}: no HTTP answer: {text:?}"));
-    let response = if method == "HEAD" {
-        None
-    } else {
-        parse_response(&buf, false).and_then(Result::ok)
-    };
-    RawAnswer { status, response }
 }
