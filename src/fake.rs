@@ -43,6 +43,7 @@ pub enum HostCall {
     ResponseHeader,
     SetResponseHeader,
     RequestBody,
+    SetRequestBody,
     ResponseBody,
     SendReply,
     Resume,
@@ -287,6 +288,7 @@ impl HttpHost for FakeHost {
     }
 
     fn set_request_body(&self, size: usize, body: &[u8]) -> bool {
+        self.called(HostCall::SetRequestBody);
         let mut current = self.request_body.borrow_mut();
         if size < current.len() {
             return false; // like Envoy: only the whole buffered body is replaced

@@ -248,6 +248,9 @@ pub struct Gate {
     /// The request body is held to add `stream_options.include_usage` (its
     /// `content-length` went with the headers).
     include_usage: bool,
+    /// Whether the client sent a payment header, read with the headers (from the one
+    /// header-map read), so that stripping payments costs no host call when there is none.
+    payment_headers: bool,
     /// What the access log is told about this request.
     access: Record,
 }
@@ -289,6 +292,7 @@ impl Gate {
             mcp_claim: None,
             deferred: None,
             include_usage: false,
+            payment_headers: false,
             access,
         }
     }
@@ -338,7 +342,7 @@ impl Gate {
     /// A payment is for the gate: the upstream never sees one (it is a bearer
     /// instrument until settled). `Authorization` goes only when it holds a payment.
     fn strip_payment(&self, host: &impl HttpHost) {
-        if self.headers_gone {
+        if self.headers_gone || !self.payment_headers {
             return;
         }
         for name in payments::PAYMENT_HEADERS {
@@ -392,6 +396,12 @@ impl Gate {
         };
         let method = text(host.request_header(":method"));
         let raw_path = text(host.request_header(":path"));
+        self.payment_headers = payments::PAYMENT_HEADERS
+            .iter()
+            .any(|name| host.request_header(name).is_some())
+            || host
+                .request_header("authorization")
+                .is_some_and(|v| payments::is_payment_authorization(&v));
         let (price, path) = cfg.pricing.price_request(&method, &raw_path);
         let rule = price
             .rule

@@ -210,6 +210,9 @@ impl<H: HttpHost> HttpHost for Snapshot<'_, H> {
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
         self.host.request_body(size)
     }
+    fn set_request_body(&self, size: usize, body: &[u8]) -> bool {
+        self.host.set_request_body(size, body)
+    }
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
         self.host.response_body(size)
     }
