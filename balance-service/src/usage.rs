@@ -81,22 +81,37 @@ impl LineReq {
     }
 }
 
+/// What both usage calls check before the ledger: a request id, an amount of units
+/// (`field`) that fits the ledger's integers, and a well-formed usage line if any.
+fn checked(
+    rid: &str,
+    amount: u64,
+    field: &str,
+    line: LineReq,
+) -> Result<(i64, Option<UsageLine>), Response> {
+    if rid.is_empty() {
+        return Err(bad_request("request_id must not be empty", None));
+    }
+    let Ok(amount) = i64::try_from(amount) else {
+        return Err(bad_request(
+            format!("{field} out of range (max 9223372036854775807)"),
+            Some(rid),
+        ));
+    };
+    let line = line.line().map_err(|why| bad_request(why, Some(rid)))?;
+    Ok((amount, line))
+}
+
 pub(super) async fn usage(State(st): State<Shared>, JsonBody(req): JsonBody<UsageReq>) -> Response {
     let rid = req.request_id.clone();
-    if rid.is_empty() {
-        return bad_request("request_id must not be empty", None);
-    }
-    let Ok(actual) = i64::try_from(req.actual) else {
-        return bad_request("actual out of range (max 9223372036854775807)", Some(&rid));
-    };
     let line = LineReq {
         route: req.route,
         model: req.model,
         tokens: req.tokens,
     };
-    let line = match line.line() {
-        Ok(l) => l,
-        Err(why) => return bad_request(why, Some(&rid)),
+    let (actual, line) = match checked(&rid, req.actual, "actual", line) {
+        Ok(checked) => checked,
+        Err(resp) => return resp,
     };
     let store = st.store.clone();
     let outcome = match stored(store.usage(req.request_id, req.account, actual, line)).await {
@@ -173,21 +188,17 @@ pub(super) async fn lease_usage(
     JsonBody(req): JsonBody<LeaseUsageReq>,
 ) -> Response {
     let rid = req.request_id.clone();
-    if rid.is_empty() {
-        return bad_request("request_id must not be empty", None);
-    }
-    let Ok(units) = i64::try_from(req.units) else {
-        return bad_request("units out of range (max 9223372036854775807)", Some(&rid));
-    };
     let line = LineReq {
         route: req.route,
         model: req.model,
         tokens: req.tokens,
     };
-    let line = match line.line() {
-        Ok(Some(l)) => l,
-        Ok(None) => return bad_request("a usage line needs both route and tokens", Some(&rid)),
-        Err(why) => return bad_request(why, Some(&rid)),
+    let (units, line) = match checked(&rid, req.units, "units", line) {
+        Ok((units, Some(line))) => (units, line),
+        Ok((_, None)) => {
+            return bad_request("a usage line needs both route and tokens", Some(&rid))
+        }
+        Err(resp) => return resp,
     };
     let store = st.store.clone();
     let outcome =
