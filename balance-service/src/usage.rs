@@ -88,17 +88,19 @@ fn checked(
     amount: u64,
     field: &str,
     line: LineReq,
-) -> Result<(i64, Option<UsageLine>), Response> {
+) -> Result<(i64, Option<UsageLine>), Box<Response>> {
     if rid.is_empty() {
-        return Err(bad_request("request_id must not be empty", None));
+        return Err(Box::new(bad_request("request_id must not be empty", None)));
     }
     let Ok(amount) = i64::try_from(amount) else {
-        return Err(bad_request(
+        return Err(Box::new(bad_request(
             format!("{field} out of range (max 9223372036854775807)"),
             Some(rid),
-        ));
+        )));
     };
-    let line = line.line().map_err(|why| bad_request(why, Some(rid)))?;
+    let line = line
+        .line()
+        .map_err(|why| Box::new(bad_request(why, Some(rid))))?;
     Ok((amount, line))
 }
 
@@ -111,7 +113,7 @@ pub(super) async fn usage(State(st): State<Shared>, JsonBody(req): JsonBody<Usag
     };
     let (actual, line) = match checked(&rid, req.actual, "actual", line) {
         Ok(checked) => checked,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let store = st.store.clone();
     let outcome = match stored(store.usage(req.request_id, req.account, actual, line)).await {
@@ -198,7 +200,7 @@ pub(super) async fn lease_usage(
         Ok((_, None)) => {
             return bad_request("a usage line needs both route and tokens", Some(&rid))
         }
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let store = st.store.clone();
     let outcome =
