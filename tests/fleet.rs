@@ -336,12 +336,19 @@ fn refunds_survive_lease_turnover() {
         "{outcomes:?}"
     );
     settled(&fleet.balance, account);
-    // The 30 refunds go out from the outbox after the 503s: wait for all of them.
+    // The 30 refunds go out from the outbox after the 503s. The service counts a
+    // call when it arrives, before its transaction commits, so wait for the
+    // ledger itself to hold all 30.
+    let refunded = || {
+        leases(&fleet.balance, account)
+            .iter()
+            .map(|l| acct_num(l, "refunded"))
+            .sum::<i64>()
+    };
     assert!(
-        wait_until(SETTLE_WAIT, || {
-            fleet.balance.stats()["lease_refund_calls"].as_u64() >= Some(30)
-        }),
-        "the lease refunds did not arrive: {}",
+        wait_until(SETTLE_WAIT, || refunded() >= 30),
+        "the lease refunds did not reach the ledger ({} of 30): {}",
+        refunded(),
         fleet.balance.stats()
     );
     let acct = fleet.balance.account(account);
