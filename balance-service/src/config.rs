@@ -61,9 +61,9 @@ pub struct X402 {
     pub asset_version: String,
     /// The token's decimals (the Payment-scheme request's `methodDetails.decimals`).
     pub asset_decimals: u8,
-    /// The Payment-scheme challenges' `realm` (the protection space the
-    /// credential is bound to).
-    pub realm: String,
+    /// The Payment-scheme challenges' `realm`; `None`: the filter names the
+    /// request's host.
+    pub realm: Option<String>,
     /// Key of the HMAC that makes a Payment-scheme challenge id; `None`: a
     /// random key per process (replicas behind one filter need the same key).
     pub challenge_secret: Option<String>,
@@ -211,7 +211,8 @@ usage: farebox-balance [flags]
   --x402-asset-name NAME --x402-asset-version V
                            the token's EIP-712 domain (default USDC, 2)
   --x402-asset-decimals N  the token's decimals (default 6)
-  --x402-realm REALM       realm of the Payment-scheme challenges (default farebox)
+  --x402-realm REALM       realm of the Payment-scheme challenges (default: the
+                           request's host, as the filter names it)
   --x402-challenge-secret S
                            HMAC key of the Payment-scheme challenge ids (default:
                            random per process; give replicas the same one)
@@ -561,10 +562,16 @@ where
                     format!("--x402-asset-decimals: expected an integer from 0 to 36, got {v:?}")
                 })?,
         };
-        let realm = text(&mut values, "x402-realm", "farebox")?;
-        if realm.contains(['"', '\\']) || realm.chars().any(char::is_control) {
-            return Err("--x402-realm: no quotes, backslashes or control characters".to_owned());
-        }
+        let realm = match values.remove("x402-realm") {
+            None => None,
+            Some(r) if r.trim().is_empty() || r.contains(['"', '\\']) || r.chars().any(char::is_control) => {
+                return Err(
+                    "--x402-realm: a non-empty name without quotes, backslashes or control characters"
+                        .to_owned(),
+                )
+            }
+            Some(r) => Some(r.trim().to_owned()),
+        };
         let challenge_secret = match values.remove("x402-challenge-secret") {
             Some(v) if v.trim().len() < 16 => {
                 return Err("--x402-challenge-secret: at least 16 characters".to_owned())

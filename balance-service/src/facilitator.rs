@@ -227,15 +227,6 @@ impl Facilitator {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn authorization_state_selector() {
-        let h = crate::util::keccak256_hex(b"authorizationState(address,bytes32)");
-        assert_eq!(h.get(..10), Some(super::AUTHORIZATION_STATE));
-    }
-}
-
 fn body(payload: &Value, requirements: &Value) -> Value {
     let version = payload.get("x402Version").cloned().unwrap_or(json!(2));
     json!({"x402Version": version, "paymentPayload": payload, "paymentRequirements": requirements})
@@ -263,5 +254,14 @@ fn reason(a: &Value, code: &str, message: &str) -> String {
         (Some(c), None) => c,
         (None, Some(m)) => m,
         (None, None) => "no reason given".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn authorization_state_selector() {
+        let h = crate::util::keccak256_hex(b"authorizationState(address,bytes32)");
+        assert_eq!(h.get(..10), Some(super::AUTHORIZATION_STATE));
     }
 }

@@ -29,6 +29,8 @@ pub const METHOD: &str = "evm";
 pub const INTENT: &str = "charge";
 /// The `evm` method's only credential type: an EIP-3009 authorization.
 pub const CREDENTIAL_TYPE: &str = "authorization";
+/// Hex digits of random salt a challenge id starts with.
+const SALT_LEN: usize = 16;
 /// The draft's registry of problem types.
 pub const PROBLEM_BASE: &str = "https://paymentauth.org/problems/";
 
@@ -85,16 +87,32 @@ impl ChallengeKey {
         ChallengeKey(secret.unwrap_or_else(|| random_hex(32)).into_bytes())
     }
 
-    /// `id`: HMAC-SHA256 over what the credential echoes back, so the service
-    /// keeps no state per challenge and a changed echo is refused.
-    fn id(&self, realm: &str, request: &Terms, expires: &str) -> String {
+    /// `id`: HMAC-SHA256 over what the credential echoes back (method, intent,
+    /// terms, expiry), so the service keeps no state per challenge and a changed
+    /// echo is refused. The realm is the filter's to name (the request's host
+    /// unless `--x402-realm`); the authorization's nonce binds it with the id.
+    ///
+    /// It starts with a random salt (SALT_LEN hex digits, covered by the HMAC):
+    /// two challenges of the same terms in the same second differ, so do their
+    /// nonces, and a payer may pay both.
+    fn id(&self, request: &Terms, expires: &str) -> String {
+        self.id_salted(&random_hex(SALT_LEN / 2), request, expires)
+    }
+
+    /// The id `echoed` should be, if this service issued it.
+    fn reissue(&self, echoed: &str, request: &Terms, expires: &str) -> String {
+        let salt = echoed.get(..SALT_LEN).unwrap_or_default();
+        self.id_salted(salt, request, expires)
+    }
+
+    fn id_salted(&self, salt: &str, request: &Terms, expires: &str) -> String {
         let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0) {
             Ok(m) => m,
             // HMAC takes keys of any length; unreachable in practice.
             Err(_) => return String::new(),
         };
         for part in [
-            realm,
+            salt,
             METHOD,
             INTENT,
             &request.amount,
@@ -106,7 +124,10 @@ impl ChallengeKey {
             mac.update(part.as_bytes());
             mac.update(b"\n");
         }
-        crate::util::base64url(&mac.finalize().into_bytes())
+        format!(
+            "{salt}{}",
+            crate::util::base64url(&mac.finalize().into_bytes())
+        )
     }
 }
 
@@ -161,15 +182,18 @@ pub fn challenge(
     expires: &str,
 ) -> Value {
     let terms = Terms::of(x402, amount);
-    json!({
-        "id": key.id(&x402.realm, &terms, expires),
-        "realm": x402.realm,
+    let mut c = json!({
+        "id": key.id(&terms, expires),
         "method": METHOD,
         "intent": INTENT,
         "request": terms.request(x402.asset_decimals),
         "expires": expires,
         "description": description,
-    })
+    });
+    if let Some(realm) = &x402.realm {
+        c["realm"] = json!(realm);
+    }
+    c
 }
 
 /// The `challengeHash` the `evm` method signs as the EIP-3009 nonce.
@@ -240,8 +264,8 @@ pub fn check(
             .unwrap_or(0),
     };
     let expires = text(echo, "expires");
-    let issued = key.id(&realm, &echoed, &expires);
-    if id.is_empty() || !crate::util::ct_eq(id.as_bytes(), issued.as_bytes()) {
+    let issued = key.reissue(&id, &echoed, &expires);
+    if id.len() <= SALT_LEN || !crate::util::ct_eq(id.as_bytes(), issued.as_bytes()) {
         return Err(refuse(
             Problem::InvalidChallenge,
             "the challenge was not issued by this service, or was changed",
@@ -366,7 +390,7 @@ mod tests {
             asset_name: "T".into(),
             asset_version: "1".into(),
             asset_decimals: 6,
-            realm: "api.test".into(),
+            realm: Some("api.test".into()),
             challenge_secret: Some("0123456789abcdef0123".into()),
             facilitator: None,
         }
@@ -426,6 +450,8 @@ mod tests {
             c["request"]["methodDetails"]["credentialTypes"],
             json!(["authorization"])
         );
+        let twin = challenge(&x, &key, "1000", "data", expires);
+        assert_ne!(twin["id"], c["id"], "salted: a payer may pay both");
         let req = json!({"scheme": "exact"});
         let ok = check(&credential(&c, |_| {}), &x, &key, "1000", &req, now).unwrap();
         assert_eq!(ok.challenge_id, c["id"].as_str().unwrap());

@@ -764,7 +764,7 @@ mod tests {
             asset_name: "USDC".into(),
             asset_version: "2".into(),
             asset_decimals: 6,
-            realm: "farebox".into(),
+            realm: None,
             challenge_secret: None,
             facilitator: None,
         };
@@ -932,7 +932,7 @@ mod tests {
             asset_name: "USDC".into(),
             asset_version: "2".into(),
             asset_decimals: 6,
-            realm: "farebox".into(),
+            realm: None,
             challenge_secret: None,
             facilitator: None,
         };
@@ -945,6 +945,6 @@ mod tests {
         assert_eq!(challenges[0]["description"], "inference");
         assert_eq!(challenges[0]["request"]["amount"], "55340232221128654845");
         assert_eq!(challenges[0]["method"], "evm");
-        assert_eq!(challenges[0]["id"].as_str().unwrap().len(), 43);
+        assert_eq!(challenges[0]["id"].as_str().unwrap().len(), 59);
     }
 }

@@ -84,15 +84,26 @@ fn assert_challenges(j: &Value, amount: &str, description: &str) {
     let c = j["challenges"].as_array().unwrap();
     assert_eq!(c.len(), 1, "{j}");
     let c = &c[0];
-    assert_eq!(c["method"], "x402");
+    // The Payment scheme's `evm` method, `charge` intent, as pympp and mppx pay it.
+    assert_eq!(c["method"], "evm");
     assert_eq!(c["intent"], "charge");
     assert_eq!(
         c["request"],
-        json!({"amount": amount, "currency": "0x00000000000000000000000000000000000000a0", "recipient": "0x00000000000000000000000000000000000000b0"})
+        json!({"amount": amount, "currency": "0x00000000000000000000000000000000000000a0",
+               "recipient": "0x00000000000000000000000000000000000000b0",
+               "methodDetails": {"chainId": 84532, "credentialTypes": ["authorization"], "decimals": 6}})
     );
     assert_eq!(c["description"], description);
+    assert!(c.get("realm").is_none(), "the filter names the host: {c}");
+    // A salt (16 hex digits) and an HMAC (base64url of 32 bytes).
     let id = c["id"].as_str().unwrap();
-    assert!(id.len() >= 16 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(
+        id.len() == 59
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "{id}"
+    );
     // RFC 3339, UTC: 2026-01-02T03:04:05Z.
     let e = c["expires"].as_str().unwrap().as_bytes();
     assert_eq!(e.len(), 20, "{c}");
