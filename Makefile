@@ -139,7 +139,7 @@ run: build services envoy
 
 # The demo paid with x402 for real: a fresh local chain, the test token, the x402
 # facilitator, and the reference service settling through it (README, "Paying with x402").
-run-x402: build services envoy x402-clients
+run-x402: build services envoy x402-clients mpp-clients
 	ENVOY_BIN="$(ENVOY_BIN)" ./scripts/run-x402-demo.sh
 
 # The demo with func-e (https://func-e.io) running Envoy: func-e downloads Envoy on first

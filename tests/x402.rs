@@ -70,17 +70,23 @@ fn anvil_binary(dir: &Path) -> PathBuf {
 /// Runs `node client.mjs ARGS`; its stdout is one JSON object. `allowed` is the
 /// client's spend control (`NETWORK,TOKEN,MAX`): the only token it pays in.
 fn client(dir: &Path, allowed: &str, args: &[&str]) -> Value {
-    let out = Command::new("node")
-        .arg(dir.join("client.mjs"))
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join("client.mjs"))
         .args(args)
         .env("X402_ALLOWED_ASSET", allowed)
-        .current_dir(dir)
+        .current_dir(dir);
+    json_line(&format!("x402 client {args:?}"), &mut cmd)
+}
+
+/// Runs a client whose stdout is one JSON object.
+fn json_line(what: &str, cmd: &mut Command) -> Value {
+    let out = cmd
         .output()
-        .expect("start the x402 client");
+        .unwrap_or_else(|e| panic!("start the {what}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
         panic!(
-            "x402 client {args:?}: not JSON: {stdout}\nstderr: {}",
+            "{what}: not JSON: {stdout}\nstderr: {}",
             String::from_utf8_lossy(&out.stderr)
         )
     })
@@ -105,8 +111,8 @@ fn mpp_python(test: &str) -> Option<PathBuf> {
 
 /// Runs `python tests/mpp/client.py CMD URL KEY <the chain's token> ARGS`; one JSON line.
 fn mpp_client(py: &Path, chain: &Chain, cmd: &str, url: &str, key: &str, extra: &[&str]) -> Value {
-    let out = Command::new(py)
-        .arg(repo_root().join("tests/mpp/client.py"))
+    let mut run = Command::new(py);
+    run.arg(repo_root().join("tests/mpp/client.py"))
         .args([cmd, url, key])
         .args([
             chain.s("token"),
@@ -115,16 +121,8 @@ fn mpp_client(py: &Path, chain: &Chain, cmd: &str, url: &str, key: &str, extra: 
             chain.s("token_version"),
             "0.01".to_string(),
         ])
-        .args(extra)
-        .output()
-        .expect("start the pympp client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
-        panic!(
-            "pympp client {cmd}: not JSON: {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+        .args(extra);
+    json_line(&format!("pympp client {cmd}"), &mut run)
 }
 
 /// The reference service's flags for the chain's token, payee and facilitator.
@@ -237,28 +235,20 @@ impl Chain {
 
     /// The facilitator's next /settle settles, then answers after `--late-settle-ms`.
     fn late_settle_once(&self) {
-        let pid = self.stack.pid().expect("the stack runs").to_string();
-        let ok = Command::new("kill").args(["-USR2", &pid]).status().unwrap();
-        assert!(ok.success());
-        assert!(
-            wait_until(Duration::from_secs(10), || self
-                .stack
-                .log()
-                .contains("the next settle answers late")),
-            "{}",
-            self.stack.log_tail(10)
-        );
+        self.signal("-USR2", "the next settle answers late");
     }
 
     fn stop_facilitator(&self) {
+        self.signal("-USR1", "facilitator is stopped");
+    }
+
+    /// Signals the stack, and waits for the log line that says it acted.
+    fn signal(&self, signal: &str, acted: &str) {
         let pid = self.stack.pid().expect("the stack runs").to_string();
-        let ok = Command::new("kill").args(["-USR1", &pid]).status().unwrap();
+        let ok = Command::new("kill").args([signal, &pid]).status().unwrap();
         assert!(ok.success());
         assert!(
-            wait_until(Duration::from_secs(10), || self
-                .stack
-                .log()
-                .contains("facilitator is stopped")),
+            wait_until(Duration::from_secs(10), || self.stack.log().contains(acted)),
             "{}",
             self.stack.log_tail(10)
         );
