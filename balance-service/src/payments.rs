@@ -415,6 +415,14 @@ async fn paid_authorize(
             }
         }
     };
+    // A receipt's reference when the settlement names no transaction (the
+    // same request again, or a reconciled one): the authorization's nonce,
+    // which the token's AuthorizationUsed event names on chain.
+    let nonce = payment_id
+        .as_deref()
+        .and_then(|id| id.rsplit(':').next())
+        .unwrap_or_default()
+        .to_owned();
     let outcome = stored(st.store.pay(PaidCharge {
         payer,
         payment_id,
@@ -460,7 +468,8 @@ async fn paid_authorize(
                     let reference = settled
                         .get("transaction")
                         .and_then(Value::as_str)
-                        .unwrap_or_default();
+                        .filter(|t| !t.is_empty())
+                        .unwrap_or(&nonce);
                     body["payment_receipt"] = mpp::receipt(
                         reference,
                         challenge_id.as_deref().unwrap_or_default(),
