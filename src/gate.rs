@@ -15,7 +15,7 @@ use crate::balance_api::{
 };
 use crate::cache::{self, CacheKey, Entry, Lookup};
 use crate::config::{Config, FailureMode, Mode};
-use crate::decision::{Decision, Denial};
+use crate::decision::{Decision, Denial, Paid};
 use crate::host::{Host, HttpHost};
 use crate::identity::{CredentialSource, IdentityError};
 use crate::lease::{self, Grant, LeaseRecord, Step};
@@ -146,8 +146,8 @@ struct Forwarded {
     balance: Option<i64>,
     /// The remaining budget the service answered, for `budget_header`.
     budget: Option<i64>,
-    /// Headers for the client's response (`PAYMENT-RESPONSE`).
-    headers: Vec<(&'static str, String)>,
+    /// The proof of the payment this request carried, for the client's response.
+    paid: Option<Paid>,
     /// Usage pricing: the hold, and the meter once the response type is known.
     usage: Option<Metering>,
 }
@@ -1276,7 +1276,7 @@ impl Gate {
                             account_id: grant.account_id.clone(),
                             balance: grant.balance,
                             budget: grant.budget,
-                            payment_response: None,
+                            paid: None,
                         };
                         self.act(host, cfg, &p.route, allow, Freshness::NoStore, Some(charge))
                     }
@@ -1379,12 +1379,13 @@ impl Gate {
     }
 
     pub fn on_response_headers(&mut self, host: &impl HttpHost) {
+        // (The payment proof is told first: a paid request may have nothing else to do here.)
         let Some(cfg) = self.cfg.clone() else { return };
         let Stage::Forwarded(f) = &mut self.stage else {
             return;
         };
-        for (name, value) in f.headers.drain(..) {
-            host.set_response_header(name, &value);
+        if let Some(paid) = f.paid.take() {
+            payments::tell_payment(host, paid);
         }
         let tell_balance = (f.balance.is_some() && cfg.balance_header.is_some())
             || (f.budget.is_some() && cfg.budget_header.is_some());
@@ -1646,7 +1647,7 @@ impl Gate {
                 account_id,
                 balance,
                 budget,
-                payment_response,
+                paid,
             } => {
                 host.count(Metric::Allowed);
                 self.access.account(&account_id);
@@ -1658,13 +1659,6 @@ impl Gate {
                     host.set_request_header(&cfg.account_header, Some(&account_id));
                 }
                 self.strip_payment(host);
-                let mut headers = Vec::new();
-                if let Some(settlement) = payment_response {
-                    headers.push((
-                        "payment-response",
-                        payments::x402_response_header(&settlement),
-                    ));
-                }
                 let usage = match (&charge, self.usage_rule) {
                     (Some(c), Some(_)) => Some(Metering {
                         hold: c.cost(),
@@ -1676,7 +1670,7 @@ impl Gate {
                     charge,
                     balance,
                     budget,
-                    headers,
+                    paid,
                     usage,
                 }));
                 Flow::Continue
