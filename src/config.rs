@@ -3,18 +3,21 @@
 //! the field, as a path like `routes[2].usage.unit_cost`, and the reason.
 
 mod raw;
+mod reader;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 pub use raw::known_fields;
 use raw::{
-    ChallengeName, FailureModeName, ModeName, ModelFromName, Name, Num, Object, RawConfig,
+    ChallengeName, Entries, FailureModeName, ModeName, ModelFromName, Num, RawConfig,
     RawCredential, RawMcp, RawPrices, RawRoute, RawUsage, SourceName, StatusItem,
 };
+use reader::{At, Reader};
 
 #[cfg(test)]
 mod legacy;
@@ -217,23 +220,6 @@ fn visible(field: String, value: &str, what: &str) -> Result<String, ConfigError
     Ok(value.to_string())
 }
 
-/// The refusal of a value serde could not read as its raw type: the field path
-/// serde_path_to_error tracked, and serde's reason in JSON's words.
-fn shape_error(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
-    let path = e.path().to_string();
-    let field = if path == "." { "(root)".into() } else { path };
-    // serde speaks of its data model ("sequence", "map"); the user wrote JSON.
-    let reason = e
-        .into_inner()
-        .to_string()
-        .replace("invalid type: sequence", "invalid type: an array")
-        .replace("invalid type: map", "invalid type: an object")
-        .replace("expected a sequence", "expected an array")
-        .replace("expected a map", "expected an object")
-        .replace("unknown variant", "unknown value");
-    ConfigError { field, reason }
-}
-
 impl Config {
     pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
         // Through `Value` first: a key given twice is read as its last value, as it
@@ -242,8 +228,10 @@ impl Config {
             Ok(v) => v,
             Err(e) => return err("(root)", format!("not valid JSON: {e}")),
         };
-        let Object(top): Object<RawConfig> =
-            serde_path_to_error::deserialize(&value).map_err(shape_error)?;
+        let top = RawConfig::deserialize(Reader {
+            value: &value,
+            at: &At::Root,
+        })?;
         Config::validate(top, sha256::digest(raw))
     }
 
@@ -286,11 +274,11 @@ impl Config {
         };
         let credential = match &top.credential {
             None => CredentialSource::Header("x-api-key".into()),
-            Some(Object(c)) => credential(c)?,
+            Some(c) => credential(c)?,
         };
         let failure_mode = match top.failure_mode {
-            None | Some(Name(FailureModeName::Closed)) => FailureMode::Closed,
-            Some(Name(FailureModeName::Open)) => FailureMode::Open,
+            None | Some(FailureModeName::Closed) => FailureMode::Closed,
+            Some(FailureModeName::Open) => FailureMode::Open,
         };
         let failure_retry_after_s = num(
             "failure_retry_after_s",
@@ -306,7 +294,7 @@ impl Config {
         };
         let items = top.routes.as_deref().unwrap_or_default();
         let mut routes: Vec<Route> = Vec::with_capacity(items.len());
-        for (i, Object(item)) in items.iter().enumerate() {
+        for (i, item) in items.iter().enumerate() {
             let route = route(item, &format!("routes[{i}]"))?;
             if routes.iter().any(|r| r.name == route.name) || route.name == default_route {
                 return err(
@@ -355,8 +343,8 @@ impl Config {
         };
 
         let mode = match top.mode {
-            None | Some(Name(ModeName::Authorize)) => Mode::Authorize,
-            Some(Name(ModeName::Lease)) => Mode::Lease,
+            None | Some(ModeName::Authorize) => Mode::Authorize,
+            Some(ModeName::Lease) => Mode::Lease,
         };
         let settle_interval_ms =
             num("settle_interval_ms", &top.settle_interval_ms, 10, 3_600_000)?.unwrap_or(1_000);
@@ -386,10 +374,8 @@ impl Config {
                 payment: true,
             },
             Some(items) => Challenges {
-                x402: items.iter().any(|c| matches!(c, Name(ChallengeName::X402))),
-                payment: items
-                    .iter()
-                    .any(|c| matches!(c, Name(ChallengeName::Payment))),
+                x402: items.iter().any(|c| matches!(c, ChallengeName::X402)),
+                payment: items.iter().any(|c| matches!(c, ChallengeName::Payment)),
             },
         };
         let max_body_bytes =
@@ -435,7 +421,7 @@ impl Config {
 }
 
 fn credential(c: &RawCredential) -> Result<CredentialSource, ConfigError> {
-    match (c.source.as_ref().map(|Name(s)| *s), c.name.as_deref()) {
+    match (c.source, c.name.as_deref()) {
         (Some(SourceName::Header), name) => Ok(CredentialSource::Header(header_name(
             "credential.name".into(),
             name.unwrap_or("x-api-key"),
@@ -527,11 +513,11 @@ fn route(r: &RawRoute, path: &str) -> Result<Route, ConfigError> {
         }
     };
     let usage = match &r.usage {
-        Some(Object(u)) => Some(usage(u, &join(path, "usage"))?),
+        Some(u) => Some(usage(u, &join(path, "usage"))?),
         None => None,
     };
     let mcp = match &r.mcp {
-        Some(Object(m)) => Some(mcp(m, &join(path, "mcp"))?),
+        Some(m) => Some(mcp(m, &join(path, "mcp"))?),
         None => None,
     };
     let cost_field = join(path, "cost");
@@ -704,7 +690,7 @@ fn price_table(u: &RawUsage, api: &str, path: &str) -> Result<PriceTable, Config
         opt_whole(&per_tokens_field, u.per_tokens.as_ref(), 1, 1_000_000_000)?.unwrap_or(1);
     let models_field = join(path, "models");
     let mut models = BTreeMap::new();
-    for (name, Object(p)) in u.models.iter().flatten() {
+    for (name, p) in u.models.iter().flat_map(|Entries(e)| e) {
         let field = join(&models_field, name);
         if name.is_empty() || name.len() > MAX_MODEL_LEN {
             return err(field, format!("a model name is 1 to {MAX_MODEL_LEN} bytes"));
@@ -712,7 +698,7 @@ fn price_table(u: &RawUsage, api: &str, path: &str) -> Result<PriceTable, Config
         models.insert(name.clone(), prices(p, &field)?);
     }
     let unknown = match &u.default_prices {
-        Some(Object(p)) => UnknownModel::Default(prices(p, &join(path, "default_prices"))?),
+        Some(p) => UnknownModel::Default(prices(p, &join(path, "default_prices"))?),
         None => UnknownModel::Refuse,
     };
     if models.is_empty() && unknown == UnknownModel::Refuse {
@@ -722,8 +708,8 @@ fn price_table(u: &RawUsage, api: &str, path: &str) -> Result<PriceTable, Config
         );
     }
     let model_from = match u.model_from {
-        None | Some(Name(ModelFromName::Request)) => ModelFrom::Request,
-        Some(Name(ModelFromName::Response)) => ModelFrom::Response,
+        None | Some(ModelFromName::Request) => ModelFrom::Request,
+        Some(ModelFromName::Response) => ModelFrom::Response,
     };
     let max_hold_field = join(path, "max_hold");
     let max_hold =
@@ -760,9 +746,9 @@ fn prices(p: &RawPrices, path: &str) -> Result<Prices, ConfigError> {
 }
 
 fn mcp(m: &RawMcp, path: &str) -> Result<McpPricing, ConfigError> {
-    let table = |key: &str, t: &Option<BTreeMap<String, Num>>| {
+    let table = |key: &str, t: &Option<Entries<Num>>| {
         let mut out = BTreeMap::new();
-        for (name, cost) in t.iter().flatten() {
+        for (name, cost) in t.iter().flat_map(|Entries(e)| e) {
             let Num(cost) = cost;
             match cost.as_u64().filter(|c| *c <= MAX_AMOUNT) {
                 Some(c) if !name.is_empty() => {
@@ -1281,30 +1267,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with(
-                "invalid plugin config: cluser: unknown field `cluser`, expected one of `mode`"
-            ),
-            "names the field and the known ones: {e}"
+            e.contains("cluser") && e.contains("known fields: mode, lease_path"),
+            "{e}"
         );
-        // serde's words for JSON's kinds are JSON's own in the message.
-        let e = parse(r#"{"cluster": "b", "routes": {}}"#).unwrap_err();
-        assert_eq!(e.reason, "invalid type: an object, expected an array");
-        let e = parse(r#"{"cluster": "b", "mode": "prepaid"}"#).unwrap_err();
+        // Reasons in JSON's words, not serde's ("sequence", "u64", "variant").
+        let reason = |raw: &str| parse(raw).unwrap_err().reason;
         assert_eq!(
-            e.reason,
-            "unknown value `prepaid`, expected `authorize` or `lease`"
+            reason(r#"{"cluster": "b", "routes": {}}"#),
+            "must be an array, not an object"
         );
-        let e = parse(r#"{"cluster": "b", "timeout_ms": 1.5}"#).unwrap_err();
-        assert_eq!(e.reason, "must be a whole number from 1 to 60000, not 1.5");
-        let e = parse(r#"{"cluster": "b", "timeout_ms": "5"}"#).unwrap_err();
         assert_eq!(
-            e.reason,
-            "invalid type: string \"5\", expected a whole number"
+            reason(r#"{"cluster": "b", "mode": "prepaid"}"#),
+            r#""prepaid" is not "authorize" or "lease""#
+        );
+        assert_eq!(
+            reason(r#"{"cluster": "b", "credential": {"source": "cookie"}}"#),
+            r#""cookie" is not one of "header", "bearer", "query""#
+        );
+        assert_eq!(
+            reason(r#"{"cluster": "b", "timeout_ms": 1.5}"#),
+            "must be a whole number from 1 to 60000, not 1.5"
+        );
+        assert_eq!(
+            reason(r#"{"cluster": "b", "timeout_ms": "5"}"#),
+            "must be a whole number, not a string"
+        );
+        assert_eq!(
+            reason(r#"{"cluster": "b", "no_charge_statuses": [2.5]}"#),
+            "2.5 is not an HTTP status (100-599)"
         );
         let e = parse("[1]").unwrap_err();
         assert_eq!(
             (e.field.as_str(), e.reason.as_str()),
-            ("(root)", "invalid type: an array, expected an object")
+            ("(root)", "must be an object, not an array")
         );
     }
 

@@ -1010,6 +1010,7 @@ mod differential {
             .map(String::from),
         );
         let (mut accepted, mut refused, mut verdicts, mut fields) = (0, 0, Vec::new(), Vec::new());
+        let mut reasons = Vec::new();
         for d in &docs {
             match (
                 Config::legacy_parse(d.as_bytes()),
@@ -1021,12 +1022,19 @@ mod differential {
                 }
                 (Err(a), Err(b)) => {
                     refused += 1;
+                    if a.field == b.field && a.reason != b.reason {
+                        reasons.push(format!("{} | {} | {}", a.field, a.reason, b.reason));
+                    }
                     if a.field != b.field {
                         // Only where the document's shape is wrong: the new parser reads
                         // every type first, the old one checked types between its rules.
                         let v: Value = serde_json::from_str(d).unwrap();
                         assert!(
-                            serde_path_to_error::deserialize::<_, Object<RawConfig>>(&v).is_err(),
+                            RawConfig::deserialize(reader::Reader {
+                                value: &v,
+                                at: &reader::At::Root
+                            })
+                            .is_err(),
                             "{d}: old {a}, new {b}"
                         );
                         fields.push(format!("{d}\n  old {a}\n  new {b}"));
@@ -1048,6 +1056,13 @@ mod differential {
             base.len(),
             fields.len()
         );
+        eprintln!(
+            "{} refused at the same field with another reason",
+            reasons.len()
+        );
+        for r in &reasons {
+            eprintln!("REASON {r}");
+        }
         assert!(
             verdicts.is_empty(),
             "{} verdicts differ:\n{}",

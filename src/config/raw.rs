@@ -4,22 +4,21 @@
 //! [`known_fields`] (tests/config_schema.rs). What a value means, its range, defaults and
 //! the rules between fields are the validation step's (src/config.rs).
 //!
-//! Numbers are read as any JSON number ([`Num`]) so that the validation step can say "must
+//! They are read by src/config/reader.rs. Numbers are read as any JSON number ([`Num`]) so that the validation step can say "must
 //! be a whole number from 1 to 60000, not 1.5" instead of serde's "expected u64".
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::marker::PhantomData;
 
-use serde::de::{self, value::MapAccessDeserializer, DeserializeOwned, MapAccess, Visitor};
+use serde::de::{self, DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::Number;
+use std::marker::PhantomData;
 
 /// The top-level object.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    pub mode: Option<Name<ModeName>>,
+    pub mode: Option<ModeName>,
     pub lease_path: Option<String>,
     pub lease_want: Option<Num>,
     pub settle_interval_ms: Option<Num>,
@@ -33,12 +32,12 @@ pub struct RawConfig {
     pub usage_path: Option<String>,
     pub timeout_ms: Option<Num>,
     pub service_token: Option<String>,
-    pub credential: Option<Object<RawCredential>>,
-    pub failure_mode: Option<Name<FailureModeName>>,
+    pub credential: Option<RawCredential>,
+    pub failure_mode: Option<FailureModeName>,
     pub failure_retry_after_s: Option<Num>,
     pub default_cost: Option<Num>,
     pub default_route: Option<String>,
-    pub routes: Option<Vec<Object<RawRoute>>>,
+    pub routes: Option<Vec<RawRoute>>,
     pub no_charge_statuses: Option<Vec<StatusItem>>,
     pub account_header: Option<String>,
     pub balance_header: Option<String>,
@@ -46,7 +45,7 @@ pub struct RawConfig {
     pub cache_max_entries: Option<Num>,
     pub cache_max_ttl_s: Option<Num>,
     pub problem_type_base: Option<String>,
-    pub challenges: Option<Vec<Name<ChallengeName>>>,
+    pub challenges: Option<Vec<ChallengeName>>,
     pub accept_payments: Option<bool>,
     pub anonymous: Option<bool>,
     pub html_402: Option<bool>,
@@ -81,7 +80,7 @@ pub enum ChallengeName {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredential {
-    pub source: Option<Name<SourceName>>,
+    pub source: Option<SourceName>,
     pub name: Option<String>,
 }
 
@@ -103,8 +102,8 @@ pub struct RawRoute {
     pub prefix: Option<String>,
     pub glob: Option<String>,
     pub cost: Option<Num>,
-    pub usage: Option<Object<RawUsage>>,
-    pub mcp: Option<Object<RawMcp>>,
+    pub usage: Option<RawUsage>,
+    pub mcp: Option<RawMcp>,
 }
 
 /// A route's `usage`: pointers into the response, or a price table for a known API.
@@ -120,9 +119,9 @@ pub struct RawUsage {
     pub estimate: Option<Num>,
     pub api: Option<String>,
     pub per_tokens: Option<Num>,
-    pub models: Option<BTreeMap<String, Object<RawPrices>>>,
-    pub default_prices: Option<Object<RawPrices>>,
-    pub model_from: Option<Name<ModelFromName>>,
+    pub models: Option<Entries<RawPrices>>,
+    pub default_prices: Option<RawPrices>,
+    pub model_from: Option<ModelFromName>,
     pub max_hold: Option<Num>,
     pub stream_include_usage: Option<bool>,
 }
@@ -149,30 +148,8 @@ pub struct RawPrices {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMcp {
-    pub methods: Option<BTreeMap<String, Num>>,
-    pub tools: Option<BTreeMap<String, Num>>,
-}
-
-/// A JSON object read as `T`. A derived struct would also take an array, read field by
-/// position (serde's sequence form); a configuration must name its fields, so only an
-/// object is let through.
-#[derive(Debug)]
-pub struct Object<T>(pub T);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
-            type Value = Object<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
-                T::deserialize(MapAccessDeserializer::new(map)).map(Object)
-            }
-        }
-        deserializer.deserialize_map(ObjectVisitor(PhantomData))
-    }
+    pub methods: Option<Entries<Num>>,
+    pub tools: Option<Entries<Num>>,
 }
 
 /// Any JSON number; whether it is whole and in range is the validation step's to say,
@@ -205,24 +182,29 @@ impl<'de> Deserialize<'de> for Num {
     }
 }
 
-/// A string naming one of the variants of `T`. serde would also read an enum from an
-/// object of one field (`{"lease": null}`); a configuration names a mode with a string.
+/// An object of names to values (`models`, `mcp.tools`), in the document's order. A list
+/// rather than a map: the validation step builds the map, and another map type here would
+/// cost the module its own copy of the B-tree code.
 #[derive(Debug)]
-pub struct Name<T>(pub T);
+pub struct Entries<V>(pub Vec<(String, V)>);
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Name<T> {
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Entries<V> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct NameVisitor<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for NameVisitor<T> {
-            type Value = Name<T>;
+        struct EntriesVisitor<V>(PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for EntriesVisitor<V> {
+            type Value = Entries<V>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
+                f.write_str("an object")
             }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Name<T>, E> {
-                T::deserialize(de::value::StrDeserializer::<E>::new(s)).map(Name)
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<V>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
             }
         }
-        deserializer.deserialize_str(NameVisitor(PhantomData))
+        deserializer.deserialize_map(EntriesVisitor(PhantomData))
     }
 }
 
@@ -257,7 +239,11 @@ impl<'de> Deserialize<'de> for StatusItem {
                 }
             }
             fn visit_f64<E: de::Error>(self, n: f64) -> Result<StatusItem, E> {
-                Err(not_a_status(n))
+                // Shown as serde_json shows it (f64's own Display pulls in float formatting).
+                match Number::from_f64(n) {
+                    Some(n) => Err(not_a_status(n)),
+                    None => Err(not_a_status("that")),
+                }
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<StatusItem, E> {
                 match s.as_bytes() {
