@@ -19,9 +19,6 @@ use raw::{
 };
 use reader::{At, Reader};
 
-#[cfg(test)]
-mod legacy;
-
 use crate::identity::CredentialSource;
 use crate::mcp::McpPricing;
 use crate::pricing::{PathPattern, Pricing, Route};
