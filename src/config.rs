@@ -238,7 +238,7 @@ impl Config {
         let num = |field: &str, n: &Option<Num>, min: u64, max: u64| {
             opt_whole(field, n.as_ref(), min, max)
         };
-        let cluster = match top.cluster.as_deref() {
+        let cluster = match top.cluster {
             None => {
                 return err(
                     "cluster",
@@ -248,24 +248,21 @@ impl Config {
             Some(c) if c.trim().is_empty() => return err("cluster", "must not be empty"),
             Some(c) => visible("cluster".into(), c, "cluster")?,
         };
-        let authority = match top.authority.as_deref() {
+        let authority = match top.authority {
             Some(a) => visible("authority".into(), a, "authority")?,
             None => cluster.clone(),
         };
         let authorize_path = http_path(
             "authorize_path".into(),
-            top.authorize_path.as_deref().unwrap_or("/v1/authorize"),
+            top.authorize_path.unwrap_or("/v1/authorize"),
         )?;
         let refund_path = http_path(
             "refund_path".into(),
-            top.refund_path.as_deref().unwrap_or("/v1/refund"),
+            top.refund_path.unwrap_or("/v1/refund"),
         )?;
-        let usage_path = http_path(
-            "usage_path".into(),
-            top.usage_path.as_deref().unwrap_or("/v1/usage"),
-        )?;
+        let usage_path = http_path("usage_path".into(), top.usage_path.unwrap_or("/v1/usage"))?;
         let timeout_ms = num("timeout_ms", &top.timeout_ms, 1, MAX_TIMEOUT_MS)?.unwrap_or(500);
-        let service_token = match top.service_token.as_deref() {
+        let service_token = match top.service_token {
             Some(t) => Some(visible("service_token".into(), t, "service_token")?),
             None => None,
         };
@@ -285,7 +282,7 @@ impl Config {
         )?
         .unwrap_or(5) as u32;
         let default_cost = num("default_cost", &top.default_cost, 0, MAX_AMOUNT)?.unwrap_or(1);
-        let default_route = match top.default_route.as_deref() {
+        let default_route = match top.default_route {
             Some(n) => route_name("default_route".into(), n)?,
             None => "default".to_string(),
         };
@@ -315,13 +312,13 @@ impl Config {
         }
         let account_header = header_name(
             "account_header".into(),
-            top.account_header.as_deref().unwrap_or("x-farebox-account"),
+            top.account_header.unwrap_or("x-farebox-account"),
         )?;
-        let balance_header = match top.balance_header.as_deref() {
+        let balance_header = match top.balance_header {
             Some(h) => Some(header_name("balance_header".into(), h)?),
             None => None,
         };
-        let budget_header = match top.budget_header.as_deref() {
+        let budget_header = match top.budget_header {
             Some(h) => Some(header_name("budget_header".into(), h)?),
             None => None,
         };
@@ -334,7 +331,7 @@ impl Config {
         .unwrap_or(10_000) as u32;
         let cache_max_ttl_s =
             num("cache_max_ttl_s", &top.cache_max_ttl_s, 0, 86_400)?.unwrap_or(300) as u32;
-        let problem_type_base = match top.problem_type_base.as_deref() {
+        let problem_type_base = match top.problem_type_base {
             Some(b) => visible("problem_type_base".into(), b, "problem_type_base")?,
             None => "https://farebox.dev/problems/".to_string(),
         };
@@ -346,10 +343,7 @@ impl Config {
         let settle_interval_ms =
             num("settle_interval_ms", &top.settle_interval_ms, 10, 3_600_000)?.unwrap_or(1_000);
         let lease = LeaseConfig {
-            path: http_path(
-                "lease_path".into(),
-                top.lease_path.as_deref().unwrap_or("/v1/leases"),
-            )?,
+            path: http_path("lease_path".into(), top.lease_path.unwrap_or("/v1/leases"))?,
             want: num("lease_want", &top.lease_want, 1, MAX_AMOUNT)?.unwrap_or(100),
             settle_interval_ms,
             expiry_margin_ms: num(
@@ -418,7 +412,7 @@ impl Config {
 }
 
 fn credential(c: &RawCredential) -> Result<CredentialSource, ConfigError> {
-    match (c.source, c.name.as_deref()) {
+    match (c.source, c.name) {
         (Some(SourceName::Header), name) => Ok(CredentialSource::Header(header_name(
             "credential.name".into(),
             name.unwrap_or("x-api-key"),
@@ -459,7 +453,7 @@ fn route_name(field: String, name: &str) -> Result<String, ConfigError> {
 }
 
 fn route(r: &RawRoute, path: &str) -> Result<Route, ConfigError> {
-    let name = match r.name.as_deref() {
+    let name = match r.name {
         Some(n) => route_name(join(path, "name"), n)?,
         None => return err(join(path, "name"), "is required"),
     };
@@ -485,11 +479,7 @@ fn route(r: &RawRoute, path: &str) -> Result<Route, ConfigError> {
             Some(methods)
         }
     };
-    let patterns = [
-        ("exact", r.exact.as_deref()),
-        ("prefix", r.prefix.as_deref()),
-        ("glob", r.glob.as_deref()),
-    ];
+    let patterns = [("exact", r.exact), ("prefix", r.prefix), ("glob", r.glob)];
     let mut given = patterns.iter().filter_map(|(k, v)| v.map(|v| (*k, v)));
     let pattern = match (given.next(), given.next()) {
         (Some(_), Some((second, _))) => {
@@ -579,7 +569,7 @@ fn usage(u: &RawUsage, path: &str) -> Result<UsageSpec, ConfigError> {
             ),
         }
     };
-    if let Some(api) = u.api.as_deref() {
+    if let Some(api) = u.api {
         refuse_any(
             path,
             &[
@@ -624,7 +614,7 @@ fn usage(u: &RawUsage, path: &str) -> Result<UsageSpec, ConfigError> {
         ],
         "needs api (the usage shape the prices apply to)",
     )?;
-    let pointer = |key: &str, v: &Option<String>| json_pointer(join(path, key), v.as_deref());
+    let pointer = |key: &str, v: &Option<&str>| json_pointer(join(path, key), *v);
     let parts = if u.json_pointer.is_some() {
         vec![(
             pointer("json_pointer", &u.json_pointer)?,
@@ -692,7 +682,7 @@ fn price_table(u: &RawUsage, api: &str, path: &str) -> Result<PriceTable, Config
         if name.is_empty() || name.len() > MAX_MODEL_LEN {
             return err(field, format!("a model name is 1 to {MAX_MODEL_LEN} bytes"));
         }
-        models.insert(name.clone(), prices(p, &field)?);
+        models.insert(name.to_string(), prices(p, &field)?);
     }
     let unknown = match &u.default_prices {
         Some(p) => UnknownModel::Default(prices(p, &join(path, "default_prices"))?),
@@ -749,7 +739,7 @@ fn mcp(m: &RawMcp, path: &str) -> Result<McpPricing, ConfigError> {
             let Num(cost) = cost;
             match cost.as_u64().filter(|c| *c <= MAX_AMOUNT) {
                 Some(c) if !name.is_empty() => {
-                    out.insert(name.clone(), c);
+                    out.insert(name.to_string(), c);
                 }
                 _ => {
                     return err(

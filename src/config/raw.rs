@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeOwned, MapAccess, Visitor};
+use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::Number;
 use std::marker::PhantomData;
@@ -17,34 +17,46 @@ use std::marker::PhantomData;
 /// The top-level object.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub struct RawConfig<'a> {
     pub mode: Option<ModeName>,
-    pub lease_path: Option<String>,
+    #[serde(borrow)]
+    pub lease_path: Option<&'a str>,
     pub lease_want: Option<Num>,
     pub settle_interval_ms: Option<Num>,
     pub lease_expiry_margin_ms: Option<Num>,
     pub lease_recall_wait_ms: Option<Num>,
     pub lease_max_entries: Option<Num>,
-    pub cluster: Option<String>,
-    pub authority: Option<String>,
-    pub authorize_path: Option<String>,
-    pub refund_path: Option<String>,
-    pub usage_path: Option<String>,
+    #[serde(borrow)]
+    pub cluster: Option<&'a str>,
+    #[serde(borrow)]
+    pub authority: Option<&'a str>,
+    #[serde(borrow)]
+    pub authorize_path: Option<&'a str>,
+    #[serde(borrow)]
+    pub refund_path: Option<&'a str>,
+    #[serde(borrow)]
+    pub usage_path: Option<&'a str>,
     pub timeout_ms: Option<Num>,
-    pub service_token: Option<String>,
-    pub credential: Option<RawCredential>,
+    #[serde(borrow)]
+    pub service_token: Option<&'a str>,
+    pub credential: Option<RawCredential<'a>>,
     pub failure_mode: Option<FailureModeName>,
     pub failure_retry_after_s: Option<Num>,
     pub default_cost: Option<Num>,
-    pub default_route: Option<String>,
-    pub routes: Option<Vec<RawRoute>>,
+    #[serde(borrow)]
+    pub default_route: Option<&'a str>,
+    pub routes: Option<Vec<RawRoute<'a>>>,
     pub no_charge_statuses: Option<Vec<StatusItem>>,
-    pub account_header: Option<String>,
-    pub balance_header: Option<String>,
-    pub budget_header: Option<String>,
+    #[serde(borrow)]
+    pub account_header: Option<&'a str>,
+    #[serde(borrow)]
+    pub balance_header: Option<&'a str>,
+    #[serde(borrow)]
+    pub budget_header: Option<&'a str>,
     pub cache_max_entries: Option<Num>,
     pub cache_max_ttl_s: Option<Num>,
-    pub problem_type_base: Option<String>,
+    #[serde(borrow)]
+    pub problem_type_base: Option<&'a str>,
     pub challenges: Option<Vec<ChallengeName>>,
     pub accept_payments: Option<bool>,
     pub anonymous: Option<bool>,
@@ -79,9 +91,10 @@ pub enum ChallengeName {
 /// validation step, which can say why.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawCredential {
+pub struct RawCredential<'a> {
     pub source: Option<SourceName>,
-    pub name: Option<String>,
+    #[serde(borrow)]
+    pub name: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -95,31 +108,41 @@ pub enum SourceName {
 /// An entry of `routes`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
-    pub name: Option<String>,
-    pub methods: Option<Vec<String>>,
-    pub exact: Option<String>,
-    pub prefix: Option<String>,
-    pub glob: Option<String>,
+pub struct RawRoute<'a> {
+    #[serde(borrow)]
+    pub name: Option<&'a str>,
+    #[serde(borrow)]
+    pub methods: Option<Vec<&'a str>>,
+    #[serde(borrow)]
+    pub exact: Option<&'a str>,
+    #[serde(borrow)]
+    pub prefix: Option<&'a str>,
+    #[serde(borrow)]
+    pub glob: Option<&'a str>,
     pub cost: Option<Num>,
-    pub usage: Option<RawUsage>,
-    pub mcp: Option<RawMcp>,
+    pub usage: Option<RawUsage<'a>>,
+    pub mcp: Option<RawMcp<'a>>,
 }
 
 /// A route's `usage`: pointers into the response, or a price table for a known API.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawUsage {
-    pub json_pointer: Option<String>,
+pub struct RawUsage<'a> {
+    #[serde(borrow)]
+    pub json_pointer: Option<&'a str>,
     pub unit_cost: Option<Num>,
-    pub input_pointer: Option<String>,
+    #[serde(borrow)]
+    pub input_pointer: Option<&'a str>,
     pub input_unit_cost: Option<Num>,
-    pub output_pointer: Option<String>,
+    #[serde(borrow)]
+    pub output_pointer: Option<&'a str>,
     pub output_unit_cost: Option<Num>,
     pub estimate: Option<Num>,
-    pub api: Option<String>,
+    #[serde(borrow)]
+    pub api: Option<&'a str>,
     pub per_tokens: Option<Num>,
-    pub models: Option<Entries<RawPrices>>,
+    #[serde(borrow)]
+    pub models: Option<Entries<'a, RawPrices>>,
     pub default_prices: Option<RawPrices>,
     pub model_from: Option<ModelFromName>,
     pub max_hold: Option<Num>,
@@ -147,9 +170,11 @@ pub struct RawPrices {
 /// A route's `mcp`: costs by JSON-RPC method and by tool.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawMcp {
-    pub methods: Option<Entries<Num>>,
-    pub tools: Option<Entries<Num>>,
+pub struct RawMcp<'a> {
+    #[serde(borrow)]
+    pub methods: Option<Entries<'a, Num>>,
+    #[serde(borrow)]
+    pub tools: Option<Entries<'a, Num>>,
 }
 
 /// Any JSON number; whether it is whole and in range is the validation step's to say,
@@ -186,17 +211,17 @@ impl<'de> Deserialize<'de> for Num {
 /// rather than a map: the validation step builds the map, and another map type here would
 /// cost the module its own copy of the B-tree code.
 #[derive(Debug)]
-pub struct Entries<V>(pub Vec<(String, V)>);
+pub struct Entries<'a, V>(pub Vec<(&'a str, V)>);
 
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for Entries<V> {
+impl<'de: 'a, 'a, V: Deserialize<'de>> Deserialize<'de> for Entries<'a, V> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EntriesVisitor<V>(PhantomData<V>);
-        impl<'de, V: Deserialize<'de>> Visitor<'de> for EntriesVisitor<V> {
-            type Value = Entries<V>;
+        struct EntriesVisitor<'a, V>(PhantomData<(&'a (), V)>);
+        impl<'de: 'a, 'a, V: Deserialize<'de>> Visitor<'de> for EntriesVisitor<'a, V> {
+            type Value = Entries<'a, V>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<V>, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<'a, V>, A::Error> {
                 let mut out = Vec::new();
                 while let Some(entry) = map.next_entry()? {
                     out.push(entry);
@@ -276,7 +301,7 @@ pub fn known_fields() -> [(&'static str, &'static [&'static str]); 6] {
 
 /// The `fields` a derived struct hands to `deserialize_struct`, caught by a deserializer
 /// that reads nothing.
-fn fields_of<T: DeserializeOwned>() -> &'static [&'static str] {
+fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
     let mut fields: &'static [&'static str] = &[];
     let _ = T::deserialize(FieldCatcher(&mut fields));
     fields
