@@ -147,15 +147,15 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
+fn err<T>(field: impl fmt::Display, reason: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError {
-        field: field.into(),
+        field: field.to_string(),
         reason: reason.into(),
     })
 }
 
-/// A number that is a whole number in `min..=max`, or the refusal naming `field`.
-fn whole(field: &str, Num(n): &Num, min: u64, max: u64) -> Result<u64, ConfigError> {
+/// A number that is a whole number in `min..=max`, or the refusal naming its field.
+fn whole(field: &At, Num(n): &Num, min: u64, max: u64) -> Result<u64, ConfigError> {
     match n.as_u64() {
         Some(v) if (min..=max).contains(&v) => Ok(v),
         Some(v) => err(field, format!("{v} is out of range {min}..={max}")),
@@ -167,16 +167,13 @@ fn whole(field: &str, Num(n): &Num, min: u64, max: u64) -> Result<u64, ConfigErr
 }
 
 /// An optional whole number in `min..=max` (see [`whole`]).
-fn opt_whole(field: &str, n: Option<&Num>, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+fn opt_whole(field: &At, n: Option<&Num>, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
     n.map(|n| whole(field, n, min, max)).transpose()
 }
 
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
+/// The path of field `key` of the object at `at`, for a refusal.
+fn join(at: &At, key: &str) -> String {
+    At::Key(at, key).to_string()
 }
 
 fn header_name(field: String, name: &str) -> Result<String, ConfigError> {
@@ -236,7 +233,7 @@ impl Config {
     /// fields, each refusal naming its field.
     fn validate(top: RawConfig, fingerprint: [u8; 32]) -> Result<Config, ConfigError> {
         let num = |field: &str, n: &Option<Num>, min: u64, max: u64| {
-            opt_whole(field, n.as_ref(), min, max)
+            opt_whole(&At::Key(&At::Root, field), n.as_ref(), min, max)
         };
         let cluster = match top.cluster {
             None => {
@@ -289,7 +286,7 @@ impl Config {
         let items = top.routes.as_deref().unwrap_or_default();
         let mut routes: Vec<Route> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
-            let route = route(item, &format!("routes[{i}]"))?;
+            let route = route(item, &At::Index(&At::Key(&At::Root, "routes"), i))?;
             if routes.iter().any(|r| r.name == route.name) || route.name == default_route {
                 return err(
                     format!("routes[{i}].name"),
@@ -452,7 +449,7 @@ fn route_name(field: String, name: &str) -> Result<String, ConfigError> {
     }
 }
 
-fn route(r: &RawRoute, path: &str) -> Result<Route, ConfigError> {
+fn route(r: &RawRoute, path: &At) -> Result<Route, ConfigError> {
     let name = match r.name {
         Some(n) => route_name(join(path, "name"), n)?,
         None => return err(join(path, "name"), "is required"),
@@ -470,7 +467,7 @@ fn route(r: &RawRoute, path: &str) -> Result<Route, ConfigError> {
             for (i, m) in items.iter().enumerate() {
                 if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
                     return err(
-                        format!("{path}.methods[{i}]"),
+                        At::Index(&At::Key(path, "methods"), i),
                         format!("{m:?} is not an HTTP method name"),
                     );
                 }
@@ -500,14 +497,14 @@ fn route(r: &RawRoute, path: &str) -> Result<Route, ConfigError> {
         }
     };
     let usage = match &r.usage {
-        Some(u) => Some(usage(u, &join(path, "usage"))?),
+        Some(u) => Some(usage(u, &At::Key(path, "usage"))?),
         None => None,
     };
     let mcp = match &r.mcp {
-        Some(m) => Some(mcp(m, &join(path, "mcp"))?),
+        Some(m) => Some(mcp(m, &At::Key(path, "mcp"))?),
         None => None,
     };
-    let cost_field = join(path, "cost");
+    let cost_field = At::Key(path, "cost");
     let cost = match (
         opt_whole(&cost_field, r.cost.as_ref(), 0, MAX_AMOUNT)?,
         &usage,
@@ -544,23 +541,23 @@ fn json_pointer(field: String, v: Option<&str>) -> Result<String, ConfigError> {
 }
 
 /// Refuses the first of `fields` (name, whether it is given) that is given, for `reason`.
-fn refuse_any(path: &str, fields: &[(&str, bool)], reason: &str) -> Result<(), ConfigError> {
+fn refuse_any(path: &At, fields: &[(&str, bool)], reason: &str) -> Result<(), ConfigError> {
     match fields.iter().find(|(_, given)| *given) {
         Some((name, _)) => err(join(path, name), reason),
         None => Ok(()),
     }
 }
 
-fn usage(u: &RawUsage, path: &str) -> Result<UsageSpec, ConfigError> {
+fn usage(u: &RawUsage, path: &At) -> Result<UsageSpec, ConfigError> {
     let unit = |key: &str, n: &Option<Num>| -> Result<u64, ConfigError> {
-        let field = join(path, key);
+        let field = At::Key(path, key);
         match opt_whole(&field, n.as_ref(), 0, MAX_AMOUNT)? {
             Some(n) => Ok(n),
             None => err(field, "is required"),
         }
     };
     let estimate_of = || {
-        let field = join(path, "estimate");
+        let field = At::Key(path, "estimate");
         match opt_whole(&field, u.estimate.as_ref(), 1, MAX_AMOUNT)? {
             Some(e) => Ok(e),
             None => err(
@@ -663,7 +660,7 @@ fn usage(u: &RawUsage, path: &str) -> Result<UsageSpec, ConfigError> {
     })
 }
 
-fn price_table(u: &RawUsage, api: &str, path: &str) -> Result<PriceTable, ConfigError> {
+fn price_table(u: &RawUsage, api: &str, path: &At) -> Result<PriceTable, ConfigError> {
     let Some(api) = Api::parse(api) else {
         return err(
             join(path, "api"),
@@ -672,20 +669,20 @@ fn price_table(u: &RawUsage, api: &str, path: &str) -> Result<PriceTable, Config
             ),
         );
     };
-    let per_tokens_field = join(path, "per_tokens");
+    let per_tokens_field = At::Key(path, "per_tokens");
     let per_tokens =
         opt_whole(&per_tokens_field, u.per_tokens.as_ref(), 1, 1_000_000_000)?.unwrap_or(1);
-    let models_field = join(path, "models");
+    let models_field = At::Key(path, "models");
     let mut models = BTreeMap::new();
     for (name, p) in u.models.iter().flat_map(|Entries(e)| e) {
-        let field = join(&models_field, name);
+        let field = At::Key(&models_field, name);
         if name.is_empty() || name.len() > MAX_MODEL_LEN {
             return err(field, format!("a model name is 1 to {MAX_MODEL_LEN} bytes"));
         }
         models.insert(name.to_string(), prices(p, &field)?);
     }
     let unknown = match &u.default_prices {
-        Some(p) => UnknownModel::Default(prices(p, &join(path, "default_prices"))?),
+        Some(p) => UnknownModel::Default(prices(p, &At::Key(path, "default_prices"))?),
         None => UnknownModel::Refuse,
     };
     if models.is_empty() && unknown == UnknownModel::Refuse {
@@ -698,7 +695,7 @@ fn price_table(u: &RawUsage, api: &str, path: &str) -> Result<PriceTable, Config
         None | Some(ModelFromName::Request) => ModelFrom::Request,
         Some(ModelFromName::Response) => ModelFrom::Response,
     };
-    let max_hold_field = join(path, "max_hold");
+    let max_hold_field = At::Key(path, "max_hold");
     let max_hold =
         opt_whole(&max_hold_field, u.max_hold.as_ref(), 1, MAX_AMOUNT)?.unwrap_or(MAX_AMOUNT);
     Ok(PriceTable {
@@ -713,9 +710,9 @@ fn price_table(u: &RawUsage, api: &str, path: &str) -> Result<PriceTable, Config
 
 /// A model's prices: `input` and `output` required; cached and cache-creation input
 /// cost what input does unless given, reasoning what output does.
-fn prices(p: &RawPrices, path: &str) -> Result<Prices, ConfigError> {
+fn prices(p: &RawPrices, path: &At) -> Result<Prices, ConfigError> {
     let amount =
-        |key: &str, n: &Option<Num>| opt_whole(&join(path, key), n.as_ref(), 0, MAX_AMOUNT);
+        |key: &str, n: &Option<Num>| opt_whole(&At::Key(path, key), n.as_ref(), 0, MAX_AMOUNT);
     let need = |key: &str, n: &Option<Num>| match amount(key, n)? {
         Some(v) => Ok(v),
         None => err(join(path, key), "is required"),
@@ -732,7 +729,7 @@ fn prices(p: &RawPrices, path: &str) -> Result<Prices, ConfigError> {
     })
 }
 
-fn mcp(m: &RawMcp, path: &str) -> Result<McpPricing, ConfigError> {
+fn mcp(m: &RawMcp, path: &At) -> Result<McpPricing, ConfigError> {
     let table = |key: &str, t: &Option<Entries<Num>>| {
         let mut out = BTreeMap::new();
         for (name, cost) in t.iter().flat_map(|Entries(e)| e) {
@@ -743,7 +740,7 @@ fn mcp(m: &RawMcp, path: &str) -> Result<McpPricing, ConfigError> {
                 }
                 _ => {
                     return err(
-                        format!("{path}.{key}.{name}"),
+                        At::Key(&At::Key(path, key), name),
                         format!("must be a whole-number cost, not {cost}"),
                     )
                 }
