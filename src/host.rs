@@ -1,5 +1,5 @@
-//! The few things the filter asks of its host. The proxy-wasm glue implements
-//! these over Envoy; native tests implement them in memory.
+//! The few things the filter asks of its host. The proxy-wasm glue (the farebox-filter
+//! crate, filter/) implements these over Envoy; native tests implement them in memory.
 
 use std::time::Duration;
 
