@@ -883,20 +883,8 @@ mod tests {
         let offer = json!({"scheme": "exact", "network": "eip155:31337", "amount": "1000",
                            "asset": "0xAa", "payTo": "0xBb"});
         let encode = |v: &Value| {
-            const A: &[u8; 64] =
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-            let bytes = v.to_string().into_bytes();
-            let mut out = String::new();
-            for c in bytes.chunks(3) {
-                let n = c
-                    .iter()
-                    .enumerate()
-                    .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-                for i in 0..=c.len() {
-                    out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
-                }
-            }
-            out
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(v.to_string())
         };
         let payload = |accepted: Value, ext: Value| {
             json!({"x402Version": 2, "accepted": accepted, "extensions": ext,
