@@ -754,7 +754,7 @@ mod tests {
 
     #[test]
     fn x402_flags_go_together() {
-        use crate::config::{parse, Parsed};
+        use crate::config::{parse_with_env as parse, Parsed};
         let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let all = [
             "--x402-pay-to",
