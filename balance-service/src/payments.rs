@@ -366,6 +366,32 @@ async fn paid_authorize(
                     return unknown(ApiError::Storage(e).into_response(), Some(&rid));
                 }
                 Ok(None) => {
+                    // A settled payment cannot be given back: what the ledger would
+                    // refuse (an unknown key, the request id charged to another
+                    // account) is refused before anything is settled.
+                    let refusal = st
+                        .store
+                        .pay_refusal(keyed(format!("x402:{}", p.payer)), rid.clone())
+                        .await;
+                    match refusal {
+                        Ok(None) => {}
+                        Ok(Some(PaidOutcome::Conflict { account_id })) => {
+                            st.settling.release(&p.id);
+                            st.stats.count_account(&account_id);
+                            return with_log(request_id_conflict(), &account_id, Some(&rid));
+                        }
+                        Ok(Some(_)) => {
+                            st.settling.release(&p.id);
+                            return unknown(
+                                error(StatusCode::UNAUTHORIZED, "unknown credential"),
+                                Some(&rid),
+                            );
+                        }
+                        Err(e) => {
+                            st.settling.release(&p.id);
+                            return unknown(ApiError::Storage(e).into_response(), Some(&rid));
+                        }
+                    }
                     match f.verify(&p.payload, &requirements).await {
                         Ok(v) if v.is_valid => {}
                         Ok(v) => {

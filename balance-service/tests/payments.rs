@@ -351,6 +351,8 @@ fn x402_flags_go_together() {
 /// what the chain says of the authorization.
 #[derive(Clone, Copy)]
 struct Script {
+    /// The first `/settle` answers after the service's bound (else at once).
+    first_late: bool,
     second_settles: bool,
     used_on_chain: bool,
 }
@@ -399,7 +401,7 @@ impl MockFacilitator {
                         }
                         "/settle" => {
                             let n = counter.fetch_add(1, Ordering::SeqCst);
-                            if n == 0 {
+                            if n == 0 && script.first_late {
                                 // Settled, but the answer comes after the service's bound.
                                 std::thread::sleep(std::time::Duration::from_millis(6000));
                             }
@@ -480,6 +482,7 @@ fn unknown_settle_outcomes_are_reconciled() {
 
     // The first settle landed (the chain says the nonce is used): served, paid once.
     let mock = MockFacilitator::start(Script {
+        first_late: true,
         second_settles: false,
         used_on_chain: true,
     });
@@ -492,6 +495,7 @@ fn unknown_settle_outcomes_are_reconciled() {
     // Nothing landed (the second settle is refused, the nonce is unused): not
     // served, not paid, and the payment is free again.
     let mock = MockFacilitator::start(Script {
+        first_late: true,
         second_settles: false,
         used_on_chain: false,
     });
@@ -507,6 +511,7 @@ fn unknown_settle_outcomes_are_reconciled() {
 
     // The second settle settles (the first had not): served, paid once.
     let mock = MockFacilitator::start(Script {
+        first_late: true,
         second_settles: true,
         used_on_chain: false,
     });
@@ -522,6 +527,7 @@ fn unknown_settle_outcomes_are_reconciled() {
     // No chain to ask: the outcome stays unknown, 503, and the payment is held
     // (sent again by another request, refused without settling again).
     let mock = MockFacilitator::start(Script {
+        first_late: true,
         second_settles: false,
         used_on_chain: true,
     });
@@ -539,4 +545,54 @@ fn unknown_settle_outcomes_are_reconciled() {
         "{again:?}"
     );
     assert_eq!((mock.settles(), charged(b.addr())), (2, None));
+}
+
+/// A payment is settled only when the request it pays can be recorded: a key
+/// that names no account, or a request id already charged to another account,
+/// is refused before the facilitator is asked to settle (a settled payment
+/// cannot be given back, and recording it would fail).
+#[test]
+fn payments_that_cannot_be_recorded_are_not_settled() {
+    let mock = MockFacilitator::start(Script {
+        first_late: false,
+        second_settles: true,
+        used_on_chain: false,
+    });
+    let url = format!("http://{}", mock.addr);
+    let b = with_x402(&["--x402-facilitator-url", &url]);
+    let a = b.addr();
+    let keyed = |key: &str, payment: &str, rid: &str| {
+        post_json(
+            a,
+            "/v1/authorize",
+            &[("x-request-id", rid)],
+            &json!({"account": key, "cost": 1, "route": "inference", "method": "POST",
+                    "path": "/v1/chat/completions", "request_id": rid,
+                    "payment": payment, "payment_scheme": "x402"}),
+        )
+    };
+
+    // A key that names no account.
+    let r = keyed("no-such-key", &x402_payment("0x11"), "k-1");
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(mock.settles(), 0, "settled for a request that was refused");
+
+    // A request id already charged to another account (alice's).
+    let r = post_json(
+        a,
+        "/v1/authorize",
+        &[("x-request-id", "k-2")],
+        &json!({"account": "demo-key-alice", "cost": 1, "route": "inference",
+                "method": "POST", "path": "/v1/chat/completions", "request_id": "k-2"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = pay(a, Some(&x402_payment("0x12")), "x402", 1, "k-2");
+    assert_eq!(r.status, 409, "{r:?}");
+    assert_eq!(mock.settles(), 0, "settled for a request that was refused");
+
+    // The control: the same payment for a request that can be recorded is settled.
+    let r = keyed("demo-key-bob", &x402_payment("0x11"), "k-3");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["account_id"], "acct_bob", "{r:?}");
+    assert_eq!(mock.settles(), 1);
 }

@@ -1282,6 +1282,16 @@ impl Store {
         in_tx!(self, |tx| ops::payment_use(tx, &payment_id, &request_id))
     }
 
+    /// What [`Store::pay`] would refuse for `payer` and `request_id`, before a
+    /// payment is settled (see [`ops::pay_refusal`]).
+    pub async fn pay_refusal(
+        &self,
+        payer: Payer,
+        request_id: String,
+    ) -> Result<Option<PaidOutcome>> {
+        in_tx!(self, |tx| ops::pay_refusal(tx, &payer, &request_id))
+    }
+
     /// Records a request paid by a verified payment (see [`PaidCharge`]).
     pub async fn pay(&self, paid: PaidCharge) -> Result<PaidOutcome> {
         in_tx!(self, |tx| ops::pay(tx, &paid))

@@ -1041,6 +1041,32 @@ pub async fn payment_use<T: Tx>(
     ))
 }
 
+/// What recording a payment of `request_id` for `payer` would refuse (an
+/// unknown key, or the request id charged to another account), asked before
+/// the payment is settled: a settled payment cannot be given back.
+pub async fn pay_refusal<T: Tx>(
+    tx: &mut T,
+    payer: &Payer,
+    request_id: &str,
+) -> Result<Option<PaidOutcome>> {
+    let account_id = match payer {
+        Payer::Key(credential) => match tx
+            .account_by_key(&sha256_hex(credential.as_bytes()))
+            .await?
+        {
+            Some(a) => a.account_id,
+            None => return Ok(Some(PaidOutcome::UnknownCredential)),
+        },
+        Payer::Account(id) => id.clone(),
+    };
+    Ok(match tx.charge(request_id).await? {
+        Some(c) if c.account_id != account_id => Some(PaidOutcome::Conflict {
+            account_id: c.account_id,
+        }),
+        _ => None,
+    })
+}
+
 pub async fn pay<T: Tx>(tx: &mut T, p: &PaidCharge) -> Result<PaidOutcome> {
     let now = now_ms();
     let acct = match &p.payer {
