@@ -150,7 +150,8 @@ async fn with_challenges(
     let price = doc.get("price").and_then(Value::as_u64).unwrap_or(0);
     let (accepts, challenges) = challenge_fields(key, x402, price, description);
     doc.insert("accepts".into(), accepts);
-    doc.insert("problem".into(), Problem::PaymentRequired.slug().into());
+    // No `problem`: a balance too low is not a payment's failure, and the
+    // filter keeps farebox's own problem type for it.
     doc.insert("challenges".into(), challenges);
     parts.headers.remove(CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(Value::Object(doc).to_string()))
