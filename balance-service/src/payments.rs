@@ -49,6 +49,9 @@ const MAX_ANSWER: usize = 1 << 20;
 const CHALLENGE_TTL_SECS: i64 = 300;
 /// `maxTimeoutSeconds` of the x402 requirements.
 const MAX_TIMEOUT_SECONDS: u64 = 60;
+/// How long after an authorization's `validBefore` (by this clock) the chain
+/// is taken to refuse it: block times may lag the service's clock.
+const VALID_BEFORE_MARGIN_SECS: i64 = 120;
 /// The literal payment the reference service accepts.
 pub const DEMO_PAYMENT: &str = "demo-paid";
 
@@ -570,8 +573,9 @@ enum Settlement {
 /// token executes at most once (EIP-3009 nonces are single-use). If that
 /// settles, the first had not; if it is refused, the chain is asked whether
 /// the nonce is used (`--x402-rpc-url`): used means the first call's transfer
-/// happened, unused means none did. Without an RPC URL, or when the chain
-/// does not answer, the outcome stays unknown.
+/// happened, unused means none did once the authorization has expired (until
+/// then the first call's transaction may still land). Without an RPC URL, or
+/// when the chain does not answer, the outcome stays unknown.
 async fn settle(f: &Facilitator, x402: &X402, p: &X402Payment, requirements: &Value) -> Settlement {
     let first = match f.settle(&p.payload, requirements).await {
         Ok(s) if s.success => return Settlement::Paid(s.answer),
@@ -598,7 +602,17 @@ async fn settle(f: &Facilitator, x402: &X402, p: &X402Payment, requirements: &Va
                                     "transaction": "", "reconciled": true}),
             )
         }
-        Some(Ok(false)) => Settlement::Refused(refused),
+        // Unused now is "not paid" only once the authorization can no longer
+        // be executed: until its validBefore the first call's transaction may
+        // be pending and land after this answer (paid, not served).
+        Some(Ok(false)) => match p.valid_before() {
+            Some(before) if before.saturating_add(VALID_BEFORE_MARGIN_SECS) < now_ms() / 1000 => {
+                Settlement::Refused(refused)
+            }
+            _ => Settlement::Unknown(format!(
+                "{first}; settle again: {refused}; the authorization is unused on chain but still valid: the first settlement may still land"
+            )),
+        },
         Some(Err(e)) => {
             Settlement::Unknown(format!("{first}; settle again: {refused}; chain: {e}"))
         }
@@ -674,6 +688,14 @@ impl X402Payment {
             payer,
             nonce,
         })
+    }
+
+    /// The authorization's `validBefore` (Unix seconds), if it is a number.
+    fn valid_before(&self) -> Option<i64> {
+        self.payload
+            .pointer("/payload/authorization/validBefore")
+            .and_then(Value::as_str)
+            .and_then(|v| v.parse().ok())
     }
 
     /// What a log line may say of the payment: a digest, not the payment.

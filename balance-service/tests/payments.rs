@@ -446,6 +446,11 @@ impl MockFacilitator {
 
 /// An x402 payment of the offer for 1 unit (1000 atomic units), with `nonce`.
 fn x402_payment(nonce: &str) -> String {
+    x402_payment_until(nonce, "4102444800")
+}
+
+/// The same, whose authorization is valid before `valid_before` (Unix seconds).
+fn x402_payment_until(nonce: &str, valid_before: &str) -> String {
     let payload = json!({
         "x402Version": 2,
         "accepted": {"scheme": "exact", "network": "eip155:84532", "amount": "1000",
@@ -454,7 +459,7 @@ fn x402_payment(nonce: &str) -> String {
         "payload": {"signature": "0x00", "authorization": {
             "from": "0x00000000000000000000000000000000000000cc",
             "to": "0x00000000000000000000000000000000000000b0", "value": "1000",
-            "validAfter": "0", "validBefore": "4102444800", "nonce": nonce}},
+            "validAfter": "0", "validBefore": valid_before, "nonce": nonce}},
     });
     b64(payload.to_string().as_bytes())
 }
@@ -496,15 +501,38 @@ fn unknown_settle_outcomes_are_reconciled() {
     assert_eq!(r.json()["payment_response"]["reconciled"], true, "{r:?}");
     assert_eq!((mock.settles(), charged(b.addr())), (2, Some(1)));
 
-    // Nothing landed (the second settle is refused, the nonce is unused): not
-    // served, not paid, and the payment is free again.
+    // The second settle is refused and the nonce is unused, but the
+    // authorization is still valid: the first settlement may be pending and
+    // land later, so the outcome stays unknown (503, held), not "unpaid".
     let mock = MockFacilitator::start(Script {
         first_late: true,
         second_settles: false,
         used_on_chain: false,
     });
     let b = service(&mock, true);
-    let r = pay(b.addr(), Some(&x402_payment("0x02")), "x402", 1, "u-2");
+    let r = pay(b.addr(), Some(&x402_payment("0x05")), "x402", 1, "u-6");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.text().contains("may still land"), "{r:?}");
+    let again = pay(b.addr(), Some(&x402_payment("0x05")), "x402", 1, "u-7");
+    assert_eq!(again.status, 402, "held: {again:?}");
+    assert_eq!((mock.settles(), charged(b.addr())), (2, None));
+
+    // Nothing landed and nothing can (the second settle is refused, the nonce
+    // is unused and the authorization has expired): not served, not paid, and
+    // the payment is free again.
+    let mock = MockFacilitator::start(Script {
+        first_late: true,
+        second_settles: false,
+        used_on_chain: false,
+    });
+    let b = service(&mock, true);
+    let r = pay(
+        b.addr(),
+        Some(&x402_payment_until("0x02", "1")),
+        "x402",
+        1,
+        "u-2",
+    );
     assert_eq!(r.status, 402, "{r:?}");
     assert_eq!(r.json()["problem"], "verification-failed", "{r:?}");
     assert!(
