@@ -287,6 +287,12 @@ async fn paid_authorize(
         None => Payer::Account(fallback),
     };
     let now_s = now_ms() / 1000;
+    // A payment used already: for the Payment scheme its challenge is (the
+    // nonce is the challenge's hash), which the draft calls invalid-challenge.
+    let used = match scheme {
+        Scheme::Payment => Problem::InvalidChallenge,
+        Scheme::X402 => Problem::VerificationFailed,
+    };
     let (payer, payment_id, settled, claimed, challenge_id) = match &x402.facilitator {
         None => {
             if !demo_verified(payment, scheme) {
@@ -341,7 +347,7 @@ async fn paid_authorize(
             // another request with it is a replay.
             if !st.settling.claim(&p.id) {
                 return required(
-                    Problem::VerificationFailed,
+                    used,
                     "payment invalid: this payment is already being settled, or its settlement is unresolved",
                 );
             }
@@ -349,7 +355,7 @@ async fn paid_authorize(
                 Ok(Some(false)) => {
                     st.settling.release(&p.id);
                     return required(
-                        Problem::VerificationFailed,
+                        used,
                         "payment invalid: this payment already paid another request",
                     );
                 }
@@ -521,7 +527,7 @@ async fn paid_authorize(
                     &st,
                     x402,
                     &req,
-                    Problem::VerificationFailed,
+                    used,
                     "payment invalid: this payment already paid another request",
                 ),
                 &account_id,

@@ -628,3 +628,53 @@ fn payments_that_cannot_be_recorded_are_not_settled() {
     assert_eq!(r.json()["account_id"], "acct_bob", "{r:?}");
     assert_eq!(mock.settles(), 1);
 }
+
+/// A Payment-scheme credential paid once: sent again by another request, its
+/// challenge is an already-used one, which the draft answers `invalid-challenge`
+/// (x402 has no challenge: its replay stays `verification-failed`).
+#[test]
+fn a_used_payment_challenge_is_an_invalid_challenge() {
+    use farebox_balance::mpp::challenge_hash;
+    let mock = MockFacilitator::start(Script {
+        first_late: false,
+        second_settles: true,
+        used_on_chain: false,
+    });
+    let url = format!("http://{}", mock.addr);
+    let b = with_x402(&["--x402-facilitator-url", &url]);
+    let a = b.addr();
+    let offer = pay(a, None, "payment", 1, "m-0").json();
+    let c = &offer["challenges"][0];
+    let id = c["id"].as_str().unwrap();
+    let b64url = |v: &Value| {
+        b64(v.to_string().as_bytes())
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    };
+    let credential = b64url(&json!({
+        "challenge": {"id": id, "realm": "api.test", "method": c["method"], "intent": c["intent"],
+                      "request": b64url(&c["request"]), "expires": c["expires"]},
+        "payload": {"type": "authorization", "from": "0x00000000000000000000000000000000000000cc",
+                    "to": c["request"]["recipient"], "value": c["request"]["amount"],
+                    "validAfter": "0", "validBefore": "4102444800",
+                    "nonce": challenge_hash(id, "api.test"), "signature": "0x00"},
+    }));
+    let r = pay(a, Some(&credential), "payment", 1, "m-1");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["payment_receipt"]["challengeId"], id, "{r:?}");
+    let again = pay(a, Some(&credential), "payment", 1, "m-2");
+    assert_eq!(again.status, 402, "{again:?}");
+    assert_eq!(again.json()["problem"], "invalid-challenge", "{again:?}");
+    // An x402 replay of the same authorization: no challenge, verification-failed.
+    let x402 = pay(
+        a,
+        Some(&x402_payment(&challenge_hash(id, "api.test"))),
+        "x402",
+        1,
+        "m-3",
+    );
+    assert_eq!(x402.status, 402, "{x402:?}");
+    assert_eq!(x402.json()["problem"], "verification-failed", "{x402:?}");
+    assert_eq!(mock.settles(), 1, "paid once");
+}
