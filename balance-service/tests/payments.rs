@@ -488,14 +488,20 @@ fn unknown_settle_outcomes_are_reconciled() {
         }
         with_x402(&args)
     };
+    // A facilitator whose first settle is late (its second settles or not, the
+    // chain says the nonce is used or not), and a service with or without the RPC.
+    let late = |second_settles: bool, used_on_chain: bool, rpc: bool| {
+        let mock = MockFacilitator::start(Script {
+            first_late: true,
+            second_settles,
+            used_on_chain,
+        });
+        let b = service(&mock, rpc);
+        (mock, b)
+    };
 
     // The first settle landed (the chain says the nonce is used): served, paid once.
-    let mock = MockFacilitator::start(Script {
-        first_late: true,
-        second_settles: false,
-        used_on_chain: true,
-    });
-    let b = service(&mock, true);
+    let (mock, b) = late(false, true, true);
     let r = pay(b.addr(), Some(&x402_payment("0x01")), "x402", 1, "u-1");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["payment_response"]["reconciled"], true, "{r:?}");
@@ -504,12 +510,7 @@ fn unknown_settle_outcomes_are_reconciled() {
     // The second settle is refused and the nonce is unused, but the
     // authorization is still valid: the first settlement may be pending and
     // land later, so the outcome stays unknown (503, held), not "unpaid".
-    let mock = MockFacilitator::start(Script {
-        first_late: true,
-        second_settles: false,
-        used_on_chain: false,
-    });
-    let b = service(&mock, true);
+    let (mock, b) = late(false, false, true);
     let r = pay(b.addr(), Some(&x402_payment("0x05")), "x402", 1, "u-6");
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.text().contains("may still land"), "{r:?}");
@@ -520,12 +521,7 @@ fn unknown_settle_outcomes_are_reconciled() {
     // Nothing landed and nothing can (the second settle is refused, the nonce
     // is unused and the authorization has expired): not served, not paid, and
     // the payment is free again.
-    let mock = MockFacilitator::start(Script {
-        first_late: true,
-        second_settles: false,
-        used_on_chain: false,
-    });
-    let b = service(&mock, true);
+    let (mock, b) = late(false, false, true);
     let r = pay(
         b.addr(),
         Some(&x402_payment_until("0x02", "1")),
@@ -542,12 +538,7 @@ fn unknown_settle_outcomes_are_reconciled() {
     assert_eq!((mock.settles(), charged(b.addr())), (2, None));
 
     // The second settle settles (the first had not): served, paid once.
-    let mock = MockFacilitator::start(Script {
-        first_late: true,
-        second_settles: true,
-        used_on_chain: false,
-    });
-    let b = service(&mock, true);
+    let (mock, b) = late(true, false, true);
     let r = pay(b.addr(), Some(&x402_payment("0x03")), "x402", 1, "u-3");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(
@@ -558,12 +549,7 @@ fn unknown_settle_outcomes_are_reconciled() {
 
     // No chain to ask: the outcome stays unknown, 503, and the payment is held
     // (sent again by another request, refused without settling again).
-    let mock = MockFacilitator::start(Script {
-        first_late: true,
-        second_settles: false,
-        used_on_chain: true,
-    });
-    let b = service(&mock, false);
+    let (mock, b) = late(false, true, false);
     let r = pay(b.addr(), Some(&x402_payment("0x04")), "x402", 1, "u-4");
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.text().contains("outcome unknown"), "{r:?}");
@@ -579,12 +565,8 @@ fn unknown_settle_outcomes_are_reconciled() {
     assert_eq!((mock.settles(), charged(b.addr())), (2, None));
 }
 
-/// A payment is settled only when the request it pays can be recorded: a key
-/// that names no account, or a request id already charged to another account,
-/// is refused before the facilitator is asked to settle (a settled payment
-/// cannot be given back, and recording it would fail).
-#[test]
-fn payments_that_cannot_be_recorded_are_not_settled() {
+/// A facilitator that settles at once, and a service settling through it.
+fn settling_at_once() -> (MockFacilitator, Balance) {
     let mock = MockFacilitator::start(Script {
         first_late: false,
         second_settles: true,
@@ -592,6 +574,16 @@ fn payments_that_cannot_be_recorded_are_not_settled() {
     });
     let url = format!("http://{}", mock.addr);
     let b = with_x402(&["--x402-facilitator-url", &url]);
+    (mock, b)
+}
+
+/// A payment is settled only when the request it pays can be recorded: a key
+/// that names no account, or a request id already charged to another account,
+/// is refused before the facilitator is asked to settle (a settled payment
+/// cannot be given back, and recording it would fail).
+#[test]
+fn payments_that_cannot_be_recorded_are_not_settled() {
+    let (mock, b) = settling_at_once();
     let a = b.addr();
     let keyed = |key: &str, payment: &str, rid: &str| {
         post_json(
@@ -635,13 +627,7 @@ fn payments_that_cannot_be_recorded_are_not_settled() {
 #[test]
 fn a_used_payment_challenge_is_an_invalid_challenge() {
     use farebox_balance::mpp::challenge_hash;
-    let mock = MockFacilitator::start(Script {
-        first_late: false,
-        second_settles: true,
-        used_on_chain: false,
-    });
-    let url = format!("http://{}", mock.addr);
-    let b = with_x402(&["--x402-facilitator-url", &url]);
+    let (mock, b) = settling_at_once();
     let a = b.addr();
     let offer = pay(a, None, "payment", 1, "m-0").json();
     let c = &offer["challenges"][0];
