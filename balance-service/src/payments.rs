@@ -27,7 +27,7 @@
 use super::{error, reply, request_id_conflict, stored, with_log, ApiError, Shared, UNKNOWN};
 use crate::config::{Facilitator, X402};
 use crate::mpp::{self, Problem};
-use crate::store::{PaidCharge, PaidOutcome, Payer, DEMO_PAYER};
+use crate::store::{PaidCharge, PaidOutcome, PayRefusal, Payer, DEMO_PAYER};
 use crate::util::{base64_decode, now_ms, sha256_hex};
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
@@ -385,12 +385,21 @@ async fn paid_authorize(
                         .await;
                     match refusal {
                         Ok(None) => {}
-                        Ok(Some(PaidOutcome::Conflict { account_id })) => {
+                        Ok(Some(PayRefusal::OtherAccount { account_id })) => {
                             st.settling.release(&p.id);
                             st.stats.count_account(&account_id);
                             return with_log(request_id_conflict(), &account_id, Some(&rid));
                         }
-                        Ok(Some(_)) => {
+                        Ok(Some(PayRefusal::AlreadyCharged { account_id })) => {
+                            st.settling.release(&p.id);
+                            st.stats.count_account(&account_id);
+                            let resp = error(
+                                StatusCode::CONFLICT,
+                                "request_id is already charged, not by this payment: the payment was not used",
+                            );
+                            return with_log(resp, &account_id, Some(&rid));
+                        }
+                        Ok(Some(PayRefusal::UnknownCredential)) => {
                             st.settling.release(&p.id);
                             return unknown(
                                 error(StatusCode::UNAUTHORIZED, "unknown credential"),

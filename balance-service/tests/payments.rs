@@ -613,6 +613,11 @@ fn payments_that_cannot_be_recorded_are_not_settled() {
     let r = pay(a, Some(&x402_payment("0x12")), "x402", 1, "k-2");
     assert_eq!(r.status, 409, "{r:?}");
     assert_eq!(mock.settles(), 0, "settled for a request that was refused");
+    // The same request id, charged to the same account from its balance, then
+    // sent with a payment: settling it would charge the request twice.
+    let r = keyed("demo-key-alice", &x402_payment("0x13"), "k-2");
+    assert_eq!(r.status, 409, "{r:?}");
+    assert_eq!(mock.settles(), 0, "settled a request already charged");
 
     // The control: the same payment for a request that can be recorded is settled.
     let r = keyed("demo-key-bob", &x402_payment("0x11"), "k-3");
