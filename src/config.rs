@@ -22,9 +22,9 @@ use reader::{At, Reader};
 use crate::identity::CredentialSource;
 use crate::mcp::McpPricing;
 use crate::pricing::{PathPattern, Pricing, Route};
-use crate::sha256;
 use crate::tokens::{Api, ModelFrom, PriceTable, Prices, UnknownModel, MAX_MODEL_LEN};
 use crate::usage::UsageSpec;
+use sha2::{Digest, Sha256};
 
 /// Largest integer every JSON implementation reads exactly (2^53 - 1).
 pub const MAX_AMOUNT: u64 = 9_007_199_254_740_991;
@@ -226,7 +226,7 @@ impl Config {
             value: &value,
             at: &At::Root,
         })?;
-        Config::validate(top, sha256::digest(raw))
+        Config::validate(top, Sha256::digest(raw).into())
     }
 
     /// The typed configuration from the raw one: ranges, defaults and the rules between

@@ -30,7 +30,6 @@ pub mod outbox;
 pub mod payments;
 pub mod pricing;
 pub mod response;
-pub mod sha256;
 pub mod tokens;
 pub mod usage;
 
