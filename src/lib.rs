@@ -30,6 +30,7 @@ pub mod payments;
 pub mod pricing;
 pub mod response;
 pub mod sha256;
+pub mod shared_data;
 pub mod tokens;
 pub mod usage;
 

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::lease;
+use crate::shared_data::{self, Attempt};
 
 impl Gate {
     /// Lease mode: pay from the account's lease, or take the renewal lock and ask
@@ -19,20 +20,25 @@ impl Gate {
         let key = LeaseKey::new(&cfg.cluster, &credential);
         let slot = key.slot_key(cfg.lease.max_entries);
         let lock_ms = lock_ms(cfg);
-        for _ in 0..lease::MAX_CAS_RETRIES {
-            let (bytes, cas) = raw_slot(host, &slot);
+        /// What the slot said, acted on once the update is over.
+        enum Next {
+            /// Another account's lease holds this slot.
+            Occupied,
+            Spent {
+                record: LeaseRecord,
+                renew: bool,
+            },
+            /// Answered from the cache.
+            Served(Flow),
+            /// The renewal lock is ours: ask for a lease.
+            Locked,
+            Wait,
+        }
+        let next = shared_data::update(host, &slot, |stored| {
             let now = host.now_ms();
-            let current = match lease::view(&key, bytes.as_deref(), now) {
+            let current = match lease::view(&key, stored, now) {
                 View::Mine(current) => current,
-                View::Occupied => {
-                    // Another account's lease holds this slot: this request is paid
-                    // per request instead (the lease table is full there).
-                    host.count(Metric::LeaseSlotBusy);
-                    if p.request_id.is_empty() {
-                        p.request_id = self.request_id(host);
-                    }
-                    return self.authorize(host, cfg, p);
-                }
+                View::Occupied => return Attempt::Leave(Next::Occupied),
             };
             let may_renew = self.worker.renewals_open();
             match lease::step(
@@ -44,35 +50,7 @@ impl Gate {
                 may_renew,
             ) {
                 Step::Spend { record, renew } => {
-                    if host.shared_set(&slot, &record.encode(), cas) {
-                        host.add(Metric::LeaseUnitsSpent, p.cost);
-                        if renew {
-                            let request_id = self.worker.make_id(host);
-                            self.worker.renewals.borrow_mut().push(Renewal {
-                                slot: slot.clone(),
-                                key,
-                                credential: credential.clone(),
-                                cost: p.cost,
-                                request_id,
-                            });
-                        }
-                        let charge = Charge::Leased {
-                            key: slot,
-                            lease_id: record.lease_id.clone(),
-                            request_id: p.request_id,
-                            credential,
-                            cost: p.cost,
-                        };
-                        let allow = Decision::allow(record.account_id, None);
-                        return self.act(
-                            host,
-                            cfg,
-                            &p.route,
-                            allow,
-                            Freshness::NoStore,
-                            Some(charge),
-                        );
-                    }
+                    Attempt::Write(record.encode(), Next::Spent { record, renew })
                 }
                 Step::Lock { record } => {
                     // No lease can pay. A refusal the service let us cache answers first:
@@ -88,24 +66,58 @@ impl Gate {
                         ));
                     }
                     let waited = p.parked_since_ms != 0 && p.recall_since_ms == 0;
-                    if let Some(flow) =
-                        self.serve_cached(host, cfg, p.cache_key.as_ref(), None, &p.route, waited)
+                    match self.serve_cached(host, cfg, p.cache_key.as_ref(), None, &p.route, waited)
                     {
-                        return flow;
-                    }
-                    if host.shared_set(&slot, &record.encode(), cas) {
-                        return self.take_lease(host, cfg, slot, &credential, p);
+                        Some(flow) => Attempt::Leave(Next::Served(flow)),
+                        None => Attempt::Write(record.encode(), Next::Locked),
                     }
                 }
-                Step::Wait => break,
+                Step::Wait => Attempt::Leave(Next::Wait),
+            }
+        });
+        match next {
+            Some(Next::Occupied) => {
+                // Another account's lease holds this slot: this request is paid
+                // per request instead (the lease table is full there).
+                host.count(Metric::LeaseSlotBusy);
+                if p.request_id.is_empty() {
+                    p.request_id = self.request_id(host);
+                }
+                self.authorize(host, cfg, p)
+            }
+            Some(Next::Spent { record, renew }) => {
+                host.add(Metric::LeaseUnitsSpent, p.cost);
+                if renew {
+                    let request_id = self.worker.make_id(host);
+                    self.worker.renewals.borrow_mut().push(Renewal {
+                        slot: slot.clone(),
+                        key,
+                        credential: credential.clone(),
+                        cost: p.cost,
+                        request_id,
+                    });
+                }
+                let charge = Charge::Leased {
+                    key: slot,
+                    lease_id: record.lease_id.clone(),
+                    request_id: p.request_id,
+                    credential,
+                    cost: p.cost,
+                };
+                let allow = Decision::allow(record.account_id, None);
+                self.act(host, cfg, &p.route, allow, Freshness::NoStore, Some(charge))
+            }
+            Some(Next::Served(flow)) => flow,
+            Some(Next::Locked) => self.take_lease(host, cfg, slot, &credential, p),
+            Some(Next::Wait) | None => {
+                if p.parked_since_ms == 0 {
+                    host.count(Metric::LeaseWaits);
+                    p.parked_since_ms = host.now_ms();
+                }
+                self.stage = Stage::Parked(Box::new(p));
+                Flow::Park
             }
         }
-        if p.parked_since_ms == 0 {
-            host.count(Metric::LeaseWaits);
-            p.parked_since_ms = host.now_ms();
-        }
-        self.stage = Stage::Parked(Box::new(p));
-        Flow::Park
     }
 
     pub(super) fn take_lease(
@@ -300,12 +312,11 @@ impl Worker {
         grant: &Grant,
         cost: u64,
     ) -> Option<LeaseRecord> {
-        for _ in 0..lease::MAX_CAS_RETRIES {
-            let (bytes, cas) = raw_slot(host, slot);
+        let installed = shared_data::update(host, slot, |stored| {
             let now = host.now_ms();
-            let current = match lease::view(key, bytes.as_deref(), now) {
+            let current = match lease::view(key, stored, now) {
                 View::Mine(current) => current,
-                View::Occupied => break,
+                View::Occupied => return Attempt::Leave(None),
             };
             let (record, replaced) = lease::install(
                 key.owner(),
@@ -315,9 +326,9 @@ impl Worker {
                 now,
                 cfg.lease.expiry_margin_ms,
             );
-            if !host.shared_set(slot, &record.encode(), cas) {
-                continue;
-            }
+            Attempt::Write(record.encode(), Some((record, replaced, now)))
+        });
+        if let Some((record, replaced, now)) = installed.flatten() {
             host.count(Metric::LeasesTaken);
             let mut outbox = self.outbox.borrow_mut();
             if let Some(old) = replaced {
@@ -365,13 +376,6 @@ pub(super) fn lock_ms(cfg: &Config) -> u64 {
         .saturating_add(1_000)
 }
 
-pub(super) fn raw_slot(host: &impl Host, slot: &str) -> (Option<Vec<u8>>, Option<u32>) {
-    match host.shared_get(slot) {
-        Some((bytes, cas)) => (Some(bytes), cas),
-        None => (None, None),
-    }
-}
-
 /// The record in a slot, whoever it belongs to (callers match it by lease id,
 /// which the service makes unique).
 pub(super) fn read_lease(host: &impl Host, slot: &str) -> (Option<LeaseRecord>, Option<u32>) {
@@ -385,50 +389,49 @@ pub(super) fn read_lease(host: &impl Host, slot: &str) -> (Option<LeaseRecord>, 
 /// slot left with neither is emptied. `ahead_not_before_ms`: no renewal ahead of
 /// need before then.
 pub(super) fn unlock(host: &impl Host, slot: &str, key: &LeaseKey, ahead_not_before_ms: u64) {
-    for _ in 0..lease::MAX_CAS_RETRIES {
-        let (bytes, cas) = raw_slot(host, slot);
-        let View::Mine(current) = lease::view(key, bytes.as_deref(), host.now_ms()) else {
-            return; // another account's now: our lock is long gone
+    let unlocked = shared_data::update(host, slot, |stored| {
+        let View::Mine(current) = lease::view(key, stored, host.now_ms()) else {
+            return Attempt::Leave(()); // another account's now: our lock is long gone
         };
         let record = lease::unlock(current.as_ref(), ahead_not_before_ms);
-        if host.shared_set(slot, &lease::stored(&record), cas) {
-            return;
-        }
+        Attempt::Write(lease::stored(&record), ())
+    });
+    if unlocked.is_none() {
+        log::warn!("lease lock not released; it expires by itself");
     }
-    log::warn!("lease lock not released; it expires by itself");
 }
 
 /// Gives `cost` back to the lease it was spent from, if that lease is still
 /// current. `false`: it is not (replaced, closed or settled).
 pub(super) fn refund_lease(host: &impl Host, slot: &str, lease_id: &str, cost: u64) -> bool {
-    for _ in 0..lease::MAX_CAS_RETRIES {
-        let (current, cas) = read_lease(host, slot);
-        match current.and_then(|r| lease::refund(&r, lease_id, cost)) {
-            Some(record) => {
-                if host.shared_set(slot, &record.encode(), cas) {
-                    host.count(Metric::Refunds);
-                    return true;
-                }
-            }
-            None => return false,
+    let refunded = shared_data::update(host, slot, |stored| {
+        match stored
+            .and_then(LeaseRecord::decode)
+            .and_then(|r| lease::refund(&r, lease_id, cost))
+        {
+            Some(record) => Attempt::Write(record.encode(), true),
+            None => Attempt::Leave(false),
         }
+    });
+    if refunded == Some(true) {
+        host.count(Metric::Refunds);
     }
-    false
+    refunded == Some(true)
 }
 
 /// Spends `extra` more units from lease `lease_id`, if it is current and can cover them.
 pub(super) fn spend_extra(host: &impl Host, key: &str, lease_id: &str, extra: u64) -> bool {
-    for _ in 0..lease::MAX_CAS_RETRIES {
-        let (current, cas) = read_lease(host, key);
-        match current.and_then(|r| lease::spend_extra(&r, lease_id, extra)) {
-            Some(record) => {
-                if host.shared_set(key, &record.encode(), cas) {
-                    host.add(Metric::LeaseUnitsSpent, extra);
-                    return true;
-                }
-            }
-            None => return false,
+    let spent = shared_data::update(host, key, |stored| {
+        match stored
+            .and_then(LeaseRecord::decode)
+            .and_then(|r| lease::spend_extra(&r, lease_id, extra))
+        {
+            Some(record) => Attempt::Write(record.encode(), true),
+            None => Attempt::Leave(false),
         }
+    });
+    if spent == Some(true) {
+        host.add(Metric::LeaseUnitsSpent, extra);
     }
-    false
+    spent == Some(true)
 }

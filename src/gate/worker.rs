@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::lease;
+use crate::shared_data::{self, Attempt};
 
 /// State shared by every stream of one VM (one Envoy worker).
 #[derive(Debug, Default)]
@@ -236,10 +237,12 @@ impl Worker {
         if !f.ok {
             return;
         }
-        for _ in 0..lease::MAX_CAS_RETRIES {
-            let (current, cas) = read_lease(host, &lease_key);
-            let Some(current) = current.filter(|r| r.lease_id == lease_id) else {
-                return; // replaced or closed meanwhile: its final settle is on its way
+        let recalled = shared_data::update(host, &lease_key, |stored| {
+            let Some(current) = stored
+                .and_then(LeaseRecord::decode)
+                .filter(|r| r.lease_id == lease_id)
+            else {
+                return Attempt::Leave(None); // replaced or closed meanwhile: its final settle is on its way
             };
             let next = if f.recall {
                 // Another gateway needs the credit: stop spending and give the rest back now.
@@ -247,28 +250,27 @@ impl Worker {
             } else {
                 lease::acknowledge(&current, &lease_id, used).map(|r| (r, None))
             };
-            let Some((record, closed)) = next else { return };
-            if !host.shared_set(&lease_key, &lease::stored(&record), cas) {
-                continue;
+            match next {
+                Some((record, closed)) => Attempt::Write(lease::stored(&record), closed),
+                None => Attempt::Leave(None),
             }
-            if let Some(closed) = closed {
-                host.count(Metric::LeaseRecalls);
-                log::info!(
-                    "lease {lease_id} recalled by the balance service: settled at {} of {} units",
-                    closed.used,
-                    closed.granted
-                );
-                self.owned.borrow_mut().retain(|o| o.lease_id != lease_id);
-                self.outbox
-                    .borrow_mut()
-                    .push(host, final_settle(&lease_key, &closed));
-                // Sent at the next tick at the latest; now if the outbox can.
-                let finished = self.outbox.borrow_mut().flush(host, cfg);
-                for f in finished {
-                    self.finished(host, cfg, f);
-                }
+        });
+        if let Some(closed) = recalled.flatten() {
+            host.count(Metric::LeaseRecalls);
+            log::info!(
+                "lease {lease_id} recalled by the balance service: settled at {} of {} units",
+                closed.used,
+                closed.granted
+            );
+            self.owned.borrow_mut().retain(|o| o.lease_id != lease_id);
+            self.outbox
+                .borrow_mut()
+                .push(host, final_settle(&lease_key, &closed));
+            // Sent at the next tick at the latest; now if the outbox can.
+            let finished = self.outbox.borrow_mut().flush(host, cfg);
+            for f in finished {
+                self.finished(host, cfg, f);
             }
-            return;
         }
     }
 }
