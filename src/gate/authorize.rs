@@ -36,6 +36,32 @@ impl Pending {
     }
 }
 
+/// The two calls a request can wait for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum CallKind {
+    /// Pay for this request (authorize mode, or a lease slot taken by another account).
+    Authorize,
+    /// Take a lease for the account (holding its renewal lock).
+    Lease,
+}
+
+impl CallKind {
+    fn path(self, cfg: &Config) -> &str {
+        match self {
+            CallKind::Authorize => &cfg.authorize_path,
+            CallKind::Lease => &cfg.lease.path,
+        }
+    }
+
+    /// The stage of a request waiting for this call's answer.
+    fn waiting(self, p: Box<Pending>) -> Stage {
+        match self {
+            CallKind::Authorize => Stage::Authorizing(p),
+            CallKind::Lease => Stage::Leasing(p),
+        }
+    }
+}
+
 impl Gate {
     pub(super) fn authorize(&mut self, host: &impl HttpHost, cfg: &Config, p: Pending) -> Flow {
         let body = authorize_body(&AuthorizeRequest {
@@ -48,7 +74,7 @@ impl Gate {
             payment: p.payment.as_ref(),
         });
         // Nothing reached the service if the call fails to start: nothing to undo.
-        self.start_call(host, cfg, false, &body, p, || {})
+        self.start_call(host, cfg, CallKind::Authorize, &body, p, || {})
     }
 
     /// Starts an authorize or lease call for `p` and pauses the request until its
@@ -57,27 +83,18 @@ impl Gate {
         &mut self,
         host: &impl HttpHost,
         cfg: &Config,
-        lease: bool,
+        kind: CallKind,
         body: &[u8],
         mut p: Pending,
         undo: impl FnOnce(),
     ) -> Flow {
-        let path = if lease {
-            &cfg.lease.path
-        } else {
-            &cfg.authorize_path
-        };
+        let path = kind.path(cfg);
         match call(host, cfg, path, &p.request_id, body) {
             Ok(token) => {
                 host.count(Metric::Callouts);
                 log::debug!("request {}: call {token} to {path} started", p.request_id);
                 p.token = token;
-                let p = Box::new(p);
-                self.stage = if lease {
-                    Stage::Leasing(p)
-                } else {
-                    Stage::Authorizing(p)
-                };
+                self.stage = kind.waiting(Box::new(p));
                 Flow::Pause
             }
             Err(e) => {

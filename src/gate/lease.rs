@@ -1,6 +1,7 @@
 //! Lease mode: spending from the account's lease, taking and installing a new one,
 //! and the shared-data slot operations on lease records.
 
+use super::authorize::CallKind;
 use super::*;
 use crate::lease;
 use crate::shared_data::{self, Attempt};
@@ -148,7 +149,9 @@ impl Gate {
             holder: &holder,
         });
         let key = LeaseKey::new(&cfg.cluster, credential);
-        self.start_call(host, cfg, true, &body, p, || unlock(host, &slot, &key, 0))
+        self.start_call(host, cfg, CallKind::Lease, &body, p, || {
+            unlock(host, &slot, &key, 0)
+        })
     }
 
     /// A parked request's timer tick: try again. Returns how it went, like
