@@ -46,7 +46,9 @@ use worker::{Owned, Renewal};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
     Continue,
-    Pause,
+    /// Paused; with the token of the call this callback started, whose answer resumes
+    /// the request (it goes to whichever context was effective when the call started).
+    Pause(Option<u32>),
     /// Paused until another request's lease call is over: call [`Gate::on_wake`] from a timer.
     Park,
 }

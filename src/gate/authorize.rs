@@ -95,7 +95,7 @@ impl Gate {
                 log::debug!("request {}: call {token} to {path} started", p.request_id);
                 p.token = token;
                 self.stage = kind.waiting(Box::new(p));
-                Flow::Pause
+                Flow::Pause(Some(token))
             }
             Err(e) => {
                 host.count(Metric::CalloutFailures);
@@ -119,7 +119,7 @@ impl Gate {
         resp: &CalloutResponse,
     ) -> Flow {
         let Some(cfg) = self.cfg.clone() else {
-            return Flow::Pause;
+            return Flow::Pause(None);
         };
         match std::mem::replace(&mut self.stage, Stage::Done) {
             Stage::Authorizing(p) if p.token == token => self.authorized(host, &cfg, *p, resp),
@@ -127,7 +127,7 @@ impl Gate {
             other => {
                 self.stage = other;
                 log::warn!("answer for unknown call {token} ignored");
-                Flow::Pause
+                Flow::Pause(None)
             }
         }
     }

@@ -94,7 +94,7 @@ impl Gate {
             });
             self.access.decided(Outcome::Unconfigured);
             self.stage = Stage::Done;
-            return Flow::Pause;
+            return Flow::Pause(None);
         };
         let method = text(host.request_header(":method"));
         let raw_path = text(host.request_header(":path"));
@@ -217,7 +217,9 @@ impl Gate {
         end_of_stream: bool,
     ) -> Flow {
         match &self.stage {
-            Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => return Flow::Pause,
+            Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => {
+                return Flow::Pause(None)
+            }
             Stage::AwaitingBody(_) => {}
             _ if self.mcp_claim.is_some() || self.include_usage => {
                 return self.held_body(host, body_size, end_of_stream)
@@ -225,16 +227,16 @@ impl Gate {
             _ => return Flow::Continue,
         }
         let Some(cfg) = self.cfg.clone() else {
-            return Flow::Pause;
+            return Flow::Pause(None);
         };
         if body_size > cfg.max_body_bytes {
             return self.too_large(host, &cfg);
         }
         if !end_of_stream {
-            return Flow::Pause;
+            return Flow::Pause(None);
         }
         let Stage::AwaitingBody(req) = std::mem::replace(&mut self.stage, Stage::Done) else {
-            return Flow::Pause;
+            return Flow::Pause(None);
         };
         let body = host.request_body(body_size).unwrap_or_default();
         self.ask_for_usage(host, body_size, &body);
@@ -253,7 +255,7 @@ impl Gate {
         // The headers went on: from now on they are read as kept.
         self.headers_gone = true;
         let Some(cfg) = self.cfg.clone() else {
-            return Flow::Pause;
+            return Flow::Pause(None);
         };
         if body_size > cfg.max_body_bytes {
             self.include_usage = false;
@@ -266,7 +268,7 @@ impl Gate {
             return self.too_large(host, &cfg);
         }
         if !end_of_stream {
-            return Flow::Pause;
+            return Flow::Pause(None);
         }
         let body = host.request_body(body_size).unwrap_or_default();
         self.ask_for_usage(host, body_size, &body);
@@ -331,7 +333,7 @@ impl Gate {
                 reply.status = 400;
                 self.stage = Stage::Done;
                 host.send_reply(&reply);
-                Flow::Pause
+                Flow::Pause(None)
             }
         }
     }
@@ -344,7 +346,7 @@ impl Gate {
         );
         if !pending && (self.mcp_claim.is_some() || self.include_usage) {
             let Some(cfg) = self.cfg.clone() else {
-                return Flow::Pause;
+                return Flow::Pause(None);
             };
             self.headers_gone = true;
             let body = host.request_body(cfg.max_body_bytes).unwrap_or_default();
@@ -354,17 +356,17 @@ impl Gate {
         match &self.stage {
             Stage::AwaitingBody(_) => {
                 let Some(cfg) = self.cfg.clone() else {
-                    return Flow::Pause;
+                    return Flow::Pause(None);
                 };
                 let Stage::AwaitingBody(req) = std::mem::replace(&mut self.stage, Stage::Done)
                 else {
-                    return Flow::Pause;
+                    return Flow::Pause(None);
                 };
                 let body = host.request_body(cfg.max_body_bytes).unwrap_or_default();
                 self.ask_for_usage(host, body.len(), &body);
                 self.priced_by_body(host, &cfg, *req, &body)
             }
-            Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => Flow::Pause,
+            Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => Flow::Pause(None),
             _ => Flow::Continue,
         }
     }

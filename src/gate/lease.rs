@@ -158,7 +158,7 @@ impl Gate {
     /// [`Gate::on_request_headers`]; `Park` means still waiting.
     pub fn on_wake(&mut self, host: &impl HttpHost) -> Flow {
         let Some(cfg) = self.cfg.clone() else {
-            return Flow::Pause;
+            return Flow::Pause(None);
         };
         // A wake for a stream that is not parked (a stale timer) leaves it as it is: a
         // pending decision dropped here would let the request through unpaid.
@@ -166,7 +166,7 @@ impl Gate {
             Stage::Parked(p) => p,
             other => {
                 self.stage = other;
-                return Flow::Pause;
+                return Flow::Pause(None);
             }
         };
         let now = host.now_ms();

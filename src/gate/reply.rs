@@ -186,7 +186,7 @@ impl Gate {
             None if self.openai_errors => host.send_reply(&response::with_openai_error(reply)),
             None => host.send_reply(reply),
         }
-        Flow::Pause
+        Flow::Pause(None)
     }
 }
 

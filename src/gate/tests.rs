@@ -88,7 +88,10 @@ fn respond(gate: &mut Gate, host: &FakeHost, token: u32, resp: &CalloutResponse)
 
 fn with_answer(fx: &Fixture, host: FakeHost, resp: CalloutResponse) -> (FakeHost, Gate) {
     let mut gate = fx.gate();
-    assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+    assert_eq!(
+        gate.on_request_headers(&host),
+        Flow::Pause(Some(host.last_call().token))
+    );
     let token = host.last_call().token;
     respond(&mut gate, &host, token, &resp);
     (host, gate)
@@ -127,7 +130,7 @@ fn missing_or_malformed_credential_is_401_without_a_call() {
         vec![("x-api-key", "a b")],
     ] {
         let host = FakeHost::request("GET", "/v1/data", &headers);
-        assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause);
+        assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause(None));
         let reply = host.reply().unwrap();
         assert_eq!(reply.status, 401);
         assert!(reply_header(&host, "www-authenticate")
@@ -138,7 +141,7 @@ fn missing_or_malformed_credential_is_401_without_a_call() {
     }
     let host = FakeHost::request("GET", "/v1/data", &[]);
     host.add_request_header("x-api-key", b"\xff\xfe");
-    assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause);
+    assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause(None));
     assert_eq!(host.reply().unwrap().status, 401);
 }
 
@@ -157,10 +160,13 @@ fn allowed_request_carries_the_account_and_the_contract_call() {
     let mut gate = fx.gate();
     // Nothing goes upstream while the decision is pending; the allow replaces the forged
     // copy (checked below).
-    assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+    assert_eq!(
+        gate.on_request_headers(&host),
+        Flow::Pause(Some(host.last_call().token))
+    );
     assert_eq!(
         gate.on_request_body(&host, 0, false),
-        Flow::Pause,
+        Flow::Pause(None),
         "the body must wait for the decision"
     );
     let call = host.last_call();
@@ -229,7 +235,7 @@ fn payment_required_with_cache_hint_then_served_from_cache() {
     // Another worker of the same process, 10 s later: no callout, the remaining life.
     let again = host.sibling("GET", "/v1/data", &[("x-api-key", "poor-key")]);
     again.advance(10_000);
-    assert_eq!(fx.gate().on_request_headers(&again), Flow::Pause);
+    assert_eq!(fx.gate().on_request_headers(&again), Flow::Pause(None));
     assert!(again.calls.borrow().is_empty());
     assert_eq!(again.reply().unwrap().status, 402);
     assert_eq!(
@@ -241,7 +247,10 @@ fn payment_required_with_cache_hint_then_served_from_cache() {
     // After expiry the service is asked again and the stale entry is cleared.
     let later = host.sibling("GET", "/v1/data", &[("x-api-key", "poor-key")]);
     later.advance(30_001);
-    assert_eq!(fx.gate().on_request_headers(&later), Flow::Pause);
+    assert_eq!(
+        fx.gate().on_request_headers(&later),
+        Flow::Pause(Some(later.last_call().token))
+    );
     assert_eq!(later.calls.borrow().len(), 1);
     assert!(later.shared.borrow().values().all(|(v, _)| v.is_empty()));
 }
@@ -264,7 +273,10 @@ fn a_cached_decision_is_never_served_to_another_account() {
         Some("acct_alice")
     );
     let mallory = alice.sibling("GET", "/x", &[("x-api-key", "mallory")]);
-    assert_eq!(fx.gate().on_request_headers(&mallory), Flow::Pause);
+    assert_eq!(
+        fx.gate().on_request_headers(&mallory),
+        Flow::Pause(Some(mallory.last_call().token))
+    );
     assert_eq!(
         mallory.calls.borrow().len(),
         1,
@@ -295,7 +307,10 @@ fn a_new_configuration_does_not_reuse_old_decisions() {
     );
     let new = Fixture::new(r#"{"cluster": "balance", "default_cost": 1, "timeout_ms": 400}"#);
     let again = host.sibling("GET", "/x", &[("x-api-key", "k")]);
-    assert_eq!(new.gate().on_request_headers(&again), Flow::Pause);
+    assert_eq!(
+        new.gate().on_request_headers(&again),
+        Flow::Pause(Some(again.last_call().token))
+    );
     assert_eq!(again.calls.borrow().len(), 1);
 }
 
@@ -393,7 +408,7 @@ fn undispatchable_call_fails_at_once() {
     let fx = Fixture::new(CONFIG);
     let host = keyed("/a", "k");
     host.refuse_dispatch.set(true);
-    assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause);
+    assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause(None));
     assert_eq!(host.reply().unwrap().status, 503);
     assert_eq!(fx.queued_refunds(), 0, "nothing reached the service");
     let open = Fixture::new(r#"{"cluster": "balance", "failure_mode": "open"}"#);
@@ -446,7 +461,7 @@ fn an_answer_for_another_call_is_ignored() {
     gate.on_request_headers(&host);
     respond(&mut gate, &host, 9999, &allow("a", 1));
     assert_eq!(host.resumed.get(), 0);
-    assert_eq!(gate.on_request_body(&host, 0, false), Flow::Pause);
+    assert_eq!(gate.on_request_body(&host, 0, false), Flow::Pause(None));
 }
 
 #[test]
@@ -545,7 +560,7 @@ fn refund_confirmed_or_unknown() {
 fn unconfigured_gate_refuses_with_503() {
     let host = keyed("/a", "k");
     let mut gate = Gate::new(None, Rc::new(Worker::default()));
-    assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+    assert_eq!(gate.on_request_headers(&host), Flow::Pause(None));
     assert_eq!(host.reply().unwrap().status, 503);
 }
 
@@ -590,7 +605,10 @@ mod lease_mode {
         let fx = fixture();
         let first = keyed("/a", "k");
         let mut gate = fx.gate();
-        assert_eq!(gate.on_request_headers(&first), Flow::Pause);
+        assert_eq!(
+            gate.on_request_headers(&first),
+            Flow::Pause(Some(first.last_call().token))
+        );
         let call = first.last_call();
         assert_eq!(call.header(":path"), Some("/v1/leases"));
         assert_eq!(
@@ -650,13 +668,16 @@ mod lease_mode {
         let fx = fixture();
         let first = keyed("/a", "k");
         let mut taker = fx.gate();
-        assert_eq!(taker.on_request_headers(&first), Flow::Pause);
+        assert_eq!(
+            taker.on_request_headers(&first),
+            Flow::Pause(Some(first.last_call().token))
+        );
         let mut waiters: Vec<(FakeHost, Gate)> = Vec::new();
         for _ in 0..5 {
             let host = first.sibling("GET", "/a", &[("x-api-key", "k")]);
             let mut gate = fx.gate();
             assert_eq!(gate.on_request_headers(&host), Flow::Park);
-            assert_eq!(gate.on_request_body(&host, 0, false), Flow::Pause);
+            assert_eq!(gate.on_request_body(&host, 0, false), Flow::Pause(None));
             assert!(
                 host.calls.borrow().is_empty(),
                 "one lease call per account at a time"
@@ -690,7 +711,7 @@ mod lease_mode {
         host.advance(1_000);
         assert_eq!(gate.on_wake(&host), Flow::Park);
         host.advance(10_000);
-        assert_eq!(gate.on_wake(&host), Flow::Pause);
+        assert_eq!(gate.on_wake(&host), Flow::Pause(None));
         assert_eq!(host.reply().unwrap().status, 503);
     }
 
@@ -713,7 +734,10 @@ mod lease_mode {
         // Not served from the cache to a new request: it asks again, so that a top-up
         // while other gateways hold leases is usable at once.
         let again = host.sibling("GET", "/a", &[("x-api-key", "k")]);
-        assert_eq!(fx.gate().on_request_headers(&again), Flow::Pause);
+        assert_eq!(
+            fx.gate().on_request_headers(&again),
+            Flow::Pause(Some(again.last_call().token))
+        );
         assert_eq!(again.last_call().header(":path"), Some("/v1/leases"));
     }
 
@@ -775,7 +799,10 @@ mod lease_mode {
         // And a request now needs a new lease.
         let later = host.sibling("GET", "/a", &[("x-api-key", "k")]);
         later.advance(29_000);
-        assert_eq!(fx.gate().on_request_headers(&later), Flow::Pause);
+        assert_eq!(
+            fx.gate().on_request_headers(&later),
+            Flow::Pause(Some(later.last_call().token))
+        );
         assert_eq!(later.last_call().header(":path"), Some("/v1/leases"));
     }
 
@@ -823,7 +850,10 @@ mod lease_mode {
         // The next request takes a new lease.
         let next = host.sibling("GET", "/a", &[("x-api-key", "k")]);
         next.advance(1_000);
-        assert_eq!(fx.gate().on_request_headers(&next), Flow::Pause);
+        assert_eq!(
+            fx.gate().on_request_headers(&next),
+            Flow::Pause(Some(next.last_call().token))
+        );
         assert_eq!(next.last_call().header(":path"), Some("/v1/leases"));
     }
 
@@ -840,7 +870,10 @@ mod lease_mode {
         let fx = fixture();
         let host = keyed("/a", "k");
         let mut gate = fx.gate();
-        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        assert_eq!(
+            gate.on_request_headers(&host),
+            Flow::Pause(Some(host.last_call().token))
+        );
         let first = host.last_call();
         assert_eq!(
             gate.on_callout_response(&host, first.token, &recall_402()),
@@ -852,7 +885,10 @@ mod lease_mode {
         assert_eq!(gate.on_wake(&host), Flow::Park);
         assert_eq!(host.calls.borrow().len(), 1, "not before retry_after_ms");
         host.advance(50);
-        assert_eq!(gate.on_wake(&host), Flow::Pause);
+        assert_eq!(
+            gate.on_wake(&host),
+            Flow::Pause(Some(host.last_call().token))
+        );
         let second = host.last_call();
         assert_ne!(second.token, first.token);
         assert_eq!(second.header(":path"), Some("/v1/leases"));
@@ -876,9 +912,9 @@ mod lease_mode {
         let mut calls = 1;
         while flow == Flow::Park {
             host.advance(10);
-            if gate.on_wake(&host) == Flow::Pause {
+            if let Flow::Pause(Some(token)) = gate.on_wake(&host) {
                 calls += 1;
-                flow = gate.on_callout_response(&host, host.last_call().token, &recall_402());
+                flow = gate.on_callout_response(&host, token, &recall_402());
             }
             assert!(host.now_ms() - start <= 2_500, "waited past the bound");
         }
@@ -929,7 +965,10 @@ mod lease_mode {
         assert_eq!(host.reply(), None);
         let other = host.sibling("GET", "/a", &[("x-api-key", "k2")]);
         let mut gate = fx.gate();
-        assert_eq!(gate.on_request_headers(&other), Flow::Pause);
+        assert_eq!(
+            gate.on_request_headers(&other),
+            Flow::Pause(Some(other.last_call().token))
+        );
         assert_eq!(other.last_call().header(":path"), Some("/v1/authorize"));
         assert_eq!(other.count_of(Metric::LeaseSlotBusy), 1);
         respond(
@@ -962,7 +1001,10 @@ mod lease_mode {
             let key = format!("fbk-unknown-{i:08x}");
             let host = root.sibling("GET", "/a", &[("x-api-key", &key)]);
             let mut gate = fx.gate();
-            assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+            assert_eq!(
+                gate.on_request_headers(&host),
+                Flow::Pause(Some(host.last_call().token))
+            );
             respond(&mut gate, &host, host.last_call().token, &unknown);
             assert_eq!(host.reply().map(|r| r.status), Some(401));
             gate.on_log(&host);
@@ -999,7 +1041,7 @@ mod lease_mode {
             let other = host.sibling("GET", "/a", &[("x-api-key", "k")]);
             match fx.gate().on_request_headers(&other) {
                 Flow::Continue => allowed += 1,
-                Flow::Pause => calls += other.calls.borrow().len(),
+                Flow::Pause(_) => calls += other.calls.borrow().len(),
                 Flow::Park => {}
             }
         }
@@ -1024,7 +1066,7 @@ fn waiters_take_a_cached_refusal_instead_of_asking_again() {
         json!({"balance": 0, "price": 1}),
     );
     taker.on_callout_response(&first, first.last_call().token, &deny);
-    assert_eq!(gate.on_wake(&waiter), Flow::Pause);
+    assert_eq!(gate.on_wake(&waiter), Flow::Pause(None));
     assert!(waiter.calls.borrow().is_empty(), "no second lease call");
     assert_eq!(waiter.reply().unwrap().status, 402);
 }
@@ -1054,7 +1096,10 @@ mod metered_and_paid {
         host.headers_locked.set(true);
         assert!(host.calls.borrow().is_empty());
         let size = host.request_body.borrow().len();
-        assert_eq!(gate.on_request_body(&host, size / 2, false), Flow::Pause);
+        assert_eq!(
+            gate.on_request_body(&host, size / 2, false),
+            Flow::Pause(None)
+        );
         let flow = gate.on_request_body(&host, size, true);
         assert_eq!(
             host.late_header_access.get(),
@@ -1076,7 +1121,7 @@ mod metered_and_paid {
 
         let search = json!({"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {"name": "search"}});
         let (host, mut gate, flow) = mcp_call(&fx, search);
-        assert_eq!(flow, Flow::Pause);
+        assert_eq!(flow, Flow::Pause(Some(host.last_call().token)));
         let call = host.last_call();
         assert_eq!(
             (call.body["cost"].clone(), call.body["route"].clone()),
@@ -1167,10 +1212,17 @@ mod metered_and_paid {
         );
         let host = FakeHost::request("GET", "/mcp", &[("x-api-key", "k")]);
         let mut gate = fx.gate();
-        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        assert_eq!(
+            gate.on_request_headers(&host),
+            Flow::Pause(Some(host.last_call().token))
+        );
         assert_eq!(host.last_call().body["cost"], 2);
         let (host, _, flow) = mcp_call(&fx, json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}));
-        assert_eq!(flow, Flow::Pause, "ping priced explicitly");
+        assert_eq!(
+            flow,
+            Flow::Pause(Some(host.last_call().token)),
+            "ping priced explicitly"
+        );
         assert_eq!(host.last_call().body["cost"], 1);
     }
 
@@ -1178,7 +1230,7 @@ mod metered_and_paid {
     fn mcp_answered(fx: &Fixture, content_type: &str, body: &str) -> FakeHost {
         let call = json!({"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {"name": "search"}});
         let (host, mut gate, flow) = mcp_call(fx, call);
-        assert_eq!(flow, Flow::Pause);
+        assert_eq!(flow, Flow::Pause(Some(host.last_call().token)));
         respond(&mut gate, &host, host.last_call().token, &allow("acct", 95));
         host.set_status(200);
         host.response_headers
@@ -1237,7 +1289,7 @@ mod metered_and_paid {
         );
         let host = FakeHost::request("POST", "/v1/chat/completions", &[]);
         let mut gate = fx.gate();
-        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        assert_eq!(gate.on_request_headers(&host), Flow::Pause(None));
         let body = reply_body(&host);
         assert_eq!(host.reply().unwrap().status, 401);
         assert_eq!(body["error"]["code"], "invalid_api_key");
@@ -1278,7 +1330,7 @@ mod metered_and_paid {
         let size = host.request_body.borrow().len();
         assert_eq!(
             gate.on_request_body(host, size / 2, false),
-            Flow::Pause,
+            Flow::Pause(None),
             "held"
         );
         let flow = gate.on_request_body(host, size, true);
@@ -1299,7 +1351,11 @@ mod metered_and_paid {
         let fx = Fixture::new(CFG);
         let claim = [("mcp-method", "tools/call"), ("mcp-name", "search")];
         let (host, mut gate, flow) = mcp_claimed(&fx, &claim, &search_call(42, "search"));
-        assert_eq!(flow, Flow::Pause, "decided at the headers");
+        assert_eq!(
+            flow,
+            Flow::Pause(Some(host.last_call().token)),
+            "decided at the headers"
+        );
         let call = host.last_call();
         assert_eq!(
             (call.body["cost"].clone(), call.body["route"].clone()),
@@ -1357,7 +1413,7 @@ mod metered_and_paid {
             &search_call(9, "search"),
         );
         assert_eq!(flow, Flow::Continue);
-        assert_eq!(send_body(&host, &mut gate), Flow::Pause);
+        assert_eq!(send_body(&host, &mut gate), Flow::Pause(None));
         let reply = host.reply().unwrap();
         assert_eq!(reply.status, 400);
         let body = reply_body(&host);
@@ -1380,7 +1436,7 @@ mod metered_and_paid {
         );
         assert_eq!(host.last_call().body["cost"], 1);
         respond(&mut gate, &host, host.last_call().token, &allow("acct", 99));
-        assert_eq!(send_body(&host, &mut gate), Flow::Pause);
+        assert_eq!(send_body(&host, &mut gate), Flow::Pause(None));
         assert_eq!(host.reply().unwrap().status, 400);
         assert!(reply_body(&host)["error"]["message"]
             .as_str()
@@ -1414,7 +1470,7 @@ mod metered_and_paid {
             if let Some(call) = host.calls.borrow().last() {
                 gate.on_callout_response(&host, call.token, &allow("acct", 99));
             }
-            assert_eq!(send_body(&host, &mut gate), Flow::Pause, "{body}");
+            assert_eq!(send_body(&host, &mut gate), Flow::Pause(None), "{body}");
             assert_eq!(host.reply().unwrap().status, 400, "{body}");
         }
     }
@@ -1426,7 +1482,7 @@ mod metered_and_paid {
         let (host, mut gate, _) = mcp_claimed(&fx, &claim, &search_call(5, "search"));
         respond(&mut gate, &host, host.last_call().token, &allow("acct", 95));
         host.headers_locked.set(true);
-        assert_eq!(gate.on_request_body(&host, 201, false), Flow::Pause);
+        assert_eq!(gate.on_request_body(&host, 201, false), Flow::Pause(None));
         assert_eq!(host.reply().unwrap().status, 413);
         assert_eq!(host.count_of(Metric::BodyTooLarge), 1);
         gate.on_log(&host);
@@ -1452,7 +1508,7 @@ mod metered_and_paid {
         assert_eq!(host.upstream_header("x-farebox-account"), None);
         assert_eq!(
             send_body(&host, &mut gate),
-            Flow::Pause,
+            Flow::Pause(None),
             "the body never goes on"
         );
         let reply = host.reply().unwrap();
@@ -1505,7 +1561,10 @@ mod metered_and_paid {
         );
         host.headers_locked.set(true);
         let size = host.request_body.borrow().len();
-        assert_eq!(gate.on_request_body(&host, size, true), Flow::Pause);
+        assert_eq!(
+            gate.on_request_body(&host, size, true),
+            Flow::Pause(Some(host.last_call().token))
+        );
         let sent: Value = serde_json::from_slice(&host.request_body.borrow()).unwrap();
         assert_eq!(sent["stream_options"], json!({"include_usage": true}));
         assert_eq!(
@@ -1519,7 +1578,10 @@ mod metered_and_paid {
         let host = FakeHost::request("POST", "/v2/chat", &[("x-api-key", "k")]);
         *host.request_body.borrow_mut() = stream.to_string().into_bytes();
         let mut gate = fx.gate();
-        assert_eq!(gate.on_request_headers_eos(&host, false), Flow::Pause);
+        assert_eq!(
+            gate.on_request_headers_eos(&host, false),
+            Flow::Pause(Some(host.last_call().token))
+        );
         respond(
             &mut gate,
             &host,
@@ -1527,7 +1589,7 @@ mod metered_and_paid {
             &allow("acct", 100),
         );
         host.headers_locked.set(true);
-        assert_eq!(gate.on_request_body(&host, 10, false), Flow::Pause);
+        assert_eq!(gate.on_request_body(&host, 10, false), Flow::Pause(None));
         assert_eq!(gate.on_request_body(&host, size, true), Flow::Continue);
         let sent: Value = serde_json::from_slice(&host.request_body.borrow()).unwrap();
         assert_eq!(sent["stream_options"]["include_usage"], true);
@@ -1553,7 +1615,7 @@ mod metered_and_paid {
         let host = FakeHost::request("POST", "/mcp", &[("x-api-key", "k")]);
         let mut gate = fx.gate();
         gate.on_request_headers_eos(&host, false);
-        assert_eq!(gate.on_request_body(&host, 201, false), Flow::Pause);
+        assert_eq!(gate.on_request_body(&host, 201, false), Flow::Pause(None));
         assert_eq!(host.reply().unwrap().status, 413);
         assert_eq!(host.count_of(Metric::BodyTooLarge), 1);
     }
@@ -1565,7 +1627,10 @@ mod metered_and_paid {
             &[("x-api-key", "k"), ("x-request-id", "req-1")],
         );
         let mut gate = fx.gate();
-        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        assert_eq!(
+            gate.on_request_headers(&host),
+            Flow::Pause(Some(host.last_call().token))
+        );
         assert_eq!(host.last_call().body["cost"], 100, "the estimate is held");
         respond(
             &mut gate,
@@ -1785,7 +1850,10 @@ mod metered_and_paid {
             ],
         );
         let mut gate = fx.gate();
-        assert_eq!(gate.on_request_headers(&host), Flow::Pause);
+        assert_eq!(
+            gate.on_request_headers(&host),
+            Flow::Pause(Some(host.last_call().token))
+        );
         let call = host.last_call();
         assert_eq!(call.body["account"], Value::Null);
         assert_eq!(call.body["payment"], "eyJwYXkiOnRydWV9");
@@ -2067,11 +2135,14 @@ fn a_wake_while_authorizing_keeps_the_request_paused() {
     let fx = Fixture::new(CONFIG);
     let host = FakeHost::request("POST", "/v1/models/m/infer", &[("x-api-key", "key-1")]);
     let mut gate = fx.gate();
-    assert_eq!(gate.on_request_headers_eos(&host, false), Flow::Pause);
+    assert_eq!(
+        gate.on_request_headers_eos(&host, false),
+        Flow::Pause(Some(host.last_call().token))
+    );
     let token = host.last_call().token;
-    assert_eq!(gate.on_wake(&host), Flow::Pause);
-    assert_eq!(gate.on_request_trailers(&host), Flow::Pause);
-    assert_eq!(gate.on_request_body(&host, 0, true), Flow::Pause);
+    assert_eq!(gate.on_wake(&host), Flow::Pause(None));
+    assert_eq!(gate.on_request_trailers(&host), Flow::Pause(None));
+    assert_eq!(gate.on_request_body(&host, 0, true), Flow::Pause(None));
     assert_eq!(host.count_of(Metric::Allowed), 0);
     // The answer still finds its request.
     assert_eq!(
