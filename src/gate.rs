@@ -147,9 +147,17 @@ enum Charge {
     },
 }
 
+/// One HTTP stream's gate: the callbacks the host layer calls, each handed to the
+/// phase it belongs to.
 pub struct Gate {
     /// `None` when the plugin has no valid configuration (Envoy should not let that happen).
     cfg: Option<Rc<Config>>,
+    exchange: Exchange,
+}
+
+/// What the gate knows of one request and its response. The configuration stays
+/// outside, in [`Gate`], and is lent to every phase: they read it while they change this.
+struct Exchange {
     worker: Rc<Worker>,
     stage: Stage,
     /// JSON-RPC id of an MCP call: refusals are JSON-RPC answers for it.
@@ -199,8 +207,7 @@ impl Gate {
             Some(c) if !c.access_log => Record::off(),
             _ => Record::default(),
         };
-        Gate {
-            cfg,
+        let exchange = Exchange {
             worker,
             stage: Stage::Start,
             mcp_id: None,
@@ -220,22 +227,91 @@ impl Gate {
             include_usage: false,
             payment_headers: false,
             access,
-        }
+        };
+        Gate { cfg, exchange }
+    }
+
+    /// Request headers of a request without a body.
+    pub fn on_request_headers(&mut self, host: &impl HttpHost) -> Flow {
+        self.on_request_headers_eos(host, true)
+    }
+
+    pub fn on_request_headers_eos(&mut self, host: &impl HttpHost, end_of_stream: bool) -> Flow {
+        self.exchange
+            .on_request_headers(host, self.cfg.as_deref(), end_of_stream)
+    }
+
+    /// A chunk of the request body: held while the decision is pending, read whole
+    /// where the body prices the request.
+    pub fn on_request_body(
+        &mut self,
+        host: &impl HttpHost,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        self.exchange
+            .on_request_body(host, self.cfg.as_deref(), body_size, end_of_stream)
+    }
+
+    /// Trailers end the body: nothing is read from them.
+    pub fn on_request_trailers(&mut self, host: &impl HttpHost) -> Flow {
+        self.exchange.on_request_trailers(host, self.cfg.as_deref())
+    }
+
+    /// A parked request's timer tick: try again. Returns how it went, like
+    /// [`Gate::on_request_headers`]; `Park` means still waiting.
+    pub fn on_wake(&mut self, host: &impl HttpHost) -> Flow {
+        self.exchange.on_wake(host, self.cfg.as_deref())
+    }
+
+    /// The answer to our authorize or lease call. Returns `Continue` when the
+    /// request may now go upstream (the caller resumes it), `Park` when it waits
+    /// for recalled credit (the caller wakes it from the timer).
+    pub fn on_callout_response(
+        &mut self,
+        host: &impl HttpHost,
+        token: u32,
+        resp: &CalloutResponse,
+    ) -> Flow {
+        self.exchange
+            .on_callout_response(host, self.cfg.as_deref(), token, resp)
+    }
+
+    pub fn on_response_headers(&mut self, host: &impl HttpHost) {
+        self.exchange.on_response_headers(host, self.cfg.as_deref())
+    }
+
+    /// A chunk of the response body: metered if the route is priced by usage,
+    /// and always passed on untouched.
+    pub fn on_response_body(
+        &mut self,
+        host: &impl HttpHost,
+        body_size: usize,
+        end_of_stream: bool,
+    ) {
+        self.exchange
+            .on_response_body(host, self.cfg.as_deref(), body_size, end_of_stream)
+    }
+
+    /// The stream is over: a request still waiting for its decision is undone, an
+    /// unfinished usage-priced response is settled.
+    pub fn on_log(&mut self, host: &impl HttpHost) {
+        self.exchange.on_log(host, self.cfg.as_deref())
     }
 
     /// The access-log fields that changed since the last call, for the host layer
     /// to publish (empty, and allocation-free, when nothing changed).
     pub fn access_log_changes(&mut self) -> Vec<(&'static str, String)> {
-        self.access.changes()
+        self.exchange.access.changes()
     }
 
     /// Hands the changed access-log fields to the host (one property each). Must run
     /// with the stream as the effective context.
     pub fn publish_access_log(&mut self, host: &impl HttpHost) {
-        if !self.access.is_dirty() {
+        if !self.exchange.access.is_dirty() {
             return;
         }
-        for (name, value) in self.access.changes() {
+        for (name, value) in self.exchange.access.changes() {
             host.set_property(name, &value);
         }
     }

@@ -62,7 +62,7 @@ impl CallKind {
     }
 }
 
-impl Gate {
+impl Exchange {
     pub(super) fn authorize(&mut self, host: &impl HttpHost, cfg: &Config, p: Pending) -> Flow {
         let body = authorize_body(&AuthorizeRequest {
             account: p.credential.as_deref(),
@@ -112,18 +112,19 @@ impl Gate {
     /// The answer to our authorize or lease call. Returns `Continue` when the
     /// request may now go upstream (the caller resumes it), `Park` when it waits
     /// for recalled credit (the caller wakes it from the timer).
-    pub fn on_callout_response(
+    pub(super) fn on_callout_response(
         &mut self,
         host: &impl HttpHost,
+        cfg: Option<&Config>,
         token: u32,
         resp: &CalloutResponse,
     ) -> Flow {
-        let Some(cfg) = self.cfg.clone() else {
+        let Some(cfg) = cfg else {
             return Flow::Pause(None);
         };
         match std::mem::replace(&mut self.stage, Stage::Done) {
-            Stage::Authorizing(p) if p.token == token => self.authorized(host, &cfg, *p, resp),
-            Stage::Leasing(p) if p.token == token => self.leased(host, &cfg, *p, resp),
+            Stage::Authorizing(p) if p.token == token => self.authorized(host, cfg, *p, resp),
+            Stage::Leasing(p) if p.token == token => self.leased(host, cfg, *p, resp),
             other => {
                 self.stage = other;
                 log::warn!("answer for unknown call {token} ignored");

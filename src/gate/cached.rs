@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Gate {
+impl Exchange {
     /// Acts on a fresh decision in this worker's copy of the cache, if it has one.
     /// Authorize mode only: in lease mode a cached refusal is cleared from shared data
     /// when credit arrives, which a copy would not see.

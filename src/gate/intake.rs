@@ -15,7 +15,7 @@ pub(super) const LATE_HEADERS: [&str; 8] = [
     ":path",
 ];
 
-impl Gate {
+impl Exchange {
     /// A request header: from the host while the headers phase lasts, else as kept.
     pub(super) fn header(&self, host: &impl HttpHost, name: &str) -> Option<Vec<u8>> {
         if !self.headers_gone {
@@ -76,13 +76,13 @@ impl Gate {
         }
     }
 
-    /// Request headers of a request without a body.
-    pub fn on_request_headers(&mut self, host: &impl HttpHost) -> Flow {
-        self.on_request_headers_eos(host, true)
-    }
-
-    pub fn on_request_headers_eos(&mut self, host: &impl HttpHost, end_of_stream: bool) -> Flow {
-        let Some(cfg) = self.cfg.clone() else {
+    pub(super) fn on_request_headers(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: Option<&Config>,
+        end_of_stream: bool,
+    ) -> Flow {
+        let Some(cfg) = cfg else {
             log::error!("farebox has no valid configuration; refusing the request");
             host.send_reply(&Reply {
                 status: 503,
@@ -133,7 +133,7 @@ impl Gate {
         };
         if plumbing {
             let route = format!("{route}/{}", req.method);
-            return self.proceed(host, &cfg, req, route, 0);
+            return self.proceed(host, cfg, req, route, 0);
         }
         if include_usage {
             // The body may grow; the headers go on before it is whole.
@@ -143,16 +143,16 @@ impl Gate {
         if wants_body {
             if end_of_stream {
                 // The headers are still held: stripped when the decision lets them go.
-                return self.priced_by_body(host, &cfg, req, &[]);
+                return self.priced_by_body(host, cfg, req, &[]);
             }
-            self.keep_headers(host, &cfg);
-            if let Some((claim, price, route)) = self.priced_by_claim(host, &cfg, &req) {
+            self.keep_headers(host, cfg);
+            if let Some((claim, price, route)) = self.priced_by_claim(host, cfg, &req) {
                 // Decided now, from the headers, which then carry the account; the body
                 // is held until it is checked against them.
                 log::debug!("{} {}: priced from its MCP headers", req.method, req.path);
                 self.mcp_tool_call = claim.method == "tools/call";
                 self.mcp_claim = Some(claim);
-                return self.proceed(host, &cfg, req, route, price);
+                return self.proceed(host, cfg, req, route, price);
             }
             // Envoy delivers no body to a filter that paused on the headers, so the
             // headers go on (the upstream waits for a body it gets only once paid for)
@@ -160,12 +160,12 @@ impl Gate {
             log::debug!("{} {}: reading the body to price it", req.method, req.path);
             // The headers go on before the decision: no client copy of the account
             // header, and no payment, goes with them (both were kept above).
-            self.strip_account(host, &cfg);
+            self.strip_account(host, cfg);
             self.stage = Stage::AwaitingBody(Box::new(req));
             self.headers_gone = true;
             return Flow::Continue;
         }
-        self.proceed(host, &cfg, req, route, cost)
+        self.proceed(host, cfg, req, route, cost)
     }
 
     /// Keeps the request headers a decision made after the headers went on needs.
@@ -210,9 +210,10 @@ impl Gate {
     /// Body and trailers wait while the decision is pending: letting them continue
     /// would make Envoy forward the paused headers before the request is paid for.
     /// An MCP route reads the whole body (up to `max_body_bytes`) to price it.
-    pub fn on_request_body(
+    pub(super) fn on_request_body(
         &mut self,
         host: &impl HttpHost,
+        cfg: Option<&Config>,
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
@@ -222,15 +223,15 @@ impl Gate {
             }
             Stage::AwaitingBody(_) => {}
             _ if self.mcp_claim.is_some() || self.include_usage => {
-                return self.held_body(host, body_size, end_of_stream)
+                return self.held_body(host, cfg, body_size, end_of_stream)
             }
             _ => return Flow::Continue,
         }
-        let Some(cfg) = self.cfg.clone() else {
+        let Some(cfg) = cfg else {
             return Flow::Pause(None);
         };
         if body_size > cfg.max_body_bytes {
-            return self.too_large(host, &cfg);
+            return self.too_large(host, cfg);
         }
         if !end_of_stream {
             return Flow::Pause(None);
@@ -240,7 +241,7 @@ impl Gate {
         };
         let body = host.request_body(body_size).unwrap_or_default();
         self.ask_for_usage(host, body_size, &body);
-        self.priced_by_body(host, &cfg, *req, &body)
+        self.priced_by_body(host, cfg, *req, &body)
     }
 
     /// A body held after the decision went on with the headers: to check it against
@@ -249,12 +250,13 @@ impl Gate {
     pub(super) fn held_body(
         &mut self,
         host: &impl HttpHost,
+        cfg: Option<&Config>,
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
         // The headers went on: from now on they are read as kept.
         self.headers_gone = true;
-        let Some(cfg) = self.cfg.clone() else {
+        let Some(cfg) = cfg else {
             return Flow::Pause(None);
         };
         if body_size > cfg.max_body_bytes {
@@ -265,14 +267,14 @@ impl Gate {
             }
             self.deferred = None;
             self.give_back_held(host, 413);
-            return self.too_large(host, &cfg);
+            return self.too_large(host, cfg);
         }
         if !end_of_stream {
             return Flow::Pause(None);
         }
         let body = host.request_body(body_size).unwrap_or_default();
         self.ask_for_usage(host, body_size, &body);
-        self.check_claim(host, &cfg, &body)
+        self.check_claim(host, cfg, &body)
     }
 
     /// 413: a body over `max_body_bytes`, which farebox would have to read whole.
@@ -283,7 +285,7 @@ impl Gate {
             "the request body is larger than {} bytes",
             cfg.max_body_bytes
         );
-        self.reply(host, &response::too_large(cfg, &detail))
+        self.reply(host, cfg, &response::too_large(cfg, &detail))
     }
 
     /// Adds `stream_options.include_usage` to a streaming Chat Completions request
@@ -313,7 +315,7 @@ impl Gate {
                 }
                 self.mcp_id = Some(checked.id);
                 match self.deferred.take() {
-                    Some(refusal) => self.reply(host, &refusal),
+                    Some(refusal) => self.reply(host, cfg, &refusal),
                     None => Flow::Continue,
                 }
             }
@@ -339,23 +341,27 @@ impl Gate {
     }
 
     /// Trailers end the body: nothing is read from them.
-    pub fn on_request_trailers(&mut self, host: &impl HttpHost) -> Flow {
+    pub(super) fn on_request_trailers(
+        &mut self,
+        host: &impl HttpHost,
+        cfg: Option<&Config>,
+    ) -> Flow {
         let pending = matches!(
             self.stage,
             Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) | Stage::AwaitingBody(_)
         );
         if !pending && (self.mcp_claim.is_some() || self.include_usage) {
-            let Some(cfg) = self.cfg.clone() else {
+            let Some(cfg) = cfg else {
                 return Flow::Pause(None);
             };
             self.headers_gone = true;
             let body = host.request_body(cfg.max_body_bytes).unwrap_or_default();
             self.ask_for_usage(host, body.len(), &body);
-            return self.check_claim(host, &cfg, &body);
+            return self.check_claim(host, cfg, &body);
         }
         match &self.stage {
             Stage::AwaitingBody(_) => {
-                let Some(cfg) = self.cfg.clone() else {
+                let Some(cfg) = cfg else {
                     return Flow::Pause(None);
                 };
                 let Stage::AwaitingBody(req) = std::mem::replace(&mut self.stage, Stage::Done)
@@ -364,7 +370,7 @@ impl Gate {
                 };
                 let body = host.request_body(cfg.max_body_bytes).unwrap_or_default();
                 self.ask_for_usage(host, body.len(), &body);
-                self.priced_by_body(host, &cfg, *req, &body)
+                self.priced_by_body(host, cfg, *req, &body)
             }
             Stage::Authorizing(_) | Stage::Leasing(_) | Stage::Parked(_) => Flow::Pause(None),
             _ => Flow::Continue,
@@ -446,7 +452,7 @@ impl Gate {
             );
             // A usage route: refused in OpenAI's error shape too, like its other refusals.
             self.openai_errors = true;
-            return self.reply(host, &response::unknown_model(cfg, model.as_deref()));
+            return self.reply(host, cfg, &response::unknown_model(cfg, model.as_deref()));
         }
         let hold = prices
             .and_then(|p| table.hold(p, &doc, body.len()))
@@ -514,6 +520,7 @@ impl Gate {
                         log::debug!("401 on {} {}: {e}", req.method, req.path);
                         return self.reply(
                             host,
+                            cfg,
                             &response::unauthorized(cfg, why, &e.to_string(), Freshness::NoStore),
                         );
                     }

@@ -6,7 +6,7 @@ use super::*;
 use crate::lease;
 use crate::shared_data::{self, Attempt};
 
-impl Gate {
+impl Exchange {
     /// Lease mode: pay from the account's lease, or take the renewal lock and ask
     /// for a new one, or wait for whoever holds the lock.
     pub(super) fn spend_from_lease(
@@ -156,8 +156,8 @@ impl Gate {
 
     /// A parked request's timer tick: try again. Returns how it went, like
     /// [`Gate::on_request_headers`]; `Park` means still waiting.
-    pub fn on_wake(&mut self, host: &impl HttpHost) -> Flow {
-        let Some(cfg) = self.cfg.clone() else {
+    pub(super) fn on_wake(&mut self, host: &impl HttpHost, cfg: Option<&Config>) -> Flow {
+        let Some(cfg) = cfg else {
             return Flow::Pause(None);
         };
         // A wake for a stream that is not parked (a stale timer) leaves it as it is: a
@@ -185,9 +185,9 @@ impl Gate {
         if now.saturating_sub(p.parked_since_ms) > limit {
             host.count(Metric::CalloutFailures);
             log::warn!("request {} waited too long for a lease", p.request_id);
-            return self.fail(host, &cfg, None);
+            return self.fail(host, cfg, None);
         }
-        self.spend_from_lease(host, &cfg, *p)
+        self.spend_from_lease(host, cfg, *p)
     }
 
     pub(super) fn leased(

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Gate {
+impl Exchange {
     pub(super) fn act(
         &mut self,
         host: &impl HttpHost,
@@ -61,7 +61,7 @@ impl Gate {
                 self.access.decided(Outcome::Deny);
                 let reply = response::payment_required(cfg, route, &denial, freshness);
                 let reply = self.with_offer(host, cfg, route, &denial, reply);
-                self.reply(host, &reply)
+                self.reply(host, cfg, &reply)
             }
             Decision::Unauthenticated => {
                 host.count(Metric::Unauthenticated);
@@ -69,18 +69,23 @@ impl Gate {
                 let detail = "the credential is not known";
                 self.reply(
                     host,
+                    cfg,
                     &response::unauthorized(cfg, AuthProblem::Invalid, detail, freshness),
                 )
             }
             Decision::Forbidden => {
                 host.count(Metric::Forbidden);
                 self.access.decided(Outcome::Forbidden);
-                self.reply(host, &response::forbidden(cfg, freshness))
+                self.reply(host, cfg, &response::forbidden(cfg, freshness))
             }
             Decision::RateLimited { retry_after_s } => {
                 host.count(Metric::RateLimited);
                 self.access.decided(Outcome::RateLimited);
-                self.reply(host, &response::rate_limited(cfg, retry_after_s, freshness))
+                self.reply(
+                    host,
+                    cfg,
+                    &response::rate_limited(cfg, retry_after_s, freshness),
+                )
             }
         }
     }
@@ -147,28 +152,26 @@ impl Gate {
             FailureMode::Closed => {
                 host.count(Metric::FailClosed);
                 self.access.decided(Outcome::FailClosed);
-                self.reply(host, &response::unavailable(cfg))
+                self.reply(host, cfg, &response::unavailable(cfg))
             }
         }
     }
 
     /// Sends a refusal: as a JSON-RPC error on MCP routes, as a page to browsers
     /// when configured, else as the problem document it is.
-    pub(super) fn reply(&mut self, host: &impl HttpHost, reply: &Reply) -> Flow {
+    pub(super) fn reply(&mut self, host: &impl HttpHost, cfg: &Config, reply: &Reply) -> Flow {
         self.stage = Stage::Done;
         if self.mcp_claim.is_some() {
             // Priced from its MCP headers: the JSON-RPC id to answer is in the body,
             // which Envoy gives a filter only once the headers went on. They go on
             // (without the account), the body is held and never sent, and the refusal
             // answers it (the upstream request is reset).
-            if let Some(cfg) = self.cfg.clone() {
-                self.strip_account(host, &cfg);
-            }
+            self.strip_account(host, cfg);
             self.deferred = Some(reply.clone());
             return Flow::Continue;
         }
         let html = reply.status == 402
-            && self.cfg.as_ref().is_some_and(|c| c.html_402)
+            && cfg.html_402
             && self
                 .header(host, "accept")
                 .is_some_and(|a| contains(&a, b"text/html"));

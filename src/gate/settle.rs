@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Gate {
+impl Exchange {
     /// Gives back what a request whose body is refused was charged (once: the charge
     /// is taken). Its headers went upstream, its body never does: the upstream
     /// request is reset with the local reply.
@@ -15,8 +15,8 @@ impl Gate {
         }
     }
 
-    pub fn on_response_headers(&mut self, host: &impl HttpHost) {
-        let Some(cfg) = self.cfg.clone() else { return };
+    pub(super) fn on_response_headers(&mut self, host: &impl HttpHost, cfg: Option<&Config>) {
+        let Some(cfg) = cfg else { return };
         let Stage::Forwarded(f) = &mut self.stage else {
             return;
         };
@@ -79,13 +79,15 @@ impl Gate {
 
     /// A chunk of the response body: metered if the route is priced by usage,
     /// and always passed on untouched.
-    pub fn on_response_body(
+    pub(super) fn on_response_body(
         &mut self,
         host: &impl HttpHost,
+        cfg: Option<&Config>,
         body_size: usize,
         end_of_stream: bool,
     ) {
-        let Stage::Forwarded(f) = &mut self.stage else {
+        // Nothing is forwarded without a configuration.
+        let (Some(cfg), Stage::Forwarded(f)) = (cfg, &mut self.stage) else {
             return;
         };
         if let Some(watch) = &mut self.mcp_answer {
@@ -131,7 +133,7 @@ impl Gate {
             Some(m) => {
                 host.count(Metric::UsageMetered);
                 self.access.metered(&m);
-                self.settle_usage(host, charge, hold, &m);
+                self.settle_usage(host, cfg, charge, hold, &m);
             }
             None => {
                 host.count(Metric::UsageUnread);
@@ -141,16 +143,9 @@ impl Gate {
     }
 
     /// The usage line of a table-priced response: route rule, model and tokens.
-    pub(super) fn usage_line(&self, m: &Metered) -> Option<UsageLine> {
+    pub(super) fn usage_line(&self, cfg: &Config, m: &Metered) -> Option<UsageLine> {
         let tokens = m.tokens?;
-        let route = self
-            .cfg
-            .as_ref()?
-            .pricing
-            .routes
-            .get(self.usage_rule?)?
-            .name
-            .clone();
+        let route = cfg.pricing.routes.get(self.usage_rule?)?.name.clone();
         Some(UsageLine {
             route,
             model: m.model.clone(),
@@ -164,12 +159,13 @@ impl Gate {
     pub(super) fn settle_usage(
         &self,
         host: &impl HttpHost,
+        cfg: &Config,
         charge: Option<Charge>,
         hold: u64,
         m: &Metered,
     ) {
         let actual = m.cost;
-        let line = self.usage_line(m);
+        let line = self.usage_line(cfg, m);
         match charge {
             Some(Charge::Authorized {
                 request_id,
@@ -229,8 +225,8 @@ impl Gate {
     /// The stream is over. A request still waiting for its decision never reached
     /// the upstream: whatever the service did for it is undone. A usage-priced
     /// response that never finished is charged at its hold.
-    pub fn on_log(&mut self, host: &impl HttpHost) {
-        let Some(cfg) = self.cfg.clone() else { return };
+    pub(super) fn on_log(&mut self, host: &impl HttpHost, cfg: Option<&Config>) {
+        let Some(cfg) = cfg else { return };
         if self.mcp_claim.take().is_some() {
             // Paid from its headers, but its body never came whole: never served.
             self.give_back_held(host, CLIENT_GONE);
@@ -266,7 +262,7 @@ impl Gate {
                             "an interrupted response: charged the usage it reported, {} units",
                             m.cost
                         );
-                        self.settle_usage(host, f.charge.take(), hold, &m);
+                        self.settle_usage(host, cfg, f.charge.take(), hold, &m);
                     }
                     _ => host.count(Metric::UsageUnread),
                 }
