@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use crate::amount::MAX_AMOUNT;
 use crate::identity::CredentialSource;
 use crate::mcp::McpPricing;
 use crate::pricing::{PathPattern, Pricing, Route};
@@ -15,8 +16,6 @@ use crate::sha256;
 use crate::tokens::{Api, ModelFrom, PriceTable, Prices, UnknownModel, MAX_MODEL_LEN};
 use crate::usage::UsageSpec;
 
-/// Largest integer every JSON implementation reads exactly (2^53 - 1).
-pub const MAX_AMOUNT: u64 = 9_007_199_254_740_991;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_CACHE_ENTRIES: u64 = 10_000_000;
 

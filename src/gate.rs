@@ -24,9 +24,9 @@ use crate::mcp;
 use crate::metrics::Metric;
 use crate::outbox::{Finished, Job, Outbox};
 use crate::payments::{self, Payment};
-use crate::pricing::normalize_path;
 use crate::response::{self, AuthProblem, Freshness, Reply};
 use crate::tokens::{ModelFrom, PriceTable, MAX_MODEL_LEN};
+use crate::uri::normalize_path;
 use crate::usage::{BodyKind, Meter, Metered};
 
 mod authorize;

@@ -13,6 +13,7 @@
 )]
 
 pub mod access_log;
+pub mod amount;
 pub mod balance_api;
 pub mod cache;
 pub mod config;
@@ -28,10 +29,12 @@ pub mod metrics;
 pub mod outbox;
 pub mod payments;
 pub mod pricing;
+pub mod problem;
 pub mod response;
 pub mod sha256;
 pub mod shared_data;
 pub mod tokens;
+pub mod uri;
 pub mod usage;
 
 /// The in-memory host: native tests, and the fuzz crate (feature `fake`).

@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 use crate::config::Config;
 use crate::decision::Denial;
 use crate::identity::CredentialSource;
+use crate::problem::summary;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -184,30 +185,6 @@ pub fn header_mismatch(cfg: &Config, detail: &str) -> Reply {
         Map::new(),
         Freshness::NoStore,
     )
-}
-
-/// "Payment Required: <detail> (price 5, balance 1)": a refusal in one line for a
-/// person, as clients that show only a message (MCP's, OpenAI's) display it.
-pub fn summary(problem: &Value) -> String {
-    let text = |k: &str| problem.get(k).and_then(Value::as_str);
-    let mut message = text("title").unwrap_or("Refused").to_string();
-    if let Some(detail) = text("detail") {
-        message.push_str(": ");
-        message.push_str(detail);
-    }
-    let numbers: Vec<String> = ["price", "balance"]
-        .iter()
-        .filter_map(|k| {
-            problem
-                .get(*k)
-                .and_then(Value::as_i64)
-                .map(|n| format!("{k} {n}"))
-        })
-        .collect();
-    if !numbers.is_empty() {
-        message.push_str(&format!(" ({})", numbers.join(", ")));
-    }
-    message
 }
 
 /// The same refusal with OpenAI's `error: {message, type, code}` beside the problem
