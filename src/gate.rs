@@ -77,6 +77,10 @@ enum Stage {
     Parked(Box<Pending>),
     /// Forwarded upstream.
     Forwarded(Box<Forwarded>),
+    /// Refused while its body is held (priced from its MCP headers): the refusal
+    /// answers the JSON-RPC id in the body, which Envoy lets a filter read only once
+    /// the headers went on.
+    Refused(Box<Reply>),
 }
 
 /// What is known of a request before its price.
@@ -121,11 +125,19 @@ struct Forwarded {
     headers: Vec<(&'static str, String)>,
     /// Usage pricing: the hold, and the meter once the response type is known.
     usage: Option<Metering>,
+    /// A paid single MCP call: its answer is read for a JSON-RPC error, which is
+    /// given back. The id until the response headers, then the watch.
+    mcp_watch_id: Option<Value>,
+    mcp_answer: Option<mcp::AnswerWatch>,
 }
 
 #[derive(Debug)]
 struct Metering {
     hold: u64,
+    /// Index of the route rule that prices the request by usage.
+    rule: usize,
+    /// The model a token-table route's request named.
+    model: Option<String>,
     meter: Option<Meter>,
 }
 
@@ -164,19 +176,18 @@ struct Exchange {
     mcp_id: Option<Value>,
     /// The MCP call is one `tools/call` (refused with a tool result).
     mcp_tool_call: bool,
-    /// A paid single MCP call: its answer is read for a JSON-RPC error, which is
-    /// given back. The id until the response headers, then the watch.
+    /// A paid single MCP call priced from its body: the JSON-RPC id whose answer is
+    /// watched once forwarded (see [`Forwarded::mcp_watch_id`]).
     mcp_watch_id: Option<Value>,
-    mcp_answer: Option<mcp::AnswerWatch>,
     /// x402's `PaymentRequired` of a 402 with offers, for an MCP tool result.
     x402_required: Option<Value>,
     /// A usage-priced (LLM) route: refusals carry OpenAI's `error` object too.
     openai_errors: bool,
     /// The x402 payment in an MCP call's `params._meta` (never logged).
     mcp_payment: Option<payments::Payment>,
-    /// Index of the route rule that prices this request by usage.
+    /// Index of the route rule that prices this request by usage, and the model a
+    /// token-table route's request named: the metering once forwarded ([`Metering`]).
     usage_rule: Option<usize>,
-    /// The model a token-table route's request named.
     request_model: Option<String>,
     /// The request headers went on before the decision (MCP pricing reads the body
     /// first), so they can no longer carry the account.
@@ -188,9 +199,6 @@ struct Exchange {
     /// An MCP request priced from its `Mcp-Method`/`Mcp-Name` headers, whose body is
     /// still to be checked against them (it is held until then).
     mcp_claim: Option<mcp::Claim>,
-    /// A refusal of such a request, waiting for the body: it answers the JSON-RPC id
-    /// there, which Envoy lets a filter read only once the headers went on.
-    deferred: Option<Reply>,
     /// The request body is held to add `stream_options.include_usage` (its
     /// `content-length` went with the headers).
     include_usage: bool,
@@ -213,7 +221,6 @@ impl Gate {
             mcp_id: None,
             mcp_tool_call: false,
             mcp_watch_id: None,
-            mcp_answer: None,
             x402_required: None,
             openai_errors: false,
             mcp_payment: None,
@@ -223,7 +230,6 @@ impl Gate {
             kept_headers: Vec::new(),
             kept_credential: None,
             mcp_claim: None,
-            deferred: None,
             include_usage: false,
             payment_headers: false,
             access,

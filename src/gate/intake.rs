@@ -265,7 +265,9 @@ impl Exchange {
                 // Too large to rewrite: it goes as sent, charged at the hold if no usage comes.
                 return Flow::Continue;
             }
-            self.deferred = None;
+            if matches!(self.stage, Stage::Refused(_)) {
+                self.stage = Stage::Done;
+            }
             self.give_back_held(host, 413);
             return self.too_large(host, cfg);
         }
@@ -309,14 +311,18 @@ impl Exchange {
         };
         match claim.check(body) {
             Ok(checked) => {
-                let charged = matches!(&self.stage, Stage::Forwarded(f) if f.charge.is_some());
-                if charged && !checked.id.is_null() {
-                    self.mcp_watch_id = Some(checked.id.clone());
+                if let Stage::Forwarded(f) = &mut self.stage {
+                    if f.charge.is_some() && !checked.id.is_null() {
+                        f.mcp_watch_id = Some(checked.id.clone());
+                    }
                 }
                 self.mcp_id = Some(checked.id);
-                match self.deferred.take() {
-                    Some(refusal) => self.reply(host, cfg, &refusal),
-                    None => Flow::Continue,
+                match std::mem::replace(&mut self.stage, Stage::Done) {
+                    Stage::Refused(refusal) => self.reply(host, cfg, &refusal),
+                    other => {
+                        self.stage = other;
+                        Flow::Continue
+                    }
                 }
             }
             Err((mismatch, id)) => {
@@ -325,7 +331,6 @@ impl Exchange {
                     "400 on an MCP request whose headers say {:?}: {mismatch}",
                     claim.method
                 );
-                self.deferred = None;
                 self.give_back_held(host, 400);
                 self.access.decided(Outcome::HeaderMismatch);
                 let problem = response::header_mismatch(cfg, &mismatch.to_string());

@@ -38,8 +38,10 @@ impl Exchange {
                     ));
                 }
                 let usage = match (&charge, self.usage_rule) {
-                    (Some(c), Some(_)) => Some(Metering {
+                    (Some(c), Some(rule)) => Some(Metering {
                         hold: c.cost(),
+                        rule,
+                        model: self.request_model.take(),
                         meter: None,
                     }),
                     _ => None,
@@ -50,6 +52,8 @@ impl Exchange {
                     budget,
                     headers,
                     usage,
+                    mcp_watch_id: self.mcp_watch_id.take(),
+                    mcp_answer: None,
                 }));
                 Flow::Continue
             }
@@ -145,6 +149,7 @@ impl Exchange {
                 self.strip_account(host, cfg);
                 self.stage = Stage::Forwarded(Box::new(Forwarded {
                     charge,
+                    mcp_watch_id: self.mcp_watch_id.take(),
                     ..Forwarded::default()
                 }));
                 Flow::Continue
@@ -167,7 +172,7 @@ impl Exchange {
             // (without the account), the body is held and never sent, and the refusal
             // answers it (the upstream request is reset).
             self.strip_account(host, cfg);
-            self.deferred = Some(reply.clone());
+            self.stage = Stage::Refused(Box::new(reply.clone()));
             return Flow::Continue;
         }
         let html = reply.status == 402

@@ -39,8 +39,8 @@ impl Exchange {
                 give_back(&self.worker, &mut self.access, host, charge, status);
             }
         }
-        if let Some(id) = self.mcp_watch_id.take().filter(|_| f.charge.is_some()) {
-            self.mcp_answer = host
+        if let Some(id) = f.mcp_watch_id.take().filter(|_| f.charge.is_some()) {
+            f.mcp_answer = host
                 .response_header("content-type")
                 .and_then(|ct| mcp::AnswerKind::from_content_type(&String::from_utf8_lossy(&ct)))
                 .map(|kind| mcp::AnswerWatch::new(kind, id));
@@ -49,9 +49,10 @@ impl Exchange {
             let kind = host
                 .response_header("content-type")
                 .and_then(|ct| BodyKind::from_content_type(&String::from_utf8_lossy(&ct)));
-            let spec = self
-                .usage_rule
-                .and_then(|i| cfg.pricing.routes.get(i))
+            let spec = cfg
+                .pricing
+                .routes
+                .get(usage.rule)
                 .and_then(|r| r.usage.clone());
             match (kind, spec) {
                 (Some(kind), Some(spec)) => {
@@ -59,7 +60,7 @@ impl Exchange {
                         kind,
                         spec,
                         cfg.usage_tail_bytes,
-                        self.request_model.clone(),
+                        usage.model.take(),
                     ))
                 }
                 _ => {
@@ -90,7 +91,7 @@ impl Exchange {
         let (Some(cfg), Stage::Forwarded(f)) = (cfg, &mut self.stage) else {
             return;
         };
-        if let Some(watch) = &mut self.mcp_answer {
+        if let Some(watch) = &mut f.mcp_answer {
             if body_size > 0 {
                 if let Some(chunk) = host.response_body(body_size) {
                     watch.feed(&chunk);
@@ -98,7 +99,7 @@ impl Exchange {
             }
             if end_of_stream {
                 let errored = watch.is_error();
-                self.mcp_answer = None;
+                f.mcp_answer = None;
                 if errored {
                     if let Some(charge) = f.charge.take() {
                         log::info!("the MCP server answered with a JSON-RPC error: not charged");
@@ -125,7 +126,10 @@ impl Exchange {
         if !end_of_stream {
             return;
         }
-        let Some(Metering { hold, meter }) = f.usage.take() else {
+        let Some(Metering {
+            hold, rule, meter, ..
+        }) = f.usage.take()
+        else {
             return;
         };
         let charge = f.charge.take();
@@ -133,7 +137,7 @@ impl Exchange {
             Some(m) => {
                 host.count(Metric::UsageMetered);
                 self.access.metered(&m);
-                self.settle_usage(host, cfg, charge, hold, &m);
+                self.settle_usage(host, cfg, charge, (hold, rule), &m);
             }
             None => {
                 host.count(Metric::UsageUnread);
@@ -143,9 +147,9 @@ impl Exchange {
     }
 
     /// The usage line of a table-priced response: route rule, model and tokens.
-    pub(super) fn usage_line(&self, cfg: &Config, m: &Metered) -> Option<UsageLine> {
+    pub(super) fn usage_line(&self, cfg: &Config, rule: usize, m: &Metered) -> Option<UsageLine> {
         let tokens = m.tokens?;
-        let route = cfg.pricing.routes.get(self.usage_rule?)?.name.clone();
+        let route = cfg.pricing.routes.get(rule)?.name.clone();
         Some(UsageLine {
             route,
             model: m.model.clone(),
@@ -161,11 +165,11 @@ impl Exchange {
         host: &impl HttpHost,
         cfg: &Config,
         charge: Option<Charge>,
-        hold: u64,
+        (hold, rule): (u64, usize),
         m: &Metered,
     ) {
         let actual = m.cost;
-        let line = self.usage_line(cfg, m);
+        let line = self.usage_line(cfg, rule, m);
         match charge {
             Some(Charge::Authorized {
                 request_id,
@@ -250,8 +254,10 @@ impl Exchange {
             // Cut short (upstream reset, client gone): charged by the usage the body
             // reported so far if it reported any (Anthropic's message_start), else the hold.
             Stage::Forwarded(mut f) if f.usage.is_some() => {
-                let (hold, meter) = match f.usage.take() {
-                    Some(Metering { hold, meter }) => (hold, meter),
+                let (hold, rule, meter) = match f.usage.take() {
+                    Some(Metering {
+                        hold, rule, meter, ..
+                    }) => (hold, rule, meter),
                     None => return,
                 };
                 match meter.and_then(Meter::finish_metered) {
@@ -262,7 +268,7 @@ impl Exchange {
                             "an interrupted response: charged the usage it reported, {} units",
                             m.cost
                         );
-                        self.settle_usage(host, cfg, f.charge.take(), hold, &m);
+                        self.settle_usage(host, cfg, f.charge.take(), (hold, rule), &m);
                     }
                     _ => host.count(Metric::UsageUnread),
                 }
