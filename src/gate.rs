@@ -3,31 +3,19 @@
 //! request really cost: nothing if the upstream did not serve it, its usage
 //! if the route is priced by usage.
 
-use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use serde_json::Value;
 
-use crate::access_log::{Outcome, Record};
-use crate::balance_api::{
-    authorize_body, call, lease_body, parse_authorize, parse_lease, AuthorizeRequest,
-    CalloutResponse, LeaseAnswer, LeaseRequest, UsageLine, Verdict,
-};
-use crate::cache::{self, CacheKey, Entry, Lookup};
-use crate::config::{Config, FailureMode, Mode};
-use crate::decision::{Decision, Denial};
-use crate::host::{Host, HttpHost};
-use crate::identity::{CredentialSource, IdentityError};
-use crate::lease::{Grant, LeaseKey, LeaseRecord, Step, View};
-use crate::local_cache::{LocalCache, LocalKey};
+use crate::access_log::Record;
+use crate::balance_api::CalloutResponse;
+use crate::cache::CacheKey;
+use crate::config::Config;
+use crate::host::HttpHost;
 use crate::mcp;
-use crate::metrics::Metric;
-use crate::outbox::{Finished, Job, Outbox};
 use crate::payments::{self, Payment};
-use crate::response::{self, AuthProblem, Freshness, Reply};
-use crate::tokens::{ModelFrom, PriceTable, MAX_MODEL_LEN};
-use crate::uri::normalize_path;
-use crate::usage::{BodyKind, Meter, Metered};
+use crate::response::Reply;
+use crate::usage::Meter;
 
 mod authorize;
 mod cached;
@@ -37,10 +25,7 @@ mod reply;
 mod settle;
 mod worker;
 
-use cached::forget;
-use lease::{final_settle, read_lease, refund_lease, spend_extra, unlock};
 pub use worker::Worker;
-use worker::{Owned, Renewal};
 
 /// What the host should do with the request after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,15 @@
 //! The authorize call: starting it (and the lease call, which starts the same way)
 //! and acting on its answer.
 
-use super::*;
+use crate::balance_api::{
+    authorize_body, call, parse_authorize, AuthorizeRequest, CalloutResponse,
+};
+use crate::config::{Config, FailureMode};
+use crate::host::HttpHost;
+use crate::metrics::Metric;
+use crate::outbox::Job;
+
+use super::{Charge, Exchange, Flow, Pending, Stage};
 
 impl Pending {
     /// What this request paid through authorize, if it can be given back

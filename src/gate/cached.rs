@@ -1,7 +1,16 @@
 //! Decisions the service let us keep: this worker's copy, the shared cache, and
 //! writing and clearing entries.
 
-use super::*;
+use crate::balance_api::Verdict;
+use crate::cache::{self, CacheKey, Entry, Lookup};
+use crate::config::{Config, Mode};
+use crate::decision::Decision;
+use crate::host::{Host, HttpHost};
+use crate::local_cache::LocalKey;
+use crate::metrics::Metric;
+use crate::response::Freshness;
+
+use super::{Exchange, Flow};
 
 impl Exchange {
     /// Acts on a fresh decision in this worker's copy of the cache, if it has one.

@@ -1,7 +1,20 @@
 //! The request side: headers and body, MCP body buffering and the headers kept for
 //! a decision made after they went on, pricing, and identifying the caller.
 
-use super::*;
+use serde_json::Value;
+
+use crate::access_log::Outcome;
+use crate::cache::CacheKey;
+use crate::config::{Config, Mode};
+use crate::host::HttpHost;
+use crate::identity::{CredentialSource, IdentityError};
+use crate::mcp;
+use crate::metrics::Metric;
+use crate::payments;
+use crate::response::{self, AuthProblem, Freshness, Reply};
+use crate::tokens::{ModelFrom, PriceTable, MAX_MODEL_LEN};
+
+use super::{text, Exchange, Flow, Pending, Request, Stage, MAX_REQUEST_ID_LEN};
 
 /// Request headers read after the headers phase (besides the credential's own).
 pub(super) const LATE_HEADERS: [&str; 8] = [

@@ -1,10 +1,21 @@
 //! Lease mode: spending from the account's lease, taking and installing a new one,
 //! and the shared-data slot operations on lease records.
 
-use super::authorize::CallKind;
-use super::*;
-use crate::lease;
+use crate::balance_api::{lease_body, parse_lease, CalloutResponse, LeaseAnswer, LeaseRequest};
+use crate::cache::CacheKey;
+use crate::config::Config;
+use crate::decision::Decision;
+use crate::host::{Host, HttpHost};
+use crate::lease::{self, Grant, LeaseKey, LeaseRecord, Step, View};
+use crate::metrics::Metric;
+use crate::outbox::Job;
+use crate::response::Freshness;
 use crate::shared_data::{self, Attempt};
+
+use super::authorize::CallKind;
+use super::cached::forget;
+use super::worker::{Owned, Renewal, Worker};
+use super::{Charge, Exchange, Flow, Pending, Stage, LEASE_DENY_MAX_AGE_S};
 
 impl Exchange {
     /// Lease mode: pay from the account's lease, or take the renewal lock and ask

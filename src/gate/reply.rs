@@ -1,7 +1,17 @@
 //! Acting on a decision: forwarding an allowed request, or rendering the local reply
 //! (problem document, JSON-RPC error, HTML page, OpenAI error).
 
-use super::*;
+use crate::access_log::Outcome;
+use crate::config::{Config, FailureMode};
+use crate::decision::{Decision, Denial};
+use crate::host::HttpHost;
+use crate::mcp;
+use crate::metrics::Metric;
+use crate::payments;
+use crate::response::{self, AuthProblem, Freshness, Reply};
+use crate::uri::normalize_path;
+
+use super::{text, Charge, Exchange, Flow, Forwarded, Metering, Stage};
 
 impl Exchange {
     pub(super) fn act(

@@ -1,7 +1,19 @@
 //! The response side: giving back what an unserved request paid, and settling a
 //! usage-priced response at what it really cost.
 
-use super::*;
+use crate::access_log::{Outcome, Record};
+use crate::balance_api::UsageLine;
+use crate::config::Config;
+use crate::host::{Host, HttpHost};
+use crate::lease::LeaseKey;
+use crate::mcp;
+use crate::metrics::Metric;
+use crate::outbox::Job;
+use crate::usage::{BodyKind, Meter, Metered};
+
+use super::lease::{refund_lease, spend_extra, unlock};
+use super::worker::Worker;
+use super::{Charge, Exchange, Metering, Stage, CLIENT_GONE};
 
 impl Exchange {
     /// Gives back what a request whose body is refused was charged (once: the charge

@@ -5,6 +5,8 @@ use serde_json::{json, Value};
 use super::*;
 use crate::balance_api::CalloutResponse;
 use crate::fake::FakeHost;
+use crate::host::Host;
+use crate::metrics::Metric;
 use crate::outbox::{Job, MAX_ATTEMPTS};
 
 const CONFIG: &str = r#"{

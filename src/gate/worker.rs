@@ -1,9 +1,20 @@
 //! The worker's timer: settling owned leases, renewals ahead of need, the outbox,
 //! and the answers to calls made from the root context.
 
-use super::*;
-use crate::lease;
+use std::cell::{Cell, RefCell};
+
+use crate::balance_api::{
+    call, lease_body, parse_lease, CalloutResponse, LeaseAnswer, LeaseRequest,
+};
+use crate::config::Config;
+use crate::host::Host;
+use crate::lease::{self, LeaseKey, LeaseRecord};
+use crate::local_cache::LocalCache;
+use crate::metrics::Metric;
+use crate::outbox::{Finished, Job, Outbox};
 use crate::shared_data::{self, Attempt};
+
+use super::lease::{final_settle, read_lease, unlock};
 
 /// State shared by every stream of one VM (one Envoy worker).
 #[derive(Debug, Default)]
