@@ -236,7 +236,12 @@ impl Exchange {
             }
             Stage::AwaitingBody(_) => {}
             _ if self.mcp_claim.is_some() || self.include_usage => {
-                return self.held_body(host, cfg, body_size, end_of_stream)
+                // The headers went on: from now on they are read as kept.
+                self.headers_gone = true;
+                let Some(cfg) = cfg else {
+                    return Flow::Pause(None);
+                };
+                return self.held_body(host, cfg, body_size, end_of_stream);
             }
             _ => return Flow::Continue,
         }
@@ -263,15 +268,10 @@ impl Exchange {
     pub(super) fn held_body(
         &mut self,
         host: &impl HttpHost,
-        cfg: Option<&Config>,
+        cfg: &Config,
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
-        // The headers went on: from now on they are read as kept.
-        self.headers_gone = true;
-        let Some(cfg) = cfg else {
-            return Flow::Pause(None);
-        };
         if body_size > cfg.max_body_bytes {
             self.include_usage = false;
             if self.mcp_claim.take().is_none() {

@@ -418,34 +418,38 @@ pub(super) fn unlock(host: &impl Host, slot: &str, key: &LeaseKey, ahead_not_bef
 /// Gives `cost` back to the lease it was spent from, if that lease is still
 /// current. `false`: it is not (replaced, closed or settled).
 pub(super) fn refund_lease(host: &impl Host, slot: &str, lease_id: &str, cost: u64) -> bool {
-    let refunded = shared_data::update(host, slot, |stored| {
-        match stored
-            .and_then(LeaseRecord::decode)
-            .and_then(|r| lease::refund(&r, lease_id, cost))
-        {
-            Some(record) => Attempt::Write(record.encode(), true),
-            None => Attempt::Leave(false),
-        }
-    });
-    if refunded == Some(true) {
+    let refunded = change_lease(host, slot, |r| lease::refund(r, lease_id, cost));
+    if refunded {
         host.count(Metric::Refunds);
     }
-    refunded == Some(true)
+    refunded
 }
 
 /// Spends `extra` more units from lease `lease_id`, if it is current and can cover them.
 pub(super) fn spend_extra(host: &impl Host, key: &str, lease_id: &str, extra: u64) -> bool {
-    let spent = shared_data::update(host, key, |stored| {
+    let spent = change_lease(host, key, |r| lease::spend_extra(r, lease_id, extra));
+    if spent {
+        host.add(Metric::LeaseUnitsSpent, extra);
+    }
+    spent
+}
+
+/// Replaces the lease record in `slot` with what `change` makes of it. `false` when
+/// there is none, `change` declines (`None`), or every write lost a race.
+fn change_lease(
+    host: &impl Host,
+    slot: &str,
+    change: impl Fn(&LeaseRecord) -> Option<LeaseRecord>,
+) -> bool {
+    let changed = shared_data::update(host, slot, |stored| {
         match stored
             .and_then(LeaseRecord::decode)
-            .and_then(|r| lease::spend_extra(&r, lease_id, extra))
+            .as_ref()
+            .and_then(&change)
         {
             Some(record) => Attempt::Write(record.encode(), true),
             None => Attempt::Leave(false),
         }
     });
-    if spent == Some(true) {
-        host.add(Metric::LeaseUnitsSpent, extra);
-    }
-    spent == Some(true)
+    changed == Some(true)
 }
