@@ -13,7 +13,7 @@ use crate::cache::CacheKey;
 use crate::config::Config;
 use crate::host::HttpHost;
 use crate::mcp;
-use crate::payments::{self, Payment};
+use crate::payments::Payment;
 use crate::response::Reply;
 use crate::usage::Meter;
 
@@ -76,6 +76,8 @@ struct Request {
     path: String,
     /// Index of the matching route rule.
     rule: Option<usize>,
+    /// The x402 payment in an MCP call's `params._meta` (never logged).
+    mcp_payment: Option<Payment>,
 }
 
 /// A priced, identified request on its way to a decision.
@@ -168,8 +170,6 @@ struct Exchange {
     x402_required: Option<Value>,
     /// A usage-priced (LLM) route: refusals carry OpenAI's `error` object too.
     openai_errors: bool,
-    /// The x402 payment in an MCP call's `params._meta` (never logged).
-    mcp_payment: Option<payments::Payment>,
     /// Index of the route rule that prices this request by usage, and the model a
     /// token-table route's request named: the metering once forwarded ([`Metering`]).
     usage_rule: Option<usize>,
@@ -208,7 +208,6 @@ impl Gate {
             mcp_watch_id: None,
             x402_required: None,
             openai_errors: false,
-            mcp_payment: None,
             usage_rule: None,
             request_model: None,
             headers_gone: false,

@@ -143,6 +143,7 @@ impl Exchange {
             raw_path,
             path,
             rule,
+            mcp_payment: None,
         };
         if plumbing {
             let route = format!("{route}/{}", req.method);
@@ -399,7 +400,7 @@ impl Exchange {
         &mut self,
         host: &impl HttpHost,
         cfg: &Config,
-        req: Request,
+        mut req: Request,
         body: &[u8],
     ) -> Flow {
         let Some(rule) = req.rule.and_then(|i| cfg.pricing.routes.get(i)) else {
@@ -428,7 +429,7 @@ impl Exchange {
         };
         let price = pricing.price(body, rule.cost);
         self.mcp_tool_call = price.tool_call;
-        self.mcp_payment = price
+        req.mcp_payment = price
             .payment
             .as_ref()
             .and_then(payments::payment_in_mcp_meta);
@@ -488,7 +489,7 @@ impl Exchange {
         &mut self,
         host: &impl HttpHost,
         cfg: &Config,
-        req: Request,
+        mut req: Request,
         route: String,
         cost: u64,
     ) -> Flow {
@@ -509,7 +510,7 @@ impl Exchange {
         // client that pays (say, on the retry of a 402 for its empty account) means it.
         // When both could pay, the payment pays; the credential names the account.
         let payment = if cfg.accept_payments {
-            payments::payment_in(|n| self.header(host, n)).or(self.mcp_payment.take())
+            payments::payment_in(|n| self.header(host, n)).or(req.mcp_payment.take())
         } else {
             None
         };
