@@ -2,6 +2,15 @@
 //! decision (cache, lease or balance service), act on it, and settle what the
 //! request really cost: nothing if the upstream did not serve it, its usage
 //! if the route is priced by usage.
+//!
+//! [`Gate`] takes the host's callbacks and hands each to its phase, one module each:
+//! `intake` (request headers and body: pricing, MCP body buffering, the headers kept
+//! for a late decision, identifying the caller), `cached` (decisions the service let us
+//! keep), `authorize` (the authorize call and its answer; it starts lease calls too),
+//! `lease` (spending from a lease, taking and installing one), `reply` (acting on a
+//! decision: forwarding, or the local reply), `settle` (the response side: refunds and
+//! usage), and `worker` (the root context's timer: settlements, renewals, the outbox).
+//! Where a request stands is its `Stage`, which holds what only that stage needs.
 
 use std::rc::Rc;
 

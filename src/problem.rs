@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-/// "Payment Required: <detail> (price 5, balance 1)": a refusal in one line for a
+/// `"Payment Required: <detail> (price 5, balance 1)"`: a refusal in one line for a
 /// person, as clients that show only a message (MCP's, OpenAI's) display it.
 pub fn summary(problem: &Value) -> String {
     let text = |k: &str| problem.get(k).and_then(Value::as_str);
