@@ -9,6 +9,7 @@
 #                  configs against the newest and oldest supported Envoy, the deploy checks
 #   make test-postgres  the balance service's ledger tests on PostgreSQL (part of `make test`)
 #   make interop-clients  the real MCP, OpenAI and Anthropic clients for tests/interop.rs and tests/llm_apis.rs (part of `make test`)
+#   make mpp-clients  pympp, the Payment scheme's client, for tests/x402.rs (part of `make test`)
 #   make run-func-e  the demo with `func-e run` instead of the wheel's Envoy (needs func-e)
 #   make oci       a Wasm OCI image (compat variant) of the filter in build/oci
 #   make envoy-compat  envoy/*.yaml against Envoy 1.36.2, the oldest supported (.venv-1.36)
@@ -48,6 +49,10 @@ INTEROP_NODE_STAMP := $(INTEROP_NODE)/node_modules/.package-lock.json
 # The x402 chain test's parts (anvil, solc, the @x402 facilitator and client): tests/x402.
 X402_NODE := tests/x402
 X402_NODE_STAMP := $(X402_NODE)/node_modules/.package-lock.json
+# The Payment scheme's (MPP) official Python client, pympp with its `evm` method, that
+# tests/x402.rs pays the same chain with: in its own venv, tests/mpp/.venv.
+MPP_VENV := tests/mpp/.venv
+MPP_STAMP := $(MPP_VENV)/.installed
 
 # Istio's resource models (pydantic, generated from Istio's CRDs) for `make istio-check`.
 ISTIO_MODELS_VERSION := 1.24.2.1
@@ -74,7 +79,7 @@ else
 ENVOY_BIN := $(ENVOY)
 endif
 
-.PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench bench-instructions floor clean distclean interop-clients x402-clients run-x402 \
+.PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench bench-instructions floor clean distclean interop-clients x402-clients mpp-clients run-x402 \
 	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz fuzz-long mutants
 
 all: build
@@ -134,7 +139,7 @@ run: build services envoy
 
 # The demo paid with x402 for real: a fresh local chain, the test token, the x402
 # facilitator, and the reference service settling through it (README, "Paying with x402").
-run-x402: build services envoy x402-clients
+run-x402: build services envoy x402-clients mpp-clients
 	ENVOY_BIN="$(ENVOY_BIN)" ./scripts/run-x402-demo.sh
 
 # The demo with func-e (https://func-e.io) running Envoy: func-e downloads Envoy on first
@@ -145,7 +150,7 @@ run-func-e: build services
 	  \`make run\`" >&2; exit 1; }
 	env -u ENVOY -u ENVOY_BIN ./scripts/run-demo.sh
 
-test: build envoy services interop-clients x402-clients
+test: build envoy services interop-clients x402-clients mpp-clients
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" FAREBOX_PYTHON="$(PYTHON)" \
 	  $(CARGO) test --workspace
 	@$(MAKE) --no-print-directory test-postgres envoy-compat istio-check k8s-check
@@ -178,6 +183,13 @@ $(X402_NODE_STAMP): $(X402_NODE)/package.json $(X402_NODE)/package-lock.json
 	fi
 
 x402-clients: $(X402_NODE_STAMP)
+
+$(MPP_STAMP): tests/mpp/requirements.txt
+	$(PYTHON) -m venv $(MPP_VENV)
+	$(MPP_VENV)/bin/pip install --disable-pip-version-check --quiet -r tests/mpp/requirements.txt
+	@touch $@
+
+mpp-clients: $(MPP_STAMP)
 
 # The balance service's ledger tests again, on PostgreSQL: each test creates its own
 # database on the server at FAREBOX_TEST_DATABASE_URL and drops it afterwards. Without a
@@ -255,6 +267,9 @@ lint: wasm-target
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p farebox --target $(WASM_TARGET) -- -D warnings
+	@# The fuzz targets are not run by `make test`; they must still build against the
+	@# current host traits (request_flow once fell behind HttpHost unnoticed).
+	cd fuzz && $(CARGO) check --quiet --bins
 
 # The benchmark (not part of `make test`): farebox against no filter and against Envoy's
 # ext_authz, one Envoy per scenario, wrk as the load; writes bench/results.json and
@@ -354,4 +369,4 @@ clean:
 	rm -rf build
 
 distclean: clean
-	rm -rf $(VENV) $(VENV_COMPAT) $(VENV_INTEROP) $(INTEROP_NODE)/node_modules $(X402_NODE)/node_modules
+	rm -rf $(VENV) $(VENV_COMPAT) $(VENV_INTEROP) $(INTEROP_NODE)/node_modules $(X402_NODE)/node_modules $(MPP_VENV)

@@ -49,13 +49,15 @@ rm -f build/x402-demo.sqlite*
     --x402-pay-to "$(field payee)" --x402-network "$(field network)" \
     --x402-asset "$(field token)" --x402-amount-per-unit 1000 \
     --x402-asset-name "$(field token_name)" --x402-asset-version "$(field token_version)" \
-    --x402-facilitator-url "$(field facilitator_url)" &
+    --x402-facilitator-url "$(field facilitator_url)" --x402-facilitator-timeout-ms 10000 \
+    --x402-rpc-url "$(field rpc)" &
 pids+=("$!")
 "$bin/farebox-echo" --listen 127.0.0.1:8082 &
 pids+=("$!")
 
-# The demo's Envoy config, with time for a settlement on chain and anonymous payers.
-sed -e 's/"timeout_ms": 500,/"timeout_ms": 20000, "anonymous": true,/' envoy/envoy.yaml > build/envoy-x402.yaml
+# The demo's Envoy config, with time for a settlement on chain and its reconciliation
+# (a verify, two settles of at most 10 s each, a chain read) and anonymous payers.
+sed -e 's/"timeout_ms": 500,/"timeout_ms": 40000, "anonymous": true,/' envoy/envoy.yaml > build/envoy-x402.yaml
 
 cat <<MSG
 run-x402: chain $(field rpc) (eip155:31337), token $(field token), facilitator $(field facilitator_url)
@@ -63,6 +65,9 @@ run-x402: payer $(field payer) holds $(field funded) units; payee $(field payee)
 run-x402: Envoy on 127.0.0.1:10000; each request costs 1 unit = 1000 token units. Pay with:
   cd $x402 && X402_ALLOWED_ASSET=eip155:31337,$(field token),10000 \\
     node client.mjs pay http://127.0.0.1:10000/v1/data $(field payer_key)
+run-x402: or with the Payment scheme (pympp, its evm method):
+  tests/mpp/.venv/bin/python tests/mpp/client.py pay http://127.0.0.1:10000/v1/data \\
+    $(field payer_key) $(field token) 31337 "$(field token_name)" $(field token_version) 0.01
 run-x402: Ctrl-C stops everything
 MSG
 

@@ -7,10 +7,10 @@ use serde_json::{json, Value};
 
 use crate::amount::MAX_AMOUNT;
 use crate::config::Config;
-use crate::decision::{Decision, Denial};
+use crate::decision::{Decision, Denial, Paid};
 use crate::host::Host;
 use crate::lease::Grant;
-use crate::payments::{Offer, Payment};
+use crate::payments::{self, Offer, Payment};
 use crate::tokens::Tokens;
 
 /// Larger answers are not read: no sane decision needs more, and a lying
@@ -238,15 +238,15 @@ pub fn parse_authorize(
                 }
             };
             let balance = optional_i64(body.get("balance"))?;
-            let payment_response = body
-                .get("payment_response")
-                .filter(|v| v.is_object())
-                .cloned();
+            let object = |k: &str| body.get(k).filter(|v| v.is_object()).cloned();
+            let paid = object("payment_receipt")
+                .map(Paid::Receipt)
+                .or_else(|| object("payment_response").map(Paid::X402));
             Decision::Allow {
                 account_id,
                 balance,
                 budget: budget_remaining(&body),
-                payment_response,
+                paid,
             }
         }
         // A 402 is a refusal whatever its body says, so a poor body only loses detail.
@@ -273,6 +273,10 @@ pub fn parse_authorize(
                     .and_then(Value::as_str)
                     .filter(|a| valid_account_id(a))
                     .map(str::to_string),
+                problem: body
+                    .get("problem")
+                    .and_then(Value::as_str)
+                    .and_then(payments::registered_problem),
             })
         }
         401 => Decision::Unauthenticated,
@@ -575,7 +579,7 @@ mod tests {
                 account_id: "acct_a".into(),
                 balance: Some(93),
                 budget: None,
-                payment_response: None,
+                paid: None,
             }
         );
         assert_eq!(v.max_age_s, None);
@@ -591,7 +595,7 @@ mod tests {
                 account_id: "a".into(),
                 balance: None,
                 budget: None,
-                payment_response: None,
+                paid: None,
             }
         );
         assert_eq!(v.max_age_s, Some(10));
@@ -607,7 +611,7 @@ mod tests {
                 account_id: "a".into(),
                 balance: Some(-5),
                 budget: None,
-                payment_response: None,
+                paid: None,
             }
         );
         // The remaining budget, if the answer has one; a malformed one is
@@ -643,6 +647,7 @@ mod tests {
                 retry_after_s: Some(60),
                 offer: Default::default(),
                 account_id: None,
+                problem: None,
             })
         );
         assert_eq!(v.max_age_s, Some(30));

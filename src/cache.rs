@@ -134,7 +134,7 @@ pub fn decode(key: &CacheKey, bytes: &[u8]) -> Option<Entry> {
                 account_id: r.string()?,
                 balance,
                 budget: None,
-                payment_response: None,
+                paid: None,
             }
         }
         DENY => {
@@ -148,6 +148,7 @@ pub fn decode(key: &CacheKey, bytes: &[u8]) -> Option<Entry> {
                 detail: r.string()?,
                 offer: Default::default(),
                 account_id: Some(r.string()?).filter(|a| !a.is_empty()),
+                problem: None,
             })
         }
         UNAUTHENTICATED => Decision::Unauthenticated,
@@ -245,13 +246,13 @@ mod tests {
                 account_id: "acct_a".into(),
                 balance: Some(-3),
                 budget: None,
-                payment_response: None,
+                paid: None,
             },
             Decision::Allow {
                 account_id: "a".into(),
                 balance: None,
                 budget: None,
-                payment_response: None,
+                paid: None,
             },
             Decision::Deny(Denial {
                 balance: Some(2),
@@ -260,6 +261,7 @@ mod tests {
                 retry_after_s: Some(9),
                 offer: Default::default(),
                 account_id: Some("acct_d".into()),
+                problem: None,
             }),
             Decision::Deny(Denial {
                 balance: None,
@@ -268,6 +270,7 @@ mod tests {
                 retry_after_s: None,
                 offer: Default::default(),
                 account_id: None,
+                problem: None,
             }),
             Decision::Unauthenticated,
             Decision::Forbidden,

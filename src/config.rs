@@ -1,12 +1,23 @@
-//! Plugin configuration: parsed from the JSON Envoy hands to `on_configure`,
-//! validated field by field so that a refusal names the field and the reason.
+//! Plugin configuration: the JSON Envoy hands to `on_configure`, read into the serde types
+//! of [`raw`] (unknown fields refused), then validated into [`Config`]. Every refusal names
+//! the field, as a path like `routes[2].usage.unit_cost`, and the reason.
 
+mod raw;
+mod reader;
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use std::collections::BTreeMap;
+use serde::Deserialize;
+use serde_json::Value;
 
-use serde_json::{Map, Value};
+pub use raw::known_fields;
+use raw::{
+    ChallengeName, Entries, FailureModeName, ModeName, ModelFromName, Num, RawConfig,
+    RawCredential, RawMcp, RawPrices, RawRoute, RawUsage, SourceName, StatusItem,
+};
+use reader::{At, Reader};
 
 use crate::amount::MAX_AMOUNT;
 use crate::identity::CredentialSource;
@@ -135,196 +146,33 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
+fn err<T>(field: impl fmt::Display, reason: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError {
-        field: field.into(),
+        field: field.to_string(),
         reason: reason.into(),
     })
 }
 
-// The fields the parser knows, per object. The parser refuses any other field with these
-// lists, and the schema checks (tests/config_schema.rs) compare them with the schema.
-
-/// Top-level fields of the plugin configuration.
-pub const TOP_FIELDS: &[&str] = &[
-    "mode",
-    "lease_path",
-    "lease_want",
-    "settle_interval_ms",
-    "lease_expiry_margin_ms",
-    "lease_recall_wait_ms",
-    "lease_max_entries",
-    "cluster",
-    "authority",
-    "authorize_path",
-    "refund_path",
-    "usage_path",
-    "timeout_ms",
-    "service_token",
-    "credential",
-    "failure_mode",
-    "failure_retry_after_s",
-    "default_cost",
-    "default_route",
-    "routes",
-    "no_charge_statuses",
-    "account_header",
-    "balance_header",
-    "budget_header",
-    "cache_max_entries",
-    "cache_max_ttl_s",
-    "problem_type_base",
-    "challenges",
-    "accept_payments",
-    "anonymous",
-    "html_402",
-    "access_log",
-    "max_body_bytes",
-    "usage_tail_bytes",
-];
-
-/// Fields of a `credential` with a header or query source.
-pub const CREDENTIAL_FIELDS: &[&str] = &["source", "name"];
-/// Fields of a `credential` with `"source": "bearer"` (no name: it is `authorization`).
-pub const BEARER_CREDENTIAL_FIELDS: &[&str] = &["source"];
-/// Fields of an entry of `routes`.
-pub const ROUTE_FIELDS: &[&str] = &[
-    "name", "methods", "exact", "prefix", "glob", "cost", "usage", "mcp",
-];
-/// Fields of a route's `usage`.
-pub const USAGE_FIELDS: &[&str] = &[
-    "json_pointer",
-    "unit_cost",
-    "input_pointer",
-    "input_unit_cost",
-    "output_pointer",
-    "output_unit_cost",
-    "estimate",
-    "api",
-    "per_tokens",
-    "models",
-    "default_prices",
-    "model_from",
-    "max_hold",
-    "stream_include_usage",
-];
-/// Fields of a model's prices (`usage.models.NAME`, `usage.default_prices`).
-pub const PRICE_FIELDS: &[&str] = &[
-    "input",
-    "cached_input",
-    "cache_creation_input",
-    "output",
-    "reasoning",
-];
-/// Fields of a route's `mcp`.
-pub const MCP_FIELDS: &[&str] = &["methods", "tools"];
-
-/// A JSON object whose fields are read by name; any field not in `allowed` is an error.
-struct Obj<'a> {
-    map: &'a Map<String, Value>,
-    path: String,
-}
-
-impl<'a> Obj<'a> {
-    fn new(value: &'a Value, path: &str, allowed: &[&str]) -> Result<Obj<'a>, ConfigError> {
-        let Some(map) = value.as_object() else {
-            return err(path, format!("must be an object, not {}", kind(value)));
-        };
-        if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return err(
-                join(path, unknown),
-                format!("unknown field (known fields: {})", allowed.join(", ")),
-            );
-        }
-        Ok(Obj {
-            map,
-            path: path.to_string(),
-        })
-    }
-
-    fn field(&self, key: &str) -> String {
-        join(&self.path, key)
-    }
-
-    /// Refuses the first of `keys` that is present, naming it, for `reason`.
-    fn refuse_any(&self, keys: &[&str], reason: &str) -> Result<(), ConfigError> {
-        match keys.iter().find(|k| self.get(k).is_some()) {
-            Some(k) => err(self.field(k), reason),
-            None => Ok(()),
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn str(&self, key: &str) -> Result<Option<&'a str>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(v) => err(
-                self.field(key),
-                format!("must be a string, not {}", kind(v)),
-            ),
-        }
-    }
-
-    fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => err(
-                self.field(key),
-                format!("must be true or false, not {}", kind(v)),
-            ),
-        }
-    }
-
-    fn u64(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
-                Some(n) => err(
-                    self.field(key),
-                    format!("{n} is out of range {min}..={max}"),
-                ),
-                None => err(
-                    self.field(key),
-                    format!(
-                        "must be a whole number from {min} to {max}, not {}",
-                        show(v)
-                    ),
-                ),
-            },
-        }
+/// A number that is a whole number in `min..=max`, or the refusal naming its field.
+fn whole(field: &At, Num(n): &Num, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match n.as_u64() {
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        Some(v) => err(field, format!("{v} is out of range {min}..={max}")),
+        None => err(
+            field,
+            format!("must be a whole number from {min} to {max}, not {n}"),
+        ),
     }
 }
 
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
+/// An optional whole number in `min..=max` (see [`whole`]).
+fn opt_whole(field: &At, n: Option<&Num>, min: u64, max: u64) -> Result<Option<u64>, ConfigError> {
+    n.map(|n| whole(field, n, min, max)).transpose()
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn show(v: &Value) -> String {
-    match v {
-        Value::Number(n) => n.to_string(),
-        other => kind(other).to_string(),
-    }
+/// The path of field `key` of the object at `at`, for a refusal.
+fn join(at: &At, key: &str) -> String {
+    At::Key(at, key).to_string()
 }
 
 fn header_name(field: String, name: &str) -> Result<String, ConfigError> {
@@ -367,18 +215,26 @@ fn visible(field: String, value: &str, what: &str) -> Result<String, ConfigError
 
 impl Config {
     pub fn parse(raw: &[u8]) -> Result<Config, ConfigError> {
+        // Through `Value` first: a key given twice is read as its last value, as it
+        // always was (a derived struct would refuse it).
         let value: Value = match serde_json::from_slice(raw) {
             Ok(v) => v,
             Err(e) => return err("(root)", format!("not valid JSON: {e}")),
         };
-        let top = Obj::new(&value, "", TOP_FIELDS).map_err(|mut e| {
-            if e.field.is_empty() {
-                e.field = "(root)".into();
-            }
-            e
+        let top = RawConfig::deserialize(Reader {
+            value: &value,
+            at: &At::Root,
         })?;
+        Config::validate(top, sha256::digest(raw))
+    }
 
-        let cluster = match top.str("cluster")? {
+    /// The typed configuration from the raw one: ranges, defaults and the rules between
+    /// fields, each refusal naming its field.
+    fn validate(top: RawConfig, fingerprint: [u8; 32]) -> Result<Config, ConfigError> {
+        let num = |field: &str, n: &Option<Num>, min: u64, max: u64| {
+            opt_whole(&At::Key(&At::Root, field), n.as_ref(), min, max)
+        };
+        let cluster = match top.cluster {
             None => {
                 return err(
                     "cluster",
@@ -388,165 +244,138 @@ impl Config {
             Some(c) if c.trim().is_empty() => return err("cluster", "must not be empty"),
             Some(c) => visible("cluster".into(), c, "cluster")?,
         };
-        let authority = match top.str("authority")? {
+        let authority = match top.authority {
             Some(a) => visible("authority".into(), a, "authority")?,
             None => cluster.clone(),
         };
         let authorize_path = http_path(
             "authorize_path".into(),
-            top.str("authorize_path")?.unwrap_or("/v1/authorize"),
+            top.authorize_path.unwrap_or("/v1/authorize"),
         )?;
         let refund_path = http_path(
             "refund_path".into(),
-            top.str("refund_path")?.unwrap_or("/v1/refund"),
+            top.refund_path.unwrap_or("/v1/refund"),
         )?;
-        let usage_path = http_path(
-            "usage_path".into(),
-            top.str("usage_path")?.unwrap_or("/v1/usage"),
-        )?;
-        let timeout_ms = top.u64("timeout_ms", 1, MAX_TIMEOUT_MS)?.unwrap_or(500);
-        let service_token = match top.str("service_token")? {
+        let usage_path = http_path("usage_path".into(), top.usage_path.unwrap_or("/v1/usage"))?;
+        let timeout_ms = num("timeout_ms", &top.timeout_ms, 1, MAX_TIMEOUT_MS)?.unwrap_or(500);
+        let service_token = match top.service_token {
             Some(t) => Some(visible("service_token".into(), t, "service_token")?),
             None => None,
         };
-        let credential = match top.get("credential") {
+        let credential = match &top.credential {
             None => CredentialSource::Header("x-api-key".into()),
-            Some(v) => parse_credential(v)?,
+            Some(c) => credential(c)?,
         };
-        let failure_mode = match top.str("failure_mode")? {
-            None | Some("closed") => FailureMode::Closed,
-            Some("open") => FailureMode::Open,
-            Some(other) => {
-                return err(
-                    "failure_mode",
-                    format!("{other:?} is not \"closed\" or \"open\""),
-                )
-            }
+        let failure_mode = match top.failure_mode {
+            None | Some(FailureModeName::Closed) => FailureMode::Closed,
+            Some(FailureModeName::Open) => FailureMode::Open,
         };
-        let failure_retry_after_s =
-            top.u64("failure_retry_after_s", 0, 86_400)?.unwrap_or(5) as u32;
-        let default_cost = top.u64("default_cost", 0, MAX_AMOUNT)?.unwrap_or(1);
-        let default_route = match top.str("default_route")? {
+        let failure_retry_after_s = num(
+            "failure_retry_after_s",
+            &top.failure_retry_after_s,
+            0,
+            86_400,
+        )?
+        .unwrap_or(5) as u32;
+        let default_cost = num("default_cost", &top.default_cost, 0, MAX_AMOUNT)?.unwrap_or(1);
+        let default_route = match top.default_route {
             Some(n) => route_name("default_route".into(), n)?,
             None => "default".to_string(),
         };
-        let routes = match top.get("routes") {
-            None => Vec::new(),
-            Some(Value::Array(items)) => {
-                let mut routes: Vec<Route> = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    let route = parse_route(item, &format!("routes[{i}]"))?;
-                    if routes.iter().any(|r| r.name == route.name) || route.name == default_route {
-                        return err(
-                            format!("routes[{i}].name"),
-                            format!("{:?} is used twice", route.name),
-                        );
-                    }
-                    routes.push(route);
-                }
-                routes
+        let items = top.routes.as_deref().unwrap_or_default();
+        let mut routes: Vec<Route> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let route = route(item, &At::Index(&At::Key(&At::Root, "routes"), i))?;
+            if routes.iter().any(|r| r.name == route.name) || route.name == default_route {
+                return err(
+                    format!("routes[{i}].name"),
+                    format!("{:?} is used twice", route.name),
+                );
             }
-            Some(v) => return err("routes", format!("must be an array, not {}", kind(v))),
-        };
-        let no_charge_statuses = match top.get("no_charge_statuses") {
-            None => parse_statuses(
-                &Value::Array(vec![Value::String("5xx".into())]),
-                "no_charge_statuses",
-            )?,
-            Some(v) => parse_statuses(v, "no_charge_statuses")?,
-        };
+            routes.push(route);
+        }
+        let mut no_charge_statuses = StatusSet::default();
+        let statuses = top.no_charge_statuses.as_deref();
+        for item in statuses.unwrap_or(&[StatusItem::Class(500)]) {
+            match *item {
+                StatusItem::One(status) => no_charge_statuses.insert(status),
+                StatusItem::Class(base) => {
+                    for status in base..base + 100 {
+                        no_charge_statuses.insert(status);
+                    }
+                }
+            }
+        }
         let account_header = header_name(
             "account_header".into(),
-            top.str("account_header")?.unwrap_or("x-farebox-account"),
+            top.account_header.unwrap_or("x-farebox-account"),
         )?;
-        let balance_header = match top.str("balance_header")? {
+        let balance_header = match top.balance_header {
             Some(h) => Some(header_name("balance_header".into(), h)?),
             None => None,
         };
-        let budget_header = match top.str("budget_header")? {
+        let budget_header = match top.budget_header {
             Some(h) => Some(header_name("budget_header".into(), h)?),
             None => None,
         };
-        let cache_max_entries = top
-            .u64("cache_max_entries", 0, MAX_CACHE_ENTRIES)?
-            .unwrap_or(10_000) as u32;
-        let cache_max_ttl_s = top.u64("cache_max_ttl_s", 0, 86_400)?.unwrap_or(300) as u32;
-        let problem_type_base = match top.str("problem_type_base")? {
+        let cache_max_entries = num(
+            "cache_max_entries",
+            &top.cache_max_entries,
+            0,
+            MAX_CACHE_ENTRIES,
+        )?
+        .unwrap_or(10_000) as u32;
+        let cache_max_ttl_s =
+            num("cache_max_ttl_s", &top.cache_max_ttl_s, 0, 86_400)?.unwrap_or(300) as u32;
+        let problem_type_base = match top.problem_type_base {
             Some(b) => visible("problem_type_base".into(), b, "problem_type_base")?,
             None => "https://farebox.dev/problems/".to_string(),
         };
 
-        let mode = match top.str("mode")? {
-            None | Some("authorize") => Mode::Authorize,
-            Some("lease") => Mode::Lease,
-            Some(other) => {
-                return err(
-                    "mode",
-                    format!("{other:?} is not \"authorize\" or \"lease\""),
-                )
-            }
+        let mode = match top.mode {
+            None | Some(ModeName::Authorize) => Mode::Authorize,
+            Some(ModeName::Lease) => Mode::Lease,
         };
-        let settle_interval_ms = top
-            .u64("settle_interval_ms", 10, 3_600_000)?
-            .unwrap_or(1_000);
+        let settle_interval_ms =
+            num("settle_interval_ms", &top.settle_interval_ms, 10, 3_600_000)?.unwrap_or(1_000);
         let lease = LeaseConfig {
-            path: http_path(
-                "lease_path".into(),
-                top.str("lease_path")?.unwrap_or("/v1/leases"),
-            )?,
-            want: top.u64("lease_want", 1, MAX_AMOUNT)?.unwrap_or(100),
+            path: http_path("lease_path".into(), top.lease_path.unwrap_or("/v1/leases"))?,
+            want: num("lease_want", &top.lease_want, 1, MAX_AMOUNT)?.unwrap_or(100),
             settle_interval_ms,
-            expiry_margin_ms: top
-                .u64("lease_expiry_margin_ms", 0, 3_600_000)?
-                .unwrap_or(2_000),
-            recall_wait_ms: top
-                .u64("lease_recall_wait_ms", 0, 60_000)?
+            expiry_margin_ms: num(
+                "lease_expiry_margin_ms",
+                &top.lease_expiry_margin_ms,
+                0,
+                3_600_000,
+            )?
+            .unwrap_or(2_000),
+            recall_wait_ms: num("lease_recall_wait_ms", &top.lease_recall_wait_ms, 0, 60_000)?
                 .unwrap_or(2 * settle_interval_ms + 500),
-            max_entries: top
-                .u64("lease_max_entries", 1, 1_000_000)?
+            max_entries: num("lease_max_entries", &top.lease_max_entries, 1, 1_000_000)?
                 .unwrap_or(16_384) as u32,
         };
 
-        let challenges = match top.get("challenges") {
+        let challenges = match top.challenges.as_deref() {
             None => Challenges {
                 x402: true,
                 payment: true,
             },
-            Some(Value::Array(items)) => {
-                let mut c = Challenges {
-                    x402: false,
-                    payment: false,
-                };
-                for (i, item) in items.iter().enumerate() {
-                    match item.as_str() {
-                        Some("x402") => c.x402 = true,
-                        Some("payment") => c.payment = true,
-                        _ => {
-                            return err(
-                                format!("challenges[{i}]"),
-                                format!("{} is not \"x402\" or \"payment\"", show_str(item)),
-                            )
-                        }
-                    }
-                }
-                c
-            }
-            Some(v) => return err("challenges", format!("must be an array, not {}", kind(v))),
+            Some(items) => Challenges {
+                x402: items.iter().any(|c| matches!(c, ChallengeName::X402)),
+                payment: items.iter().any(|c| matches!(c, ChallengeName::Payment)),
+            },
         };
-        let accept_payments = top.bool("accept_payments")?.unwrap_or(true);
-        let anonymous = top.bool("anonymous")?.unwrap_or(false);
-        let html_402 = top.bool("html_402")?.unwrap_or(false);
-        let access_log = top.bool("access_log")?.unwrap_or(true);
-        let max_body_bytes = top.u64("max_body_bytes", 1, 16 << 20)?.unwrap_or(65_536) as usize;
-        let usage_tail_bytes =
-            top.u64("usage_tail_bytes", 64, 16 << 20)?.unwrap_or(65_536) as usize;
+        let max_body_bytes =
+            num("max_body_bytes", &top.max_body_bytes, 1, 16 << 20)?.unwrap_or(65_536) as usize;
+        let usage_tail_bytes = num("usage_tail_bytes", &top.usage_tail_bytes, 64, 16 << 20)?
+            .unwrap_or(65_536) as usize;
 
         Ok(Config {
             challenges,
-            accept_payments,
-            anonymous,
-            html_402,
-            access_log,
+            accept_payments: top.accept_payments.unwrap_or(true),
+            anonymous: top.anonymous.unwrap_or(false),
+            html_402: top.html_402.unwrap_or(false),
+            access_log: top.access_log.unwrap_or(true),
             max_body_bytes,
             usage_tail_bytes,
             mode,
@@ -573,39 +402,30 @@ impl Config {
             cache_max_entries,
             cache_max_ttl_s,
             problem_type_base,
-            fingerprint: sha256::digest(raw),
+            fingerprint,
         })
     }
 }
 
-fn parse_credential(v: &Value) -> Result<CredentialSource, ConfigError> {
-    let source = v.get("source").and_then(Value::as_str);
-    let allowed = match source {
-        Some("bearer") => BEARER_CREDENTIAL_FIELDS,
-        _ => CREDENTIAL_FIELDS,
-    };
-    let obj = Obj::new(v, "credential", allowed)?;
-    match obj.str("source")? {
-        Some("header") => {
-            let name = obj.str("name")?.unwrap_or("x-api-key");
-            Ok(CredentialSource::Header(header_name(
-                "credential.name".into(),
-                name,
-            )?))
-        }
-        Some("bearer") => Ok(CredentialSource::Bearer),
-        Some("query") => match obj.str("name")? {
-            Some(n) if !n.is_empty() => Ok(CredentialSource::Query(n.to_string())),
-            _ => err(
-                "credential.name",
-                "is required for source \"query\" (the query parameter)",
-            ),
-        },
-        Some(other) => err(
-            "credential.source",
-            format!("{other:?} is not one of \"header\", \"bearer\", \"query\""),
+fn credential(c: &RawCredential) -> Result<CredentialSource, ConfigError> {
+    match (c.source, c.name) {
+        (Some(SourceName::Header), name) => Ok(CredentialSource::Header(header_name(
+            "credential.name".into(),
+            name.unwrap_or("x-api-key"),
+        )?)),
+        (Some(SourceName::Bearer), None) => Ok(CredentialSource::Bearer),
+        (Some(SourceName::Bearer), Some(_)) => err(
+            "credential.name",
+            "leave it out with source \"bearer\": the credential is the Authorization header",
         ),
-        None => err(
+        (Some(SourceName::Query), Some(n)) if !n.is_empty() => {
+            Ok(CredentialSource::Query(n.to_string()))
+        }
+        (Some(SourceName::Query), _) => err(
+            "credential.name",
+            "is required for source \"query\" (the query parameter)",
+        ),
+        (None, _) => err(
             "credential.source",
             "is required: \"header\", \"bearer\" or \"query\"",
         ),
@@ -628,57 +448,46 @@ fn route_name(field: String, name: &str) -> Result<String, ConfigError> {
     }
 }
 
-fn parse_route(v: &Value, path: &str) -> Result<Route, ConfigError> {
-    let obj = Obj::new(v, path, ROUTE_FIELDS)?;
-    let name = match obj.str("name")? {
-        Some(n) => route_name(obj.field("name"), n)?,
-        None => return err(obj.field("name"), "is required"),
+fn route(r: &RawRoute, path: &At) -> Result<Route, ConfigError> {
+    let name = match r.name {
+        Some(n) => route_name(join(path, "name"), n)?,
+        None => return err(join(path, "name"), "is required"),
     };
-    let methods = match obj.get("methods") {
+    let methods = match r.methods.as_deref() {
         None => None,
-        Some(Value::Array(items)) if !items.is_empty() => {
-            let mut methods = Vec::with_capacity(items.len());
-            for (i, m) in items.iter().enumerate() {
-                let field = format!("{}.methods[{i}]", obj.path);
-                match m.as_str() {
-                    Some(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphabetic()) => {
-                        methods.push(s.to_ascii_uppercase())
-                    }
-                    _ => return err(field, format!("{} is not an HTTP method name", show_str(m))),
-                }
-            }
-            Some(methods)
-        }
-        Some(Value::Array(_)) => {
+        Some([]) => {
             return err(
-                obj.field("methods"),
+                join(path, "methods"),
                 "must not be empty (leave it out to match every method)",
             )
         }
-        Some(v) => {
-            return err(
-                obj.field("methods"),
-                format!("must be an array of strings, not {}", kind(v)),
-            )
+        Some(items) => {
+            let mut methods = Vec::with_capacity(items.len());
+            for (i, m) in items.iter().enumerate() {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return err(
+                        At::Index(&At::Key(path, "methods"), i),
+                        format!("{m:?} is not an HTTP method name"),
+                    );
+                }
+                methods.push(m.to_ascii_uppercase());
+            }
+            Some(methods)
         }
     };
-    let patterns = [
-        ("exact", obj.str("exact")?),
-        ("prefix", obj.str("prefix")?),
-        ("glob", obj.str("glob")?),
-    ];
+    let patterns = [("exact", r.exact), ("prefix", r.prefix), ("glob", r.glob)];
     let mut given = patterns.iter().filter_map(|(k, v)| v.map(|v| (*k, v)));
     let pattern = match (given.next(), given.next()) {
         (Some(_), Some((second, _))) => {
-            return err(obj.field(second), "give only one of exact, prefix, glob")
+            return err(join(path, second), "give only one of exact, prefix, glob")
         }
-        (None, _) => return err(obj.path.clone(), "needs one of exact, prefix, glob"),
+        (None, _) => return err(path, "needs one of exact, prefix, glob"),
         (Some(("glob", g)), None) => PathPattern::glob(g).map_err(|e| ConfigError {
-            field: obj.field("glob"),
+            field: join(path, "glob"),
             reason: format!("{g:?}: {e}"),
         })?,
         (Some((key, p)), None) => {
-            let p = http_path(obj.field(key), p)?;
+            let p = http_path(join(path, key), p)?;
             if key == "exact" {
                 PathPattern::Exact(p)
             } else {
@@ -686,24 +495,28 @@ fn parse_route(v: &Value, path: &str) -> Result<Route, ConfigError> {
             }
         }
     };
-    let usage = match obj.get("usage") {
-        Some(v) => Some(parse_usage(v, &obj.field("usage"))?),
+    let usage = match &r.usage {
+        Some(u) => Some(usage(u, &At::Key(path, "usage"))?),
         None => None,
     };
-    let mcp = match obj.get("mcp") {
-        Some(v) => Some(parse_mcp(v, &obj.field("mcp"))?),
+    let mcp = match &r.mcp {
+        Some(m) => Some(mcp(m, &At::Key(path, "mcp"))?),
         None => None,
     };
-    let cost = match (obj.u64("cost", 0, MAX_AMOUNT)?, &usage) {
+    let cost_field = At::Key(path, "cost");
+    let cost = match (
+        opt_whole(&cost_field, r.cost.as_ref(), 0, MAX_AMOUNT)?,
+        &usage,
+    ) {
         (Some(_), Some(_)) => {
             return err(
-                obj.field("cost"),
+                cost_field,
                 "leave it out with usage: usage.estimate is the price held",
             )
         }
         (None, Some(u)) => u.estimate,
         (Some(c), None) => c,
-        (None, None) => return err(obj.field("cost"), "is required (0 makes the route free)"),
+        (None, None) => return err(cost_field, "is required (0 makes the route free)"),
     };
     Ok(Route {
         name,
@@ -726,42 +539,54 @@ fn json_pointer(field: String, v: Option<&str>) -> Result<String, ConfigError> {
     }
 }
 
-fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
-    let obj = Obj::new(v, path, USAGE_FIELDS)?;
-    let unit = |key: &str| -> Result<u64, ConfigError> {
-        match obj.u64(key, 0, MAX_AMOUNT)? {
+/// Refuses the first of `fields` (name, whether it is given) that is given, for `reason`.
+fn refuse_any(path: &At, fields: &[(&str, bool)], reason: &str) -> Result<(), ConfigError> {
+    match fields.iter().find(|(_, given)| *given) {
+        Some((name, _)) => err(join(path, name), reason),
+        None => Ok(()),
+    }
+}
+
+fn usage(u: &RawUsage, path: &At) -> Result<UsageSpec, ConfigError> {
+    let unit = |key: &str, n: &Option<Num>| -> Result<u64, ConfigError> {
+        let field = At::Key(path, key);
+        match opt_whole(&field, n.as_ref(), 0, MAX_AMOUNT)? {
             Some(n) => Ok(n),
-            None => err(obj.field(key), "is required"),
+            None => err(field, "is required"),
         }
     };
-    let estimate_of = |obj: &Obj| match obj.u64("estimate", 1, MAX_AMOUNT)? {
-        Some(e) => Ok(e),
-        None => err(
-            obj.field("estimate"),
-            "is required (the units held until the response is in)",
-        ),
+    let estimate_of = || {
+        let field = At::Key(path, "estimate");
+        match opt_whole(&field, u.estimate.as_ref(), 1, MAX_AMOUNT)? {
+            Some(e) => Ok(e),
+            None => err(
+                field,
+                "is required (the units held until the response is in)",
+            ),
+        }
     };
-    if obj.get("api").is_some() {
-        obj.refuse_any(
+    if let Some(api) = u.api {
+        refuse_any(
+            path,
             &[
-                "json_pointer",
-                "input_pointer",
-                "output_pointer",
-                "unit_cost",
-                "input_unit_cost",
-                "output_unit_cost",
+                ("json_pointer", u.json_pointer.is_some()),
+                ("input_pointer", u.input_pointer.is_some()),
+                ("output_pointer", u.output_pointer.is_some()),
+                ("unit_cost", u.unit_cost.is_some()),
+                ("input_unit_cost", u.input_unit_cost.is_some()),
+                ("output_unit_cost", u.output_unit_cost.is_some()),
             ],
             "leave it out with api: the api says where usage is",
         )?;
-        let table = parse_price_table(&obj)?;
+        let table = price_table(u, api, path)?;
         // On by default where it applies: Chat Completions streams report usage only
         // when asked. The other APIs always report it, so there is nothing to ask.
-        let stream_include_usage = match (obj.bool("stream_include_usage")?, table.api) {
+        let stream_include_usage = match (u.stream_include_usage, table.api) {
             (Some(on), Api::OpenAiChat) => on,
             (None, Api::OpenAiChat) => true,
             (Some(_), _) => {
                 return err(
-                    obj.field("stream_include_usage"),
+                    join(path, "stream_include_usage"),
                     "applies to api \"openai_chat\" only: the other APIs always report usage",
                 )
             }
@@ -769,35 +594,37 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
         };
         return Ok(UsageSpec {
             parts: Vec::new(),
-            estimate: estimate_of(&obj)?,
+            estimate: estimate_of()?,
             table: Some(std::sync::Arc::new(table)),
             stream_include_usage,
         });
     }
-    obj.refuse_any(
+    refuse_any(
+        path,
         &[
-            "per_tokens",
-            "models",
-            "default_prices",
-            "model_from",
-            "max_hold",
+            ("per_tokens", u.per_tokens.is_some()),
+            ("models", u.models.is_some()),
+            ("default_prices", u.default_prices.is_some()),
+            ("model_from", u.model_from.is_some()),
+            ("max_hold", u.max_hold.is_some()),
         ],
         "needs api (the usage shape the prices apply to)",
     )?;
-    let parts = if obj.get("json_pointer").is_some() {
+    let pointer = |key: &str, v: &Option<&str>| json_pointer(join(path, key), *v);
+    let parts = if u.json_pointer.is_some() {
         vec![(
-            json_pointer(obj.field("json_pointer"), obj.str("json_pointer")?)?,
-            unit("unit_cost")?,
+            pointer("json_pointer", &u.json_pointer)?,
+            unit("unit_cost", &u.unit_cost)?,
         )]
-    } else if obj.get("input_pointer").is_some() || obj.get("output_pointer").is_some() {
+    } else if u.input_pointer.is_some() || u.output_pointer.is_some() {
         vec![
             (
-                json_pointer(obj.field("input_pointer"), obj.str("input_pointer")?)?,
-                unit("input_unit_cost")?,
+                pointer("input_pointer", &u.input_pointer)?,
+                unit("input_unit_cost", &u.input_unit_cost)?,
             ),
             (
-                json_pointer(obj.field("output_pointer"), obj.str("output_pointer")?)?,
-                unit("output_unit_cost")?,
+                pointer("output_pointer", &u.output_pointer)?,
+                unit("output_unit_cost", &u.output_unit_cost)?,
             ),
         ]
     } else {
@@ -816,78 +643,60 @@ fn parse_usage(v: &Value, path: &str) -> Result<UsageSpec, ConfigError> {
     if let [(a, _), (b, _)] = parts.as_slice() {
         if first(a) != first(b) {
             return err(
-                format!("{path}.output_pointer"),
+                join(path, "output_pointer"),
                 "must start with the same member as input_pointer",
             );
         }
     }
-    let estimate = estimate_of(&obj)?;
+    let estimate = estimate_of()?;
     Ok(UsageSpec {
         parts,
         estimate,
         table: None,
         // Off by default: a route priced by pointers may be any API; on, it suits
         // OpenAI-compatible Chat Completions.
-        stream_include_usage: obj.bool("stream_include_usage")?.unwrap_or(false),
+        stream_include_usage: u.stream_include_usage.unwrap_or(false),
     })
 }
 
-fn parse_price_table(obj: &Obj) -> Result<PriceTable, ConfigError> {
-    let api = match obj.str("api")? {
-        Some(name) => match Api::parse(name) {
-            Some(a) => a,
-            None => {
-                return err(
-                    obj.field("api"),
-                    format!(
-                        "{name:?} is not one of \"openai_chat\", \"openai_responses\", \"openai_embeddings\", \"anthropic_messages\""
-                    ),
-                )
-            }
-        },
-        None => return err(obj.field("api"), "is required"),
+fn price_table(u: &RawUsage, api: &str, path: &At) -> Result<PriceTable, ConfigError> {
+    let Some(api) = Api::parse(api) else {
+        return err(
+            join(path, "api"),
+            format!(
+                "{api:?} is not one of \"openai_chat\", \"openai_responses\", \"openai_embeddings\", \"anthropic_messages\""
+            ),
+        );
     };
-    let per_tokens = obj.u64("per_tokens", 1, 1_000_000_000)?.unwrap_or(1);
+    let per_tokens_field = At::Key(path, "per_tokens");
+    let per_tokens =
+        opt_whole(&per_tokens_field, u.per_tokens.as_ref(), 1, 1_000_000_000)?.unwrap_or(1);
+    let models_field = At::Key(path, "models");
     let mut models = BTreeMap::new();
-    match obj.get("models") {
-        None => {}
-        Some(Value::Object(m)) => {
-            for (name, prices) in m {
-                let field = format!("{}.{name}", obj.field("models"));
-                if name.is_empty() || name.len() > MAX_MODEL_LEN {
-                    return err(field, format!("a model name is 1 to {MAX_MODEL_LEN} bytes"));
-                }
-                models.insert(name.clone(), parse_prices(prices, &field)?);
-            }
+    for (name, p) in u.models.iter().flat_map(|Entries(e)| e) {
+        let field = At::Key(&models_field, name);
+        if name.is_empty() || name.len() > MAX_MODEL_LEN {
+            return err(field, format!("a model name is 1 to {MAX_MODEL_LEN} bytes"));
         }
-        Some(v) => {
-            return err(
-                obj.field("models"),
-                format!("must be an object of model: prices, not {}", kind(v)),
-            )
-        }
+        models.insert(name.to_string(), prices(p, &field)?);
     }
-    let unknown = match obj.get("default_prices") {
-        Some(v) => UnknownModel::Default(parse_prices(v, &obj.field("default_prices"))?),
+    let unknown = match &u.default_prices {
+        Some(p) => UnknownModel::Default(prices(p, &At::Key(path, "default_prices"))?),
         None => UnknownModel::Refuse,
     };
     if models.is_empty() && unknown == UnknownModel::Refuse {
         return err(
-            obj.field("models"),
+            models_field,
             "is required with api (or give default_prices)",
         );
     }
-    let model_from = match obj.str("model_from")? {
-        None | Some("request") => ModelFrom::Request,
-        Some("response") => ModelFrom::Response,
-        Some(other) => {
-            return err(
-                obj.field("model_from"),
-                format!("{other:?} is not \"request\" or \"response\""),
-            )
-        }
+    let model_from = match u.model_from {
+        None | Some(ModelFromName::Request) => ModelFrom::Request,
+        Some(ModelFromName::Response) => ModelFrom::Response,
     };
-    let max_hold = obj.u64("max_hold", 1, MAX_AMOUNT)?.unwrap_or(MAX_AMOUNT);
+    let max_hold_field = At::Key(path, "max_hold");
+    let max_hold =
+        opt_whole(&max_hold_field, u.max_hold.as_ref(), 1, MAX_AMOUNT)?.unwrap_or(MAX_AMOUNT);
     Ok(PriceTable {
         api,
         per_tokens,
@@ -900,107 +709,48 @@ fn parse_price_table(obj: &Obj) -> Result<PriceTable, ConfigError> {
 
 /// A model's prices: `input` and `output` required; cached and cache-creation input
 /// cost what input does unless given, reasoning what output does.
-fn parse_prices(v: &Value, path: &str) -> Result<Prices, ConfigError> {
-    let obj = Obj::new(v, path, PRICE_FIELDS)?;
-    let need = |key: &str| match obj.u64(key, 0, MAX_AMOUNT)? {
-        Some(n) => Ok(n),
-        None => err(obj.field(key), "is required"),
+fn prices(p: &RawPrices, path: &At) -> Result<Prices, ConfigError> {
+    let amount =
+        |key: &str, n: &Option<Num>| opt_whole(&At::Key(path, key), n.as_ref(), 0, MAX_AMOUNT);
+    let need = |key: &str, n: &Option<Num>| match amount(key, n)? {
+        Some(v) => Ok(v),
+        None => err(join(path, key), "is required"),
     };
-    let input = need("input")?;
-    let output = need("output")?;
+    let input = need("input", &p.input)?;
+    let output = need("output", &p.output)?;
     Ok(Prices {
         input,
         output,
-        cached_input: obj.u64("cached_input", 0, MAX_AMOUNT)?.unwrap_or(input),
-        cache_creation_input: obj
-            .u64("cache_creation_input", 0, MAX_AMOUNT)?
+        cached_input: amount("cached_input", &p.cached_input)?.unwrap_or(input),
+        cache_creation_input: amount("cache_creation_input", &p.cache_creation_input)?
             .unwrap_or(input),
-        reasoning: obj.u64("reasoning", 0, MAX_AMOUNT)?.unwrap_or(output),
+        reasoning: amount("reasoning", &p.reasoning)?.unwrap_or(output),
     })
 }
 
-fn parse_mcp(v: &Value, path: &str) -> Result<McpPricing, ConfigError> {
-    let obj = Obj::new(v, path, MCP_FIELDS)?;
-    let table = |key: &str| -> Result<BTreeMap<String, u64>, ConfigError> {
+fn mcp(m: &RawMcp, path: &At) -> Result<McpPricing, ConfigError> {
+    let table = |key: &str, t: &Option<Entries<Num>>| {
         let mut out = BTreeMap::new();
-        match obj.get(key) {
-            None => {}
-            Some(Value::Object(m)) => {
-                for (name, cost) in m {
-                    match cost.as_u64().filter(|c| *c <= MAX_AMOUNT) {
-                        Some(c) if !name.is_empty() => {
-                            out.insert(name.clone(), c);
-                        }
-                        _ => {
-                            return err(
-                                format!("{}.{name}", obj.field(key)),
-                                format!("must be a whole-number cost, not {}", show(cost)),
-                            )
-                        }
-                    }
+        for (name, cost) in t.iter().flat_map(|Entries(e)| e) {
+            let Num(cost) = cost;
+            match cost.as_u64().filter(|c| *c <= MAX_AMOUNT) {
+                Some(c) if !name.is_empty() => {
+                    out.insert(name.to_string(), c);
                 }
-            }
-            Some(v) => {
-                return err(
-                    obj.field(key),
-                    format!("must be an object of name: cost, not {}", kind(v)),
-                )
+                _ => {
+                    return err(
+                        At::Key(&At::Key(path, key), name),
+                        format!("must be a whole-number cost, not {cost}"),
+                    )
+                }
             }
         }
         Ok(out)
     };
     Ok(McpPricing {
-        methods: table("methods")?,
-        tools: table("tools")?,
+        methods: table("methods", &m.methods)?,
+        tools: table("tools", &m.tools)?,
     })
-}
-
-fn show_str(v: &Value) -> String {
-    match v {
-        Value::String(s) => format!("{s:?}"),
-        other => show(other),
-    }
-}
-
-fn parse_statuses(v: &Value, path: &str) -> Result<StatusSet, ConfigError> {
-    let Some(items) = v.as_array() else {
-        return err(
-            path,
-            format!(
-                "must be an array of statuses or classes like \"5xx\", not {}",
-                kind(v)
-            ),
-        );
-    };
-    let mut set = StatusSet::default();
-    for (i, item) in items.iter().enumerate() {
-        let field = format!("{path}[{i}]");
-        match item {
-            Value::Number(n) => match n.as_u64() {
-                Some(s @ 100..=599) => set.insert(s as u16),
-                _ => return err(field, format!("{n} is not an HTTP status (100-599)")),
-            },
-            Value::String(s) => match s.as_bytes() {
-                [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
-                    let base = u16::from(c - b'0') * 100;
-                    for status in base..base + 100 {
-                        set.insert(status);
-                    }
-                }
-                _ => return err(field, format!("{s:?} is not a status class like \"5xx\"")),
-            },
-            other => {
-                return err(
-                    field,
-                    format!(
-                        "must be a status or a class like \"5xx\", not {}",
-                        kind(other)
-                    ),
-                )
-            }
-        }
-    }
-    Ok(set)
 }
 
 #[cfg(test)]
@@ -1499,7 +1249,119 @@ mod tests {
         let e = parse(r#"{"cluster": "b", "cluser": 1}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("cluser") && e.contains("known fields"), "{e}");
+        assert!(
+            e.contains("cluser") && e.contains("known fields: mode, lease_path"),
+            "{e}"
+        );
+        // Reasons in JSON's words, not serde's ("sequence", "u64", "variant").
+        let reason = |raw: &str| parse(raw).unwrap_err().reason;
+        assert_eq!(
+            reason(r#"{"cluster": "b", "routes": {}}"#),
+            "must be an array, not an object"
+        );
+        assert_eq!(
+            reason(r#"{"cluster": "b", "mode": "prepaid"}"#),
+            r#""prepaid" is not "authorize" or "lease""#
+        );
+        assert_eq!(
+            reason(r#"{"cluster": "b", "credential": {"source": "cookie"}}"#),
+            r#""cookie" is not one of "header", "bearer", "query""#
+        );
+        assert_eq!(
+            reason(r#"{"cluster": "b", "timeout_ms": 1.5}"#),
+            "must be a whole number from 1 to 60000, not 1.5"
+        );
+        assert_eq!(
+            reason(r#"{"cluster": "b", "timeout_ms": "5"}"#),
+            "must be a whole number, not a string"
+        );
+        assert_eq!(
+            reason(r#"{"cluster": "b", "no_charge_statuses": [2.5]}"#),
+            "2.5 is not an HTTP status (100-599)"
+        );
+        let e = parse("[1]").unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            ("(root)", "must be an object, not an array")
+        );
+    }
+
+    /// What serde would read differently from the JSON a user means, each refused or read
+    /// as it always was.
+    #[test]
+    fn serde_forms_a_user_does_not_mean() {
+        // A derived struct reads an array by position; a config names its fields.
+        assert_eq!(field_of(r#"["b"]"#), "(root)");
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "routes": [["r", null, "/a", null, null, 1]]}"#),
+            "routes[0]"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "credential": ["bearer"]}"#),
+            "credential"
+        );
+        // serde reads an enum from an object of one field; a mode is a string.
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "mode": {"lease": null}}"#),
+            "mode"
+        );
+        assert_eq!(
+            field_of(r#"{"cluster": "b", "challenges": [{"x402": null}]}"#),
+            "challenges[0]"
+        );
+        // A key given twice is read as its last value (a derived struct refuses it).
+        let c = parse(r#"{"cluster": "a", "cluster": "b"}"#).unwrap();
+        assert_eq!(c.cluster, "b");
+        // `null` is absent, everywhere.
+        let c = parse(r#"{"cluster": "b", "timeout_ms": null, "credential": {"source": "bearer", "name": null}}"#)
+            .unwrap();
+        assert_eq!(
+            (c.timeout, c.credential),
+            (Duration::from_millis(500), CredentialSource::Bearer)
+        );
+    }
+
+    /// The field lists come from the serde types: every known field is accepted where it
+    /// belongs (so the list is the one `deny_unknown_fields` checks), and one more is not.
+    #[test]
+    fn known_fields_are_the_ones_serde_accepts() {
+        let known = known_fields();
+        let names: Vec<&str> = known.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            ["top", "credential", "route", "usage", "prices", "mcp"]
+        );
+        for (object, fields) in known {
+            assert!(fields.len() >= 2, "{object}: {fields:?}");
+            for field in fields {
+                let doc = |key: &str| {
+                    let inner = format!(r#"{{"{key}": null}}"#);
+                    match object {
+                        "top" => inner.replacen('{', r#"{"cluster": "b", "#, 1),
+                        "credential" => format!(r#"{{"cluster": "b", "credential": {inner}}}"#),
+                        "route" => format!(r#"{{"cluster": "b", "routes": [{inner}]}}"#),
+                        "usage" => format!(
+                            r#"{{"cluster": "b", "routes": [{{"name": "a", "prefix": "/", "usage": {inner}}}]}}"#
+                        ),
+                        "prices" => format!(
+                            r#"{{"cluster": "b", "routes": [{{"name": "a", "prefix": "/", "usage": {{"api": "openai_chat", "estimate": 1, "default_prices": {inner}}}}}]}}"#
+                        ),
+                        _ => format!(
+                            r#"{{"cluster": "b", "routes": [{{"name": "a", "prefix": "/", "cost": 1, "mcp": {inner}}}]}}"#
+                        ),
+                    }
+                };
+                let unknown = |key: &str| match parse(&doc(key)) {
+                    Err(e) => e.field.ends_with(key) && e.reason.starts_with("unknown field"),
+                    Ok(_) => false,
+                };
+                assert!(!unknown(field), "{object}.{field} is refused as unknown");
+                assert!(
+                    unknown("zz_not_a_field"),
+                    "{object}: an unknown field passes"
+                );
+            }
+        }
     }
 
     #[test]

@@ -14,8 +14,8 @@ pub enum Decision {
         /// What is left of the account's budget this period (`budget.remaining`
         /// of the answer), if it has one. Shown once, like the balance.
         budget: Option<i64>,
-        /// x402 settlement of a payment the request carried, for `PAYMENT-RESPONSE`.
-        payment_response: Option<Value>,
+        /// The proof of a payment the request carried, for the client.
+        paid: Option<Paid>,
     },
     /// 402: the account cannot pay.
     Deny(Denial),
@@ -25,6 +25,15 @@ pub enum Decision {
     Forbidden,
     /// 429: the service asks the client to slow down.
     RateLimited { retry_after_s: Option<u32> },
+}
+
+/// What a paid request's response tells the client of its payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Paid {
+    /// x402: the facilitator's settlement (`PAYMENT-RESPONSE`).
+    X402(Value),
+    /// The Payment scheme: its receipt (`Payment-Receipt`, on 2xx responses).
+    Receipt(Value),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -38,16 +47,18 @@ pub struct Denial {
     /// The account the service named in its refusal, for the access log (never shown
     /// to the client).
     pub account_id: Option<String>,
+    /// The Payment scheme's problem type of a payment failure (a slug of the
+    /// draft's registry: `payment-required`, `verification-failed`, ...).
+    pub problem: Option<&'static str>,
 }
 
 impl Decision {
     /// Decisions about one payment, or carrying one-time challenges, are never reused.
     pub fn cacheable(&self) -> bool {
         match self {
-            Decision::Allow {
-                payment_response, ..
-            } => payment_response.is_none(),
-            Decision::Deny(d) => d.offer.is_empty(),
+            Decision::Allow { paid, .. } => paid.is_none(),
+            // A payment's failure is about that payment.
+            Decision::Deny(d) => d.offer.is_empty() && d.problem.is_none(),
             _ => true,
         }
     }
@@ -57,7 +68,7 @@ impl Decision {
             account_id: account_id.into(),
             balance,
             budget: None,
-            payment_response: None,
+            paid: None,
         }
     }
 }
@@ -75,7 +86,7 @@ mod tests {
             account_id: "acct".into(),
             balance: None,
             budget: None,
-            payment_response: Some(json!({"success": true})),
+            paid: Some(Paid::X402(json!({"success": true}))),
         };
         assert!(!paid.cacheable());
         assert!(Decision::Deny(Denial::default()).cacheable());
@@ -103,7 +114,7 @@ mod tests {
                 account_id: "acct_1".into(),
                 balance: Some(-3),
                 budget: None,
-                payment_response: None,
+                paid: None,
             }
         );
     }

@@ -20,6 +20,7 @@ use crate::access_log::Record;
 use crate::balance_api::CalloutResponse;
 use crate::cache::CacheKey;
 use crate::config::Config;
+use crate::decision::Paid;
 use crate::host::HttpHost;
 use crate::mcp;
 use crate::payments::Payment;
@@ -117,8 +118,8 @@ struct Forwarded {
     balance: Option<i64>,
     /// The remaining budget the service answered, for `budget_header`.
     budget: Option<i64>,
-    /// Headers for the client's response (`PAYMENT-RESPONSE`).
-    headers: Vec<(&'static str, String)>,
+    /// The proof of the payment this request carried, for the client's response.
+    paid: Option<Paid>,
     /// Usage pricing: the hold, and the meter once the response type is known.
     usage: Option<Metering>,
     /// A paid single MCP call: its answer is read for a JSON-RPC error, which is

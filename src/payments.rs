@@ -4,6 +4,9 @@
 
 use serde_json::{json, Value};
 
+use crate::decision::Paid;
+use crate::host::HttpHost;
+
 /// What the balance service offers a client that cannot pay from its balance.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Offer {
@@ -185,6 +188,84 @@ pub fn payment_challenges(offer: &Offer, default_realm: &str) -> Vec<String> {
         .collect()
 }
 
+/// The Payment scheme's `Payment-Receipt` header: base64url (no padding) of the
+/// receipt the service gave.
+pub fn payment_receipt_header(receipt: &Value) -> String {
+    base64(receipt.to_string().as_bytes(), URL_SAFE, false)
+}
+
+/// The registry of problem types of the Payment scheme (draft-ryan-httpauth-payment).
+pub const PROBLEM_REGISTRY: &str = "https://paymentauth.org/problems/";
+
+/// A payment failure's problem type, if the service named one the registry has.
+pub fn registered_problem(slug: &str) -> Option<&'static str> {
+    [
+        "payment-required",
+        "payment-insufficient",
+        "payment-expired",
+        "verification-failed",
+        "method-unsupported",
+        "malformed-credential",
+        "invalid-challenge",
+    ]
+    .into_iter()
+    .find(|s| *s == slug)
+}
+
+/// Tells the client of its payment on the upstream's response: x402's
+/// `PAYMENT-RESPONSE` always (the payment was settled before the request went
+/// on), the Payment scheme's `Payment-Receipt` on a 2xx (the draft's success).
+/// Either makes the response the paying client's alone: `Cache-Control` gains
+/// `private`, so no shared cache serves it (or its proof) to another account.
+pub fn tell_payment(host: &impl HttpHost, paid: Paid) {
+    match paid {
+        Paid::X402(settlement) => {
+            host.set_response_header("payment-response", &x402_response_header(&settlement));
+        }
+        Paid::Receipt(receipt) => {
+            let ok = host
+                .response_header(":status")
+                .is_some_and(|s| s.len() == 3 && s.first() == Some(&b'2'));
+            if !ok {
+                return;
+            }
+            host.set_response_header("payment-receipt", &payment_receipt_header(&receipt));
+        }
+    }
+    let existing = host.response_header("cache-control");
+    let existing = existing.as_deref().map(String::from_utf8_lossy);
+    host.set_response_header("cache-control", &private_cache_control(existing.as_deref()));
+}
+
+/// `Cache-Control` for a response only its requester may keep: shared-cache
+/// directives (`public`, `s-maxage`) dropped, `private` added unless it or
+/// `no-store` is there.
+pub fn private_cache_control(existing: Option<&str>) -> String {
+    let kept: Vec<&str> = existing
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|d| {
+            let name = d.split('=').next().unwrap_or_default().trim();
+            !d.is_empty()
+                && !name.eq_ignore_ascii_case("public")
+                && !name.eq_ignore_ascii_case("s-maxage")
+        })
+        .collect();
+    let private = kept.iter().any(|d| {
+        let name = d.split('=').next().unwrap_or_default().trim();
+        name.eq_ignore_ascii_case("private") || name.eq_ignore_ascii_case("no-store")
+    });
+    if private {
+        kept.join(", ")
+    } else {
+        std::iter::once("private")
+            .chain(kept)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// The `PAYMENT-RESPONSE` header: base64 of the x402 settlement response the service gave.
 pub fn x402_response_header(settlement: &Value) -> String {
     base64(settlement.to_string().as_bytes(), STANDARD, true)
@@ -335,6 +416,28 @@ mod tests {
             serde_json::from_slice::<Value>(&decode_b64(request)).unwrap(),
             json!({"amount": "5000"})
         );
+    }
+
+    #[test]
+    fn paid_responses_stay_private() {
+        assert_eq!(private_cache_control(None), "private");
+        assert_eq!(
+            private_cache_control(Some("public, max-age=60, s-maxage=600")),
+            "private, max-age=60"
+        );
+        assert_eq!(private_cache_control(Some("no-store")), "no-store");
+        assert_eq!(
+            private_cache_control(Some("Private, max-age=5")),
+            "Private, max-age=5"
+        );
+        assert_eq!(
+            registered_problem("verification-failed"),
+            Some("verification-failed")
+        );
+        assert_eq!(registered_problem("made-up"), None);
+        let r = payment_receipt_header(&json!({"status": "success"}));
+        assert!(!r.contains('=') && !r.contains('+') && !r.contains('/'));
+        assert_eq!(decode_b64(&r), br#"{"status":"success"}"#);
     }
 
     #[test]

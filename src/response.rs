@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 use crate::config::Config;
 use crate::decision::Denial;
 use crate::identity::CredentialSource;
+use crate::payments::PROBLEM_REGISTRY;
 use crate::problem::summary;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,11 +45,20 @@ fn problem(
     extra: Map<String, Value>,
     freshness: Freshness,
 ) -> Reply {
+    let type_uri = format!("{}{slug}", cfg.problem_type_base);
+    typed_problem(type_uri, status, title, detail, extra, freshness)
+}
+
+fn typed_problem(
+    type_uri: String,
+    status: u32,
+    title: &str,
+    detail: &str,
+    extra: Map<String, Value>,
+    freshness: Freshness,
+) -> Reply {
     let mut body = Map::new();
-    body.insert(
-        "type".into(),
-        Value::String(format!("{}{slug}", cfg.problem_type_base)),
-    );
+    body.insert("type".into(), Value::String(type_uri));
     body.insert("title".into(), title.into());
     body.insert("status".into(), status.into());
     body.insert("detail".into(), detail.into());
@@ -79,16 +89,39 @@ pub fn payment_required(cfg: &Config, route: &str, denial: &Denial, freshness: F
     }
     extra.insert("price".into(), denial.price.into());
     extra.insert("route".into(), route.into());
-    problem(
-        cfg,
-        402,
-        "payment-required",
-        "Payment Required",
-        &denial.detail,
-        extra,
-        freshness,
-    )
-    .with("retry-after", denial.retry_after_s.map(|s| s.to_string()))
+    // A payment failure has the Payment scheme's registered type (the draft's
+    // registry); a balance too low for the price has farebox's own.
+    let reply = match denial.problem {
+        Some(slug) => {
+            let title: Vec<String> = slug
+                .split('-')
+                .map(|w| {
+                    let mut c = w.chars();
+                    c.next()
+                        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                        .unwrap_or_default()
+                })
+                .collect();
+            typed_problem(
+                format!("{PROBLEM_REGISTRY}{slug}"),
+                402,
+                &title.join(" "),
+                &denial.detail,
+                extra,
+                freshness,
+            )
+        }
+        None => problem(
+            cfg,
+            402,
+            "payment-required",
+            "Payment Required",
+            &denial.detail,
+            extra,
+            freshness,
+        ),
+    };
+    reply.with("retry-after", denial.retry_after_s.map(|s| s.to_string()))
 }
 
 /// Why the caller is not authenticated; decides the `WWW-Authenticate` error code.
@@ -331,6 +364,7 @@ mod tests {
             retry_after_s: Some(30),
             offer: Default::default(),
             account_id: None,
+            problem: None,
         };
         let r = payment_required(&cfg(""), "infer", &d, Freshness::Private(12));
         assert_eq!(r.status, 402);
@@ -349,11 +383,24 @@ mod tests {
             retry_after_s: None,
             offer: Default::default(),
             account_id: None,
+            problem: None,
         };
         let r = payment_required(&cfg(""), "r", &d, Freshness::NoStore);
         assert_eq!(header(&r, "cache-control"), Some("no-store"));
         assert_eq!(header(&r, "retry-after"), None);
         assert!(body(&r).get("balance").is_none());
+        // A payment's failure: the Payment scheme's registered problem type.
+        let d = Denial {
+            problem: Some("verification-failed"),
+            ..d
+        };
+        let r = payment_required(&cfg(""), "r", &d, Freshness::NoStore);
+        assert_eq!(
+            body(&r)["type"],
+            "https://paymentauth.org/problems/verification-failed"
+        );
+        assert_eq!(body(&r)["title"], "Verification Failed");
+        assert_eq!(r.status, 402);
     }
 
     #[test]

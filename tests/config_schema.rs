@@ -15,9 +15,9 @@
 //! - every schema/examples/invalid configuration is refused by both;
 //! - the two documented gaps (schema/examples/parser-only, schema/examples/schema-stricter)
 //!   stay exactly what they claim to be;
-//! - the schema's properties are the parser's known fields (top level, routes, credential),
-//!   its defaults are the parser's defaults, and the README's configuration table lists
-//!   the same fields;
+//! - the schema's properties are the parser's known fields, read from its serde types
+//!   (top level, route, credential, usage, prices, mcp), its defaults are the parser's
+//!   defaults, and the README's configuration table lists the same top-level fields;
 //! - deploy/kong/farebox.meta.json carries the same schema as draft 4, and draft 4, draft 7
 //!   and 2020-12 validators all agree on every example.
 
@@ -151,8 +151,13 @@ fn the_documented_gaps_are_exactly_these() {
     }
 }
 
-/// A list of field names the parser uses (`farebox::config::*_FIELDS`), as a set.
-fn known_fields(fields: &[&str]) -> BTreeSet<String> {
+/// The fields each object of the configuration accepts, from the parser's serde types
+/// (`farebox::config::known_fields`: the list `deny_unknown_fields` checks), by object.
+fn known_fields(object: &str) -> BTreeSet<String> {
+    let (_, fields) = config::known_fields()
+        .into_iter()
+        .find(|(name, _)| *name == object)
+        .unwrap_or_else(|| panic!("no object {object} in config::known_fields()"));
     fields.iter().map(|f| f.to_string()).collect()
 }
 
@@ -170,12 +175,12 @@ fn schema_properties_are_the_parsers_known_fields() {
     let schema = farebox_schema();
     assert_eq!(
         property_names(&schema),
-        known_fields(config::TOP_FIELDS),
+        known_fields("top"),
         "top-level fields"
     );
     assert_eq!(
         property_names(&schema["definitions"]["route"]),
-        known_fields(config::ROUTE_FIELDS),
+        known_fields("route"),
         "route fields"
     );
     let mut credential_fields = BTreeSet::new();
@@ -187,21 +192,23 @@ fn schema_properties_are_the_parsers_known_fields() {
     }
     assert_eq!(
         credential_fields,
-        known_fields(config::CREDENTIAL_FIELDS)
-            .union(&known_fields(config::BEARER_CREDENTIAL_FIELDS))
-            .cloned()
-            .collect::<BTreeSet<_>>(),
+        known_fields("credential"),
         "credential fields"
     );
     let defs = &schema["definitions"];
     assert_eq!(
         property_names(&defs["usage"]),
-        known_fields(config::USAGE_FIELDS),
+        known_fields("usage"),
         "route usage fields"
     );
     assert_eq!(
+        property_names(&defs["prices"]),
+        known_fields("prices"),
+        "model price fields"
+    );
+    assert_eq!(
         property_names(&defs["mcp"]),
-        known_fields(config::MCP_FIELDS),
+        known_fields("mcp"),
         "route mcp fields"
     );
     assert_eq!(
@@ -280,8 +287,8 @@ fn readme_fields() -> BTreeSet<String> {
 fn the_readme_documents_the_same_fields() {
     assert_eq!(
         readme_fields(),
-        property_names(&farebox_schema()),
-        "README.md's configuration table and schema/farebox.schema.json list different fields"
+        known_fields("top"),
+        "README.md's configuration table and the parser's fields differ"
     );
 }
 

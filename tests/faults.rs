@@ -87,9 +87,12 @@ fn fault_act(key: &str) -> FakeAction {
             &json!({"allow": true, "account_id": "acct with\r\nx-injected: 1"}),
         ),
         "fk-array" => FakeAction::json(200, &json!([true, "acct-arr"])),
-        "fk-10mb" => {
+        "fk-oversized" => {
             let mut body = br#"{"allow": true, "account_id": "acct-big", "pad": ""#.to_vec();
-            body.resize(body.len() + 10 * 1024 * 1024, b'a');
+            // Four times the filter's 64 KiB cap: big enough to be refused for its size,
+            // small enough that Envoy takes it in well inside the callout timeout on a
+            // loaded machine (10 MiB was not, and read as a timeout or a reset).
+            body.resize(body.len() + 256 * 1024, b'a');
             body.extend_from_slice(b"\"}");
             FakeAction::answer(200, &[], &body)
         }
@@ -161,7 +164,7 @@ const FAILURES: &[&str] = &[
     "fk-huge-balance",
     "fk-bad-account-id",
     "fk-array",
-    "fk-10mb",
+    "fk-oversized",
     "fk-418",
     "fk-409",
 ];
@@ -176,7 +179,7 @@ fn expected_code(fault: &str) -> &'static str {
         "fk-empty" | "fk-truncated" | "fk-missing-fields" | "fk-wrong-types" | "fk-no-allow"
         | "fk-allow-yes" | "fk-allow-false-200" | "fk-fraction" | "fk-huge-balance"
         | "fk-bad-account-id" | "fk-array" => "bad_answer",
-        "fk-10mb" => "answer_too_large",
+        "fk-oversized" => "answer_too_large",
         "fk-418" | "fk-409" => "unexpected_status",
         other => panic!("no failure code for {other}"),
     }

@@ -470,7 +470,7 @@ fn machine_payable_402_and_paying_with_x402() {
     for param in [
         "id=\"",
         "realm=\"api.example\"",
-        "method=\"x402\"",
+        "method=\"evm\"",
         "intent=\"charge\"",
         "request=\"",
         "expires=\"",

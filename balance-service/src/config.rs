@@ -59,6 +59,14 @@ pub struct X402 {
     /// the client signs over: they must be the contract's.
     pub asset_name: String,
     pub asset_version: String,
+    /// The token's decimals (the Payment-scheme request's `methodDetails.decimals`).
+    pub asset_decimals: u8,
+    /// The Payment-scheme challenges' `realm`; `None`: the filter names the
+    /// request's host.
+    pub realm: Option<String>,
+    /// Key of the HMAC that makes a Payment-scheme challenge id; `None`: a
+    /// random key per process (replicas behind one filter need the same key).
+    pub challenge_secret: Option<String>,
     /// The x402 facilitator that verifies and settles; `None`: demo payments only.
     pub facilitator: Option<Facilitator>,
 }
@@ -72,6 +80,10 @@ pub struct Facilitator {
     pub auth_header: Option<(String, String)>,
     /// How long one facilitator call may take, in milliseconds.
     pub timeout_ms: u64,
+    /// The chain's JSON-RPC endpoint (`--x402-rpc-url`): an unknown settle
+    /// outcome is reconciled by asking the token whether the authorization was
+    /// used. `None`: such a payment stays held.
+    pub rpc_url: Option<String>,
 }
 
 /// A CAIP-2 chain id: `namespace:reference` (`[-a-z0-9]{3,8}` and `[-_a-zA-Z0-9]{1,32}`).
@@ -198,6 +210,12 @@ usage: farebox-balance [flags]
                            payment 'demo-paid' is accepted (reference-only)
   --x402-asset-name NAME --x402-asset-version V
                            the token's EIP-712 domain (default USDC, 2)
+  --x402-asset-decimals N  the token's decimals (default 6)
+  --x402-realm REALM       realm of the Payment-scheme challenges (default: the
+                           request's host, as the filter names it)
+  --x402-challenge-secret S
+                           HMAC key of the Payment-scheme challenge ids (default:
+                           random per process; give replicas the same one)
   --x402-facilitator-url URL
                            verify and settle payments through this x402
                            facilitator (http://HOST:PORT[/PATH]; /supported,
@@ -206,6 +224,8 @@ usage: farebox-balance [flags]
                            a header sent with every facilitator call
   --x402-facilitator-timeout-ms N
                            bound of one facilitator call (default 30000)
+  --x402-rpc-url URL       the chain's JSON-RPC (http://): a settle whose outcome
+                           is unknown is retried, then reconciled on chain
   --webhook-url URL        POST low-balance and budget-threshold events to this
                            http:// URL (signed; needs --webhook-secret)
   --webhook-secret SECRET  HMAC-SHA256 key of the farebox-signature header
@@ -255,6 +275,10 @@ const VALUE_FLAGS: &[&str] = &[
     "x402-facilitator-url",
     "x402-facilitator-auth",
     "x402-facilitator-timeout-ms",
+    "x402-asset-decimals",
+    "x402-realm",
+    "x402-challenge-secret",
+    "x402-rpc-url",
     "webhook-url",
     "webhook-secret",
     "webhook-low-balance",
@@ -286,16 +310,16 @@ fn parse_u64(flag: &str, v: &str) -> Result<u64, String> {
         .map_err(|_| format!("--{flag}: expected a non-negative integer, got {v:?}"))
 }
 
-/// `--x402-facilitator-url`: plain `http://` (the reference service speaks no TLS:
-/// reach a remote facilitator through a local TLS proxy such as Envoy).
-fn facilitator_url(v: &str) -> Result<String, String> {
-    let rest = v.strip_prefix("http://").ok_or_else(|| {
-        format!("--x402-facilitator-url: expected http://HOST:PORT[/PATH], got {v:?}")
-    })?;
+/// `--x402-facilitator-url`, `--x402-rpc-url`: plain `http://` (the reference
+/// service speaks no TLS: reach a remote one through a local TLS proxy such as Envoy).
+fn http_url(flag: &str, v: &str) -> Result<String, String> {
+    let rest = v
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("--{flag}: expected http://HOST:PORT[/PATH], got {v:?}"))?;
     let host = rest.split('/').next().unwrap_or_default();
     if host.is_empty() || v.contains(['?', '#', ' ']) {
         return Err(format!(
-            "--x402-facilitator-url: expected http://HOST:PORT[/PATH], got {v:?}"
+            "--{flag}: expected http://HOST:PORT[/PATH], got {v:?}"
         ));
     }
     Ok(v.trim_end_matches('/').to_owned())
@@ -527,10 +551,41 @@ where
             };
         let asset_name = text(&mut values, "x402-asset-name", "USDC")?;
         let asset_version = text(&mut values, "x402-asset-version", "2")?;
+        let asset_decimals = match values.remove("x402-asset-decimals") {
+            None => 6,
+            Some(v) => v
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|d| *d <= 36)
+                .ok_or_else(|| {
+                    format!("--x402-asset-decimals: expected an integer from 0 to 36, got {v:?}")
+                })?,
+        };
+        let realm = match values.remove("x402-realm") {
+            None => None,
+            Some(r) if r.trim().is_empty() || r.contains(['"', '\\']) || r.chars().any(char::is_control) => {
+                return Err(
+                    "--x402-realm: a non-empty name without quotes, backslashes or control characters"
+                        .to_owned(),
+                )
+            }
+            Some(r) => Some(r.trim().to_owned()),
+        };
+        let challenge_secret = match values.remove("x402-challenge-secret") {
+            Some(v) if v.trim().len() < 16 => {
+                return Err("--x402-challenge-secret: at least 16 characters".to_owned())
+            }
+            v => v.map(|v| v.trim().to_owned()),
+        };
         let facilitator = match values.remove("x402-facilitator-url") {
             None => None,
             Some(url) => Some(Facilitator {
-                url: facilitator_url(url.trim())?,
+                url: http_url("x402-facilitator-url", url.trim())?,
+                rpc_url: match values.remove("x402-rpc-url") {
+                    None => None,
+                    Some(u) => Some(http_url("x402-rpc-url", u.trim())?),
+                },
                 auth_header: match values.remove("x402-facilitator-auth") {
                     None => None,
                     Some(h) => Some(auth_header(&h)?),
@@ -548,6 +603,9 @@ where
             amount_per_unit: parse_positive("x402-amount-per-unit", per_unit)?,
             asset_name,
             asset_version,
+            asset_decimals,
+            realm,
+            challenge_secret,
             facilitator,
         }));
     } else if x402.iter().any(Option::is_some) {
@@ -561,6 +619,9 @@ where
     for flag in [
         "x402-asset-name",
         "x402-asset-version",
+        "x402-asset-decimals",
+        "x402-realm",
+        "x402-challenge-secret",
         "x402-facilitator-url",
     ] {
         if values.contains_key(flag) {
@@ -569,7 +630,11 @@ where
             ));
         }
     }
-    for flag in ["x402-facilitator-auth", "x402-facilitator-timeout-ms"] {
+    for flag in [
+        "x402-facilitator-auth",
+        "x402-facilitator-timeout-ms",
+        "x402-rpc-url",
+    ] {
         if values.contains_key(flag) {
             return Err(format!("--{flag} needs --x402-facilitator-url"));
         }

@@ -18,6 +18,9 @@ use std::time::Duration;
 
 /// Largest facilitator answer read.
 const MAX_ANSWER: usize = 256 * 1024;
+/// The selector of EIP-3009's `authorizationState(address,bytes32)`
+/// (keccak-256 of the signature, first 4 bytes; checked in the tests).
+const AUTHORIZATION_STATE: &str = "0xe94a0102";
 
 /// Why a facilitator call has no answer. Any of these leaves a settlement's
 /// outcome unknown: the facilitator may have sent the transaction.
@@ -104,14 +107,76 @@ impl Facilitator {
         })
     }
 
+    /// Reconciles a settlement whose outcome is unknown: whether the token
+    /// (`asset`) has marked the payer's EIP-3009 `nonce` used, asked of the
+    /// chain at `--x402-rpc-url` (`authorizationState(address,bytes32)`). A
+    /// used nonce means the transfer to the authorization's recipient happened
+    /// (only the signed authorization can use it); `None` without an RPC URL.
+    pub async fn authorization_used(
+        &self,
+        asset: &str,
+        payer: &str,
+        nonce: &str,
+    ) -> Option<Result<bool, CallError>> {
+        let rpc = self.rpc_url.as_deref()?;
+        let word = |hex: &str| {
+            let h = hex.trim_start_matches("0x");
+            (h.len() <= 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("{h:0>64}"))
+        };
+        let (Some(who), Some(n)) = (word(payer), word(nonce)) else {
+            return Some(Err(CallError::BadAnswer(
+                "payer or nonce is not hex".into(),
+            )));
+        };
+        let data = format!("{AUTHORIZATION_STATE}{who}{n}");
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "eth_call",
+                          "params": [{"to": asset, "data": data}, "latest"]});
+        let answer = match self.call_url("POST", rpc, false, Some(body)).await {
+            Ok(a) => a,
+            Err(e) => return Some(Err(e)),
+        };
+        let Some(result) = answer.get("result").and_then(Value::as_str) else {
+            return Some(Err(CallError::BadAnswer(format!(
+                "eth_call authorizationState: {}",
+                answer
+                    .get("error")
+                    .map(Value::to_string)
+                    .unwrap_or_default()
+            ))));
+        };
+        let digits = result.trim_start_matches("0x");
+        Some(
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Err(CallError::BadAnswer(
+                    "eth_call authorizationState: not a word".into(),
+                ))
+            } else {
+                Ok(digits.bytes().any(|b| b != b'0'))
+            },
+        )
+    }
+
     async fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, CallError> {
+        self.call_url(method, &format!("{}{path}", self.url), true, body)
+            .await
+    }
+
+    /// One JSON call to `url`, bounded by `--x402-facilitator-timeout-ms`;
+    /// `auth`: with the facilitator's auth header.
+    async fn call_url(
+        &self,
+        method: &str,
+        url: &str,
+        auth: bool,
+        body: Option<Value>,
+    ) -> Result<Value, CallError> {
         let limit = Duration::from_millis(self.timeout_ms);
-        match tokio::time::timeout(limit, self.exchange(method, path, body)).await {
+        match tokio::time::timeout(limit, self.exchange(method, url, auth, body)).await {
             Ok(r) => r,
             Err(_) => Err(CallError::Timeout),
         }
@@ -120,16 +185,17 @@ impl Facilitator {
     async fn exchange(
         &self,
         method: &str,
-        path: &str,
+        url: &str,
+        auth: bool,
         body: Option<Value>,
     ) -> Result<Value, CallError> {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.url))
+            .uri(url)
             .header("accept", "application/json")
             .header("user-agent", "farebox-balance");
-        if let Some((name, value)) = &self.auth_header {
+        if let Some((name, value)) = self.auth_header.as_ref().filter(|_| auth) {
             req = req.header(name.as_str(), value.as_str());
         }
         if method == "POST" {
@@ -149,6 +215,8 @@ impl Facilitator {
             .await
             .map_err(|e| CallError::BadAnswer(e.to_string()))?
             .to_bytes();
+        let path = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let path = path.find('/').map_or("/", |i| path.get(i..).unwrap_or("/"));
         let answer: Value = serde_json::from_slice(&collected)
             .map_err(|_| CallError::BadAnswer(format!("{path}: {status}, not JSON")))?;
         // A refused verify or settle may come as a 4xx with the answer's shape.
@@ -186,5 +254,14 @@ fn reason(a: &Value, code: &str, message: &str) -> String {
         (Some(c), None) => c,
         (None, Some(m)) => m,
         (None, None) => "no reason given".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn authorization_state_selector() {
+        let h = crate::util::keccak256_hex(b"authorizationState(address,bytes32)");
+        assert_eq!(h.get(..10), Some(super::AUTHORIZATION_STATE));
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod ext_authz;
 pub mod facilitator;
 pub mod logging;
+pub mod mpp;
 pub mod service;
 pub mod store;
 pub mod util;

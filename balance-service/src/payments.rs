@@ -25,9 +25,10 @@
 //! so it shares the service's private helpers and state.
 
 use super::{error, reply, request_id_conflict, stored, with_log, ApiError, Shared, UNKNOWN};
-use crate::config::X402;
+use crate::config::{Facilitator, X402};
+use crate::mpp::{self, Problem};
 use crate::store::{PaidCharge, PaidOutcome, Payer, DEMO_PAYER};
-use crate::util::{now_ms, random_hex, sha256_hex};
+use crate::util::{base64_decode, now_ms, sha256_hex};
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
 use axum::http::header::CONTENT_LENGTH;
@@ -63,7 +64,7 @@ pub(super) async fn gate(State(st): State<Shared>, req: Request, next: Next) -> 
         "/v1/authorize" => authorize_gate(st, &x402, req, next).await,
         "/v1/leases" => {
             let resp = next.run(req).await;
-            with_challenges(resp, &x402, "lease").await
+            with_challenges(resp, &st.challenge_key, &x402, "lease").await
         }
         _ => next.run(req).await,
     }
@@ -94,7 +95,7 @@ async fn authorize_gate(st: Shared, x402: &X402, req: Request, next: Next) -> Re
         let resp = next
             .run(Request::from_parts(parts, Body::from(bytes)))
             .await;
-        return with_challenges(resp, x402, &route).await;
+        return with_challenges(resp, &st.challenge_key, x402, &route).await;
     }
     // Not a JSON object: the authorize handler answers the 400.
     next.run(Request::from_parts(parts, Body::from(bytes)))
@@ -107,7 +108,12 @@ fn amount(x402: &X402, price: u64) -> String {
 }
 
 /// The `accepts` and `challenges` members for `price` units of `description`.
-fn challenge_fields(x402: &X402, price: u64, description: &str) -> (Value, Value) {
+fn challenge_fields(
+    key: &mpp::ChallengeKey,
+    x402: &X402,
+    price: u64,
+    description: &str,
+) -> (Value, Value) {
     let amount = amount(x402, price);
     let accepts = json!([{
         "scheme": "exact",
@@ -119,20 +125,18 @@ fn challenge_fields(x402: &X402, price: u64, description: &str) -> (Value, Value
         "extra": {"name": x402.asset_name, "version": x402.asset_version},
     }]);
     let expires = rfc3339(now_ms() / 1000 + CHALLENGE_TTL_SECS);
-    let challenges = json!([{
-        "id": random_hex(16),
-        "method": "x402",
-        "intent": "charge",
-        "request": {"amount": amount, "currency": x402.asset, "recipient": x402.pay_to},
-        "expires": expires,
-        "description": description,
-    }]);
+    let challenges = json!([mpp::challenge(x402, key, &amount, description, &expires)]);
     (accepts, challenges)
 }
 
 /// Adds `accepts` and `challenges` to a `402` JSON answer (priced by its
 /// `price`); any other answer is returned unchanged.
-async fn with_challenges(resp: Response, x402: &X402, description: &str) -> Response {
+async fn with_challenges(
+    resp: Response,
+    key: &mpp::ChallengeKey,
+    x402: &X402,
+    description: &str,
+) -> Response {
     if resp.status() != StatusCode::PAYMENT_REQUIRED {
         return resp;
     }
@@ -144,8 +148,9 @@ async fn with_challenges(resp: Response, x402: &X402, description: &str) -> Resp
         return Response::from_parts(parts, Body::from(bytes));
     };
     let price = doc.get("price").and_then(Value::as_u64).unwrap_or(0);
-    let (accepts, challenges) = challenge_fields(x402, price, description);
+    let (accepts, challenges) = challenge_fields(key, x402, price, description);
     doc.insert("accepts".into(), accepts);
+    doc.insert("problem".into(), Problem::PaymentRequired.slug().into());
     doc.insert("challenges".into(), challenges);
     parts.headers.remove(CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(Value::Object(doc).to_string()))
@@ -260,32 +265,28 @@ async fn paid_authorize(
         Some(s) if s.eq_ignore_ascii_case("payment") => Scheme::Payment,
         Some(_) => return bad("payment_scheme must be \"x402\" or \"payment\""),
     };
-    let required = |detail: &str| {
-        let (accepts, challenges) = challenge_fields(x402, req.cost, &req.route);
-        let body = json!({
-            "allow": false,
-            "price": req.cost,
-            "detail": detail,
-            "accepts": accepts,
-            "challenges": challenges,
-        });
-        unknown(reply(StatusCode::PAYMENT_REQUIRED, body, 0), Some(&rid))
+    let required = |problem: Problem, detail: &str| {
+        unknown(required_body(&st, x402, &req, problem, detail), Some(&rid))
     };
     let unavailable = |detail: String| {
         tracing::warn!("x402: request {rid:?}: {detail}");
         unknown(error(StatusCode::SERVICE_UNAVAILABLE, detail), Some(&rid))
     };
     let Some(payment) = req.payment.as_deref() else {
-        return required("payment required: this route needs a payment or an API key");
+        return required(
+            Problem::PaymentRequired,
+            "payment required: this route needs a payment or an API key",
+        );
     };
     let keyed = |fallback: String| match &req.account {
         Some(key) => Payer::Key(key.clone()),
         None => Payer::Account(fallback),
     };
-    let (payer, payment_id, settled, claimed) = match &x402.facilitator {
+    let now_s = now_ms() / 1000;
+    let (payer, payment_id, settled, claimed, challenge_id) = match &x402.facilitator {
         None => {
             if !demo_verified(payment, scheme) {
-                return required("payment invalid");
+                return required(Problem::VerificationFailed, "payment invalid");
             }
             let tx = format!(
                 "0xdemo{}",
@@ -293,29 +294,60 @@ async fn paid_authorize(
             );
             let settled = json!({"success": true, "transaction": tx, "network": x402.network,
                                  "payer": DEMO_PAYER});
-            (keyed(DEMO_PAYER.to_owned()), None, settled, None)
+            (keyed(DEMO_PAYER.to_owned()), None, settled, None, None)
         }
         Some(f) => {
-            if scheme != Scheme::X402 {
-                return required(
-                    "payment invalid: this service settles x402 payments (PAYMENT-SIGNATURE)",
-                );
-            }
-            let (requirements, _) = challenge_fields(x402, req.cost, &req.route);
+            let (requirements, _) = challenge_fields(&st.challenge_key, x402, req.cost, &req.route);
             let requirements = requirements.get(0).cloned().unwrap_or(Value::Null);
-            let p = match X402Payment::decode(payment, &requirements) {
+            // Both schemes carry an EIP-3009 authorization: a Payment credential
+            // (`evm`/`charge`) is checked against its challenge, then settled as
+            // the x402 payload it amounts to, under the same one-use id.
+            let (decoded, challenge_id) = match scheme {
+                Scheme::X402 => (X402Payment::decode(payment, &requirements), None),
+                Scheme::Payment => {
+                    let amount = amount(x402, req.cost);
+                    match mpp::check(
+                        payment,
+                        x402,
+                        &st.challenge_key,
+                        &amount,
+                        &requirements,
+                        now_s,
+                    ) {
+                        Ok(c) => (
+                            X402Payment::from_payload(c.payload, &requirements),
+                            Some(c.challenge_id),
+                        ),
+                        Err(r) => {
+                            return required(r.problem, &format!("payment invalid: {}", r.detail))
+                        }
+                    }
+                }
+            };
+            let p = match decoded {
                 Ok(p) => p,
-                Err(why) => return required(&format!("payment invalid: {why}")),
+                Err(why) => {
+                    return required(
+                        Problem::VerificationFailed,
+                        &format!("payment invalid: {why}"),
+                    )
+                }
             };
             // Already recorded: the same request again is answered as before (below);
             // another request with it is a replay.
             if !st.settling.claim(&p.id) {
-                return required("payment invalid: this payment is already being settled, or its settlement is unresolved");
+                return required(
+                    Problem::VerificationFailed,
+                    "payment invalid: this payment is already being settled, or its settlement is unresolved",
+                );
             }
             match st.store.payment_use(p.id.clone(), rid.clone()).await {
                 Ok(Some(false)) => {
                     st.settling.release(&p.id);
-                    return required("payment invalid: this payment already paid another request");
+                    return required(
+                        Problem::VerificationFailed,
+                        "payment invalid: this payment already paid another request",
+                    );
                 }
                 Ok(Some(true)) => {
                     st.settling.release(&p.id);
@@ -326,6 +358,7 @@ async fn paid_authorize(
                         Some(p.id),
                         settled,
                         None,
+                        challenge_id,
                     )
                 }
                 Err(e) => {
@@ -337,40 +370,59 @@ async fn paid_authorize(
                         Ok(v) if v.is_valid => {}
                         Ok(v) => {
                             st.settling.release(&p.id);
-                            return required(&format!("payment invalid: {}", v.reason));
+                            return required(
+                                Problem::VerificationFailed,
+                                &format!("payment invalid: {}", v.reason),
+                            );
                         }
                         Err(e) => {
                             st.settling.release(&p.id);
                             return unavailable(format!("payment not verified: {e}"));
                         }
                     }
-                    match f.settle(&p.payload, &requirements).await {
-                        Ok(s) if s.success => {
-                            let payer = s.payer.clone().unwrap_or_else(|| p.payer.clone());
+                    match settle(f, x402, &p, &requirements).await {
+                        Settlement::Paid(answer) => {
+                            let payer = answer
+                                .get("payer")
+                                .and_then(Value::as_str)
+                                .unwrap_or(&p.payer)
+                                .to_ascii_lowercase();
                             (
-                                keyed(format!("x402:{}", payer.to_ascii_lowercase())),
+                                keyed(format!("x402:{payer}")),
                                 Some(p.id.clone()),
-                                s.answer,
+                                answer,
                                 Some(p.id),
+                                challenge_id,
                             )
                         }
-                        Ok(s) => {
+                        Settlement::Refused(reason) => {
                             st.settling.release(&p.id);
-                            return required(&format!("payment not settled: {}", s.reason));
+                            return required(
+                                Problem::VerificationFailed,
+                                &format!("payment not settled: {reason}"),
+                            );
                         }
                         // The transaction may be on its way: the payment stays claimed
                         // (refused if sent again) until an operator reconciles it.
-                        Err(e) => {
+                        Settlement::Unknown(why) => {
                             return unavailable(format!(
-                            "settlement outcome unknown ({e}); payment {} held for reconciliation",
-                            p.log_id()
-                        ))
+                                "settlement outcome unknown ({why}); payment {} held for reconciliation",
+                                p.log_id()
+                            ))
                         }
                     }
                 }
             }
         }
     };
+    // A receipt's reference when the settlement names no transaction (the
+    // same request again, or a reconciled one): the authorization's nonce,
+    // which the token's AuthorizationUsed event names on chain.
+    let nonce = payment_id
+        .as_deref()
+        .and_then(|id| id.rsplit(':').next())
+        .unwrap_or_default()
+        .to_owned();
     let outcome = stored(st.store.pay(PaidCharge {
         payer,
         payment_id,
@@ -407,8 +459,24 @@ async fn paid_authorize(
                 "allow": true,
                 "account_id": account_id,
                 "balance": balance,
-                "payment_response": settled,
             });
+            // Each scheme's proof of payment: x402's settlement response
+            // (PAYMENT-RESPONSE), or the Payment scheme's receipt (Payment-Receipt).
+            match scheme {
+                Scheme::X402 => body["payment_response"] = settled,
+                Scheme::Payment => {
+                    let reference = settled
+                        .get("transaction")
+                        .and_then(Value::as_str)
+                        .filter(|t| !t.is_empty())
+                        .unwrap_or(&nonce);
+                    body["payment_receipt"] = mpp::receipt(
+                        reference,
+                        challenge_id.as_deref().unwrap_or_default(),
+                        &rfc3339(now_s),
+                    );
+                }
+            }
             if replay {
                 body["replay"] = Value::Bool(true);
             }
@@ -420,8 +488,10 @@ async fn paid_authorize(
             st.stats.count_account(&account_id);
             return with_log(
                 required_body(
+                    &st,
                     x402,
                     &req,
+                    Problem::VerificationFailed,
                     "payment invalid: this payment already paid another request",
                 ),
                 &account_id,
@@ -439,14 +509,76 @@ async fn paid_authorize(
     with_log(resp, &account, Some(&rid))
 }
 
-fn required_body(x402: &X402, req: &PaidReq, detail: &str) -> Response {
-    let (accepts, challenges) = challenge_fields(x402, req.cost, &req.route);
+/// A 402 with fresh offers; `problem` is the draft's problem type of the
+/// failure, which the filter puts in the problem document's `type`.
+fn required_body(
+    st: &Shared,
+    x402: &X402,
+    req: &PaidReq,
+    problem: Problem,
+    detail: &str,
+) -> Response {
+    let (accepts, challenges) = challenge_fields(&st.challenge_key, x402, req.cost, &req.route);
     reply(
         StatusCode::PAYMENT_REQUIRED,
-        json!({"allow": false, "price": req.cost, "detail": detail,
+        json!({"allow": false, "price": req.cost, "detail": detail, "problem": problem.slug(),
                "accepts": accepts, "challenges": challenges}),
         0,
     )
+}
+
+/// What came of settling a verified payment.
+enum Settlement {
+    /// On chain: the facilitator's settle answer (PAYMENT-RESPONSE).
+    Paid(Value),
+    /// Not settled, and it cannot be later: the facilitator's reason.
+    Refused(String),
+    /// Maybe on chain: the payment stays claimed.
+    Unknown(String),
+}
+
+/// Settles through the facilitator. A call without an answer (timeout, broken
+/// connection) leaves the outcome unknown, so it is reconciled, never paid
+/// twice: settle is called again with the same authorization, which the
+/// token executes at most once (EIP-3009 nonces are single-use). If that
+/// settles, the first had not; if it is refused, the chain is asked whether
+/// the nonce is used (`--x402-rpc-url`): used means the first call's transfer
+/// happened, unused means none did. Without an RPC URL, or when the chain
+/// does not answer, the outcome stays unknown.
+async fn settle(f: &Facilitator, x402: &X402, p: &X402Payment, requirements: &Value) -> Settlement {
+    let first = match f.settle(&p.payload, requirements).await {
+        Ok(s) if s.success => return Settlement::Paid(s.answer),
+        Ok(s) => return Settlement::Refused(s.reason),
+        Err(e) => e,
+    };
+    tracing::warn!(
+        "x402: settle of payment {} has no answer ({first}): settling it again to reconcile",
+        p.log_id()
+    );
+    let refused = match f.settle(&p.payload, requirements).await {
+        Ok(s) if s.success => return Settlement::Paid(s.answer),
+        Ok(s) => s.reason,
+        Err(e) => return Settlement::Unknown(format!("{first}; again: {e}")),
+    };
+    match f.authorization_used(&x402.asset, &p.payer, &p.nonce).await {
+        Some(Ok(true)) => {
+            tracing::info!(
+                "x402: payment {} reconciled: its authorization is used on chain (settled by the first call)",
+                p.log_id()
+            );
+            Settlement::Paid(
+                json!({"success": true, "network": x402.network, "payer": p.payer,
+                                    "transaction": "", "reconciled": true}),
+            )
+        }
+        Some(Ok(false)) => Settlement::Refused(refused),
+        Some(Err(e)) => {
+            Settlement::Unknown(format!("{first}; settle again: {refused}; chain: {e}"))
+        }
+        None => Settlement::Unknown(format!(
+            "{first}; settle again: {refused} (no --x402-rpc-url to reconcile it)"
+        )),
+    }
 }
 
 /// An x402 v2 `PaymentPayload` of the `exact` EVM scheme, checked against the offer.
@@ -455,6 +587,7 @@ struct X402Payment {
     /// The top-up id: `x402:<payer>:<nonce>` (EIP-3009 nonces are unique per payer).
     id: String,
     payer: String,
+    nonce: String,
 }
 
 impl X402Payment {
@@ -462,6 +595,10 @@ impl X402Payment {
         let bytes = base64_decode(header.trim()).ok_or("not base64")?;
         let payload: Value =
             serde_json::from_slice(&bytes).map_err(|_| "not a JSON PaymentPayload")?;
+        X402Payment::from_payload(payload, requirements)
+    }
+
+    fn from_payload(payload: Value, requirements: &Value) -> Result<X402Payment, String> {
         if payload.get("x402Version").and_then(Value::as_u64) != Some(2) {
             return Err("x402Version must be 2".into());
         }
@@ -508,6 +645,7 @@ impl X402Payment {
             id: format!("x402:{payer}:{nonce}"),
             payload,
             payer,
+            nonce,
         })
     }
 
@@ -559,34 +697,6 @@ fn has_demo_paid(v: &Value, depth: u32) -> bool {
     }
 }
 
-/// Decodes standard or URL-safe base64, with or without `=` padding.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim_end_matches('=');
-    if s.is_empty() || s.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(((acc >> bits) & 0xff) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
-
 /// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time in seconds (UTC).
 fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -621,20 +731,6 @@ mod tests {
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(4_107_542_399), "2100-02-28T23:59:59Z");
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
-    }
-
-    #[test]
-    fn base64_both_alphabets() {
-        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
-        assert_eq!(base64_decode("aGk").unwrap(), b"hi");
-        assert_eq!(
-            base64_decode("-_8").unwrap(),
-            base64_decode("+/8=").unwrap()
-        );
-        assert_eq!(base64_decode("+/8=").unwrap(), [0xfb, 0xff]);
-        assert!(base64_decode("a").is_none());
-        assert!(base64_decode("").is_none());
-        assert!(base64_decode("a b c").is_none());
     }
 
     #[test]
@@ -676,6 +772,9 @@ mod tests {
             amount_per_unit: 10_000,
             asset_name: "USDC".into(),
             asset_version: "2".into(),
+            asset_decimals: 6,
+            realm: None,
+            challenge_secret: None,
             facilitator: None,
         };
         match parse(args(&all), |_| None) {
@@ -841,14 +940,20 @@ mod tests {
             amount_per_unit: u64::MAX,
             asset_name: "USDC".into(),
             asset_version: "2".into(),
+            asset_decimals: 6,
+            realm: None,
+            challenge_secret: None,
             facilitator: None,
         };
         assert_eq!(amount(&x, 2), "36893488147419103230");
-        let (accepts, challenges) = challenge_fields(&x, 3, "inference");
+        let key = mpp::ChallengeKey::new(Some(&x));
+        let (accepts, challenges) = challenge_fields(&key, &x, 3, "inference");
         assert_eq!(accepts[0]["amount"], "55340232221128654845");
         assert_eq!(accepts[0]["payTo"], "0xpay");
         assert_eq!(challenges[0]["request"]["recipient"], "0xpay");
         assert_eq!(challenges[0]["description"], "inference");
-        assert_eq!(challenges[0]["id"].as_str().unwrap().len(), 32);
+        assert_eq!(challenges[0]["request"]["amount"], "55340232221128654845");
+        assert_eq!(challenges[0]["method"], "evm");
+        assert_eq!(challenges[0]["id"].as_str().unwrap().len(), 59);
     }
 }

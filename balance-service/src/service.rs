@@ -103,6 +103,8 @@ pub struct AppState {
     stats: Stats,
     /// Payments being settled, or whose settlement's outcome is unknown (see payments.rs).
     settling: payments::Settling,
+    /// The key of the Payment-scheme challenge ids (see mpp.rs).
+    challenge_key: crate::mpp::ChallengeKey,
 }
 
 type Shared = Arc<AppState>;
@@ -1249,6 +1251,7 @@ async fn access_log(State(st): State<Shared>, req: Request, next: Next) -> Respo
 
 pub fn router(store: Arc<Store>, cfg: Config) -> Router {
     let state: Shared = Arc::new(AppState {
+        challenge_key: crate::mpp::ChallengeKey::new(cfg.x402.as_deref()),
         store,
         cfg,
         stats: Stats::default(),

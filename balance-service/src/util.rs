@@ -87,6 +87,36 @@ pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     Some(token)
 }
 
+/// Decodes standard or URL-safe base64, with or without `=` padding (payment
+/// headers come in either form).
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::{alphabet, Engine};
+    let lenient = GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    GeneralPurpose::new(&alphabet::STANDARD, lenient)
+        .decode(s)
+        .or_else(|_| GeneralPurpose::new(&alphabet::URL_SAFE, lenient).decode(s))
+        .ok()
+}
+
+/// base64url without padding (RFC 4648 section 5), as the Payment scheme writes it.
+pub fn base64url(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+/// Keccak-256 of `data` (Ethereum's hash), as `0x` and 64 lower-case hex digits.
+pub fn keccak256_hex(data: &[u8]) -> String {
+    use sha3::{Digest as _, Keccak256};
+    format!("0x{}", hex(&Keccak256::digest(data)))
+}
+
 /// Resolves when the process receives SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -112,6 +142,7 @@ pub async fn shutdown_signal() {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -133,6 +164,28 @@ mod tests {
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
         assert_eq!(random_hex(3).len(), 6);
+    }
+
+    #[test]
+    fn base64_both_alphabets() {
+        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
+        assert_eq!(base64_decode("aGk").unwrap(), b"hi");
+        assert_eq!(base64_decode("-_8").unwrap(), [0xfb, 0xff]);
+        assert_eq!(base64_decode("+/8=").unwrap(), [0xfb, 0xff]);
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+        assert!(base64_decode("a").is_none());
+        assert!(base64_decode("").is_none());
+        assert!(base64_decode("a b c").is_none());
+    }
+
+    #[test]
+    fn keccak_known_vectors() {
+        // Ethereum's empty-input hash, and ERC-20's transfer selector.
+        assert_eq!(
+            keccak256_hex(b""),
+            "0xc5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
+        );
+        assert!(keccak256_hex(b"transfer(address,uint256)").starts_with("0xa9059cbb"));
     }
 
     #[test]

@@ -33,7 +33,7 @@ fn echoes_method_path_and_headers() {
     assert_eq!(j["path"], "/hello/world?x=1&y=2");
     assert_eq!(j["headers"]["x-custom"], "A");
     assert_eq!(j["headers"]["x-rep"], "one,two");
-    assert_eq!(j["headers"]["host"], "test");
+    assert_eq!(j["headers"]["host"], e.addr.to_string());
 
     let r = request(e.addr, "POST", "/submit", &[], Some("payload"));
     assert_eq!(r.status, 200);

@@ -84,15 +84,26 @@ fn assert_challenges(j: &Value, amount: &str, description: &str) {
     let c = j["challenges"].as_array().unwrap();
     assert_eq!(c.len(), 1, "{j}");
     let c = &c[0];
-    assert_eq!(c["method"], "x402");
+    // The Payment scheme's `evm` method, `charge` intent, as pympp and mppx pay it.
+    assert_eq!(c["method"], "evm");
     assert_eq!(c["intent"], "charge");
     assert_eq!(
         c["request"],
-        json!({"amount": amount, "currency": "0x00000000000000000000000000000000000000a0", "recipient": "0x00000000000000000000000000000000000000b0"})
+        json!({"amount": amount, "currency": "0x00000000000000000000000000000000000000a0",
+               "recipient": "0x00000000000000000000000000000000000000b0",
+               "methodDetails": {"chainId": 84532, "credentialTypes": ["authorization"], "decimals": 6}})
     );
     assert_eq!(c["description"], description);
+    assert!(c.get("realm").is_none(), "the filter names the host: {c}");
+    // A salt (16 hex digits) and an HMAC (base64url of 32 bytes).
     let id = c["id"].as_str().unwrap();
-    assert!(id.len() >= 16 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(
+        id.len() == 59
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "{id}"
+    );
     // RFC 3339, UTC: 2026-01-02T03:04:05Z.
     let e = c["expires"].as_str().unwrap().as_bytes();
     assert_eq!(e.len(), 20, "{c}");
@@ -334,4 +345,198 @@ fn x402_flags_go_together() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("go together"));
+}
+
+/// What the mock facilitator does on its second `/settle` of a payment, and
+/// what the chain says of the authorization.
+#[derive(Clone, Copy)]
+struct Script {
+    second_settles: bool,
+    used_on_chain: bool,
+}
+
+/// A facilitator whose first `/settle` answers after the service gave up on it
+/// (the outcome is unknown), and a chain RPC, on one port. Counts the settles.
+struct MockFacilitator {
+    addr: SocketAddr,
+    settles: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl MockFacilitator {
+    fn start(script: Script) -> MockFacilitator {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settles = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = settles.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    let mut len = 0;
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+                    let answer = match path.as_str() {
+                        "/supported" => json!({"kinds": [{"x402Version": 2, "scheme": "exact",
+                                                          "network": "eip155:84532"}]}),
+                        "/verify" => {
+                            json!({"isValid": true, "payer": "0x00000000000000000000000000000000000000cc"})
+                        }
+                        "/settle" => {
+                            let n = counter.fetch_add(1, Ordering::SeqCst);
+                            if n == 0 {
+                                // Settled, but the answer comes after the service's bound.
+                                std::thread::sleep(std::time::Duration::from_millis(6000));
+                            }
+                            if n == 0 || script.second_settles {
+                                json!({"success": true, "transaction": format!("0x{n:064x}"),
+                                       "network": "eip155:84532"})
+                            } else {
+                                json!({"success": false, "errorReason": "invalid_exact_evm_nonce_used",
+                                       "transaction": "", "network": "eip155:84532"})
+                            }
+                        }
+                        "/rpc" => {
+                            let call: Value = serde_json::from_slice(&body).unwrap();
+                            let data = call["params"][0]["data"].as_str().unwrap();
+                            assert!(data.starts_with("0xe94a0102"), "authorizationState: {data}");
+                            json!({"jsonrpc": "2.0", "id": 1,
+                                   "result": format!("0x{:064x}", u8::from(script.used_on_chain))})
+                        }
+                        _ => json!({}),
+                    };
+                    let body = answer.to_string();
+                    let mut w = conn;
+                    let _ = write!(
+                        w,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        MockFacilitator { addr, settles }
+    }
+
+    fn settles(&self) -> usize {
+        self.settles.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// An x402 payment of the offer for 1 unit (1000 atomic units), with `nonce`.
+fn x402_payment(nonce: &str) -> String {
+    let payload = json!({
+        "x402Version": 2,
+        "accepted": {"scheme": "exact", "network": "eip155:84532", "amount": "1000",
+                     "asset": "0x00000000000000000000000000000000000000a0",
+                     "payTo": "0x00000000000000000000000000000000000000b0"},
+        "payload": {"signature": "0x00", "authorization": {
+            "from": "0x00000000000000000000000000000000000000cc",
+            "to": "0x00000000000000000000000000000000000000b0", "value": "1000",
+            "validAfter": "0", "validBefore": "4102444800", "nonce": nonce}},
+    });
+    b64(payload.to_string().as_bytes())
+}
+
+/// A settle without an answer is an unknown outcome: reconciled (settled again,
+/// then the chain asked), so the request is either served and paid once or not
+/// served and not paid; without a chain to ask, the payment stays held.
+#[test]
+fn unknown_settle_outcomes_are_reconciled() {
+    const PAYER: &str = "x402:0x00000000000000000000000000000000000000cc";
+    let charged = |a: SocketAddr| {
+        let r = admin_get(a, &format!("/admin/accounts/{PAYER}"));
+        (r.status == 200).then(|| r.json()["charged"].as_i64().unwrap())
+    };
+    let service = |mock: &MockFacilitator, rpc: bool| {
+        let url = format!("http://{}", mock.addr);
+        let rpc_url = format!("http://{}/rpc", mock.addr);
+        let mut args = vec![
+            "--x402-facilitator-url",
+            &url,
+            "--x402-facilitator-timeout-ms",
+            "2000",
+        ];
+        if rpc {
+            args.extend(["--x402-rpc-url", &rpc_url]);
+        }
+        with_x402(&args)
+    };
+
+    // The first settle landed (the chain says the nonce is used): served, paid once.
+    let mock = MockFacilitator::start(Script {
+        second_settles: false,
+        used_on_chain: true,
+    });
+    let b = service(&mock, true);
+    let r = pay(b.addr(), Some(&x402_payment("0x01")), "x402", 1, "u-1");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["payment_response"]["reconciled"], true, "{r:?}");
+    assert_eq!((mock.settles(), charged(b.addr())), (2, Some(1)));
+
+    // Nothing landed (the second settle is refused, the nonce is unused): not
+    // served, not paid, and the payment is free again.
+    let mock = MockFacilitator::start(Script {
+        second_settles: false,
+        used_on_chain: false,
+    });
+    let b = service(&mock, true);
+    let r = pay(b.addr(), Some(&x402_payment("0x02")), "x402", 1, "u-2");
+    assert_eq!(r.status, 402, "{r:?}");
+    assert_eq!(r.json()["problem"], "verification-failed", "{r:?}");
+    assert!(
+        r.json()["detail"].as_str().unwrap().contains("not settled"),
+        "{r:?}"
+    );
+    assert_eq!((mock.settles(), charged(b.addr())), (2, None));
+
+    // The second settle settles (the first had not): served, paid once.
+    let mock = MockFacilitator::start(Script {
+        second_settles: true,
+        used_on_chain: false,
+    });
+    let b = service(&mock, true);
+    let r = pay(b.addr(), Some(&x402_payment("0x03")), "x402", 1, "u-3");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json()["payment_response"]["transaction"],
+        format!("0x{:064x}", 1)
+    );
+    assert_eq!((mock.settles(), charged(b.addr())), (2, Some(1)));
+
+    // No chain to ask: the outcome stays unknown, 503, and the payment is held
+    // (sent again by another request, refused without settling again).
+    let mock = MockFacilitator::start(Script {
+        second_settles: false,
+        used_on_chain: true,
+    });
+    let b = service(&mock, false);
+    let r = pay(b.addr(), Some(&x402_payment("0x04")), "x402", 1, "u-4");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.text().contains("outcome unknown"), "{r:?}");
+    let again = pay(b.addr(), Some(&x402_payment("0x04")), "x402", 1, "u-5");
+    assert_eq!(again.status, 402, "{again:?}");
+    assert!(
+        again.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unresolved"),
+        "{again:?}"
+    );
+    assert_eq!((mock.settles(), charged(b.addr())), (2, None));
 }

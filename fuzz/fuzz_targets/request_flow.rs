@@ -237,6 +237,9 @@ impl HttpHost for FuzzHost {
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
         self.inner.request_header(name)
     }
+    fn request_headers(&self) -> Option<Vec<u8>> {
+        self.inner.request_headers()
+    }
     fn set_request_header(&self, name: &str, value: Option<&str>) {
         self.inner.set_request_header(name, value)
     }
@@ -269,6 +272,9 @@ impl HttpHost for FuzzHost {
     }
     fn resume_request(&self) {
         self.inner.resume_request()
+    }
+    fn set_property(&self, name: &str, value: &str) {
+        self.inner.set_property(name, value)
     }
 }
 

@@ -237,7 +237,7 @@ impl Exchange {
                             account_id: grant.account_id.clone(),
                             balance: grant.balance,
                             budget: grant.budget,
-                            payment_response: None,
+                            paid: None,
                         };
                         self.act(host, cfg, &p.route, allow, Freshness::NoStore, Some(charge))
                     }

@@ -28,7 +28,7 @@ impl Exchange {
                 account_id,
                 balance,
                 budget,
-                payment_response,
+                paid,
             } => {
                 host.count(Metric::Allowed);
                 self.access.account(&account_id);
@@ -40,13 +40,6 @@ impl Exchange {
                     host.set_request_header(&cfg.account_header, Some(&account_id));
                 }
                 self.strip_payment(host);
-                let mut headers = Vec::new();
-                if let Some(settlement) = payment_response {
-                    headers.push((
-                        "payment-response",
-                        payments::x402_response_header(&settlement),
-                    ));
-                }
                 let usage = match (&charge, self.usage_rule) {
                     (Some(c), Some(rule)) => Some(Metering {
                         hold: c.cost(),
@@ -60,7 +53,7 @@ impl Exchange {
                     charge,
                     balance,
                     budget,
-                    headers,
+                    paid,
                     usage,
                     mcp_watch_id: self.mcp_watch_id.take(),
                     mcp_answer: None,

@@ -9,6 +9,7 @@ use crate::lease::LeaseKey;
 use crate::mcp;
 use crate::metrics::Metric;
 use crate::outbox::Job;
+use crate::payments;
 use crate::usage::{BodyKind, Meter, Metered};
 
 use super::lease::{refund_lease, spend_extra, unlock};
@@ -28,12 +29,13 @@ impl Exchange {
     }
 
     pub(super) fn on_response_headers(&mut self, host: &impl HttpHost, cfg: Option<&Config>) {
+        // (The payment proof is told first: a paid request may have nothing else to do here.)
         let Some(cfg) = cfg else { return };
         let Stage::Forwarded(f) = &mut self.stage else {
             return;
         };
-        for (name, value) in f.headers.drain(..) {
-            host.set_response_header(name, &value);
+        if let Some(paid) = f.paid.take() {
+            payments::tell_payment(host, paid);
         }
         let tell_balance = (f.balance.is_some() && cfg.balance_header.is_some())
             || (f.budget.is_some() && cfg.budget_header.is_some());

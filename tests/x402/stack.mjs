@@ -7,7 +7,9 @@
 //   node stack.mjs --rpc http://127.0.0.1:PORT [--facilitator-port N] [--fund UNITS]
 //
 // Prints one JSON line with what the test needs, then serves until killed.
-// SIGUSR1 stops the facilitator alone (the "facilitator down" case).
+// SIGUSR1 stops the facilitator alone (the "facilitator down" case). SIGUSR2 makes
+// the next /settle answer late: it settles on chain, then answers after
+// --late-settle-ms (the "settle timed out, outcome unknown" case).
 import { createServer } from "node:http";
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
@@ -25,6 +27,8 @@ const arg = (name, dflt) => {
   return i > 0 ? process.argv[i + 1] : dflt;
 };
 const facilitatorPort = Number(arg("facilitator-port", "0"));
+const lateSettleMs = Number(arg("late-settle-ms", "0"));
+let lateSettles = 0;
 const tokenName = arg("token-name", "Farebox Test Dollar");
 const tokenVersion = arg("token-version", "1");
 const CHAIN_ID = 31337;
@@ -105,9 +109,15 @@ const server = createServer(async (req, res) => {
       let body = "";
       for await (const chunk of req) body += chunk;
       const { paymentPayload, paymentRequirements } = JSON.parse(body);
+      const late = req.url === "/settle" && lateSettles > 0;
+      if (late) lateSettles -= 1;
       const result = req.url === "/verify"
         ? await facilitator.verify(paymentPayload, paymentRequirements)
         : await facilitator.settle(paymentPayload, paymentRequirements);
+      if (late) {
+        console.error(`x402 stack: settled (${result.success}), answering in ${lateSettleMs} ms`);
+        await new Promise((r) => setTimeout(r, lateSettleMs));
+      }
       return answer(res, 200, result);
     }
     answer(res, 404, { error: "not found" });
@@ -119,6 +129,10 @@ const server = createServer(async (req, res) => {
       ? { isValid: false, invalidReason: reason, invalidMessage: e?.invalidMessage || e?.message, payer: e?.payer }
       : { success: false, errorReason: reason, errorMessage: e?.errorMessage || e?.message, payer: e?.payer, transaction: "", network: `eip155:${CHAIN_ID}` });
   }
+});
+process.on("SIGUSR2", () => {
+  lateSettles += 1;
+  console.error("x402 stack: the next settle answers late");
 });
 process.on("SIGUSR1", () => {
   server.close();

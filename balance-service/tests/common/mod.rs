@@ -4,8 +4,8 @@
 
 use serde_json::Value;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -272,121 +272,11 @@ impl Balance {
     }
 }
 
-pub struct Resp {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Resp {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
-    }
-}
-
-impl std::fmt::Debug for Resp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {:?} {}", self.status, self.headers, self.text())
-    }
-}
-
-fn write_request(
-    w: &mut impl Write,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-    close: bool,
-) {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("content-length: {}\r\n", b.len()));
-    }
-    if close {
-        req.push_str("connection: close\r\n");
-    }
-    req.push_str("\r\n");
-    if let Some(b) = body {
-        req.push_str(b);
-    }
-    w.write_all(req.as_bytes()).expect("write request");
-    w.flush().expect("flush");
-}
-
-/// Reads one response (content-length, chunked, or until EOF).
-pub fn read_response(r: &mut impl BufRead, head_only: bool) -> Resp {
-    let mut line = String::new();
-    r.read_line(&mut line).expect("status line");
-    let mut parts = line.split_whitespace();
-    let _version = parts.next();
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).expect("header line");
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let (k, v) = h.split_once(':').expect("header colon");
-        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-    }
-    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let mut body = Vec::new();
-    if head_only || status == 204 || status == 304 {
-        // No body.
-    } else if let Some(len) = get("content-length") {
-        let len: usize = len.parse().expect("content-length");
-        body.resize(len, 0);
-        r.read_exact(&mut body).expect("body");
-    } else if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size).expect("chunk size");
-            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
-                .expect("chunk size hex");
-            let mut chunk = vec![0; size + 2];
-            r.read_exact(&mut chunk).expect("chunk");
-            if size == 0 {
-                break;
-            }
-            chunk.truncate(size);
-            body.extend_from_slice(&chunk);
-        }
-    } else {
-        r.read_to_end(&mut body).expect("body to EOF");
-    }
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
-    s.set_write_timeout(Some(Duration::from_secs(20))).ok();
-    s
-}
+/// The workspace's one HTTP client (testkit); `Resp` is its answer.
+#[allow(unused_imports)]
+pub use testkit::http::{Conn, Response as Resp};
+#[allow(unused_imports)]
+pub use testkit::wait_until;
 
 /// One request on a fresh connection (`connection: close`).
 pub fn request(
@@ -396,34 +286,13 @@ pub fn request(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Resp {
-    let mut s = connect(addr);
-    write_request(&mut s, method, path, headers, body, true);
-    let mut r = BufReader::new(s);
-    read_response(&mut r, method == "HEAD")
-}
-
-/// A keep-alive connection.
-pub struct Conn {
-    reader: BufReader<TcpStream>,
-}
-
-impl Conn {
-    pub fn open(addr: SocketAddr) -> Conn {
-        Conn {
-            reader: BufReader::new(connect(addr)),
-        }
-    }
-
-    pub fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<&str>,
-    ) -> Resp {
-        write_request(self.reader.get_mut(), method, path, headers, body, false);
-        read_response(&mut self.reader, method == "HEAD")
-    }
+    testkit::http::http(
+        addr,
+        method,
+        path,
+        headers,
+        body.unwrap_or_default().as_bytes(),
+    )
 }
 
 pub fn post_json(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &Value) -> Resp {
@@ -540,20 +409,6 @@ pub fn cancel(addr: SocketAddr, request_id: &str) -> Resp {
         &[("x-request-id", request_id)],
         &serde_json::json!({"request_id": request_id}),
     )
-}
-
-/// Polls `cond` every 25 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = std::time::Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if std::time::Instant::now() >= end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 /// Checks `initial_balance + topups = balance + reserved + charged` and that

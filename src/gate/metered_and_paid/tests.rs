@@ -1,4 +1,5 @@
 use super::*;
+use crate::payments;
 
 const CFG: &str = r#"{"cluster": "balance", "html_402": true, "max_body_bytes": 200, "routes": [
         {"name": "mcp", "methods": ["POST"], "exact": "/mcp", "cost": 1,
@@ -806,6 +807,57 @@ fn a_payment_without_credential_is_sent_to_the_service() {
     let plain = FakeHost::request("GET", "/v1/data", &[]);
     fx.gate().on_request_headers(&plain);
     assert_eq!(plain.reply().unwrap().status, 401);
+}
+
+#[test]
+fn a_payment_credential_gets_its_receipt_on_success_only() {
+    let fx = Fixture::new(CFG);
+    let receipt = json!({"status": "success", "method": "evm", "reference": "0x1",
+                         "timestamp": "2026-12-01T00:00:00Z"});
+    let paid = answer(
+        200,
+        &[],
+        json!({"allow": true, "account_id": "payer_1", "payment_receipt": receipt}),
+    );
+    for (status, told) in [(200, true), (204, true), (500, false), (404, false)] {
+        let host = FakeHost::request(
+            "GET",
+            "/v1/data",
+            &[
+                ("authorization", "Payment eyJjIjoxfQ"),
+                ("x-request-id", "r"),
+            ],
+        );
+        let mut gate = fx.gate();
+        assert_eq!(
+            gate.on_request_headers(&host),
+            Flow::Pause(Some(host.last_call().token))
+        );
+        let call = host.last_call();
+        assert_eq!(call.body["payment"], "eyJjIjoxfQ");
+        assert_eq!(call.body["payment_scheme"], "payment");
+        respond(&mut gate, &host, call.token, &paid);
+        host.set_status(status);
+        host.set_response_header("cache-control", "public, max-age=60");
+        gate.on_response_headers(&host);
+        let header = host.client_header("payment-receipt");
+        assert_eq!(header.is_some(), told, "{status}");
+        if let Some(h) = header {
+            assert_eq!(h, payments::payment_receipt_header(&receipt));
+        }
+        assert_eq!(host.client_header("payment-response"), None);
+        if told {
+            assert_eq!(
+                host.client_header("cache-control").as_deref(),
+                Some("private, max-age=60"),
+                "a paid response is the payer's alone"
+            );
+        }
+        assert!(
+            host.shared.borrow().is_empty(),
+            "a paid decision is not cached"
+        );
+    }
 }
 
 #[test]
