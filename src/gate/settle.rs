@@ -4,6 +4,7 @@
 use crate::access_log::{Outcome, Record};
 use crate::balance_api::UsageLine;
 use crate::config::Config;
+use crate::decision::Paid;
 use crate::host::{Host, HttpHost};
 use crate::lease::LeaseKey;
 use crate::mcp;
@@ -35,7 +36,7 @@ impl Exchange {
             return;
         };
         if let Some(paid) = f.paid.take() {
-            payments::tell_payment(host, paid);
+            tell_payment(host, paid);
         }
         let tell_balance = (f.balance.is_some() && cfg.balance_header.is_some())
             || (f.budget.is_some() && cfg.budget_header.is_some());
@@ -364,4 +365,38 @@ pub(super) fn refund_leased(
         status,
     };
     worker.outbox.borrow_mut().push(host, job);
+}
+
+/// Tells the client of its payment on the upstream's response: x402's
+/// `PAYMENT-RESPONSE` always (the payment was settled before the request went
+/// on), the Payment scheme's `Payment-Receipt` on a 2xx (the draft's success).
+/// Either makes the response the paying client's alone: `Cache-Control` gains
+/// `private`, so no shared cache serves it (or its proof) to another account.
+fn tell_payment(host: &impl HttpHost, paid: Paid) {
+    match paid {
+        Paid::X402(settlement) => {
+            host.set_response_header(
+                "payment-response",
+                &payments::x402_response_header(&settlement),
+            );
+        }
+        Paid::Receipt(receipt) => {
+            let ok = host
+                .response_header(":status")
+                .is_some_and(|s| s.len() == 3 && s.first() == Some(&b'2'));
+            if !ok {
+                return;
+            }
+            host.set_response_header(
+                "payment-receipt",
+                &payments::payment_receipt_header(&receipt),
+            );
+        }
+    }
+    let existing = host.response_header("cache-control");
+    let existing = existing.as_deref().map(String::from_utf8_lossy);
+    host.set_response_header(
+        "cache-control",
+        &payments::private_cache_control(existing.as_deref()),
+    );
 }
