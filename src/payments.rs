@@ -211,6 +211,17 @@ pub fn registered_problem(slug: &str) -> Option<&'static str> {
     .find(|s| *s == slug)
 }
 
+/// The status a payment failure is answered with: the registry's 400 for a method the
+/// server does not take (a client that retries with the same method would fail again),
+/// 402 for the rest, which a new payment can fix.
+pub fn problem_status(slug: &str) -> u16 {
+    if slug == "method-unsupported" {
+        400
+    } else {
+        402
+    }
+}
+
 /// Tells the client of its payment on the upstream's response: x402's
 /// `PAYMENT-RESPONSE` always (the payment was settled before the request went
 /// on), the Payment scheme's `Payment-Receipt` on a 2xx (the draft's success).
@@ -362,6 +373,9 @@ mod tests {
             Some("verification-failed")
         );
         assert_eq!(registered_problem("made-up"), None);
+        assert_eq!(problem_status("method-unsupported"), 400);
+        assert_eq!(problem_status("verification-failed"), 402);
+        assert_eq!(problem_status("invalid-challenge"), 402);
         let r = payment_receipt_header(&json!({"status": "success"}));
         assert!(!r.contains('=') && !r.contains('+') && !r.contains('/'));
         assert_eq!(
