@@ -92,10 +92,13 @@ wasm-target:
 WASM_OPT_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-mutable-globals \
 	--enable-nontrapping-float-to-int
 
-# Debian packages the build and the tests need, installed with apt-get when missing (we are
-# root on the build machines and CI): binaryen (wasm-opt) for the shipped module, skopeo for
-# tests/oci_image.rs. Elsewhere it names what to install and fails.
-APT_TOOLS := wasm-opt:binaryen skopeo:skopeo
+# Debian packages, installed with apt-get when missing (we are root on the build machines and
+# CI); elsewhere it names what to install and fails, as it does when the install fails.
+# `make build` needs binaryen (wasm-opt) for the shipped module; `make test` also skopeo for
+# tests/oci_image.rs.
+BUILD_APT_TOOLS := wasm-opt:binaryen
+TEST_APT_TOOLS := skopeo:skopeo
+APT_TOOLS := $(BUILD_APT_TOOLS) $(TEST_APT_TOOLS)
 apt-tools:
 	@missing=""; for t in $(APT_TOOLS); do \
 	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t##*:}"; done; \
@@ -103,18 +106,25 @@ apt-tools:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "apt-tools: installing$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null 2>&1 \
-	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }; \
+	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	      || { echo "apt-tools: FAILED: apt-get install$$missing" >&2; exit 1; }; \
 	  else \
 	    echo "apt-tools: missing Debian packages:$$missing (apt-get install$$missing)" >&2; exit 1; \
 	  fi; \
+	  for t in $(APT_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || { \
+	    echo "apt-tools: FAILED: $${t%%:*} is not on PATH after apt-get install $${t##*:}" >&2; exit 1; }; done; \
 	fi
 
-# The shipped module is always the wasm-opt one: no silent fallback to the unoptimized file.
-build: wasm-target apt-tools
+# The shipped module is always the wasm-opt one: no fallback to the unoptimized file, and
+# no earlier build/farebox.wasm left behind when this one fails.
+build: wasm-target
+	@rm -f build/farebox.wasm
+	@$(MAKE) --no-print-directory apt-tools APT_TOOLS="$(BUILD_APT_TOOLS)"
 	$(CARGO) build --profile wasm --target $(WASM_TARGET) -p farebox
 	@mkdir -p build
 	cp "$${CARGO_TARGET_DIR:-target}/$(WASM_TARGET)/wasm/farebox.wasm" build/farebox.raw.wasm
-	wasm-opt -Oz $(WASM_OPT_FEATURES) build/farebox.raw.wasm -o build/farebox.wasm
+	wasm-opt -Oz $(WASM_OPT_FEATURES) build/farebox.raw.wasm -o build/farebox.wasm \
+	  || { rm -f build/farebox.wasm; echo "build: FAILED: wasm-opt did not optimize the module; build/farebox.wasm is not written (the unoptimized build/farebox.raw.wasm is never shipped)" >&2; exit 1; }
 	@echo "build/farebox.wasm: $$(wc -c < build/farebox.wasm) bytes (wasm-opt -Oz; raw $$(wc -c < build/farebox.raw.wasm))"
 
 ifeq ($(strip $(ENVOY)),)
@@ -151,6 +161,7 @@ run-func-e: build services
 	env -u ENVOY -u ENVOY_BIN ./scripts/run-demo.sh
 
 test: build envoy services interop-clients x402-clients mpp-clients
+	@$(MAKE) --no-print-directory apt-tools APT_TOOLS="$(TEST_APT_TOOLS)"
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" FAREBOX_PYTHON="$(PYTHON)" \
 	  $(CARGO) test --workspace
 	@$(MAKE) --no-print-directory test-postgres envoy-compat istio-check k8s-check
@@ -284,7 +295,8 @@ bench: build envoy
 
 # The floor of the bench: bench/floor, an empty Rust proxy-wasm filter (its own Cargo
 # project, not a workspace member) -> build/floor.wasm, wasm-opt'ed like the filter.
-floor: wasm-target apt-tools
+floor: wasm-target
+	@$(MAKE) --no-print-directory apt-tools APT_TOOLS="$(BUILD_APT_TOOLS)"
 	$(CARGO) build --release --target $(WASM_TARGET) --manifest-path bench/floor/Cargo.toml \
 	  --target-dir "$${CARGO_TARGET_DIR:-$(CURDIR)/target}/floor"
 	@mkdir -p build

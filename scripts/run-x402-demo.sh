@@ -56,8 +56,9 @@ pids+=("$!")
 pids+=("$!")
 
 # The demo's Envoy config, with time for a settlement on chain and its reconciliation
-# (a verify, two settles of at most 10 s each, a chain read) and anonymous payers.
-sed -e 's/"timeout_ms": 500,/"timeout_ms": 40000, "anonymous": true,/' envoy/envoy.yaml > build/envoy-x402.yaml
+# (a verify, two settles and a chain read of at most 10 s each, and the ledger) and
+# anonymous payers.
+sed -e 's/"timeout_ms": 500,/"timeout_ms": 45000, "anonymous": true,/' envoy/envoy.yaml > build/envoy-x402.yaml
 
 cat <<MSG
 run-x402: chain $(field rpc) (eip155:31337), token $(field token), facilitator $(field facilitator_url)

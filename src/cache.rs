@@ -9,7 +9,7 @@
 //! (or route, or configuration) that happens to share the slot.
 
 use crate::decision::{Decision, Denial};
-use crate::sha256::Sha256;
+use sha2::{Digest, Sha256};
 
 // 2: a refusal carries the account the service named.
 const FORMAT_VERSION: u8 = 2;
@@ -23,12 +23,12 @@ impl CacheKey {
     pub fn new(fingerprint: &[u8; 32], route: &str, cost: u64, credential: &str) -> CacheKey {
         let mut h = Sha256::new();
         // Lengths keep the parts apart: ("ab","c") and ("a","bc") hash differently.
-        h.update(fingerprint)
-            .update(&(route.len() as u64).to_le_bytes())
-            .update(route.as_bytes())
-            .update(&cost.to_le_bytes())
-            .update(credential.as_bytes());
-        CacheKey(h.finish())
+        h.update(fingerprint);
+        h.update((route.len() as u64).to_le_bytes());
+        h.update(route);
+        h.update(cost.to_le_bytes());
+        h.update(credential);
+        CacheKey(h.finalize().into())
     }
 
     fn slot(&self, max_entries: u32) -> u64 {

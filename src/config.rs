@@ -23,9 +23,9 @@ use crate::amount::MAX_AMOUNT;
 use crate::identity::CredentialSource;
 use crate::mcp::McpPricing;
 use crate::pricing::{PathPattern, Pricing, Route};
-use crate::sha256;
 use crate::tokens::{Api, ModelFrom, PriceTable, Prices, UnknownModel, MAX_MODEL_LEN};
 use crate::usage::UsageSpec;
+use sha2::{Digest, Sha256};
 
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_CACHE_ENTRIES: u64 = 10_000_000;
@@ -225,7 +225,7 @@ impl Config {
             value: &value,
             at: &At::Root,
         })?;
-        Config::validate(top, sha256::digest(raw))
+        Config::validate(top, Sha256::digest(raw).into())
     }
 
     /// The typed configuration from the raw one: ranges, defaults and the rules between

@@ -14,7 +14,7 @@
 //! lease belongs to another account is *occupied*: that request is paid by a
 //! per-request authorize instead (rare with the default table size).
 
-use crate::sha256::Sha256;
+use sha2::{Digest, Sha256};
 
 const FORMAT_VERSION: u8 = 2;
 const KEY_PREFIX: &str = "farebox:lease2:";
@@ -29,10 +29,10 @@ pub struct LeaseKey([u8; 32]);
 impl LeaseKey {
     pub fn new(cluster: &str, credential: &str) -> LeaseKey {
         let mut h = Sha256::new();
-        h.update(&(cluster.len() as u64).to_le_bytes())
-            .update(cluster.as_bytes())
-            .update(credential.as_bytes());
-        LeaseKey(h.finish())
+        h.update((cluster.len() as u64).to_le_bytes());
+        h.update(cluster);
+        h.update(credential);
+        LeaseKey(h.finalize().into())
     }
 
     fn slot(&self, slots: u32) -> u64 {

@@ -31,7 +31,6 @@ pub mod payments;
 pub mod pricing;
 pub mod problem;
 pub mod response;
-pub mod sha256;
 pub mod shared_data;
 pub mod tokens;
 pub mod uri;

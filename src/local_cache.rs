@@ -8,12 +8,13 @@
 //!   for at most [`HOLD_MS`] after it was copied, so a slot that another worker's fresher
 //!   decision took over in shared data is seen here within that time.
 //! - Keyed by the configuration: a table filled under another fingerprint is emptied.
-//! - Never serves one account's decision to another: the key is a 128-bit digest of
-//!   (route, cost, credential) under two SipHash keys drawn at random per worker (so
-//!   nobody can aim at a collision), compared in full. The credential itself is not kept.
+//! - Never serves one account's decision to another: the key is a 128-bit SipHash of
+//!   (route, cost, credential) under a key drawn at random per worker (so nobody can
+//!   aim at a collision), compared in full. The credential itself is not kept. A worker
+//!   the host gives no randomness keeps nothing here.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
+use siphasher::sip128::{Hasher128, SipHasher13};
+use std::hash::Hasher;
 
 use crate::cache::Entry;
 
@@ -35,17 +36,21 @@ struct Slot {
 
 pub struct LocalCache {
     fingerprint: [u8; 32],
-    hashers: (RandomState, RandomState),
+    /// The SipHash key; `None` when the host's random source failed: a key that could
+    /// be guessed would let a client aim at another account's entry, so then the cache
+    /// holds nothing.
+    secret: Option<[u8; 16]>,
     slots: Vec<Option<Slot>>,
 }
 
 impl Default for LocalCache {
     fn default() -> LocalCache {
-        LocalCache {
-            fingerprint: [0; 32],
-            hashers: (RandomState::new(), RandomState::new()),
-            slots: Vec::new(),
+        let mut secret = [0; 16];
+        if getrandom::fill(&mut secret).is_err() {
+            log::warn!("the host gave no random key: this worker keeps no local decisions");
+            return LocalCache::with_secret(None);
         }
+        LocalCache::with_secret(Some(secret))
     }
 }
 
@@ -58,17 +63,23 @@ impl std::fmt::Debug for LocalCache {
 }
 
 impl LocalCache {
+    fn with_secret(secret: Option<[u8; 16]>) -> LocalCache {
+        LocalCache {
+            fingerprint: [0; 32],
+            secret,
+            slots: Vec::new(),
+        }
+    }
+
     pub fn key(&self, route: &str, cost: u64, credential: &str) -> LocalKey {
-        let digest = |state: &RandomState| {
-            let mut h = state.build_hasher();
-            // Lengths keep the parts apart: ("ab","c") and ("a","bc") hash differently.
-            h.write_usize(route.len());
-            h.write(route.as_bytes());
-            h.write_u64(cost);
-            h.write(credential.as_bytes());
-            h.finish()
-        };
-        LocalKey(digest(&self.hashers.0), digest(&self.hashers.1))
+        let mut h = SipHasher13::new_with_key(&self.secret.unwrap_or_default());
+        // Lengths keep the parts apart: ("ab","c") and ("a","bc") hash differently.
+        h.write_usize(route.len());
+        h.write(route.as_bytes());
+        h.write_u64(cost);
+        h.write(credential.as_bytes());
+        let digest = h.finish128();
+        LocalKey(digest.h1, digest.h2)
     }
 
     fn index(key: LocalKey, slots: usize) -> usize {
@@ -84,6 +95,7 @@ impl LocalCache {
         key: LocalKey,
         now_ms: impl FnOnce() -> u64,
     ) -> Option<(Entry, u64)> {
+        self.secret?;
         if &self.fingerprint != fingerprint {
             self.fingerprint = *fingerprint;
             self.slots.clear();
@@ -110,6 +122,9 @@ impl LocalCache {
         entry: Entry,
         now_ms: u64,
     ) {
+        if self.secret.is_none() {
+            return;
+        }
         if &self.fingerprint != fingerprint {
             self.fingerprint = *fingerprint;
             self.slots.clear();
@@ -197,6 +212,20 @@ mod tests {
             None,
             "emptied with it"
         );
+    }
+
+    #[test]
+    fn keeps_nothing_without_a_random_key() {
+        let fp = [7; 32];
+        let mut c = LocalCache::with_secret(None);
+        let k = c.key("r", 1, "alice");
+        c.put(&fp, 16, k, entry("acct_a", 60_000), 0);
+        assert_eq!(c.get(&fp, k, || 1).map(|(e, _)| e), None);
+        assert!(c.slots.is_empty());
+        // Two workers draw different keys.
+        let (a, b) = (LocalCache::default(), LocalCache::default());
+        assert!(a.secret.is_some());
+        assert_ne!(a.key("r", 1, "alice"), b.key("r", 1, "alice"));
     }
 
     #[test]

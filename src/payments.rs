@@ -2,6 +2,8 @@
 //! Payment authentication scheme's `WWW-Authenticate: Payment` challenges,
 //! built from what the balance service offers; and payments clients send back.
 
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
 use serde_json::{json, Value};
 
 /// What the balance service offers a client that cannot pay from its balance.
@@ -114,7 +116,7 @@ pub fn x402_header(offer: &Offer, url: &str, route: &str, error: &str) -> Option
 
 /// The `PAYMENT-REQUIRED` header value of a `PaymentRequired` document.
 pub fn encode_x402(required: &Value) -> String {
-    base64(required.to_string().as_bytes(), STANDARD, true)
+    STANDARD.encode(required.to_string())
 }
 
 /// x402's `PaymentRequired` document (the header's content; MCP carries it as is).
@@ -161,7 +163,7 @@ pub fn payment_challenges(offer: &Offer, default_realm: &str) -> Vec<String> {
                 ("intent", quote(intent)),
                 (
                     "request",
-                    quote(&base64(request.to_string().as_bytes(), URL_SAFE, false)),
+                    quote(&URL_SAFE_NO_PAD.encode(request.to_string())),
                 ),
             ];
             if let Some(e) = text("expires") {
@@ -171,10 +173,7 @@ pub fn payment_challenges(offer: &Offer, default_realm: &str) -> Vec<String> {
                 params.push(("description", quote(d)));
             }
             if let Some(o) = c.get("opaque") {
-                params.push((
-                    "opaque",
-                    quote(&base64(o.to_string().as_bytes(), URL_SAFE, false)),
-                ));
+                params.push(("opaque", quote(&URL_SAFE_NO_PAD.encode(o.to_string()))));
             }
             let list: Vec<String> = params
                 .into_iter()
@@ -188,7 +187,7 @@ pub fn payment_challenges(offer: &Offer, default_realm: &str) -> Vec<String> {
 /// The Payment scheme's `Payment-Receipt` header: base64url (no padding) of the
 /// receipt the service gave.
 pub fn payment_receipt_header(receipt: &Value) -> String {
-    base64(receipt.to_string().as_bytes(), URL_SAFE, false)
+    URL_SAFE_NO_PAD.encode(receipt.to_string())
 }
 
 /// The registry of problem types of the Payment scheme (draft-ryan-httpauth-payment).
@@ -207,6 +206,17 @@ pub fn registered_problem(slug: &str) -> Option<&'static str> {
     ]
     .into_iter()
     .find(|s| *s == slug)
+}
+
+/// The status a payment failure is answered with: the registry's 400 for a method the
+/// server does not take (a client that retries with the same method would fail again),
+/// 402 for the rest, which a new payment can fix.
+pub fn problem_status(slug: &str) -> u32 {
+    if slug == "method-unsupported" {
+        400
+    } else {
+        402
+    }
 }
 
 /// `Cache-Control` for a response only its requester may keep: shared-cache
@@ -240,7 +250,7 @@ pub fn private_cache_control(existing: Option<&str>) -> String {
 
 /// The `PAYMENT-RESPONSE` header: base64 of the x402 settlement response the service gave.
 pub fn x402_response_header(settlement: &Value) -> String {
-    base64(settlement.to_string().as_bytes(), STANDARD, true)
+    STANDARD.encode(settlement.to_string())
 }
 
 /// An HTTP quoted-string: control characters dropped, `"` and `\` escaped.
@@ -257,81 +267,9 @@ fn quote(s: &str) -> String {
     out
 }
 
-const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/// Base64 (RFC 4648) with the given alphabet, padded or not.
-pub fn base64(data: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
-    let sym = |i: u32| char::from(alphabet.get((i & 63) as usize).copied().unwrap_or(b'A'));
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b =
-            [chunk.first(), chunk.get(1), chunk.get(2)].map(|b| u32::from(b.copied().unwrap_or(0)));
-        let n = b[0] << 16 | b[1] << 8 | b[2];
-        out.push(sym(n >> 18));
-        out.push(sym(n >> 12));
-        if chunk.len() > 1 {
-            out.push(sym(n >> 6));
-        } else if pad {
-            out.push('=');
-        }
-        if chunk.len() > 2 {
-            out.push(sym(n));
-        } else if pad {
-            out.push('=');
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn decode_b64(s: &str) -> Vec<u8> {
-        let s = s.trim_end_matches('=');
-        let val = |c: u8| -> u32 {
-            match c {
-                b'A'..=b'Z' => u32::from(c - b'A'),
-                b'a'..=b'z' => u32::from(c - b'a') + 26,
-                b'0'..=b'9' => u32::from(c - b'0') + 52,
-                b'+' | b'-' => 62,
-                _ => 63,
-            }
-        };
-        let mut out = Vec::new();
-        for chunk in s.as_bytes().chunks(4) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, c)| n | val(*c) << (18 - 6 * i as u32));
-            out.push((n >> 16) as u8);
-            if chunk.len() > 2 {
-                out.push((n >> 8) as u8);
-            }
-            if chunk.len() > 3 {
-                out.push(n as u8);
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn base64_vectors() {
-        for (plain, std, url) in [
-            ("", "", ""),
-            ("f", "Zg==", "Zg"),
-            ("fo", "Zm8=", "Zm8"),
-            ("foo", "Zm9v", "Zm9v"),
-            ("foobar", "Zm9vYmFy", "Zm9vYmFy"),
-            ("\u{fb}\u{ff}", "w7vDvw==", "w7vDvw"),
-        ] {
-            assert_eq!(base64(plain.as_bytes(), STANDARD, true), std);
-            assert_eq!(base64(plain.as_bytes(), URL_SAFE, false), url);
-            assert_eq!(decode_b64(std), plain.as_bytes());
-        }
-        assert_eq!(base64(&[0xfb, 0xff], URL_SAFE, false), "-_8");
-    }
 
     fn offer() -> Offer {
         Offer::from_answer(&json!({
@@ -353,7 +291,7 @@ mod tests {
             "insufficient balance",
         )
         .unwrap();
-        let v: Value = serde_json::from_slice(&decode_b64(&h)).unwrap();
+        let v: Value = serde_json::from_slice(&STANDARD.decode(&h).unwrap()).unwrap();
         assert_eq!(v["x402Version"], 2);
         assert_eq!(v["error"], "insufficient balance");
         assert_eq!(
@@ -385,7 +323,7 @@ mod tests {
             .unwrap();
         assert!(!request.contains('=') && !request.contains('+') && !request.contains('/'));
         assert_eq!(
-            serde_json::from_slice::<Value>(&decode_b64(request)).unwrap(),
+            serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(request).unwrap()).unwrap(),
             json!({"amount": "5000"})
         );
     }
@@ -407,9 +345,15 @@ mod tests {
             Some("verification-failed")
         );
         assert_eq!(registered_problem("made-up"), None);
+        assert_eq!(problem_status("method-unsupported"), 400);
+        assert_eq!(problem_status("verification-failed"), 402);
+        assert_eq!(problem_status("invalid-challenge"), 402);
         let r = payment_receipt_header(&json!({"status": "success"}));
         assert!(!r.contains('=') && !r.contains('+') && !r.contains('/'));
-        assert_eq!(decode_b64(&r), br#"{"status":"success"}"#);
+        assert_eq!(
+            URL_SAFE_NO_PAD.decode(&r).unwrap(),
+            br#"{"status":"success"}"#
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use crate::config::Config;
 use crate::decision::Denial;
 use crate::identity::CredentialSource;
-use crate::payments::PROBLEM_REGISTRY;
+use crate::payments::{self, PROBLEM_REGISTRY};
 use crate::problem::summary;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +104,7 @@ pub fn payment_required(cfg: &Config, route: &str, denial: &Denial, freshness: F
                 .collect();
             typed_problem(
                 format!("{PROBLEM_REGISTRY}{slug}"),
-                402,
+                payments::problem_status(slug),
                 &title.join(" "),
                 &denial.detail,
                 extra,

@@ -57,7 +57,7 @@ fn read(path: &Path) -> String {
 
 fn wasm_sha256_hex() -> String {
     let bytes = fs::read(wasm_path()).expect("read the wasm module");
-    farebox::sha256::hex(&farebox::sha256::digest(&bytes))
+    common::sha256_hex(&bytes)
 }
 
 /// Test certificates: a CA, and a server certificate for `balance.internal` signed by it.
@@ -407,7 +407,7 @@ fn remote_module_is_fetched_and_pinned_by_sha256() {
 
     // 2. A wrong digest: the module is refused and the filter fails closed.
     let tmp = TempDir::new("remote-bad-sha");
-    let wrong = farebox::sha256::hex(&farebox::sha256::digest(b"not the module"));
+    let wrong = common::sha256_hex(b"not the module");
     let bad = replace_once(
         &yaml,
         &format!("sha256: \"{}\"", wasm_sha256_hex()),

@@ -12,40 +12,14 @@ mod common;
 
 use std::time::Duration;
 
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+
 use common::*;
 use serde_json::{json, Value};
 
 const ACCOUNT: &str = "acct-meter";
 const KEY: &str = "fbk-meter-5eed";
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        })
-    };
-    let digits: Vec<u32> = s.bytes().filter_map(val).collect();
-    let mut out = Vec::new();
-    for chunk in digits.chunks(4) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, d)| n | d << (18 - 6 * i as u32));
-        out.push((n >> 16) as u8);
-        if chunk.len() > 2 {
-            out.push((n >> 8) as u8);
-        }
-        if chunk.len() > 3 {
-            out.push(n as u8);
-        }
-    }
-    out
-}
 
 /// A stack whose upstream is one of the mock services.
 fn stack_with_upstream(
@@ -431,9 +405,11 @@ fn machine_payable_402_and_paying_with_x402() {
     // No credential, no payment: the 402 says how to pay, in both schemes.
     let r = s.get("/v1/data?x=1", &[("host", "api.example")]);
     assert_eq!(r.status, 402, "{}", r.text());
-    let required: Value = serde_json::from_slice(&base64_decode(
-        r.header("payment-required").expect("PAYMENT-REQUIRED"),
-    ))
+    let required: Value = serde_json::from_slice(
+        &STANDARD
+            .decode(r.header("payment-required").expect("PAYMENT-REQUIRED"))
+            .unwrap(),
+    )
     .unwrap();
     assert_eq!(required["x402Version"], 2);
     assert!(required["error"].is_string());
@@ -484,7 +460,8 @@ fn machine_payable_402_and_paying_with_x402() {
         .split('"')
         .next()
         .unwrap();
-    let request: Value = serde_json::from_slice(&base64_decode(request_b64)).unwrap();
+    let request: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(request_b64).unwrap()).unwrap();
     assert_eq!(
         (request["amount"].clone(), request["recipient"].clone()),
         (
@@ -500,9 +477,11 @@ fn machine_payable_402_and_paying_with_x402() {
     let paid_payload = "eyJ4NDAyVmVyc2lvbiI6MiwicGF5bG9hZCI6eyJkZW1vIjoicGFpZCJ9fQ=="; // {"x402Version":2,"payload":{"demo":"paid"}}
     let r = s.get("/v1/data", &[("payment-signature", paid_payload)]);
     assert_eq!(r.status, 200, "{}", r.text());
-    let settlement: Value = serde_json::from_slice(&base64_decode(
-        r.header("payment-response").expect("PAYMENT-RESPONSE"),
-    ))
+    let settlement: Value = serde_json::from_slice(
+        &STANDARD
+            .decode(r.header("payment-response").expect("PAYMENT-RESPONSE"))
+            .unwrap(),
+    )
     .unwrap();
     assert_eq!(settlement["success"], true);
     assert!(settlement["transaction"]
@@ -778,9 +757,11 @@ fn mcp_pays_with_x402_in_meta() {
     let r = call(json!({"x402/payment": {"x402Version": 2, "payload": {"demo": "paid"}}}));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["result"]["isError"], false, "{}", r.text());
-    let settlement: Value = serde_json::from_slice(&base64_decode(
-        r.header("payment-response").expect("PAYMENT-RESPONSE"),
-    ))
+    let settlement: Value = serde_json::from_slice(
+        &STANDARD
+            .decode(r.header("payment-response").expect("PAYMENT-RESPONSE"))
+            .unwrap(),
+    )
     .unwrap();
     assert_eq!(settlement["success"], true);
     assert_eq!(num(&s.balance().account("payer_demo"), "charged"), 5);

@@ -20,15 +20,11 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{cannot_run, repo_root, wasm_path, TempDir};
+use common::{cannot_run, repo_root, sha256_hex, wasm_path, TempDir};
 use serde_json::{json, Value};
 
 const TAG: &str = "test";
 const IMAGE: &str = "registry.example.com/farebox:test";
-
-fn sha256_hex(data: &[u8]) -> String {
-    farebox::sha256::hex(&farebox::sha256::digest(data))
-}
 
 fn python() -> String {
     std::env::var("FAREBOX_PYTHON")

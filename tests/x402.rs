@@ -460,7 +460,7 @@ fn mpp_paid_on_a_local_chain() {
     let again = &r["again"];
     assert_eq!(again["status"], 402, "{r}");
     assert_eq!(
-        again["body"]["type"], "https://paymentauth.org/problems/verification-failed",
+        again["body"]["type"], "https://paymentauth.org/problems/invalid-challenge",
         "{r}"
     );
     assert!(

@@ -1,8 +1,9 @@
 //! Command-line flags (`--flag value` or `--flag=value`) with environment
-//! fallbacks `FAREBOX_BALANCE_<FLAG>` (upper case, `-` becomes `_`).
-//! Precedence: flag, then environment variable, then default.
+//! fallbacks `FAREBOX_BALANCE_<FLAG>` (upper case, `-` becomes `_`), both read by
+//! `clap`. Precedence: flag, then environment variable, then default.
 
 use crate::store::DatabaseUrl;
+use clap::parser::ValueSource;
 use std::collections::HashMap;
 
 /// SQLite `synchronous` setting (the database always runs in WAL mode).
@@ -364,8 +365,8 @@ fn parse_bool(flag: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-/// The flags as a `clap` command (the help text is [`USAGE`]). Values are
-/// checked afterwards, together with their environment fallbacks.
+/// The flags as a `clap` command, each with its environment fallback (the help
+/// text is [`USAGE`]). Values are checked afterwards.
 fn command() -> clap::Command {
     use clap::{Arg, ArgAction};
     let mut cmd = clap::Command::new("farebox-balance")
@@ -375,6 +376,7 @@ fn command() -> clap::Command {
         cmd = cmd.arg(
             Arg::new(*flag)
                 .long(*flag)
+                .env(env_name(flag))
                 .num_args(1)
                 .allow_hyphen_values(true)
                 .action(ArgAction::Set),
@@ -384,6 +386,7 @@ fn command() -> clap::Command {
         cmd = cmd.arg(
             Arg::new(*flag)
                 .long(*flag)
+                .env(env_name(flag))
                 .num_args(0..=1)
                 .require_equals(true)
                 .default_missing_value("true")
@@ -393,12 +396,11 @@ fn command() -> clap::Command {
     cmd
 }
 
-/// Parses the arguments (without the program name). `env` looks up an
-/// environment variable.
-pub fn parse<I, E>(args: I, env: E) -> Result<Parsed, String>
+/// Parses the arguments (without the program name), with the environment
+/// fallbacks of the process's environment.
+pub fn parse<I>(args: I) -> Result<Parsed, String>
 where
     I: IntoIterator<Item = String>,
-    E: Fn(&str) -> Option<String>,
 {
     let mut args = args.into_iter().peekable();
     let migrate = args.next_if(|a| a == "migrate").is_some();
@@ -409,35 +411,29 @@ where
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => return Ok(Parsed::Help),
         Err(e) => return Err(e.render().to_string().trim_end().to_owned()),
     };
+    // A flag's value, or its environment variable's; an empty variable counts as unset.
+    let given = |flag: &str| {
+        matches.get_one::<String>(flag).filter(|v| {
+            !v.is_empty() || matches.value_source(flag) != Some(ValueSource::EnvVariable)
+        })
+    };
     let mut values: HashMap<&'static str, String> = HashMap::new();
     let mut bools: HashMap<&'static str, bool> = HashMap::new();
     for flag in VALUE_FLAGS {
-        if let Some(v) = matches.get_one::<String>(flag) {
+        if let Some(v) = given(flag) {
             values.insert(flag, v.clone());
         }
     }
     for flag in BOOL_FLAGS {
-        if let Some(v) = matches.get_one::<String>(flag) {
+        if let Some(v) = given(flag) {
             bools.insert(flag, parse_bool(flag, v)?);
         }
     }
-
-    let from_args: Vec<&'static str> = values.keys().copied().collect();
-    // Fill in environment fallbacks (empty counts as unset).
-    for flag in VALUE_FLAGS {
-        if !values.contains_key(flag) {
-            if let Some(v) = env(&env_name(flag)).filter(|v| !v.is_empty()) {
-                values.insert(flag, v);
-            }
-        }
-    }
-    for flag in BOOL_FLAGS {
-        if !bools.contains_key(flag) {
-            if let Some(v) = env(&env_name(flag)).filter(|v| !v.is_empty()) {
-                bools.insert(flag, parse_bool(flag, &v)?);
-            }
-        }
-    }
+    let from_args: Vec<&'static str> = VALUE_FLAGS
+        .iter()
+        .copied()
+        .filter(|flag| matches.value_source(flag) == Some(ValueSource::CommandLine))
+        .collect();
 
     let mut cfg = Config::default();
     if let Some(v) = values.remove("listen") {
@@ -721,8 +717,39 @@ fn db_url(path: &str) -> Result<DatabaseUrl, String> {
     Ok(DatabaseUrl::Sqlite(path.to_owned()))
 }
 
+/// [`parse`] with the `FAREBOX_BALANCE_*` variables `env` gives set, and the others
+/// unset, for the call (tests). The environment is the process's, so calls take turns.
+#[cfg(test)]
+pub(crate) fn parse_with_env<I, E>(args: I, env: E) -> Result<Parsed, String>
+where
+    I: IntoIterator<Item = String>,
+    E: Fn(&str) -> Option<String>,
+{
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let names: Vec<String> = VALUE_FLAGS
+        .iter()
+        .chain(BOOL_FLAGS)
+        .map(|f| env_name(f))
+        .collect();
+    for name in &names {
+        match env(name) {
+            Some(v) => std::env::set_var(name, v),
+            None => std::env::remove_var(name),
+        }
+    }
+    let parsed = parse(args);
+    for name in &names {
+        std::env::remove_var(name);
+    }
+    parsed
+}
+
 #[cfg(test)]
 mod tests {
+    use super::parse_with_env as parse;
     use super::*;
 
     fn args(v: &[&str]) -> Vec<String> {

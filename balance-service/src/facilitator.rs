@@ -110,8 +110,10 @@ impl Facilitator {
     /// Reconciles a settlement whose outcome is unknown: whether the token
     /// (`asset`) has marked the payer's EIP-3009 `nonce` used, asked of the
     /// chain at `--x402-rpc-url` (`authorizationState(address,bytes32)`). A
-    /// used nonce means the transfer to the authorization's recipient happened
-    /// (only the signed authorization can use it); `None` without an RPC URL.
+    /// used nonce is taken as the transfer to the authorization's recipient;
+    /// the payer's `cancelAuthorization`, or another authorization of the same
+    /// nonce, also marks it used (docs/balance-service.md 10.3, known limit);
+    /// `None` without an RPC URL.
     pub async fn authorization_used(
         &self,
         asset: &str,

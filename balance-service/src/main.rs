@@ -5,7 +5,7 @@ use farebox_balance::config::{self, Parsed, USAGE};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cfg = match config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
+    let cfg = match config::parse(std::env::args().skip(1)) {
         Ok(Parsed::Run(cfg)) => *cfg,
         Ok(Parsed::Migrate(url)) => return migrate(&url),
         Ok(Parsed::Help) => {

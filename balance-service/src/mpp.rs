@@ -9,7 +9,10 @@
 //!
 //! What the service checks before it asks the facilitator:
 //! - the challenge echoed in the credential is one this service issued: its
-//!   `id` is an HMAC of the realm, method, intent, terms and expiry;
+//!   `id` is an HMAC of the method, intent, terms and expiry, and of the realm
+//!   when the service names it (`--x402-realm`; else the filter names the
+//!   request's host, which the service does not see, and the realm is bound
+//!   only through the authorization's nonce);
 //! - it has not expired;
 //! - its terms are this request's (amount for the route's price, token,
 //!   recipient, chain);
@@ -89,23 +92,25 @@ impl ChallengeKey {
 
     /// `id`: HMAC-SHA256 over what the credential echoes back (method, intent,
     /// terms, expiry), so the service keeps no state per challenge and a changed
-    /// echo is refused. The realm is the filter's to name (the request's host
-    /// unless `--x402-realm`); the authorization's nonce binds it with the id.
+    /// echo is refused. `realm` is the service's (`--x402-realm`), bound as
+    /// the draft requires; empty when the filter names the request's host,
+    /// which the service does not see (the authorization's nonce binds it
+    /// with the id).
     ///
     /// It starts with a random salt (SALT_LEN hex digits, covered by the HMAC):
     /// two challenges of the same terms in the same second differ, so do their
     /// nonces, and a payer may pay both.
-    fn id(&self, request: &Terms, expires: &str) -> String {
-        self.id_salted(&random_hex(SALT_LEN / 2), request, expires)
+    fn id(&self, realm: &str, request: &Terms, expires: &str) -> String {
+        self.id_salted(&random_hex(SALT_LEN / 2), realm, request, expires)
     }
 
     /// The id `echoed` should be, if this service issued it.
-    fn reissue(&self, echoed: &str, request: &Terms, expires: &str) -> String {
+    fn reissue(&self, echoed: &str, realm: &str, request: &Terms, expires: &str) -> String {
         let salt = echoed.get(..SALT_LEN).unwrap_or_default();
-        self.id_salted(salt, request, expires)
+        self.id_salted(salt, realm, request, expires)
     }
 
-    fn id_salted(&self, salt: &str, request: &Terms, expires: &str) -> String {
+    fn id_salted(&self, salt: &str, realm: &str, request: &Terms, expires: &str) -> String {
         let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0) {
             Ok(m) => m,
             // HMAC takes keys of any length; unreachable in practice.
@@ -113,6 +118,7 @@ impl ChallengeKey {
         };
         for part in [
             salt,
+            realm,
             METHOD,
             INTENT,
             &request.amount,
@@ -183,7 +189,7 @@ pub fn challenge(
 ) -> Value {
     let terms = Terms::of(x402, amount);
     let mut c = json!({
-        "id": key.id(&terms, expires),
+        "id": key.id(x402.realm.as_deref().unwrap_or_default(), &terms, expires),
         "method": METHOD,
         "intent": INTENT,
         "request": terms.request(x402.asset_decimals),
@@ -264,7 +270,13 @@ pub fn check(
             .unwrap_or(0),
     };
     let expires = text(echo, "expires");
-    let issued = key.reissue(&id, &echoed, &expires);
+    // The realm is bound when the service names it (a changed one is refused).
+    let bound_realm = if x402.realm.is_some() {
+        realm.as_str()
+    } else {
+        ""
+    };
+    let issued = key.reissue(&id, bound_realm, &echoed, &expires);
     if id.len() <= SALT_LEN || !crate::util::ct_eq(id.as_bytes(), issued.as_bytes()) {
         return Err(refuse(
             Problem::InvalidChallenge,
@@ -481,6 +493,13 @@ mod tests {
             d["challenge"]["request"] = json!(base64url(r.to_string().as_bytes()));
         });
         assert_eq!(problem(cheaper, "1", now), Problem::InvalidChallenge);
+        // Another realm than the one the service named (the nonce signed for it).
+        let realm = credential(&c, |d| {
+            d["challenge"]["realm"] = json!("elsewhere.test");
+            d["payload"]["nonce"] =
+                json!(challenge_hash(c["id"].as_str().unwrap(), "elsewhere.test"));
+        });
+        assert_eq!(problem(realm, "1000", now), Problem::InvalidChallenge);
         let other = ChallengeKey(b"another key of this length".to_vec());
         let foreign = challenge(&x, &other, "1000", "data", expires);
         assert_eq!(

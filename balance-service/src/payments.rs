@@ -27,7 +27,7 @@
 use super::{error, reply, request_id_conflict, stored, with_log, ApiError, Shared, UNKNOWN};
 use crate::config::{Facilitator, X402};
 use crate::mpp::{self, Problem};
-use crate::store::{PaidCharge, PaidOutcome, Payer, DEMO_PAYER};
+use crate::store::{PaidCharge, PaidOutcome, PayRefusal, Payer, DEMO_PAYER};
 use crate::util::{base64_decode, now_ms, sha256_hex};
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
@@ -49,6 +49,9 @@ const MAX_ANSWER: usize = 1 << 20;
 const CHALLENGE_TTL_SECS: i64 = 300;
 /// `maxTimeoutSeconds` of the x402 requirements.
 const MAX_TIMEOUT_SECONDS: u64 = 60;
+/// How long after an authorization's `validBefore` (by this clock) the chain
+/// is taken to refuse it: block times may lag the service's clock.
+const VALID_BEFORE_MARGIN_SECS: i64 = 120;
 /// The literal payment the reference service accepts.
 pub const DEMO_PAYMENT: &str = "demo-paid";
 
@@ -150,7 +153,8 @@ async fn with_challenges(
     let price = doc.get("price").and_then(Value::as_u64).unwrap_or(0);
     let (accepts, challenges) = challenge_fields(key, x402, price, description);
     doc.insert("accepts".into(), accepts);
-    doc.insert("problem".into(), Problem::PaymentRequired.slug().into());
+    // No `problem`: a balance too low is not a payment's failure, and the
+    // filter keeps farebox's own problem type for it.
     doc.insert("challenges".into(), challenges);
     parts.headers.remove(CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(Value::Object(doc).to_string()))
@@ -283,6 +287,12 @@ async fn paid_authorize(
         None => Payer::Account(fallback),
     };
     let now_s = now_ms() / 1000;
+    // A payment used already: for the Payment scheme its challenge is (the
+    // nonce is the challenge's hash), which the draft calls invalid-challenge.
+    let used = match scheme {
+        Scheme::Payment => Problem::InvalidChallenge,
+        Scheme::X402 => Problem::VerificationFailed,
+    };
     let (payer, payment_id, settled, claimed, challenge_id) = match &x402.facilitator {
         None => {
             if !demo_verified(payment, scheme) {
@@ -337,7 +347,7 @@ async fn paid_authorize(
             // another request with it is a replay.
             if !st.settling.claim(&p.id) {
                 return required(
-                    Problem::VerificationFailed,
+                    used,
                     "payment invalid: this payment is already being settled, or its settlement is unresolved",
                 );
             }
@@ -345,7 +355,7 @@ async fn paid_authorize(
                 Ok(Some(false)) => {
                     st.settling.release(&p.id);
                     return required(
-                        Problem::VerificationFailed,
+                        used,
                         "payment invalid: this payment already paid another request",
                     );
                 }
@@ -366,6 +376,41 @@ async fn paid_authorize(
                     return unknown(ApiError::Storage(e).into_response(), Some(&rid));
                 }
                 Ok(None) => {
+                    // A settled payment cannot be given back: what the ledger would
+                    // refuse (an unknown key, the request id charged to another
+                    // account) is refused before anything is settled.
+                    let refusal = st
+                        .store
+                        .pay_refusal(keyed(format!("x402:{}", p.payer)), rid.clone())
+                        .await;
+                    match refusal {
+                        Ok(None) => {}
+                        Ok(Some(PayRefusal::OtherAccount { account_id })) => {
+                            st.settling.release(&p.id);
+                            st.stats.count_account(&account_id);
+                            return with_log(request_id_conflict(), &account_id, Some(&rid));
+                        }
+                        Ok(Some(PayRefusal::AlreadyCharged { account_id })) => {
+                            st.settling.release(&p.id);
+                            st.stats.count_account(&account_id);
+                            let resp = error(
+                                StatusCode::CONFLICT,
+                                "request_id is already charged, not by this payment: the payment was not used",
+                            );
+                            return with_log(resp, &account_id, Some(&rid));
+                        }
+                        Ok(Some(PayRefusal::UnknownCredential)) => {
+                            st.settling.release(&p.id);
+                            return unknown(
+                                error(StatusCode::UNAUTHORIZED, "unknown credential"),
+                                Some(&rid),
+                            );
+                        }
+                        Err(e) => {
+                            st.settling.release(&p.id);
+                            return unknown(ApiError::Storage(e).into_response(), Some(&rid));
+                        }
+                    }
                     match f.verify(&p.payload, &requirements).await {
                         Ok(v) if v.is_valid => {}
                         Ok(v) => {
@@ -491,7 +536,7 @@ async fn paid_authorize(
                     &st,
                     x402,
                     &req,
-                    Problem::VerificationFailed,
+                    used,
                     "payment invalid: this payment already paid another request",
                 ),
                 &account_id,
@@ -543,8 +588,9 @@ enum Settlement {
 /// token executes at most once (EIP-3009 nonces are single-use). If that
 /// settles, the first had not; if it is refused, the chain is asked whether
 /// the nonce is used (`--x402-rpc-url`): used means the first call's transfer
-/// happened, unused means none did. Without an RPC URL, or when the chain
-/// does not answer, the outcome stays unknown.
+/// happened, unused means none did once the authorization has expired (until
+/// then the first call's transaction may still land). Without an RPC URL, or
+/// when the chain does not answer, the outcome stays unknown.
 async fn settle(f: &Facilitator, x402: &X402, p: &X402Payment, requirements: &Value) -> Settlement {
     let first = match f.settle(&p.payload, requirements).await {
         Ok(s) if s.success => return Settlement::Paid(s.answer),
@@ -571,7 +617,17 @@ async fn settle(f: &Facilitator, x402: &X402, p: &X402Payment, requirements: &Va
                                     "transaction": "", "reconciled": true}),
             )
         }
-        Some(Ok(false)) => Settlement::Refused(refused),
+        // Unused now is "not paid" only once the authorization can no longer
+        // be executed: until its validBefore the first call's transaction may
+        // be pending and land after this answer (paid, not served).
+        Some(Ok(false)) => match p.valid_before() {
+            Some(before) if before.saturating_add(VALID_BEFORE_MARGIN_SECS) < now_ms() / 1000 => {
+                Settlement::Refused(refused)
+            }
+            _ => Settlement::Unknown(format!(
+                "{first}; settle again: {refused}; the authorization is unused on chain but still valid: the first settlement may still land"
+            )),
+        },
         Some(Err(e)) => {
             Settlement::Unknown(format!("{first}; settle again: {refused}; chain: {e}"))
         }
@@ -647,6 +703,14 @@ impl X402Payment {
             payer,
             nonce,
         })
+    }
+
+    /// The authorization's `validBefore` (Unix seconds), if it is a number.
+    fn valid_before(&self) -> Option<i64> {
+        self.payload
+            .pointer("/payload/authorization/validBefore")
+            .and_then(Value::as_str)
+            .and_then(|v| v.parse().ok())
     }
 
     /// What a log line may say of the payment: a digest, not the payment.
@@ -754,7 +818,7 @@ mod tests {
 
     #[test]
     fn x402_flags_go_together() {
-        use crate::config::{parse, Parsed};
+        use crate::config::{parse_with_env as parse, Parsed};
         let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let all = [
             "--x402-pay-to",
@@ -883,20 +947,8 @@ mod tests {
         let offer = json!({"scheme": "exact", "network": "eip155:31337", "amount": "1000",
                            "asset": "0xAa", "payTo": "0xBb"});
         let encode = |v: &Value| {
-            const A: &[u8; 64] =
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-            let bytes = v.to_string().into_bytes();
-            let mut out = String::new();
-            for c in bytes.chunks(3) {
-                let n = c
-                    .iter()
-                    .enumerate()
-                    .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-                for i in 0..=c.len() {
-                    out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
-                }
-            }
-            out
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(v.to_string())
         };
         let payload = |accepted: Value, ext: Value| {
             json!({"x402Version": 2, "accepted": accepted, "extensions": ext,

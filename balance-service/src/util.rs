@@ -21,18 +21,13 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// `n` random bytes as lower-case hex. Reads the OS generator
-/// (`/dev/urandom`); where that is unavailable, falls back to hashing the
-/// process's randomly keyed `RandomState` hashers with the time, the process
-/// id and a counter (unpredictable enough for handles that are also checked
-/// for uniqueness by the database).
+/// `n` random bytes as lower-case hex, from the OS generator (`getrandom`); should
+/// that fail, from the process's randomly keyed `RandomState` hashers with the time,
+/// the process id and a counter (unpredictable enough for handles that are also
+/// checked for uniqueness by the database).
 pub fn random_hex(n: usize) -> String {
-    use std::io::Read;
     let mut bytes = vec![0u8; n];
-    let from_os = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .is_ok();
-    if !from_os {
+    if getrandom::fill(&mut bytes).is_err() {
         use std::collections::hash_map::RandomState;
         use std::hash::{BuildHasher, Hasher};
         use std::sync::atomic::{AtomicU64, Ordering};

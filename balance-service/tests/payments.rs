@@ -45,24 +45,8 @@ fn pay(addr: SocketAddr, payment: Option<&str>, scheme: &str, cost: u64, rid: &s
 }
 
 fn b64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// Checks the `accepts` and `challenges` of a 402 for `amount` and
@@ -145,6 +129,9 @@ fn denials_carry_challenges() {
     assert_eq!(j["balance"], 3);
     assert!(j["detail"].is_string());
     assert_challenges(&j, "5000", "test-route");
+    // A balance too low is not a payment's failure: no registered problem type,
+    // so the filter's 402 keeps farebox's own (README, "Payments").
+    assert!(j.get("problem").is_none(), "{j}");
     // A fresh challenge id every time.
     let again = authorize(a, "demo-key-bob", 5, "d-2").json();
     assert_ne!(again["challenges"][0]["id"], j["challenges"][0]["id"]);
@@ -153,6 +140,7 @@ fn denials_carry_challenges() {
     let r = lease(a, "demo-key-bob", 50, 4, "d-lease");
     assert_eq!(r.status, 402, "{r:?}");
     assert_challenges(&r.json(), "4000", "lease");
+    assert!(r.json().get("problem").is_none(), "{r:?}");
 
     // Allows and other answers are untouched.
     let r = authorize(a, "demo-key-alice", 2, "d-3");
@@ -351,6 +339,8 @@ fn x402_flags_go_together() {
 /// what the chain says of the authorization.
 #[derive(Clone, Copy)]
 struct Script {
+    /// The first `/settle` answers after the service's bound (else at once).
+    first_late: bool,
     second_settles: bool,
     used_on_chain: bool,
 }
@@ -399,7 +389,7 @@ impl MockFacilitator {
                         }
                         "/settle" => {
                             let n = counter.fetch_add(1, Ordering::SeqCst);
-                            if n == 0 {
+                            if n == 0 && script.first_late {
                                 // Settled, but the answer comes after the service's bound.
                                 std::thread::sleep(std::time::Duration::from_millis(6000));
                             }
@@ -440,6 +430,11 @@ impl MockFacilitator {
 
 /// An x402 payment of the offer for 1 unit (1000 atomic units), with `nonce`.
 fn x402_payment(nonce: &str) -> String {
+    x402_payment_until(nonce, "4102444800")
+}
+
+/// The same, whose authorization is valid before `valid_before` (Unix seconds).
+fn x402_payment_until(nonce: &str, valid_before: &str) -> String {
     let payload = json!({
         "x402Version": 2,
         "accepted": {"scheme": "exact", "network": "eip155:84532", "amount": "1000",
@@ -448,7 +443,7 @@ fn x402_payment(nonce: &str) -> String {
         "payload": {"signature": "0x00", "authorization": {
             "from": "0x00000000000000000000000000000000000000cc",
             "to": "0x00000000000000000000000000000000000000b0", "value": "1000",
-            "validAfter": "0", "validBefore": "4102444800", "nonce": nonce}},
+            "validAfter": "0", "validBefore": valid_before, "nonce": nonce}},
     });
     b64(payload.to_string().as_bytes())
 }
@@ -477,26 +472,47 @@ fn unknown_settle_outcomes_are_reconciled() {
         }
         with_x402(&args)
     };
+    // A facilitator whose first settle is late (its second settles or not, the
+    // chain says the nonce is used or not), and a service with or without the RPC.
+    let late = |second_settles: bool, used_on_chain: bool, rpc: bool| {
+        let mock = MockFacilitator::start(Script {
+            first_late: true,
+            second_settles,
+            used_on_chain,
+        });
+        let b = service(&mock, rpc);
+        (mock, b)
+    };
 
     // The first settle landed (the chain says the nonce is used): served, paid once.
-    let mock = MockFacilitator::start(Script {
-        second_settles: false,
-        used_on_chain: true,
-    });
-    let b = service(&mock, true);
+    let (mock, b) = late(false, true, true);
     let r = pay(b.addr(), Some(&x402_payment("0x01")), "x402", 1, "u-1");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["payment_response"]["reconciled"], true, "{r:?}");
     assert_eq!((mock.settles(), charged(b.addr())), (2, Some(1)));
 
-    // Nothing landed (the second settle is refused, the nonce is unused): not
-    // served, not paid, and the payment is free again.
-    let mock = MockFacilitator::start(Script {
-        second_settles: false,
-        used_on_chain: false,
-    });
-    let b = service(&mock, true);
-    let r = pay(b.addr(), Some(&x402_payment("0x02")), "x402", 1, "u-2");
+    // The second settle is refused and the nonce is unused, but the
+    // authorization is still valid: the first settlement may be pending and
+    // land later, so the outcome stays unknown (503, held), not "unpaid".
+    let (mock, b) = late(false, false, true);
+    let r = pay(b.addr(), Some(&x402_payment("0x05")), "x402", 1, "u-6");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.text().contains("may still land"), "{r:?}");
+    let again = pay(b.addr(), Some(&x402_payment("0x05")), "x402", 1, "u-7");
+    assert_eq!(again.status, 402, "held: {again:?}");
+    assert_eq!((mock.settles(), charged(b.addr())), (2, None));
+
+    // Nothing landed and nothing can (the second settle is refused, the nonce
+    // is unused and the authorization has expired): not served, not paid, and
+    // the payment is free again.
+    let (mock, b) = late(false, false, true);
+    let r = pay(
+        b.addr(),
+        Some(&x402_payment_until("0x02", "1")),
+        "x402",
+        1,
+        "u-2",
+    );
     assert_eq!(r.status, 402, "{r:?}");
     assert_eq!(r.json()["problem"], "verification-failed", "{r:?}");
     assert!(
@@ -506,11 +522,7 @@ fn unknown_settle_outcomes_are_reconciled() {
     assert_eq!((mock.settles(), charged(b.addr())), (2, None));
 
     // The second settle settles (the first had not): served, paid once.
-    let mock = MockFacilitator::start(Script {
-        second_settles: true,
-        used_on_chain: false,
-    });
-    let b = service(&mock, true);
+    let (mock, b) = late(true, false, true);
     let r = pay(b.addr(), Some(&x402_payment("0x03")), "x402", 1, "u-3");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(
@@ -521,11 +533,7 @@ fn unknown_settle_outcomes_are_reconciled() {
 
     // No chain to ask: the outcome stays unknown, 503, and the payment is held
     // (sent again by another request, refused without settling again).
-    let mock = MockFacilitator::start(Script {
-        second_settles: false,
-        used_on_chain: true,
-    });
-    let b = service(&mock, false);
+    let (mock, b) = late(false, true, false);
     let r = pay(b.addr(), Some(&x402_payment("0x04")), "x402", 1, "u-4");
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.text().contains("outcome unknown"), "{r:?}");
@@ -539,4 +547,109 @@ fn unknown_settle_outcomes_are_reconciled() {
         "{again:?}"
     );
     assert_eq!((mock.settles(), charged(b.addr())), (2, None));
+}
+
+/// A facilitator that settles at once, and a service settling through it.
+fn settling_at_once() -> (MockFacilitator, Balance) {
+    let mock = MockFacilitator::start(Script {
+        first_late: false,
+        second_settles: true,
+        used_on_chain: false,
+    });
+    let url = format!("http://{}", mock.addr);
+    let b = with_x402(&["--x402-facilitator-url", &url]);
+    (mock, b)
+}
+
+/// A payment is settled only when the request it pays can be recorded: a key
+/// that names no account, or a request id already charged to another account,
+/// is refused before the facilitator is asked to settle (a settled payment
+/// cannot be given back, and recording it would fail).
+#[test]
+fn payments_that_cannot_be_recorded_are_not_settled() {
+    let (mock, b) = settling_at_once();
+    let a = b.addr();
+    let keyed = |key: &str, payment: &str, rid: &str| {
+        post_json(
+            a,
+            "/v1/authorize",
+            &[("x-request-id", rid)],
+            &json!({"account": key, "cost": 1, "route": "inference", "method": "POST",
+                    "path": "/v1/chat/completions", "request_id": rid,
+                    "payment": payment, "payment_scheme": "x402"}),
+        )
+    };
+
+    // A key that names no account.
+    let r = keyed("no-such-key", &x402_payment("0x11"), "k-1");
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(mock.settles(), 0, "settled for a request that was refused");
+
+    // A request id already charged to another account (alice's).
+    let r = post_json(
+        a,
+        "/v1/authorize",
+        &[("x-request-id", "k-2")],
+        &json!({"account": "demo-key-alice", "cost": 1, "route": "inference",
+                "method": "POST", "path": "/v1/chat/completions", "request_id": "k-2"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = pay(a, Some(&x402_payment("0x12")), "x402", 1, "k-2");
+    assert_eq!(r.status, 409, "{r:?}");
+    assert_eq!(mock.settles(), 0, "settled for a request that was refused");
+    // The same request id, charged to the same account from its balance, then
+    // sent with a payment: settling it would charge the request twice.
+    let r = keyed("demo-key-alice", &x402_payment("0x13"), "k-2");
+    assert_eq!(r.status, 409, "{r:?}");
+    assert_eq!(mock.settles(), 0, "settled a request already charged");
+
+    // The control: the same payment for a request that can be recorded is settled.
+    let r = keyed("demo-key-bob", &x402_payment("0x11"), "k-3");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["account_id"], "acct_bob", "{r:?}");
+    assert_eq!(mock.settles(), 1);
+}
+
+/// A Payment-scheme credential paid once: sent again by another request, its
+/// challenge is an already-used one, which the draft answers `invalid-challenge`
+/// (x402 has no challenge: its replay stays `verification-failed`).
+#[test]
+fn a_used_payment_challenge_is_an_invalid_challenge() {
+    use farebox_balance::mpp::challenge_hash;
+    let (mock, b) = settling_at_once();
+    let a = b.addr();
+    let offer = pay(a, None, "payment", 1, "m-0").json();
+    let c = &offer["challenges"][0];
+    let id = c["id"].as_str().unwrap();
+    let b64url = |v: &Value| {
+        b64(v.to_string().as_bytes())
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    };
+    let credential = b64url(&json!({
+        "challenge": {"id": id, "realm": "api.test", "method": c["method"], "intent": c["intent"],
+                      "request": b64url(&c["request"]), "expires": c["expires"]},
+        "payload": {"type": "authorization", "from": "0x00000000000000000000000000000000000000cc",
+                    "to": c["request"]["recipient"], "value": c["request"]["amount"],
+                    "validAfter": "0", "validBefore": "4102444800",
+                    "nonce": challenge_hash(id, "api.test"), "signature": "0x00"},
+    }));
+    let r = pay(a, Some(&credential), "payment", 1, "m-1");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["payment_receipt"]["challengeId"], id, "{r:?}");
+    let again = pay(a, Some(&credential), "payment", 1, "m-2");
+    assert_eq!(again.status, 402, "{again:?}");
+    assert_eq!(again.json()["problem"], "invalid-challenge", "{again:?}");
+    // An x402 replay of the same authorization: no challenge, verification-failed.
+    let x402 = pay(
+        a,
+        Some(&x402_payment(&challenge_hash(id, "api.test"))),
+        "x402",
+        1,
+        "m-3",
+    );
+    assert_eq!(x402.status, 402, "{x402:?}");
+    assert_eq!(x402.json()["problem"], "verification-failed", "{x402:?}");
+    assert_eq!(mock.settles(), 1, "paid once");
 }

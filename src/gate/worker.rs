@@ -130,10 +130,10 @@ impl Worker {
         let seq = self.request_seq.get().wrapping_add(1);
         self.request_seq.set(seq);
         if self.tag.get() == 0 {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(host.now_ms());
-            self.tag.set(h.finish() | 1);
+            // Without the host's randomness, the clock of the first id still tells
+            // most workers apart.
+            let tag = getrandom::u64().unwrap_or_else(|_| host.now_ms());
+            self.tag.set(tag | 1);
         }
         format!("fbx-{:x}-{:016x}-{seq:x}", host.now_ms(), self.tag.get())
     }

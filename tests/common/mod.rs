@@ -1961,3 +1961,14 @@ pub fn assert_ledger_exact(acct: &Value) {
         "ledger does not balance: {acct}"
     );
 }
+
+/// Lower-case hex SHA-256 of `data` (the `sha256` of a module in Envoy and Istio configs).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data)
+        .iter()
+        .fold(String::new(), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
+}

@@ -599,6 +599,18 @@ pub enum PaidOutcome {
     UnknownCredential,
 }
 
+/// Why a verified payment is not settled: recording it would fail, or charge
+/// the request twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayRefusal {
+    /// The key that names the paying account is not known.
+    UnknownCredential,
+    /// The request id is charged to another account.
+    OtherAccount { account_id: String },
+    /// The request id is charged to this account already, not by this payment.
+    AlreadyCharged { account_id: String },
+}
+
 /// Who a payment is recorded for.
 #[derive(Debug, Clone)]
 pub enum Payer {
@@ -1280,6 +1292,16 @@ impl Store {
         request_id: String,
     ) -> Result<Option<bool>> {
         in_tx!(self, |tx| ops::payment_use(tx, &payment_id, &request_id))
+    }
+
+    /// Why a payment for `payer` and `request_id` must not be settled (see
+    /// [`ops::pay_refusal`]); asked after [`Store::payment_use`].
+    pub async fn pay_refusal(
+        &self,
+        payer: Payer,
+        request_id: String,
+    ) -> Result<Option<PayRefusal>> {
+        in_tx!(self, |tx| ops::pay_refusal(tx, &payer, &request_id))
     }
 
     /// Records a request paid by a verified payment (see [`PaidCharge`]).

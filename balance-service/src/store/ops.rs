@@ -13,8 +13,8 @@ use super::{
     BudgetState, CancelOutcome, ChargeRefund, ChargeRow, ChargeStatus, CreateOutcome, LeaseInput,
     LeaseOutcome, LeaseRefundInput, LeaseRefundOutcome, LeaseRefunded, LeaseRow, LeaseSettings,
     LeaseState, LeaseUsageOutcome, NewAccount, NewCharge, NewEvent, NewLeaseRefund, NewTopup,
-    NewUsage, PaidCharge, PaidOutcome, Payer, RefundOutcome, Result, SettleOutcome, Settled,
-    StoreError, TopupOutcome, Tx, UsageItemRow, UsageLine, UsageOutcome, USAGE_ROUTE,
+    NewUsage, PaidCharge, PaidOutcome, PayRefusal, Payer, RefundOutcome, Result, SettleOutcome,
+    Settled, StoreError, TopupOutcome, Tx, UsageItemRow, UsageLine, UsageOutcome, USAGE_ROUTE,
 };
 use crate::config::ExpiryPolicy;
 use crate::util::{now_ms, random_hex, sha256_hex};
@@ -1039,6 +1039,36 @@ pub async fn payment_use<T: Tx>(
             .await?
             .is_some_and(|c| c.account_id == owner),
     ))
+}
+
+/// Why a payment of `request_id` for `payer` must not be settled, asked
+/// before it is: a settled payment cannot be given back.
+pub async fn pay_refusal<T: Tx>(
+    tx: &mut T,
+    payer: &Payer,
+    request_id: &str,
+) -> Result<Option<PayRefusal>> {
+    let account_id = match payer {
+        Payer::Key(credential) => match tx
+            .account_by_key(&sha256_hex(credential.as_bytes()))
+            .await?
+        {
+            Some(a) => a.account_id,
+            None => return Ok(Some(PayRefusal::UnknownCredential)),
+        },
+        Payer::Account(id) => id.clone(),
+    };
+    // The caller asked `payment_use` first: a charge of this request is not
+    // this payment's, so settling would charge the request twice.
+    Ok(tx.charge(request_id).await?.map(|c| {
+        if c.account_id == account_id {
+            PayRefusal::AlreadyCharged { account_id }
+        } else {
+            PayRefusal::OtherAccount {
+                account_id: c.account_id,
+            }
+        }
+    }))
 }
 
 pub async fn pay<T: Tx>(tx: &mut T, p: &PaidCharge) -> Result<PaidOutcome> {
