@@ -214,7 +214,7 @@ pub fn registered_problem(slug: &str) -> Option<&'static str> {
 /// The status a payment failure is answered with: the registry's 400 for a method the
 /// server does not take (a client that retries with the same method would fail again),
 /// 402 for the rest, which a new payment can fix.
-pub fn problem_status(slug: &str) -> u16 {
+pub fn problem_status(slug: &str) -> u32 {
     if slug == "method-unsupported" {
         400
     } else {
