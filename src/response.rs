@@ -401,6 +401,14 @@ mod tests {
         );
         assert_eq!(body(&r)["title"], "Verification Failed");
         assert_eq!(r.status, 402);
+        // A method the server does not take: 400, as the registry gives it.
+        let d = Denial {
+            problem: Some("method-unsupported"),
+            ..d
+        };
+        let r = payment_required(&cfg(""), "r", &d, Freshness::NoStore);
+        assert_eq!(r.status, 400);
+        assert_eq!(body(&r)["status"], 400);
     }
 
     #[test]
