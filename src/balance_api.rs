@@ -5,7 +5,8 @@ use std::fmt;
 
 use serde_json::{json, Value};
 
-use crate::config::{Config, MAX_AMOUNT};
+use crate::amount::MAX_AMOUNT;
+use crate::config::Config;
 use crate::decision::{Decision, Denial, Paid};
 use crate::host::Host;
 use crate::lease::Grant;

@@ -19,6 +19,7 @@ use raw::{
 };
 use reader::{At, Reader};
 
+use crate::amount::MAX_AMOUNT;
 use crate::identity::CredentialSource;
 use crate::mcp::McpPricing;
 use crate::pricing::{PathPattern, Pricing, Route};
@@ -26,8 +27,6 @@ use crate::tokens::{Api, ModelFrom, PriceTable, Prices, UnknownModel, MAX_MODEL_
 use crate::usage::UsageSpec;
 use sha2::{Digest, Sha256};
 
-/// Largest integer every JSON implementation reads exactly (2^53 - 1).
-pub const MAX_AMOUNT: u64 = 9_007_199_254_740_991;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_CACHE_ENTRIES: u64 = 10_000_000;
 

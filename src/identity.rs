@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::pricing::percent_decode;
+use crate::uri::percent_decode;
 
 /// Longer credentials are refused before they reach the balance service or the hash.
 pub const MAX_CREDENTIAL_LEN: usize = 4096;

@@ -18,8 +18,6 @@ use sha2::{Digest, Sha256};
 
 const FORMAT_VERSION: u8 = 2;
 const KEY_PREFIX: &str = "farebox:lease2:";
-/// How many times a spend retries after losing a CAS race before it gives up.
-pub const MAX_CAS_RETRIES: u32 = 64;
 /// A lease is renewed ahead of need once fewer than this share of its grant is left.
 const LOW_WATER_DIVISOR: u64 = 4;
 

@@ -14,6 +14,7 @@
 )]
 
 pub mod access_log;
+pub mod amount;
 pub mod balance_api;
 pub mod cache;
 pub mod config;
@@ -29,8 +30,11 @@ pub mod metrics;
 pub mod outbox;
 pub mod payments;
 pub mod pricing;
+pub mod problem;
 pub mod response;
+pub mod shared_data;
 pub mod tokens;
+pub mod uri;
 pub mod usage;
 
 /// The in-memory host: native tests, and the fuzz crate (feature `fake`).

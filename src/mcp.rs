@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use crate::response;
+use crate::problem;
 
 /// JSON-RPC error code of an unpaid call that is not a tool call: x402's MCP
 /// convention (402, as HTTP's status). It lies outside the range JSON-RPC reserves
@@ -199,7 +199,7 @@ fn decode_header_value(raw: &str) -> String {
 /// HTTP 400, code [`HEADER_MISMATCH_CODE`], the problem (RFC 9457) in `error.data`.
 pub fn mismatch_body(id: &Value, problem: &[u8]) -> Vec<u8> {
     let data = serde_json::from_slice::<Value>(problem).unwrap_or(Value::Object(Map::new()));
-    let message = response::summary(&data);
+    let message = problem::summary(&data);
     json!({"jsonrpc": "2.0", "id": id,
            "error": {"code": HEADER_MISMATCH_CODE, "message": message, "data": data}})
     .to_string()
@@ -428,7 +428,7 @@ impl AnswerWatch {
 pub fn refusal_body(id: &Value, tool_call: bool, problem: &[u8], x402: Option<&Value>) -> Vec<u8> {
     let data = serde_json::from_slice::<Value>(problem).unwrap_or(Value::Object(Map::new()));
     let status = data.get("status").and_then(Value::as_u64).unwrap_or(500);
-    let message = response::summary(&data);
+    let message = problem::summary(&data);
     let answer = if tool_call && status == 402 {
         let mut structured = match &data {
             Value::Object(m) => m.clone(),

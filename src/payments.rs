@@ -6,9 +6,6 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::decision::Paid;
-use crate::host::HttpHost;
-
 /// What the balance service offers a client that cannot pay from its balance.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Offer {
@@ -211,29 +208,15 @@ pub fn registered_problem(slug: &str) -> Option<&'static str> {
     .find(|s| *s == slug)
 }
 
-/// Tells the client of its payment on the upstream's response: x402's
-/// `PAYMENT-RESPONSE` always (the payment was settled before the request went
-/// on), the Payment scheme's `Payment-Receipt` on a 2xx (the draft's success).
-/// Either makes the response the paying client's alone: `Cache-Control` gains
-/// `private`, so no shared cache serves it (or its proof) to another account.
-pub fn tell_payment(host: &impl HttpHost, paid: Paid) {
-    match paid {
-        Paid::X402(settlement) => {
-            host.set_response_header("payment-response", &x402_response_header(&settlement));
-        }
-        Paid::Receipt(receipt) => {
-            let ok = host
-                .response_header(":status")
-                .is_some_and(|s| s.len() == 3 && s.first() == Some(&b'2'));
-            if !ok {
-                return;
-            }
-            host.set_response_header("payment-receipt", &payment_receipt_header(&receipt));
-        }
+/// The status a payment failure is answered with: the registry's 400 for a method the
+/// server does not take (a client that retries with the same method would fail again),
+/// 402 for the rest, which a new payment can fix.
+pub fn problem_status(slug: &str) -> u32 {
+    if slug == "method-unsupported" {
+        400
+    } else {
+        402
     }
-    let existing = host.response_header("cache-control");
-    let existing = existing.as_deref().map(String::from_utf8_lossy);
-    host.set_response_header("cache-control", &private_cache_control(existing.as_deref()));
 }
 
 /// `Cache-Control` for a response only its requester may keep: shared-cache
@@ -362,6 +345,9 @@ mod tests {
             Some("verification-failed")
         );
         assert_eq!(registered_problem("made-up"), None);
+        assert_eq!(problem_status("method-unsupported"), 400);
+        assert_eq!(problem_status("verification-failed"), 402);
+        assert_eq!(problem_status("invalid-challenge"), 402);
         let r = payment_receipt_header(&json!({"status": "success"}));
         assert!(!r.contains('=') && !r.contains('+') && !r.contains('/'));
         assert_eq!(

@@ -4,6 +4,7 @@
 use std::fmt;
 
 use crate::mcp::McpPricing;
+use crate::uri::readings;
 use crate::usage::UsageSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +65,7 @@ impl PathPattern {
         Ok(PathPattern::Glob(segments))
     }
 
-    /// `path` must already be normalized (see [`normalize_path`]).
+    /// `path` must already be normalized (see [`crate::uri::normalize_path`]).
     pub fn matches(&self, path: &str) -> bool {
         match self {
             PathPattern::Exact(p) => path == p,
@@ -139,7 +140,7 @@ impl Pricing {
         (best, normalized)
     }
 
-    /// `path` must already be normalized (see [`normalize_path`]).
+    /// `path` must already be normalized (see [`crate::uri::normalize_path`]).
     pub fn price(&self, method: &str, path: &str) -> Price<'_> {
         match self.routes.iter().find(|r| r.matches(method, path)) {
             Some(r) => Price {
@@ -153,134 +154,6 @@ impl Pricing {
                 rule: None,
             },
         }
-    }
-}
-
-/// The path sent to the balance service and logged: query and fragment cut off,
-/// escapes of unreserved characters decoded (`%2e` is `.`), dot segments resolved
-/// as RFC 3986 does, then repeated slashes merged. `%2F` stays as it is: it is
-/// data, not a separator, to an upstream that follows the RFC.
-pub fn normalize_path(raw: &str) -> String {
-    reading(raw, Decode::Unreserved)
-}
-
-/// How much of the path's percent-encoding an upstream might decode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decode {
-    Nothing,
-    Unreserved,
-    Everything,
-}
-
-fn reading(raw: &str, decode: Decode) -> String {
-    let end = raw.find(['?', '#']).unwrap_or(raw.len());
-    let path = raw.get(..end).unwrap_or(raw);
-    let decoded = match decode {
-        Decode::Nothing => path.to_string(),
-        Decode::Unreserved => decode_unreserved(path),
-        Decode::Everything => String::from_utf8_lossy(&percent_decode(path)).into_owned(),
-    };
-    merge_slashes(&remove_dot_segments(&decoded))
-}
-
-/// Every way an upstream might read the path, the normalized one first. Upstreams
-/// differ on `%2F` and `%2e%2e`, so a request is priced by the dearest reading:
-/// no escaping trick can make a priced path cost less than it does.
-pub fn readings(raw: &str) -> Vec<String> {
-    let normalized = normalize_path(raw);
-    if !raw.contains('%') {
-        return vec![normalized];
-    }
-    let mut all = vec![normalized];
-    for decode in [Decode::Everything, Decode::Nothing] {
-        let r = reading(raw, decode);
-        if !all.contains(&r) {
-            all.push(r);
-        }
-    }
-    all
-}
-
-/// RFC 3986 section 5.2.4, on an absolute path: `.` and `..` segments go, an empty
-/// segment counts as a segment.
-fn remove_dot_segments(path: &str) -> String {
-    let body = path.strip_prefix('/').unwrap_or(path);
-    let mut out: Vec<&str> = Vec::new();
-    let mut trailing = false;
-    for seg in body.split('/') {
-        trailing = false;
-        match seg {
-            "." => trailing = true,
-            ".." => {
-                out.pop();
-                trailing = true;
-            }
-            s => out.push(s),
-        }
-    }
-    let mut result = String::with_capacity(path.len() + 1);
-    for seg in &out {
-        result.push('/');
-        result.push_str(seg);
-    }
-    if trailing || result.is_empty() {
-        result.push('/');
-    }
-    result
-}
-
-fn merge_slashes(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for c in path.chars() {
-        if c == '/' && out.ends_with('/') {
-            continue;
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Decodes `%XX` only where XX is an unreserved character (RFC 3986 2.3), as every
-/// normalizer may.
-fn decode_unreserved(path: &str) -> String {
-    let unreserved = |c: u8| c.is_ascii_alphanumeric() || b"-._~".contains(&c);
-    String::from_utf8_lossy(&decode_where(path, unreserved)).into_owned()
-}
-
-pub fn percent_decode(input: &str) -> Vec<u8> {
-    decode_where(input, |_| true)
-}
-
-/// Decodes the `%XX` escapes whose byte `wanted` accepts; leaves the rest as written.
-fn decode_where(input: &str, wanted: impl Fn(u8) -> bool) -> Vec<u8> {
-    let bytes = input.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hi = bytes.get(i + 1).and_then(|c| hex_value(*c));
-            let lo = bytes.get(i + 2).and_then(|c| hex_value(*c));
-            if let (Some(hi), Some(lo)) = (hi, lo) {
-                let c = hi << 4 | lo;
-                if wanted(c) {
-                    out.push(c);
-                    i += 3;
-                    continue;
-                }
-            }
-        }
-        out.push(b);
-        i += 1;
-    }
-    out
-}
-
-fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
     }
 }
 
@@ -370,36 +243,8 @@ mod tests {
     }
 
     #[test]
-    fn normalization_defeats_encoding_tricks() {
-        assert_eq!(normalize_path("/health?x=1"), "/health");
-        assert_eq!(normalize_path("/health#frag"), "/health");
-        assert_eq!(normalize_path("//v1//models/a/infer"), "/v1/models/a/infer");
-        assert_eq!(
-            normalize_path("/health/../v1/models/a/infer"),
-            "/v1/models/a/infer"
-        );
-        assert_eq!(normalize_path("/health/%2e%2e/v1/x"), "/v1/x");
-        // %2F is data to an RFC upstream: the normalized path keeps it...
-        assert_eq!(
-            normalize_path("/health%2F..%2Fv1%2Fx"),
-            "/health%2F..%2Fv1%2Fx"
-        );
-        // ...but a decoding upstream reads it as a separator, and that reading counts too.
-        assert!(readings("/health%2F..%2Fv1%2Fx").contains(&"/v1/x".to_string()));
-        assert_eq!(normalize_path("/docs/./a"), "/docs/a");
-        assert_eq!(normalize_path("/../../etc"), "/etc");
-        assert_eq!(normalize_path(""), "/");
-        assert_eq!(normalize_path("/docs/"), "/docs/");
-        assert_eq!(normalize_path("/a/b/.."), "/a/");
-        assert_eq!(normalize_path("/%zz%4"), "/%zz%4");
-        assert_eq!(normalize_path("/%ff"), "/%ff");
-        assert_eq!(
-            normalize_path("/v1/models/m1/infer//.."),
-            "/v1/models/m1/infer/"
-        );
-        assert_eq!(normalize_path("%"), "/%");
+    fn encoding_tricks_pay_the_dearest_reading() {
         let p = pricing();
-        // A priced path dressed up as a free one still pays.
         // A priced path dressed up as a free one still pays, whichever way it is read.
         for tricky in [
             "/docs/..%2fv1/models/m/infer",

@@ -6,7 +6,8 @@ use serde_json::{Map, Value};
 use crate::config::Config;
 use crate::decision::Denial;
 use crate::identity::CredentialSource;
-use crate::payments::PROBLEM_REGISTRY;
+use crate::payments::{self, PROBLEM_REGISTRY};
+use crate::problem::summary;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -103,7 +104,7 @@ pub fn payment_required(cfg: &Config, route: &str, denial: &Denial, freshness: F
                 .collect();
             typed_problem(
                 format!("{PROBLEM_REGISTRY}{slug}"),
-                402,
+                payments::problem_status(slug),
                 &title.join(" "),
                 &denial.detail,
                 extra,
@@ -217,30 +218,6 @@ pub fn header_mismatch(cfg: &Config, detail: &str) -> Reply {
         Map::new(),
         Freshness::NoStore,
     )
-}
-
-/// "Payment Required: <detail> (price 5, balance 1)": a refusal in one line for a
-/// person, as clients that show only a message (MCP's, OpenAI's) display it.
-pub fn summary(problem: &Value) -> String {
-    let text = |k: &str| problem.get(k).and_then(Value::as_str);
-    let mut message = text("title").unwrap_or("Refused").to_string();
-    if let Some(detail) = text("detail") {
-        message.push_str(": ");
-        message.push_str(detail);
-    }
-    let numbers: Vec<String> = ["price", "balance"]
-        .iter()
-        .filter_map(|k| {
-            problem
-                .get(*k)
-                .and_then(Value::as_i64)
-                .map(|n| format!("{k} {n}"))
-        })
-        .collect();
-    if !numbers.is_empty() {
-        message.push_str(&format!(" ({})", numbers.join(", ")));
-    }
-    message
 }
 
 /// The same refusal with OpenAI's `error: {message, type, code}` beside the problem
@@ -424,6 +401,14 @@ mod tests {
         );
         assert_eq!(body(&r)["title"], "Verification Failed");
         assert_eq!(r.status, 402);
+        // A method the server does not take: 400, as the registry gives it.
+        let d = Denial {
+            problem: Some("method-unsupported"),
+            ..d
+        };
+        let r = payment_required(&cfg(""), "r", &d, Freshness::NoStore);
+        assert_eq!(r.status, 400);
+        assert_eq!(body(&r)["status"], 400);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::config::MAX_AMOUNT;
+use crate::amount::MAX_AMOUNT;
 
 /// Whose usage shape the body has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

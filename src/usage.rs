@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::config::MAX_AMOUNT;
+use crate::amount::MAX_AMOUNT;
 use crate::tokens::{self, ModelFrom, PriceTable, Reported, Tokens};
 
 /// How a route's usage is priced.

@@ -14,7 +14,7 @@ use farebox::cache::{self, CacheKey, Entry, Lookup};
 use farebox::config::Config;
 use farebox::decision::Decision;
 use farebox::lease::{self, LeaseRecord, Step};
-use farebox::pricing::normalize_path;
+use farebox::uri::normalize_path;
 
 const CREDENTIAL: &str = "fbk-regression-5e3c7a";
 

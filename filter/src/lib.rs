@@ -48,10 +48,6 @@ type MetricIds = Rc<[Option<u32>; Metric::ALL.len()]>;
 #[derive(Clone, Default)]
 struct WasmHost {
     metrics: MetricIds,
-    /// Calls started through this host, and the last token: lets the root tell
-    /// whether a woken stream started a call (whose answer the root receives).
-    calls_started: Rc<Cell<u64>>,
-    last_call: Rc<Cell<u32>>,
     /// Counts not yet handed to the host: added up here and flushed by the timer,
     /// so a request costs no metric hostcall at all.
     pending: Rc<[Cell<u64>; Metric::ALL.len()]>,
@@ -99,15 +95,10 @@ impl Host for WasmHost {
         body: &[u8],
         timeout: Duration,
     ) -> Result<u32, String> {
-        let token =
-            hostcalls::dispatch_http_call(cluster, headers.to_vec(), Some(body), vec![], timeout)
-                .map_err(|status| {
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), Some(body), vec![], timeout)
+            .map_err(|status| {
                 format!("host refused the call ({status:?}); is the cluster defined?")
-            })?;
-        self.calls_started
-            .set(self.calls_started.get().wrapping_add(1));
-        self.last_call.set(token);
-        Ok(token)
+            })
     }
 
     fn now_ms(&self) -> u64 {
@@ -298,12 +289,10 @@ impl Root {
     fn wake_parked(&self) {
         let parked = std::mem::take(&mut self.waiting.borrow_mut().parked);
         for (id, gate) in parked {
-            let calls_before = self.host.calls_started.get();
             match self.on_stream(id, &gate, |g| g.on_wake(&self.host.stream())) {
                 Some(Flow::Park) => self.waiting.borrow_mut().parked.push((id, gate)),
                 // A call made while the root is the active context answers to the root.
-                Some(Flow::Pause) if self.host.calls_started.get() != calls_before => {
-                    let token = self.host.last_call.get();
+                Some(Flow::Pause(Some(token))) => {
                     log::debug!(
                         "woken stream {id} made call {token}; its answer comes to the root"
                     );
@@ -478,7 +467,7 @@ impl Stream {
         gate.publish_access_log(&self.host.stream());
         match flow {
             Flow::Continue => Action::Continue,
-            Flow::Pause => Action::Pause,
+            Flow::Pause(_) => Action::Pause,
             Flow::Park => {
                 self.waiting
                     .borrow_mut()

@@ -7,7 +7,7 @@ use arbitrary::Arbitrary;
 use farebox::balance_api::{
     parse_authorize, parse_lease, parse_max_age, parse_retry_after, LeaseAnswer,
 };
-use farebox::config::MAX_AMOUNT;
+use farebox::amount::MAX_AMOUNT;
 use farebox::decision::Decision;
 use fuzz_support::{visible_ascii, Answer};
 use libfuzzer_sys::fuzz_target;

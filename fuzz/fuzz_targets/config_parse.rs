@@ -3,7 +3,8 @@
 //! documented bounds and can price any request.
 #![no_main]
 
-use farebox::config::{Config, MAX_AMOUNT};
+use farebox::amount::MAX_AMOUNT;
+use farebox::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

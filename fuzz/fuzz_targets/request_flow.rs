@@ -1,6 +1,7 @@
-//! Whole requests through the gate (src/gate.rs) against the in-memory host: random
-//! sequences of every callback Envoy makes (request headers, body and trailers, callout
-//! answers of every shape or none at all, timers, response headers and body, the log),
+//! Whole requests through the gate (src/gate.rs and its phases in src/gate/) against the
+//! in-memory host: random sequences of every callback Envoy makes (request headers, body
+//! and trailers, callout answers of every shape or none at all, timers, response headers
+//! and body, the log),
 //! several streams at once on one worker, with host errors switched on and off on any call.
 //! The balance service is a model that keeps a ledger of what it charged and refunded.
 //!

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use arbitrary::Arbitrary;
 use farebox::config::Config;
 use farebox::identity::{CredentialSource, MAX_CREDENTIAL_LEN};
-use farebox::pricing::{normalize_path, readings};
+use farebox::uri::{normalize_path, readings};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]

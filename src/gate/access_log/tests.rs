@@ -54,7 +54,10 @@ fn an_authorized_request_then_its_refund() {
     let mut g = gate(CONFIG, &worker);
     let host = keyed("POST", "/v1/models/m/infer", "secret-key");
     let mut fields = Vec::new();
-    assert_eq!(g.on_request_headers(&host), Flow::Pause);
+    assert_eq!(
+        g.on_request_headers(&host),
+        Flow::Pause(Some(host.last_call().token))
+    );
     // Priced before the answer: route and cost are known, nothing else.
     assert_eq!(
         published(&mut g, &mut fields),
@@ -88,7 +91,10 @@ fn a_denial_names_the_account_from_the_service_and_from_the_cache() {
     let worker = Rc::new(Worker::default());
     let host = keyed("GET", "/v1/x", "k");
     let mut first = gate(CONFIG, &worker);
-    assert_eq!(first.on_request_headers(&host), Flow::Pause);
+    assert_eq!(
+        first.on_request_headers(&host),
+        Flow::Pause(Some(host.last_call().token))
+    );
     let token = host.last_call().token;
     let deny = answer(
         402,
@@ -109,7 +115,7 @@ fn a_denial_names_the_account_from_the_service_and_from_the_cache() {
         &[("x-api-key", "k"), ("x-request-id", "r-2")],
     );
     let mut second = gate(CONFIG, &worker);
-    assert_eq!(second.on_request_headers(&again), Flow::Pause);
+    assert_eq!(second.on_request_headers(&again), Flow::Pause(None));
     assert!(again.calls.borrow().is_empty(), "served from the cache");
     let mut fields = Vec::new();
     assert_eq!(
@@ -165,7 +171,10 @@ fn a_lease_spend_names_the_lease() {
     let config = r#"{"cluster": "balance", "mode": "lease", "lease_want": 10}"#;
     let host = keyed("GET", "/v1/x", "k");
     let mut g = gate(config, &worker);
-    assert_eq!(g.on_request_headers(&host), Flow::Pause);
+    assert_eq!(
+        g.on_request_headers(&host),
+        Flow::Pause(Some(host.last_call().token))
+    );
     let token = host.last_call().token;
     let grant = answer(
         200,

@@ -68,8 +68,7 @@ impl Bench {
         // As the glue does: the headers callback reads the headers through a snapshot.
         let mut flow = gate.on_request_headers_eos(&Snapshot::new(host), true);
         gate.publish_access_log(host);
-        if let (Flow::Pause, Some(answer)) = (flow, answer) {
-            let token = host.last_call().token;
+        if let (Flow::Pause(Some(token)), Some(answer)) = (flow, answer) {
             flow = gate.on_callout_response(host, token, answer);
             gate.publish_access_log(host);
             if flow == Flow::Continue {
