@@ -306,11 +306,9 @@ impl Gate {
     /// Hands the changed access-log fields to the host (one property each). Must run
     /// with the stream as the effective context.
     pub fn publish_access_log(&mut self, host: &impl HttpHost) {
-        if !self.access.is_dirty() {
-            return;
-        }
-        for (name, value) in self.access.changes() {
-            host.set_property(name, &value);
+        if self.access.is_dirty() {
+            self.access
+                .publish(|name, value| host.set_property(name, value));
         }
     }
 
