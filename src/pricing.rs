@@ -127,6 +127,11 @@ impl Pricing {
     /// Prices a request by every reading of its raw `:path` and keeps the dearest;
     /// the path returned is the normalized one, for the balance service.
     pub fn price_request(&self, method: &str, raw_path: &str) -> (Price<'_>, String) {
+        if !raw_path.contains('%') {
+            // One reading only (see [`readings`]): no list to build.
+            let normalized = normalize_path(raw_path);
+            return (self.price(method, &normalized), normalized);
+        }
         let mut readings = readings(raw_path).into_iter();
         let normalized = readings.next().unwrap_or_else(|| "/".to_string());
         let mut best = self.price(method, &normalized);
@@ -175,12 +180,24 @@ enum Decode {
 fn reading(raw: &str, decode: Decode) -> String {
     let end = raw.find(['?', '#']).unwrap_or(raw.len());
     let path = raw.get(..end).unwrap_or(raw);
+    if is_normal(path) {
+        return path.to_string();
+    }
     let decoded = match decode {
         Decode::Nothing => path.to_string(),
         Decode::Unreserved => decode_unreserved(path),
         Decode::Everything => String::from_utf8_lossy(&percent_decode(path)).into_owned(),
     };
     merge_slashes(&remove_dot_segments(&decoded))
+}
+
+/// A path every reading leaves as it is (the common case, checked before building
+/// anything): absolute, no escapes, no empty, `.` or `..` segment.
+fn is_normal(path: &str) -> bool {
+    path.starts_with('/')
+        && !path.contains('%')
+        && !path.contains("//")
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 /// Every way an upstream might read the path, the normalized one first. Upstreams
