@@ -2289,8 +2289,11 @@ fn spend_extra(host: &impl Host, key: &str, lease_id: &str, extra: u64) -> bool 
 }
 
 fn text(v: Option<Vec<u8>>) -> String {
-    v.map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
+    // Valid UTF-8 (every header Envoy lets through, nearly) keeps its buffer: no copy.
+    v.map(|b| {
+        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]
