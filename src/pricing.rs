@@ -183,6 +183,11 @@ fn reading(raw: &str, decode: Decode) -> String {
     if is_normal(path) {
         return path.to_string();
     }
+    normalized(path, decode)
+}
+
+/// [`reading`] of a path already cut at its query, the long way.
+fn normalized(path: &str, decode: Decode) -> String {
     let decoded = match decode {
         Decode::Nothing => path.to_string(),
         Decode::Unreserved => decode_unreserved(path),
@@ -303,6 +308,38 @@ fn hex_value(c: u8) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn normal_paths_read_as_the_long_way_reads_them() {
+        for p in [
+            "/",
+            "/a",
+            "/a/",
+            "/free/bench",
+            "/v1/models/x/infer",
+            "/a.b/c..d/.e",
+            "/a/...",
+            "/a/./b",
+            "/a/../b",
+            "/a//b",
+            "//",
+            "/a/.",
+            "/a/..",
+            "a/b",
+            "",
+            "/%2e%2e/x",
+            "/a%2Fb",
+            "/~user/-_.",
+        ] {
+            for decode in [Decode::Unreserved, Decode::Everything, Decode::Nothing] {
+                if is_normal(p) {
+                    assert_eq!(normalized(p, decode), p, "{p} {decode:?}");
+                }
+            }
+        }
+        assert!(is_normal("/free/bench"));
+        assert!(!is_normal("/a/./b") && !is_normal("/a//b") && !is_normal("/%41"));
+    }
     use super::*;
 
     fn route(name: &str, methods: Option<&[&str]>, pattern: PathPattern, cost: u64) -> Route {
