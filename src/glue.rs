@@ -27,11 +27,6 @@ const LEASE_TICK: Duration = Duration::from_millis(10);
 /// authorize mode): each is one hostcall per metric that moved.
 const LEASE_TICKS_PER_FLUSH: u32 = 10;
 
-/// Small blocks come from per-size free lists (src/alloc_cache.rs): the allocator is
-/// most of what a request costs inside the VM otherwise.
-#[global_allocator]
-static ALLOCATOR: crate::alloc_cache::AllocCache = crate::alloc_cache::AllocCache::new();
-
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {

@@ -13,7 +13,6 @@
 )]
 
 pub mod access_log;
-pub mod alloc_cache;
 pub mod balance_api;
 pub mod cache;
 pub mod config;
