@@ -210,34 +210,43 @@ impl Record {
     /// published. The cache field is `hit` or absent; an unknown field is never written.
     pub fn changes(&mut self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
+        self.publish(|name, value| out.push((name, value.to_string())));
+        out
+    }
+
+    /// Hands each field that changed since last time to `set` (property name, value)
+    /// and marks them published, without building anything: the values are borrowed
+    /// and numbers are written on the stack, as this runs on every request.
+    pub fn publish(&mut self, mut set: impl FnMut(&'static str, &str)) {
         let dirty = std::mem::take(&mut self.dirty);
         if dirty == 0 {
-            return out;
+            return;
         }
-        for (bit, name) in [ACCOUNT, ROUTE, COST, DECISION, CACHE, LEASE]
-            .into_iter()
-            .zip(FIELDS)
-        {
-            if dirty & bit == 0 {
-                continue;
-            }
-            let value = match bit {
-                ACCOUNT => self.account.clone(),
-                ROUTE => self.route.clone(),
-                COST => self.cost.map(|c| c.to_string()),
-                DECISION => self.decision.map(|d| d.as_str().to_string()),
-                CACHE => self.cache_hit.then(|| "hit".to_string()),
-                _ => self.lease_id.clone(),
-            };
-            if let Some(value) = value {
-                out.push((name, value));
-            }
+        let [account, route, cost, decision, cache, lease] = FIELDS;
+        let mut number = itoa::Buffer::new();
+        if let (true, Some(v)) = (dirty & ACCOUNT != 0, &self.account) {
+            set(account, v);
+        }
+        if let (true, Some(v)) = (dirty & ROUTE != 0, &self.route) {
+            set(route, v);
+        }
+        if let (true, Some(v)) = (dirty & COST != 0, self.cost) {
+            set(cost, number.format(v));
+        }
+        if let (true, Some(v)) = (dirty & DECISION != 0, self.decision) {
+            set(decision, v.as_str());
+        }
+        if dirty & CACHE != 0 && self.cache_hit {
+            set(cache, "hit");
+        }
+        if let (true, Some(v)) = (dirty & LEASE != 0, &self.lease_id) {
+            set(lease, v);
         }
         if let (true, Some(m)) = (dirty & USAGE != 0, &self.usage) {
             let [cost, model, input, cached, creation, output, reasoning] = USAGE_FIELDS;
-            out.push((cost, m.cost.to_string()));
+            set(cost, number.format(m.cost));
             if let Some(name) = &m.model {
-                out.push((model, name.clone()));
+                set(model, name);
             }
             if let Some(t) = &m.tokens {
                 for (field, n) in [
@@ -247,11 +256,10 @@ impl Record {
                     (output, t.output),
                     (reasoning, t.reasoning),
                 ] {
-                    out.push((field, n.to_string()));
+                    set(field, number.format(n));
                 }
             }
         }
-        out
     }
 }
 

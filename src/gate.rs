@@ -308,11 +308,10 @@ impl Gate {
     /// Hands the changed access-log fields to the host (one property each). Must run
     /// with the stream as the effective context.
     pub fn publish_access_log(&mut self, host: &impl HttpHost) {
-        if !self.exchange.access.is_dirty() {
-            return;
-        }
-        for (name, value) in self.exchange.access.changes() {
-            host.set_property(name, &value);
+        if self.exchange.access.is_dirty() {
+            self.exchange
+                .access
+                .publish(|name, value| host.set_property(name, value));
         }
     }
 }
@@ -326,8 +325,11 @@ impl Charge {
 }
 
 fn text(v: Option<Vec<u8>>) -> String {
-    v.map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
+    // Valid UTF-8 (every header Envoy lets through, nearly) keeps its buffer: no copy.
+    v.map(|b| {
+        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -21,12 +21,31 @@ enum Decode {
 fn reading(raw: &str, decode: Decode) -> String {
     let end = raw.find(['?', '#']).unwrap_or(raw.len());
     let path = raw.get(..end).unwrap_or(raw);
+    // Nearly every request's path is already normal: priced as written, it costs no
+    // decoding, dot-segment or slash pass (bench/INSTRUCTIONS.md).
+    if is_normal(path) {
+        return path.to_string();
+    }
+    normalized(path, decode)
+}
+
+/// [`reading`] of a path already cut at its query, the long way.
+fn normalized(path: &str, decode: Decode) -> String {
     let decoded = match decode {
         Decode::Nothing => path.to_string(),
         Decode::Unreserved => decode_unreserved(path),
         Decode::Everything => String::from_utf8_lossy(&percent_decode(path)).into_owned(),
     };
     merge_slashes(&remove_dot_segments(&decoded))
+}
+
+/// A path every reading leaves as it is (the common case, checked before building
+/// anything): absolute, no escapes, no empty, `.` or `..` segment.
+fn is_normal(path: &str) -> bool {
+    path.starts_with('/')
+        && !path.contains('%')
+        && !path.contains("//")
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 /// Every way an upstream might read the path, the normalized one first. Upstreams
@@ -134,6 +153,38 @@ fn hex_value(c: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normal_paths_read_as_the_long_way_reads_them() {
+        for p in [
+            "/",
+            "/a",
+            "/a/",
+            "/free/bench",
+            "/v1/models/x/infer",
+            "/a.b/c..d/.e",
+            "/a/...",
+            "/a/./b",
+            "/a/../b",
+            "/a//b",
+            "//",
+            "/a/.",
+            "/a/..",
+            "a/b",
+            "",
+            "/%2e%2e/x",
+            "/a%2Fb",
+            "/~user/-_.",
+        ] {
+            for decode in [Decode::Unreserved, Decode::Everything, Decode::Nothing] {
+                if is_normal(p) {
+                    assert_eq!(normalized(p, decode), p, "{p} {decode:?}");
+                }
+            }
+        }
+        assert!(is_normal("/free/bench"));
+        assert!(!is_normal("/a/./b") && !is_normal("/a//b") && !is_normal("/%41"));
+    }
 
     #[test]
     fn normalization_defeats_encoding_tricks() {

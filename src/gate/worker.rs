@@ -140,6 +140,9 @@ impl Worker {
 
     pub(super) fn send_renewals(&self, host: &impl Host, cfg: &Config) {
         let queued = std::mem::take(&mut *self.renewals.borrow_mut());
+        if queued.is_empty() {
+            return; // the common tick: no holder id to copy
+        }
         let holder = self.holder.borrow().clone();
         for r in queued {
             let body = lease_body(&LeaseRequest {
