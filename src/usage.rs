@@ -911,4 +911,19 @@ mod tests {
         m.feed(&[b' '; 1000]);
         assert_eq!(m.kept(), 256, "a JSON body keeps its tail");
     }
+
+    #[test]
+    fn a_member_whose_name_only_ends_in_usage_is_not_read_from_the_tail() {
+        // A body past the tail whose last `"usage"` closes a member named `\"usage` (as a
+        // document the client stored may hold): that value is not taken for the usage,
+        // and the hold stands.
+        let body = format!(
+            "{{\"content\": \"{}\", \"usage\": {{\"total_tokens\": 7}}, \"echo\": {{\"\\\"usage\": {{\"total_tokens\": 1}}}}}}",
+            "w".repeat(5_000)
+        );
+        assert!(serde_json::from_str::<Value>(&body).is_ok());
+        let mut m = Meter::new(BodyKind::Json, total(1), 256);
+        feed_in_pieces(&mut m, body.as_bytes(), 1000);
+        assert_eq!(m.finish(), None);
+    }
 }
