@@ -974,4 +974,35 @@ mod tests {
             r#"{"recall": true}"#
         )));
     }
+
+    #[test]
+    fn the_answer_cap_takes_the_largest_refusal_kept_whole_but_no_megabytes() {
+        // The longest detail the filter keeps (512 four-byte characters) and the longest
+        // account id: such a 402 must be read, not refused as too large.
+        let body = format!(
+            r#"{{"allow": false, "balance": -9223372036854775808, "price": 1000000000000, "detail": "{}", "account_id": "{}"}}"#,
+            "€".repeat(MAX_DETAIL_CHARS),
+            "a".repeat(MAX_ACCOUNT_ID_LEN)
+        );
+        assert!(body.len() <= MAX_ANSWER_BYTES, "{} bytes", body.len());
+        match parse(&resp(Some(402), &[], &body)).unwrap().decision {
+            Decision::Deny(d) => assert_eq!(
+                (d.detail.chars().count(), d.account_id.map(|a| a.len())),
+                (MAX_DETAIL_CHARS, Some(MAX_ACCOUNT_ID_LEN))
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            MAX_ANSWER_BYTES < 1024 * 1024,
+            "a lying service copies no megabytes"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_at_most_nine_plain_digits() {
+        assert_eq!(parse_retry_after(b"999999999"), Some(999_999_999));
+        // Ten digits would still fit a u32, and a sign would still parse: both dropped.
+        assert_eq!(parse_retry_after(b"1234567890"), None);
+        assert_eq!(parse_retry_after(b"+5"), None);
+    }
 }
