@@ -1005,4 +1005,21 @@ mod tests {
         assert_eq!(parse_retry_after(b"1234567890"), None);
         assert_eq!(parse_retry_after(b"+5"), None);
     }
+
+    #[test]
+    fn a_grant_whose_account_id_is_no_header_value_is_refused() {
+        // The account id of a grant goes to the upstream in a header, as an allow's does.
+        for account in ["", "a b", "acct\u{e9}", &"a".repeat(MAX_ACCOUNT_ID_LEN + 1)] {
+            let body = json!({"lease_id": "ls_1", "granted": 100, "expires_in_ms": 1000,
+                              "account_id": account})
+            .to_string();
+            assert!(
+                matches!(
+                    parse_lease(&resp(Some(200), &[], &body), 5, 300),
+                    Err(ServiceFailure::BadAnswer(_))
+                ),
+                "{account:?}"
+            );
+        }
+    }
 }
