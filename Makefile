@@ -364,16 +364,22 @@ fuzz-long:
 # Each module's results go to mutants.out/<module>/mutants.out (caught.txt, missed.txt,
 # timeout.txt, unviable.txt); a line a module gives caught/viable, and the target fails
 # when any mutant was missed.
+# The mutants build into a target directory of their own (MUTANTS_TARGET_DIR), kept from
+# run to run: cargo-mutants copies the source tree but not target/ (1 GB), and the
+# dependencies are then built once for every module and every later run, not per module.
+# One target directory serialises the builds, so MUTANTS_JOBS above 1 gains nothing here.
 MUTANTS_MODULES ?= decision identity outbox cache pricing uri lease shared_data usage balance_api gate
 MUTANTS_JOBS ?= 1
-MUTANTS_ARGS ?= --copy-target=true
+MUTANTS_TARGET_DIR ?= $${CARGO_TARGET_DIR:-$(CURDIR)/target}/mutants
+MUTANTS_ARGS ?=
 
 mutants:
 	@command -v cargo-mutants >/dev/null 2>&1 || $(CARGO) install cargo-mutants --locked
 	@missed=0; for m in $(MUTANTS_MODULES); do \
 	  out=mutants.out/$$m; mkdir -p $$out; \
 	  echo "mutants: src/$$m.rs and src/$$m/ (log: $$out/mutants.out/)"; \
-	  $(CARGO) mutants -j $(MUTANTS_JOBS) --file src/$$m.rs --file "src/$$m/*.rs" -o $$out $(MUTANTS_ARGS) > $$out/run.log 2>&1; \
+	  CARGO_TARGET_DIR="$(MUTANTS_TARGET_DIR)" $(CARGO) mutants -j $(MUTANTS_JOBS) --file src/$$m.rs \
+	    --file "src/$$m/*.rs" -o $$out $(MUTANTS_ARGS) > $$out/run.log 2>&1; \
 	  rc=$$?; [ $$rc = 0 ] || [ $$rc = 2 ] || [ $$rc = 3 ] || { tail -n 30 $$out/run.log; exit 1; }; \
 	  n() { cat $$out/mutants.out/$$1.txt 2>/dev/null | wc -l; }; \
 	  c=$$(n caught); t=$$(n timeout); ms=$$(n missed); u=$$(n unviable); \

@@ -980,4 +980,50 @@ mod tests {
             r#"{"recall": true}"#
         )));
     }
+
+    #[test]
+    fn the_answer_cap_takes_the_largest_refusal_kept_whole_but_no_megabytes() {
+        // The longest detail the filter keeps (512 four-byte characters) and the longest
+        // account id: such a 402 must be read, not refused as too large.
+        let body = format!(
+            r#"{{"allow": false, "balance": -9223372036854775808, "price": 1000000000000, "detail": "{}", "account_id": "{}"}}"#,
+            "€".repeat(MAX_DETAIL_CHARS),
+            "a".repeat(MAX_ACCOUNT_ID_LEN)
+        );
+        assert!(body.len() <= MAX_ANSWER_BYTES, "{} bytes", body.len());
+        match parse(&resp(Some(402), &[], &body)).unwrap().decision {
+            Decision::Deny(d) => assert_eq!(
+                (d.detail.chars().count(), d.account_id.map(|a| a.len())),
+                (MAX_DETAIL_CHARS, Some(MAX_ACCOUNT_ID_LEN))
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A lying service copies no megabytes into the VM.
+        const { assert!(MAX_ANSWER_BYTES < 1024 * 1024) };
+    }
+
+    #[test]
+    fn retry_after_is_at_most_nine_plain_digits() {
+        assert_eq!(parse_retry_after(b"999999999"), Some(999_999_999));
+        // Ten digits would still fit a u32, and a sign would still parse: both dropped.
+        assert_eq!(parse_retry_after(b"1234567890"), None);
+        assert_eq!(parse_retry_after(b"+5"), None);
+    }
+
+    #[test]
+    fn a_grant_whose_account_id_is_no_header_value_is_refused() {
+        // The account id of a grant goes to the upstream in a header, as an allow's does.
+        for account in ["", "a b", "acct\u{e9}", &"a".repeat(MAX_ACCOUNT_ID_LEN + 1)] {
+            let body = json!({"lease_id": "ls_1", "granted": 100, "expires_in_ms": 1000,
+                              "account_id": account})
+            .to_string();
+            assert!(
+                matches!(
+                    parse_lease(&resp(Some(200), &[], &body), 5, 300),
+                    Err(ServiceFailure::BadAnswer(_))
+                ),
+                "{account:?}"
+            );
+        }
+    }
 }

@@ -656,4 +656,53 @@ mod tests {
         assert_eq!(want(100, 1), 100);
         assert_eq!(want(100, 250), 250);
     }
+
+    #[test]
+    fn an_overage_spends_up_to_what_is_left_of_the_current_lease() {
+        let (rec, _) = install(ME, None, &grant("ls_1", 10), 4, 0, 0);
+        assert_eq!(spend_extra(&rec, "ls_1", 6).map(|r| r.used), Some(10));
+        assert_eq!(spend_extra(&rec, "ls_1", 2).map(|r| r.used), Some(6));
+        assert_eq!(spend_extra(&rec, "ls_1", 7), None, "more than is left");
+        assert_eq!(
+            spend_extra(&rec, "ls_0", 1),
+            None,
+            "a lease no longer current"
+        );
+    }
+
+    #[test]
+    fn a_refund_can_give_back_everything_spent() {
+        let (rec, _) = install(ME, None, &grant("ls_1", 10), 4, 0, 0);
+        assert_eq!(refund(&rec, "ls_1", 4).map(|r| r.used), Some(0));
+    }
+
+    #[test]
+    fn closing_a_lease_keeps_the_slot_owner_and_a_renewal_under_way() {
+        let (rec, _) = install(ME, None, &grant("ls_1", 10), 1, 0, 0);
+        let renewing = LeaseRecord {
+            renewing_until_ms: 700,
+            ..rec
+        };
+        let (emptied, _) = close(&renewing, "ls_1", 0, true).unwrap();
+        assert!(!emptied.has_lease());
+        assert_eq!((emptied.owner, emptied.renewing_until_ms), (ME, 700));
+        // Others keep waiting for that renewal rather than taking the lock themselves.
+        assert_eq!(step(ME, Some(&emptied), 1, 10, 500, true), Step::Wait);
+    }
+
+    #[test]
+    fn lease_slots_are_bounded_and_spread() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..2000 {
+            let slot = LeaseKey::new("balance", &format!("k{i}")).slot(64);
+            assert!(slot < 64);
+            seen.insert(slot);
+        }
+        assert_eq!(
+            seen.len(),
+            64,
+            "2000 keys should touch every one of 64 slots"
+        );
+        assert_eq!(LeaseKey::new("balance", "k").slot(0), 0);
+    }
 }

@@ -389,6 +389,17 @@ mod tests {
         }
     }
 
+    /// A settle of lease `ls_1`: periodic, or `last` (closing it).
+    fn settle(last: bool) -> Job {
+        Job::Settle {
+            lease_key: "k".into(),
+            lease_id: "ls_1".into(),
+            used: 2,
+            last,
+            seq: 1,
+        }
+    }
+
     fn status(s: Option<u16>) -> CalloutResponse {
         CalloutResponse {
             status: s,
@@ -506,13 +517,6 @@ mod tests {
     fn a_periodic_settle_is_never_retried_and_a_404_on_it_is_a_failure() {
         let host = FakeHost::request("GET", "/", &[]);
         let mut outbox = Outbox::default();
-        let settle = |last| Job::Settle {
-            lease_key: "k".into(),
-            lease_id: "ls_1".into(),
-            used: 2,
-            last,
-            seq: 1,
-        };
         outbox.push(&host, settle(false));
         let done = answer_all(&mut outbox, &host, None);
         assert!(done.len() == 1 && !done[0].ok);
@@ -583,5 +587,31 @@ mod tests {
         for (job, needle) in jobs.iter().zip(["r1", "ls_9", "r2", "r3", "r4"]) {
             assert!(job.describe().contains(needle), "{}", job.describe());
         }
+    }
+
+    #[test]
+    fn only_a_periodic_settle_can_be_told_to_give_its_lease_back() {
+        let host = FakeHost::request("GET", "/", &[]);
+        let mut outbox = Outbox::default();
+        let recall = CalloutResponse {
+            status: Some(200),
+            body: br#"{"recall": true}"#.to_vec(),
+            ..CalloutResponse::default()
+        };
+        let mut answer = |job: Job, resp: &CalloutResponse| {
+            outbox.push(&host, job);
+            outbox.flush(&host, &cfg());
+            let token = host.last_call().token;
+            outbox.on_response(&host, token, resp)
+        };
+        let periodic = answer(settle(false), &recall).unwrap();
+        assert!(periodic.ok && periodic.recall);
+        let plain = answer(settle(false), &status(Some(200))).unwrap();
+        assert!(plain.ok && !plain.recall);
+        // A final settle already gives the lease back, and a refund holds none.
+        let last = answer(settle(true), &recall).unwrap();
+        assert!(last.ok && !last.recall);
+        let refunded = answer(refund("r", false), &recall).unwrap();
+        assert!(refunded.ok && !refunded.recall);
     }
 }

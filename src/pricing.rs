@@ -267,4 +267,32 @@ mod tests {
             "an upstream that does not decode %2e sees /v1/models/..."
         );
     }
+
+    #[test]
+    fn glob_literals_must_match_their_segment() {
+        let g = PathPattern::glob("/v1/models/*/infer").unwrap();
+        assert!(!g.matches("/v1/models/abc/train"));
+        assert!(!g.matches("/v2/models/abc/infer"));
+        assert!(!g.matches("/v1/files/abc/infer"));
+    }
+
+    #[test]
+    fn a_reading_that_costs_the_same_keeps_the_normalized_paths_rule() {
+        // "/a%2Fb" reads as "/a%2Fb" (the normalized path, rule "escaped") and, decoded,
+        // as "/a/b" (rule "plain"), at the same price: the rule of the path sent to the
+        // service is kept, and only a dearer reading replaces it.
+        let p = Pricing {
+            routes: vec![
+                route("escaped", None, PathPattern::Exact("/a%2Fb".into()), 3),
+                route("plain", None, PathPattern::Exact("/a/b".into()), 3),
+            ],
+            default_cost: 1,
+            default_route: "default".into(),
+        };
+        let (price, path) = p.price_request("GET", "/a%2Fb");
+        assert_eq!(
+            (price.route, price.cost, path.as_str()),
+            ("escaped", 3, "/a%2Fb")
+        );
+    }
 }

@@ -216,4 +216,15 @@ mod tests {
         );
         assert_eq!(normalize_path("%"), "/%");
     }
+
+    #[test]
+    fn every_escape_decodes_to_its_byte_in_either_case() {
+        let all: Vec<u8> = (0..=255).collect();
+        let upper: String = all.iter().map(|b| format!("%{b:02X}")).collect();
+        let lower: String = all.iter().map(|b| format!("%{b:02x}")).collect();
+        assert_eq!(percent_decode(&upper), all);
+        assert_eq!(percent_decode(&lower), all);
+        // Unreserved characters written as escapes read as themselves in the normalized path.
+        assert_eq!(normalize_path("/%41%62%63%2D%30%39%5F%7e"), "/Abc-09_~");
+    }
 }

@@ -840,4 +840,90 @@ mod tests {
         );
         assert_eq!(BodyKind::from_content_type("text/html"), None);
     }
+
+    /// `{"pad": …, "usage": {"total_tokens": N}, "meta": {"usage": 0}}` padded to exactly
+    /// `len` bytes: read whole it costs N; read from its tail, the last `"usage"` (the
+    /// nested one) would be taken instead.
+    fn exactly(len: usize, prefix: &str, n: u64, suffix: &str) -> String {
+        let shape = |pad: &str| {
+            format!(
+                "{prefix}{{\"pad\": \"{pad}\", \"usage\": {{\"total_tokens\": {n}}}, \"meta\": {{\"usage\": 0}}}}{suffix}"
+            )
+        };
+        let pad = "x".repeat(len - shape("").len());
+        let body = shape(&pad);
+        assert_eq!(body.len(), len);
+        body
+    }
+
+    #[test]
+    fn a_body_or_event_line_that_exactly_fills_the_limit_is_read_whole() {
+        let body = exactly(200, "", 5, "");
+        let mut m = Meter::new(BodyKind::Json, total(1), 200);
+        m.feed(body.as_bytes());
+        assert_eq!(m.finish(), Some(5));
+        // An event line, its newline included, of exactly the limit; and a short one.
+        for len in [200, 120] {
+            let line = exactly(len, "data: ", 4, "\n");
+            let mut m = Meter::new(BodyKind::EventStream, total(1), 200);
+            m.feed(line.as_bytes());
+            assert_eq!(m.finish(), Some(4), "a line of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn the_model_a_stream_names_early_prices_the_usage_reported_at_its_end() {
+        use crate::tokens::Api;
+        // The usage chunk of some OpenAI-compatible servers names no model: the one
+        // named by the first chunk still prices it, not the request's.
+        let spec = table(Api::OpenAiChat, ModelFrom::Response);
+        let body = format!(
+            "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
+            json!({"model": "big", "choices": [{"delta": {"content": "x"}}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 3}})
+        );
+        same_whatever_the_chunking(
+            &spec,
+            BodyKind::EventStream,
+            &body,
+            "m",
+            Some(10 * 30 + 3 * 150),
+        );
+        // And the access log names the model it was priced by.
+        let mut m = Meter::for_model(BodyKind::EventStream, spec, 4096, Some("m".into()));
+        m.feed(body.as_bytes());
+        let metered = m.finish_metered().unwrap();
+        assert_eq!(
+            (metered.cost, metered.model.as_deref()),
+            (10 * 30 + 3 * 150, Some("big"))
+        );
+    }
+
+    #[test]
+    fn the_meter_reports_the_bytes_it_holds_up_to_its_limit() {
+        let mut m = Meter::new(BodyKind::EventStream, total(1), 256);
+        assert_eq!(m.kept(), 0);
+        m.feed(b"data: {\"choi");
+        assert_eq!(m.kept(), 12, "the unfinished line");
+        m.feed(b"ces\": []}\n");
+        assert_eq!(m.kept(), 0, "a finished line is let go");
+        let mut m = Meter::new(BodyKind::Json, total(1), 256);
+        m.feed(&[b' '; 1000]);
+        assert_eq!(m.kept(), 256, "a JSON body keeps its tail");
+    }
+
+    #[test]
+    fn a_member_whose_name_only_ends_in_usage_is_not_read_from_the_tail() {
+        // A body past the tail whose last `"usage"` closes a member named `\"usage` (as a
+        // document the client stored may hold): that value is not taken for the usage,
+        // and the hold stands.
+        let body = format!(
+            "{{\"content\": \"{}\", \"usage\": {{\"total_tokens\": 7}}, \"echo\": {{\"\\\"usage\": {{\"total_tokens\": 1}}}}}}",
+            "w".repeat(5_000)
+        );
+        assert!(serde_json::from_str::<Value>(&body).is_ok());
+        let mut m = Meter::new(BodyKind::Json, total(1), 256);
+        feed_in_pieces(&mut m, body.as_bytes(), 1000);
+        assert_eq!(m.finish(), None);
+    }
 }
