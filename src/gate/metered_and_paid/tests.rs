@@ -715,6 +715,95 @@ fn lease_mode_usage_adjusts_the_lease() {
     );
 }
 
+/// A lease-mode chat request granted `granted` units whose response reports
+/// `tokens` (at 2 units each, over a hold of 100); `meanwhile` runs on the host
+/// between the response headers and its body. Returns the fixture and the host.
+fn leased_chat(granted: u64, tokens: u64, meanwhile: impl Fn(&FakeHost)) -> (Fixture, FakeHost) {
+    let fx = Fixture::new(&CFG.replace(
+        "\"html_402\": true",
+        "\"mode\": \"lease\", \"lease_want\": 1000",
+    ));
+    *fx.worker.holder.borrow_mut() = "h".into();
+    let grant = answer(
+        200,
+        &[],
+        json!({"lease_id": "ls_1", "granted": granted, "expires_in_ms": 30000, "account_id": "a"}),
+    );
+    let host = FakeHost::request(
+        "POST",
+        "/v1/chat/x",
+        &[("x-api-key", "k"), ("x-request-id", "r")],
+    );
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    respond(&mut gate, &host, host.last_call().token, &grant);
+    host.set_status(200);
+    host.response_headers
+        .borrow_mut()
+        .push(("content-type".into(), b"application/json".to_vec()));
+    gate.on_response_headers(&host);
+    meanwhile(&host);
+    let body = format!(r#"{{"usage": {{"total_tokens": {tokens}}}}}"#);
+    *host.response_chunk.borrow_mut() = body.clone().into_bytes();
+    gate.on_response_body(&host, body.len(), true);
+    (fx, host)
+}
+
+fn lease_used(host: &FakeHost) -> u64 {
+    let (bytes, _) = host
+        .shared
+        .borrow()
+        .get(&crate::lease::LeaseKey::new("balance", "k").slot_key(16_384))
+        .cloned()
+        .expect("a lease slot");
+    crate::lease::LeaseRecord::decode(&bytes)
+        .expect("a lease record")
+        .used
+}
+
+/// What the outbox sends now: (path, body) of each call.
+fn outbox_calls(fx: &Fixture) -> Vec<(String, Value)> {
+    let root = FakeHost::request("GET", "/", &[]);
+    fx.worker.outbox.borrow_mut().flush(&root, &fx.cfg);
+    let calls = root.calls.borrow();
+    calls
+        .iter()
+        .map(|c| (c.header(":path").unwrap_or_default().to_string(), c.body.clone()))
+        .collect()
+}
+
+#[test]
+fn usage_over_the_hold_is_spent_from_the_lease() {
+    // 60 tokens at 2 = 120 against a hold of 100: the 20 more come from the lease.
+    let (fx, host) = leased_chat(1000, 60, |_| {});
+    assert_eq!(lease_used(&host), 120);
+    assert!(outbox_calls(&fx).is_empty(), "the lease paid it all");
+}
+
+#[test]
+fn usage_over_what_the_lease_has_left_is_charged_directly() {
+    // 110 granted, 100 held: the overage of 20 does not fit in the 10 left.
+    let (fx, host) = leased_chat(110, 60, |_| {});
+    assert_eq!(lease_used(&host), 100, "the lease keeps only the hold");
+    let calls = outbox_calls(&fx);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].0, "/v1/usage");
+    assert_eq!(calls[0].1["request_id"], "r-overage");
+    assert_eq!(calls[0].1["actual"], 20, "only the overage, charged once");
+}
+
+#[test]
+fn usage_equal_to_the_hold_settles_nothing_even_without_the_lease() {
+    // The lease is gone by the time the body ends (replaced, closed): an exact
+    // hold has nothing to give back or charge, so no call of zero units is queued.
+    let key = crate::lease::LeaseKey::new("balance", "k").slot_key(16_384);
+    let (fx, _) = leased_chat(1000, 50, |h| {
+        h.shared.borrow_mut().remove(&key);
+    });
+    let calls = outbox_calls(&fx);
+    assert!(calls.is_empty(), "{calls:?}");
+}
+
 #[test]
 fn a_402_offers_x402_and_payment_scheme_challenges() {
     let fx = Fixture::new(CFG);
