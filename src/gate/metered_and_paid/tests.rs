@@ -805,6 +805,63 @@ fn usage_equal_to_the_hold_settles_nothing_even_without_the_lease() {
 }
 
 #[test]
+fn usage_equal_to_the_hold_sends_no_adjustment() {
+    let fx = Fixture::new(CFG);
+    let body = json!({"usage": {"total_tokens": 50}}).to_string();
+    let (host, _) = chat(&fx, &body, "application/json", 200);
+    assert_eq!(host.count_of(Metric::UsageMetered), 1);
+    assert!(queued_usage(&fx).is_empty(), "50 tokens at 2 is the hold of 100");
+}
+
+/// A stream that reports `tokens` of usage and is then cut short.
+fn interrupted_stream(fx: &Fixture, tokens: u64) -> FakeHost {
+    let host = FakeHost::request(
+        "POST",
+        "/v1/chat/x",
+        &[("x-api-key", "k"), ("x-request-id", "req-1")],
+    );
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    respond(
+        &mut gate,
+        &host,
+        host.last_call().token,
+        &allow("acct", 900),
+    );
+    host.set_status(200);
+    host.response_headers
+        .borrow_mut()
+        .push(("content-type".into(), b"text/event-stream".to_vec()));
+    gate.on_response_headers(&host);
+    let chunk = format!("data: {{\"usage\":{{\"total_tokens\":{tokens}}}}}\n\n");
+    *host.response_chunk.borrow_mut() = chunk.clone().into_bytes();
+    gate.on_response_body(&host, chunk.len(), false);
+    gate.on_log(&host);
+    host
+}
+
+#[test]
+fn an_interrupted_stream_pays_what_it_reported_but_never_more_than_the_hold() {
+    let fx = Fixture::new(CFG);
+    let host = interrupted_stream(&fx, 20);
+    assert_eq!(host.count_of(Metric::UsageMetered), 1);
+    assert_eq!(queued_usage(&fx)[0].clone(), Job::Usage {
+        request_id: "req-1".into(),
+        account: "k".into(),
+        actual: 40,
+        line: None,
+    });
+    for tokens in [50, 70] {
+        // At or over the hold, a partial report is no final price: the hold stands.
+        let fx = Fixture::new(CFG);
+        let host = interrupted_stream(&fx, tokens);
+        assert_eq!(host.count_of(Metric::UsageUnread), 1, "{tokens} tokens");
+        assert_eq!(host.count_of(Metric::UsageMetered), 0, "{tokens} tokens");
+        assert!(queued_usage(&fx).is_empty(), "{tokens} tokens");
+    }
+}
+
+#[test]
 fn a_402_offers_x402_and_payment_scheme_challenges() {
     let fx = Fixture::new(CFG);
     let host = FakeHost::request(
@@ -853,6 +910,27 @@ fn a_402_offers_x402_and_payment_scheme_challenges() {
         host.shared.borrow().is_empty(),
         "a denial with challenges is not cached"
     );
+}
+
+#[test]
+fn a_paid_request_is_told_its_balance() {
+    // Paid by its payment, so nothing to give back or meter: the balance is still told.
+    let fx = Fixture::new(&CFG.replace(
+        "\"html_402\": true",
+        "\"html_402\": true, \"balance_header\": \"x-farebox-balance\"",
+    ));
+    let host = FakeHost::request("GET", "/v1/data", &[("payment-signature", "eyJwYXkiOnRydWV9")]);
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    let paid = answer(
+        200,
+        &[],
+        json!({"allow": true, "account_id": "payer_1", "balance": 7, "payment_response": {"success": true, "transaction": "0x1"}}),
+    );
+    respond(&mut gate, &host, host.last_call().token, &paid);
+    host.set_status(200);
+    gate.on_response_headers(&host);
+    assert_eq!(host.client_header("x-farebox-balance").as_deref(), Some("7"));
 }
 
 #[test]
