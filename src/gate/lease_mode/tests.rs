@@ -482,3 +482,73 @@ fn many_workers_never_overspend_a_lease() {
     assert_eq!(calls, 0, "the rest wait for the one renewal");
     assert_eq!(fx.worker.renewals.borrow().len(), 1);
 }
+
+/// The settle calls `root` has made so far.
+fn settles(root: &FakeHost) -> Vec<Value> {
+    root.calls
+        .borrow()
+        .iter()
+        .filter(|c| c.header(":path").is_some_and(|p| p.ends_with("/settle")))
+        .map(|c| c.body.clone())
+        .collect()
+}
+
+#[test]
+fn a_settle_in_flight_is_not_repeated_and_the_interval_restarts_after_it() {
+    let fx = fixture();
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+    let root = host.sibling("GET", "/", &[]);
+    root.advance(1_000);
+    fx.worker.tick(&root, &fx.cfg);
+    let first = root.last_call();
+    assert_eq!(settles(&root).len(), 1);
+    // Unanswered at 1.5 s and when the next one would be due: nothing more is sent.
+    for at in [1_500, 2_000] {
+        root.advance(500);
+        fx.worker.tick(&root, &fx.cfg);
+        assert_eq!(settles(&root).len(), 1, "at {at} ms");
+    }
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, first.token, &status_only(Some(200)));
+    // The heartbeat comes one interval after the tick that found the call out.
+    for (at, step) in [(2_000, 0), (2_500, 500)] {
+        root.advance(step);
+        fx.worker.tick(&root, &fx.cfg);
+        assert_eq!(settles(&root).len(), 1, "at {at} ms");
+    }
+    root.advance(500);
+    fx.worker.tick(&root, &fx.cfg);
+    assert_eq!(
+        settles(&root),
+        vec![
+            json!({"used": 1, "final": false, "seq": 1}),
+            json!({"used": 1, "final": false, "seq": 2})
+        ]
+    );
+}
+
+#[test]
+fn a_spent_out_lease_once_reported_needs_no_heartbeat() {
+    let fx = fixture();
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 1));
+    assert_eq!(record(&host).remaining(), 0);
+    let root = host.sibling("GET", "/", &[]);
+    root.advance(1_000);
+    fx.worker.tick(&root, &fx.cfg);
+    let settle = root
+        .calls
+        .borrow()
+        .iter()
+        .find(|c| c.header(":path").is_some_and(|p| p.ends_with("/settle")))
+        .map(|c| c.token)
+        .expect("the spend is reported");
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, settle, &status_only(Some(200)));
+    root.advance(1_000);
+    fx.worker.tick(&root, &fx.cfg);
+    assert_eq!(
+        settles(&root),
+        vec![json!({"used": 1, "final": false, "seq": 1})],
+        "nothing unspent, nothing unreported: no call until it closes"
+    );
+}
