@@ -552,3 +552,44 @@ fn a_spent_out_lease_once_reported_needs_no_heartbeat() {
         "nothing unspent, nothing unreported: no call until it closes"
     );
 }
+
+/// Spends a lease of 3 to its last unit with `out` renewals ahead of need already
+/// sent; returns whether the timer then sends one for this account.
+fn renews_ahead_with(out: usize) -> bool {
+    let fx = fixture();
+    for i in 0..out {
+        let renewal = super::worker::Renewal {
+            slot: format!("slot-{i}"),
+            key: LeaseKey::new("balance", &format!("other-{i}")),
+            credential: format!("other-{i}"),
+            cost: 1,
+            request_id: format!("r-{i}"),
+        };
+        fx.worker.renewing.borrow_mut().push((90_000 + i as u32, renewal));
+    }
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+    for _ in 0..2 {
+        let other = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        assert_eq!(fx.gate().on_request_headers(&other), Flow::Continue);
+    }
+    assert_eq!(record(&host).used, 3);
+    let root = host.sibling("GET", "/", &[]);
+    fx.worker.tick(&root, &fx.cfg);
+    let leases = root
+        .calls
+        .borrow()
+        .iter()
+        .filter(|c| c.header(":path") == Some("/v1/leases"))
+        .count();
+    leases == 1
+}
+
+#[test]
+fn renewals_ahead_of_need_are_bounded_per_worker() {
+    assert!(renews_ahead_with(0));
+    assert!(renews_ahead_with(super::worker::MAX_RENEWALS - 1));
+    assert!(
+        !renews_ahead_with(super::worker::MAX_RENEWALS),
+        "past the bound the lease is renewed when it runs out"
+    );
+}
