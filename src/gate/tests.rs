@@ -734,3 +734,19 @@ fn a_response_with_nothing_to_give_back_or_tell_is_not_read() {
     let host = served_from_a_cached_allow(&config);
     assert_eq!(host.host_call_counts(), vec![]);
 }
+
+#[test]
+fn made_up_ids_are_unique_across_workers_at_the_same_moment() {
+    // Workers lay out memory alike and share the clock: only their random tag tells
+    // their ids apart, and the service deduplicates by id.
+    let host = FakeHost::request("GET", "/", &[]);
+    let workers: Vec<Worker> = (0..8).map(|_| Worker::default()).collect();
+    let ids: std::collections::HashSet<String> =
+        workers.iter().map(|w| w.make_id(&host)).collect();
+    assert_eq!(ids.len(), workers.len(), "{ids:?}");
+    // One worker keeps its tag: its ids differ by sequence only.
+    let w = Worker::default();
+    let (a, b) = (w.make_id(&host), w.make_id(&host));
+    assert_eq!(a.rsplit_once('-').map(|x| x.0), b.rsplit_once('-').map(|x| x.0));
+    assert_ne!(a, b);
+}
