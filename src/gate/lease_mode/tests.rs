@@ -593,3 +593,37 @@ fn renewals_ahead_of_need_are_bounded_per_worker() {
         "past the bound the lease is renewed when it runs out"
     );
 }
+
+/// A lease of 3 spent to its last unit: a renewal ahead of need is queued. Returns
+/// the fixture, the request's host and the root context's.
+fn renewal_queued() -> (Fixture, FakeHost, FakeHost) {
+    let fx = fixture();
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+    for _ in 0..2 {
+        let other = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        assert_eq!(fx.gate().on_request_headers(&other), Flow::Continue);
+    }
+    let root = host.sibling("GET", "/", &[]);
+    (fx, host, root)
+}
+
+#[test]
+fn a_failed_renewal_ahead_of_need_is_tried_again_one_interval_later() {
+    let (fx, host, root) = renewal_queued();
+    fx.worker.tick(&root, &fx.cfg);
+    let renew = root.last_call();
+    assert_eq!(renew.header(":path"), Some("/v1/leases"));
+    let now = root.now.get();
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, renew.token, &status_only(Some(500)));
+    assert_eq!(record(&host).ahead_not_before_ms, now + 1_000);
+}
+
+#[test]
+fn an_undispatchable_renewal_ahead_of_need_is_tried_again_one_interval_later() {
+    let (fx, host, root) = renewal_queued();
+    root.refuse_dispatch.set(true);
+    fx.worker.tick(&root, &fx.cfg);
+    assert_eq!(root.count_of(Metric::CalloutFailures), 1);
+    assert_eq!(record(&host).ahead_not_before_ms, root.now.get() + 1_000);
+}
