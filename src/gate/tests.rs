@@ -750,3 +750,36 @@ fn made_up_ids_are_unique_across_workers_at_the_same_moment() {
     assert_eq!(a.rsplit_once('-').map(|x| x.0), b.rsplit_once('-').map(|x| x.0));
     assert_ne!(a, b);
 }
+
+#[test]
+fn a_failed_open_request_that_is_not_served_is_refunded() {
+    // The service may have charged before its answer was lost: if the upstream then
+    // fails, that possible charge goes back like any other unserved request's.
+    let fx = Fixture::new(r#"{"cluster": "balance", "failure_mode": "open"}"#);
+    let (host, mut gate) = with_answer(&fx, keyed("/a", "k"), answer(500, &[], Value::Null));
+    assert_eq!(host.count_of(Metric::FailOpen), 1);
+    assert_eq!(fx.queued_refunds(), 0);
+    host.set_status(503);
+    gate.on_response_headers(&host);
+    assert_eq!(fx.queued_refunds(), 1);
+}
+
+#[test]
+fn an_empty_last_chunk_is_not_read() {
+    let fx = Fixture::new(
+        r#"{"cluster": "balance", "routes": [{"name": "chat", "prefix": "/v1/chat/",
+            "usage": {"json_pointer": "/usage/total_tokens", "unit_cost": 2, "estimate": 100}}]}"#,
+    );
+    let (host, mut gate) = with_answer(&fx, keyed("/v1/chat/x", "k"), allow("acct", 900));
+    host.set_status(200);
+    host.response_headers
+        .borrow_mut()
+        .push(("content-type".into(), b"application/json".to_vec()));
+    gate.on_response_headers(&host);
+    host.host_calls.borrow_mut().clear();
+    gate.on_response_body(&host, 0, true);
+    assert_eq!(
+        host.host_calls.borrow().get(&crate::fake::HostCall::ResponseBody),
+        None
+    );
+}

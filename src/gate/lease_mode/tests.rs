@@ -627,3 +627,22 @@ fn an_undispatchable_renewal_ahead_of_need_is_tried_again_one_interval_later() {
     assert_eq!(root.count_of(Metric::CalloutFailures), 1);
     assert_eq!(record(&host).ahead_not_before_ms, root.now.get() + 1_000);
 }
+
+#[test]
+fn an_answer_for_another_lease_call_is_ignored() {
+    let fx = fixture();
+    let host = keyed("/a", "k");
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    let token = host.last_call().token;
+    assert_eq!(
+        gate.on_callout_response(&host, token + 1, &grant("ls_1", 3)),
+        Flow::Pause(None)
+    );
+    assert_eq!(host.upstream_header("x-farebox-account"), None);
+    assert_eq!(
+        gate.on_callout_response(&host, token, &grant("ls_1", 3)),
+        Flow::Continue,
+        "the real answer still counts"
+    );
+}

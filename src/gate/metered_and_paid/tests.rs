@@ -155,6 +155,13 @@ fn mcp_plumbing_is_free() {
 
 /// A paid MCP call, allowed, then answered by the upstream with `body`.
 fn mcp_answered(fx: &Fixture, content_type: &str, body: &str) -> FakeHost {
+    let bytes = body.as_bytes();
+    let half = bytes.len() / 2;
+    mcp_answered_in(fx, content_type, &[(&bytes[..half], false), (&bytes[half..], true)])
+}
+
+/// An MCP tool call answered with `chunks` (each with its end-of-stream flag).
+fn mcp_answered_in(fx: &Fixture, content_type: &str, chunks: &[(&[u8], bool)]) -> FakeHost {
     let call =
         json!({"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {"name": "search"}});
     let (host, mut gate, flow) = mcp_call(fx, call);
@@ -165,13 +172,23 @@ fn mcp_answered(fx: &Fixture, content_type: &str, body: &str) -> FakeHost {
         .borrow_mut()
         .push(("content-type".into(), content_type.as_bytes().to_vec()));
     gate.on_response_headers(&host);
-    let bytes = body.as_bytes();
-    let half = bytes.len() / 2;
-    for (chunk, eos) in [(&bytes[..half], false), (&bytes[half..], true)] {
+    for (chunk, eos) in chunks {
         *host.response_chunk.borrow_mut() = chunk.to_vec();
-        gate.on_response_body(&host, chunk.len(), eos);
+        gate.on_response_body(&host, chunk.len(), *eos);
     }
     host
+}
+
+#[test]
+fn an_mcp_answers_empty_last_chunk_is_not_read() {
+    let fx = Fixture::new(CFG);
+    let err = r#"{"jsonrpc":"2.0","id":42,"error":{"code":-32602,"message":"Unknown tool"}}"#;
+    let host = mcp_answered_in(&fx, "application/json", &[(err.as_bytes(), false), (b"", true)]);
+    assert_eq!(fx.queued_refunds(), 1, "the error is still seen at the end");
+    assert_eq!(
+        host.host_calls.borrow().get(&crate::fake::HostCall::ResponseBody),
+        Some(&1)
+    );
 }
 
 #[test]
