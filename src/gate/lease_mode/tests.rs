@@ -646,3 +646,32 @@ fn an_answer_for_another_lease_call_is_ignored() {
         "the real answer still counts"
     );
 }
+
+/// The first answer to a request's lease call is a recall 402 that asks to retry
+/// after 1 s, under a recall wait of `recall_wait_ms`: what the gate does with it.
+fn first_recall_waiting(recall_wait_ms: u64) -> (Flow, FakeHost) {
+    let fx = Fixture::new(&LEASE.replace(
+        "\"timeout_ms\": 300",
+        &format!("\"timeout_ms\": 300, \"lease_recall_wait_ms\": {recall_wait_ms}"),
+    ));
+    *fx.worker.holder.borrow_mut() = "envoy-test".into();
+    let host = keyed("/a", "k");
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    let recall = answer(
+        402,
+        &[("cache-control", "no-store")],
+        json!({"balance": 0, "price": 1, "recall": true, "retry_after_ms": 1_000}),
+    );
+    let flow = gate.on_callout_response(&host, host.last_call().token, &recall);
+    (flow, host)
+}
+
+#[test]
+fn a_recall_may_ask_to_wait_up_to_the_recall_wait_and_no_longer() {
+    let (flow, host) = first_recall_waiting(1_000);
+    assert_eq!(flow, Flow::Park, "a retry exactly at the bound is waited for");
+    assert!(host.reply().is_none());
+    let (_, host) = first_recall_waiting(999);
+    assert_eq!(host.reply().expect("a refusal").status, 402);
+}
