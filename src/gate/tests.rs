@@ -682,7 +682,11 @@ fn payments_never_reach_the_upstream_of_a_free_route() {
     let mut gate = fx.gate();
     assert_eq!(gate.on_request_headers(&host), Flow::Continue);
     for name in ["payment-signature", "x-payment", "authorization"] {
-        assert_eq!(host.upstream_header(name), None, "{name} reached the upstream");
+        assert_eq!(
+            host.upstream_header(name),
+            None,
+            "{name} reached the upstream"
+        );
     }
 }
 
@@ -692,7 +696,10 @@ fn a_free_routes_own_authorization_goes_on() {
     let host = FakeHost::request(
         "GET",
         "/health",
-        &[("x-payment", "eyJ4NDAyIjp0cnVlfQ"), ("authorization", "Bearer upstream-tok")],
+        &[
+            ("x-payment", "eyJ4NDAyIjp0cnVlfQ"),
+            ("authorization", "Bearer upstream-tok"),
+        ],
     );
     let mut gate = fx.gate();
     assert_eq!(gate.on_request_headers(&host), Flow::Continue);
@@ -741,13 +748,15 @@ fn made_up_ids_are_unique_across_workers_at_the_same_moment() {
     // their ids apart, and the service deduplicates by id.
     let host = FakeHost::request("GET", "/", &[]);
     let workers: Vec<Worker> = (0..8).map(|_| Worker::default()).collect();
-    let ids: std::collections::HashSet<String> =
-        workers.iter().map(|w| w.make_id(&host)).collect();
+    let ids: std::collections::HashSet<String> = workers.iter().map(|w| w.make_id(&host)).collect();
     assert_eq!(ids.len(), workers.len(), "{ids:?}");
     // One worker keeps its tag: its ids differ by sequence only.
     let w = Worker::default();
     let (a, b) = (w.make_id(&host), w.make_id(&host));
-    assert_eq!(a.rsplit_once('-').map(|x| x.0), b.rsplit_once('-').map(|x| x.0));
+    assert_eq!(
+        a.rsplit_once('-').map(|x| x.0),
+        b.rsplit_once('-').map(|x| x.0)
+    );
     assert_ne!(a, b);
 }
 
@@ -779,7 +788,9 @@ fn an_empty_last_chunk_is_not_read() {
     host.host_calls.borrow_mut().clear();
     gate.on_response_body(&host, 0, true);
     assert_eq!(
-        host.host_calls.borrow().get(&crate::fake::HostCall::ResponseBody),
+        host.host_calls
+            .borrow()
+            .get(&crate::fake::HostCall::ResponseBody),
         None
     );
 }

@@ -565,7 +565,10 @@ fn renews_ahead_with(out: usize) -> bool {
             cost: 1,
             request_id: format!("r-{i}"),
         };
-        fx.worker.renewing.borrow_mut().push((90_000 + i as u32, renewal));
+        fx.worker
+            .renewing
+            .borrow_mut()
+            .push((90_000 + i as u32, renewal));
     }
     let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
     for _ in 0..2 {
@@ -670,7 +673,11 @@ fn first_recall_waiting(recall_wait_ms: u64) -> (Flow, FakeHost) {
 #[test]
 fn a_recall_may_ask_to_wait_up_to_the_recall_wait_and_no_longer() {
     let (flow, host) = first_recall_waiting(1_000);
-    assert_eq!(flow, Flow::Park, "a retry exactly at the bound is waited for");
+    assert_eq!(
+        flow,
+        Flow::Park,
+        "a retry exactly at the bound is waited for"
+    );
     assert!(host.reply().is_none());
     let (_, host) = first_recall_waiting(999);
     assert_eq!(host.reply().expect("a refusal").status, 402);

@@ -157,7 +157,11 @@ fn mcp_plumbing_is_free() {
 fn mcp_answered(fx: &Fixture, content_type: &str, body: &str) -> FakeHost {
     let bytes = body.as_bytes();
     let half = bytes.len() / 2;
-    mcp_answered_in(fx, content_type, &[(&bytes[..half], false), (&bytes[half..], true)])
+    mcp_answered_in(
+        fx,
+        content_type,
+        &[(&bytes[..half], false), (&bytes[half..], true)],
+    )
 }
 
 /// An MCP tool call answered with `chunks` (each with its end-of-stream flag).
@@ -183,10 +187,16 @@ fn mcp_answered_in(fx: &Fixture, content_type: &str, chunks: &[(&[u8], bool)]) -
 fn an_mcp_answers_empty_last_chunk_is_not_read() {
     let fx = Fixture::new(CFG);
     let err = r#"{"jsonrpc":"2.0","id":42,"error":{"code":-32602,"message":"Unknown tool"}}"#;
-    let host = mcp_answered_in(&fx, "application/json", &[(err.as_bytes(), false), (b"", true)]);
+    let host = mcp_answered_in(
+        &fx,
+        "application/json",
+        &[(err.as_bytes(), false), (b"", true)],
+    );
     assert_eq!(fx.queued_refunds(), 1, "the error is still seen at the end");
     assert_eq!(
-        host.host_calls.borrow().get(&crate::fake::HostCall::ResponseBody),
+        host.host_calls
+            .borrow()
+            .get(&crate::fake::HostCall::ResponseBody),
         Some(&1)
     );
 }
@@ -785,7 +795,12 @@ fn outbox_calls(fx: &Fixture) -> Vec<(String, Value)> {
     let calls = root.calls.borrow();
     calls
         .iter()
-        .map(|c| (c.header(":path").unwrap_or_default().to_string(), c.body.clone()))
+        .map(|c| {
+            (
+                c.header(":path").unwrap_or_default().to_string(),
+                c.body.clone(),
+            )
+        })
         .collect()
 }
 
@@ -827,7 +842,10 @@ fn usage_equal_to_the_hold_sends_no_adjustment() {
     let body = json!({"usage": {"total_tokens": 50}}).to_string();
     let (host, _) = chat(&fx, &body, "application/json", 200);
     assert_eq!(host.count_of(Metric::UsageMetered), 1);
-    assert!(queued_usage(&fx).is_empty(), "50 tokens at 2 is the hold of 100");
+    assert!(
+        queued_usage(&fx).is_empty(),
+        "50 tokens at 2 is the hold of 100"
+    );
 }
 
 /// A stream that reports `tokens` of usage and is then cut short.
@@ -862,12 +880,15 @@ fn an_interrupted_stream_pays_what_it_reported_but_never_more_than_the_hold() {
     let fx = Fixture::new(CFG);
     let host = interrupted_stream(&fx, 20);
     assert_eq!(host.count_of(Metric::UsageMetered), 1);
-    assert_eq!(queued_usage(&fx)[0].clone(), Job::Usage {
-        request_id: "req-1".into(),
-        account: "k".into(),
-        actual: 40,
-        line: None,
-    });
+    assert_eq!(
+        queued_usage(&fx)[0].clone(),
+        Job::Usage {
+            request_id: "req-1".into(),
+            account: "k".into(),
+            actual: 40,
+            line: None,
+        }
+    );
     for tokens in [50, 70] {
         // At or over the hold, a partial report is no final price: the hold stands.
         let fx = Fixture::new(CFG);
@@ -936,7 +957,11 @@ fn a_paid_request_is_told_its_balance() {
         "\"html_402\": true",
         "\"html_402\": true, \"balance_header\": \"x-farebox-balance\"",
     ));
-    let host = FakeHost::request("GET", "/v1/data", &[("payment-signature", "eyJwYXkiOnRydWV9")]);
+    let host = FakeHost::request(
+        "GET",
+        "/v1/data",
+        &[("payment-signature", "eyJwYXkiOnRydWV9")],
+    );
     let mut gate = fx.gate();
     gate.on_request_headers(&host);
     let paid = answer(
@@ -947,7 +972,10 @@ fn a_paid_request_is_told_its_balance() {
     respond(&mut gate, &host, host.last_call().token, &paid);
     host.set_status(200);
     gate.on_response_headers(&host);
-    assert_eq!(host.client_header("x-farebox-balance").as_deref(), Some("7"));
+    assert_eq!(
+        host.client_header("x-farebox-balance").as_deref(),
+        Some("7")
+    );
 }
 
 #[test]
