@@ -677,66 +677,16 @@ fn no_usage_keeps_the_hold_and_5xx_is_refunded() {
 #[test]
 fn an_abandoned_stream_is_charged_the_hold() {
     let fx = Fixture::new(CFG);
-    let host = FakeHost::request("POST", "/v1/chat/x", &[("x-api-key", "k")]);
-    let mut gate = fx.gate();
-    gate.on_request_headers(&host);
-    respond(
-        &mut gate,
-        &host,
-        host.last_call().token,
-        &allow("acct", 900),
-    );
-    host.set_status(200);
-    host.response_headers
-        .borrow_mut()
-        .push(("content-type".into(), b"text/event-stream".to_vec()));
-    gate.on_response_headers(&host);
-    *host.response_chunk.borrow_mut() = b"data: {\"choices\":[]}\n\n".to_vec();
-    gate.on_response_body(&host, 22, false);
-    gate.on_log(&host);
+    let host = interrupted_stream(&fx, "data: {\"choices\":[]}\n\n");
     assert_eq!(host.count_of(Metric::UsageUnread), 1);
     assert_eq!(fx.queued_refunds(), 0);
 }
 
 #[test]
 fn lease_mode_usage_adjusts_the_lease() {
-    let fx = Fixture::new(&CFG.replace(
-        "\"html_402\": true",
-        "\"mode\": \"lease\", \"lease_want\": 1000",
-    ));
-    *fx.worker.holder.borrow_mut() = "h".into();
-    let grant = answer(
-        200,
-        &[],
-        json!({"lease_id": "ls_1", "granted": 1000, "expires_in_ms": 30000, "account_id": "a"}),
-    );
-    let host = FakeHost::request(
-        "POST",
-        "/v1/chat/x",
-        &[("x-api-key", "k"), ("x-request-id", "r")],
-    );
-    let mut gate = fx.gate();
-    gate.on_request_headers(&host);
-    respond(&mut gate, &host, host.last_call().token, &grant);
-    let used = |h: &FakeHost| {
-        let (bytes, _) = h
-            .shared
-            .borrow()
-            .get(&crate::lease::LeaseKey::new("balance", "k").slot_key(16_384))
-            .cloned()
-            .unwrap();
-        crate::lease::LeaseRecord::decode(&bytes).unwrap().used
-    };
-    assert_eq!(used(&host), 100);
-    host.set_status(200);
-    host.response_headers
-        .borrow_mut()
-        .push(("content-type".into(), b"application/json".to_vec()));
-    gate.on_response_headers(&host);
-    *host.response_chunk.borrow_mut() = br#"{"usage": {"total_tokens": 15}}"#.to_vec();
-    gate.on_response_body(&host, 31, true);
+    let (_, host) = leased_chat(1000, 15, |h| assert_eq!(lease_used(h), 100, "the hold"));
     assert_eq!(
-        used(&host),
+        lease_used(&host),
         30,
         "15 tokens at 2: the rest of the hold is back in the lease"
     );
@@ -848,8 +798,8 @@ fn usage_equal_to_the_hold_sends_no_adjustment() {
     );
 }
 
-/// A stream that reports `tokens` of usage and is then cut short.
-fn interrupted_stream(fx: &Fixture, tokens: u64) -> FakeHost {
+/// A stream whose first chunk is `chunk`, then cut short.
+fn interrupted_stream(fx: &Fixture, chunk: &str) -> FakeHost {
     let host = FakeHost::request(
         "POST",
         "/v1/chat/x",
@@ -868,17 +818,20 @@ fn interrupted_stream(fx: &Fixture, tokens: u64) -> FakeHost {
         .borrow_mut()
         .push(("content-type".into(), b"text/event-stream".to_vec()));
     gate.on_response_headers(&host);
-    let chunk = format!("data: {{\"usage\":{{\"total_tokens\":{tokens}}}}}\n\n");
-    *host.response_chunk.borrow_mut() = chunk.clone().into_bytes();
+    *host.response_chunk.borrow_mut() = chunk.as_bytes().to_vec();
     gate.on_response_body(&host, chunk.len(), false);
     gate.on_log(&host);
     host
 }
 
+fn usage_event(tokens: u64) -> String {
+    format!("data: {{\"usage\":{{\"total_tokens\":{tokens}}}}}\n\n")
+}
+
 #[test]
 fn an_interrupted_stream_pays_what_it_reported_but_never_more_than_the_hold() {
     let fx = Fixture::new(CFG);
-    let host = interrupted_stream(&fx, 20);
+    let host = interrupted_stream(&fx, &usage_event(20));
     assert_eq!(host.count_of(Metric::UsageMetered), 1);
     assert_eq!(
         queued_usage(&fx)[0].clone(),
@@ -892,7 +845,7 @@ fn an_interrupted_stream_pays_what_it_reported_but_never_more_than_the_hold() {
     for tokens in [50, 70] {
         // At or over the hold, a partial report is no final price: the hold stands.
         let fx = Fixture::new(CFG);
-        let host = interrupted_stream(&fx, tokens);
+        let host = interrupted_stream(&fx, &usage_event(tokens));
         assert_eq!(host.count_of(Metric::UsageUnread), 1, "{tokens} tokens");
         assert_eq!(host.count_of(Metric::UsageMetered), 0, "{tokens} tokens");
         assert!(queued_usage(&fx).is_empty(), "{tokens} tokens");
