@@ -682,3 +682,31 @@ fn a_recall_may_ask_to_wait_up_to_the_recall_wait_and_no_longer() {
     let (_, host) = first_recall_waiting(999);
     assert_eq!(host.reply().expect("a refusal").status, 402);
 }
+
+#[test]
+fn a_waiter_waits_up_to_its_bound_and_no_longer() {
+    // The bound: two call timeouts (300 ms), a second, and the recall wait (2,500 ms).
+    let fx = fixture();
+    let first = keyed("/a", "k");
+    fx.gate().on_request_headers(&first);
+    let host = first.sibling("GET", "/a", &[("x-api-key", "k")]);
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&host), Flow::Park);
+    // Lease calls that never end keep the lock taken (1,300 ms each) meanwhile.
+    for step in [1_400, 1_350, 1_310] {
+        host.advance(step);
+        let other = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        let flow = fx.gate().on_request_headers(&other);
+        assert_eq!(flow, Flow::Pause(Some(other.last_call().token)));
+    }
+    host.advance(40);
+    assert_eq!(
+        gate.on_wake(&host),
+        Flow::Park,
+        "at the bound it still waits"
+    );
+    assert!(host.reply().is_none());
+    host.advance(1);
+    assert_eq!(gate.on_wake(&host), Flow::Pause(None));
+    assert_eq!(host.reply().unwrap().status, 503);
+}
