@@ -710,3 +710,29 @@ fn a_waiter_waits_up_to_its_bound_and_no_longer() {
     assert_eq!(gate.on_wake(&host), Flow::Pause(None));
     assert_eq!(host.reply().unwrap().status, 503);
 }
+
+#[test]
+fn a_grant_clears_the_refusal_kept_for_waiters() {
+    // A refused lease call's 402 is kept a moment for the requests that waited for
+    // it; once a later call is granted, that refusal no longer holds.
+    let fx = fixture();
+    let deny = answer(
+        402,
+        &[("cache-control", "max-age=5")],
+        json!({"balance": 0, "price": 1}),
+    );
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), deny);
+    let lease_slot = LeaseKey::new("balance", "k").slot_key(16_384);
+    let kept = |h: &FakeHost| {
+        h.shared
+            .borrow()
+            .iter()
+            .filter(|(k, (v, _))| **k != lease_slot && !v.is_empty())
+            .count()
+    };
+    assert_eq!(kept(&host), 1, "the refusal is kept");
+    let again = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+    let (again, _) = with_answer(&fx, again, grant("ls_1", 3));
+    assert!(again.reply().is_none());
+    assert_eq!(kept(&again), 0, "the refusal is gone");
+}
