@@ -664,3 +664,133 @@ fn a_wake_while_authorizing_keeps_the_request_paused() {
     );
     assert_eq!(host.count_of(Metric::Allowed), 1);
 }
+
+#[test]
+fn payments_never_reach_the_upstream_of_a_free_route() {
+    // A payment is a bearer instrument until settled: the upstream must not get it,
+    // even on a route that costs nothing.
+    let fx = Fixture::new(CONFIG);
+    let host = FakeHost::request(
+        "GET",
+        "/health",
+        &[
+            ("payment-signature", "eyJwYXkiOnRydWV9"),
+            ("x-payment", "eyJ4NDAyIjp0cnVlfQ"),
+            ("authorization", "Payment id=\"c1\", credential=\"e30\""),
+        ],
+    );
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&host), Flow::Continue);
+    for name in ["payment-signature", "x-payment", "authorization"] {
+        assert_eq!(
+            host.upstream_header(name),
+            None,
+            "{name} reached the upstream"
+        );
+    }
+}
+
+#[test]
+fn a_free_routes_own_authorization_goes_on() {
+    let fx = Fixture::new(CONFIG);
+    let host = FakeHost::request(
+        "GET",
+        "/health",
+        &[
+            ("x-payment", "eyJ4NDAyIjp0cnVlfQ"),
+            ("authorization", "Bearer upstream-tok"),
+        ],
+    );
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&host), Flow::Continue);
+    assert_eq!(host.upstream_header("x-payment"), None);
+    assert_eq!(
+        host.upstream_header("authorization").as_deref(),
+        Some("Bearer upstream-tok"),
+        "only a Payment-scheme Authorization is the gate's"
+    );
+}
+
+/// An allow the service let the gate keep for 30 s, then a request served from it.
+fn served_from_a_cached_allow(config: &str) -> FakeHost {
+    let fx = Fixture::new(config);
+    let cached_allow = answer(
+        200,
+        &[("cache-control", "max-age=30")],
+        json!({"allow": true, "account_id": "acct_1", "balance": 95}),
+    );
+    let (host, _) = with_answer(&fx, keyed("/v1/data", "key-1"), cached_allow);
+    let again = host.sibling("GET", "/v1/data", &[("x-api-key", "key-1")]);
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&again), Flow::Continue);
+    assert!(again.calls.borrow().is_empty(), "served from the cache");
+    again.set_status(200);
+    again.host_calls.borrow_mut().clear();
+    gate.on_response_headers(&again);
+    again
+}
+
+#[test]
+fn a_response_with_nothing_to_give_back_or_tell_is_not_read() {
+    // A cached allow shows no (stale) balance and has no budget: both headers are
+    // configured, neither has anything to tell.
+    let config = CONFIG.replace(
+        "\"balance_header\": \"x-farebox-balance\"",
+        "\"balance_header\": \"x-farebox-balance\", \"budget_header\": \"x-farebox-budget\"",
+    );
+    let host = served_from_a_cached_allow(&config);
+    assert_eq!(host.host_call_counts(), vec![]);
+}
+
+#[test]
+fn made_up_ids_are_unique_across_workers_at_the_same_moment() {
+    // Workers lay out memory alike and share the clock: only their random tag tells
+    // their ids apart, and the service deduplicates by id.
+    let host = FakeHost::request("GET", "/", &[]);
+    let workers: Vec<Worker> = (0..8).map(|_| Worker::default()).collect();
+    let ids: std::collections::HashSet<String> = workers.iter().map(|w| w.make_id(&host)).collect();
+    assert_eq!(ids.len(), workers.len(), "{ids:?}");
+    // One worker keeps its tag: its ids differ by sequence only.
+    let w = Worker::default();
+    let (a, b) = (w.make_id(&host), w.make_id(&host));
+    assert_eq!(
+        a.rsplit_once('-').map(|x| x.0),
+        b.rsplit_once('-').map(|x| x.0)
+    );
+    assert_ne!(a, b);
+}
+
+#[test]
+fn a_failed_open_request_that_is_not_served_is_refunded() {
+    // The service may have charged before its answer was lost: if the upstream then
+    // fails, that possible charge goes back like any other unserved request's.
+    let fx = Fixture::new(r#"{"cluster": "balance", "failure_mode": "open"}"#);
+    let (host, mut gate) = with_answer(&fx, keyed("/a", "k"), answer(500, &[], Value::Null));
+    assert_eq!(host.count_of(Metric::FailOpen), 1);
+    assert_eq!(fx.queued_refunds(), 0);
+    host.set_status(503);
+    gate.on_response_headers(&host);
+    assert_eq!(fx.queued_refunds(), 1);
+}
+
+#[test]
+fn an_empty_last_chunk_is_not_read() {
+    let fx = Fixture::new(
+        r#"{"cluster": "balance", "routes": [{"name": "chat", "prefix": "/v1/chat/",
+            "usage": {"json_pointer": "/usage/total_tokens", "unit_cost": 2, "estimate": 100}}]}"#,
+    );
+    let (host, mut gate) = with_answer(&fx, keyed("/v1/chat/x", "k"), allow("acct", 900));
+    host.set_status(200);
+    host.response_headers
+        .borrow_mut()
+        .push(("content-type".into(), b"application/json".to_vec()));
+    gate.on_response_headers(&host);
+    host.host_calls.borrow_mut().clear();
+    gate.on_response_body(&host, 0, true);
+    assert_eq!(
+        host.host_calls
+            .borrow()
+            .get(&crate::fake::HostCall::ResponseBody),
+        None
+    );
+}

@@ -482,3 +482,257 @@ fn many_workers_never_overspend_a_lease() {
     assert_eq!(calls, 0, "the rest wait for the one renewal");
     assert_eq!(fx.worker.renewals.borrow().len(), 1);
 }
+
+/// The settle calls `root` has made so far.
+fn settles(root: &FakeHost) -> Vec<Value> {
+    root.calls
+        .borrow()
+        .iter()
+        .filter(|c| c.header(":path").is_some_and(|p| p.ends_with("/settle")))
+        .map(|c| c.body.clone())
+        .collect()
+}
+
+#[test]
+fn a_settle_in_flight_is_not_repeated_and_the_interval_restarts_after_it() {
+    let fx = fixture();
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+    let root = host.sibling("GET", "/", &[]);
+    root.advance(1_000);
+    fx.worker.tick(&root, &fx.cfg);
+    let first = root.last_call();
+    assert_eq!(settles(&root).len(), 1);
+    // Unanswered at 1.5 s and when the next one would be due: nothing more is sent.
+    for at in [1_500, 2_000] {
+        root.advance(500);
+        fx.worker.tick(&root, &fx.cfg);
+        assert_eq!(settles(&root).len(), 1, "at {at} ms");
+    }
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, first.token, &status_only(Some(200)));
+    // The heartbeat comes one interval after the tick that found the call out.
+    for (at, step) in [(2_000, 0), (2_500, 500)] {
+        root.advance(step);
+        fx.worker.tick(&root, &fx.cfg);
+        assert_eq!(settles(&root).len(), 1, "at {at} ms");
+    }
+    root.advance(500);
+    fx.worker.tick(&root, &fx.cfg);
+    assert_eq!(
+        settles(&root),
+        vec![
+            json!({"used": 1, "final": false, "seq": 1}),
+            json!({"used": 1, "final": false, "seq": 2})
+        ]
+    );
+}
+
+#[test]
+fn a_spent_out_lease_once_reported_needs_no_heartbeat() {
+    let fx = fixture();
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 1));
+    assert_eq!(record(&host).remaining(), 0);
+    let root = host.sibling("GET", "/", &[]);
+    root.advance(1_000);
+    fx.worker.tick(&root, &fx.cfg);
+    let settle = root
+        .calls
+        .borrow()
+        .iter()
+        .find(|c| c.header(":path").is_some_and(|p| p.ends_with("/settle")))
+        .map(|c| c.token)
+        .expect("the spend is reported");
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, settle, &status_only(Some(200)));
+    root.advance(1_000);
+    fx.worker.tick(&root, &fx.cfg);
+    assert_eq!(
+        settles(&root),
+        vec![json!({"used": 1, "final": false, "seq": 1})],
+        "nothing unspent, nothing unreported: no call until it closes"
+    );
+}
+
+/// Spends a lease of 3 to its last unit with `out` renewals ahead of need already
+/// sent; returns whether the timer then sends one for this account.
+fn renews_ahead_with(out: usize) -> bool {
+    let fx = fixture();
+    for i in 0..out {
+        let renewal = super::worker::Renewal {
+            slot: format!("slot-{i}"),
+            key: LeaseKey::new("balance", &format!("other-{i}")),
+            credential: format!("other-{i}"),
+            cost: 1,
+            request_id: format!("r-{i}"),
+        };
+        fx.worker
+            .renewing
+            .borrow_mut()
+            .push((90_000 + i as u32, renewal));
+    }
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+    for _ in 0..2 {
+        let other = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        assert_eq!(fx.gate().on_request_headers(&other), Flow::Continue);
+    }
+    assert_eq!(record(&host).used, 3);
+    let root = host.sibling("GET", "/", &[]);
+    fx.worker.tick(&root, &fx.cfg);
+    let leases = root
+        .calls
+        .borrow()
+        .iter()
+        .filter(|c| c.header(":path") == Some("/v1/leases"))
+        .count();
+    leases == 1
+}
+
+#[test]
+fn renewals_ahead_of_need_are_bounded_per_worker() {
+    assert!(renews_ahead_with(0));
+    assert!(renews_ahead_with(super::worker::MAX_RENEWALS - 1));
+    assert!(
+        !renews_ahead_with(super::worker::MAX_RENEWALS),
+        "past the bound the lease is renewed when it runs out"
+    );
+}
+
+/// A lease of 3 spent to its last unit: a renewal ahead of need is queued. Returns
+/// the fixture, the request's host and the root context's.
+fn renewal_queued() -> (Fixture, FakeHost, FakeHost) {
+    let fx = fixture();
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+    for _ in 0..2 {
+        let other = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        assert_eq!(fx.gate().on_request_headers(&other), Flow::Continue);
+    }
+    let root = host.sibling("GET", "/", &[]);
+    (fx, host, root)
+}
+
+#[test]
+fn a_failed_renewal_ahead_of_need_is_tried_again_one_interval_later() {
+    let (fx, host, root) = renewal_queued();
+    fx.worker.tick(&root, &fx.cfg);
+    let renew = root.last_call();
+    assert_eq!(renew.header(":path"), Some("/v1/leases"));
+    let now = root.now.get();
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, renew.token, &status_only(Some(500)));
+    assert_eq!(record(&host).ahead_not_before_ms, now + 1_000);
+}
+
+#[test]
+fn an_undispatchable_renewal_ahead_of_need_is_tried_again_one_interval_later() {
+    let (fx, host, root) = renewal_queued();
+    root.refuse_dispatch.set(true);
+    fx.worker.tick(&root, &fx.cfg);
+    assert_eq!(root.count_of(Metric::CalloutFailures), 1);
+    assert_eq!(record(&host).ahead_not_before_ms, root.now.get() + 1_000);
+}
+
+#[test]
+fn an_answer_for_another_lease_call_is_ignored() {
+    let fx = fixture();
+    let host = keyed("/a", "k");
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    let token = host.last_call().token;
+    assert_eq!(
+        gate.on_callout_response(&host, token + 1, &grant("ls_1", 3)),
+        Flow::Pause(None)
+    );
+    assert_eq!(host.upstream_header("x-farebox-account"), None);
+    assert_eq!(
+        gate.on_callout_response(&host, token, &grant("ls_1", 3)),
+        Flow::Continue,
+        "the real answer still counts"
+    );
+}
+
+/// The first answer to a request's lease call is a recall 402 that asks to retry
+/// after 1 s, under a recall wait of `recall_wait_ms`: what the gate does with it.
+fn first_recall_waiting(recall_wait_ms: u64) -> (Flow, FakeHost) {
+    let fx = Fixture::new(&LEASE.replace(
+        "\"timeout_ms\": 300",
+        &format!("\"timeout_ms\": 300, \"lease_recall_wait_ms\": {recall_wait_ms}"),
+    ));
+    *fx.worker.holder.borrow_mut() = "envoy-test".into();
+    let host = keyed("/a", "k");
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    let recall = answer(
+        402,
+        &[("cache-control", "no-store")],
+        json!({"balance": 0, "price": 1, "recall": true, "retry_after_ms": 1_000}),
+    );
+    let flow = gate.on_callout_response(&host, host.last_call().token, &recall);
+    (flow, host)
+}
+
+#[test]
+fn a_recall_may_ask_to_wait_up_to_the_recall_wait_and_no_longer() {
+    let (flow, host) = first_recall_waiting(1_000);
+    assert_eq!(
+        flow,
+        Flow::Park,
+        "a retry exactly at the bound is waited for"
+    );
+    assert!(host.reply().is_none());
+    let (_, host) = first_recall_waiting(999);
+    assert_eq!(host.reply().expect("a refusal").status, 402);
+}
+
+#[test]
+fn a_waiter_waits_up_to_its_bound_and_no_longer() {
+    // The bound: two call timeouts (300 ms), a second, and the recall wait (2,500 ms).
+    let fx = fixture();
+    let first = keyed("/a", "k");
+    fx.gate().on_request_headers(&first);
+    let host = first.sibling("GET", "/a", &[("x-api-key", "k")]);
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers(&host), Flow::Park);
+    // Lease calls that never end keep the lock taken (1,300 ms each) meanwhile.
+    for step in [1_400, 1_350, 1_310] {
+        host.advance(step);
+        let other = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+        let flow = fx.gate().on_request_headers(&other);
+        assert_eq!(flow, Flow::Pause(Some(other.last_call().token)));
+    }
+    host.advance(40);
+    assert_eq!(
+        gate.on_wake(&host),
+        Flow::Park,
+        "at the bound it still waits"
+    );
+    assert!(host.reply().is_none());
+    host.advance(1);
+    assert_eq!(gate.on_wake(&host), Flow::Pause(None));
+    assert_eq!(host.reply().unwrap().status, 503);
+}
+
+#[test]
+fn a_grant_clears_the_refusal_kept_for_waiters() {
+    // A refused lease call's 402 is kept a moment for the requests that waited for
+    // it; once a later call is granted, that refusal no longer holds.
+    let fx = fixture();
+    let deny = answer(
+        402,
+        &[("cache-control", "max-age=5")],
+        json!({"balance": 0, "price": 1}),
+    );
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), deny);
+    let lease_slot = LeaseKey::new("balance", "k").slot_key(16_384);
+    let kept = |h: &FakeHost| {
+        h.shared
+            .borrow()
+            .iter()
+            .filter(|(k, (v, _))| **k != lease_slot && !v.is_empty())
+            .count()
+    };
+    assert_eq!(kept(&host), 1, "the refusal is kept");
+    let again = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+    let (again, _) = with_answer(&fx, again, grant("ls_1", 3));
+    assert!(again.reply().is_none());
+    assert_eq!(kept(&again), 0, "the refusal is gone");
+}

@@ -155,6 +155,17 @@ fn mcp_plumbing_is_free() {
 
 /// A paid MCP call, allowed, then answered by the upstream with `body`.
 fn mcp_answered(fx: &Fixture, content_type: &str, body: &str) -> FakeHost {
+    let bytes = body.as_bytes();
+    let half = bytes.len() / 2;
+    mcp_answered_in(
+        fx,
+        content_type,
+        &[(&bytes[..half], false), (&bytes[half..], true)],
+    )
+}
+
+/// An MCP tool call answered with `chunks` (each with its end-of-stream flag).
+fn mcp_answered_in(fx: &Fixture, content_type: &str, chunks: &[(&[u8], bool)]) -> FakeHost {
     let call =
         json!({"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {"name": "search"}});
     let (host, mut gate, flow) = mcp_call(fx, call);
@@ -165,13 +176,29 @@ fn mcp_answered(fx: &Fixture, content_type: &str, body: &str) -> FakeHost {
         .borrow_mut()
         .push(("content-type".into(), content_type.as_bytes().to_vec()));
     gate.on_response_headers(&host);
-    let bytes = body.as_bytes();
-    let half = bytes.len() / 2;
-    for (chunk, eos) in [(&bytes[..half], false), (&bytes[half..], true)] {
+    for (chunk, eos) in chunks {
         *host.response_chunk.borrow_mut() = chunk.to_vec();
-        gate.on_response_body(&host, chunk.len(), eos);
+        gate.on_response_body(&host, chunk.len(), *eos);
     }
     host
+}
+
+#[test]
+fn an_mcp_answers_empty_last_chunk_is_not_read() {
+    let fx = Fixture::new(CFG);
+    let err = r#"{"jsonrpc":"2.0","id":42,"error":{"code":-32602,"message":"Unknown tool"}}"#;
+    let host = mcp_answered_in(
+        &fx,
+        "application/json",
+        &[(err.as_bytes(), false), (b"", true)],
+    );
+    assert_eq!(fx.queued_refunds(), 1, "the error is still seen at the end");
+    assert_eq!(
+        host.host_calls
+            .borrow()
+            .get(&crate::fake::HostCall::ResponseBody),
+        Some(&1)
+    );
 }
 
 #[test]
@@ -650,7 +677,134 @@ fn no_usage_keeps_the_hold_and_5xx_is_refunded() {
 #[test]
 fn an_abandoned_stream_is_charged_the_hold() {
     let fx = Fixture::new(CFG);
-    let host = FakeHost::request("POST", "/v1/chat/x", &[("x-api-key", "k")]);
+    let host = interrupted_stream(&fx, "data: {\"choices\":[]}\n\n");
+    assert_eq!(host.count_of(Metric::UsageUnread), 1);
+    assert_eq!(fx.queued_refunds(), 0);
+}
+
+#[test]
+fn lease_mode_usage_adjusts_the_lease() {
+    let (_, host) = leased_chat(1000, 15, |h| assert_eq!(lease_used(h), 100, "the hold"));
+    assert_eq!(
+        lease_used(&host),
+        30,
+        "15 tokens at 2: the rest of the hold is back in the lease"
+    );
+}
+
+/// A lease-mode chat request granted `granted` units whose response reports
+/// `tokens` (at 2 units each, over a hold of 100); `meanwhile` runs on the host
+/// between the response headers and its body. Returns the fixture and the host.
+fn leased_chat(granted: u64, tokens: u64, meanwhile: impl Fn(&FakeHost)) -> (Fixture, FakeHost) {
+    let fx = Fixture::new(&CFG.replace(
+        "\"html_402\": true",
+        "\"mode\": \"lease\", \"lease_want\": 1000",
+    ));
+    *fx.worker.holder.borrow_mut() = "h".into();
+    let grant = answer(
+        200,
+        &[],
+        json!({"lease_id": "ls_1", "granted": granted, "expires_in_ms": 30000, "account_id": "a"}),
+    );
+    let host = FakeHost::request(
+        "POST",
+        "/v1/chat/x",
+        &[("x-api-key", "k"), ("x-request-id", "r")],
+    );
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    respond(&mut gate, &host, host.last_call().token, &grant);
+    host.set_status(200);
+    host.response_headers
+        .borrow_mut()
+        .push(("content-type".into(), b"application/json".to_vec()));
+    gate.on_response_headers(&host);
+    meanwhile(&host);
+    let body = format!(r#"{{"usage": {{"total_tokens": {tokens}}}}}"#);
+    *host.response_chunk.borrow_mut() = body.clone().into_bytes();
+    gate.on_response_body(&host, body.len(), true);
+    (fx, host)
+}
+
+fn lease_used(host: &FakeHost) -> u64 {
+    let (bytes, _) = host
+        .shared
+        .borrow()
+        .get(&crate::lease::LeaseKey::new("balance", "k").slot_key(16_384))
+        .cloned()
+        .expect("a lease slot");
+    crate::lease::LeaseRecord::decode(&bytes)
+        .expect("a lease record")
+        .used
+}
+
+/// What the outbox sends now: (path, body) of each call.
+fn outbox_calls(fx: &Fixture) -> Vec<(String, Value)> {
+    let root = FakeHost::request("GET", "/", &[]);
+    fx.worker.outbox.borrow_mut().flush(&root, &fx.cfg);
+    let calls = root.calls.borrow();
+    calls
+        .iter()
+        .map(|c| {
+            (
+                c.header(":path").unwrap_or_default().to_string(),
+                c.body.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn usage_over_the_hold_is_spent_from_the_lease() {
+    // 60 tokens at 2 = 120 against a hold of 100: the 20 more come from the lease.
+    let (fx, host) = leased_chat(1000, 60, |_| {});
+    assert_eq!(lease_used(&host), 120);
+    assert!(outbox_calls(&fx).is_empty(), "the lease paid it all");
+}
+
+#[test]
+fn usage_over_what_the_lease_has_left_is_charged_directly() {
+    // 110 granted, 100 held: the overage of 20 does not fit in the 10 left.
+    let (fx, host) = leased_chat(110, 60, |_| {});
+    assert_eq!(lease_used(&host), 100, "the lease keeps only the hold");
+    let calls = outbox_calls(&fx);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].0, "/v1/usage");
+    assert_eq!(calls[0].1["request_id"], "r-overage");
+    assert_eq!(calls[0].1["actual"], 20, "only the overage, charged once");
+}
+
+#[test]
+fn usage_equal_to_the_hold_settles_nothing_even_without_the_lease() {
+    // The lease is gone by the time the body ends (replaced, closed): an exact
+    // hold has nothing to give back or charge, so no call of zero units is queued.
+    let key = crate::lease::LeaseKey::new("balance", "k").slot_key(16_384);
+    let (fx, _) = leased_chat(1000, 50, |h| {
+        h.shared.borrow_mut().remove(&key);
+    });
+    let calls = outbox_calls(&fx);
+    assert!(calls.is_empty(), "{calls:?}");
+}
+
+#[test]
+fn usage_equal_to_the_hold_sends_no_adjustment() {
+    let fx = Fixture::new(CFG);
+    let body = json!({"usage": {"total_tokens": 50}}).to_string();
+    let (host, _) = chat(&fx, &body, "application/json", 200);
+    assert_eq!(host.count_of(Metric::UsageMetered), 1);
+    assert!(
+        queued_usage(&fx).is_empty(),
+        "50 tokens at 2 is the hold of 100"
+    );
+}
+
+/// A stream whose first chunk is `chunk`, then cut short.
+fn interrupted_stream(fx: &Fixture, chunk: &str) -> FakeHost {
+    let host = FakeHost::request(
+        "POST",
+        "/v1/chat/x",
+        &[("x-api-key", "k"), ("x-request-id", "req-1")],
+    );
     let mut gate = fx.gate();
     gate.on_request_headers(&host);
     respond(
@@ -664,55 +818,38 @@ fn an_abandoned_stream_is_charged_the_hold() {
         .borrow_mut()
         .push(("content-type".into(), b"text/event-stream".to_vec()));
     gate.on_response_headers(&host);
-    *host.response_chunk.borrow_mut() = b"data: {\"choices\":[]}\n\n".to_vec();
-    gate.on_response_body(&host, 22, false);
+    *host.response_chunk.borrow_mut() = chunk.as_bytes().to_vec();
+    gate.on_response_body(&host, chunk.len(), false);
     gate.on_log(&host);
-    assert_eq!(host.count_of(Metric::UsageUnread), 1);
-    assert_eq!(fx.queued_refunds(), 0);
+    host
+}
+
+fn usage_event(tokens: u64) -> String {
+    format!("data: {{\"usage\":{{\"total_tokens\":{tokens}}}}}\n\n")
 }
 
 #[test]
-fn lease_mode_usage_adjusts_the_lease() {
-    let fx = Fixture::new(&CFG.replace(
-        "\"html_402\": true",
-        "\"mode\": \"lease\", \"lease_want\": 1000",
-    ));
-    *fx.worker.holder.borrow_mut() = "h".into();
-    let grant = answer(
-        200,
-        &[],
-        json!({"lease_id": "ls_1", "granted": 1000, "expires_in_ms": 30000, "account_id": "a"}),
-    );
-    let host = FakeHost::request(
-        "POST",
-        "/v1/chat/x",
-        &[("x-api-key", "k"), ("x-request-id", "r")],
-    );
-    let mut gate = fx.gate();
-    gate.on_request_headers(&host);
-    respond(&mut gate, &host, host.last_call().token, &grant);
-    let used = |h: &FakeHost| {
-        let (bytes, _) = h
-            .shared
-            .borrow()
-            .get(&crate::lease::LeaseKey::new("balance", "k").slot_key(16_384))
-            .cloned()
-            .unwrap();
-        crate::lease::LeaseRecord::decode(&bytes).unwrap().used
-    };
-    assert_eq!(used(&host), 100);
-    host.set_status(200);
-    host.response_headers
-        .borrow_mut()
-        .push(("content-type".into(), b"application/json".to_vec()));
-    gate.on_response_headers(&host);
-    *host.response_chunk.borrow_mut() = br#"{"usage": {"total_tokens": 15}}"#.to_vec();
-    gate.on_response_body(&host, 31, true);
+fn an_interrupted_stream_pays_what_it_reported_but_never_more_than_the_hold() {
+    let fx = Fixture::new(CFG);
+    let host = interrupted_stream(&fx, &usage_event(20));
+    assert_eq!(host.count_of(Metric::UsageMetered), 1);
     assert_eq!(
-        used(&host),
-        30,
-        "15 tokens at 2: the rest of the hold is back in the lease"
+        queued_usage(&fx)[0].clone(),
+        Job::Usage {
+            request_id: "req-1".into(),
+            account: "k".into(),
+            actual: 40,
+            line: None,
+        }
     );
+    for tokens in [50, 70] {
+        // At or over the hold, a partial report is no final price: the hold stands.
+        let fx = Fixture::new(CFG);
+        let host = interrupted_stream(&fx, &usage_event(tokens));
+        assert_eq!(host.count_of(Metric::UsageUnread), 1, "{tokens} tokens");
+        assert_eq!(host.count_of(Metric::UsageMetered), 0, "{tokens} tokens");
+        assert!(queued_usage(&fx).is_empty(), "{tokens} tokens");
+    }
 }
 
 #[test]
@@ -763,6 +900,34 @@ fn a_402_offers_x402_and_payment_scheme_challenges() {
     assert!(
         host.shared.borrow().is_empty(),
         "a denial with challenges is not cached"
+    );
+}
+
+#[test]
+fn a_paid_request_is_told_its_balance() {
+    // Paid by its payment, so nothing to give back or meter: the balance is still told.
+    let fx = Fixture::new(&CFG.replace(
+        "\"html_402\": true",
+        "\"html_402\": true, \"balance_header\": \"x-farebox-balance\"",
+    ));
+    let host = FakeHost::request(
+        "GET",
+        "/v1/data",
+        &[("payment-signature", "eyJwYXkiOnRydWV9")],
+    );
+    let mut gate = fx.gate();
+    gate.on_request_headers(&host);
+    let paid = answer(
+        200,
+        &[],
+        json!({"allow": true, "account_id": "payer_1", "balance": 7, "payment_response": {"success": true, "transaction": "0x1"}}),
+    );
+    respond(&mut gate, &host, host.last_call().token, &paid);
+    host.set_status(200);
+    gate.on_response_headers(&host);
+    assert_eq!(
+        host.client_header("x-farebox-balance").as_deref(),
+        Some("7")
     );
 }
 
