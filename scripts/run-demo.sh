@@ -13,19 +13,7 @@ done
 [[ -f build/farebox.wasm ]] || { echo "run-demo: build/farebox.wasm missing; run \`make run\`" >&2; exit 1; }
 mkdir -p build
 
-pids=()
-cleanup() {
-    trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+. scripts/demo-procs.sh
 
 "$bin/farebox-balance" --listen 127.0.0.1:8081 --db build/demo.sqlite \
     --admin-token demo-admin --seed-demo &
@@ -37,15 +25,10 @@ echo "run-demo: balance service (admin token demo-admin) on 127.0.0.1:8081, echo
 echo "run-demo: Envoy on 127.0.0.1:10000 (admin 127.0.0.1:9901); Ctrl-C stops everything"
 
 # Envoy runs in the background and the script waits for it, so that Ctrl-C or a SIGTERM
-# to this script is handled at once (the traps above stop Envoy and the services).
+# to this script is handled at once (scripts/demo-procs.sh stops Envoy and the services).
 if [[ -z "${ENVOY:-}" ]] && command -v func-e >/dev/null 2>&1; then
     func-e run -c envoy/envoy.yaml --disable-hot-restart &
 else
     "${ENVOY_BIN:-${ENVOY:-.venv/bin/envoy}}" -c envoy/envoy.yaml --disable-hot-restart &
 fi
-envoy_pid=$!
-pids=("$envoy_pid" "${pids[@]}")
-status=0
-wait "$envoy_pid" || status=$?
-echo "run-demo: Envoy exited (status $status); stopping the services"
-exit "$status"
+wait_for_envoy run-demo "the services"

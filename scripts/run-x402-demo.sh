@@ -18,19 +18,7 @@ for f in "$bin/farebox-balance" "$bin/farebox-echo" build/farebox.wasm "$anvil";
 done
 mkdir -p build
 
-pids=()
-cleanup() {
-    trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+. scripts/demo-procs.sh
 
 "$anvil" --host 127.0.0.1 --port 8545 --chain-id 31337 --silent &
 pids+=("$!")
@@ -73,9 +61,4 @@ run-x402: Ctrl-C stops everything
 MSG
 
 "${ENVOY_BIN:-${ENVOY:-.venv/bin/envoy}}" -c build/envoy-x402.yaml --disable-hot-restart &
-envoy_pid=$!
-pids=("$envoy_pid" "${pids[@]}")
-status=0
-wait "$envoy_pid" || status=$?
-echo "run-x402: Envoy exited (status $status); stopping the rest"
-exit "$status"
+wait_for_envoy run-x402 "the rest"
