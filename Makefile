@@ -16,7 +16,7 @@
 #   make istio-check   deploy/istio against Istio's resource models (registry package)
 #   make k8s-check     deploy/balance-service against Kubernetes' schemas (registry package)
 #   make kong-meta     deploy/kong/farebox.meta.json from schema/farebox.schema.json
-#   make bench     farebox against no filter and ext_authz (CPU time, requests/s)
+#   make bench     farebox against no filter, the floor (an empty proxy-wasm filter) and ext_authz (CPU time, requests/s)
 #   make bench-instructions  instructions per request under callgrind (deterministic)
 #   make lint      rustfmt, clippy (host and wasm targets), panic-paths (logic and glue)
 #   make fuzz      the cargo-fuzz targets in fuzz/, FUZZ_TIME seconds each (not in `make test`)
@@ -292,10 +292,11 @@ lint: wasm-target
 # bench/RESULTS.md. BENCH_DURATION, BENCH_ROUNDS, BENCH_CONNECTIONS (and the other
 # BENCH_* variables in bench/run.py) override the defaults. wrk is installed with apt-get
 # when it is missing and we are root.
-bench: build envoy
+bench: build floor envoy
 	$(CARGO) build --release -p farebox-balance --bins
 	@$(MAKE) --no-print-directory apt-tools APT_TOOLS=wrk:wrk
 	ENVOY="$(ENVOY_BIN)" FAREBOX_WASM="$(CURDIR)/build/farebox.wasm" \
+	  FLOOR_WASM="$(CURDIR)/build/floor.wasm" \
 	  BENCH_BIN_DIR="$${CARGO_TARGET_DIR:-$(CURDIR)/target}/release" $(PYTHON) bench/run.py
 
 # The floor of the bench: bench/floor, an empty Rust proxy-wasm filter (its own Cargo

@@ -94,6 +94,9 @@ OUT_DIR = env_path("BENCH_OUT_DIR", "bench")
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 ENVOY = env_path("ENVOY", ".venv/bin/envoy")
 WASM = env_path("FAREBOX_WASM", "build/farebox.wasm")
+# The floor: an empty Rust proxy-wasm filter (bench/floor, `make floor`), what any proxy-wasm
+# filter costs in Envoy's V8; farebox's own cost is what it adds over this.
+FLOOR_WASM = env_path("FLOOR_WASM", "build/floor.wasm")
 # The copy of WASM that this run uses (taken at the start, in the work directory), so that a
 # rebuild of build/farebox.wasm during the run changes nothing.
 WASM_COPY = WASM
@@ -124,6 +127,8 @@ MIB = 1024 * 1024
 # service "live_pg": the same on a PostgreSQL ledger (a database of the bench's own).
 SCENARIOS = [
     dict(name="nofilter", title="Envoy, no filter", filters="none", service="cached",
+         key="bench-allow", path="/v1/bench", expect=200),
+    dict(name="floor", title="floor: empty proxy-wasm filter", filters="floor", service="cached",
          key="bench-allow", path="/v1/bench", expect=200),
     dict(name="free", title="farebox, free route", filters="farebox", service="cached",
          key="bench-allow", path="/free/bench", expect=200),
@@ -333,6 +338,8 @@ def envoy_yaml(filters: str, balance_port: int, upstream_port: int, plugin: dict
     if filters == "farebox":
         values = {"WASM": os.path.realpath(WASM_COPY),
                   "PLUGIN_CONFIG": json.dumps(json.dumps(plugin, separators=(",", ":")))}
+    elif filters == "floor":
+        values = {"WASM": os.path.realpath(FLOOR_WASM)}
     block = render(block, values, {})
     return render(read(os.path.join(BENCH, "envoy/base.yaml.in")),
                   {"BALANCE_PORT": str(balance_port), "UPSTREAM_PORT": str(upstream_port)},
@@ -800,7 +807,7 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
             except ValueError:
                 seen = None
             sc["check"]["upstream_account"] = seen
-            want = None if sc["name"] in ("nofilter", "free") else sc["account"]
+            want = None if sc["name"] in ("nofilter", "floor", "free") else sc["account"]
             if seen != want:
                 sc["skipped"] = (f"the upstream saw x-farebox-account {seen!r}, expected {want!r}")
                 log(f"SKIP {sc['name']}: {sc['skipped']}")
@@ -823,7 +830,7 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
             label = f"round {r + 1}/{ROUNDS} {sc['name']}"
             others_before = {n: cpu_ticks(p) for n, p in all_pids.items() if n != sc["name"]}
             load_before = sum(cpu_ticks(p) for p in load_pids)
-            service_pid = services[sc["service"]]["pid"] if sc["filters"] != "none" else None
+            service_pid = services[sc["service"]]["pid"] if sc["filters"] not in ("none", "floor") else None
             service_before = cpu_ticks(service_pid) if service_pid else 0
             sys_before = cpu_times()
             before = e.cpu_ticks()
@@ -942,6 +949,7 @@ def run(scenarios: list[dict], workdir: str, info: dict, notes: list[str], start
 def summarize(active: list[dict], runs: dict[str, list[dict]]) -> dict:
     out: dict = {}
     base = runs.get("nofilter", [])
+    floor = runs.get("floor", [])
     for sc in active:
         rs = runs[sc["name"]]
         s = {
@@ -969,6 +977,12 @@ def summarize(active: list[dict], runs: dict[str, list[dict]]) -> dict:
                                            for a, b in pairs if b["cpu_us_per_req"]])
             s["cpu_delta_vs_nofilter_us"] = spread([a["cpu_us_per_req"] - b["cpu_us_per_req"]
                                                     for a, b in pairs])
+        if floor and sc["filters"] == "farebox":
+            # What farebox adds over an empty proxy-wasm filter, round by round.
+            s["cpu_delta_vs_floor_us"] = spread([a["cpu_us_per_req"] - b["cpu_us_per_req"]
+                                                 for a, b in zip(rs, floor)])
+            s["cpu_vs_floor"] = spread([a["cpu_us_per_req"] / b["cpu_us_per_req"]
+                                        for a, b in zip(rs, floor) if b["cpu_us_per_req"]])
         out[sc["name"]] = s
     ratios = {}
 
@@ -1229,12 +1243,12 @@ def targets(results: dict, summary: dict) -> list[dict]:
 
 def table_rows(results: dict) -> list[list[str]]:
     rows = [["scenario", "req/s median (min–max)", "× no filter", "Envoy CPU µs/req (min–max)",
-             "Δ µs vs no filter", "p50 ms", "p99 ms", "Envoy CPU", "load CPU", "foreign max",
+             "Δ µs vs no filter", "Δ µs vs floor", "p50 ms", "p99 ms", "Envoy CPU", "load CPU", "foreign max",
              "RSS MiB", "service CPU µs/req"]]
     for sc in results["scenarios"]:
         s = sc.get("summary")
         if sc.get("skipped") or not s:
-            rows.append([sc["title"], f"skipped: {sc.get('skipped') or 'not run'}"[:160]] + [""] * 10)
+            rows.append([sc["title"], f"skipped: {sc.get('skipped') or 'not run'}"[:160]] + [""] * 11)
             continue
         rows.append([
             sc["title"],
@@ -1242,13 +1256,15 @@ def table_rows(results: dict) -> list[list[str]]:
             fmt(s.get("rps_vs_nofilter", {}).get("median"), 2) if "rps_vs_nofilter" in s else "1",
             fmt_spread(s["cpu_us_per_req"], 2),
             fmt(s["cpu_delta_vs_nofilter_us"]["median"], 2) if "cpu_delta_vs_nofilter_us" in s else "0",
+            (fmt(s["cpu_delta_vs_floor_us"]["median"], 2) if "cpu_delta_vs_floor_us" in s
+             else ("0" if sc["name"] == "floor" else "—")),
             fmt(s["lat_p50_ms"]["median"], 2),
             fmt(s["lat_p99_ms"]["median"], 2),
             f"{s['envoy_cpu_util']['median'] * 100:.0f}%",
             f"{s['load_cpu_util']['median'] * 100:.0f}%",
             f"{pct(s['foreign_envoy_core_max'])}/{pct(s['foreign_load_core_max'])}",
             fmt(sc["rss_kib"] / 1024, 1) if sc.get("rss_kib") else "n/a",
-            fmt_spread(s["service_cpu_us_per_req"], 1) if sc["filters"] != "none" else "—",
+            fmt_spread(s["service_cpu_us_per_req"], 1) if sc["filters"] not in ("none", "floor") else "—",
         ])
     return rows
 
@@ -1304,6 +1320,11 @@ def ratio_lines(results: dict) -> list[str]:
         if s and "rps_vs_nofilter" in s:
             out.append(f"{sc['title']} / no filter: requests/s {fmt_spread(s['rps_vs_nofilter'], 2)}, "
                        f"Envoy CPU per request {fmt_spread(s['cpu_vs_nofilter'], 2)}")
+    for sc in results["scenarios"]:
+        s = sc.get("summary")
+        if s and "cpu_vs_floor" in s:
+            out.append(f"{sc['title']} / floor: Envoy CPU per request {fmt_spread(s['cpu_vs_floor'], 2)}, "
+                       f"Δ {fmt_spread(s['cpu_delta_vs_floor_us'], 2)} µs")
     for k, (title, d) in names.items():
         v = results["ratios"].get(k)
         if v:
@@ -1421,8 +1442,9 @@ def write_outputs(results: dict) -> None:
         "",
         md_table(rows),
         "",
-        "Columns: *× no filter* and *Δ µs vs no filter* are the medians of the per-round ratios "
-        "and differences against the no-filter run of the same round. *Envoy CPU* is the Envoy "
+        "Columns: *× no filter*, *Δ µs vs no filter* and *Δ µs vs floor* are the medians of the "
+        "per-round ratios and differences against the no-filter run (and the floor's, an empty "
+        "Rust proxy-wasm filter) of the same round. *Envoy CPU* is the Envoy "
         f"process's CPU time over the run's wall time (100% = all of CPU {ENVOY_CPU}); *load CPU* "
         f"is wrk + echo + balance services over wall time (100% = all of CPU {LOAD_CPU}): when it "
         "is near 100% the load side, not Envoy, set the pace. *foreign max* is the largest share "
