@@ -380,7 +380,10 @@ fn assert_x402_meta_seen(s: &Stack, out: &Value) {
     let bad = &out["bad"];
     assert_eq!(bad["isError"], true, "{client}: {bad}");
     assert_eq!(
-        (bad["structured"]["title"].clone(), bad["structured"]["detail"].clone()),
+        (
+            bad["structured"]["title"].clone(),
+            bad["structured"]["detail"].clone()
+        ),
         (json!("Verification Failed"), json!("payment invalid")),
         "{client}: {bad}"
     );
