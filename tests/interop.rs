@@ -93,8 +93,10 @@ fn mcp_stack(label: &str) -> (Stack, Stack, Proc, std::net::SocketAddr) {
     let dir = TempDir::new(&format!("{label}-upstream"));
     let (proc, addr) = start_service("farebox-mcp", dir.path());
     std::mem::forget(dir);
+    // resources/read priced too: a refusal that is a JSON-RPC error, not a tool result.
     let routes = json!([{"name": "mcp", "exact": "/mcp", "cost": 1,
-        "mcp": {"tools": {"search": 5, "fetch": 2, "echo": 0}}}]);
+        "mcp": {"tools": {"search": 5, "fetch": 2, "echo": 0},
+                "methods": {"resources/read": 3}}}]);
     let down_routes = routes.clone();
     let s = stack(label)
         .plugin(|c| *c = plugin(routes))
@@ -177,17 +179,29 @@ fn assert_session_seen(out: &Value) {
     let unpaid = &out["unpaid"];
     assert_eq!(unpaid["isError"], true, "{client}: {unpaid}");
     let text = unpaid["text"].as_str().unwrap();
-    assert!(
-        text.starts_with("Payment Required: ") && text.ends_with("(price 5, balance 0)"),
-        "{client}: {text}"
+    let detail = unpaid["structured"]["detail"].as_str().unwrap_or_default();
+    assert!(!detail.is_empty(), "{client}: no detail in {unpaid}");
+    assert_eq!(
+        text,
+        format!("Payment Required: {detail} (price 5, balance 0)"),
+        "{client}"
     );
     assert_eq!(unpaid["structured"]["status"], 402, "{client}: {unpaid}");
     assert_eq!(unpaid["structured"]["price"], 5, "{client}: {unpaid}");
     assert_eq!(unpaid["structured"]["balance"], 0, "{client}: {unpaid}");
+    // An unpaid priced method that is not a tool call is a JSON-RPC error (code 402),
+    // which both SDKs raise (assert_refusal checks the class and the message).
+    let read = &out["unpaid_read"]["data"];
+    assert_eq!(
+        (read["price"].clone(), read["balance"].clone()),
+        (json!(3), json!(0)),
+        "{client}: {read}"
+    );
 }
 
-/// The client's report `out[what]` of a refusal that is not a payment: the exception class,
-/// the code farebox chose, and a message that starts with `prefix` (farebox's title).
+/// The client's report `out[what]` of a refusal the SDK raises (a JSON-RPC error): the
+/// exception class, the code farebox chose (the HTTP status), and a message that is
+/// `prefix` (farebox's title, after the SDK's own prefix) and the detail in `data`.
 fn assert_refusal(out: &Value, what: &str, class: &str, code: i64, prefix: &str) {
     let r = &out[what];
     assert_eq!(
@@ -195,8 +209,22 @@ fn assert_refusal(out: &Value, what: &str, class: &str, code: i64, prefix: &str)
         (json!(class), json!(code)),
         "{what}: {out}"
     );
+    // The message is the title and the detail farebox put in `data`.
     let message = r["message"].as_str().unwrap_or_default();
-    assert!(message.starts_with(prefix), "{what}: {r}");
+    let detail = r["data"]["detail"].as_str().unwrap_or_default();
+    assert!(!detail.is_empty(), "{what}: no detail in {r}");
+    let shown = format!("{prefix}{detail}");
+    if code == 402 {
+        // A payment refusal also says the price and the balance.
+        let (price, balance) = (&r["data"]["price"], &r["data"]["balance"]);
+        assert_eq!(
+            message,
+            format!("{shown} (price {price}, balance {balance})"),
+            "{what}: {r}"
+        );
+    } else {
+        assert_eq!(message, shown, "{what}: {r}");
+    }
 }
 
 #[test]
@@ -217,6 +245,7 @@ fn python_mcp_sdk_whole_session() {
     let out = run_client(cmd);
     assert_session_seen(&out);
     // A refusal that is not a payment: the SDK raises MCPError with farebox's code and text.
+    assert_refusal(&out, "unpaid_read", "MCPError", 402, "Payment Required: ");
     assert_refusal(&out, "unauthorized", "MCPError", 401, "Unauthorized: ");
     assert_refusal(
         &out,
@@ -260,6 +289,13 @@ fn typescript_mcp_sdk_whole_session() {
     // The TypeScript SDK prefixes the message with "MCP error <code>: ".
     assert_refusal(
         &out,
+        "unpaid_read",
+        "McpError",
+        402,
+        "MCP error 402: Payment Required: ",
+    );
+    assert_refusal(
+        &out,
         "unauthorized",
         "McpError",
         401,
@@ -286,6 +322,141 @@ fn typescript_mcp_sdk_whole_session() {
     assert_eq!(upstream_accounts(mcp), json!({}));
     wait_for_ledger(&s);
     assert_session_ledger(&s, "typescript mcp");
+}
+
+/// Envoy and farebox in front of the mock MCP server for callers without an account:
+/// `anonymous`, and the reference service offering its demo x402 payments.
+fn mcp_x402_stack(label: &str) -> (Stack, Proc) {
+    let dir = TempDir::new(&format!("{label}-upstream"));
+    let (proc, addr) = start_service("farebox-mcp", dir.path());
+    std::mem::forget(dir);
+    let routes = json!([{"name": "mcp", "exact": "/mcp", "cost": 1,
+        "mcp": {"tools": {"search": 5, "fetch": 2, "echo": 0}}}]);
+    let s = stack(label)
+        .plugin(|c| {
+            *c = plugin(routes);
+            c["anonymous"] = json!(true);
+        })
+        .balance_opts(x402_balance_opts())
+        .upstream_addr(addr)
+        .start();
+    (s, proc)
+}
+
+/// What both SDKs must hand the caller on x402's MCP transport: the offer as a tool
+/// result, a payment the service refuses as another, and the paid call served; the
+/// ledger holds the one paid call.
+fn assert_x402_meta_seen(s: &Stack, out: &Value) {
+    let client = format!("{} {}", out["sdk"], out["version"]);
+    assert_eq!(
+        out["tools"],
+        json!(["echo", "fetch", "search"]),
+        "{client}: {out}"
+    );
+    let offer = &out["offer"];
+    assert_eq!(offer["isError"], true, "{client}: {offer}");
+    let required = &offer["structured"];
+    assert_eq!(required["x402Version"], 2, "{client}: {required}");
+    assert_eq!(
+        required["accepts"][0]["payTo"], "0x00000000000000000000000000000000000000b0",
+        "{client}: {required}"
+    );
+    assert_eq!(
+        required["accepts"][0]["amount"], "5000",
+        "{client}: {required}"
+    );
+    assert_eq!(required["price"], 5, "{client}: {required}");
+    // No account, so no balance: the text says why and the price.
+    let text = offer["text"].as_str().unwrap();
+    let detail = required["detail"].as_str().unwrap();
+    assert_eq!(
+        text,
+        format!("Payment Required: {detail} (price 5)"),
+        "{client}"
+    );
+    // The payment is read from params._meta["x402/payment"]: one the demo verifier
+    // refuses is refused (the service's verdict, with the offer again), the one it
+    // accepts pays.
+    let bad = &out["bad"];
+    assert_eq!(bad["isError"], true, "{client}: {bad}");
+    assert_eq!(
+        (
+            bad["structured"]["title"].clone(),
+            bad["structured"]["detail"].clone()
+        ),
+        (json!("Verification Failed"), json!("payment invalid")),
+        "{client}: {bad}"
+    );
+    assert_eq!(
+        bad["text"], "Verification Failed: payment invalid (price 5)",
+        "{client}: {bad}"
+    );
+    assert_eq!(bad["structured"]["x402Version"], 2, "{client}: {bad}");
+    let paid = &out["paid"];
+    assert_eq!(
+        (paid["isError"].clone(), paid["structured"].clone()),
+        (json!(false), Value::Null),
+        "{client}: {paid}"
+    );
+    assert!(
+        paid["text"].as_str().unwrap().starts_with("search ok"),
+        "{client}: {paid}"
+    );
+    let ok = wait_until(Duration::from_secs(2), || {
+        !s.balance().charges("payer_demo").is_empty()
+    });
+    assert!(ok, "{client}: the paid call has no ledger row");
+    let rows: Vec<(String, i64)> = s
+        .balance()
+        .charges("payer_demo")
+        .iter()
+        .map(|c| {
+            (
+                c["route"].as_str().unwrap().to_string(),
+                c["cost"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![("mcp/tools/call:search".to_string(), 5)],
+        "{client}: the paid call, and no other"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy, the wasm and the interop clients; run `make test`"
+)]
+fn python_mcp_sdk_pays_with_x402_in_meta() {
+    let Some(python) = interop_python("python_mcp_sdk_pays_with_x402_in_meta") else {
+        return;
+    };
+    let (s, _mcp) = mcp_x402_stack("interop-py-x402");
+    let mut cmd = Command::new(python);
+    cmd.arg(repo_root().join("tests/interop/mcp_x402.py"))
+        .arg(format!("http://{}/mcp", s.envoy.addr));
+    let out = run_client(cmd);
+    assert_x402_meta_seen(&s, &out);
+}
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy, the wasm and the interop clients; run `make test`"
+)]
+fn typescript_mcp_sdk_pays_with_x402_in_meta() {
+    let Some(dir) = interop_node("typescript_mcp_sdk_pays_with_x402_in_meta") else {
+        return;
+    };
+    let (s, _mcp) = mcp_x402_stack("interop-ts-x402");
+    let mut cmd = Command::new("node");
+    cmd.current_dir(&dir)
+        .arg("mcp_x402.mjs")
+        .arg(format!("http://{}/mcp", s.envoy.addr));
+    let out = run_client(cmd);
+    assert_x402_meta_seen(&s, &out);
 }
 
 /// Charges are written before the answer goes out; this only guards against reading the
@@ -383,8 +554,14 @@ fn openai_client_shows_farebox_errors() {
             (json!(class), json!(status), json!(code)),
             "{client} {case}: {e}"
         );
+        // The message carries farebox's title and the detail of its problem document.
         let message = e["message"].as_str().unwrap();
-        assert!(message.contains(start), "{client} {case}: {message}");
+        let detail = e["detail"].as_str().unwrap_or_default();
+        assert!(!detail.is_empty(), "{client} {case}: no detail in {e}");
+        assert!(
+            message.contains(&format!("{start}{detail}")),
+            "{client} {case}: {message}"
+        );
         assert!(
             e["request_id"].as_str().is_some_and(|id| !id.is_empty()),
             "{client} {case}: {e}"

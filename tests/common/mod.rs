@@ -416,6 +416,24 @@ pub struct BalanceOpts {
     pub db_path: Option<PathBuf>,
 }
 
+/// The reference service with its demo x402 payments on (1,000 atomic units per unit).
+pub fn x402_balance_opts() -> BalanceOpts {
+    let x402 = [
+        "--x402-pay-to",
+        "0x00000000000000000000000000000000000000b0",
+        "--x402-network",
+        "eip155:84532",
+        "--x402-asset",
+        "0x00000000000000000000000000000000000000a0",
+        "--x402-amount-per-unit",
+        "1000",
+    ];
+    BalanceOpts {
+        extra_args: x402.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
 /// The reference balance service (`farebox-balance`).
 pub struct BalanceService {
     proc: Proc,

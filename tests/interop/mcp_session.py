@@ -56,6 +56,11 @@ async def main(url: str, key: str, empty_key: str, bad_key: str, down_url: str) 
             out["unpaid"] = tool_result(await c.call_tool("search", {"query": "x"}))
         except Exception as e:  # the test asserts which, if any, was raised
             out["unpaid"] = caught(e)
+        # A priced method that is not a tool call: refused with a JSON-RPC error.
+        try:
+            out["unpaid_read"] = {"served": str(await c.read_resource("mock://doc"))}
+        except Exception as e:
+            out["unpaid_read"] = caught(e)
     # An unknown key: 401.
     async with client(url, bad_key) as c:
         try:

@@ -22,7 +22,9 @@ def ask(base_url: str, key: str) -> dict:
                 "total_tokens": done.usage.total_tokens if done.usage else None}
     except openai.APIStatusError as e:
         return {"class": type(e).__name__, "message": str(e), "status": e.status_code,
-                "code": e.code, "type": e.type, "request_id": e.request_id}
+                "code": e.code, "type": e.type, "request_id": e.request_id,
+                # The problem document's own detail, which the message must carry.
+                "detail": e.response.json().get("detail")}
 
 
 if __name__ == "__main__":

@@ -3,39 +3,11 @@
 //
 // usage: node mcp_session.mjs URL KEY EMPTY_KEY BAD_KEY DOWN_URL
 // (DOWN_URL: the same server behind a farebox whose balance service is down)
-import { readFileSync } from "node:fs";
-import { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
+import { attempt, caught, connect as connectAt, sdkVersion, toolResult } from "./common.mjs";
 
 const [url, key, emptyKey, badKey, downUrl] = process.argv.slice(2);
-const version = JSON.parse(
-  readFileSync(new URL("./node_modules/@modelcontextprotocol/sdk/package.json", import.meta.url)),
-).version;
-
-async function connect(apiKey, at = url) {
-  const client = new Client({ name: "farebox-interop", version: "1.0.0" });
-  const transport = new StreamableHTTPClientTransport(new URL(at), {
-    requestInit: { headers: { "x-api-key": apiKey } },
-  });
-  await client.connect(transport);
-  return client;
-}
-
-function toolResult(r) {
-  return {
-    isError: Boolean(r.isError),
-    text: r.content.filter((c) => c.type === "text").map((c) => c.text).join(" "),
-    structured: r.structuredContent ?? null,
-  };
-}
-
-async function attempt(f) {
-  try {
-    return toolResult(await f());
-  } catch (e) {
-    return { class: e.constructor.name, message: String(e.message), code: e.code ?? null, data: e.data ?? null };
-  }
-}
+const version = sdkVersion();
+const connect = (apiKey, at = url) => connectAt(at, { "x-api-key": apiKey });
 
 const out = { sdk: "@modelcontextprotocol/sdk", version };
 // A whole session: initialize, list, ping, a free call, two paid calls, close.
@@ -51,6 +23,12 @@ c = await connect(emptyKey);
 await c.listTools();
 out.free_on_empty = toolResult(await c.callTool({ name: "echo", arguments: { text: "hi" } }));
 out.unpaid = await attempt(() => c.callTool({ name: "search", arguments: { query: "x" } }));
+// A priced method that is not a tool call: refused with a JSON-RPC error.
+try {
+  out.unpaid_read = { served: JSON.stringify(await c.readResource({ uri: "mock://doc" })) };
+} catch (e) {
+  out.unpaid_read = caught(e);
+}
 await c.close();
 // An unknown key: 401.
 c = await connect(badKey);
