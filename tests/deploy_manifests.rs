@@ -143,8 +143,9 @@ fn skipped(test: &str, name: &str) {
         test,
         &format!(
             "{} is absent (the CRD schemas are provided beside the project's own checkout \
-             only). The structural checks still ran.",
-            root().join("../shared/schemas").join(name).display()
+             only; elsewhere point FAREBOX_SHARED_SCHEMAS at them). The structural checks \
+             still ran.",
+            shared_schemas_root().join(name).display()
         ),
     );
 }
