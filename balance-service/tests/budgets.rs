@@ -347,17 +347,30 @@ fn concurrent_authorizes_spend_exactly_the_budget() {
 #[derive(Clone, Debug)]
 struct Delivery {
     event_id: String,
+    signature: String,
+    raw: Vec<u8>,
     signature_ok: bool,
     body: Value,
     answered: u16,
+    /// When it arrived.
+    at: std::time::Instant,
 }
 
+/// How the receiver answers.
+const FAIL: u8 = 0;
+const OK: u8 = 1;
+/// Holds the POST for `STALL` before it answers 500: a receiver that hangs.
+const STALL_THEN_FAIL: u8 = 2;
+const STALL: Duration = Duration::from_secs(2);
+
 /// A local webhook receiver (axum) that checks every signature and answers
-/// 500 while `failing` is set, 200 after.
+/// as `mode` says.
 struct Receiver {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Delivery>>>,
-    failing: Arc<std::sync::atomic::AtomicBool>,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    /// POSTs being answered right now.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -365,7 +378,6 @@ const SECRET: &str = "whsec_test_secret";
 
 /// The receiver's own check of `farebox-signature: t=T,v1=HEX` over `T.BODY`.
 fn verify(header: &str, body: &[u8]) -> bool {
-    use hmac::{KeyInit, Mac};
     let mut t = None;
     let mut v1 = None;
     for part in header.split(',') {
@@ -383,33 +395,39 @@ fn verify(header: &str, body: &[u8]) -> bool {
     if (now - ts).abs() > 300 {
         return false;
     }
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    sign(SECRET, t, body) == v1
+}
+
+/// Hex HMAC-SHA256 of `T.BODY` keyed with `secret`.
+fn sign(secret: &str, t: &str, body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.").as_bytes());
     mac.update(body);
-    let want: String = mac
-        .finalize()
+    mac.finalize()
         .into_bytes()
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect();
-    want == v1
+        .collect()
 }
 
 impl Receiver {
-    fn start() -> Receiver {
+    fn start(mode: u8) -> Receiver {
         use axum::http::{HeaderMap, StatusCode};
+        use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
         let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
-        let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (s, f) = (seen.clone(), failing.clone());
+        let mode = Arc::new(AtomicU8::new(mode));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (s, m, busy) = (seen.clone(), mode.clone(), in_flight.clone());
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                let (s, f) = (s.clone(), f.clone());
+                let (s, m, busy) = (s.clone(), m.clone(), busy.clone());
                 async move {
                     let h = |n: &str| {
                         headers
@@ -418,17 +436,26 @@ impl Receiver {
                             .unwrap_or("")
                             .to_owned()
                     };
-                    let code = if f.load(std::sync::atomic::Ordering::SeqCst) {
-                        StatusCode::INTERNAL_SERVER_ERROR
-                    } else {
+                    let mode = m.load(SeqCst);
+                    let code = if mode == OK {
                         StatusCode::OK
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
                     };
                     s.lock().unwrap().push(Delivery {
                         event_id: h("farebox-event-id"),
+                        signature: h("farebox-signature"),
+                        raw: body.to_vec(),
                         signature_ok: verify(&h("farebox-signature"), &body),
                         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
                         answered: code.as_u16(),
+                        at: std::time::Instant::now(),
                     });
+                    if mode == STALL_THEN_FAIL {
+                        busy.fetch_add(1, SeqCst);
+                        tokio::time::sleep(STALL).await;
+                        busy.fetch_sub(1, SeqCst);
+                    }
                     code
                 }
             }),
@@ -441,7 +468,8 @@ impl Receiver {
         Receiver {
             addr,
             seen,
-            failing,
+            mode,
+            in_flight,
             _rt: rt,
         }
     }
@@ -449,13 +477,26 @@ impl Receiver {
     fn seen(&self) -> Vec<Delivery> {
         self.seen.lock().unwrap().clone()
     }
+
+    fn set_mode(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
+
+/// Base delay of the retries in the webhook test: above the outbox's 200 ms
+/// poll, so that a doubled delay is told apart from a constant one.
+const RETRY_BASE: Duration = Duration::from_millis(400);
 
 #[test]
 fn webhooks_are_signed_retried_durable_and_deduplicable() {
-    let rx = Receiver::start();
+    let rx = Receiver::start(STALL_THEN_FAIL);
     let url = format!("http://{}/hook", rx.addr);
     let dir = TempDir::new("hooks");
+    let base_ms = RETRY_BASE.as_millis().to_string();
     let args = [
         "--admin-token",
         ADMIN,
@@ -468,35 +509,63 @@ fn webhooks_are_signed_retried_durable_and_deduplicable() {
         "--webhook-budget-thresholds",
         "50,100",
         "--webhook-retry-base-ms",
-        "50",
+        &base_ms,
     ];
     let p = Balance::start_on(&dir, &args);
     let a = p.addr;
     assert_eq!(create_account(a, "acct_w", "key-w", 60).status, 201);
     assert_eq!(set_budget(a, "acct_w", 20, "day", "UTC").status, 200);
-    // The receiver fails every delivery: debits go on regardless.
+    // A receiver that hangs holds up no debit: while it holds the first
+    // event's POST, the next debits (and the events they raise) go through.
     assert_eq!(authorize(a, "key-w", 10, "w-1").status, 200); // budget 50 %
+    assert!(
+        wait_until(Duration::from_secs(10), || rx.in_flight() == 1),
+        "the first event was never posted: {:?}",
+        rx.seen()
+    );
+    let started = std::time::Instant::now();
     assert_eq!(authorize(a, "key-w", 10, "w-2").status, 200); // 100 %, balance 40 < 50
     assert_eq!(authorize(a, "key-w", 1, "w-3").status, 402); // no event
-                                                             // Each of the three events is attempted more than once (backoff).
+    let took = started.elapsed();
+    assert_eq!(
+        rx.in_flight(),
+        1,
+        "the debits must finish while the receiver still holds the POST"
+    );
+    assert!(took < STALL, "two debits took {took:?} behind a hung receiver");
+    rx.set_mode(FAIL);
+    // The receiver fails every delivery: each of the three events is
+    // attempted at least three times, the delays doubling.
     let attempts = |rx: &Receiver| {
-        let mut n: BTreeMap<String, usize> = BTreeMap::new();
+        let mut n: BTreeMap<String, Vec<std::time::Instant>> = BTreeMap::new();
         for d in rx.seen() {
-            *n.entry(d.event_id).or_default() += 1;
+            n.entry(d.event_id).or_default().push(d.at);
         }
         n
     };
     assert!(
-        wait_until(Duration::from_secs(20), || {
+        wait_until(Duration::from_secs(30), || {
             let n = attempts(&rx);
-            n.len() == 3 && n.values().all(|c| *c >= 2)
+            n.len() == 3 && n.values().all(|c| c.len() >= 3)
         }),
         "retries never seen: {:?}",
         attempts(&rx)
     );
+    let mut gaps = Vec::new();
+    for (id, at) in attempts(&rx) {
+        let (first, second) = (at[1] - at[0], at[2] - at[1]);
+        // An attempt is made no sooner than its delay after the failure
+        // before it: base, then twice the base.
+        assert!(
+            first >= RETRY_BASE && second >= 2 * RETRY_BASE,
+            "{id}: attempts {first:?} and {second:?} apart, want >= {RETRY_BASE:?} and >= {:?}",
+            2 * RETRY_BASE
+        );
+        gaps.push(format!("{}/{} ms", first.as_millis(), second.as_millis()));
+    }
     // A restart loses nothing: the outbox is in the ledger.
     assert!(p.terminate());
-    rx.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    rx.set_mode(OK);
     let p = Balance::start_on(&dir, &args);
     let delivered = || -> BTreeSet<String> {
         rx.seen()
@@ -506,7 +575,7 @@ fn webhooks_are_signed_retried_durable_and_deduplicable() {
             .collect()
     };
     assert!(
-        wait_until(Duration::from_secs(20), || delivered().len() == 3),
+        wait_until(Duration::from_secs(30), || delivered().len() == 3),
         "not delivered: {:?}",
         rx.seen()
     );
@@ -569,11 +638,106 @@ fn webhooks_are_signed_retried_durable_and_deduplicable() {
     );
     let retried = seen.iter().filter(|d| d.answered == 500).count();
     eprintln!(
-        "webhooks: {} deliveries seen, {retried} answered 500 and retried, {} distinct events, all signatures valid",
+        "webhooks: {} deliveries seen, {retried} answered 500 and retried, {} distinct events, \
+         all signatures valid; two debits took {} ms behind a hung receiver; retry gaps \
+         (base {} ms) {}",
         seen.len(),
-        by_id.len()
+        by_id.len(),
+        took.as_millis(),
+        RETRY_BASE.as_millis(),
+        gaps.join(", ")
     );
+    readme_recipe_verifies(&seen);
     drop(p);
+}
+
+/// The Python verification recipe of the README ("Verifying a delivery"),
+/// run as it is printed: it must accept every delivery the receiver got and
+/// refuse a changed body, a changed signature, the wrong secret and a
+/// correctly signed but stale timestamp.
+fn readme_recipe_verifies(seen: &[Delivery]) {
+    let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let text = std::fs::read_to_string(&readme).unwrap();
+    let section = text
+        .split_once("**Verifying a delivery.**")
+        .expect("README: the \"Verifying a delivery\" paragraph")
+        .1;
+    let code = section
+        .split_once("```python\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("README: a python block after \"Verifying a delivery\"")
+        .0;
+    let python = std::env::var("FAREBOX_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let mut cases = Vec::new();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    for d in seen {
+        cases.push(json!([SECRET, d.signature, hex(&d.raw), true]));
+    }
+    let d = &seen[0];
+    let mut changed = d.raw.clone();
+    changed.push(b' ');
+    cases.push(json!([SECRET, d.signature, hex(&changed), false]));
+    // The signature with its last hex digit changed.
+    let (head, digit) = d.signature.split_at(d.signature.len() - 1);
+    let other = if digit == "0" { "1" } else { "0" };
+    cases.push(json!([SECRET, format!("{head}{other}"), hex(&d.raw), false]));
+    cases.push(json!(["whsec_other", d.signature, hex(&d.raw), false]));
+    let stale = (jiff::Timestamp::now().as_second() - 3600).to_string();
+    cases.push(json!([
+        SECRET,
+        format!("t={stale},v1={}", sign(SECRET, &stale, &d.raw)),
+        hex(&d.raw),
+        false
+    ]));
+    let harness = format!(
+        "{code}\nimport json, sys\nfor secret, header, body, want in json.load(sys.stdin):\n    \
+         got = verify(secret.encode(), header, bytes.fromhex(body))\n    \
+         print(json.dumps([got, want]))\n"
+    );
+    let child = std::process::Command::new(&python)
+        .args(["-c", &harness])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            // Without Python the recipe cannot run: a failure under CI.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{python} (FAREBOX_PYTHON) cannot run the README's recipe under CI=true: {e}"
+            );
+            eprintln!("SKIPPED the README's Python recipe: {python} cannot run: {e}");
+            return;
+        }
+    };
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(Value::Array(cases.clone()).to_string().as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the README's recipe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), cases.len());
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r[0], r[1], "case {i} of the README's recipe: {}", cases[i]);
+    }
+    eprintln!(
+        "README recipe ({python}): {} real deliveries accepted, 4 forgeries refused",
+        seen.len()
+    );
 }
 
 // ------------------------------------------------------------ usage export
