@@ -866,6 +866,35 @@ fn the_usage_export_in_every_format_and_page_size() {
     assert_eq!(ids(&ranged), ids(&all));
     let (none, _) = export_all(a, &format!("to={from}"), 3);
     assert!(none.is_empty());
+    // A bound between two rows splits them: `from <= at < to`.
+    let pivot = all
+        .iter()
+        .find(|r| r["at_ms"].as_i64() > all[0]["at_ms"].as_i64())
+        .expect("the rows span more than one millisecond");
+    let pivot_ms = pivot["at_ms"].as_i64().unwrap();
+    let at = pivot["at"].as_str().unwrap();
+    let (later, _) = export_all(a, &format!("from={at}"), 2);
+    let (earlier, _) = export_all(a, &format!("to={at}"), 2);
+    let split = |keep: &dyn Fn(i64) -> bool| -> Vec<String> {
+        ids(&all
+            .iter()
+            .filter(|r| keep(r["at_ms"].as_i64().unwrap()))
+            .cloned()
+            .collect::<Vec<_>>())
+    };
+    assert_eq!(ids(&later), split(&|ms| ms >= pivot_ms), "from={at}");
+    assert_eq!(ids(&earlier), split(&|ms| ms < pivot_ms), "to={at}");
+    assert!(!later.is_empty() && !earlier.is_empty());
+    let (alice_later, _) = export_all(a, &format!("from={at}&account=acct_alice"), 2);
+    assert_eq!(
+        ids(&alice_later),
+        ids(&later
+            .iter()
+            .filter(|r| r["account_id"] == "acct_alice")
+            .cloned()
+            .collect::<Vec<_>>()),
+        "both filters at once"
+    );
 
     // CSV: the same rows under the documented header.
     let r = admin_get(a, "/admin/charges?format=csv");
@@ -896,6 +925,33 @@ fn the_usage_export_in_every_format_and_page_size() {
     );
     let rf = recs.iter().find(|r| &r[0] == "refund:e-a1").unwrap();
     assert_eq!((&rf[8], &rf[9], &rf[4]), ("-2", "502", ""));
+    // A JSON line has the CSV's columns, no more, and docs/balance-service.md
+    // (12.3) names each of them, in the CSV's order.
+    let columns: Vec<String> = reader.headers().unwrap().iter().map(str::to_owned).collect();
+    for row in &all {
+        let keys: BTreeSet<&String> = row.as_object().unwrap().keys().collect();
+        assert_eq!(keys, columns.iter().collect(), "{row}");
+    }
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/balance-service.md"),
+    )
+    .unwrap();
+    let export_docs = docs
+        .split_once("### 12.3 Usage export")
+        .expect("docs/balance-service.md: 12.3")
+        .1;
+    let fields = export_docs
+        .split_once("Fields (JSON lines")
+        .and_then(|(_, rest)| rest.split_once("CloudEvents ("))
+        .expect("12.3: the Fields paragraph")
+        .0;
+    let mut from = 0;
+    for c in &columns {
+        let at = fields[from..]
+            .find(&format!("`{c}`"))
+            .unwrap_or_else(|| panic!("12.3 does not name the field `{c}` (after {from})"));
+        from += at + c.len();
+    }
 
     // CloudEvents, structured mode, one per line.
     let r = admin_get(a, "/admin/charges?format=cloudevents&limit=100");
@@ -919,6 +975,24 @@ fn the_usage_export_in_every_format_and_page_size() {
         assert_eq!(e["datacontenttype"], "application/json");
         assert_eq!(e["data"]["units"], row["units"]);
         assert_eq!(e["data"]["request_id"], row["request_id"]);
+        // Each data field is the row's, and the docs name it.
+        let ce_docs = export_docs
+            .split_once("CloudEvents (`format=cloudevents`)")
+            .and_then(|(_, rest)| rest.split_once("**Pages.**"))
+            .expect("12.3: the CloudEvents paragraph")
+            .0;
+        for (k, v) in e.as_object().unwrap() {
+            assert!(ce_docs.contains(&format!("\"{k}\"")), "12.3 does not name {k}");
+            if k == "data" {
+                for (dk, dv) in v.as_object().unwrap() {
+                    assert_eq!(dv, &row[dk], "data.{dk}");
+                    assert!(
+                        ce_docs.contains(&format!("\"{dk}\"")),
+                        "12.3 does not name data.{dk}"
+                    );
+                }
+            }
+        }
     }
 
     // Bad parameters: 400 with a reason.
