@@ -614,7 +614,11 @@ type CelMutation = (&'static str, &'static str, fn(&mut Value));
 
 /// Applies each mutation to a copy of `doc` and wants the CEL error it names.
 fn assert_cel_refuses(doc: &Value, mutations: &[CelMutation]) {
-    assert!(istio_cel_errors(doc).is_empty(), "{:?}", istio_cel_errors(doc));
+    assert!(
+        istio_cel_errors(doc).is_empty(),
+        "{:?}",
+        istio_cel_errors(doc)
+    );
     for (what, want, mutate) in mutations {
         let mut bad = doc.clone();
         mutate(&mut bad);
@@ -689,21 +693,37 @@ fn istio_cel_checks_of_the_wasmplugin_and_serviceentry_can_fail() {
                 d["spec"]["resolution"] = json!("NONE");
                 d["spec"]["endpoints"] = json!([{"address": "10.0.0.1"}]);
             }),
-            ("two endpoints with DNS_ROUND_ROBIN", "DNS_ROUND_ROBIN", |d| {
-                d["spec"]["resolution"] = json!("DNS_ROUND_ROBIN");
-                d["spec"]["endpoints"] = json!([{"address": "a.internal"}, {"address": "b.internal"}]);
-            }),
-            ("endpoints and a workloadSelector", "WorkloadSelector or Endpoints", |d| {
-                d["spec"]["endpoints"] = json!([{"address": "a.internal"}]);
-                d["spec"]["workloadSelector"] = json!({"labels": {"app": "balance"}});
-            }),
-            ("an endpoint without address or network", "Address is required", |d| {
-                d["spec"]["endpoints"] = json!([{"labels": {"a": "b"}}])
-            }),
-            ("a UDS endpoint with ports", "UDS may not include ports", |d| {
-                d["spec"]["resolution"] = json!("STATIC");
-                d["spec"]["endpoints"] = json!([{"address": "unix:///run/b.sock", "ports": {"http": 1}}]);
-            }),
+            (
+                "two endpoints with DNS_ROUND_ROBIN",
+                "DNS_ROUND_ROBIN",
+                |d| {
+                    d["spec"]["resolution"] = json!("DNS_ROUND_ROBIN");
+                    d["spec"]["endpoints"] =
+                        json!([{"address": "a.internal"}, {"address": "b.internal"}]);
+                },
+            ),
+            (
+                "endpoints and a workloadSelector",
+                "WorkloadSelector or Endpoints",
+                |d| {
+                    d["spec"]["endpoints"] = json!([{"address": "a.internal"}]);
+                    d["spec"]["workloadSelector"] = json!({"labels": {"app": "balance"}});
+                },
+            ),
+            (
+                "an endpoint without address or network",
+                "Address is required",
+                |d| d["spec"]["endpoints"] = json!([{"labels": {"a": "b"}}]),
+            ),
+            (
+                "a UDS endpoint with ports",
+                "UDS may not include ports",
+                |d| {
+                    d["spec"]["resolution"] = json!("STATIC");
+                    d["spec"]["endpoints"] =
+                        json!([{"address": "unix:///run/b.sock", "ports": {"http": 1}}]);
+                },
+            ),
             ("a relative UDS path", "absolute path", |d| {
                 d["spec"]["resolution"] = json!("STATIC");
                 d["spec"]["endpoints"] = json!([{"address": "unix://run/b.sock"}]);
@@ -713,14 +733,17 @@ fn istio_cel_checks_of_the_wasmplugin_and_serviceentry_can_fail() {
                 d["spec"]["endpoints"] = json!([{"address": "unix:///run/"}]);
             }),
             ("a bad endpoint port name", "port name", |d| {
-                d["spec"]["endpoints"] = json!([{"address": "a.internal", "ports": {"-http": 8081}}])
+                d["spec"]["endpoints"] =
+                    json!([{"address": "a.internal", "ports": {"-http": 8081}}])
             }),
             ("endpoint port 0", "endpoint port 0", |d| {
                 d["spec"]["endpoints"] = json!([{"address": "a.internal", "ports": {"http": 0}}])
             }),
-            ("a wildcard workload label", "wildcard is not supported", |d| {
-                d["spec"]["workloadSelector"] = json!({"labels": {"app": "bal*"}})
-            }),
+            (
+                "a wildcard workload label",
+                "wildcard is not supported",
+                |d| d["spec"]["workloadSelector"] = json!({"labels": {"app": "bal*"}}),
+            ),
         ],
     );
 }

@@ -532,7 +532,10 @@ fn webhooks_are_signed_retried_durable_and_deduplicable() {
         1,
         "the debits must finish while the receiver still holds the POST"
     );
-    assert!(took < STALL, "two debits took {took:?} behind a hung receiver");
+    assert!(
+        took < STALL,
+        "two debits took {took:?} behind a hung receiver"
+    );
     rx.set_mode(FAIL);
     // The receiver fails every delivery: each of the three events is
     // attempted at least three times, the delays doubling.
@@ -680,7 +683,12 @@ fn readme_recipe_verifies(seen: &[Delivery]) {
     // The signature with its last hex digit changed.
     let (head, digit) = d.signature.split_at(d.signature.len() - 1);
     let other = if digit == "0" { "1" } else { "0" };
-    cases.push(json!([SECRET, format!("{head}{other}"), hex(&d.raw), false]));
+    cases.push(json!([
+        SECRET,
+        format!("{head}{other}"),
+        hex(&d.raw),
+        false
+    ]));
     cases.push(json!(["whsec_other", d.signature, hex(&d.raw), false]));
     let stale = (jiff::Timestamp::now().as_second() - 3600).to_string();
     cases.push(json!([
@@ -927,7 +935,12 @@ fn the_usage_export_in_every_format_and_page_size() {
     assert_eq!((&rf[8], &rf[9], &rf[4]), ("-2", "502", ""));
     // A JSON line has the CSV's columns, no more, and docs/balance-service.md
     // (12.3) names each of them, in the CSV's order.
-    let columns: Vec<String> = reader.headers().unwrap().iter().map(str::to_owned).collect();
+    let columns: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_owned)
+        .collect();
     for row in &all {
         let keys: BTreeSet<&String> = row.as_object().unwrap().keys().collect();
         assert_eq!(keys, columns.iter().collect(), "{row}");
@@ -982,7 +995,10 @@ fn the_usage_export_in_every_format_and_page_size() {
             .expect("12.3: the CloudEvents paragraph")
             .0;
         for (k, v) in e.as_object().unwrap() {
-            assert!(ce_docs.contains(&format!("\"{k}\"")), "12.3 does not name {k}");
+            assert!(
+                ce_docs.contains(&format!("\"{k}\"")),
+                "12.3 does not name {k}"
+            );
             if k == "data" {
                 for (dk, dv) in v.as_object().unwrap() {
                     assert_eq!(dv, &row[dk], "data.{dk}");
