@@ -208,7 +208,7 @@ mpp-clients: $(MPP_STAMP)
 # server this says so in one line and passes, unless FAREBOX_REQUIRE_POSTGRES=1 (CI).
 FAREBOX_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 PG_SUITES := --test balance --test leases --test usage --test payments --test ext_authz \
-	--test conformance
+	--test conformance --test budgets
 test-postgres:
 	@if ./scripts/postgres-ready "$(FAREBOX_TEST_DATABASE_URL)"; then \
 	  FAREBOX_TEST_BACKEND=postgres FAREBOX_TEST_DATABASE_URL="$(FAREBOX_TEST_DATABASE_URL)" \

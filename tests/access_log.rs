@@ -208,6 +208,21 @@ fn access_log_shows_who_paid_what_and_why() {
         balance.charges("acct_alog_bob")
     );
 
+    // None of these is metered: the usage fields stay unset on every line.
+    for line in read_lines(&log) {
+        for field in [
+            "usage_cost",
+            "model",
+            "input_tokens",
+            "cached_input_tokens",
+            "cache_creation_input_tokens",
+            "output_tokens",
+            "reasoning_tokens",
+        ] {
+            assert!(line[field].is_null(), "{field} set on {line}");
+        }
+    }
+
     // No credential is ever written.
     let text = fs::read_to_string(&log).unwrap();
     for key in [ALICE_KEY, BOB_KEY, CAROL_KEY] {
@@ -289,4 +304,34 @@ fn access_log_false_leaves_the_fields_unset() {
                 "decision": null, "cache": null, "lease": null}),
         "access_log: false",
     );
+}
+
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn access_log_says_fail_open_when_the_service_is_down() {
+    let log_dir = TempDir::new("access-log-fail-open-file");
+    let log = log_dir.join("access.log");
+    let mut stack = stack("access-log-fail-open")
+        .plugin(|p| p["failure_mode"] = json!("open"))
+        .envoy_yaml(access_log_envoy_yaml(&log))
+        .concurrency(1)
+        .start();
+    stack
+        .balance()
+        .create_account("acct_alog_open", ALICE_KEY, 10);
+    stack.balance_mut().stop();
+    let resp = stack.get_with_key("/v1/data", ALICE_KEY);
+    assert_eq!(resp.status, 200, "{}", resp.dump());
+    let id = request_id(&resp);
+    // Forwarded unpaid: nobody named an account, the price stands.
+    assert_fields(
+        &lines_for(&log, &[&id])[0],
+        &json!({"account": null, "route": "default", "cost": "1",
+                "decision": "fail-open", "cache": null, "lease": null}),
+        "balance service down, failure_mode open",
+    );
+    assert!(!fs::read_to_string(&log).unwrap().contains(ALICE_KEY));
 }

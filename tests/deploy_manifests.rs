@@ -143,8 +143,9 @@ fn skipped(test: &str, name: &str) {
         test,
         &format!(
             "{} is absent (the CRD schemas are provided beside the project's own checkout \
-             only). The structural checks still ran.",
-            root().join("../shared/schemas").join(name).display()
+             only; elsewhere point FAREBOX_SHARED_SCHEMAS at them). The structural checks \
+             still ran.",
+            shared_schemas_root().join(name).display()
         ),
     );
 }
@@ -267,9 +268,13 @@ fn str_of<'a>(v: &'a Value, what: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{what}: expected a string, got {v}"))
 }
 
-/// The CEL rules of Istio's CRDs that apply to a WasmPlugin or TrafficExtension, as code
-/// (JSON Schema validators do not evaluate `x-kubernetes-validations`).
+/// The CEL rules (`x-kubernetes-validations`) of Istio's WasmPlugin, TrafficExtension and
+/// ServiceEntry CRDs, as code (JSON Schema validators do not evaluate them).
+/// `istio_cel_rules_are_all_checked` fails when a CRD has a rule this does not know.
 fn istio_cel_errors(doc: &Value) -> Vec<String> {
+    if doc["kind"] == "ServiceEntry" {
+        return service_entry_cel_errors(&doc["spec"]);
+    }
     let spec = &doc["spec"];
     let mut errors = Vec::new();
     let selection = ["selector", "targetRef", "targetRefs"]
@@ -290,23 +295,127 @@ fn istio_cel_errors(doc: &Value) -> Vec<String> {
             }
         }
     }
-    for r in spec["targetRefs"].as_array().into_iter().flatten() {
+    let refs = spec["targetRefs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(spec.get("targetRef"));
+    for r in refs {
         if r.get("namespace")
             .and_then(Value::as_str)
             .is_some_and(|n| !n.is_empty())
         {
-            errors.push("targetRefs: cross namespace referencing is not supported".into());
+            errors.push("targetRef(s): cross namespace referencing is not supported".into());
         }
     }
-    if doc["kind"] == "TrafficExtension" {
-        if spec.get("wasm").is_some() == spec.get("lua").is_some() {
-            errors.push("exactly one of wasm or lua must be set".into());
-        }
-        let url = spec["wasm"]["url"].as_str().unwrap_or_default();
-        let scheme = url.split_once("://").map_or("", |(s, _)| s);
-        if !["", "http", "https", "file", "oci"].contains(&scheme) {
+    if doc["kind"] == "TrafficExtension" && spec.get("wasm").is_some() == spec.get("lua").is_some()
+    {
+        errors.push("exactly one of wasm or lua must be set".into());
+    }
+    // Both CRDs, on the Wasm fields (top level in a WasmPlugin, under `wasm` in a
+    // TrafficExtension).
+    let (wasm, _) = istio_wasm_fields(doc);
+    let url = wasm["url"].as_str().unwrap_or_default();
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    if !["", "http", "https", "file", "oci"].contains(&scheme) {
+        errors.push(format!(
+            "url {url:?}: scheme must be one of http, https, file, oci"
+        ));
+    }
+    for env in wasm["vmConfig"]["env"].as_array().into_iter().flatten() {
+        if env["valueFrom"] == "HOST" && env.get("value").is_some() {
             errors.push(format!(
-                "wasm.url {url:?}: scheme must be one of http, https, file, oci"
+                "vmConfig.env {}: value may only be set when valueFrom is INLINE",
+                env["name"]
+            ));
+        }
+    }
+    errors
+}
+
+/// The ServiceEntry CRD's CEL rules (networking.istio.io/v1), as code.
+fn service_entry_cel_errors(spec: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    let port_ok = |p: &Value| p.as_u64().is_some_and(|n| (1..=65535).contains(&n));
+    let endpoints: Vec<&Value> = spec["endpoints"].as_array().into_iter().flatten().collect();
+    let resolution = spec["resolution"].as_str();
+    if spec.get("workloadSelector").is_some() && spec.get("endpoints").is_some() {
+        errors.push("only one of WorkloadSelector or Endpoints can be set".into());
+    }
+    let cidr = spec["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|a| a.as_str().is_some_and(|a| a.contains('/')));
+    if cidr && !["STATIC", "NONE"].contains(&resolution.unwrap_or("NONE")) {
+        errors.push("CIDR addresses are allowed only for NONE/STATIC resolution types".into());
+    }
+    if resolution.unwrap_or("NONE") == "NONE" && spec.get("endpoints").is_some() {
+        errors.push("NONE mode cannot set endpoints".into());
+    }
+    if resolution == Some("DNS_ROUND_ROBIN") && endpoints.len() > 1 {
+        errors.push("DNS_ROUND_ROBIN mode cannot have multiple endpoints".into());
+    }
+    for e in &endpoints {
+        let address = e["address"].as_str().unwrap_or_default();
+        if e.get("address").is_none() && e.get("network").is_none() {
+            errors.push("endpoints: Address is required".into());
+        }
+        if let Some(path) = address.strip_prefix("unix://") {
+            if e.get("ports").is_some() {
+                errors.push(format!("endpoint {address}: UDS may not include ports"));
+            }
+            if !path.starts_with('/') && !path.starts_with('@') {
+                errors.push(format!(
+                    "endpoint {address}: UDS must be an absolute path or abstract socket"
+                ));
+            }
+            if path.ends_with('/') {
+                errors.push(format!("endpoint {address}: UDS may not be a dir"));
+            }
+        }
+        for (name, port) in e["ports"].as_object().into_iter().flatten() {
+            let valid_name = name.len() < 63
+                && !name.is_empty()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !name.starts_with('-')
+                && !name.ends_with('-');
+            if !valid_name {
+                errors.push(format!("endpoint port name {name:?} must be valid"));
+            }
+            if !port_ok(port) {
+                errors.push(format!("endpoint port {port}: must be between 1-65535"));
+            }
+        }
+    }
+    for h in spec["hosts"].as_array().into_iter().flatten() {
+        if h == "*" {
+            errors.push("hostname cannot be wildcard".into());
+        }
+    }
+    let ports: Vec<&Value> = spec["ports"].as_array().into_iter().flatten().collect();
+    for (i, p) in ports.iter().enumerate() {
+        if ports[..i].iter().any(|q| q["number"] == p["number"]) {
+            errors.push(format!("port number {} cannot be duplicated", p["number"]));
+        }
+        if !port_ok(&p["number"]) {
+            errors.push(format!("port {}: must be between 1-65535", p["number"]));
+        }
+        if p.get("targetPort").is_some_and(|t| !port_ok(t)) {
+            errors.push(format!(
+                "targetPort {}: must be between 1-65535",
+                p["targetPort"]
+            ));
+        }
+    }
+    for (k, v) in spec["workloadSelector"]["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        if v.as_str().is_some_and(|v| v.contains('*')) {
+            errors.push(format!(
+                "workloadSelector.labels {k:?}: wildcard is not supported"
             ));
         }
     }
@@ -351,6 +460,8 @@ fn istio_manifests_are_wired_for_farebox() {
             se["apiVersion"], "networking.istio.io/v1",
             "{file}: ServiceEntry"
         );
+        let cel = istio_cel_errors(se);
+        assert!(cel.is_empty(), "{file}: ServiceEntry: {cel:?}");
         let spec = &se["spec"];
         let hosts = spec["hosts"].as_array().expect("ServiceEntry hosts");
         let ports = spec["ports"].as_array().expect("ServiceEntry ports");
@@ -496,6 +607,223 @@ fn istio_cel_checks_can_fail() {
             "{what} passed the CEL checks"
         );
     }
+}
+
+/// A change to a manifest and a fragment of the error the CEL check must give for it.
+type CelMutation = (&'static str, &'static str, fn(&mut Value));
+
+/// Applies each mutation to a copy of `doc` and wants the CEL error it names.
+fn assert_cel_refuses(doc: &Value, mutations: &[CelMutation]) {
+    assert!(
+        istio_cel_errors(doc).is_empty(),
+        "{:?}",
+        istio_cel_errors(doc)
+    );
+    for (what, want, mutate) in mutations {
+        let mut bad = doc.clone();
+        mutate(&mut bad);
+        let errors = istio_cel_errors(&bad);
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "{} with {what}: want an error with {want:?}, got {errors:?}",
+            doc["kind"]
+        );
+    }
+}
+
+#[test]
+fn istio_cel_checks_of_the_wasmplugin_and_serviceentry_can_fail() {
+    let (_, wp) = istio_docs("WasmPlugin").into_iter().next().unwrap();
+    assert_cel_refuses(
+        &wp,
+        &[
+            ("an ftp url", "scheme must be one of", |d| {
+                d["spec"]["url"] = json!("ftp://example.com/farebox.wasm")
+            }),
+            ("a cross-namespace targetRef", "cross namespace", |d| {
+                let spec = d["spec"].as_object_mut().unwrap();
+                spec.remove("selector");
+                spec.insert(
+                    "targetRef".into(),
+                    json!({"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "api", "namespace": "other"}),
+                );
+            }),
+            ("selector and targetRef", "exactly one of selector", |d| {
+                d["spec"]["targetRef"] =
+                    json!({"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "api"})
+            }),
+            ("an empty label key", "no empty key", |d| {
+                d["spec"]["selector"]["matchLabels"][""] = json!("x")
+            }),
+            ("a HOST env var with a value", "valueFrom is INLINE", |d| {
+                d["spec"]["vmConfig"] =
+                    json!({"env": [{"name": "POD_NAME", "valueFrom": "HOST", "value": "x"}]})
+            }),
+        ],
+    );
+    let (_, te) = istio_docs("TrafficExtension").into_iter().next().unwrap();
+    assert_cel_refuses(
+        &te,
+        &[("a HOST env var with a value", "valueFrom is INLINE", |d| {
+            d["spec"]["wasm"]["vmConfig"] =
+                json!({"env": [{"name": "POD_NAME", "valueFrom": "HOST", "value": "x"}]})
+        })],
+    );
+    let (_, se) = istio_docs("ServiceEntry").into_iter().next().unwrap();
+    assert_cel_refuses(
+        &se,
+        &[
+            ("a wildcard host", "cannot be wildcard", |d| {
+                d["spec"]["hosts"] = json!(["*"])
+            }),
+            ("a duplicated port", "cannot be duplicated", |d| {
+                let p = d["spec"]["ports"][0].clone();
+                d["spec"]["ports"].as_array_mut().unwrap().push(p);
+            }),
+            ("port 0", "between 1-65535", |d| {
+                d["spec"]["ports"][0]["number"] = json!(0)
+            }),
+            ("targetPort 70000", "targetPort", |d| {
+                d["spec"]["ports"][0]["targetPort"] = json!(70000)
+            }),
+            ("a CIDR with DNS resolution", "CIDR", |d| {
+                d["spec"]["addresses"] = json!(["10.0.0.0/8"])
+            }),
+            ("endpoints with NONE resolution", "NONE mode", |d| {
+                d["spec"]["resolution"] = json!("NONE");
+                d["spec"]["endpoints"] = json!([{"address": "10.0.0.1"}]);
+            }),
+            (
+                "two endpoints with DNS_ROUND_ROBIN",
+                "DNS_ROUND_ROBIN",
+                |d| {
+                    d["spec"]["resolution"] = json!("DNS_ROUND_ROBIN");
+                    d["spec"]["endpoints"] =
+                        json!([{"address": "a.internal"}, {"address": "b.internal"}]);
+                },
+            ),
+            (
+                "endpoints and a workloadSelector",
+                "WorkloadSelector or Endpoints",
+                |d| {
+                    d["spec"]["endpoints"] = json!([{"address": "a.internal"}]);
+                    d["spec"]["workloadSelector"] = json!({"labels": {"app": "balance"}});
+                },
+            ),
+            (
+                "an endpoint without address or network",
+                "Address is required",
+                |d| d["spec"]["endpoints"] = json!([{"labels": {"a": "b"}}]),
+            ),
+            (
+                "a UDS endpoint with ports",
+                "UDS may not include ports",
+                |d| {
+                    d["spec"]["resolution"] = json!("STATIC");
+                    d["spec"]["endpoints"] =
+                        json!([{"address": "unix:///run/b.sock", "ports": {"http": 1}}]);
+                },
+            ),
+            ("a relative UDS path", "absolute path", |d| {
+                d["spec"]["resolution"] = json!("STATIC");
+                d["spec"]["endpoints"] = json!([{"address": "unix://run/b.sock"}]);
+            }),
+            ("a UDS directory", "may not be a dir", |d| {
+                d["spec"]["resolution"] = json!("STATIC");
+                d["spec"]["endpoints"] = json!([{"address": "unix:///run/"}]);
+            }),
+            ("a bad endpoint port name", "port name", |d| {
+                d["spec"]["endpoints"] =
+                    json!([{"address": "a.internal", "ports": {"-http": 8081}}])
+            }),
+            ("endpoint port 0", "endpoint port 0", |d| {
+                d["spec"]["endpoints"] = json!([{"address": "a.internal", "ports": {"http": 0}}])
+            }),
+            (
+                "a wildcard workload label",
+                "wildcard is not supported",
+                |d| d["spec"]["workloadSelector"] = json!({"labels": {"app": "bal*"}}),
+            ),
+        ],
+    );
+}
+
+/// Every CEL rule of Istio's WasmPlugin, TrafficExtension and ServiceEntry CRDs is one
+/// `istio_cel_errors` checks: a new rule in a newer CRD must be taught to it.
+#[test]
+fn istio_cel_rules_are_all_checked() {
+    let Some(dir) = shared_schemas("istio") else {
+        return skipped("istio_cel_rules_are_all_checked", "istio");
+    };
+    let known: [(&str, &[&str]); 3] = [
+        (
+            "wasmplugin.crd.yaml",
+            &[
+                "spec: only one of targetRefs or selector can be set",
+                "spec.selector.matchLabels: wildcard not allowed in label key match",
+                "spec.selector.matchLabels: key must not be empty",
+                "spec.selector.matchLabels{}: wildcard not allowed in label value match",
+                "spec.targetRef.namespace: cross namespace referencing is not currently supported",
+                "spec.targetRefs[].namespace: cross namespace referencing is not currently supported",
+                "spec.url: url must have schema one of [http, https, file, oci]",
+                "spec.vmConfig.env[]: value may only be set when valueFrom is INLINE",
+            ],
+        ),
+        (
+            "trafficextension.crd.yaml",
+            &[
+                "spec: only one of targetRefs or selector can be set",
+                "spec: exactly one of wasm or lua must be set",
+                "spec.selector.matchLabels: wildcard not allowed in label key match",
+                "spec.selector.matchLabels: key must not be empty",
+                "spec.selector.matchLabels{}: wildcard not allowed in label value match",
+                "spec.targetRefs[].namespace: cross namespace referencing is not currently supported",
+                "spec.wasm.url: url must have schema one of [http, https, file, oci]",
+                "spec.wasm.vmConfig.env[]: value may only be set when valueFrom is INLINE",
+            ],
+        ),
+        (
+            "serviceentry.crd.yaml",
+            &[
+                "spec: only one of WorkloadSelector or Endpoints can be set",
+                "spec: CIDR addresses are allowed only for NONE/STATIC resolution types",
+                "spec: NONE mode cannot set endpoints",
+                "spec: DNS_ROUND_ROBIN mode cannot have multiple endpoints",
+                "spec.endpoints[]: Address is required",
+                "spec.endpoints[]: UDS may not include ports",
+                "spec.endpoints[].address: UDS must be an absolute path or abstract socket",
+                "spec.endpoints[].address: UDS may not be a dir",
+                "spec.endpoints[].ports: port name must be valid",
+                "spec.endpoints[].ports{}: port must be between 1-65535",
+                "spec.hosts[]: hostname cannot be wildcard",
+                "spec.ports: port number cannot be duplicated",
+                "spec.ports[].number: port must be between 1-65535",
+                "spec.ports[].targetPort: port must be between 1-65535",
+                "spec.workloadSelector.labels{}: wildcard is not supported in selector",
+            ],
+        ),
+    ];
+    let mut total = 0;
+    for (file, known) in known {
+        let crd = yaml_docs(&read(&dir.join(file)), file);
+        for version in crd[0]["spec"]["versions"].as_array().unwrap() {
+            let mut rules = Vec::new();
+            collect_cel_rules(
+                &version["schema"]["openAPIV3Schema"]["properties"]["spec"],
+                "spec",
+                &mut rules,
+            );
+            for rule in &rules {
+                assert!(
+                    known.contains(&rule.as_str()),
+                    "{file} {}: a CEL rule istio_cel_errors does not check: {rule}",
+                    version["name"]
+                );
+            }
+            total += rules.len();
+        }
+    }
+    eprintln!("CEL rules of Istio's CRDs (all versions) checked in code: {total}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -723,6 +1051,10 @@ fn collect_cel_rules(schema: &Value, path: &str, out: &mut Vec<String>) {
     }
     if schema.get("items").is_some() {
         collect_cel_rules(&schema["items"], &format!("{path}[]"), out);
+    }
+    // The values of a map (labels and the like).
+    if schema["additionalProperties"].is_object() {
+        collect_cel_rules(&schema["additionalProperties"], &format!("{path}{{}}"), out);
     }
 }
 

@@ -284,6 +284,13 @@ fn usage_moves_the_budget_with_the_cost() {
 
 /// Many concurrent authorizes against a budget below the balance: exactly
 /// the budget is spent (on PostgreSQL, calls run on parallel connections).
+///
+/// On PostgreSQL the calls on one account queue on its row lock, 16 pool
+/// connections at a time, and a call that waits longer than the pool's 2 s
+/// for a connection is answered 503 without touching the ledger (fail fast,
+/// well within the filter's timeout). On a loaded machine 80 calls at once
+/// get there. A 503 is retried with the same request id, as a client would
+/// after the filter's 503: the sum must still be exactly the budget.
 #[test]
 fn concurrent_authorizes_spend_exactly_the_budget() {
     let b = Balance::start(&["--admin-token", ADMIN, "--quiet"]);
@@ -300,15 +307,28 @@ fn concurrent_authorizes_spend_exactly_the_budget() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
-                authorize(a, "key-cb", 1, &format!("cb-{i}")).status
+                let rid = format!("cb-{i}");
+                let mut unavailable = 0;
+                loop {
+                    let r = authorize(a, "key-cb", 1, &rid);
+                    if r.status != 503 || unavailable == 10 {
+                        return (r.status, unavailable);
+                    }
+                    assert_eq!(r.json(), json!({"error": "storage unavailable"}));
+                    unavailable += 1;
+                }
             })
         })
         .collect();
-    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let allowed = statuses.iter().filter(|s| **s == 200).count();
-    let denied = statuses.iter().filter(|s| **s == 402).count();
-    eprintln!("concurrent budget: {CALLS} authorizes, {allowed} allowed, {denied} denied");
-    assert_eq!((allowed, denied), (37, CALLS - 37));
+    let answers: Vec<(u16, usize)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let allowed = answers.iter().filter(|(s, _)| *s == 200).count();
+    let denied = answers.iter().filter(|(s, _)| *s == 402).count();
+    let retried: usize = answers.iter().map(|(_, n)| n).sum();
+    eprintln!(
+        "concurrent budget: {CALLS} authorizes, {allowed} allowed, {denied} denied \
+         ({retried} answers 503 on a busy pool, retried with the same request id)"
+    );
+    assert_eq!((allowed, denied), (37, CALLS - 37), "{answers:?}");
     let acct = account(a, "acct_cb");
     assert_eq!(
         (acct["balance"].clone(), acct["charges"].clone()),
@@ -327,17 +347,30 @@ fn concurrent_authorizes_spend_exactly_the_budget() {
 #[derive(Clone, Debug)]
 struct Delivery {
     event_id: String,
+    signature: String,
+    raw: Vec<u8>,
     signature_ok: bool,
     body: Value,
     answered: u16,
+    /// When it arrived.
+    at: std::time::Instant,
 }
 
+/// How the receiver answers.
+const FAIL: u8 = 0;
+const OK: u8 = 1;
+/// Holds the POST for `STALL` before it answers 500: a receiver that hangs.
+const STALL_THEN_FAIL: u8 = 2;
+const STALL: Duration = Duration::from_secs(2);
+
 /// A local webhook receiver (axum) that checks every signature and answers
-/// 500 while `failing` is set, 200 after.
+/// as `mode` says.
 struct Receiver {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Delivery>>>,
-    failing: Arc<std::sync::atomic::AtomicBool>,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    /// POSTs being answered right now.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -345,7 +378,6 @@ const SECRET: &str = "whsec_test_secret";
 
 /// The receiver's own check of `farebox-signature: t=T,v1=HEX` over `T.BODY`.
 fn verify(header: &str, body: &[u8]) -> bool {
-    use hmac::{KeyInit, Mac};
     let mut t = None;
     let mut v1 = None;
     for part in header.split(',') {
@@ -363,33 +395,39 @@ fn verify(header: &str, body: &[u8]) -> bool {
     if (now - ts).abs() > 300 {
         return false;
     }
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    sign(SECRET, t, body) == v1
+}
+
+/// Hex HMAC-SHA256 of `T.BODY` keyed with `secret`.
+fn sign(secret: &str, t: &str, body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.").as_bytes());
     mac.update(body);
-    let want: String = mac
-        .finalize()
+    mac.finalize()
         .into_bytes()
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect();
-    want == v1
+        .collect()
 }
 
 impl Receiver {
-    fn start() -> Receiver {
+    fn start(mode: u8) -> Receiver {
         use axum::http::{HeaderMap, StatusCode};
+        use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
         let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
-        let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (s, f) = (seen.clone(), failing.clone());
+        let mode = Arc::new(AtomicU8::new(mode));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (s, m, busy) = (seen.clone(), mode.clone(), in_flight.clone());
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                let (s, f) = (s.clone(), f.clone());
+                let (s, m, busy) = (s.clone(), m.clone(), busy.clone());
                 async move {
                     let h = |n: &str| {
                         headers
@@ -398,17 +436,26 @@ impl Receiver {
                             .unwrap_or("")
                             .to_owned()
                     };
-                    let code = if f.load(std::sync::atomic::Ordering::SeqCst) {
-                        StatusCode::INTERNAL_SERVER_ERROR
-                    } else {
+                    let mode = m.load(SeqCst);
+                    let code = if mode == OK {
                         StatusCode::OK
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
                     };
                     s.lock().unwrap().push(Delivery {
                         event_id: h("farebox-event-id"),
+                        signature: h("farebox-signature"),
+                        raw: body.to_vec(),
                         signature_ok: verify(&h("farebox-signature"), &body),
                         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
                         answered: code.as_u16(),
+                        at: std::time::Instant::now(),
                     });
+                    if mode == STALL_THEN_FAIL {
+                        busy.fetch_add(1, SeqCst);
+                        tokio::time::sleep(STALL).await;
+                        busy.fetch_sub(1, SeqCst);
+                    }
                     code
                 }
             }),
@@ -421,7 +468,8 @@ impl Receiver {
         Receiver {
             addr,
             seen,
-            failing,
+            mode,
+            in_flight,
             _rt: rt,
         }
     }
@@ -429,13 +477,26 @@ impl Receiver {
     fn seen(&self) -> Vec<Delivery> {
         self.seen.lock().unwrap().clone()
     }
+
+    fn set_mode(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
+
+/// Base delay of the retries in the webhook test: above the outbox's 200 ms
+/// poll, so that a doubled delay is told apart from a constant one.
+const RETRY_BASE: Duration = Duration::from_millis(400);
 
 #[test]
 fn webhooks_are_signed_retried_durable_and_deduplicable() {
-    let rx = Receiver::start();
+    let rx = Receiver::start(STALL_THEN_FAIL);
     let url = format!("http://{}/hook", rx.addr);
     let dir = TempDir::new("hooks");
+    let base_ms = RETRY_BASE.as_millis().to_string();
     let args = [
         "--admin-token",
         ADMIN,
@@ -448,35 +509,66 @@ fn webhooks_are_signed_retried_durable_and_deduplicable() {
         "--webhook-budget-thresholds",
         "50,100",
         "--webhook-retry-base-ms",
-        "50",
+        &base_ms,
     ];
     let p = Balance::start_on(&dir, &args);
     let a = p.addr;
     assert_eq!(create_account(a, "acct_w", "key-w", 60).status, 201);
     assert_eq!(set_budget(a, "acct_w", 20, "day", "UTC").status, 200);
-    // The receiver fails every delivery: debits go on regardless.
+    // A receiver that hangs holds up no debit: while it holds the first
+    // event's POST, the next debits (and the events they raise) go through.
     assert_eq!(authorize(a, "key-w", 10, "w-1").status, 200); // budget 50 %
+    assert!(
+        wait_until(Duration::from_secs(10), || rx.in_flight() == 1),
+        "the first event was never posted: {:?}",
+        rx.seen()
+    );
+    let started = std::time::Instant::now();
     assert_eq!(authorize(a, "key-w", 10, "w-2").status, 200); // 100 %, balance 40 < 50
     assert_eq!(authorize(a, "key-w", 1, "w-3").status, 402); // no event
-                                                             // Each of the three events is attempted more than once (backoff).
+    let took = started.elapsed();
+    assert_eq!(
+        rx.in_flight(),
+        1,
+        "the debits must finish while the receiver still holds the POST"
+    );
+    assert!(
+        took < STALL,
+        "two debits took {took:?} behind a hung receiver"
+    );
+    rx.set_mode(FAIL);
+    // The receiver fails every delivery: each of the three events is
+    // attempted at least three times, the delays doubling.
     let attempts = |rx: &Receiver| {
-        let mut n: BTreeMap<String, usize> = BTreeMap::new();
+        let mut n: BTreeMap<String, Vec<std::time::Instant>> = BTreeMap::new();
         for d in rx.seen() {
-            *n.entry(d.event_id).or_default() += 1;
+            n.entry(d.event_id).or_default().push(d.at);
         }
         n
     };
     assert!(
-        wait_until(Duration::from_secs(20), || {
+        wait_until(Duration::from_secs(30), || {
             let n = attempts(&rx);
-            n.len() == 3 && n.values().all(|c| *c >= 2)
+            n.len() == 3 && n.values().all(|c| c.len() >= 3)
         }),
         "retries never seen: {:?}",
         attempts(&rx)
     );
+    let mut gaps = Vec::new();
+    for (id, at) in attempts(&rx) {
+        let (first, second) = (at[1] - at[0], at[2] - at[1]);
+        // An attempt is made no sooner than its delay after the failure
+        // before it: base, then twice the base.
+        assert!(
+            first >= RETRY_BASE && second >= 2 * RETRY_BASE,
+            "{id}: attempts {first:?} and {second:?} apart, want >= {RETRY_BASE:?} and >= {:?}",
+            2 * RETRY_BASE
+        );
+        gaps.push(format!("{}/{} ms", first.as_millis(), second.as_millis()));
+    }
     // A restart loses nothing: the outbox is in the ledger.
     assert!(p.terminate());
-    rx.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    rx.set_mode(OK);
     let p = Balance::start_on(&dir, &args);
     let delivered = || -> BTreeSet<String> {
         rx.seen()
@@ -486,7 +578,7 @@ fn webhooks_are_signed_retried_durable_and_deduplicable() {
             .collect()
     };
     assert!(
-        wait_until(Duration::from_secs(20), || delivered().len() == 3),
+        wait_until(Duration::from_secs(30), || delivered().len() == 3),
         "not delivered: {:?}",
         rx.seen()
     );
@@ -549,11 +641,111 @@ fn webhooks_are_signed_retried_durable_and_deduplicable() {
     );
     let retried = seen.iter().filter(|d| d.answered == 500).count();
     eprintln!(
-        "webhooks: {} deliveries seen, {retried} answered 500 and retried, {} distinct events, all signatures valid",
+        "webhooks: {} deliveries seen, {retried} answered 500 and retried, {} distinct events, \
+         all signatures valid; two debits took {} ms behind a hung receiver; retry gaps \
+         (base {} ms) {}",
         seen.len(),
-        by_id.len()
+        by_id.len(),
+        took.as_millis(),
+        RETRY_BASE.as_millis(),
+        gaps.join(", ")
     );
+    readme_recipe_verifies(&seen);
     drop(p);
+}
+
+/// The Python verification recipe of the README ("Verifying a delivery"),
+/// run as it is printed: it must accept every delivery the receiver got and
+/// refuse a changed body, a changed signature, the wrong secret and a
+/// correctly signed but stale timestamp.
+fn readme_recipe_verifies(seen: &[Delivery]) {
+    let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let text = std::fs::read_to_string(&readme).unwrap();
+    let section = text
+        .split_once("**Verifying a delivery.**")
+        .expect("README: the \"Verifying a delivery\" paragraph")
+        .1;
+    let code = section
+        .split_once("```python\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("README: a python block after \"Verifying a delivery\"")
+        .0;
+    let python = std::env::var("FAREBOX_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let mut cases = Vec::new();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    for d in seen {
+        cases.push(json!([SECRET, d.signature, hex(&d.raw), true]));
+    }
+    let d = &seen[0];
+    let mut changed = d.raw.clone();
+    changed.push(b' ');
+    cases.push(json!([SECRET, d.signature, hex(&changed), false]));
+    // The signature with its last hex digit changed.
+    let (head, digit) = d.signature.split_at(d.signature.len() - 1);
+    let other = if digit == "0" { "1" } else { "0" };
+    cases.push(json!([
+        SECRET,
+        format!("{head}{other}"),
+        hex(&d.raw),
+        false
+    ]));
+    cases.push(json!(["whsec_other", d.signature, hex(&d.raw), false]));
+    let stale = (jiff::Timestamp::now().as_second() - 3600).to_string();
+    cases.push(json!([
+        SECRET,
+        format!("t={stale},v1={}", sign(SECRET, &stale, &d.raw)),
+        hex(&d.raw),
+        false
+    ]));
+    let harness = format!(
+        "{code}\nimport json, sys\nfor secret, header, body, want in json.load(sys.stdin):\n    \
+         got = verify(secret.encode(), header, bytes.fromhex(body))\n    \
+         print(json.dumps([got, want]))\n"
+    );
+    let child = std::process::Command::new(&python)
+        .args(["-c", &harness])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            // Without Python the recipe cannot run: a failure under CI.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{python} (FAREBOX_PYTHON) cannot run the README's recipe under CI=true: {e}"
+            );
+            eprintln!("SKIPPED the README's Python recipe: {python} cannot run: {e}");
+            return;
+        }
+    };
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(Value::Array(cases.clone()).to_string().as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the README's recipe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), cases.len());
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r[0], r[1], "case {i} of the README's recipe: {}", cases[i]);
+    }
+    eprintln!(
+        "README recipe ({python}): {} real deliveries accepted, 4 forgeries refused",
+        seen.len()
+    );
 }
 
 // ------------------------------------------------------------ usage export
@@ -682,6 +874,35 @@ fn the_usage_export_in_every_format_and_page_size() {
     assert_eq!(ids(&ranged), ids(&all));
     let (none, _) = export_all(a, &format!("to={from}"), 3);
     assert!(none.is_empty());
+    // A bound between two rows splits them: `from <= at < to`.
+    let pivot = all
+        .iter()
+        .find(|r| r["at_ms"].as_i64() > all[0]["at_ms"].as_i64())
+        .expect("the rows span more than one millisecond");
+    let pivot_ms = pivot["at_ms"].as_i64().unwrap();
+    let at = pivot["at"].as_str().unwrap();
+    let (later, _) = export_all(a, &format!("from={at}"), 2);
+    let (earlier, _) = export_all(a, &format!("to={at}"), 2);
+    let split = |keep: &dyn Fn(i64) -> bool| -> Vec<String> {
+        ids(&all
+            .iter()
+            .filter(|r| keep(r["at_ms"].as_i64().unwrap()))
+            .cloned()
+            .collect::<Vec<_>>())
+    };
+    assert_eq!(ids(&later), split(&|ms| ms >= pivot_ms), "from={at}");
+    assert_eq!(ids(&earlier), split(&|ms| ms < pivot_ms), "to={at}");
+    assert!(!later.is_empty() && !earlier.is_empty());
+    let (alice_later, _) = export_all(a, &format!("from={at}&account=acct_alice"), 2);
+    assert_eq!(
+        ids(&alice_later),
+        ids(&later
+            .iter()
+            .filter(|r| r["account_id"] == "acct_alice")
+            .cloned()
+            .collect::<Vec<_>>()),
+        "both filters at once"
+    );
 
     // CSV: the same rows under the documented header.
     let r = admin_get(a, "/admin/charges?format=csv");
@@ -712,6 +933,38 @@ fn the_usage_export_in_every_format_and_page_size() {
     );
     let rf = recs.iter().find(|r| &r[0] == "refund:e-a1").unwrap();
     assert_eq!((&rf[8], &rf[9], &rf[4]), ("-2", "502", ""));
+    // A JSON line has the CSV's columns, no more, and docs/balance-service.md
+    // (12.3) names each of them, in the CSV's order.
+    let columns: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    for row in &all {
+        let keys: BTreeSet<&String> = row.as_object().unwrap().keys().collect();
+        assert_eq!(keys, columns.iter().collect(), "{row}");
+    }
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/balance-service.md"),
+    )
+    .unwrap();
+    let export_docs = docs
+        .split_once("### 12.3 Usage export")
+        .expect("docs/balance-service.md: 12.3")
+        .1;
+    let fields = export_docs
+        .split_once("Fields (JSON lines")
+        .and_then(|(_, rest)| rest.split_once("CloudEvents ("))
+        .expect("12.3: the Fields paragraph")
+        .0;
+    let mut from = 0;
+    for c in &columns {
+        let at = fields[from..]
+            .find(&format!("`{c}`"))
+            .unwrap_or_else(|| panic!("12.3 does not name the field `{c}` (after {from})"));
+        from += at + c.len();
+    }
 
     // CloudEvents, structured mode, one per line.
     let r = admin_get(a, "/admin/charges?format=cloudevents&limit=100");
@@ -735,6 +988,27 @@ fn the_usage_export_in_every_format_and_page_size() {
         assert_eq!(e["datacontenttype"], "application/json");
         assert_eq!(e["data"]["units"], row["units"]);
         assert_eq!(e["data"]["request_id"], row["request_id"]);
+        // Each data field is the row's, and the docs name it.
+        let ce_docs = export_docs
+            .split_once("CloudEvents (`format=cloudevents`)")
+            .and_then(|(_, rest)| rest.split_once("**Pages.**"))
+            .expect("12.3: the CloudEvents paragraph")
+            .0;
+        for (k, v) in e.as_object().unwrap() {
+            assert!(
+                ce_docs.contains(&format!("\"{k}\"")),
+                "12.3 does not name {k}"
+            );
+            if k == "data" {
+                for (dk, dv) in v.as_object().unwrap() {
+                    assert_eq!(dv, &row[dk], "data.{dk}");
+                    assert!(
+                        ce_docs.contains(&format!("\"{dk}\"")),
+                        "12.3 does not name data.{dk}"
+                    );
+                }
+            }
+        }
     }
 
     // Bad parameters: 400 with a reason.

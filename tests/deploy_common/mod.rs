@@ -222,10 +222,20 @@ pub fn envoy_gateway_examples() -> Vec<Example> {
     out
 }
 
-/// The schema folder `../shared/schemas/<name>`, if it is there (the caller reports a
+/// Where the shared schema folders are: `$FAREBOX_SHARED_SCHEMAS` if set (a git worktree
+/// or a copy of the project elsewhere has no `../shared` beside it), else
+/// `../shared/schemas` beside the checkout.
+pub fn shared_schemas_root() -> PathBuf {
+    match std::env::var_os("FAREBOX_SHARED_SCHEMAS") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => root().join("../shared/schemas"),
+    }
+}
+
+/// The schema folder `<shared schemas>/<name>`, if it is there (the caller reports a
 /// check that cannot run without it through `skip::cannot_run`).
 pub fn shared_schemas(name: &str) -> Option<PathBuf> {
-    let dir = root().join("../shared/schemas").join(name);
+    let dir = shared_schemas_root().join(name);
     dir.is_dir().then_some(dir)
 }
 

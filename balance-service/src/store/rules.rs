@@ -337,6 +337,26 @@ mod tests {
             period_bounds(Period::Month, &berlin, ms("2026-03-15T00:00:00Z")),
             Some((ms("2026-02-28T23:00:00Z"), ms("2026-03-31T22:00:00Z")))
         );
+        // A week across a DST change is 167 or 169 hours; the reset is named
+        // with the offset in force then (what the 402 detail and
+        // `resets_at` show).
+        let (s, e) = period_bounds(Period::Week, &berlin, ms("2026-03-29T12:00:00Z")).unwrap();
+        assert_eq!((s, e - s), (ms("2026-03-22T23:00:00Z"), 167 * 3_600_000));
+        assert_eq!(rfc3339_in(e, &berlin), "2026-03-30T00:00:00+02:00");
+        let (s, e) = period_bounds(Period::Week, &berlin, ms("2026-10-20T12:00:00Z")).unwrap();
+        assert_eq!((s, e - s), (ms("2026-10-18T22:00:00Z"), 169 * 3_600_000));
+        assert_eq!(rfc3339_in(e, &berlin), "2026-10-26T00:00:00+01:00");
+        let new_york = time_zone("America/New_York").unwrap();
+        let (s, e) = period_bounds(Period::Week, &new_york, ms("2026-03-05T12:00:00Z")).unwrap();
+        assert_eq!(
+            (rfc3339_in(s, &new_york), rfc3339_in(e, &new_york)),
+            (
+                "2026-03-02T00:00:00-05:00".to_owned(),
+                "2026-03-09T00:00:00-04:00".to_owned()
+            )
+        );
+        let (_, e) = period_bounds(Period::Month, &berlin, ms("2026-03-15T00:00:00Z")).unwrap();
+        assert_eq!(rfc3339_in(e, &berlin), "2026-04-01T00:00:00+02:00");
         // A zone whose DST change skips midnight (Santiago, 2026-09-06
         // 00:00 -> 01:00): the day starts at 01:00 local.
         let santiago = time_zone("America/Santiago").unwrap();
