@@ -62,9 +62,10 @@ ISTIO_MODELS_STAMP := $(VENV)/.cloudcoil-models-istio-$(ISTIO_MODELS_VERSION)
 K8S_VALIDATE_VERSION := 1.37.0
 K8S_VALIDATE_STAMP := $(VENV)/.kubernetes-validate-$(K8S_VALIDATE_VERSION)
 
-# The official LLM API clients that tests/llm_apis.rs drives through Envoy, in their own
-# venv. A failed install fails `make test` under CI=true; elsewhere it is said in one line
-# and the test reports itself SKIPPED.
+# The official LLM API clients that tests/llm_apis.rs drives through Envoy (`anthropic`,
+# `openai`) are pinned in tests/interop/requirements.txt and installed into .venv-interop by
+# `make interop-clients`, with the MCP client: a failed install fails `make test`. Without
+# that venv tests/llm_apis.rs reports itself SKIPPED, and fails under CI=true.
 
 # The OCI image: tag (default: the crate version) and where it will be pushed (only used
 # to render build/oci/wasmplugin.yaml).

@@ -10,7 +10,8 @@
 //! an allowed, a cached, a denied (first from the service, then from the cache), a
 //! refunded, a free and an unauthenticated request in authorize mode, and one paid from a
 //! lease. The credential must appear in no line, and `access_log: false` leaves every
-//! field unset.
+//! field unset. On token-table routes the usage also reaches the log as dynamic metadata
+//! (the Lua bridge in the same file), equal to the ledger's charge.
 //!
 //! Envoy writes the file on its own flush interval, so the test waits for the lines it
 //! expects (by request id, with a deadline), never for a fixed time. `make test` runs it
@@ -334,4 +335,149 @@ fn access_log_says_fail_open_when_the_service_is_down() {
         "balance service down, failure_mode open",
     );
     assert!(!fs::read_to_string(&log).unwrap().contains(ALICE_KEY));
+}
+
+/// The usage of a token-table route as Envoy dynamic metadata: the Lua filter in
+/// envoy/envoy-access-log.yaml copies farebox's usage fields (filter state) into the
+/// namespace `farebox` under Envoy AI Gateway's key names. Here, and not only in
+/// tests/llm_apis.rs, because `make envoy-compat` runs this suite on Envoy 1.36 too: the
+/// bridge needs Lua's `filterState()`, and the README says it works on 1.36 and 1.40.
+#[test]
+#[cfg_attr(
+    not(farebox_e2e),
+    ignore = "end-to-end: needs Envoy and the wasm; run `make test`"
+)]
+fn access_log_shows_the_usage_as_dynamic_metadata() {
+    let log_dir = TempDir::new("access-log-metadata-file");
+    let log = log_dir.join("access.log");
+    let (_llm, llm_addr) = start_service("farebox-llm", log_dir.path());
+    let stack = stack("access-log-metadata")
+        .plugin(|p| {
+            p["routes"] = json!([
+                {"name": "claude", "methods": ["POST"], "exact": "/v1/messages", "usage": {
+                    "api": "anthropic_messages", "per_tokens": 1_000_000,
+                    "models": {"claude-test": {"input": 3_000_000, "cached_input": 300_000,
+                        "cache_creation_input": 3_750_000, "output": 15_000_000}},
+                    "estimate": 5000}},
+                {"name": "responses", "methods": ["POST"], "exact": "/v1/responses", "usage": {
+                    "api": "openai_responses",
+                    "models": {"gpt-test": {"input": 2, "cached_input": 1, "output": 8,
+                        "reasoning": 10}},
+                    "estimate": 150}}
+            ]);
+        })
+        .envoy_yaml(access_log_envoy_yaml(&log))
+        .upstream_addr(llm_addr)
+        .concurrency(1)
+        .start();
+    let balance = stack.balance();
+    balance.create_account("acct_alog_md", ALICE_KEY, 100_000);
+    // The request id and the body's length (the hold's input part).
+    let post = |path: &str, body: Value| {
+        let body = body.to_string();
+        let resp = stack.request(
+            "POST",
+            path,
+            &[
+                ("x-api-key", ALICE_KEY),
+                ("content-type", "application/json"),
+            ],
+            body.as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "{}", resp.dump());
+        let id = resp
+            .header("x-request-id")
+            .unwrap_or_else(|| panic!("no x-request-id: {}", resp.dump()))
+            .to_string();
+        (id, u64::try_from(body.len()).unwrap())
+    };
+    let messages = json!([{"role": "user", "content": "one two three four"}]);
+    // The mock's counts: 4 input words; output = max_tokens / max_output_tokens.
+    // Anthropic JSON: 4 input, 7 cache reads, 2 cache writes, 6 output:
+    // ceil((4×3 + 7×0.3 + 2×3.75 + 6×15)) = ceil(111.6) = 112.
+    let (json_id, json_len) = post(
+        "/v1/messages",
+        json!({"model": "claude-test", "max_tokens": 6, "messages": messages,
+               "x_cache_read": 7, "x_cache_creation": 2}),
+    );
+    // Anthropic stream: 4 input, 7 cache reads, 9 output: ceil(149.1) = 150.
+    let (stream_id, stream_len) = post(
+        "/v1/messages",
+        json!({"model": "claude-test", "max_tokens": 9, "messages": messages,
+               "x_cache_read": 7, "stream": true}),
+    );
+    // Responses stream: 3 input (1 cached), 7 output (3 reasoning):
+    // 2×2 + 1×1 + 4×8 + 3×10 = 67.
+    let (responses_id, responses_len) = post(
+        "/v1/responses",
+        json!({"model": "gpt-test", "input": "one two three", "max_output_tokens": 7,
+               "x_cached": 1, "x_reasoning": 3, "stream": true}),
+    );
+    let lines = lines_for(&log, &[&json_id, &stream_id, &responses_id]);
+    // The hold fitted to each request: max output × the output price + body bytes × the
+    // dearest input price (Anthropic's cache writes, 3.75 per token; the Responses API's 2).
+    let claude_hold = |max: u64, len: u64| (max * 15_000_000 + len * 3_750_000).div_ceil(1_000_000);
+    let holds = [
+        claude_hold(6, json_len),
+        claude_hold(9, stream_len),
+        7 * 10 + responses_len * 2,
+    ];
+    // (cost, model, all input, cached, cache writes, all output, reasoning, total)
+    let want = [
+        (112, "claude-test", 4 + 7 + 2, 7, 2, 6, 0, 19),
+        (150, "claude-test", 4 + 7, 7, 0, 9, 0, 20),
+        (67, "gpt-test", 3, 1, 0, 7, 3, 10),
+    ];
+    for ((line, hold), (cost, model, input, cached, creation, output, reasoning, total)) in
+        lines.iter().zip(holds).zip(want)
+    {
+        assert_eq!(line["cost"], json!(hold.to_string()), "the hold of {line}");
+        assert_eq!(
+            (
+                &line["md_cost"],
+                &line["md_model"],
+                &line["md_input_tokens"],
+                &line["md_cached_input_tokens"],
+                &line["md_cache_creation_input_tokens"],
+                &line["md_output_tokens"],
+                &line["md_reasoning_tokens"],
+                &line["md_total_tokens"],
+            ),
+            (
+                &json!(cost),
+                &json!(model),
+                &json!(input),
+                &json!(cached),
+                &json!(creation),
+                &json!(output),
+                &json!(reasoning),
+                &json!(total),
+            ),
+            "the dynamic metadata of {line}"
+        );
+        assert_eq!(line["usage_cost"], json!(cost.to_string()), "{line}");
+    }
+    // The metadata's cost is what the ledger charged each request.
+    let mut charged = Vec::new();
+    let settled = wait_until(LOG_WAIT, || {
+        let rows = balance.charges("acct_alog_md");
+        charged = [&json_id, &stream_id, &responses_id]
+            .iter()
+            .map(|id| {
+                rows.iter()
+                    .find(|c| c["request_id"] == json!(id))
+                    .and_then(|c| c["cost"].as_i64())
+            })
+            .collect();
+        charged == [Some(112), Some(150), Some(67)]
+    });
+    assert!(settled, "ledger charges {charged:?}, metadata 112, 150, 67");
+    eprintln!(
+        "access log with dynamic metadata:\n{}",
+        lines
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

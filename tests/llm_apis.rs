@@ -1,9 +1,10 @@
 //! The LLM APIs people run, metered through Envoy and farebox with their official
 //! Python clients (`anthropic`, `openai`, installed into .venv-interop by `make interop-clients`)
-//! against the farebox-llm mock: Anthropic Messages, the OpenAI Responses API and
-//! embeddings, JSON and streaming, cached and reasoning tokens priced apart, a model
-//! missing from the table (refused, or priced by the default), an interrupted stream and
-//! usage after 300 KB. Each charge in the ledger must be the tokens the client saw ×
+//! against the farebox-llm mock: Anthropic Messages, the OpenAI Responses API, Chat
+//! Completions and embeddings, JSON and streaming, cached and reasoning tokens priced
+//! apart, a model missing from the table (refused, or priced by the default), and for each
+//! streaming API an interrupted stream and usage after 300 KB (in JSON and in a stream).
+//! Each charge in the ledger must be the tokens the client saw ×
 //! the model's price per class, to the unit.
 #![allow(
     clippy::unwrap_used,
@@ -382,6 +383,17 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             "responses stream ending response.incomplete",
         ),
         (
+            responses(
+                "gpt-test",
+                3,
+                true,
+                json!({"x_end": "failed", "x_reasoning": 1}),
+            ),
+            "responses",
+            "gpt-test",
+            "responses stream ending response.failed",
+        ),
+        (
             responses("gpt-test", 6, true, json!({"x_pad_bytes": 300_000})),
             "responses",
             "gpt-test",
@@ -417,6 +429,13 @@ fn official_clients_are_charged_tokens_times_the_models_prices() {
             "chat",
             "chat-test",
             "chat completions JSON",
+        ),
+        (
+            json!({"api": "chat", "params": {"model": "chat-test", "max_tokens": 5,
+                "x_pad_bytes": 300_000, "messages": [{"role": "user", "content": PROMPT}]}}),
+            "chat",
+            "chat-test",
+            "chat completions JSON, usage after 300 KB",
         ),
         (
             json!({"api": "chat", "stream": true, "params": {"model": "chat-test", "max_tokens": 3,
