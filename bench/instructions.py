@@ -173,6 +173,15 @@ class CallgrindEnvoy:
         t0 = time.monotonic()
         self.proc = bench.PROCS.start(f"envoy-{name}", argv, self.log_path, cwd=self.dir)
         self.pid = self.proc.pid
+        try:
+            self._wait_ready(name, admin_path, t0)
+        except BaseException:
+            # Not ready (or gone): stop it now, not at the end of the run, so a scenario
+            # that failed does not leave valgrind eating the CPU the next one needs.
+            self.stop()
+            raise
+
+    def _wait_ready(self, name: str, admin_path: str, t0: float) -> None:
         deadline = t0 + READY_TIMEOUT
         self.admin_port = 0
         while True:
