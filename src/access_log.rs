@@ -318,26 +318,33 @@ impl Record {
 pub fn declare_record_args() -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     length_delimited(&mut out, 1, RECORD.as_bytes()); // name
-    out.extend_from_slice(&[3 << 3, 3]); // type = Protobuf (varint 3)
+    out.extend_from_slice(&[VARINT_3, 3]); // type = Protobuf (3)
     length_delimited(&mut out, 4, RECORD_TYPE.as_bytes()); // schema: the type URL
     out
 }
+
+/// Protobuf tags: field 1, 2 and 3 length-delimited (wire type 2), field 3 a varint.
+const LEN_1: u8 = 0x0a;
+const LEN_2: u8 = 0x12;
+#[cfg(any(test, feature = "fake"))]
+const LEN_3: u8 = 0x1a;
+const VARINT_3: u8 = 0x18;
 
 /// Appends one `fields` entry of a `google.protobuf.Struct` (map<string, Value>, field 1)
 /// whose value is a `Value` with `string_value` (field 3).
 fn struct_field(out: &mut Vec<u8>, key: &str, value: &str) {
     let value_len = 1 + varint_len(value.len()) + value.len();
     let entry_len = 1 + varint_len(key.len()) + key.len() + 1 + varint_len(value_len) + value_len;
-    out.push(1 << 3 | 2);
+    out.push(LEN_1);
     varint(out, entry_len);
     length_delimited(out, 1, key.as_bytes());
-    out.push(2 << 3 | 2);
+    out.push(LEN_2);
     varint(out, value_len);
     length_delimited(out, 3, value.as_bytes());
 }
 
 fn length_delimited(out: &mut Vec<u8>, field: u8, bytes: &[u8]) {
-    out.push(field << 3 | 2);
+    out.push((field << 3) | 2);
     varint(out, bytes.len());
     out.extend_from_slice(bytes);
 }
@@ -389,10 +396,10 @@ pub fn decode_record(mut bytes: &[u8]) -> Option<Vec<(String, String)>> {
     }
     let mut out = Vec::new();
     while !bytes.is_empty() {
-        let mut entry = read_delimited(&mut bytes, 1 << 3 | 2)?;
-        let key = read_delimited(&mut entry, 1 << 3 | 2)?;
-        let mut value = read_delimited(&mut entry, 2 << 3 | 2)?;
-        let string = read_delimited(&mut value, 3 << 3 | 2)?;
+        let mut entry = read_delimited(&mut bytes, LEN_1)?;
+        let key = read_delimited(&mut entry, LEN_1)?;
+        let mut value = read_delimited(&mut entry, LEN_2)?;
+        let string = read_delimited(&mut value, LEN_3)?;
         if !entry.is_empty() || !value.is_empty() {
             return None;
         }
