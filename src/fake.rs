@@ -313,10 +313,23 @@ impl HttpHost for FakeHost {
         self.resumed.set(self.resumed.get() + 1);
     }
 
-    fn set_property(&self, name: &str, value: &str) {
+    fn set_property(&self, name: &str, value: &[u8]) {
         self.called(HostCall::SetProperty);
-        self.properties
-            .borrow_mut()
-            .insert(name.to_string(), value.to_string());
+        let mut properties = self.properties.borrow_mut();
+        if name == crate::access_log::RECORD {
+            // The record's fields, as `farebox.<key>` like Envoy's formatter prints them
+            // one by one; a value that does not decode leaves them absent, failing the test
+            // that reads one.
+            for key in crate::access_log::KEYS {
+                properties.remove(&format!("farebox.{key}"));
+            }
+            let fields = crate::access_log::decode_record(value).unwrap_or_default();
+            for (key, v) in fields {
+                properties.insert(format!("farebox.{key}"), v);
+            }
+        } else {
+            let value = String::from_utf8_lossy(value).into_owned();
+            properties.insert(name.to_string(), value);
+        }
     }
 }

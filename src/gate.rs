@@ -305,7 +305,8 @@ impl Gate {
         self.exchange.access.changes()
     }
 
-    /// Hands the changed access-log fields to the host (one property each). Must run
+    /// Hands the changed access-log fields to the host (the record as one property, see
+    /// src/access_log.rs). Must run
     /// with the stream as the effective context.
     pub fn publish_access_log(&mut self, host: &impl HttpHost) {
         if self.exchange.access.is_dirty() {

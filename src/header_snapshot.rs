@@ -222,7 +222,7 @@ impl<H: HttpHost> HttpHost for Snapshot<'_, H> {
     fn resume_request(&self) {
         self.host.resume_request()
     }
-    fn set_property(&self, name: &str, value: &str) {
+    fn set_property(&self, name: &str, value: &[u8]) {
         self.host.set_property(name, value)
     }
 }

@@ -47,6 +47,7 @@ pub trait HttpHost: Host {
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     fn send_reply(&self, reply: &Reply);
     fn resume_request(&self);
-    /// A stream property (filter state `wasm.<name>`), for the access log.
-    fn set_property(&self, name: &str, value: &str);
+    /// A stream property (filter state `wasm.<name>`), for the access log. Bytes: the
+    /// access-log record is a serialized protobuf (src/access_log.rs).
+    fn set_property(&self, name: &str, value: &[u8]);
 }

@@ -202,7 +202,7 @@ impl HttpHost for WasmHost {
         }
     }
 
-    fn set_property(&self, name: &str, value: &str) {
+    fn set_property(&self, name: &str, value: &[u8]) {
         // SAFETY: both buffers outlive the call, which only reads them.
         let status =
             unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
@@ -229,6 +229,42 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
     ) -> u32;
+    fn proxy_call_foreign_function(
+        function_name_data: *const u8,
+        function_name_size: usize,
+        arguments_data: *const u8,
+        arguments_size: usize,
+        results_data: *mut *mut u8,
+        results_size: *mut usize,
+    ) -> u32;
+}
+
+/// Declares the access-log record's property as a `google.protobuf.Struct`
+/// (src/access_log.rs), so Envoy's CEL formatter reads its fields and `TYPED` prints it
+/// as an object. Envoy keeps the first declaration of a name (BadArgument on a reconfigure
+/// is that); a host without the foreign function still gets the value, as bytes. Raw, as
+/// the SDK's `call_foreign_function` panics on statuses it does not expect.
+fn declare_access_log_record() {
+    const NAME: &str = "declare_property";
+    let args = farebox::access_log::declare_record_args();
+    let mut result: *mut u8 = std::ptr::null_mut();
+    let mut result_size: usize = 0;
+    // SAFETY: the name and arguments outlive the call, which only reads them; the two
+    // out-pointers point at live locals. declare_property returns no data, so nothing is
+    // allocated for `result`.
+    let status = unsafe {
+        proxy_call_foreign_function(
+            NAME.as_ptr(),
+            NAME.len(),
+            args.as_ptr(),
+            args.len(),
+            &mut result,
+            &mut result_size,
+        )
+    };
+    if status != 0 {
+        log::debug!("access-log record not declared (status {status}): kept as bytes");
+    }
 }
 
 fn callout_response(body_size: usize) -> CalloutResponse {
@@ -385,6 +421,9 @@ impl RootContext for Root {
             log::warn!("no timer ({e:?}): refunds and settlements will not be sent");
         }
         *self.worker.holder.borrow_mut() = holder_id(&self.host);
+        if cfg.access_log {
+            declare_access_log_record();
+        }
         log::info!(
             "farebox configured: {:?} mode, cluster {:?}, {} route rules, failure_mode {:?}, cache {} entries",
             cfg.mode,

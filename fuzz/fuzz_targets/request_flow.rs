@@ -273,7 +273,7 @@ impl HttpHost for FuzzHost {
     fn resume_request(&self) {
         self.inner.resume_request()
     }
-    fn set_property(&self, name: &str, value: &str) {
+    fn set_property(&self, name: &str, value: &[u8]) {
         self.inner.set_property(name, value)
     }
 }
