@@ -21,6 +21,7 @@
 #   make lint      rustfmt, clippy (host and wasm targets), panic-paths (logic and glue)
 #   make fuzz      the cargo-fuzz targets in fuzz/, FUZZ_TIME seconds each (not in `make test`)
 #   make fuzz-long every fuzz target to FUZZ_RUNS (10 million) executions (not in `make test`)
+#   make fuzz-regressions  the sequences fuzzing found, replayed as plain tests (fuzz/tests/)
 #   make mutants   cargo-mutants over the money modules, one at a time (not in `make test`)
 #   make clean     build outputs (make distclean also removes .venv)
 
@@ -81,7 +82,7 @@ ENVOY_BIN := $(ENVOY)
 endif
 
 .PHONY: all build apt-tools wasm-target envoy services run test test-postgres lint bench bench-instructions floor clean distclean interop-clients x402-clients mpp-clients run-x402 \
-	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz fuzz-long mutants
+	run-func-e envoy-compat istio-models istio-check k8s-models k8s-check oci kong-meta fuzz fuzz-long fuzz-regressions mutants
 
 all: build
 
@@ -286,7 +287,7 @@ lint: wasm-target
 	cd filter && ../../shared/tools/panic-paths
 	@# The fuzz targets are not run by `make test`; they must still build against the
 	@# current host traits (request_flow once fell behind HttpHost unnoticed).
-	cd fuzz && $(CARGO) check --quiet --bins
+	cd fuzz && $(CARGO) check --quiet --bins --tests
 
 # The benchmark (not part of `make test`): farebox against no filter and against Envoy's
 # ext_authz, one Envoy per scenario, wrk as the load; writes bench/results.json and
@@ -354,6 +355,11 @@ fuzz:
 	  fi; \
 	  grep -E '^#[0-9]+[[:space:]]+DONE' fuzz/out/$$t.log | tail -n 1; \
 	done
+
+# The sequences the fuzz targets found, replayed through their harnesses as plain tests
+# (fuzz/tests/; no libFuzzer, no nightly flags). Not part of `make test`.
+fuzz-regressions:
+	cd fuzz && $(CARGO) test --quiet
 
 # Every target to at least FUZZ_RUNS executions (hours with AddressSanitizer; not part of
 # `make test`). The last line of each log gives the count reached.

@@ -6,6 +6,8 @@ use arbitrary::Arbitrary;
 use farebox::balance_api::CalloutResponse;
 use serde_json::{Map, Number, Value};
 
+pub mod request_flow;
+
 /// A JSON value of bounded depth.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Json {

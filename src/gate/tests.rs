@@ -620,6 +620,57 @@ fn an_undo_answered_unknown_is_asked_again() {
     assert_eq!(root.count_of(Metric::Refunds), 1);
 }
 
+/// The sequence fuzz/fuzz_targets/request_flow.rs reported as "charged, never forwarded,
+/// not refunded" (fuzz/tests/request_flow.rs replays it): the authorize answer is lost, the
+/// undo refund is answered with a deny. A final `4xx` to a refund is given up at once and
+/// counted, as docs/balance-service.md 3.3 says; nothing is retried behind it.
+#[test]
+fn an_undo_refused_with_a_final_4xx_is_given_up_and_counted() {
+    let fx = Fixture::new(CONFIG);
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), status_only(None));
+    assert_eq!(host.reply().unwrap().status, 503);
+    assert_eq!(fx.queued_refunds(), 1);
+    let root = FakeHost::request("GET", "/", &[]);
+    fx.worker.tick(&root, &fx.cfg);
+    let refund = root.last_call();
+    assert_eq!(refund.header(":path"), Some("/v1/refund"));
+    assert_eq!(refund.body["request_id"], "req-1");
+    let deny = answer(402, &[], json!({"balance": 0, "price": 3}));
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, refund.token, &deny);
+    assert!(fx.worker.outbox.borrow().is_empty(), "given up");
+    assert_eq!(root.count_of(Metric::RefundFailures), 1);
+    assert_eq!(root.count_of(Metric::Refunds), 0);
+    for _ in 0..8 {
+        root.advance(120_000);
+        fx.worker.tick(&root, &fx.cfg);
+    }
+    assert_eq!(root.calls.borrow().len(), 1, "never sent again");
+}
+
+/// A second request with the same `x-request-id`, denied, leaves the first one's undo
+/// queued: the outbox keys nothing by request id.
+#[test]
+fn a_repeated_request_id_denied_keeps_the_first_requests_undo() {
+    let fx = Fixture::new(CONFIG);
+    let (first, _) = with_answer(&fx, keyed("/a", "k"), status_only(None));
+    assert_eq!(first.reply().unwrap().status, 503);
+    let deny = answer(402, &[], json!({"balance": 0, "price": 1}));
+    let (second, _) = with_answer(&fx, keyed("/a", "k"), deny);
+    assert_eq!(second.last_call().body["request_id"], "req-1");
+    assert_eq!(second.reply().unwrap().status, 402);
+    assert_eq!(fx.queued_refunds(), 1);
+    let root = FakeHost::request("GET", "/", &[]);
+    fx.worker.tick(&root, &fx.cfg);
+    let refund = root.last_call();
+    assert_eq!(refund.body["request_id"], "req-1");
+    assert_eq!(refund.body["status"], 503);
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, refund.token, &status_only(Some(200)));
+    assert_eq!(root.count_of(Metric::Refunds), 1);
+    assert!(fx.worker.outbox.borrow().is_empty());
+}
+
 #[test]
 fn a_repeated_credential_reaches_the_upstream_as_the_one_that_pays() {
     let fx = Fixture::new(CONFIG);
