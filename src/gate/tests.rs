@@ -796,3 +796,57 @@ fn an_empty_last_chunk_is_not_read() {
         None
     );
 }
+
+#[test]
+fn an_anonymous_caller_is_asked_about_where_allowed() {
+    // `anonymous`: a request with no credential at all goes to the service, which
+    // answers with what to pay; a malformed credential is still refused here.
+    let fx = Fixture::new(r#"{"cluster": "balance", "anonymous": true}"#);
+    let host = FakeHost::request("GET", "/a", &[("x-request-id", "req-1")]);
+    let mut gate = fx.gate();
+    assert_eq!(
+        gate.on_request_headers(&host),
+        Flow::Pause(Some(host.last_call().token))
+    );
+    assert_eq!(host.last_call().body["account"], Value::Null);
+    let host = FakeHost::request("GET", "/a", &[("x-api-key", "a b")]);
+    assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause(None));
+    assert_eq!(host.reply().map(|r| r.status), Some(401));
+    assert!(host.calls.borrow().is_empty());
+}
+
+#[test]
+fn a_missing_bearer_token_is_challenged_without_an_error() {
+    // RFC 6750 §3.1: a request with no token gets no error code; a bad one gets invalid_token.
+    let fx = Fixture::new(r#"{"cluster": "balance", "credential": {"source": "bearer"}}"#);
+    for (sent, challenge) in [
+        (None, "Bearer realm=\"farebox\""),
+        (
+            Some("Basic a2V5"),
+            "Bearer realm=\"farebox\", error=\"invalid_token\"",
+        ),
+    ] {
+        let headers: Vec<(&str, &str)> = sent.map(|v| ("authorization", v)).into_iter().collect();
+        let host = FakeHost::request("GET", "/a", &headers);
+        assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause(None));
+        assert_eq!(host.reply().map(|r| r.status), Some(401));
+        assert_eq!(
+            reply_header(&host, "www-authenticate").as_deref(),
+            Some(challenge)
+        );
+    }
+}
+
+#[test]
+fn a_route_not_priced_by_usage_is_not_metered() {
+    // Only a usage rule meters its response (and counts one it cannot read).
+    let fx = Fixture::new(CONFIG);
+    let host = FakeHost::request("POST", "/v1/models/m1/infer", &[("x-api-key", "k")]);
+    let (host, mut gate) = with_answer(&fx, host, allow("acct", 9));
+    host.set_status(200);
+    gate.on_response_headers(&host);
+    gate.on_response_body(&host, 0, true);
+    gate.on_log(&host);
+    assert_eq!(host.count_of(Metric::UsageUnread), 0);
+    assert_eq!(host.count_of(Metric::UsageMetered), 0);
+}
