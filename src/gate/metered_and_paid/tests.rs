@@ -194,6 +194,29 @@ fn upstream_answers(
 }
 
 #[test]
+fn a_failed_open_mcp_call_answered_with_an_error_is_given_back() {
+    // Failing open keeps what the service may have charged, and the answer is still
+    // read for a JSON-RPC error, which gives it back as for an allowed call.
+    let fx = Fixture::new(&CFG.replace(
+        r#""html_402": true"#,
+        r#""html_402": true, "failure_mode": "open""#,
+    ));
+    let (host, mut gate, flow) = mcp_call(&fx, search_call(42, "search"));
+    assert_eq!(flow, Flow::Pause(Some(host.last_call().token)));
+    respond(
+        &mut gate,
+        &host,
+        host.last_call().token,
+        &status_only(Some(500)),
+    );
+    assert_eq!(host.count_of(Metric::FailOpen), 1);
+    let err = br#"{"jsonrpc":"2.0","id":42,"error":{"code":-32602,"message":"Unknown tool"}}"#;
+    upstream_answers(&host, &mut gate, "application/json", &[(err, true)]);
+    assert_eq!(host.count_of(Metric::McpErrorRefunds), 1);
+    assert_eq!(fx.queued_refunds(), 1);
+}
+
+#[test]
 fn only_a_single_paid_call_with_an_id_is_read_for_its_error() {
     // An error answer that is not one call's own (a batch's, or one with a null id
     // for a notification) does not undo the charge.
