@@ -1181,4 +1181,15 @@ fn browsers_get_a_page() {
         page.contains("<h1>Payment Required</h1>") && page.contains("top &lt;up&gt;"),
         "{page}"
     );
+    // A client that asks for something else gets the problem document.
+    let host = FakeHost::request(
+        "GET",
+        "/v1/data",
+        &[("x-api-key", "k"), ("accept", "application/json")],
+    );
+    let (host, _) = with_answer(&fx, host, answer(402, &[], json!({"price": 3})));
+    assert_eq!(
+        reply_header(&host, "content-type").as_deref(),
+        Some("application/problem+json")
+    );
 }
