@@ -850,3 +850,24 @@ fn a_route_not_priced_by_usage_is_not_metered() {
     assert_eq!(host.count_of(Metric::UsageUnread), 0);
     assert_eq!(host.count_of(Metric::UsageMetered), 0);
 }
+
+#[test]
+fn without_a_decision_cache_an_answer_is_never_kept() {
+    // `cache_max_entries: 0` turns the cache off: an allow the service would let us
+    // keep is asked about again by the next request.
+    let fx = Fixture::new(r#"{"cluster": "balance", "cache_max_entries": 0}"#);
+    let keep = answer(
+        200,
+        &[("cache-control", "max-age=60")],
+        json!({"allow": true, "account_id": "acct_1"}),
+    );
+    let (host, _) = with_answer(&fx, keyed("/x", "k"), keep);
+    assert_eq!(host.resumed.get(), 1);
+    let again = host.sibling("GET", "/x", &[("x-api-key", "k")]);
+    assert_eq!(
+        fx.gate().on_request_headers(&again),
+        Flow::Pause(Some(again.last_call().token)),
+        "asked again, not served from a cache that is off"
+    );
+    assert_eq!(again.count_of(Metric::CacheHits), 0);
+}
