@@ -721,23 +721,25 @@ fn payments_never_reach_the_upstream_of_a_free_route() {
     // A payment is a bearer instrument until settled: the upstream must not get it,
     // even on a route that costs nothing.
     let fx = Fixture::new(CONFIG);
-    let host = FakeHost::request(
-        "GET",
-        "/health",
-        &[
-            ("payment-signature", "eyJwYXkiOnRydWV9"),
-            ("x-payment", "eyJ4NDAyIjp0cnVlfQ"),
-            ("authorization", "Payment id=\"c1\", credential=\"e30\""),
-        ],
-    );
-    let mut gate = fx.gate();
-    assert_eq!(gate.on_request_headers(&host), Flow::Continue);
-    for name in ["payment-signature", "x-payment", "authorization"] {
-        assert_eq!(
-            host.upstream_header(name),
-            None,
-            "{name} reached the upstream"
-        );
+    let payments = [
+        ("payment-signature", "eyJwYXkiOnRydWV9"),
+        ("x-payment", "eyJ4NDAyIjp0cnVlfQ"),
+        ("authorization", "Payment id=\"c1\", credential=\"e30\""),
+    ];
+    // All of them, and each alone: any one of them is enough to be looked for (a
+    // Payment-scheme Authorization with no payment header too).
+    let alone = payments.iter().map(std::slice::from_ref);
+    for sent in std::iter::once(&payments[..]).chain(alone) {
+        let host = FakeHost::request("GET", "/health", sent);
+        let mut gate = fx.gate();
+        assert_eq!(gate.on_request_headers(&host), Flow::Continue);
+        for (name, _) in payments {
+            assert_eq!(
+                host.upstream_header(name),
+                None,
+                "{name} reached the upstream (sent: {sent:?})"
+            );
+        }
     }
 }
 
@@ -844,4 +846,79 @@ fn an_empty_last_chunk_is_not_read() {
             .get(&crate::fake::HostCall::ResponseBody),
         None
     );
+}
+
+#[test]
+fn an_anonymous_caller_is_asked_about_where_allowed() {
+    // `anonymous`: a request with no credential at all goes to the service, which
+    // answers with what to pay; a malformed credential is still refused here.
+    let fx = Fixture::new(r#"{"cluster": "balance", "anonymous": true}"#);
+    let host = FakeHost::request("GET", "/a", &[("x-request-id", "req-1")]);
+    let mut gate = fx.gate();
+    assert_eq!(
+        gate.on_request_headers(&host),
+        Flow::Pause(Some(host.last_call().token))
+    );
+    assert_eq!(host.last_call().body["account"], Value::Null);
+    let host = FakeHost::request("GET", "/a", &[("x-api-key", "a b")]);
+    assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause(None));
+    assert_eq!(host.reply().map(|r| r.status), Some(401));
+    assert!(host.calls.borrow().is_empty());
+}
+
+#[test]
+fn a_missing_bearer_token_is_challenged_without_an_error() {
+    // RFC 6750 §3.1: a request with no token gets no error code; a bad one gets invalid_token.
+    let fx = Fixture::new(r#"{"cluster": "balance", "credential": {"source": "bearer"}}"#);
+    for (sent, challenge) in [
+        (None, "Bearer realm=\"farebox\""),
+        (
+            Some("Basic a2V5"),
+            "Bearer realm=\"farebox\", error=\"invalid_token\"",
+        ),
+    ] {
+        let headers: Vec<(&str, &str)> = sent.map(|v| ("authorization", v)).into_iter().collect();
+        let host = FakeHost::request("GET", "/a", &headers);
+        assert_eq!(fx.gate().on_request_headers(&host), Flow::Pause(None));
+        assert_eq!(host.reply().map(|r| r.status), Some(401));
+        assert_eq!(
+            reply_header(&host, "www-authenticate").as_deref(),
+            Some(challenge)
+        );
+    }
+}
+
+#[test]
+fn a_route_not_priced_by_usage_is_not_metered() {
+    // Only a usage rule meters its response (and counts one it cannot read).
+    let fx = Fixture::new(CONFIG);
+    let host = FakeHost::request("POST", "/v1/models/m1/infer", &[("x-api-key", "k")]);
+    let (host, mut gate) = with_answer(&fx, host, allow("acct", 9));
+    host.set_status(200);
+    gate.on_response_headers(&host);
+    gate.on_response_body(&host, 0, true);
+    gate.on_log(&host);
+    assert_eq!(host.count_of(Metric::UsageUnread), 0);
+    assert_eq!(host.count_of(Metric::UsageMetered), 0);
+}
+
+#[test]
+fn without_a_decision_cache_an_answer_is_never_kept() {
+    // `cache_max_entries: 0` turns the cache off: an allow the service would let us
+    // keep is asked about again by the next request.
+    let fx = Fixture::new(r#"{"cluster": "balance", "cache_max_entries": 0}"#);
+    let keep = answer(
+        200,
+        &[("cache-control", "max-age=60")],
+        json!({"allow": true, "account_id": "acct_1"}),
+    );
+    let (host, _) = with_answer(&fx, keyed("/x", "k"), keep);
+    assert_eq!(host.resumed.get(), 1);
+    let again = host.sibling("GET", "/x", &[("x-api-key", "k")]);
+    assert_eq!(
+        fx.gate().on_request_headers(&again),
+        Flow::Pause(Some(again.last_call().token)),
+        "asked again, not served from a cache that is off"
+    );
+    assert_eq!(again.count_of(Metric::CacheHits), 0);
 }

@@ -736,3 +736,71 @@ fn a_grant_clears_the_refusal_kept_for_waiters() {
     assert!(again.reply().is_none());
     assert_eq!(kept(&again), 0, "the refusal is gone");
 }
+
+#[test]
+fn without_a_decision_cache_a_lease_refusal_is_never_kept() {
+    // `cache_max_entries: 0` turns the cache off in lease mode too: a 401 the service
+    // would let us keep is asked about again by the next request.
+    let fx = Fixture::new(&LEASE.replace(
+        r#""mode": "lease""#,
+        r#""mode": "lease", "cache_max_entries": 0"#,
+    ));
+    let refusal = answer(401, &[("cache-control", "max-age=60")], Value::Null);
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), refusal);
+    assert_eq!(host.reply().map(|r| r.status), Some(401));
+    let again = host.sibling("GET", "/a", &[("x-api-key", "k")]);
+    assert_eq!(
+        fx.gate().on_request_headers(&again),
+        Flow::Pause(Some(again.last_call().token)),
+        "asked again, not served from a cache that is off"
+    );
+    assert_eq!(again.count_of(Metric::CacheHits), 0);
+}
+
+#[test]
+fn a_recall_drops_only_the_recalled_lease_from_the_workers_care() {
+    let fx = fixture();
+    let (host, _) = with_answer(&fx, keyed("/a", "k"), grant("ls_1", 3));
+    let other = host.sibling(
+        "GET",
+        "/a",
+        &[("x-api-key", "k2"), ("x-request-id", "req-2")],
+    );
+    let mut gate = fx.gate();
+    gate.on_request_headers(&other);
+    respond(
+        &mut gate,
+        &other,
+        other.last_call().token,
+        &grant("ls_2", 3),
+    );
+    let root = host.sibling("GET", "/", &[]);
+    root.advance(1_000);
+    fx.worker.tick(&root, &fx.cfg);
+    let settle_of = |lease: &str| {
+        root.calls
+            .borrow()
+            .iter()
+            .rev()
+            .find(|c| c.header(":path") == Some(&format!("/v1/leases/{lease}/settle")))
+            .cloned()
+            .expect("a settle of the lease")
+    };
+    let (first, second) = (settle_of("ls_1"), settle_of("ls_2"));
+    let recall = answer(
+        200,
+        &[],
+        json!({"lease_id": "ls_1", "state": "open", "used": 1, "recall": true}),
+    );
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, first.token, &recall);
+    fx.worker
+        .on_outbox_response(&root, &fx.cfg, second.token, &status_only(Some(200)));
+    // The other lease is still this worker's to settle: its heartbeat comes.
+    root.advance(1_000);
+    fx.worker.tick(&root, &fx.cfg);
+    assert_eq!(
+        settle_of("ls_2").body,
+        json!({"used": 1, "final": false, "seq": 2})
+    );
+}

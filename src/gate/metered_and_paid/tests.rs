@@ -171,16 +171,75 @@ fn mcp_answered_in(fx: &Fixture, content_type: &str, chunks: &[(&[u8], bool)]) -
     let (host, mut gate, flow) = mcp_call(fx, call);
     assert_eq!(flow, Flow::Pause(Some(host.last_call().token)));
     respond(&mut gate, &host, host.last_call().token, &allow("acct", 95));
+    upstream_answers(&host, &mut gate, content_type, chunks);
+    host
+}
+
+/// The upstream answers a forwarded request with 200 and `chunks`.
+fn upstream_answers(
+    host: &FakeHost,
+    gate: &mut Gate,
+    content_type: &str,
+    chunks: &[(&[u8], bool)],
+) {
     host.set_status(200);
     host.response_headers
         .borrow_mut()
         .push(("content-type".into(), content_type.as_bytes().to_vec()));
-    gate.on_response_headers(&host);
+    gate.on_response_headers(host);
     for (chunk, eos) in chunks {
         *host.response_chunk.borrow_mut() = chunk.to_vec();
-        gate.on_response_body(&host, chunk.len(), *eos);
+        gate.on_response_body(host, chunk.len(), *eos);
     }
-    host
+}
+
+#[test]
+fn a_failed_open_mcp_call_answered_with_an_error_is_given_back() {
+    // Failing open keeps what the service may have charged, and the answer is still
+    // read for a JSON-RPC error, which gives it back as for an allowed call.
+    let fx = Fixture::new(&CFG.replace(
+        r#""html_402": true"#,
+        r#""html_402": true, "failure_mode": "open""#,
+    ));
+    let (host, mut gate, flow) = mcp_call(&fx, search_call(42, "search"));
+    assert_eq!(flow, Flow::Pause(Some(host.last_call().token)));
+    respond(
+        &mut gate,
+        &host,
+        host.last_call().token,
+        &status_only(Some(500)),
+    );
+    assert_eq!(host.count_of(Metric::FailOpen), 1);
+    let err = br#"{"jsonrpc":"2.0","id":42,"error":{"code":-32602,"message":"Unknown tool"}}"#;
+    upstream_answers(&host, &mut gate, "application/json", &[(err, true)]);
+    assert_eq!(host.count_of(Metric::McpErrorRefunds), 1);
+    assert_eq!(fx.queued_refunds(), 1);
+}
+
+#[test]
+fn only_a_single_paid_call_with_an_id_is_read_for_its_error() {
+    // An error answer that is not one call's own (a batch's, or one with a null id
+    // for a notification) does not undo the charge.
+    let fx = Fixture::new(CFG);
+    let batch = json!([search_call(1, "search"), search_call(2, "search")]);
+    let (host, mut gate, flow) = mcp_call(&fx, batch);
+    assert_eq!(flow, Flow::Pause(Some(host.last_call().token)));
+    assert_eq!(host.last_call().body["cost"], 10);
+    respond(&mut gate, &host, host.last_call().token, &allow("acct", 95));
+    let err = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"Unknown tool"}}"#;
+    upstream_answers(&host, &mut gate, "application/json", &[(err, true)]);
+    assert_eq!(host.count_of(Metric::McpErrorRefunds), 0);
+
+    let claim = [("mcp-method", "tools/call"), ("mcp-name", "search")];
+    let mut note = search_call(0, "search");
+    note.as_object_mut().unwrap().remove("id");
+    let (host, mut gate, _) = mcp_claimed(&fx, &claim, &note);
+    respond(&mut gate, &host, host.last_call().token, &allow("acct", 95));
+    assert_eq!(send_body(&host, &mut gate), Flow::Continue);
+    let err = br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}"#;
+    upstream_answers(&host, &mut gate, "application/json", &[(err, true)]);
+    assert_eq!(host.count_of(Metric::McpErrorRefunds), 0);
+    assert_eq!(fx.queued_refunds(), 0);
 }
 
 #[test]
@@ -573,6 +632,76 @@ fn mcp_body_over_the_limit_is_413() {
     assert_eq!(gate.on_request_body(&host, 201, false), Flow::Pause(None));
     assert_eq!(host.reply().unwrap().status, 413);
     assert_eq!(host.count_of(Metric::BodyTooLarge), 1);
+}
+
+/// A `tools/call` of `search` exactly `len` bytes long (padded in its arguments).
+fn search_call_of_len(id: u64, len: usize) -> Value {
+    let mut call = search_call(id, "search");
+    call["params"]["arguments"] = json!({"pad": ""});
+    let pad = len - call.to_string().len();
+    call["params"]["arguments"]["pad"] = json!("x".repeat(pad));
+    assert_eq!(call.to_string().len(), len);
+    call
+}
+
+#[test]
+fn a_body_of_exactly_max_body_bytes_is_read() {
+    let fx = Fixture::new(CFG);
+    // Priced from the body, read whole at the limit.
+    let (host, _, flow) = mcp_call(&fx, search_call_of_len(42, 200));
+    assert_eq!(flow, Flow::Pause(Some(host.last_call().token)));
+    assert_eq!(host.last_call().body["cost"], 5);
+    // Priced from its headers: the body held at the limit is checked and goes on.
+    let claim = [("mcp-method", "tools/call"), ("mcp-name", "search")];
+    let (host, mut gate, _) = mcp_claimed(&fx, &claim, &search_call_of_len(5, 200));
+    respond(&mut gate, &host, host.last_call().token, &allow("acct", 95));
+    assert_eq!(send_body(&host, &mut gate), Flow::Continue);
+    assert!(host.reply().is_none());
+    assert_eq!(host.count_of(Metric::BodyTooLarge), 0);
+}
+
+#[test]
+fn trailers_end_a_body_that_prices_the_request() {
+    let fx = Fixture::new(CFG);
+    let host = FakeHost::request("POST", "/mcp", &[("x-api-key", "k")]);
+    *host.request_body.borrow_mut() = search_call(42, "search").to_string().into_bytes();
+    let mut gate = fx.gate();
+    assert_eq!(gate.on_request_headers_eos(&host, false), Flow::Continue);
+    host.headers_locked.set(true);
+    let size = host.request_body.borrow().len();
+    assert_eq!(gate.on_request_body(&host, size, false), Flow::Pause(None));
+    assert!(host.calls.borrow().is_empty());
+    assert_eq!(
+        gate.on_request_trailers(&host),
+        Flow::Pause(Some(host.last_call().token)),
+        "priced by the body the trailers ended"
+    );
+    assert_eq!(host.last_call().body["cost"], 5);
+}
+
+#[test]
+fn trailers_end_a_held_body_which_is_then_checked() {
+    let fx = Fixture::new(CFG);
+    // Free by its headers, a paid call by its body: refused once the trailers end it.
+    let (host, mut gate, flow) = mcp_claimed(
+        &fx,
+        &[("mcp-method", "tools/list")],
+        &search_call(9, "search"),
+    );
+    assert_eq!(flow, Flow::Continue);
+    host.headers_locked.set(true);
+    let size = host.request_body.borrow().len();
+    assert_eq!(gate.on_request_body(&host, size, false), Flow::Pause(None));
+    assert_eq!(gate.on_request_trailers(&host), Flow::Pause(None));
+    assert_eq!(host.reply().map(|r| r.status), Some(400));
+    assert_eq!(host.count_of(Metric::McpHeaderMismatch), 1);
+
+    // Trailers while the decision is pending wait for it, body checked or not.
+    let claim = [("mcp-method", "tools/call"), ("mcp-name", "search")];
+    let (host, mut gate, flow) = mcp_claimed(&fx, &claim, &search_call(5, "search"));
+    assert_eq!(flow, Flow::Pause(Some(host.last_call().token)));
+    assert_eq!(gate.on_request_trailers(&host), Flow::Pause(None));
+    assert_eq!(host.count_of(Metric::Allowed), 0);
 }
 
 fn chat(fx: &Fixture, body: &str, content_type: &str, status: u16) -> (FakeHost, Gate) {
@@ -1051,5 +1180,16 @@ fn browsers_get_a_page() {
     assert!(
         page.contains("<h1>Payment Required</h1>") && page.contains("top &lt;up&gt;"),
         "{page}"
+    );
+    // A client that asks for something else gets the problem document.
+    let host = FakeHost::request(
+        "GET",
+        "/v1/data",
+        &[("x-api-key", "k"), ("accept", "application/json")],
+    );
+    let (host, _) = with_answer(&fx, host, answer(402, &[], json!({"price": 3})));
+    assert_eq!(
+        reply_header(&host, "content-type").as_deref(),
+        Some("application/problem+json")
     );
 }

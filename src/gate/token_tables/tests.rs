@@ -166,3 +166,20 @@ fn a_model_missing_from_the_table_is_refused_with_400() {
     let (host, _) = message(&fx, &json!({"model": "m"}));
     assert_eq!(host.last_call().body["cost"], 100);
 }
+
+#[test]
+fn a_model_name_that_is_empty_or_too_long_is_no_model() {
+    let fx = Fixture::new(CFG);
+    let longest = "m".repeat(crate::tokens::MAX_MODEL_LEN);
+    let too_long = "m".repeat(crate::tokens::MAX_MODEL_LEN + 1);
+    for (model, named) in [
+        ("", Value::Null),
+        (too_long.as_str(), Value::Null),
+        (longest.as_str(), json!(longest)),
+    ] {
+        let (host, _) = message(&fx, &json!({"model": model, "max_tokens": 1}));
+        assert_eq!(host.reply().map(|r| r.status), Some(400));
+        let body: Value = serde_json::from_slice(&host.reply().unwrap().body).unwrap();
+        assert_eq!(body["model"], named, "model of {} bytes", model.len());
+    }
+}
