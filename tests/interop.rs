@@ -130,16 +130,7 @@ fn upstream_accounts(mcp: std::net::SocketAddr) -> Value {
 
 /// The ledger after a whole session on each account: exactly the two paid tools (5 + 2).
 fn assert_session_ledger(s: &Stack, client: &str) {
-    let charges = s.balance().charges(RICH.0);
-    let routes: Vec<(String, i64)> = charges
-        .iter()
-        .map(|c| {
-            (
-                c["route"].as_str().unwrap().to_string(),
-                c["cost"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let routes = s.balance().charge_routes(RICH.0);
     assert_eq!(
         routes,
         vec![
@@ -406,17 +397,7 @@ fn assert_x402_meta_seen(s: &Stack, out: &Value) {
         !s.balance().charges("payer_demo").is_empty()
     });
     assert!(ok, "{client}: the paid call has no ledger row");
-    let rows: Vec<(String, i64)> = s
-        .balance()
-        .charges("payer_demo")
-        .iter()
-        .map(|c| {
-            (
-                c["route"].as_str().unwrap().to_string(),
-                c["cost"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let rows = s.balance().charge_routes("payer_demo");
     assert_eq!(
         rows,
         vec![("mcp/tools/call:search".to_string(), 5)],

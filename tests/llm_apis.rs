@@ -261,17 +261,7 @@ fn run_clients(python: &PathBuf, base: &str, calls: &Value) -> Vec<Value> {
 }
 
 fn ledger(s: &Stack) -> Vec<(String, i64)> {
-    let mut out: Vec<(String, i64)> = s
-        .balance()
-        .charges(ACCOUNT)
-        .into_iter()
-        .map(|c| {
-            (
-                c["route"].as_str().unwrap_or("").to_string(),
-                c["cost"].as_i64().unwrap_or(-1),
-            )
-        })
-        .collect();
+    let mut out = s.balance().charge_routes(ACCOUNT);
     out.sort();
     out
 }

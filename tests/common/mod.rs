@@ -557,6 +557,18 @@ impl BalanceService {
         }
     }
 
+    /// The account's charges as (route, cost), in ledger order: what most ledger assertions
+    /// compare. A charge without a route or a cost fails the test, naming it.
+    pub fn charge_routes(&self, id: &str) -> Vec<(String, i64)> {
+        self.charges(id)
+            .iter()
+            .map(|c| match (c["route"].as_str(), c["cost"].as_i64()) {
+                (Some(route), Some(cost)) => (route.to_string(), cost),
+                _ => panic!("[harness] a charge of {id} without a route or a cost: {c}"),
+            })
+            .collect()
+    }
+
     /// `{"authorize_calls","refund_calls","authorize_by_account":{...}}`
     pub fn stats(&self) -> Value {
         self.admin("GET", "/admin/stats", None)
