@@ -9,16 +9,7 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::process::Command;
 
-const X402: &[&str] = &[
-    "--x402-pay-to",
-    "0x00000000000000000000000000000000000000b0",
-    "--x402-network",
-    "eip155:84532",
-    "--x402-asset",
-    "0x00000000000000000000000000000000000000a0",
-    "--x402-amount-per-unit",
-    "1000",
-];
+const X402: &[&str] = testkit::DEMO_X402_ARGS;
 
 fn with_x402(extra: &[&str]) -> Balance {
     let mut args = X402.to_vec();

@@ -5,6 +5,20 @@
 
 pub mod http;
 
+/// The reference service's demo x402 options (a made-up payee and asset on Base Sepolia,
+/// 1,000 atomic units per unit), as both the service's payment tests and the filter's
+/// end-to-end tests start it.
+pub const DEMO_X402_ARGS: &[&str] = &[
+    "--x402-pay-to",
+    "0x00000000000000000000000000000000000000b0",
+    "--x402-network",
+    "eip155:84532",
+    "--x402-asset",
+    "0x00000000000000000000000000000000000000a0",
+    "--x402-amount-per-unit",
+    "1000",
+];
+
 use std::thread;
 use std::time::{Duration, Instant};
 

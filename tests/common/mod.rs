@@ -418,18 +418,11 @@ pub struct BalanceOpts {
 
 /// The reference service with its demo x402 payments on (1,000 atomic units per unit).
 pub fn x402_balance_opts() -> BalanceOpts {
-    let x402 = [
-        "--x402-pay-to",
-        "0x00000000000000000000000000000000000000b0",
-        "--x402-network",
-        "eip155:84532",
-        "--x402-asset",
-        "0x00000000000000000000000000000000000000a0",
-        "--x402-amount-per-unit",
-        "1000",
-    ];
     BalanceOpts {
-        extra_args: x402.iter().map(|s| s.to_string()).collect(),
+        extra_args: testkit::DEMO_X402_ARGS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         ..Default::default()
     }
 }
