@@ -1051,17 +1051,29 @@ macro_rules! in_tx {
                 let mut attempt = 0u32;
                 loop {
                     let mut client = db.client().await?;
-                    let mut pg = postgres::PgTx::begin(&mut client).await?;
-                    let $tx = &mut pg;
-                    match $body.await {
-                        Ok(v) => break pg.commit().await.map(|()| v),
-                        Err(e) if postgres::retryable(&e) && attempt < postgres::MAX_RETRIES => {
-                            attempt += 1;
-                            drop(pg);
-                            tracing::debug!(attempt, cause = %e, "retrying transaction");
+                    // A pooled connection the server has just ended can still look open
+                    // (the pool's fast recycling only asks the client, which learns of the
+                    // end a moment later): its BEGIN fails, and that is retried like a
+                    // failure inside the transaction.
+                    let outcome = match postgres::PgTx::begin(&mut client).await {
+                        Ok(mut pg) => {
+                            let $tx = &mut pg;
+                            match $body.await {
+                                Ok(v) => break pg.commit().await.map(|()| v),
+                                Err(e) => e,
+                            }
                         }
-                        Err(e) => break Err(e),
+                        Err(e) => e,
+                    };
+                    if !(postgres::retryable(&outcome) && attempt < postgres::MAX_RETRIES) {
+                        break Err(outcome);
                     }
+                    attempt += 1;
+                    if postgres::is_connection_lost(&outcome) {
+                        // Never hand this connection out again.
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                    tracing::debug!(attempt, cause = %outcome, "retrying transaction");
                 }
             }
         }

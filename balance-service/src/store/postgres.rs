@@ -62,6 +62,11 @@ pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
         )
 }
 
+/// Whether a store error is a lost connection ([`connection_lost`]).
+pub fn is_connection_lost(e: &StoreError) -> bool {
+    matches!(e, StoreError::Postgres(e) if connection_lost(e))
+}
+
 /// Whether a failed call may be run again (it was rolled back). Only
 /// failures inside the transaction come here, never a failed commit (whose
 /// outcome is unknown).
