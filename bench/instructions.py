@@ -79,6 +79,7 @@ ACCOUNTS = [
     ("cached", "bench_broke", "bench-broke", 0),
     ("live", "bench_authorize", "bench-authorize", HUGE),
     ("live", "bench_lease", "bench-lease", HUGE),
+    ("live", "bench_extauthz", "bench-extauthz", HUGE),
 ]
 # run.py's scenarios where they mean the same here, plus the floor; lease spend with this
 # file's own lease_want (see plugin_config below).
@@ -92,7 +93,14 @@ SCENARIOS = [
     _RUN["cached_deny"],
     dict(_RUN["lease"], title="farebox, lease spend"),
     _RUN["authorize"],
+    # Envoy's own ext_authz (HTTP) on the same ledger transaction: the reference for the
+    # authorize path. Its calls are proved by the account's charges (the service's
+    # /ext_authz endpoint has no call counter).
+    dict(_RUN["ext_authz"], account="bench_extauthz"),
 ]
+# ext_authz's callout timeout in bench/envoy/filters-ext_authz.yaml.in is run.py's 0.5 s;
+# Envoy under valgrind runs some 50 times slower, so here it is farebox's timeout_ms below.
+EXT_AUTHZ_TIMEOUT = "timeout: 0.5s"
 
 
 def plugin_config(mode: str) -> dict:
@@ -148,6 +156,10 @@ def envoy_yaml(sc: dict, balance_port: int, wasm: dict) -> str:
                                                          separators=(",", ":")))}
     elif sc["filters"] == "floor":
         values = {"WASM": wasm["floor"]}
+    elif sc["filters"] == "ext_authz":
+        if EXT_AUTHZ_TIMEOUT not in block:
+            raise RuntimeError(f"filters-ext_authz.yaml.in has no {EXT_AUTHZ_TIMEOUT!r} to raise")
+        block = block.replace(EXT_AUTHZ_TIMEOUT, "timeout: 10s")
     block = bench.render(block, values, {})
     return bench.render(bench.read(os.path.join(BENCH, "envoy/direct.yaml.in")),
                         {"BALANCE_PORT": str(balance_port)}, {"HTTP_FILTERS": block})
@@ -237,6 +249,79 @@ def dump_totals(paths: set[str]) -> dict[str, int]:
     return out
 
 
+# Where a dump's instructions ran: Envoy's binary (with V8's runtime and builtins linked
+# in), the code V8 generated at run time (the wasm modules, compiled at load, and V8's
+# stubs), the C library, and the rest. Callgrind places neither V8's code nor part of
+# Envoy's own text in a file (object `???`, functions named by address); they are told
+# apart by address: Envoy's text is loaded in the first 4 GiB, V8 reserves its code space
+# far above.
+OBJECT_GROUPS = (("envoy", "Envoy binary (and V8's runtime)"),
+                 ("jit", "V8-generated code (the wasm modules)"),
+                 ("libc", "libc, libm, the loader"),
+                 ("other", "other"))
+LOW_CODE = 1 << 32
+
+
+def object_group(obj: str, fn: str) -> str:
+    obj = obj.strip()
+    base = os.path.basename(obj)
+    if base.startswith("envoy"):
+        return "envoy"
+    if base.startswith(("libc.", "libc-", "libm.", "libm-", "ld-linux")):
+        return "libc"
+    if obj in ("", "???"):
+        m = re.match(r"0x([0-9a-fA-F]+)", fn.strip())
+        if m:
+            return "envoy" if int(m.group(1), 16) < LOW_CODE else "jit"
+    return "other"
+
+
+def _compressed(ref: str, names: dict[str, str]) -> str:
+    """A callgrind name: `(id) name` defines the id, `(id)` refers to it."""
+    m = re.match(r"\((\d+)\)\s*(.*)", ref.strip())
+    if not m:
+        return ref.strip()
+    if m.group(2):
+        names[m.group(1)] = m.group(2)
+    return names.get(m.group(1), "???")
+
+
+def dump_objects(paths: set[str]) -> dict[str, int]:
+    """Self instructions (Ir) of one callgrind dump, all threads, by OBJECT_GROUPS key.
+    Callgrind's format: `ob=` and `fn=` name the object and the function of the cost
+    lines that follow (a call's `cob=`/`cfn=` define compressed names too); a cost line is
+    the positions then the events; the cost line after a `calls=` line is that call's
+    inclusive cost, already counted as the callee's self cost, so it is skipped."""
+    out = {key: 0 for key, _ in OBJECT_GROUPS}
+    for path in sorted(paths):
+        objects: dict[str, str] = {}
+        functions: dict[str, str] = {}
+        obj, group, n_pos, skip_next = "???", "other", 1, False
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                c = line[:1]
+                if c.isdigit() or c in "+-*":
+                    if skip_next:
+                        skip_next = False
+                        continue
+                    parts = line.split()
+                    if len(parts) > n_pos:
+                        out[group] += int(parts[n_pos])
+                elif line.startswith("ob="):
+                    obj = _compressed(line[3:], objects)
+                elif line.startswith("fn="):
+                    group = object_group(obj, _compressed(line[3:], functions))
+                elif line.startswith("cob="):
+                    _compressed(line[4:], objects)
+                elif line.startswith("cfn="):
+                    _compressed(line[4:], functions)
+                elif line.startswith("calls="):
+                    skip_next = True
+                elif line.startswith("positions:"):
+                    n_pos = len(line.split()) - 1
+    return out
+
+
 def requests(conn: http.client.HTTPConnection, sc: dict, n: int, what: str) -> None:
     """n requests on one keep-alive connection; every one must answer the expected status."""
     headers = {"x-api-key": sc["key"]}
@@ -251,9 +336,16 @@ def requests(conn: http.client.HTTPConnection, sc: dict, n: int, what: str) -> N
             raise RuntimeError(f"{sc['name']} {what}: Envoy closed the keep-alive connection")
 
 
+def account_charges(stats, sc: dict):
+    """The charges of the scenario's `account` in the ledger, or None if it names none."""
+    if not sc.get("account"):
+        return None
+    return int(stats(f"/admin/accounts/{sc['account']}")["charges"])
+
+
 def service_calls(stats) -> dict:
     """The balance service's call counters (/admin/stats), or {} without a service."""
-    snap = stats() if stats else {}
+    snap = stats("/admin/stats") if stats else {}
     return {k: v for k, v in snap.items() if k.endswith("_calls")}
 
 
@@ -270,6 +362,7 @@ def measure(sc: dict, envoy: CallgrindEnvoy, stats) -> dict:
         warmup_s = time.monotonic() - t0
         batches = []
         calls_before = service_calls(stats)
+        charges_before = account_charges(stats, sc)
         for b in range(BATCHES):
             before = envoy.dumps()
             envoy.control("-z")
@@ -277,16 +370,28 @@ def measure(sc: dict, envoy: CallgrindEnvoy, stats) -> dict:
             requests(conn, sc, BATCH, f"batch {b + 1}")
             wall = time.monotonic() - t0
             envoy.control("-d")
-            threads = dump_totals(envoy.dumps() - before)
+            dumps = envoy.dumps() - before
+            threads = dump_totals(dumps)
             total = sum(threads.values())
+            objects = dump_objects(dumps)
+            if sum(objects.values()) != total:
+                raise RuntimeError(f"{sc['name']}: the dump's costs by object add up to "
+                                   f"{sum(objects.values())}, its totals to {total}")
             batches.append({"instructions": total, "per_request": total / BATCH,
                             "busiest_thread_per_request": max(threads.values()) / BATCH,
-                            "threads": threads, "wall_s": round(wall, 2)})
+                            "threads": threads, "wall_s": round(wall, 2),
+                            "by_object_per_request": {k: v / BATCH
+                                                      for k, v in objects.items()}})
             log(f"{sc['name']} batch {b + 1}/{BATCHES}: {total / BATCH:,.0f} instructions/request "
                 f"({len(threads)} threads, {wall:.1f}s)")
         calls_after = service_calls(stats)
+        charges_after = account_charges(stats, sc)
     finally:
         conn.close()
+    if charges_after is not None and charges_after - charges_before != BATCH * BATCHES:
+        raise RuntimeError(f"{sc['name']}: account {sc['account']} was charged "
+                           f"{charges_after - charges_before} times during the measured "
+                           f"batches, expected {BATCH * BATCHES}")
     # Proof that the batches took the path the scenario names: one authorize per request in
     # authorize mode, no call at all otherwise (cache hits, local lease spending).
     calls = {k: calls_after[k] - calls_before.get(k, 0) for k in calls_after}
@@ -297,7 +402,10 @@ def measure(sc: dict, envoy: CallgrindEnvoy, stats) -> dict:
         raise RuntimeError(f"{sc['name']}: the balance service got {calls} during the "
                            f"measured batches, expected {want}")
     per = [x["per_request"] for x in batches]
+    by_object = {k: statistics.median(x["by_object_per_request"][k] for x in batches)
+                 for k, _ in OBJECT_GROUPS}
     return {"batches": batches, "warmup_s": round(warmup_s, 1), "service_calls": calls,
+            "by_object_per_request": by_object,
             "per_request": bench.spread(per),
             "busiest_thread_per_request": bench.spread(
                 [x["busiest_thread_per_request"] for x in batches])}
@@ -332,6 +440,25 @@ def table(results: dict) -> list[list[str]]:
     return rows
 
 
+def object_table(results: dict) -> list[list[str]]:
+    """Per request, by where the code ran (OBJECT_GROUPS), each as Δ over the floor."""
+    floor = next((sc.get("by_object_per_request") for sc in results["scenarios"]
+                  if sc["name"] == "floor"), None)
+    rows = [["scenario", *[title for _, title in OBJECT_GROUPS]]]
+    for sc in results["scenarios"]:
+        obj = sc.get("by_object_per_request")
+        if not obj:
+            continue
+        cells = []
+        for key, _ in OBJECT_GROUPS:
+            cell = fmt_k(obj[key])
+            if floor is not None and sc["name"] != "floor":
+                cell += f" ({fmt_delta(obj[key] - floor[key])})"
+            cells.append(cell)
+        rows.append([sc["title"], *cells])
+    return rows
+
+
 def write_outputs(results: dict) -> None:
     os.makedirs(OUT_DIR, exist_ok=True)
     with open(os.path.join(OUT_DIR, "instructions.json"), "w", encoding="utf-8") as f:
@@ -340,6 +467,9 @@ def write_outputs(results: dict) -> None:
     rows = table(results)
     md = ["| " + " | ".join(rows[0]) + " |", "|---|---:|---:|---:|---:|---:|"]
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    orows = object_table(results)
+    omd = ["| " + " | ".join(orows[0]) + " |", "|---" + "|---:" * (len(orows[0]) - 1) + "|"]
+    omd += ["| " + " | ".join(r) + " |" for r in orows[1:]]
     s = results["settings"]
     text = "\n".join([
         "# `make bench-instructions`",
@@ -357,6 +487,13 @@ def write_outputs(results: dict) -> None:
         "",
         *md,
         "",
+        "Where they ran, per request (median of the batches; in brackets, Δ over the floor): "
+        "callgrind's self cost by where the code is. V8's runtime and builtins are linked "
+        "into Envoy's binary; the code V8 generates (the wasm modules, compiled at load) is "
+        "told from Envoy's by its address (bench/instructions.py, `object_group`).",
+        "",
+        *omd,
+        "",
         f"Wall time: {results['wall_s']:.0f} s. floor.wasm {results['wasm']['floor_bytes']:,} "
         f"bytes, farebox.wasm {results['wasm']['farebox_bytes']:,} bytes (both after wasm-opt).",
         "",
@@ -364,6 +501,7 @@ def write_outputs(results: dict) -> None:
     with open(os.path.join(OUT_DIR, "INSTRUCTIONS.md"), "w", encoding="utf-8") as f:
         f.write(text)
     print(bench.text_table(rows), flush=True)
+    print(bench.text_table(orows), flush=True)
     log(f"wrote {OUT_DIR}/instructions.json and {OUT_DIR}/INSTRUCTIONS.md "
         f"({results['wall_s']:.0f} s)")
 
@@ -446,8 +584,9 @@ def run(scenarios: list[dict], workdir: str, envoy_bin: str, wasm: dict, started
             log(f"{sc['name']}: ready after {envoy.startup_s}s")
             sc["startup_s"] = envoy.startup_s
             svc = sc["service"]
-            stats = functools.partial(bench.admin, ports[svc], admin_token, "GET",
-                                      "/admin/stats") if svc else None
+            # GET on the scenario's balance service's admin API, by path.
+            stats = functools.partial(bench.admin, ports[svc], admin_token,
+                                      "GET") if svc else None
             sc.update(measure(sc, envoy, stats))
         except (RuntimeError, OSError, http.client.HTTPException,
                 subprocess.TimeoutExpired) as e:

@@ -5,6 +5,7 @@
 //! where the gate reads several headers and decides most requests.
 
 use std::cell::{Cell, RefCell};
+use std::ops::Range;
 use std::time::Duration;
 
 use crate::host::{Host, HttpHost};
@@ -13,12 +14,19 @@ use crate::response::Reply;
 
 /// A header map in proxy-wasm's serialized form: the pair count (u32 LE), then each
 /// pair's name and value sizes (u32 LE each), then each name and value followed by a NUL.
+/// Walked once, when read: the gate looks up several headers per request, and each
+/// lookup then compares names only (no sizes decoded again, no offsets checked again).
 #[derive(Debug, Default)]
-pub struct HeaderMap(Vec<u8>);
+pub struct HeaderMap {
+    raw: Vec<u8>,
+    /// Where each pair's name and value are in `raw`, in order; a malformed map ends early.
+    spans: Vec<(Range<usize>, Range<usize>)>,
+}
 
 impl HeaderMap {
     pub fn from_serialized(raw: Vec<u8>) -> HeaderMap {
-        HeaderMap(raw)
+        let spans = spans(&raw);
+        HeaderMap { raw, spans }
     }
 
     /// The serialized form of `pairs`.
@@ -42,36 +50,68 @@ impl HeaderMap {
     /// The pairs in order; a malformed map ends early (bytes from the host are checked,
     /// never trusted to be well-formed).
     pub fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        let raw = self.0.as_slice();
-        let count = read_u32(raw, 0).unwrap_or(0);
-        let data_start = count.checked_mul(8).and_then(|n| n.checked_add(4));
-        let mut data = data_start.unwrap_or(usize::MAX);
-        (0..count).map_while(move |i| {
-            let sizes = i.checked_mul(8)?.checked_add(4)?;
-            let name_len = read_u32(raw, sizes)?;
-            let value_len = read_u32(raw, sizes.checked_add(4)?)?;
-            let name_end = data.checked_add(name_len)?;
-            let name = raw.get(data..name_end)?;
-            let value_start = name_end.checked_add(1)?;
-            let value_end = value_start.checked_add(value_len)?;
-            let value = raw.get(value_start..value_end)?;
-            data = value_end.checked_add(1)?;
-            Some((name, value))
+        self.spans.iter().filter_map(|(name, value)| {
+            Some((self.raw.get(name.clone())?, self.raw.get(value.clone())?))
         })
     }
 
     /// The first value of `name`, as Envoy's `get_header_map_value` answers.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.pairs()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
+        self.spans
+            .iter()
+            .find(|(n, _)| self.is_named(n, name))
+            .and_then(|(_, v)| self.raw.get(v.clone()))
     }
 
-    fn count(&self, name: &str) -> usize {
-        self.pairs()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .count()
+    /// Every value of `name`, in order.
+    fn values<'m>(&'m self, name: &'m str) -> impl Iterator<Item = &'m [u8]> + 'm {
+        self.spans
+            .iter()
+            .filter(move |(n, _)| self.is_named(n, name))
+            .filter_map(|(_, v)| self.raw.get(v.clone()))
     }
+
+    /// Whether the name at `span` is `name`, in any case. Most lookups are for headers a
+    /// request does not carry (payments, say): the length alone tells most names apart.
+    fn is_named(&self, span: &Range<usize>, name: &str) -> bool {
+        span.len() == name.len()
+            && self
+                .raw
+                .get(span.clone())
+                .is_some_and(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
+/// The name and value spans of a serialized map's well-formed pairs, up to the first
+/// one that is not (its sizes point past the end, or the arithmetic would overflow).
+fn spans(raw: &[u8]) -> Vec<(Range<usize>, Range<usize>)> {
+    let count = read_u32(raw, 0).unwrap_or(0);
+    let Some(mut data) = count.checked_mul(8).and_then(|n| n.checked_add(4)) else {
+        return Vec::new();
+    };
+    // Each pair takes at least 10 bytes (two sizes, two NULs): a count from a short or
+    // lying buffer reserves no more than the buffer can hold.
+    let mut spans = Vec::with_capacity(count.min(raw.len() / 10));
+    for i in 0..count {
+        let span = (|| {
+            let sizes = i.checked_mul(8)?.checked_add(4)?;
+            let name_len = read_u32(raw, sizes)?;
+            let value_len = read_u32(raw, sizes.checked_add(4)?)?;
+            let name_end = data.checked_add(name_len)?;
+            let value_start = name_end.checked_add(1)?;
+            let value_end = value_start.checked_add(value_len)?;
+            // The value's end inside the buffer puts the name's there too.
+            raw.get(data..value_end)?;
+            Some((data..name_end, value_start..value_end))
+        })();
+        let Some((name, value)) = span else { break };
+        data = match value.end.checked_add(1) {
+            Some(next) => next,
+            None => break,
+        };
+        spans.push((name, value));
+    }
+    spans
 }
 
 fn u32_le(n: usize) -> [u8; 4] {
@@ -182,10 +222,14 @@ impl<H: HttpHost> HttpHost for Snapshot<'_, H> {
     fn set_request_header(&self, name: &str, value: Option<&str>) {
         let unchanged = match self.last_write(name) {
             Some(written) => written.as_deref() == value,
+            // One walk of the map: the first value, then whether there is another.
             None => self
-                .with_map(|m| match value {
-                    None => m.count(name) == 0,
-                    Some(v) => m.count(name) == 1 && m.get(name) == Some(v.as_bytes()),
+                .with_map(|m| {
+                    let mut values = m.values(name);
+                    match value {
+                        None => values.next().is_none(),
+                        Some(v) => values.next() == Some(v.as_bytes()) && values.next().is_none(),
+                    }
                 })
                 .unwrap_or(false),
         };

@@ -19,7 +19,10 @@ enum Decode {
 }
 
 fn reading(raw: &str, decode: Decode) -> String {
-    let end = raw.find(['?', '#']).unwrap_or(raw.len());
+    let end = raw
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(raw.len());
     let path = raw.get(..end).unwrap_or(raw);
     // Nearly every request's path is already normal: priced as written, it costs no
     // decoding, dot-segment or slash pass (bench/INSTRUCTIONS.md).
@@ -41,11 +44,23 @@ fn normalized(path: &str, decode: Decode) -> String {
 
 /// A path every reading leaves as it is (the common case, checked before building
 /// anything): absolute, no escapes, no empty, `.` or `..` segment.
+/// One pass over the bytes: every request's path goes through here, and `str`'s
+/// substring search (for `//`) costs more to set up than this whole walk.
 fn is_normal(path: &str) -> bool {
-    path.starts_with('/')
-        && !path.contains('%')
-        && !path.contains("//")
-        && !path.split('/').any(|seg| seg == "." || seg == "..")
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    if rest.as_bytes().contains(&b'%') {
+        return false;
+    }
+    let mut segments = rest.as_bytes().split(|&b| b == b'/').peekable();
+    while let Some(seg) = segments.next() {
+        // An empty segment is `//`, unless it is the last one (a trailing slash).
+        if seg == b"." || seg == b".." || (seg.is_empty() && segments.peek().is_some()) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Every way an upstream might read the path, the normalized one first. Upstreams

@@ -509,8 +509,13 @@ impl Exchange {
         // A payment goes to the service whether or not a credential comes with it: a
         // client that pays (say, on the retry of a 402 for its empty account) means it.
         // When both could pay, the payment pays; the credential names the account.
+        // `payment_headers` (read with the headers) says whether a header can hold one: a
+        // request without (nearly every one) costs no header lookups here.
         let payment = if cfg.accept_payments {
-            payments::payment_in(|n| self.header(host, n)).or(req.mcp_payment.take())
+            self.payment_headers
+                .then(|| payments::payment_in(|n| self.header(host, n)))
+                .flatten()
+                .or(req.mcp_payment.take())
         } else {
             None
         };
