@@ -48,8 +48,9 @@ impl HeaderMap {
     }
 
     /// The pairs in order; a malformed map ends early (bytes from the host are checked,
-    /// never trusted to be well-formed).
-    pub fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+    /// never trusted to be well-formed). The tests' view of what was decoded.
+    #[cfg(test)]
+    fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.spans.iter().filter_map(|(name, value)| {
             Some((self.raw.get(name.clone())?, self.raw.get(value.clone())?))
         })
@@ -57,14 +58,11 @@ impl HeaderMap {
 
     /// The first value of `name`, as Envoy's `get_header_map_value` answers.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.spans
-            .iter()
-            .find(|(n, _)| self.is_named(n, name))
-            .and_then(|(_, v)| self.raw.get(v.clone()))
+        self.values(name).next()
     }
 
-    /// Every value of `name`, in order.
-    fn values<'m>(&'m self, name: &'m str) -> impl Iterator<Item = &'m [u8]> + 'm {
+    /// Every value of `name`, in order (borrowed from the map, not from `name`).
+    fn values<'m, 'n>(&'m self, name: &'n str) -> impl Iterator<Item = &'m [u8]> + use<'m, 'n> {
         self.spans
             .iter()
             .filter(move |(n, _)| self.is_named(n, name))
